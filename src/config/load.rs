@@ -1,0 +1,291 @@
+//! Reading and validating configuration files.
+
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use super::{Config, DefaultAction, GatewayConfig, MAX_REPLAYABLE_BODY};
+use crate::policy::{LoadedPolicy, PolicyError, PolicyFile, PolicySet};
+
+/// Where in a file a problem is.
+#[derive(Debug, Clone)]
+pub struct Location {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    /// The key path, e.g. `policies[0].binding_message`.
+    pub key: String,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(column) = self.column {
+                write!(f, ":{column}")?;
+            }
+        }
+        if !self.key.is_empty() && self.key != "." {
+            write!(f, ": {}", self.key)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{file}: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{location}: {message}")]
+    Invalid { location: Location, message: String },
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
+thread_local! {
+    /// Upstream names of the file being loaded, so `UpstreamRef` can refuse an
+    /// unknown name while its YAML node (and so its line) is at hand.
+    static KNOWN_UPSTREAMS: RefCell<Option<BTreeSet<String>>> = const { RefCell::new(None) };
+}
+
+pub(super) fn check_upstream_name(name: &str) -> Result<(), String> {
+    KNOWN_UPSTREAMS.with(|known| match &*known.borrow() {
+        Some(names) if !names.contains(name) => Err(format!(
+            "unknown upstream {name:?}; declared upstreams: {}",
+            names.iter().cloned().collect::<Vec<_>>().join(", ")
+        )),
+        _ => Ok(()),
+    })
+}
+
+/// Only the upstream names, read in a first pass.
+#[derive(serde::Deserialize)]
+struct UpstreamNames {
+    #[serde(default)]
+    upstreams: std::collections::BTreeMap<String, serde::de::IgnoredAny>,
+}
+
+/// Loads the configuration file and every policy file it names.
+pub fn load(file: &Path) -> Result<Config, ConfigError> {
+    let text = read(file)?;
+    load_str(file, &text)
+}
+
+/// Like [`load`], with the main file's text given (policy paths are still
+/// resolved against `file`'s directory).
+pub fn load_str(file: &Path, text: &str) -> Result<Config, ConfigError> {
+    let names: UpstreamNames = parse(file, text)?;
+    let known: BTreeSet<String> = names.upstreams.into_keys().collect();
+    KNOWN_UPSTREAMS.with(|k| *k.borrow_mut() = Some(known));
+    let parsed = parse::<GatewayConfig>(file, text);
+    KNOWN_UPSTREAMS.with(|k| *k.borrow_mut() = None);
+    let gateway = parsed?;
+    validate(file, &gateway)?;
+
+    let base = file.parent().unwrap_or_else(|| Path::new("."));
+    let mut loaded = Vec::new();
+    for entry in &gateway.policies {
+        for policy_file in policy_files(&base.join(entry), file)? {
+            let text = read(&policy_file)?;
+            let parsed: PolicyFile = parse(&policy_file, &text)?;
+            loaded.extend(
+                parsed
+                    .policies
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, spec)| LoadedPolicy {
+                        spec,
+                        file: policy_file.clone(),
+                        index,
+                    }),
+            );
+        }
+    }
+    let policies = PolicySet::compile(loaded)?;
+    Ok(Config {
+        file: file.to_owned(),
+        gateway,
+        policies,
+    })
+}
+
+fn read(file: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        file: file.display().to_string(),
+        source,
+    })
+}
+
+/// A file, or the `*.yaml` / `*.yml` files of a directory in name order.
+fn policy_files(path: &Path, config_file: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    if !path.is_dir() {
+        if !path.exists() {
+            return Err(invalid(
+                config_file,
+                "policies",
+                format!("policy file {} does not exist", path.display()),
+            ));
+        }
+        return Ok(vec![path.to_owned()]);
+    }
+    let entries = std::fs::read_dir(path).map_err(|source| ConfigError::Read {
+        file: path.display().to_string(),
+        source,
+    })?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn parse<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
+    let deserializer = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(deserializer).map_err(|error| {
+        let key = error.path().to_string();
+        let inner = error.into_inner();
+        let location = inner.location();
+        // serde_yaml appends " at line L column C"; we print it up front.
+        let message = inner.to_string();
+        let message = match message.find(" at line ") {
+            Some(pos) if location.is_some() => message[..pos].to_owned(),
+            _ => message,
+        };
+        // serde_yaml may also prefix the (shorter) path it knows.
+        let message = match message.split_once(": ") {
+            Some((prefix, rest)) if !prefix.is_empty() && key.starts_with(prefix) => rest.to_owned(),
+            _ => message,
+        };
+        ConfigError::Invalid {
+            location: Location {
+                file: file.to_owned(),
+                line: location.as_ref().map(|l| l.line()),
+                column: location.as_ref().map(|l| l.column()),
+                key,
+            },
+            message,
+        }
+    })
+}
+
+fn invalid(file: &Path, key: &str, message: String) -> ConfigError {
+    ConfigError::Invalid {
+        location: Location {
+            file: file.to_owned(),
+            line: None,
+            column: None,
+            key: key.to_owned(),
+        },
+        message,
+    }
+}
+
+/// Checks that need more than one field.
+fn validate(file: &Path, config: &GatewayConfig) -> Result<(), ConfigError> {
+    if config.upstreams.is_empty() {
+        return Err(invalid(file, "upstreams", "at least one upstream is required".into()));
+    }
+    if config.routes.is_empty() && config.upstreams.len() > 1 {
+        return Err(invalid(
+            file,
+            "routes",
+            "several upstreams are declared, so routes must say which calls go where".into(),
+        ));
+    }
+    for (i, route) in config.routes.iter().enumerate() {
+        if !route.path_prefix.starts_with('/') {
+            return Err(invalid(
+                file,
+                &format!("routes[{i}].path_prefix"),
+                format!("{:?} must start with '/'", route.path_prefix),
+            ));
+        }
+    }
+    if config.limits.max_body_bytes > MAX_REPLAYABLE_BODY {
+        return Err(invalid(
+            file,
+            "limits.max_body_bytes",
+            format!("at most {MAX_REPLAYABLE_BODY} bytes can be held and replayed upstream"),
+        ));
+    }
+    if config.policies.is_empty() && config.default_action == DefaultAction::Deny {
+        return Err(invalid(
+            file,
+            "policies",
+            "no policy files and default_action deny would refuse every call".into(),
+        ));
+    }
+    if config.listen.threads == 0 {
+        return Err(invalid(file, "listen.threads", "must be at least 1".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+listen: { proxy: "127.0.0.1:8080" }
+upstreams:
+  shop: { url: "http://127.0.0.1:3000" }
+authorization_server:
+  issuer: https://tenant.example/
+  client_id: countersign
+  client_auth: { method: client_secret_post, client_secret: plain }
+identity: { static: { subject: alice } }
+policies: []
+default_action: pass
+"#;
+
+    fn error_of(text: &str) -> String {
+        load_str(Path::new("gateway.yaml"), text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_minimal_config_loads() {
+        let config = load_str(Path::new("gateway.yaml"), BASE).unwrap();
+        assert_eq!(config.gateway.upstreams["shop"].url.port, 3000);
+        assert_eq!(config.gateway.default_action, DefaultAction::Pass);
+    }
+
+    #[test]
+    fn unknown_keys_name_file_line_and_key() {
+        let text = BASE.replace("client_id: countersign", "client_id: countersign\n  clientsecret: x");
+        let error = error_of(&text);
+        assert!(error.starts_with("gateway.yaml:8:"), "{error}");
+        assert!(error.contains("authorization_server"), "{error}");
+        assert!(error.contains("unknown field `clientsecret`"), "{error}");
+    }
+
+    #[test]
+    fn unknown_upstreams_are_refused_with_their_line() {
+        let text = format!("{BASE}routes:\n  - {{ path_prefix: /, upstream: shoop }}\n");
+        let error = error_of(&text);
+        assert!(error.contains("routes[0].upstream"), "{error}");
+        assert!(error.contains("unknown upstream \"shoop\""), "{error}");
+        assert!(error.starts_with("gateway.yaml:13:"), "{error}");
+    }
+
+    #[test]
+    fn missing_secrets_are_refused_with_their_line() {
+        let text = BASE.replace("client_secret: plain", "client_secret: '${COUNTERSIGN_TEST_UNSET_VAR}'");
+        let error = error_of(&text);
+        assert!(error.starts_with("gateway.yaml:8:16: authorization_server.client_auth.client_secret: environment"), "{error}");
+        assert!(error.contains("COUNTERSIGN_TEST_UNSET_VAR is not set"), "{error}");
+    }
+
+    #[test]
+    fn oversized_body_limit_is_refused() {
+        let text = format!("{BASE}limits: {{ max_body_bytes: 1000000 }}\n");
+        assert!(error_of(&text).contains("limits.max_body_bytes"));
+    }
+}

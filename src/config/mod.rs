@@ -1,0 +1,427 @@
+//! Strict configuration: every type refuses unknown keys, and values that can
+//! be wrong (URLs, templates, upstream names, secrets) are checked while the
+//! YAML is parsed, so errors point at a file, line and key.
+
+pub mod env;
+mod load;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{de, Deserialize, Deserializer};
+use url::Url;
+
+pub use env::{SecretText, Text};
+pub use load::{load, load_str, ConfigError};
+
+use crate::policy::PolicySet;
+
+/// The whole loaded configuration, policies compiled.
+#[derive(Debug)]
+pub struct Config {
+    pub file: PathBuf,
+    pub gateway: GatewayConfig,
+    pub policies: PolicySet,
+}
+
+/// The main configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub listen: ListenConfig,
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Where calls go. May be omitted when there is exactly one upstream.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    pub authorization_server: AuthorizationServerConfig,
+    pub identity: IdentityConfig,
+    /// Policy files or directories of `*.yaml`, relative to this file.
+    pub policies: Vec<PathBuf>,
+    /// What happens to a call no policy matches. Fail closed: `deny` unless set.
+    #[serde(default)]
+    pub default_action: DefaultAction,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    pub proxy: SocketAddr,
+    /// `/metrics`, `/healthz` and `/readyz`; keep it off the public network.
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
+    /// Worker threads of the proxy.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+}
+
+fn default_threads() -> usize {
+    2
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub url: UpstreamUrl,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest wait for the upstream between reads or writes.
+    #[serde(default = "default_io_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Send the agent's `Host` header instead of the upstream URL's authority.
+    #[serde(default)]
+    pub preserve_host: bool,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_io_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// An `http` or `https` URL with a host and no path, query or fragment.
+#[derive(Debug, Clone)]
+pub struct UpstreamUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl UpstreamUrl {
+    pub fn authority(&self) -> String {
+        let default_port = if self.tls { 443 } else { 80 };
+        if self.port == default_port {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for UpstreamUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        let url = Url::parse(&raw).map_err(|e| de::Error::custom(format!("{raw:?}: {e}")))?;
+        let tls = match url.scheme() {
+            "http" => false,
+            "https" => true,
+            other => {
+                return Err(de::Error::custom(format!(
+                    "upstream scheme {other:?} is not supported; use http or https"
+                )))
+            }
+        };
+        if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+            return Err(de::Error::custom(format!(
+                "{raw:?}: an upstream URL has no path, query or fragment"
+            )));
+        }
+        let host = url
+            .host_str()
+            .ok_or_else(|| de::Error::custom(format!("{raw:?} has no host")))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = url
+            .port_or_known_default()
+            .ok_or_else(|| de::Error::custom(format!("{raw:?} has no port")))?;
+        Ok(Self { tls, host, port })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default = "default_prefix")]
+    pub path_prefix: String,
+    pub upstream: UpstreamRef,
+}
+
+fn default_prefix() -> String {
+    "/".to_owned()
+}
+
+/// The name of an upstream declared under `upstreams`.
+#[derive(Debug, Clone)]
+pub struct UpstreamRef(pub String);
+
+impl<'de> Deserialize<'de> for UpstreamRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        load::check_upstream_name(&name).map_err(de::Error::custom)?;
+        Ok(Self(name))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationServerConfig {
+    /// The issuer; its `/.well-known/openid-configuration` is read at start
+    /// unless `endpoints` is given.
+    pub issuer: Text,
+    #[serde(default)]
+    pub endpoints: Option<EndpointsConfig>,
+    pub client_id: Text,
+    pub client_auth: ClientAuthConfig,
+    #[serde(default)]
+    pub login_hint: LoginHintFormat,
+    /// The bc-authorize parameter that carries a policy's audience.
+    #[serde(default)]
+    pub audience_parameter: AudienceParameter,
+    /// Scopes added to every request; `openid` is always sent.
+    #[serde(default)]
+    pub extra_scopes: Vec<String>,
+    #[serde(default = "default_as_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+fn default_as_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointsConfig {
+    pub backchannel_authentication: Url,
+    pub token: Url,
+    #[serde(default)]
+    pub jwks: Option<Url>,
+}
+
+/// How Countersign authenticates to the authorization server.
+#[derive(Debug, Clone)]
+pub enum ClientAuthConfig {
+    ClientSecretPost {
+        client_secret: SecretText,
+    },
+    ClientSecretBasic {
+        client_secret: SecretText,
+    },
+    PrivateKeyJwt {
+        /// PEM-encoded RSA or EC private key.
+        private_key: SecretText,
+        key_id: Option<String>,
+        algorithm: String,
+        /// The assertion's `aud`; defaults to the issuer.
+        audience: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum ClientAuthMethod {
+    ClientSecretPost,
+    ClientSecretBasic,
+    PrivateKeyJwt,
+}
+
+impl<'de> Deserialize<'de> for ClientAuthConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // A flat struct rather than a tagged enum: serde buffers tagged enums,
+        // which loses the line of a bad field.
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Fields {
+            method: ClientAuthMethod,
+            #[serde(default)]
+            client_secret: Option<SecretText>,
+            #[serde(default)]
+            private_key: Option<SecretText>,
+            #[serde(default)]
+            key_id: Option<String>,
+            #[serde(default)]
+            algorithm: Option<String>,
+            #[serde(default)]
+            audience: Option<String>,
+        }
+        let f = Fields::deserialize(d)?;
+        let secret_only = f.private_key.is_none()
+            && f.key_id.is_none()
+            && f.algorithm.is_none()
+            && f.audience.is_none();
+        match (f.method, f.client_secret) {
+            (ClientAuthMethod::ClientSecretPost, Some(client_secret)) if secret_only => {
+                Ok(Self::ClientSecretPost { client_secret })
+            }
+            (ClientAuthMethod::ClientSecretBasic, Some(client_secret)) if secret_only => {
+                Ok(Self::ClientSecretBasic { client_secret })
+            }
+            (ClientAuthMethod::PrivateKeyJwt, None) => {
+                let private_key = f.private_key.ok_or_else(|| {
+                    de::Error::custom("private_key_jwt needs `private_key` (PEM)")
+                })?;
+                let algorithm = f.algorithm.unwrap_or_else(default_signing_alg);
+                if !matches!(algorithm.as_str(), "RS256" | "RS384" | "RS512" | "PS256" | "ES256" | "ES384") {
+                    return Err(de::Error::custom(format!(
+                        "algorithm {algorithm:?} is not supported; use RS256, PS256 or ES256"
+                    )));
+                }
+                Ok(Self::PrivateKeyJwt {
+                    private_key,
+                    key_id: f.key_id,
+                    algorithm,
+                    audience: f.audience,
+                })
+            }
+            (ClientAuthMethod::PrivateKeyJwt, Some(_)) => Err(de::Error::custom(
+                "private_key_jwt takes `private_key`, not `client_secret`",
+            )),
+            (_, None) => Err(de::Error::custom("this method needs `client_secret`")),
+            (_, Some(_)) => Err(de::Error::custom(
+                "client secret methods take only `client_secret`",
+            )),
+        }
+    }
+}
+
+fn default_signing_alg() -> String {
+    "RS256".to_owned()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoginHintFormat {
+    /// Auth0: `{"format":"iss_sub","iss":"<issuer>","sub":"<subject>"}`.
+    #[default]
+    IssSub,
+    /// The bare subject.
+    Subject,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AudienceParameter {
+    /// Auth0's `audience`.
+    #[default]
+    Audience,
+    /// RFC 8707 `resource`.
+    Resource,
+}
+
+/// How the person who must approve a call is identified: exactly one of
+/// `jwt`, `header` or `static`.
+#[derive(Debug, Clone)]
+pub enum IdentityConfig {
+    /// A bearer JWT the agent carries, verified against a JWKS.
+    Jwt(JwtIdentityConfig),
+    /// A header set by a trusted component in front of the gateway.
+    Header(HeaderIdentityConfig),
+    /// Every call is approved by one person.
+    Static(StaticIdentityConfig),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderIdentityConfig {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticIdentityConfig {
+    pub subject: Text,
+}
+
+impl<'de> Deserialize<'de> for IdentityConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct OneOf {
+            #[serde(default)]
+            jwt: Option<JwtIdentityConfig>,
+            #[serde(default)]
+            header: Option<HeaderIdentityConfig>,
+            #[serde(default, rename = "static")]
+            fixed: Option<StaticIdentityConfig>,
+        }
+        let one_of = OneOf::deserialize(d)?;
+        match (one_of.jwt, one_of.header, one_of.fixed) {
+            (Some(jwt), None, None) => Ok(Self::Jwt(jwt)),
+            (None, Some(header), None) => {
+                if http::HeaderName::from_bytes(header.name.as_bytes()).is_err() {
+                    return Err(de::Error::custom(format!(
+                        "{:?} is not a valid header name",
+                        header.name
+                    )));
+                }
+                Ok(Self::Header(header))
+            }
+            (None, None, Some(fixed)) => Ok(Self::Static(fixed)),
+            _ => Err(de::Error::custom(
+                "identity needs exactly one of `jwt`, `header` or `static`",
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtIdentityConfig {
+    /// Defaults to the authorization server's issuer.
+    #[serde(default)]
+    pub issuer: Option<Text>,
+    pub audience: Text,
+    /// Defaults to the authorization server's `jwks_uri`.
+    #[serde(default)]
+    pub jwks_uri: Option<Url>,
+    #[serde(default = "default_subject_claim")]
+    pub subject_claim: String,
+}
+
+fn default_subject_claim() -> String {
+    "sub".to_owned()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DefaultAction {
+    #[default]
+    Deny,
+    Pass,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest body of a held call; at most 64 KiB (pingora's replay buffer).
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Longest a call is held; also caps a policy's `requested_expiry`.
+    #[serde(default = "default_max_hold", with = "humantime_serde")]
+    pub max_hold: Duration,
+    /// Most calls held at once; more are answered 503.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: usize,
+}
+
+/// pingora replays at most this many body bytes to the upstream.
+pub const MAX_REPLAYABLE_BODY: usize = 64 * 1024;
+
+fn default_max_body() -> usize {
+    MAX_REPLAYABLE_BODY
+}
+
+fn default_max_hold() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_max_pending() -> usize {
+    10_000
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: default_max_body(),
+            max_hold: default_max_hold(),
+            max_pending: default_max_pending(),
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! Countersign: a reverse proxy that holds an AI agent's API call until the
+//! person it acts for approves it over OpenID CIBA, then forwards it with the
+//! freshly issued access token.
+//!
+//! Data flows one way: [`config`] is loaded and validated once, [`policy`]
+//! decides what a call needs, [`identity`] says who must approve it, the
+//! [`approval`] state machine drives the [`ciba`] client to an outcome, and the
+//! [`proxy`] holds the call and forwards or answers with a [`problem`].
+//! [`metrics`] observes every step; [`gateway`] wires it all into pingora.
+#![forbid(unsafe_code)]
+#![warn(rust_2018_idioms, missing_debug_implementations, unreachable_pub)]
+#![deny(clippy::dbg_macro, clippy::unwrap_used)]
+
+pub mod admin;
+pub mod approval;
+pub mod ciba;
+pub mod config;
+pub mod gateway;
+pub mod identity;
+pub mod metrics;
+pub mod policy;
+pub mod problem;
+pub mod proxy;
+pub mod secret;
+pub mod telemetry;

@@ -1,0 +1,191 @@
+//! The YAML shape of a policy file. Field types validate themselves while
+//! being parsed, so errors carry the file, line and key.
+
+use std::time::Duration;
+
+use serde::{de, Deserialize, Deserializer};
+
+use super::template::{DetailsTemplate, MessageTemplate};
+
+/// One policy file: `policies: [...]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    pub policies: Vec<PolicySpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySpec {
+    /// Also the `policy` label of metrics, so it is restricted to a small alphabet.
+    pub name: PolicyName,
+    #[serde(rename = "match")]
+    pub matcher: MatchSpec,
+    pub require: RequireSpec,
+    pub binding_message: MessageTemplate,
+    #[serde(default)]
+    pub authorization_details: Option<DetailsTemplate>,
+    /// How long the person has to answer; capped by `limits.max_hold`.
+    #[serde(default, with = "humantime_serde")]
+    pub requested_expiry: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchSpec {
+    pub methods: Vec<MethodName>,
+    pub path: PathTemplate,
+    #[serde(default)]
+    pub host: Option<HostName>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequireSpec {
+    pub scopes: Scopes,
+    #[serde(default)]
+    pub audience: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PolicyName(pub String);
+
+impl<'de> Deserialize<'de> for PolicyName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if valid {
+            Ok(Self(name))
+        } else {
+            Err(de::Error::custom(format!(
+                "policy name {name:?} must be 1-64 characters of letters, digits, '-', '_' or '.'"
+            )))
+        }
+    }
+}
+
+/// An upper-cased HTTP method token.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MethodName(pub String);
+
+impl<'de> Deserialize<'de> for MethodName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let method = String::deserialize(d)?.to_ascii_uppercase();
+        if method == "*" || http::Method::from_bytes(method.as_bytes()).is_ok() {
+            Ok(Self(method))
+        } else {
+            Err(de::Error::custom(format!("{method:?} is not an HTTP method")))
+        }
+    }
+}
+
+/// A lower-cased host name without port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostName(pub String);
+
+impl<'de> Deserialize<'de> for HostName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let host = String::deserialize(d)?.to_ascii_lowercase();
+        if host.is_empty() || host.contains(['/', ':', ' ']) {
+            return Err(de::Error::custom(format!(
+                "host {host:?} must be a bare host name, without scheme, port or path"
+            )));
+        }
+        Ok(Self(host))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Scopes(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for Scopes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let scopes = Vec::<String>::deserialize(d)?;
+        if scopes.is_empty() {
+            return Err(de::Error::custom("at least one scope is required"));
+        }
+        if let Some(bad) = scopes
+            .iter()
+            .find(|s| s.is_empty() || s.chars().any(|c| c.is_whitespace() || c == '"' || c == '\\'))
+        {
+            return Err(de::Error::custom(format!("{bad:?} is not a valid scope")));
+        }
+        Ok(Self(scopes))
+    }
+}
+
+/// A path template: `/shop`, `/orders/{id}`, `/files/{*rest}`.
+#[derive(Debug, Clone)]
+pub struct PathTemplate {
+    pub source: String,
+    /// Literal parts lower-cased, to be matched against a normalised path key.
+    pub route: String,
+}
+
+impl PathTemplate {
+    pub fn parse(source: &str) -> Result<Self, String> {
+        if !source.starts_with('/') {
+            return Err(format!("path {source:?} must start with '/'"));
+        }
+        let mut route = String::with_capacity(source.len());
+        let mut in_param = false;
+        for c in source.chars() {
+            match c {
+                '{' if !in_param => {
+                    in_param = true;
+                    route.push(c);
+                }
+                '}' if in_param => {
+                    in_param = false;
+                    route.push(c);
+                }
+                _ if in_param => route.push(c),
+                _ => route.extend(c.to_lowercase()),
+            }
+        }
+        if in_param {
+            return Err(format!("path {source:?} has an unclosed '{{'"));
+        }
+        // Same canonical form as requests: no trailing slash, no dot segments.
+        if route.len() > 1 && route.ends_with('/') {
+            route.pop();
+        }
+        if route.split('/').any(|s| s == "." || s == "..") || route.contains("//") {
+            return Err(format!("path {source:?} must not contain '//', '.' or '..' segments"));
+        }
+        // matchit validates parameter syntax; probe it now for a load-time error.
+        matchit::Router::<()>::new()
+            .insert(route.as_str(), ())
+            .map_err(|e| format!("path {source:?}: {e}"))?;
+        Ok(Self {
+            source: source.to_owned(),
+            route,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for PathTemplate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let source = String::deserialize(d)?;
+        Self::parse(&source).map_err(de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_templates_are_lower_cased_outside_parameters() {
+        let t = PathTemplate::parse("/Orders/{orderId}/").unwrap();
+        assert_eq!(t.route, "/orders/{orderId}");
+        assert!(PathTemplate::parse("shop").is_err());
+        assert!(PathTemplate::parse("/a/{b").is_err());
+        assert!(PathTemplate::parse("/a/../b").is_err());
+        assert!(PathTemplate::parse("/files/{*rest}").is_ok());
+    }
+}

@@ -1,0 +1,191 @@
+//! RFC 9457 `application/problem+json` answers to the agent.
+//!
+//! Every refusal the gateway makes carries a stable `code` an agent can branch
+//! on and a `detail` sentence an LLM can relay to the person as it is.
+
+use serde::Serialize;
+
+/// Why the gateway answered instead of the upstream. The wire `code` of each
+/// variant is part of the public contract: never rename one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProblemCode {
+    AccessDenied,
+    ApprovalExpired,
+    IdentityRequired,
+    UnknownUser,
+    InvalidBindingMessage,
+    BodyTooLarge,
+    InvalidBody,
+    InvalidPath,
+    MethodOverrideRefused,
+    AuthorizationServerUnavailable,
+    UpstreamUnavailable,
+    NoPolicy,
+    NoRoute,
+    ApprovalFailed,
+}
+
+impl ProblemCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AccessDenied => "access_denied",
+            Self::ApprovalExpired => "approval_expired",
+            Self::IdentityRequired => "identity_required",
+            Self::UnknownUser => "unknown_user",
+            Self::InvalidBindingMessage => "invalid_binding_message",
+            Self::BodyTooLarge => "body_too_large",
+            Self::InvalidBody => "invalid_body",
+            Self::InvalidPath => "invalid_path",
+            Self::MethodOverrideRefused => "method_override_refused",
+            Self::AuthorizationServerUnavailable => "authorization_server_unavailable",
+            Self::UpstreamUnavailable => "upstream_unavailable",
+            Self::NoPolicy => "no_policy",
+            Self::NoRoute => "no_route",
+            Self::ApprovalFailed => "approval_failed",
+        }
+    }
+
+    pub fn status(self) -> u16 {
+        match self {
+            Self::AccessDenied | Self::NoPolicy => 403,
+            Self::ApprovalExpired => 408,
+            Self::IdentityRequired => 401,
+            Self::UnknownUser
+            | Self::InvalidBindingMessage
+            | Self::InvalidBody
+            | Self::InvalidPath
+            | Self::MethodOverrideRefused => 400,
+            Self::BodyTooLarge => 413,
+            Self::AuthorizationServerUnavailable => 503,
+            Self::UpstreamUnavailable | Self::ApprovalFailed => 502,
+            Self::NoRoute => 404,
+        }
+    }
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::AccessDenied => "Denied by the user",
+            Self::ApprovalExpired => "Approval expired",
+            Self::IdentityRequired => "Identity required",
+            Self::UnknownUser => "Unknown user",
+            Self::InvalidBindingMessage => "Invalid binding message",
+            Self::BodyTooLarge => "Body too large",
+            Self::InvalidBody => "Invalid body",
+            Self::InvalidPath => "Invalid path",
+            Self::MethodOverrideRefused => "Method override refused",
+            Self::AuthorizationServerUnavailable => "Authorization server unavailable",
+            Self::UpstreamUnavailable => "Upstream unavailable",
+            Self::NoPolicy => "No policy allows this call",
+            Self::NoRoute => "No route",
+            Self::ApprovalFailed => "Approval failed",
+        }
+    }
+
+    /// The default sentence for the agent; call sites may give a sharper one.
+    pub fn default_detail(self) -> &'static str {
+        match self {
+            Self::AccessDenied => "The user has denied the request.",
+            Self::ApprovalExpired => {
+                "The user did not answer the approval request in time; the request was not made."
+            }
+            Self::IdentityRequired => {
+                "This call needs the approval of a user, but the request does not say which user."
+            }
+            Self::UnknownUser => "The authorization server does not know the user who must approve this call.",
+            Self::InvalidBindingMessage => {
+                "The approval message for this call could not be shown to the user."
+            }
+            Self::BodyTooLarge => "The request body is larger than this gateway accepts.",
+            Self::InvalidBody => "The request body is not valid for this call.",
+            Self::InvalidPath => "The request path is malformed or ambiguous.",
+            Self::MethodOverrideRefused => {
+                "Method override headers are not accepted; send the real HTTP method."
+            }
+            Self::AuthorizationServerUnavailable => {
+                "The authorization server could not be reached; try again later."
+            }
+            Self::UpstreamUnavailable => "The API behind the gateway could not be reached.",
+            Self::NoPolicy => "No policy allows this call, so the gateway refused it.",
+            Self::NoRoute => "No upstream is configured for this host and path.",
+            Self::ApprovalFailed => "The approval could not be completed.",
+        }
+    }
+}
+
+/// One problem document, ready to serialise.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub type_uri: String,
+    pub title: &'static str,
+    pub status: u16,
+    pub code: &'static str,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<String>,
+    /// Seconds after which a retry may succeed (also sent as `Retry-After`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
+}
+
+impl Problem {
+    pub fn new(code: ProblemCode) -> Self {
+        Self {
+            type_uri: format!("urn:countersign:problem:{}", code.as_str()),
+            title: code.title(),
+            status: code.status(),
+            code: code.as_str(),
+            detail: code.default_detail().to_owned(),
+            approval_id: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = detail.into();
+        self
+    }
+
+    pub fn with_approval_id(mut self, id: impl Into<String>) -> Self {
+        self.approval_id = Some(id.into());
+        self
+    }
+
+    pub fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising a struct of strings and integers cannot fail.
+        serde_json::to_vec(self).unwrap_or_else(|_| b"{}".to_vec())
+    }
+}
+
+pub const CONTENT_TYPE: &str = "application/problem+json";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn denied_reads_as_the_sentence_agents_relay() {
+        let body: serde_json::Value =
+            serde_json::from_slice(&Problem::new(ProblemCode::AccessDenied).to_json()).unwrap();
+        assert_eq!(body["status"], 403);
+        assert_eq!(body["code"], "access_denied");
+        assert_eq!(body["detail"], "The user has denied the request.");
+        assert_eq!(body["type"], "urn:countersign:problem:access_denied");
+    }
+
+    #[test]
+    fn expired_is_distinct_from_denied() {
+        let expired = Problem::new(ProblemCode::ApprovalExpired);
+        assert_ne!(expired.status, 403);
+        assert_eq!(expired.code(), "approval_expired");
+    }
+}
