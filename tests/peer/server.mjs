@@ -698,6 +698,15 @@ server.listen(PORT, '127.0.0.1', () => {
   const issuer = `http://127.0.0.1:${port}`;
   const provider = buildProvider(issuer);
 
+  // private_key_jwt: oidc-provider accepts the issuer, the token endpoint URL and the URL of the
+  // endpoint being called as client assertion `aud`; also accept `<issuer>/` (Auth0 documents
+  // its audience as https://{domain}/ with a trailing slash).
+  const contextProto = provider.OIDCContext.prototype;
+  const expectedAudience = contextProto.clientJwtAuthExpectedAudience;
+  contextProto.clientJwtAuthExpectedAudience = function clientJwtAuthExpectedAudience() {
+    return expectedAudience.call(this).add(`${this.issuer}/`);
+  };
+
   provider.on('server_error', (_ctx, err) => log('server_error', err));
   provider.on('grant.error', (_ctx, err) => log(`grant.error ${err.error ?? ''} ${err.error_description ?? err.message}`));
 
