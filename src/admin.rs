@@ -1,1 +1,41 @@
-//! todo
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`. Keep it off the
+//! public network; it answers anyone who reaches it.
+
+use async_trait::async_trait;
+use http::{Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+
+use crate::metrics::Metrics;
+
+#[derive(Debug)]
+pub struct AdminApp {
+    pub metrics: Metrics,
+}
+
+fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .body(body)
+        .unwrap_or_default()
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        match session.req_header().uri.path() {
+            "/metrics" => respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                self.metrics.render().into_bytes(),
+            ),
+            // The gateway serves only after its configuration loaded and the
+            // authorization server's endpoints were resolved, so a running
+            // admin listener means ready.
+            "/healthz" | "/readyz" => respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            _ => respond(StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
+        }
+    }
+}

@@ -1,1 +1,173 @@
-//! todo
+//! Wiring: a loaded [`Config`] becomes a pingora [`Server`] with the proxy
+//! and admin services.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::apps::http_app::HttpServer;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::services::listening::Service;
+use thiserror::Error;
+use tokio::sync::Notify;
+
+use crate::admin::AdminApp;
+use crate::ciba::{self, CibaClient, CibaError, Endpoints};
+use crate::config::Config;
+use crate::identity::IdentitySource;
+use crate::metrics::Metrics;
+use crate::proxy::{Countersign, Routes};
+
+#[derive(Debug, Error)]
+pub enum GatewayError {
+    #[error("authorization server: {0}")]
+    AuthorizationServer(#[from] CibaError),
+    #[error("identity: {0}")]
+    Identity(String),
+    #[error("{0}")]
+    Startup(String),
+}
+
+/// A built, not yet running, gateway.
+pub struct Gateway {
+    server: Server,
+    pub metrics: Metrics,
+    pub endpoints: Endpoints,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("endpoints", &self.endpoints)
+            .finish()
+    }
+}
+
+fn http_client(config: &Config) -> Result<reqwest::Client, GatewayError> {
+    reqwest::Client::builder()
+        .timeout(config.gateway.authorization_server.request_timeout)
+        .user_agent(concat!("countersign/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| GatewayError::Startup(format!("HTTP client: {e}")))
+}
+
+/// Resolves the authorization server's endpoints (OIDC discovery) on a
+/// short-lived runtime: pingora builds its own runtimes later.
+pub fn resolve_endpoints(config: &Config) -> Result<Endpoints, GatewayError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| GatewayError::Startup(format!("runtime: {e}")))?;
+    let client = http_client(config)?;
+    Ok(runtime.block_on(ciba::resolve_endpoints(
+        &client,
+        &config.gateway.authorization_server,
+    ))?)
+}
+
+impl Gateway {
+    /// Builds the server. Must not be called inside a tokio runtime.
+    pub fn build(config: Config) -> Result<Self, GatewayError> {
+        let endpoints = resolve_endpoints(&config)?;
+        let metrics = Metrics::new();
+        let http = http_client(&config)?;
+        let gateway = config.gateway;
+        let ciba = CibaClient::new(
+            http.clone(),
+            endpoints.clone(),
+            &gateway.authorization_server,
+            metrics.clone(),
+        )?;
+        let identity = IdentitySource::new(
+            &gateway.identity,
+            &endpoints.issuer,
+            endpoints.jwks.as_ref(),
+            http,
+        )
+        .map_err(GatewayError::Identity)?;
+
+        let conf = ServerConf {
+            threads: gateway.listen.threads,
+            grace_period_seconds: Some(1),
+            graceful_shutdown_timeout_seconds: Some(5),
+            ..ServerConf::default()
+        };
+        let mut server = Server::new_with_opt_and_conf(None, conf);
+        server.bootstrap();
+
+        let countersign = Countersign {
+            routes: Routes::new(&gateway.routes, &gateway.upstreams),
+            upstreams: gateway
+                .upstreams
+                .clone()
+                .into_iter()
+                .collect::<HashMap<_, _>>(),
+            policies: config.policies,
+            identity,
+            ciba,
+            limits: gateway.limits.clone(),
+            default_action: gateway.default_action,
+            metrics: metrics.clone(),
+            held: Arc::new(AtomicUsize::new(0)),
+        };
+        let mut proxy = pingora::proxy::http_proxy_service_with_name(
+            &server.configuration,
+            countersign,
+            "countersign proxy",
+        );
+        proxy.add_tcp(&gateway.listen.proxy.to_string());
+        server.add_service(proxy);
+
+        if let Some(admin) = gateway.listen.admin {
+            let mut service = Service::new(
+                "countersign admin".to_owned(),
+                HttpServer::new_app(AdminApp {
+                    metrics: metrics.clone(),
+                }),
+            );
+            service.add_tcp(&admin.to_string());
+            server.add_service(service);
+        }
+        Ok(Self {
+            server,
+            metrics,
+            endpoints,
+        })
+    }
+
+    /// Serves until SIGINT/SIGTERM.
+    pub fn run_forever(self) {
+        self.server.run(RunArgs::default());
+    }
+
+    /// Serves until `shutdown` is triggered; blocks the calling thread.
+    pub fn run_until(self, shutdown: Shutdown) {
+        self.server.run(RunArgs {
+            shutdown_signal: Box::new(shutdown),
+        });
+    }
+}
+
+/// A shutdown trigger for embedding the gateway (tests, `countersign dev`).
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown(Arc<Notify>);
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn trigger(&self) {
+        self.0.notify_one();
+    }
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Shutdown {
+    async fn recv(&self) -> ShutdownSignal {
+        self.0.notified().await;
+        ShutdownSignal::FastShutdown
+    }
+}

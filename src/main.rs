@@ -1,1 +1,110 @@
-fn main() {}
+//! The `countersign` binary: the edge where errors become exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use countersign::config;
+use countersign::gateway::Gateway;
+
+#[derive(Parser)]
+#[command(
+    name = "countersign",
+    version,
+    about = "Hold AI agents' API calls until the person approves them (OpenID CIBA)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a configuration and its policies, and print the route table.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Serve.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Log one JSON object per line.
+        #[arg(long)]
+        log_json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Check { config } => {
+            let loaded = config::load(&config)?;
+            print!("{}", route_table(&loaded));
+            Ok(())
+        }
+        Command::Run { config, log_json } => {
+            countersign::telemetry::init(log_json);
+            let loaded = config::load(&config)?;
+            let proxy = loaded.gateway.listen.proxy;
+            let admin = loaded.gateway.listen.admin;
+            let policies = loaded.policies.policies().len();
+            let gateway = Gateway::build(loaded)?;
+            tracing::info!(%proxy, admin = ?admin, policies, issuer = %gateway.endpoints.issuer, "countersign serving");
+            gateway.run_forever();
+            Ok(())
+        }
+    }
+}
+
+fn route_table(config: &config::Config) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let gateway = &config.gateway;
+    let _ = writeln!(out, "configuration {} is valid", config.file.display());
+    let _ = writeln!(out, "proxy listens on {}", gateway.listen.proxy);
+    if let Some(admin) = gateway.listen.admin {
+        let _ = writeln!(
+            out,
+            "admin listens on {admin} (/metrics, /healthz, /readyz)"
+        );
+    }
+    let _ = writeln!(out, "\nupstreams:");
+    for (name, upstream) in &gateway.upstreams {
+        let scheme = if upstream.url.tls { "https" } else { "http" };
+        let _ = writeln!(out, "  {name:<16} {scheme}://{}", upstream.url.authority());
+    }
+    let _ = writeln!(out, "\npolicies ({}):", config.policies.policies().len());
+    let _ = writeln!(
+        out,
+        "  {:<20} {:<12} {:<28} {:<24} SCOPES",
+        "NAME", "METHODS", "PATH", "HOST"
+    );
+    for p in config.policies.policies() {
+        let _ = writeln!(
+            out,
+            "  {:<20} {:<12} {:<28} {:<24} {}{}",
+            p.name,
+            p.methods.join(","),
+            p.path_template,
+            p.host.as_deref().unwrap_or("*"),
+            p.scopes.join(" "),
+            p.audience
+                .as_deref()
+                .map(|a| format!(" (audience {a})"))
+                .unwrap_or_default(),
+        );
+    }
+    let _ = writeln!(out, "\nunmatched calls: {:?}", gateway.default_action);
+    out
+}

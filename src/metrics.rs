@@ -1,1 +1,146 @@
-//! todo
+//! Prometheus metrics, prefix `countersign_`, base units, bounded labels:
+//! policy names and fixed outcome words, never paths or subjects.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// All of the gateway's metrics, in a registry of its own so that several
+/// gateways in one process (tests) do not share counts. pingora's own metrics
+/// live in the default registry and are appended when rendering.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Calls by policy (`none` when unmatched) and outcome.
+    pub calls: IntCounterVec,
+    /// Finished approvals by policy and result: approved, denied, expired, error.
+    pub approvals: IntCounterVec,
+    pub pending_approvals: IntGauge,
+    /// Seconds from the approval request to its result.
+    pub approval_wait: HistogramVec,
+    /// Calls to the authorization server by endpoint and result.
+    pub ciba_requests: IntCounterVec,
+    /// Seconds from sending to the upstream to the end of its response.
+    pub upstream_duration: HistogramVec,
+}
+
+/// Buckets up to ten minutes: people answer in seconds to minutes.
+const APPROVAL_BUCKETS: &[f64] = &[
+    0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 300.0, 600.0,
+];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let calls = IntCounterVec::new(
+            Opts::new(
+                "countersign_calls_total",
+                "Calls handled, by policy and outcome.",
+            ),
+            &["policy", "outcome"],
+        )
+        .expect("valid metric");
+        let approvals = IntCounterVec::new(
+            Opts::new(
+                "countersign_approvals_total",
+                "Approval requests finished, by policy and result.",
+            ),
+            &["policy", "result"],
+        )
+        .expect("valid metric");
+        let pending_approvals = IntGauge::new(
+            "countersign_approvals_pending",
+            "Calls currently held waiting for a person's approval.",
+        )
+        .expect("valid metric");
+        let approval_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "countersign_approval_wait_seconds",
+                "Time from asking the person to their answer, by result.",
+            )
+            .buckets(APPROVAL_BUCKETS.to_vec()),
+            &["result"],
+        )
+        .expect("valid metric");
+        let ciba_requests = IntCounterVec::new(
+            Opts::new(
+                "countersign_ciba_requests_total",
+                "Requests to the authorization server, by endpoint and result.",
+            ),
+            &["endpoint", "result"],
+        )
+        .expect("valid metric");
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "countersign_upstream_request_duration_seconds",
+                "Time the upstream took to answer a forwarded call, by upstream.",
+            ),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "countersign_build_info",
+                "Always 1; labels carry the build.",
+            ),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for collector in [
+            Box::new(calls.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(approvals.clone()),
+            Box::new(pending_approvals.clone()),
+            Box::new(approval_wait.clone()),
+            Box::new(ciba_requests.clone()),
+            Box::new(upstream_duration.clone()),
+            Box::new(build_info),
+        ] {
+            registry.register(collector).expect("unique metric names");
+        }
+        Self {
+            registry,
+            calls,
+            approvals,
+            pending_approvals,
+            approval_wait,
+            ciba_requests,
+            upstream_duration,
+        }
+    }
+
+    /// The text exposition of these metrics and of the default registry.
+    pub fn render(&self) -> String {
+        let mut families = self.registry.gather();
+        families.extend(prometheus::gather());
+        let mut out = Vec::new();
+        // Encoding into a Vec only fails on invalid metric families, which
+        // the constructors above rule out.
+        let _ = TextEncoder::new().encode(&families, &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prefixed_metrics_with_build_info() {
+        let metrics = Metrics::new();
+        metrics.calls.with_label_values(&["buy", "approved"]).inc();
+        let text = metrics.render();
+        assert!(text.contains("countersign_calls_total{outcome=\"approved\",policy=\"buy\"} 1"));
+        assert!(text.contains("countersign_build_info{version="));
+        assert!(text.contains("countersign_approval_wait_seconds_bucket"));
+    }
+}

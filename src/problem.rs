@@ -23,6 +23,7 @@ pub enum ProblemCode {
     NoPolicy,
     NoRoute,
     ApprovalFailed,
+    TooManyPending,
 }
 
 impl ProblemCode {
@@ -42,6 +43,7 @@ impl ProblemCode {
             Self::NoPolicy => "no_policy",
             Self::NoRoute => "no_route",
             Self::ApprovalFailed => "approval_failed",
+            Self::TooManyPending => "too_many_pending_approvals",
         }
     }
 
@@ -56,7 +58,7 @@ impl ProblemCode {
             | Self::InvalidPath
             | Self::MethodOverrideRefused => 400,
             Self::BodyTooLarge => 413,
-            Self::AuthorizationServerUnavailable => 503,
+            Self::AuthorizationServerUnavailable | Self::TooManyPending => 503,
             Self::UpstreamUnavailable | Self::ApprovalFailed => 502,
             Self::NoRoute => 404,
         }
@@ -78,6 +80,7 @@ impl ProblemCode {
             Self::NoPolicy => "No policy allows this call",
             Self::NoRoute => "No route",
             Self::ApprovalFailed => "Approval failed",
+            Self::TooManyPending => "Too many pending approvals",
         }
     }
 
@@ -91,7 +94,9 @@ impl ProblemCode {
             Self::IdentityRequired => {
                 "This call needs the approval of a user, but the request does not say which user."
             }
-            Self::UnknownUser => "The authorization server does not know the user who must approve this call.",
+            Self::UnknownUser => {
+                "The authorization server does not know the user who must approve this call."
+            }
             Self::InvalidBindingMessage => {
                 "The approval message for this call could not be shown to the user."
             }
@@ -108,6 +113,9 @@ impl ProblemCode {
             Self::NoPolicy => "No policy allows this call, so the gateway refused it.",
             Self::NoRoute => "No upstream is configured for this host and path.",
             Self::ApprovalFailed => "The approval could not be completed.",
+            Self::TooManyPending => {
+                "The gateway is holding as many calls as it may; try again later."
+            }
         }
     }
 }

@@ -1,1 +1,264 @@
-//! todo
+//! The authorization state machine: one approval request from "ask the
+//! person" to a final [`Outcome`].
+//!
+//! [`PollSchedule`] is pure (no I/O, no clock of its own), so the polling
+//! discipline (interval, permanent +5 s per `slow_down`, `Retry-After`, expiry)
+//! is unit-tested here; [`run`] drives it against a [`CibaClient`]. The proxy
+//! only awaits `run`; dropping that future (the agent hung up) stops polling.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::ciba::{AuthorizeRequest, CibaClient, CibaError, Grant, PollAnswer};
+
+/// What the spec says to use when the server sends no `interval`.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+/// What every `slow_down` adds, for that poll and all later ones.
+pub const SLOW_DOWN_STEP: Duration = Duration::from_secs(5);
+
+/// How an approval ended.
+#[derive(Debug)]
+pub enum Outcome {
+    Approved(Grant),
+    Denied,
+    Expired,
+    Failed(CibaError),
+}
+
+impl Outcome {
+    /// The metrics word for this outcome.
+    pub fn result_label(&self) -> &'static str {
+        match self {
+            Self::Approved(_) => "approved",
+            Self::Denied => "denied",
+            Self::Expired => "expired",
+            Self::Failed(_) => "error",
+        }
+    }
+}
+
+/// When to poll next.
+#[derive(Debug, Clone)]
+pub struct PollSchedule {
+    interval: Duration,
+    deadline: Instant,
+    next_poll: Instant,
+    polls: u32,
+}
+
+/// What to do after an answer.
+#[derive(Debug)]
+pub enum Step {
+    /// Poll again at this instant.
+    PollAt(Instant),
+    Finish(Outcome),
+}
+
+impl PollSchedule {
+    /// Starts a schedule at `now` for a request that expires after `expires_in`
+    /// (capped by `max_hold`).
+    pub fn new(
+        now: Instant,
+        interval: Option<Duration>,
+        expires_in: Duration,
+        max_hold: Duration,
+    ) -> Self {
+        let interval = interval
+            .unwrap_or(DEFAULT_INTERVAL)
+            .max(Duration::from_secs(1));
+        Self {
+            interval,
+            deadline: now + expires_in.min(max_hold),
+            next_poll: now + interval,
+            polls: 0,
+        }
+    }
+
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    pub fn polls(&self) -> u32 {
+        self.polls
+    }
+
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// The next poll, or `None` when the request has expired before it.
+    pub fn next_poll(&self) -> Option<Instant> {
+        (self.next_poll < self.deadline).then_some(self.next_poll)
+    }
+
+    /// Feeds the answer of the poll made at `now`.
+    pub fn on_answer(&mut self, now: Instant, answer: PollAnswer) -> Step {
+        self.polls += 1;
+        let wait = match answer {
+            PollAnswer::Approved(grant) => return Step::Finish(Outcome::Approved(grant)),
+            PollAnswer::Denied => return Step::Finish(Outcome::Denied),
+            PollAnswer::Expired => return Step::Finish(Outcome::Expired),
+            PollAnswer::Failed(error) => return Step::Finish(Outcome::Failed(error)),
+            PollAnswer::Pending => self.interval,
+            PollAnswer::SlowDown => {
+                self.interval += SLOW_DOWN_STEP;
+                self.interval
+            }
+            PollAnswer::Unavailable { retry_after } => {
+                retry_after.map_or(self.interval, |r| r.max(self.interval))
+            }
+        };
+        self.next_poll = now + wait;
+        match self.next_poll() {
+            Some(at) => Step::PollAt(at),
+            None => Step::Finish(Outcome::Expired),
+        }
+    }
+}
+
+/// Everything needed to ask for one approval.
+#[derive(Debug, Clone)]
+pub struct ApprovalRequest<'a> {
+    pub authorize: AuthorizeRequest<'a>,
+    pub max_hold: Duration,
+}
+
+/// Asks the person and polls until they answer or the request expires.
+///
+/// Cancel-safe: dropping the future stops polling; nothing else holds state.
+pub async fn run(client: &CibaClient, request: &ApprovalRequest<'_>) -> Outcome {
+    let authorization = match client.authorize(&request.authorize).await {
+        Ok(authorization) => authorization,
+        Err(error) => return Outcome::Failed(error),
+    };
+    tracing::info!(
+        expires_in_s = authorization.expires_in.as_secs(),
+        interval_s = authorization.interval.map(|i| i.as_secs()),
+        "approval requested; waiting for the user"
+    );
+    let mut schedule = PollSchedule::new(
+        Instant::now(),
+        authorization.interval,
+        authorization.expires_in,
+        request.max_hold,
+    );
+    loop {
+        let Some(at) = schedule.next_poll() else {
+            return Outcome::Expired;
+        };
+        tokio::time::sleep_until(at).await;
+        let answer = client.poll(&authorization.auth_req_id).await;
+        if matches!(answer, PollAnswer::SlowDown) {
+            tracing::warn!(
+                interval_s = schedule.interval().as_secs() + SLOW_DOWN_STEP.as_secs(),
+                "authorization server asked to slow down"
+            );
+        }
+        match schedule.on_answer(Instant::now(), answer) {
+            Step::PollAt(_) => continue,
+            Step::Finish(outcome) => return outcome,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schedule(interval: Option<u64>, expires_in: u64) -> (Instant, PollSchedule) {
+        let now = Instant::now();
+        let s = PollSchedule::new(
+            now,
+            interval.map(Duration::from_secs),
+            Duration::from_secs(expires_in),
+            Duration::from_secs(3600),
+        );
+        (now, s)
+    }
+
+    fn at(step: Step) -> Instant {
+        match step {
+            Step::PollAt(at) => at,
+            Step::Finish(outcome) => panic!("finished early: {outcome:?}"),
+        }
+    }
+
+    #[test]
+    fn first_poll_waits_one_interval_and_defaults_to_five_seconds() {
+        let (now, s) = schedule(None, 120);
+        assert_eq!(s.next_poll(), Some(now + Duration::from_secs(5)));
+        let (now, s) = schedule(Some(2), 120);
+        assert_eq!(s.next_poll(), Some(now + Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn slow_down_adds_five_seconds_for_every_later_poll() {
+        let (now, mut s) = schedule(Some(2), 120);
+        let t1 = now + Duration::from_secs(2);
+        assert_eq!(
+            at(s.on_answer(t1, PollAnswer::SlowDown)),
+            t1 + Duration::from_secs(7)
+        );
+        let t2 = t1 + Duration::from_secs(7);
+        assert_eq!(
+            at(s.on_answer(t2, PollAnswer::Pending)),
+            t2 + Duration::from_secs(7)
+        );
+        let t3 = t2 + Duration::from_secs(7);
+        assert_eq!(
+            at(s.on_answer(t3, PollAnswer::SlowDown)),
+            t3 + Duration::from_secs(12)
+        );
+        assert_eq!(s.polls(), 3);
+    }
+
+    #[test]
+    fn retry_after_is_honoured_but_never_shortens_the_interval() {
+        let (now, mut s) = schedule(Some(2), 120);
+        let retry = |secs| PollAnswer::Unavailable {
+            retry_after: Some(Duration::from_secs(secs)),
+        };
+        assert_eq!(
+            at(s.on_answer(now, retry(10))),
+            now + Duration::from_secs(10)
+        );
+        assert_eq!(at(s.on_answer(now, retry(1))), now + Duration::from_secs(2));
+        assert_eq!(
+            at(s.on_answer(now, PollAnswer::Unavailable { retry_after: None })),
+            now + Duration::from_secs(2)
+        );
+    }
+
+    #[test]
+    fn a_poll_past_the_deadline_is_not_made() {
+        let (now, mut s) = schedule(Some(5), 8);
+        let step = s.on_answer(now + Duration::from_secs(5), PollAnswer::Pending);
+        assert!(matches!(step, Step::Finish(Outcome::Expired)));
+    }
+
+    #[test]
+    fn max_hold_caps_the_deadline() {
+        let now = Instant::now();
+        let s = PollSchedule::new(
+            now,
+            Some(Duration::from_secs(1)),
+            Duration::from_secs(600),
+            Duration::from_secs(30),
+        );
+        assert_eq!(s.deadline(), now + Duration::from_secs(30));
+    }
+
+    #[test]
+    fn terminal_answers_finish() {
+        let (now, mut s) = schedule(Some(1), 60);
+        assert!(matches!(
+            s.on_answer(now, PollAnswer::Denied),
+            Step::Finish(Outcome::Denied)
+        ));
+        assert!(matches!(
+            s.on_answer(now, PollAnswer::Expired),
+            Step::Finish(Outcome::Expired)
+        ));
+    }
+}

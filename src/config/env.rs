@@ -26,7 +26,9 @@ pub fn expand(raw: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<Stri
                 .ok_or_else(|| format!("unclosed '${{' in {raw:?}"))?;
             let name = &tail[..end];
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(format!("'${{{name}}}' is not a valid environment variable name"));
+                return Err(format!(
+                    "'${{{name}}}' is not a valid environment variable name"
+                ));
             }
             match lookup(name) {
                 Some(value) if !value.is_empty() => out.push_str(&value),
@@ -53,7 +55,9 @@ pub struct Text(pub String);
 impl<'de> Deserialize<'de> for Text {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = String::deserialize(d)?;
-        expand_from_process_env(&raw).map(Text).map_err(de::Error::custom)
+        expand_from_process_env(&raw)
+            .map(Text)
+            .map_err(de::Error::custom)
     }
 }
 
@@ -92,8 +96,12 @@ mod tests {
     fn expands_and_refuses_missing_or_empty() {
         assert_eq!(expand("a-${SECRET}-$$-b", env).unwrap(), "a-s3cr3t-$-b");
         assert_eq!(expand("plain", env).unwrap(), "plain");
-        assert!(expand("${MISSING}", env).unwrap_err().contains("MISSING is not set"));
-        assert!(expand("${EMPTY}", env).unwrap_err().contains("EMPTY is not set"));
+        assert!(expand("${MISSING}", env)
+            .unwrap_err()
+            .contains("MISSING is not set"));
+        assert!(expand("${EMPTY}", env)
+            .unwrap_err()
+            .contains("EMPTY is not set"));
         assert!(expand("${OOPS", env).unwrap_err().contains("unclosed"));
     }
 }

@@ -161,7 +161,9 @@ fn parse<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result<T, C
         };
         // serde_yaml may also prefix the (shorter) path it knows.
         let message = match message.split_once(": ") {
-            Some((prefix, rest)) if !prefix.is_empty() && key.starts_with(prefix) => rest.to_owned(),
+            Some((prefix, rest)) if !prefix.is_empty() && key.starts_with(prefix) => {
+                rest.to_owned()
+            }
             _ => message,
         };
         ConfigError::Invalid {
@@ -191,7 +193,11 @@ fn invalid(file: &Path, key: &str, message: String) -> ConfigError {
 /// Checks that need more than one field.
 fn validate(file: &Path, config: &GatewayConfig) -> Result<(), ConfigError> {
     if config.upstreams.is_empty() {
-        return Err(invalid(file, "upstreams", "at least one upstream is required".into()));
+        return Err(invalid(
+            file,
+            "upstreams",
+            "at least one upstream is required".into(),
+        ));
     }
     if config.routes.is_empty() && config.upstreams.len() > 1 {
         return Err(invalid(
@@ -247,7 +253,9 @@ default_action: pass
 "#;
 
     fn error_of(text: &str) -> String {
-        load_str(Path::new("gateway.yaml"), text).unwrap_err().to_string()
+        load_str(Path::new("gateway.yaml"), text)
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -259,7 +267,10 @@ default_action: pass
 
     #[test]
     fn unknown_keys_name_file_line_and_key() {
-        let text = BASE.replace("client_id: countersign", "client_id: countersign\n  clientsecret: x");
+        let text = BASE.replace(
+            "client_id: countersign",
+            "client_id: countersign\n  clientsecret: x",
+        );
         let error = error_of(&text);
         assert!(error.starts_with("gateway.yaml:8:"), "{error}");
         assert!(error.contains("authorization_server"), "{error}");
@@ -277,10 +288,21 @@ default_action: pass
 
     #[test]
     fn missing_secrets_are_refused_with_their_line() {
-        let text = BASE.replace("client_secret: plain", "client_secret: '${COUNTERSIGN_TEST_UNSET_VAR}'");
+        let text = BASE.replace(
+            "client_secret: plain",
+            "client_secret: '${COUNTERSIGN_TEST_UNSET_VAR}'",
+        );
         let error = error_of(&text);
-        assert!(error.starts_with("gateway.yaml:8:16: authorization_server.client_auth.client_secret: environment"), "{error}");
-        assert!(error.contains("COUNTERSIGN_TEST_UNSET_VAR is not set"), "{error}");
+        assert!(
+            error.starts_with(
+                "gateway.yaml:8:16: authorization_server.client_auth.client_secret: environment"
+            ),
+            "{error}"
+        );
+        assert!(
+            error.contains("COUNTERSIGN_TEST_UNSET_VAR is not set"),
+            "{error}"
+        );
     }
 
     #[test]

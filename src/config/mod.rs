@@ -258,7 +258,10 @@ impl<'de> Deserialize<'de> for ClientAuthConfig {
                     de::Error::custom("private_key_jwt needs `private_key` (PEM)")
                 })?;
                 let algorithm = f.algorithm.unwrap_or_else(default_signing_alg);
-                if !matches!(algorithm.as_str(), "RS256" | "RS384" | "RS512" | "PS256" | "ES256" | "ES384") {
+                if !matches!(
+                    algorithm.as_str(),
+                    "RS256" | "RS384" | "RS512" | "PS256" | "ES256" | "ES384"
+                ) {
                     return Err(de::Error::custom(format!(
                         "algorithm {algorithm:?} is not supported; use RS256, PS256 or ES256"
                     )));

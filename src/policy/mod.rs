@@ -36,27 +36,21 @@ pub struct Policy {
     pub audience: Option<String>,
     pub requested_expiry: Option<Duration>,
     pub path_template: String,
+    pub methods: Vec<String>,
+    pub host: Option<String>,
+    pub file: PathBuf,
     message_key: String,
     details: Option<RegisteredDetails>,
 }
 
+/// A policy that cannot be compiled alongside the others.
 #[derive(Debug, Error)]
-pub enum PolicyError {
-    #[error("{file}: policies[{index}] ('{name}'): the name is already used by another policy")]
-    DuplicateName {
-        file: String,
-        index: usize,
-        name: String,
-    },
-    #[error("{file}: policies[{index}] ('{name}'): match.path {path:?} for {method} overlaps policy '{other}'")]
-    Conflict {
-        file: String,
-        index: usize,
-        name: String,
-        path: String,
-        method: String,
-        other: String,
-    },
+#[error("{file}: policies[{index}] ('{name}'): {reason}")]
+pub struct PolicyError {
+    pub file: String,
+    pub index: usize,
+    pub name: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Default)]
@@ -112,9 +106,16 @@ impl PolicySet {
         let mut routes: HashMap<(Option<String>, String, String), String> = HashMap::new();
         for LoadedPolicy { spec, file, index } in loaded {
             let name = spec.name.0.clone();
+            let source_file = file.clone();
             let file = file.display().to_string();
             if set.policies.iter().any(|p| p.name == name) {
-                return Err(PolicyError::DuplicateName { file, index, name });
+                let reason = "the name is already used by another policy".to_owned();
+                return Err(PolicyError {
+                    file,
+                    index,
+                    name,
+                    reason,
+                });
             }
             let id = set.policies.len();
             let host = spec.matcher.host.as_ref().map(|h| h.0.clone());
@@ -133,19 +134,22 @@ impl PolicySet {
                             .unwrap_or_else(|| with.clone()),
                         _ => error.to_string(),
                     };
-                    return Err(PolicyError::Conflict {
+                    let reason = format!(
+                        "match.path {:?} for {} overlaps policy '{other}'",
+                        spec.matcher.path.source, method.0
+                    );
+                    return Err(PolicyError {
                         file,
                         index,
                         name,
-                        path: spec.matcher.path.source.clone(),
-                        method: method.0.clone(),
-                        other,
+                        reason,
                     });
                 }
                 routes.insert((host.clone(), method.0.clone(), route), name.clone());
             }
             let message_key = format!("policy-{id}");
-            set.templates.add_message(&message_key, &spec.binding_message);
+            set.templates
+                .add_message(&message_key, &spec.binding_message);
             let details = spec
                 .authorization_details
                 .as_ref()
@@ -156,6 +160,9 @@ impl PolicySet {
                 audience: spec.require.audience.clone(),
                 requested_expiry: spec.requested_expiry,
                 path_template: spec.matcher.path.source.clone(),
+                methods: spec.matcher.methods.iter().map(|m| m.0.clone()).collect(),
+                host,
+                file: source_file,
                 message_key,
                 details,
             });
@@ -169,7 +176,12 @@ impl PolicySet {
 
     /// Finds the policy for a call. `method` is matched case-insensitively,
     /// `host` without its port; host-specific policies win over host-less ones.
-    pub fn find(&self, method: &str, host: Option<&str>, path: &NormalizedPath) -> Option<PolicyMatch<'_>> {
+    pub fn find(
+        &self,
+        method: &str,
+        host: Option<&str>,
+        path: &NormalizedPath,
+    ) -> Option<PolicyMatch<'_>> {
         let method = method.to_ascii_uppercase();
         let key = path.match_key.as_str();
         let host = host.map(|h| strip_port(h).to_ascii_lowercase());
@@ -200,7 +212,9 @@ impl PolicySet {
 
     /// Renders the binding message and authorization details for a call.
     pub fn render(&self, policy: &Policy, context: &Value) -> Result<RenderedRequest, RenderError> {
-        let binding_message = self.templates.render_message(&policy.message_key, context)?;
+        let binding_message = self
+            .templates
+            .render_message(&policy.message_key, context)?;
         let authorization_details = policy
             .details
             .as_ref()
@@ -215,7 +229,9 @@ impl PolicySet {
 
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
-        return host.split_once(']').map_or(host, |(h, _)| &host[..h.len() + 1]);
+        return host
+            .split_once(']')
+            .map_or(host, |(h, _)| &host[..h.len() + 1]);
     }
     host.rsplit_once(':').map_or(host, |(h, _)| h)
 }
@@ -293,7 +309,12 @@ policies:
     binding_message: "Admin call"
 "#;
 
-    fn find<'a>(set: &'a PolicySet, method: &str, host: Option<&str>, raw: &str) -> Option<&'a str> {
+    fn find<'a>(
+        set: &'a PolicySet,
+        method: &str,
+        host: Option<&str>,
+        raw: &str,
+    ) -> Option<&'a str> {
         set.find(method, host, &normalize(raw).unwrap())
             .map(|m| m.policy.name.as_str())
     }
@@ -305,8 +326,14 @@ policies:
         assert_eq!(find(&set, "post", None, "/SHOP/"), Some("buy"));
         assert_eq!(find(&set, "GET", None, "/shop"), None);
         assert_eq!(find(&set, "DELETE", None, "/orders/7"), Some("cancel"));
-        assert_eq!(find(&set, "PATCH", Some("admin.example:8443"), "/admin/x/y"), Some("admin"));
-        assert_eq!(find(&set, "PATCH", Some("other.example"), "/admin/x/y"), None);
+        assert_eq!(
+            find(&set, "PATCH", Some("admin.example:8443"), "/admin/x/y"),
+            Some("admin")
+        );
+        assert_eq!(
+            find(&set, "PATCH", Some("other.example"), "/admin/x/y"),
+            None
+        );
     }
 
     #[test]
@@ -335,7 +362,11 @@ policies:
             .policies
             .into_iter()
             .enumerate()
-            .map(|(index, spec)| LoadedPolicy { spec, file: "p.yaml".into(), index })
+            .map(|(index, spec)| LoadedPolicy {
+                spec,
+                file: "p.yaml".into(),
+                index,
+            })
             .collect();
         let error = PolicySet::compile(loaded).unwrap_err().to_string();
         assert!(error.contains("policies[1] ('b')"), "{error}");

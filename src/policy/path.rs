@@ -105,7 +105,9 @@ fn canonical_segment(raw: &str) -> Result<String, PathError> {
     while i < bytes.len() {
         let byte = bytes[i];
         if byte == b'%' {
-            let hex = bytes.get(i + 1..i + 3).ok_or(PathError::BadPercentEncoding)?;
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .ok_or(PathError::BadPercentEncoding)?;
             let value = decode_hex_pair(hex).ok_or(PathError::BadPercentEncoding)?;
             match value {
                 b'/' | b'\\' => return Err(PathError::EncodedSeparator),

@@ -78,7 +78,9 @@ impl<'de> Deserialize<'de> for MethodName {
         if method == "*" || http::Method::from_bytes(method.as_bytes()).is_ok() {
             Ok(Self(method))
         } else {
-            Err(de::Error::custom(format!("{method:?} is not an HTTP method")))
+            Err(de::Error::custom(format!(
+                "{method:?} is not an HTTP method"
+            )))
         }
     }
 }
@@ -108,10 +110,11 @@ impl<'de> Deserialize<'de> for Scopes {
         if scopes.is_empty() {
             return Err(de::Error::custom("at least one scope is required"));
         }
-        if let Some(bad) = scopes
-            .iter()
-            .find(|s| s.is_empty() || s.chars().any(|c| c.is_whitespace() || c == '"' || c == '\\'))
-        {
+        if let Some(bad) = scopes.iter().find(|s| {
+            s.is_empty()
+                || s.chars()
+                    .any(|c| c.is_whitespace() || c == '"' || c == '\\')
+        }) {
             return Err(de::Error::custom(format!("{bad:?} is not a valid scope")));
         }
         Ok(Self(scopes))
@@ -155,7 +158,9 @@ impl PathTemplate {
             route.pop();
         }
         if route.split('/').any(|s| s == "." || s == "..") || route.contains("//") {
-            return Err(format!("path {source:?} must not contain '//', '.' or '..' segments"));
+            return Err(format!(
+                "path {source:?} must not contain '//', '.' or '..' segments"
+            ));
         }
         // matchit validates parameter syntax; probe it now for a load-time error.
         matchit::Router::<()>::new()

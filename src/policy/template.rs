@@ -40,7 +40,9 @@ pub struct MessageTemplate {
 
 impl fmt::Debug for MessageTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("MessageTemplate").field(&self.source).finish()
+        f.debug_tuple("MessageTemplate")
+            .field(&self.source)
+            .finish()
     }
 }
 
@@ -249,7 +251,12 @@ impl TemplateEngine {
         RegisteredDetails { root }
     }
 
-    fn register_node(&mut self, key: &str, node: &DetailsNode, counter: &mut usize) -> RegisteredNode {
+    fn register_node(
+        &mut self,
+        key: &str,
+        node: &DetailsNode,
+        counter: &mut usize,
+    ) -> RegisteredNode {
         match node {
             DetailsNode::Literal(v) => RegisteredNode::Literal(v.clone()),
             DetailsNode::Lookup(path) => RegisteredNode::Lookup(path.clone()),
@@ -260,7 +267,10 @@ impl TemplateEngine {
                 RegisteredNode::Text(name)
             }
             DetailsNode::Array(items) => RegisteredNode::Array(
-                items.iter().map(|n| self.register_node(key, n, counter)).collect(),
+                items
+                    .iter()
+                    .map(|n| self.register_node(key, n, counter))
+                    .collect(),
             ),
             DetailsNode::Object(fields) => RegisteredNode::Object(
                 fields
@@ -395,9 +405,15 @@ mod tests {
 
     #[test]
     fn bad_templates_are_refused_at_parse() {
-        assert!(MessageTemplate::parse("Buy {{qty").unwrap_err().contains("broken template"));
-        assert!(MessageTemplate::parse("Buy now!").unwrap_err().contains("'!'"));
-        assert!(MessageTemplate::parse("Buy {{{product}}}").unwrap_err().contains("triple-stash"));
+        assert!(MessageTemplate::parse("Buy {{qty")
+            .unwrap_err()
+            .contains("broken template"));
+        assert!(MessageTemplate::parse("Buy now!")
+            .unwrap_err()
+            .contains("'!'"));
+        assert!(MessageTemplate::parse("Buy {{{product}}}")
+            .unwrap_err()
+            .contains("triple-stash"));
         assert!(MessageTemplate::parse("{{#if a}}Buy?{{/if}}").is_err());
     }
 
