@@ -48,6 +48,9 @@ impl std::fmt::Debug for Gateway {
 fn http_client(config: &Config) -> Result<reqwest::Client, GatewayError> {
     reqwest::Client::builder()
         .timeout(config.gateway.authorization_server.request_timeout)
+        // Below common server keep-alive timeouts (Node: 5 s): a poll every
+        // 5 s must not race the server closing the pooled connection.
+        .pool_idle_timeout(std::time::Duration::from_secs(4))
         .user_agent(concat!("countersign/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| GatewayError::Startup(format!("HTTP client: {e}")))

@@ -134,17 +134,35 @@ impl JwtVerifier {
             .ok_or(
                 "identity.jwt.jwks_uri is needed: the authorization server advertises no jwks_uri",
             )?;
-        Ok(Self {
+        let issuer = config
+            .issuer
+            .as_ref()
+            .map_or_else(|| default_issuer.to_owned(), |i| i.0.clone());
+        Ok(Self::with_keys(
             http,
             jwks_uri,
-            issuer: config
-                .issuer
-                .as_ref()
-                .map_or_else(|| default_issuer.to_owned(), |i| i.0.clone()),
-            audience: config.audience.0.clone(),
-            subject_claim: config.subject_claim.clone(),
+            &issuer,
+            &config.audience.0,
+            &config.subject_claim,
+        ))
+    }
+
+    /// A verifier for tokens of `issuer` meant for `audience`, signed by a key in `jwks_uri`.
+    pub fn with_keys(
+        http: reqwest::Client,
+        jwks_uri: Url,
+        issuer: &str,
+        audience: &str,
+        subject_claim: &str,
+    ) -> Self {
+        Self {
+            http,
+            jwks_uri,
+            issuer: issuer.to_owned(),
+            audience: audience.to_owned(),
+            subject_claim: subject_claim.to_owned(),
             keys: RwLock::new(None),
-        })
+        }
     }
 
     async fn fetch(&self) -> Result<JwkSet, IdentityError> {
@@ -194,7 +212,7 @@ impl JwtVerifier {
         DecodingKey::from_jwk(&jwk).map_err(|e| IdentityError::Invalid(e.to_string()))
     }
 
-    async fn verify(&self, token: &str) -> Result<Identity, IdentityError> {
+    pub async fn verify(&self, token: &str) -> Result<Identity, IdentityError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| IdentityError::Invalid(e.to_string()))?;
         if !matches!(

@@ -15,6 +15,7 @@ pub mod admin;
 pub mod approval;
 pub mod ciba;
 pub mod config;
+pub mod demo;
 pub mod gateway;
 pub mod identity;
 pub mod metrics;

@@ -105,6 +105,10 @@ fn route_table(config: &config::Config) -> String {
                 .unwrap_or_default(),
         );
     }
-    let _ = writeln!(out, "\nunmatched calls: {:?}", gateway.default_action);
+    let default = match gateway.default_action {
+        config::DefaultAction::Pass => "pass (forwarded without approval)",
+        config::DefaultAction::Deny => "deny (refused with no_policy)",
+    };
+    let _ = writeln!(out, "\nunmatched calls: {default}");
     out
 }

@@ -138,6 +138,10 @@ mod tests {
     fn renders_prefixed_metrics_with_build_info() {
         let metrics = Metrics::new();
         metrics.calls.with_label_values(&["buy", "approved"]).inc();
+        metrics
+            .approval_wait
+            .with_label_values(&["approved"])
+            .observe(3.0);
         let text = metrics.render();
         assert!(text.contains("countersign_calls_total{outcome=\"approved\",policy=\"buy\"} 1"));
         assert!(text.contains("countersign_build_info{version="));

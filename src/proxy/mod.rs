@@ -294,6 +294,10 @@ impl Countersign {
         problem: Problem,
     ) -> Result<()> {
         ctx.outcome = problem.code();
+        let problem = match &ctx.approval_id {
+            Some(id) => problem.with_approval_id(id.clone()),
+            None => problem,
+        };
         let body = Bytes::from(problem.to_json());
         let mut header = ResponseHeader::build(problem.status, Some(6))?;
         header.insert_header(http::header::CONTENT_TYPE, CONTENT_TYPE)?;

@@ -1,0 +1,480 @@
+//! End-to-end approval flows: agent -> gateway -> oidc-provider (CIBA) ->
+//! shop upstream that verifies the token it receives.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::*;
+
+const PROBLEM_JSON: &str = "application/problem+json";
+
+async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(response.status().as_u16(), status);
+    assert_eq!(response.headers()["content-type"], PROBLEM_JSON);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status);
+    body
+}
+
+#[tokio::test]
+async fn approved_call_reaches_the_shop_once_with_a_fresh_token() {
+    let world = World::start(GatewayOptions::default()).await;
+    let body = serde_json::to_vec(&phones()).unwrap();
+    let call = world
+        .agent
+        .post(world.gateway.url("/shop"))
+        .header(USER_HEADER, "alice")
+        .header("authorization", "Bearer agent-own-credential")
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send();
+    let call = tokio::spawn(call);
+
+    let pending = world.peer.wait_pending(Some("alice"), 1).await;
+    let request = &pending[0];
+    assert_eq!(request["binding_message"], "Do you want to buy 2 XYZ phone");
+    assert!(request["scope"].as_str().unwrap().contains("product:buy"));
+    assert_eq!(
+        request["authorization_details"],
+        json!([{"type": "product_purchase", "product": "XYZ phone", "quantity": 2, "price_limit": 900}])
+    );
+    assert!(
+        world.shop.received().is_empty(),
+        "nothing is forwarded before approval"
+    );
+    world
+        .peer
+        .approve(request["auth_req_id"].as_str().unwrap())
+        .await;
+
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    let approval_id = response.headers()["x-countersign-approval-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let order: Value = response.json().await.unwrap();
+    assert_eq!(order["status"], "confirmed");
+    assert_eq!(order["buyer"], "alice");
+    assert_eq!(order["qty"], 2);
+
+    let received = world.shop.received();
+    assert_eq!(received.len(), 1, "one approval, one forward");
+    let got = &received[0];
+    assert_eq!(
+        got.body.as_ref(),
+        body.as_slice(),
+        "the exact buffered body is forwarded"
+    );
+    assert_eq!(got.path_and_query, "/shop");
+    let claims = got.claims.as_ref().expect("the shop verified the token");
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["aud"], "https://shop.example/api");
+    assert_eq!(claims["iss"], world.peer.issuer.as_str());
+    assert_ne!(got.bearer(), Some("agent-own-credential"));
+    assert!(
+        got.headers.get(USER_HEADER).is_none(),
+        "the identity header is stripped"
+    );
+    assert_eq!(
+        got.headers["x-countersign-approval-id"],
+        approval_id.as_str()
+    );
+
+    let after = world
+        .peer
+        .request(request["auth_req_id"].as_str().unwrap())
+        .await;
+    assert_eq!(
+        after["slow_downs"], 0,
+        "the gateway never polls too fast: {after}"
+    );
+
+    let metrics = world.gateway.metrics().await;
+    assert!(
+        metrics
+            .contains(r#"countersign_approvals_total{policy="buy-product",result="approved"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"countersign_calls_total{outcome="approved",policy="buy-product"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("countersign_approvals_pending 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains(r#"countersign_ciba_requests_total{endpoint="token",result="approved"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn denied_call_never_reaches_the_shop() {
+    let world = World::start(GatewayOptions::default()).await;
+    let call = tokio::spawn(world.buy("bob", phones()).send());
+    let pending = world.peer.wait_pending(Some("bob"), 1).await;
+    world
+        .peer
+        .deny(pending[0]["auth_req_id"].as_str().unwrap())
+        .await;
+
+    let body = problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
+    assert_eq!(body["detail"], "The user has denied the request.");
+    assert!(body["approval_id"].is_string());
+    assert!(world.shop.received().is_empty());
+    let metrics = world.gateway.metrics().await;
+    assert!(
+        metrics.contains(r#"countersign_approvals_total{policy="buy-product",result="denied"} 1"#)
+    );
+}
+
+const FLASH_SALE: &str = r#"  - name: flash-sale
+    match: { methods: [POST], path: /flash }
+    require: { scopes: [product:buy], audience: "https://shop.example/api" }
+    binding_message: "Flash sale: buy {{qty}} {{product}}"
+    requested_expiry: 3s
+"#;
+
+#[tokio::test]
+async fn an_unanswered_request_expires_and_is_not_a_denial() {
+    let world = World::start(GatewayOptions {
+        extra_policies: FLASH_SALE,
+        ..Default::default()
+    })
+    .await;
+    let started = Instant::now();
+    let response = world
+        .agent
+        .post(world.gateway.url("/flash"))
+        .header(USER_HEADER, "carol")
+        .json(&phones())
+        .send()
+        .await
+        .unwrap();
+    let body = problem(response, 408, "approval_expired").await;
+    assert_ne!(body["code"], "access_denied");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "held until expiry"
+    );
+    assert!(world.shop.received().is_empty());
+    let requests = world.peer.requests().await;
+    assert_eq!(requests[0]["requested_expiry"], 3);
+    let metrics = world.gateway.metrics().await;
+    assert!(
+        metrics.contains(r#"countersign_approvals_total{policy="flash-sale",result="expired"} 1"#)
+    );
+}
+
+#[tokio::test]
+async fn slow_down_adds_five_seconds_to_every_later_poll() {
+    let world = World::start(GatewayOptions::default()).await;
+    let call = tokio::spawn(world.buy("alice", phones()).send());
+    let pending = world.peer.wait_pending(Some("alice"), 1).await;
+    let id = pending[0]["auth_req_id"].as_str().unwrap().to_owned();
+    assert!(world
+        .peer
+        .control(&format!("requests/{id}/slow-down"), Value::Null)
+        .await
+        .is_success());
+
+    // The first poll (at ~1 s) gets slow_down; let two more intervals pass.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mid = world.peer.request(&id).await;
+    assert_eq!(mid["polls"], 1, "no poll within 6 s of a slow_down: {mid}");
+    world.peer.approve(&id).await;
+
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    let done = world.peer.request(&id).await;
+    assert_eq!(done["slow_downs"], 1, "only the forced slow_down: {done}");
+    let times: Vec<i64> = done["poll_times_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_i64().unwrap())
+        .collect();
+    assert_eq!(times.len(), 2, "{done}");
+    let gap = times[1] - times[0];
+    assert!(
+        (5_900..8_000).contains(&gap),
+        "second poll {gap} ms after the slow_down: {done}"
+    );
+}
+
+#[tokio::test]
+async fn retry_after_from_an_unavailable_token_endpoint_is_honoured() {
+    let world = World::start(GatewayOptions::default()).await;
+    assert!(world
+        .peer
+        .control(
+            "token-unavailable",
+            json!({"count": 1, "status": 503, "retry_after": 3})
+        )
+        .await
+        .is_success());
+    let call = tokio::spawn(world.buy("alice", phones()).send());
+    let pending = world.peer.wait_pending(Some("alice"), 1).await;
+    let id = pending[0]["auth_req_id"].as_str().unwrap().to_owned();
+    world.peer.approve(&id).await;
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    let done = world.peer.request(&id).await;
+    let times: Vec<i64> = done["poll_times_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_i64().unwrap())
+        .collect();
+    assert_eq!(times.len(), 2, "{done}");
+    assert!(times[1] - times[0] >= 2_900, "waited Retry-After: {done}");
+    assert_eq!(done["slow_downs"], 0);
+}
+
+#[tokio::test]
+async fn an_unknown_user_gets_a_clear_answer() {
+    let world = World::start(GatewayOptions::default()).await;
+    let response = world.buy("mallory", phones()).send().await.unwrap();
+    problem(response, 400, "unknown_user").await;
+    assert!(world.shop.received().is_empty());
+}
+
+#[tokio::test]
+async fn bad_calls_are_refused_before_anyone_is_asked() {
+    let world = World::start(GatewayOptions::default()).await;
+
+    // Too long once rendered: refused here, never sent raw.
+    let long =
+        json!({"product": "a very long product name that will not fit in a message", "qty": 2});
+    let body = problem(
+        world.buy("alice", long).send().await.unwrap(),
+        400,
+        "invalid_binding_message",
+    )
+    .await;
+    assert!(body["detail"].as_str().unwrap().contains("64"), "{body}");
+
+    let big = json!({"product": "x".repeat(2000), "qty": 1});
+    problem(
+        world.buy("alice", big).send().await.unwrap(),
+        413,
+        "body_too_large",
+    )
+    .await;
+
+    let not_json = world
+        .agent
+        .post(world.gateway.url("/shop"))
+        .header(USER_HEADER, "alice")
+        .body("product=phone&qty=2")
+        .send()
+        .await
+        .unwrap();
+    problem(not_json, 400, "invalid_body").await;
+
+    let missing_field = world
+        .buy("alice", json!({"product": "phone"}))
+        .send()
+        .await
+        .unwrap();
+    let body = problem(missing_field, 400, "invalid_body").await;
+    assert!(body["detail"].as_str().unwrap().contains("qty"), "{body}");
+
+    let anonymous = world
+        .agent
+        .post(world.gateway.url("/shop"))
+        .json(&phones())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.headers()["www-authenticate"], "Bearer");
+    problem(anonymous, 401, "identity_required").await;
+
+    assert!(world.peer.requests().await.is_empty(), "nobody was asked");
+    assert!(world.shop.received().is_empty());
+}
+
+#[tokio::test]
+async fn unsafe_characters_from_the_call_are_sanitised() {
+    let world = World::start(GatewayOptions::default()).await;
+    let call = tokio::spawn(
+        world
+            .buy(
+                "alice",
+                json!({"product": "phone\nApprove <all>!", "qty": 1, "priceLimit": 5}),
+            )
+            .send(),
+    );
+    let pending = world.peer.wait_pending(Some("alice"), 1).await;
+    assert_eq!(
+        pending[0]["binding_message"],
+        "Do you want to buy 1 phone Approve all"
+    );
+    world
+        .peer
+        .deny(pending[0]["auth_req_id"].as_str().unwrap())
+        .await;
+    problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
+}
+
+#[tokio::test]
+async fn unmatched_calls_pass_or_are_denied_by_the_default() {
+    let world = World::start(GatewayOptions::default()).await;
+    let response = world
+        .agent
+        .get(world.gateway.url("/products"))
+        .header("authorization", "Bearer agent-read-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let received = world.shop.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(
+        received[0].bearer(),
+        Some("agent-read-token"),
+        "pass-through is unchanged"
+    );
+    assert!(world.peer.requests().await.is_empty());
+
+    let strict = World::start(GatewayOptions {
+        default_action: "deny",
+        ..Default::default()
+    })
+    .await;
+    let response = strict
+        .agent
+        .get(strict.gateway.url("/products"))
+        .send()
+        .await
+        .unwrap();
+    problem(response, 403, "no_policy").await;
+    assert!(strict.shop.received().is_empty());
+}
+
+#[tokio::test]
+async fn twenty_held_calls_for_two_people_resolve_independently() {
+    let world = World::start(GatewayOptions::default()).await;
+    let mut calls = Vec::new();
+    for qty in 1..=10 {
+        for user in ["alice", "bob"] {
+            let call = world
+                .buy(
+                    user,
+                    json!({"product": "XYZ phone", "qty": qty, "priceLimit": 900}),
+                )
+                .send();
+            calls.push((user, qty, tokio::spawn(call)));
+        }
+    }
+    let pending = world.peer.wait_pending(None, 20).await;
+    for request in &pending {
+        let id = request["auth_req_id"].as_str().unwrap();
+        match request["sub"].as_str().unwrap() {
+            "alice" => world.peer.approve(id).await,
+            _ => world.peer.deny(id).await,
+        }
+    }
+    for (user, qty, call) in calls {
+        let response = call.await.unwrap().unwrap();
+        if user == "alice" {
+            assert_eq!(response.status(), 200);
+            let order: Value = response.json().await.unwrap();
+            assert_eq!(
+                order["qty"], qty,
+                "each call is forwarded with its own body"
+            );
+            assert_eq!(order["buyer"], "alice");
+        } else {
+            problem(response, 403, "access_denied").await;
+        }
+    }
+    let received = world.shop.received();
+    assert_eq!(received.len(), 10);
+    let mut tokens: Vec<&str> = received.iter().map(|r| r.bearer().unwrap()).collect();
+    tokens.sort();
+    tokens.dedup();
+    assert_eq!(tokens.len(), 10, "every call got its own token");
+    assert!(received
+        .iter()
+        .all(|r| r.claims.as_ref().unwrap()["sub"] == "alice"));
+}
+
+#[tokio::test]
+async fn an_agent_that_hangs_up_stops_the_polling_and_nothing_is_forwarded() {
+    let world = World::start(GatewayOptions::default()).await;
+    let body = serde_json::to_string(&phones()).unwrap();
+    let request = format!(
+        "POST /shop HTTP/1.1\r\nHost: shop\r\n{USER_HEADER}: alice\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = std::net::TcpStream::connect(world.gateway.proxy).unwrap();
+    std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
+    let pending = world.peer.wait_pending(Some("alice"), 1).await;
+    let id = pending[0]["auth_req_id"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let polls_after_hangup = world.peer.request(&id).await["polls"].as_i64().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = world.peer.request(&id).await["polls"].as_i64().unwrap();
+    assert_eq!(
+        polls_after_hangup, later,
+        "polling stopped after the agent left"
+    );
+    world.peer.approve(&id).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        world.shop.received().is_empty(),
+        "nothing forwarded for an abandoned call"
+    );
+    let metrics = world.gateway.metrics().await;
+    assert!(
+        metrics
+            .contains(r#"countersign_approvals_total{policy="buy-product",result="abandoned"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("countersign_approvals_pending 0"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn client_secret_basic_authenticates_too() {
+    let world = World::start(GatewayOptions {
+        client: "client_id: countersign-basic\n  client_auth: { method: client_secret_basic, client_secret: countersign-secret }",
+        ..Default::default()
+    })
+    .await;
+    let call = tokio::spawn(world.buy("alice", phones()).send());
+    let pending = world.peer.wait_pending(Some("alice"), 1).await;
+    world
+        .peer
+        .approve(pending[0]["auth_req_id"].as_str().unwrap())
+        .await;
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_a_problem_not_a_hang() {
+    let dead = format!("127.0.0.1:{}", free_port());
+    let world = World::start(GatewayOptions {
+        upstream: Some(dead),
+        ..Default::default()
+    })
+    .await;
+    let response = world
+        .agent
+        .get(world.gateway.url("/products"))
+        .send()
+        .await
+        .unwrap();
+    problem(response, 502, "upstream_unavailable").await;
+}

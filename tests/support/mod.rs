@@ -1,0 +1,372 @@
+//! Test harness: the real CIBA peer (oidc-provider, in Node), the example
+//! shop upstream that verifies tokens, and the real gateway started
+//! in-process on ephemeral ports.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use countersign::demo::shop::{self, ShopHandle};
+use countersign::gateway::{Gateway, Shutdown};
+use serde_json::Value;
+
+pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
+pub const USER_HEADER: &str = "x-countersign-user";
+
+/// The oidc-provider CIBA peer in a child process; killed on drop.
+pub struct Peer {
+    child: Child,
+    pub issuer: String,
+    http: reqwest::Client,
+}
+
+impl Peer {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(env: &[(&str, &str)]) -> Self {
+        let peer_dir = Path::new(REPO).join("tests/peer");
+        assert!(
+            peer_dir.join("node_modules/oidc-provider").exists(),
+            "the CIBA test peer is not installed: run `npm ci --prefix tests/peer` first"
+        );
+        let mut command = Command::new("node");
+        command
+            .arg(peer_dir.join("server.mjs"))
+            .env("PEER_INTERVAL", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(if std::env::var_os("PEER_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            });
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command
+            .spawn()
+            .expect("node must be installed to run the CIBA peer");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("peer prints its address");
+        let ready: Value =
+            serde_json::from_str(&line).unwrap_or_else(|_| panic!("peer said {line:?}"));
+        Self {
+            child,
+            issuer: ready["issuer"].as_str().expect("issuer").to_owned(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn jwks_uri(&self) -> url::Url {
+        format!("{}/.well-known/jwks.json", self.issuer)
+            .parse()
+            .expect("url")
+    }
+
+    pub async fn requests(&self) -> Vec<Value> {
+        let url = format!("{}/control/requests", self.issuer);
+        self.http
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn request(&self, auth_req_id: &str) -> Value {
+        let url = format!("{}/control/requests/{auth_req_id}", self.issuer);
+        self.http
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until `count` requests are pending (for `sub`, if given).
+    pub async fn wait_pending(&self, sub: Option<&str>, count: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let pending: Vec<Value> = self
+                .requests()
+                .await
+                .into_iter()
+                .filter(|r| r["status"] == "pending" && sub.is_none_or(|s| r["sub"] == s))
+                .collect();
+            if pending.len() >= count {
+                return pending;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {count} pending requests, have {}",
+                pending.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn control(&self, path: &str, body: Value) -> reqwest::StatusCode {
+        let url = format!("{}/control/{path}", self.issuer);
+        self.http
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    }
+
+    pub async fn approve(&self, auth_req_id: &str) {
+        let status = self
+            .control(
+                &format!("requests/{auth_req_id}/approve"),
+                serde_json::json!({}),
+            )
+            .await;
+        assert!(status.is_success(), "approve: {status}");
+    }
+
+    pub async fn deny(&self, auth_req_id: &str) {
+        let status = self
+            .control(
+                &format!("requests/{auth_req_id}/deny"),
+                serde_json::json!({}),
+            )
+            .await;
+        assert!(status.is_success(), "deny: {status}");
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The shop upstream, verifying tokens against the peer's JWKS.
+pub async fn start_shop(peer: &Peer) -> ShopHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    shop::serve(listener, &peer.issuer, peer.jwks_uri())
+        .await
+        .unwrap()
+}
+
+/// Options for a test gateway.
+pub struct GatewayOptions {
+    pub default_action: &'static str,
+    pub identity: String,
+    pub client: &'static str,
+    pub extra_policies: &'static str,
+    pub limits: &'static str,
+    /// Overrides the shop's address as the upstream.
+    pub upstream: Option<String>,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        Self {
+            default_action: "pass",
+            identity: format!("header: {{ name: {USER_HEADER} }}"),
+            client: "client_id: countersign-post\n  client_auth: { method: client_secret_post, client_secret: countersign-secret }",
+            extra_policies: "",
+            limits: "{ max_body_bytes: 1024, max_hold: 60s }",
+            upstream: None,
+        }
+    }
+}
+
+/// The real gateway, running on its own pingora runtimes in a thread.
+pub struct TestGateway {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    shutdown: Shutdown,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestGateway {
+    pub async fn start(peer: &Peer, shop: &ShopHandle, options: GatewayOptions) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, proxy, admin) = write_config(dir.path(), peer, shop, &options);
+        let shutdown = Shutdown::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let signal = shutdown.clone();
+        let thread = std::thread::spawn(move || {
+            let gateway = countersign::config::load(&file)
+                .map_err(|e| e.to_string())
+                .and_then(|c| Gateway::build(c).map_err(|e| e.to_string()));
+            match gateway {
+                Ok(gateway) => {
+                    tx.send(Ok(())).unwrap();
+                    gateway.run_until(signal);
+                }
+                Err(e) => tx.send(Err(e)).unwrap(),
+            }
+        });
+        rx.recv().unwrap().expect("gateway builds");
+        wait_listening(proxy).await;
+        wait_listening(admin).await;
+        Self {
+            proxy,
+            admin,
+            shutdown,
+            thread: Some(thread),
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Writes a gateway configuration for `peer` and `shop` into `dir`.
+pub fn write_config(
+    dir: &Path,
+    peer: &Peer,
+    shop: &ShopHandle,
+    options: &GatewayOptions,
+) -> (PathBuf, SocketAddr, SocketAddr) {
+    let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let policies = Path::new(REPO).join("policies");
+    let extra = dir.join("extra.yaml");
+    let extra_text = if options.extra_policies.is_empty() {
+        "  []\n"
+    } else {
+        options.extra_policies
+    };
+    std::fs::write(&extra, format!("policies:\n{extra_text}")).unwrap();
+    let config = format!(
+        r#"
+listen: {{ proxy: "{proxy}", admin: "{admin}", threads: 2 }}
+upstreams:
+  shop: {{ url: "http://{shop}", connect_timeout: 2s, timeout: 10s }}
+authorization_server:
+  issuer: {issuer}
+  {client}
+  login_hint: iss_sub
+  audience_parameter: resource
+identity: {{ {identity} }}
+policies: [{policies}, {extra}]
+default_action: {default_action}
+limits: {limits}
+"#,
+        shop = options
+            .upstream
+            .clone()
+            .unwrap_or_else(|| shop.addr.to_string()),
+        issuer = peer.issuer,
+        client = options.client,
+        identity = options.identity,
+        policies = policies.display(),
+        extra = extra.display(),
+        default_action = options.default_action,
+        limits = options.limits,
+    );
+    let file = dir.join("countersign.yaml");
+    std::fs::write(&file, config).unwrap();
+    (file, proxy, admin)
+}
+
+pub async fn wait_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The whole test world: peer, shop and gateway.
+pub struct World {
+    pub peer: Peer,
+    pub shop: ShopHandle,
+    pub gateway: TestGateway,
+    pub agent: reqwest::Client,
+}
+
+impl World {
+    pub async fn start(options: GatewayOptions) -> Self {
+        let peer = Peer::start();
+        let shop = start_shop(&peer).await;
+        let gateway = TestGateway::start(&peer, &shop, options).await;
+        Self {
+            peer,
+            shop,
+            gateway,
+            agent: reqwest::Client::new(),
+        }
+    }
+
+    /// POST /shop as an agent acting for `user`.
+    pub fn buy(&self, user: &str, body: Value) -> reqwest::RequestBuilder {
+        self.agent
+            .post(self.gateway.url("/shop"))
+            .header(USER_HEADER, user)
+            .json(&body)
+    }
+}
+
+pub fn phones() -> Value {
+    serde_json::json!({ "product": "XYZ phone", "qty": 2, "priceLimit": 900 })
+}
+
+/// A raw HTTP/1.1 exchange, for request targets an HTTP client would tidy up.
+pub fn raw_request(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {response:?}"));
+    (status, response)
+}
+
+pub fn repo_path(relative: &str) -> PathBuf {
+    Path::new(REPO).join(relative)
+}
