@@ -449,7 +449,7 @@ async fn an_agent_that_hangs_up_stops_the_polling_and_nothing_is_forwarded() {
 #[tokio::test]
 async fn client_secret_basic_authenticates_too() {
     let world = World::start(GatewayOptions {
-        client: "client_id: countersign-basic\n  client_auth: { method: client_secret_basic, client_secret: countersign-secret }",
+        client: "client_id: countersign-basic\n  client_auth: { method: client_secret_basic, client_secret: countersign-secret }".to_owned(),
         ..Default::default()
     })
     .await;

@@ -166,16 +166,51 @@ fn parse<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result<T, C
             }
             _ => message,
         };
+        let (line, column) = match location {
+            Some(mark) => {
+                let (line, column) = refine(text, mark.line(), mark.column(), &key);
+                (Some(line), Some(column))
+            }
+            None => (None, None),
+        };
         ConfigError::Invalid {
             location: Location {
                 file: file.to_owned(),
-                line: location.as_ref().map(|l| l.line()),
-                column: location.as_ref().map(|l| l.column()),
+                line,
+                column,
                 key,
             },
             message,
         }
     })
+}
+
+/// serde_yaml marks a value refused by its own `Deserialize` at the start of
+/// the enclosing mapping. Point at the offending key instead: the first
+/// `last_key:` at or after that mark.
+fn refine(text: &str, line: usize, column: usize, key_path: &str) -> (usize, usize) {
+    let Some(last) = key_path
+        .rsplit('.')
+        .next()
+        .map(|k| k.split('[').next().unwrap_or(k))
+        .filter(|k| !k.is_empty() && *k != "?")
+    else {
+        return (line, column);
+    };
+    for (index, content) in text.lines().enumerate().skip(line.saturating_sub(1)) {
+        let mut from = 0;
+        while let Some(pos) = content[from..].find(last) {
+            let start = from + pos;
+            let before = content[..start].chars().next_back();
+            let after = content[start + last.len()..].trim_start();
+            let boundary = before.is_none_or(|c| c.is_whitespace() || matches!(c, '{' | ',' | '-'));
+            if boundary && after.starts_with(':') {
+                return (index + 1, start + 1);
+            }
+            from = start + last.len();
+        }
+    }
+    (line, column)
 }
 
 fn invalid(file: &Path, key: &str, message: String) -> ConfigError {
@@ -295,7 +330,7 @@ default_action: pass
         let error = error_of(&text);
         assert!(
             error.starts_with(
-                "gateway.yaml:8:16: authorization_server.client_auth.client_secret: environment"
+                "gateway.yaml:8:46: authorization_server.client_auth.client_secret: environment"
             ),
             "{error}"
         );

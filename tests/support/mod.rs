@@ -176,7 +176,7 @@ pub async fn start_shop(peer: &Peer) -> ShopHandle {
 pub struct GatewayOptions {
     pub default_action: &'static str,
     pub identity: String,
-    pub client: &'static str,
+    pub client: String,
     pub extra_policies: &'static str,
     pub limits: &'static str,
     /// Overrides the shop's address as the upstream.
@@ -188,7 +188,7 @@ impl Default for GatewayOptions {
         Self {
             default_action: "pass",
             identity: format!("header: {{ name: {USER_HEADER} }}"),
-            client: "client_id: countersign-post\n  client_auth: { method: client_secret_post, client_secret: countersign-secret }",
+            client: "client_id: countersign-post\n  client_auth: { method: client_secret_post, client_secret: countersign-secret }".to_owned(),
             extra_policies: "",
             limits: "{ max_body_bytes: 1024, max_hold: 60s }",
             upstream: None,

@@ -1,0 +1,169 @@
+//! The `countersign` binary: `check` validates and prints the route table;
+//! `run` serves, and its logs never carry tokens, secrets or bodies.
+
+mod support;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_countersign");
+
+fn check(config: &std::path::Path, env: &[(&str, &str)]) -> (bool, String, String) {
+    let output = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(config)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+const EXAMPLE_ENV: [(&str, &str); 3] = [
+    ("CIBA_ISSUER", "https://tenant.example/"),
+    ("CIBA_CLIENT_ID", "countersign"),
+    ("CIBA_CLIENT_SECRET", "s3cr3t"),
+];
+
+#[test]
+fn every_example_configuration_is_valid() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(repo_path("examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let (ok, stdout, stderr) = check(&path, &EXAMPLE_ENV);
+            assert!(ok, "{}: {stderr}", path.display());
+            assert!(stdout.contains("is valid"), "{stdout}");
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "no example configuration found");
+}
+
+#[test]
+fn check_prints_the_route_table() {
+    let (ok, stdout, _) = check(&repo_path("examples/shop.yaml"), &EXAMPLE_ENV);
+    assert!(ok);
+    let row = stdout
+        .lines()
+        .find(|l| l.contains("buy-product"))
+        .expect("buy-product row");
+    for column in ["POST", "/shop", "product:buy", "https://shop.example/api"] {
+        assert!(row.contains(column), "{row}");
+    }
+    assert!(stdout.contains("unmatched calls: pass"), "{stdout}");
+}
+
+#[test]
+fn check_names_file_line_and_key_of_a_broken_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("broken.yaml");
+    std::fs::write(
+        &policy,
+        "policies:\n  - name: buy\n    match: { methods: [POST], path: /shop }\n    require: { scopes: [product:buy] }\n    binding_message: \"Buy {{qty\"\n",
+    )
+    .unwrap();
+    let config = dir.path().join("countersign.yaml");
+    let main = std::fs::read_to_string(repo_path("examples/shop.yaml"))
+        .unwrap()
+        .replace("  - ../policies", &format!("  - {}", policy.display()));
+    std::fs::write(&config, main).unwrap();
+    let (ok, _, stderr) = check(&config, &EXAMPLE_ENV);
+    assert!(!ok);
+    let expected = format!(
+        "{}:5:5: policies[0].binding_message: broken template",
+        policy.display()
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
+
+    std::fs::write(&policy, "policies:\n  - name: buy\n    match: { methods: [POST], path: /shop }\n    require: { scopes: [product:buy] }\n    binding_message: Buy\n    colour: red\n").unwrap();
+    let (ok, _, stderr) = check(&config, &EXAMPLE_ENV);
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!(
+            "{}:6:5: policies[0].colour: unknown field `colour`",
+            policy.display()
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_refuses_a_missing_secret() {
+    let (ok, _, stderr) = check(&repo_path("examples/shop.yaml"), &EXAMPLE_ENV[..2]);
+    assert!(!ok);
+    assert!(stderr.contains("authorization_server.client_auth.client_secret: environment variable CIBA_CLIENT_SECRET is not set"), "{stderr}");
+}
+
+#[tokio::test]
+async fn logs_carry_the_approval_id_but_never_tokens_secrets_or_bodies() {
+    let peer = Peer::start();
+    let shop = start_shop(&peer).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, proxy, admin) = write_config(dir.path(), &peer, &shop, &GatewayOptions::default());
+    let log_path = dir.path().join("gateway.log");
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    wait_listening(proxy).await;
+    wait_listening(admin).await;
+
+    let marker = serde_json::json!({"product": "Zebra42 phone", "qty": 3, "priceLimit": 777});
+    let call = tokio::spawn(
+        reqwest::Client::new()
+            .post(format!("http://{proxy}/shop"))
+            .header(USER_HEADER, "alice")
+            .json(&marker)
+            .send(),
+    );
+    let pending = peer.wait_pending(Some("alice"), 1).await;
+    peer.approve(pending[0]["auth_req_id"].as_str().unwrap())
+        .await;
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    let approval_id = response.headers()["x-countersign-approval-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let mut logs = String::new();
+    std::fs::File::open(&log_path)
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    let token = shop.received()[0].bearer().unwrap().to_owned();
+    assert!(logs.contains("call held for approval"), "{logs}");
+    let held_lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("approval") && l.contains("policy=buy-product"))
+        .collect();
+    assert!(held_lines.len() >= 3, "{logs}");
+    assert!(
+        held_lines.iter().all(|l| l.contains(&approval_id)),
+        "every line of the held call names its approval: {logs}"
+    );
+    for secret in [token.as_str(), "countersign-secret", "Zebra42", "777"] {
+        if let Some(line) = logs.lines().find(|l| l.contains(secret)) {
+            panic!("{secret:?} leaked into the logs: {line}");
+        }
+    }
+    let auth_req_id = pending[0]["auth_req_id"].as_str().unwrap();
+    assert!(
+        !logs.contains(auth_req_id),
+        "auth_req_id leaked into the logs"
+    );
+}

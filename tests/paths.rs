@@ -1,0 +1,117 @@
+//! Path confusion: every spelling of a policy route is held for approval,
+//! and the upstream receives exactly the normalised path that was matched.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+fn post(path: &str, extra_headers: &str) -> String {
+    let body = r#"{"product":"XYZ phone","qty":2,"priceLimit":900}"#;
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: shop.example\r\n{USER_HEADER}: alice\r\ncontent-type: application/json\r\n{extra_headers}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[tokio::test]
+async fn no_spelling_of_a_policy_route_gets_past_its_policy() {
+    let world = World::start(GatewayOptions::default()).await;
+    let spellings = [
+        "//shop",
+        "/./shop",
+        "/x/../shop",
+        "/%73hop",
+        "/%2e/shop",
+        "/SHOP",
+        "/Shop/",
+        "/shop;jsessionid=1",
+        "/x/..;/shop",
+        "/shop?qty=99",
+    ];
+    let proxy = world.gateway.proxy;
+    let calls: Vec<_> = spellings
+        .iter()
+        .map(|path| {
+            let request = post(path, "");
+            tokio::task::spawn_blocking(move || raw_request(proxy, &request))
+        })
+        .collect();
+    let pending = world
+        .peer
+        .wait_pending(Some("alice"), spellings.len())
+        .await;
+    assert_eq!(
+        pending.len(),
+        spellings.len(),
+        "every spelling was held for approval"
+    );
+    for request in &pending {
+        assert_eq!(request["binding_message"], "Do you want to buy 2 XYZ phone");
+        world
+            .peer
+            .deny(request["auth_req_id"].as_str().unwrap())
+            .await;
+    }
+    for (path, call) in spellings.iter().zip(calls) {
+        let (status, response) = call.await.unwrap();
+        assert_eq!(status, 403, "{path}: {response}");
+        assert!(response.contains("access_denied"), "{path}: {response}");
+    }
+    assert!(world.shop.received().is_empty(), "nothing reached the shop");
+}
+
+#[tokio::test]
+async fn ambiguous_paths_and_method_overrides_are_refused() {
+    let world = World::start(GatewayOptions::default()).await;
+    let proxy = world.gateway.proxy;
+    for path in ["/shop%2F", "/shop%5c", "/shop%00", "/../shop", "/sh%zzop"] {
+        let request = post(path, "");
+        let (status, response) = tokio::task::spawn_blocking(move || raw_request(proxy, &request))
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{path}: {response}");
+        assert!(
+            response.contains("\"code\":\"invalid_path\""),
+            "{path}: {response}"
+        );
+    }
+    for header in [
+        "X-HTTP-Method-Override",
+        "X-HTTP-Method",
+        "X-Method-Override",
+    ] {
+        let request = format!(
+            "GET /shop HTTP/1.1\r\nHost: shop\r\n{USER_HEADER}: alice\r\n{header}: POST\r\nconnection: close\r\n\r\n"
+        );
+        let (status, response) = tokio::task::spawn_blocking(move || raw_request(proxy, &request))
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{header}: {response}");
+        assert!(
+            response.contains("method_override_refused"),
+            "{header}: {response}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(world.peer.requests().await.is_empty());
+    assert!(world.shop.received().is_empty());
+}
+
+#[tokio::test]
+async fn the_upstream_receives_the_normalised_path_that_was_matched() {
+    let world = World::start(GatewayOptions::default()).await;
+    let proxy = world.gateway.proxy;
+    let request = "GET //products/./items/../%7Ecatalog/?page=2 HTTP/1.1\r\nHost: shop\r\nconnection: close\r\n\r\n".to_owned();
+    let (status, _) = tokio::task::spawn_blocking(move || raw_request(proxy, &request))
+        .await
+        .unwrap();
+    assert_eq!(
+        status, 404,
+        "the shop has no such page, but it got the call"
+    );
+    let received = world.shop.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].path_and_query, "/products/~catalog/?page=2");
+}
