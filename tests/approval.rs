@@ -478,3 +478,72 @@ async fn an_unreachable_upstream_is_a_problem_not_a_hang() {
         .unwrap();
     problem(response, 502, "upstream_unavailable").await;
 }
+
+#[tokio::test]
+async fn an_agent_waiting_for_100_continue_is_answered_and_held() {
+    use std::io::{Read, Write};
+    let world = World::start(GatewayOptions::default()).await;
+    let body = serde_json::to_string(&phones()).unwrap();
+    let mut stream = std::net::TcpStream::connect(world.gateway.proxy).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let head = format!(
+        "POST /shop HTTP/1.1\r\nHost: shop\r\n{USER_HEADER}: alice\r\ncontent-type: application/json\r\nexpect: 100-continue\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut interim = [0u8; 64];
+    let n = stream.read(&mut interim).unwrap();
+    assert!(
+        String::from_utf8_lossy(&interim[..n]).starts_with("HTTP/1.1 100"),
+        "no 100 Continue"
+    );
+    stream.write_all(body.as_bytes()).unwrap();
+    let pending = world.peer.wait_pending(Some("alice"), 1).await;
+    world
+        .peer
+        .approve(pending[0]["auth_req_id"].as_str().unwrap())
+        .await;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let response = tokio::task::spawn_blocking(move || {
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response
+    })
+    .await
+    .unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let received = world.shop.received();
+    assert_eq!(received.len(), 1);
+    assert!(received[0].headers.get("expect").is_none());
+    assert_eq!(received[0].body.as_ref(), body.as_bytes());
+}
+
+#[tokio::test]
+async fn holds_beyond_max_pending_are_refused_and_health_answers() {
+    let world = World::start(GatewayOptions {
+        limits: "{ max_body_bytes: 1024, max_hold: 60s, max_pending: 1 }",
+        ..Default::default()
+    })
+    .await;
+    let first = tokio::spawn(world.buy("alice", phones()).send());
+    let pending = world.peer.wait_pending(Some("alice"), 1).await;
+    let second = world.buy("bob", phones()).send().await.unwrap();
+    assert_eq!(second.headers()["retry-after"], "5");
+    problem(second, 503, "too_many_pending_approvals").await;
+    world
+        .peer
+        .approve(pending[0]["auth_req_id"].as_str().unwrap())
+        .await;
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+
+    for path in ["/healthz", "/readyz"] {
+        let response = reqwest::get(format!("http://{}{path}", world.gateway.admin))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+}

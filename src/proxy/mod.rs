@@ -168,12 +168,6 @@ impl Countersign {
             }
         };
 
-        if self.held.load(Ordering::Acquire) >= self.limits.max_pending {
-            return Err(Problem::new(ProblemCode::TooManyPending)
-                .with_retry_after(5)
-                .into());
-        }
-
         let body = hold::read_body(session, self.limits.max_body_bytes).await?;
         let (json, body_is_json) = match &body {
             Some(bytes) => match serde_json::from_slice::<serde_json::Value>(bytes) {
@@ -212,7 +206,12 @@ impl Countersign {
         ctx.approval_id = Some(approval_id.clone());
         let span =
             tracing::info_span!("approval", approval_id = %approval_id, policy = %policy.name);
-        self.held.fetch_add(1, Ordering::AcqRel);
+        if self.held.fetch_add(1, Ordering::AcqRel) >= self.limits.max_pending {
+            self.held.fetch_sub(1, Ordering::AcqRel);
+            return Err(Problem::new(ProblemCode::TooManyPending)
+                .with_retry_after(5)
+                .into());
+        }
         self.metrics.pending_approvals.inc();
         let _held = HeldGuard {
             held: self.held.clone(),
