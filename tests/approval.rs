@@ -547,3 +547,25 @@ async fn holds_beyond_max_pending_are_refused_and_health_answers() {
         assert_eq!(response.status(), 200, "{path}");
     }
 }
+
+#[tokio::test]
+async fn an_approval_without_the_required_scope_is_not_forwarded() {
+    let world = World::start(GatewayOptions::default()).await;
+    let call = tokio::spawn(world.buy("alice", phones()).send());
+    let pending = world.peer.wait_pending(Some("alice"), 1).await;
+    let id = pending[0]["auth_req_id"].as_str().unwrap();
+    let status = world
+        .peer
+        .control(
+            &format!("requests/{id}/approve"),
+            json!({"scope": "product:read"}),
+        )
+        .await;
+    assert!(status.is_success());
+    let body = problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
+    assert!(
+        body["detail"].as_str().unwrap().contains("product:buy"),
+        "{body}"
+    );
+    assert!(world.shop.received().is_empty());
+}

@@ -276,6 +276,25 @@ impl Countersign {
 
         match outcome {
             Outcome::Approved(grant) => {
+                // The person may approve less than was asked; the call then
+                // cannot be made, so it is not forwarded.
+                if let Some(granted) = &grant.scope {
+                    let granted: Vec<&str> = granted.split_whitespace().collect();
+                    if let Some(missing) = policy
+                        .scopes
+                        .iter()
+                        .find(|s| !granted.contains(&s.as_str()))
+                    {
+                        span.in_scope(
+                            || tracing::info!(%missing, "approved without a required scope"),
+                        );
+                        return Err(Problem::new(ProblemCode::AccessDenied)
+                            .with_detail(format!(
+                                "The user approved the request without the {missing} permission it needs."
+                            ))
+                            .into());
+                    }
+                }
                 ctx.access_token = Some(grant.access_token);
                 ctx.outcome = "approved";
                 Ok(())
