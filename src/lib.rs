@@ -16,6 +16,7 @@ pub mod approval;
 pub mod ciba;
 pub mod config;
 pub mod demo;
+pub mod dev;
 pub mod gateway;
 pub mod identity;
 pub mod metrics;

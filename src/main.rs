@@ -26,6 +26,10 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Try Countersign on one machine with no configuration: a development
+    /// authorization server with an approver page, the example shop API and
+    /// the gateway in front of it. DEVELOPMENT ONLY.
+    Dev(countersign::dev::DevArgs),
     /// Serve.
     Run {
         #[arg(long, short)]
@@ -52,6 +56,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let loaded = config::load(&config)?;
             print!("{}", route_table(&loaded));
             Ok(())
+        }
+        Command::Dev(args) => {
+            // pingora's start-up lines would bury the printed instructions.
+            countersign::telemetry::init_with(false, "info,pingora_core=warn");
+            countersign::dev::run(args)
         }
         Command::Run { config, log_json } => {
             countersign::telemetry::init(log_json);

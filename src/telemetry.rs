@@ -14,7 +14,13 @@ pub const CAPPED_TARGETS: [&str; 5] = [
 /// Installs the global subscriber. `json` selects one JSON object per line.
 /// The filter comes from `RUST_LOG`, defaulting to `info`.
 pub fn init(json: bool) {
-    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with(json, "info");
+}
+
+/// Like [`init`], with `default` as the filter when `RUST_LOG` is unset.
+pub fn init_with(json: bool, default: &str) {
+    let mut filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     // These crates print whole request headers (Authorization included) at
     // debug/trace. Tokens never reach logs, whatever RUST_LOG asks for.
     for cap in CAPPED_TARGETS {

@@ -81,6 +81,18 @@ pub fn load(file: &Path) -> Result<Config, ConfigError> {
 /// Like [`load`], with the main file's text given (policy paths are still
 /// resolved against `file`'s directory).
 pub fn load_str(file: &Path, text: &str) -> Result<Config, ConfigError> {
+    load_embedded(file, text, &[])
+}
+
+/// Like [`load_str`], plus policy files given as `(name, text)` pairs, loaded
+/// after those the configuration names: for a configuration built in memory
+/// (`countersign dev` embeds its policies so it runs from any directory).
+/// The names only label errors.
+pub fn load_embedded(
+    file: &Path,
+    text: &str,
+    embedded: &[(&Path, &str)],
+) -> Result<Config, ConfigError> {
     let names: UpstreamNames = parse(file, text)?;
     let known: BTreeSet<String> = names.upstreams.into_keys().collect();
     KNOWN_UPSTREAMS.with(|k| *k.borrow_mut() = Some(known));
@@ -107,6 +119,20 @@ pub fn load_str(file: &Path, text: &str) -> Result<Config, ConfigError> {
                     }),
             );
         }
+    }
+    for (name, text) in embedded {
+        let parsed: PolicyFile = parse(name, text)?;
+        loaded.extend(
+            parsed
+                .policies
+                .into_iter()
+                .enumerate()
+                .map(|(index, spec)| LoadedPolicy {
+                    spec,
+                    file: name.to_path_buf(),
+                    index,
+                }),
+        );
     }
     let policies = PolicySet::compile(loaded)?;
     Ok(Config {

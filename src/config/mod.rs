@@ -14,7 +14,7 @@ use serde::{de, Deserialize, Deserializer};
 use url::Url;
 
 pub use env::{SecretText, Text};
-pub use load::{load, load_str, ConfigError};
+pub use load::{load, load_embedded, load_str, ConfigError};
 
 use crate::policy::PolicySet;
 

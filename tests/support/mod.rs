@@ -166,10 +166,13 @@ pub fn free_port() -> u16 {
 
 /// The shop upstream, verifying tokens against the peer's JWKS.
 pub async fn start_shop(peer: &Peer) -> ShopHandle {
+    start_shop_for(&peer.issuer, peer.jwks_uri()).await
+}
+
+/// The shop upstream, verifying tokens of `issuer` against `jwks_uri`.
+pub async fn start_shop_for(issuer: &str, jwks_uri: url::Url) -> ShopHandle {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    shop::serve(listener, &peer.issuer, peer.jwks_uri())
-        .await
-        .unwrap()
+    shop::serve(listener, issuer, jwks_uri).await.unwrap()
 }
 
 /// Options for a test gateway.
@@ -196,6 +199,16 @@ impl Default for GatewayOptions {
     }
 }
 
+impl GatewayOptions {
+    /// The defaults, as the client of the development authorization server.
+    pub fn dev() -> Self {
+        Self {
+            client: DEV_CLIENT_POST,
+            ..Self::default()
+        }
+    }
+}
+
 /// The real gateway, running on its own pingora runtimes in a thread.
 pub struct TestGateway {
     pub proxy: SocketAddr,
@@ -207,8 +220,15 @@ pub struct TestGateway {
 
 impl TestGateway {
     pub async fn start(peer: &Peer, shop: &ShopHandle, options: GatewayOptions) -> Self {
+        Self::start_for(&peer.issuer, shop, options).await
+    }
+
+    /// A gateway that asks the authorization server `issuer`. When that
+    /// server runs on the test's own runtime, the test needs a multi-thread
+    /// runtime: this waits (blocking) for the gateway's discovery call.
+    pub async fn start_for(issuer: &str, shop: &ShopHandle, options: GatewayOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (file, proxy, admin) = write_config(dir.path(), peer, shop, &options);
+        let (file, proxy, admin) = write_config(dir.path(), issuer, shop, &options);
         let shutdown = Shutdown::new();
         let (tx, rx) = std::sync::mpsc::channel();
         let signal = shutdown.clone();
@@ -259,10 +279,11 @@ impl Drop for TestGateway {
     }
 }
 
-/// Writes a gateway configuration for `peer` and `shop` into `dir`.
+/// Writes a gateway configuration for the authorization server `issuer`
+/// and `shop` into `dir`.
 pub fn write_config(
     dir: &Path,
-    peer: &Peer,
+    issuer: &str,
     shop: &ShopHandle,
     options: &GatewayOptions,
 ) -> (PathBuf, SocketAddr, SocketAddr) {
@@ -295,7 +316,7 @@ limits: {limits}
             .upstream
             .clone()
             .unwrap_or_else(|| shop.addr.to_string()),
-        issuer = peer.issuer,
+        issuer = issuer,
         client = options.client,
         identity = options.identity,
         policies = policies.display(),
@@ -369,4 +390,110 @@ pub fn raw_request(addr: SocketAddr, request: &str) -> (u16, String) {
 
 pub fn repo_path(relative: &str) -> PathBuf {
     Path::new(REPO).join(relative)
+}
+
+/// The gateway client of the development authorization server
+/// (`countersign::dev::DEV_CLIENT_ID` / `DEV_CLIENT_SECRET`).
+pub const DEV_CLIENT_POST: &str = "client_id: countersign-dev\n  client_auth: { method: client_secret_post, client_secret: countersign-dev-secret }";
+pub const DEV_CLIENT_BASIC: &str = "client_id: countersign-dev\n  client_auth: { method: client_secret_basic, client_secret: countersign-dev-secret }";
+
+/// The test world of `countersign dev`: the development authorization
+/// server in-process, the shop and the real gateway. Needs a multi-thread
+/// runtime (see [`TestGateway::start_for`]).
+pub struct DevWorld {
+    pub authz: countersign::dev::DevAuthz,
+    pub shop: ShopHandle,
+    pub gateway: TestGateway,
+    pub agent: reqwest::Client,
+}
+
+impl DevWorld {
+    /// `options` should come from [`GatewayOptions::dev`].
+    pub async fn start(options: GatewayOptions) -> Self {
+        Self::start_with(options, countersign::dev::AuthzOptions::default()).await
+    }
+
+    pub async fn start_with(
+        options: GatewayOptions,
+        authz_options: countersign::dev::AuthzOptions,
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authz = countersign::dev::authz::serve(listener, authz_options)
+            .await
+            .unwrap();
+        let shop = start_shop_for(authz.issuer(), authz.jwks_uri()).await;
+        let gateway = TestGateway::start_for(authz.issuer(), &shop, options).await;
+        Self {
+            authz,
+            shop,
+            gateway,
+            agent: reqwest::Client::new(),
+        }
+    }
+
+    /// POST /shop as an agent acting for `user`.
+    pub fn buy(&self, user: &str, body: Value) -> reqwest::RequestBuilder {
+        self.agent
+            .post(self.gateway.url("/shop"))
+            .header(USER_HEADER, user)
+            .json(&body)
+    }
+
+    /// Waits until `count` requests of `user` are pending.
+    pub async fn wait_pending(
+        &self,
+        user: &str,
+        count: usize,
+    ) -> Vec<countersign::dev::authz::RequestInfo> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let pending: Vec<_> = self
+                .authz
+                .requests()
+                .into_iter()
+                .filter(|r| r.state == "pending" && r.subject == user)
+                .collect();
+            if pending.len() >= count {
+                return pending;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {count} pending requests for {user}, have {}",
+                pending.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Presses Approve or Deny the way the approver page does.
+    pub async fn decide(&self, id: &str, action: &str) -> reqwest::Response {
+        self.agent
+            .post(format!(
+                "{}/api/requests/{id}/{action}",
+                self.authz.issuer()
+            ))
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn approve(&self, id: &str) {
+        let response = self.decide(id, "approve").await;
+        assert_eq!(response.status(), 200, "approve");
+    }
+
+    pub async fn deny(&self, id: &str) {
+        let response = self.decide(id, "deny").await;
+        assert_eq!(response.status(), 200, "deny");
+    }
+
+    pub fn request(&self, id: &str) -> countersign::dev::authz::RequestInfo {
+        self.authz
+            .requests()
+            .into_iter()
+            .find(|r| r.id == id)
+            .expect("the request exists")
+    }
 }

@@ -1,0 +1,302 @@
+//! `countersign dev`: the whole approval flow on one machine, in one process,
+//! with no configuration, the way `vault server -dev` works. It starts a
+//! development authorization server ([`authz`]) with its approver page (the
+//! stand-in for the person's phone), the example shop API, and the real
+//! gateway with the example shop policies, then says what to try.
+//!
+//! DEVELOPMENT ONLY: the client secret is public, the signing key dies with
+//! the process, and whoever can open the approver page approves.
+
+pub mod authz;
+pub mod ciba_state;
+pub mod keys;
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+
+use crate::config;
+use crate::demo::shop;
+use crate::gateway::{Gateway, Shutdown};
+
+pub use authz::{AuthzOptions, DevAuthz, DEV_CLIENT_ID, DEV_CLIENT_SECRET};
+
+/// The example shop policies, embedded so `countersign dev` runs from any
+/// directory (and from an installed binary).
+pub const SHOP_POLICIES: &str = include_str!("../../policies/shop.yaml");
+
+/// The header that names the user in dev mode (a trusted component in front
+/// of the gateway would set it in production).
+pub const USER_HEADER: &str = "x-countersign-user";
+
+/// `countersign dev` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DevArgs {
+    /// Port of the gateway that agents call (0: any free port).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Port of the development authorization server and its approver page (0: any free port).
+    #[arg(long, default_value_t = 8081)]
+    pub authz_port: u16,
+    /// Port of the example shop API behind the gateway (0: any free port).
+    #[arg(long, default_value_t = 8082)]
+    pub shop_port: u16,
+    /// Port of the gateway's /metrics, /healthz and /readyz; off unless given.
+    #[arg(long)]
+    pub admin_port: Option<u16>,
+    /// The users who exist at the development authorization server.
+    #[arg(long, value_delimiter = ',', default_value = "alice,bob")]
+    pub users: Vec<String>,
+    /// Address of the authorization server and approver page. Loopback by
+    /// default: anyone who can open the page can approve. Give your LAN
+    /// address to open the page on a real phone.
+    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    pub bind: IpAddr,
+    /// Polling interval the authorization server announces, in seconds.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub interval: u64,
+}
+
+fn check_users(users: &[String]) -> anyhow::Result<()> {
+    if users.is_empty() {
+        bail!("--users needs at least one user");
+    }
+    for (i, user) in users.iter().enumerate() {
+        let valid = !user.is_empty()
+            && user.len() <= 64
+            && user
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._@-".contains(c));
+        if !valid {
+            bail!("user {user:?}: use 1-64 letters, digits, '.', '_', '@' or '-'");
+        }
+        if users[..i].contains(user) {
+            bail!("user {user:?} is listed twice");
+        }
+    }
+    Ok(())
+}
+
+/// A free loopback port, for the one listener pingora binds itself. Racy in
+/// principle; the clear error below covers the rare loser.
+fn resolve_port(port: u16) -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)).with_context(|| {
+        format!("cannot listen on 127.0.0.1:{port}; is it in use? choose another port with a flag")
+    })?;
+    Ok(listener.local_addr()?.port())
+}
+
+async fn bind(ip: IpAddr, port: u16, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind((ip, port))
+        .await
+        .with_context(|| format!("cannot listen on {ip}:{port}; is it in use? try {flag} <port>"))
+}
+
+/// The gateway configuration of dev mode, as a user would write it.
+pub fn gateway_config(
+    proxy: SocketAddr,
+    admin: Option<SocketAddr>,
+    shop: SocketAddr,
+    issuer: &str,
+) -> String {
+    let admin = admin
+        .map(|a| format!(", admin: \"{a}\""))
+        .unwrap_or_default();
+    format!(
+        r#"listen: {{ proxy: "{proxy}"{admin}, threads: 2 }}
+upstreams:
+  shop: {{ url: "http://{shop}", connect_timeout: 2s, timeout: 30s }}
+authorization_server:
+  issuer: "{issuer}"
+  client_id: {DEV_CLIENT_ID}
+  client_auth: {{ method: client_secret_post, client_secret: {DEV_CLIENT_SECRET} }}
+  login_hint: iss_sub
+  audience_parameter: audience
+identity: {{ header: {{ name: {USER_HEADER} }} }}
+policies: []
+default_action: pass
+limits: {{ max_hold: 5m }}
+"#
+    )
+}
+
+/// Runs dev mode until Ctrl-C (or SIGTERM).
+pub fn run(args: DevArgs) -> anyhow::Result<()> {
+    check_users(&args.users)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+
+    let options = AuthzOptions {
+        users: args.users.clone(),
+        interval: Duration::from_secs(args.interval),
+        ..AuthzOptions::default()
+    };
+    let (authz, shop) = runtime.block_on(async {
+        let listener = bind(args.bind, args.authz_port, "--authz-port").await?;
+        let authz = authz::serve(listener, options)
+            .await
+            .context("cannot start the development authorization server")?;
+        let listener = bind(Ipv4Addr::LOCALHOST.into(), args.shop_port, "--shop-port").await?;
+        let shop = shop::serve(listener, authz.issuer(), authz.jwks_uri())
+            .await
+            .context("cannot start the example shop")?;
+        anyhow::Ok((authz, shop))
+    })?;
+
+    let proxy = SocketAddr::from((Ipv4Addr::LOCALHOST, resolve_port(args.port)?));
+    let admin = args
+        .admin_port
+        .map(|port| resolve_port(port).map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p))))
+        .transpose()?;
+    let text = gateway_config(proxy, admin, shop.addr, authz.issuer());
+    let loaded = config::load_embedded(
+        Path::new("<countersign dev>"),
+        &text,
+        &[(Path::new("<embedded>/policies/shop.yaml"), SHOP_POLICIES)],
+    )?;
+    // Outside the runtime: the gateway builds its own.
+    let gateway = Gateway::build(loaded).context("cannot start the gateway")?;
+
+    let shutdown = Shutdown::new();
+    let signal = shutdown.clone();
+    runtime.spawn(async move {
+        stop_signal().await;
+        eprintln!("\nstopping countersign dev");
+        signal.trigger();
+    });
+
+    print!(
+        "{}",
+        instructions(&authz, proxy, shop.addr, admin, &args.users)
+    );
+    gateway.run_until(shutdown);
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    Ok(())
+}
+
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// What to do next, printed on start.
+fn instructions(
+    authz: &DevAuthz,
+    proxy: SocketAddr,
+    shop: SocketAddr,
+    admin: Option<SocketAddr>,
+    users: &[String],
+) -> String {
+    let user = users.first().map(String::as_str).unwrap_or("alice");
+    let page = authz.approver_url(user);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\ncountersign dev: DEVELOPMENT ONLY (public client secret, throwaway signing key;\n\
+         whoever can open the approver page approves)\n"
+    );
+    let _ = writeln!(out, "  gateway (agents call this)        http://{proxy}");
+    let _ = writeln!(out, "  example shop API behind it        http://{shop}");
+    let _ = writeln!(
+        out,
+        "  dev authorization server          {}   (CIBA poll mode; users: {})",
+        authz.issuer(),
+        users.join(", ")
+    );
+    if let Some(admin) = admin {
+        let _ = writeln!(
+            out,
+            "  metrics                           http://{admin}/metrics"
+        );
+    }
+    let _ = writeln!(out, "  approver page (the user's phone)  {page}");
+    if !authz.addr.ip().is_loopback() {
+        let _ = writeln!(
+            out,
+            "\n  WARNING: the approver page listens on {}: anyone who can reach it can approve.",
+            authz.addr
+        );
+    }
+    let _ = writeln!(out, "\nTry it:");
+    let _ = writeln!(out, "  1. Open the approver page: {page}");
+    let _ = writeln!(
+        out,
+        "  2. Buy 2 XYZ phones as an agent would; the call waits until {user} answers:\n"
+    );
+    let _ = writeln!(
+        out,
+        "     curl -i -X POST http://{proxy}/shop \\\n       \
+         -H '{USER_HEADER}: {user}' \\\n       \
+         -H 'content-type: application/json' \\\n       \
+         -d '{{\"product\":\"XYZ phone\",\"qty\":2,\"priceLimit\":900}}'\n"
+    );
+    let _ = writeln!(
+        out,
+        "  3. Approve or Deny on the page: curl prints the order, or 403 access_denied."
+    );
+    let gateway_flag = if proxy.port() == 8080 {
+        String::new()
+    } else {
+        format!(" --gateway http://{proxy}")
+    };
+    let _ = writeln!(
+        out,
+        "\n  Or run the example agent:\n     cargo run --example agent --{gateway_flag} --product \"XYZ phone\" --qty 2 --price-limit 900 --user {user}"
+    );
+    let _ = writeln!(out, "\nPress Ctrl-C to stop.");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_are_checked() {
+        assert!(check_users(&["alice".into(), "bob".into()]).is_ok());
+        assert!(check_users(&[]).is_err());
+        assert!(check_users(&["al ice".into()]).is_err());
+        assert!(check_users(&["alice".into(), "alice".into()]).is_err());
+    }
+
+    #[test]
+    fn the_dev_gateway_configuration_loads_with_the_embedded_policies() {
+        let text = gateway_config(
+            "127.0.0.1:8080".parse().unwrap(),
+            None,
+            "127.0.0.1:8082".parse().unwrap(),
+            "http://127.0.0.1:8081",
+        );
+        let loaded = config::load_embedded(
+            Path::new("dev"),
+            &text,
+            &[(Path::new("shop.yaml"), SHOP_POLICIES)],
+        )
+        .unwrap();
+        assert_eq!(loaded.policies.policies().len(), 2);
+        assert_eq!(loaded.gateway.default_action, config::DefaultAction::Pass);
+    }
+}

@@ -1,0 +1,541 @@
+//! The gateway's CIBA client against `countersign dev`'s development
+//! authorization server: the same cases as against oidc-provider
+//! (tests/approval.rs), plus the dev server's own strictness. Approvals are
+//! given through the HTTP endpoints the approver page's buttons use.
+//!
+//! Multi-thread runtimes: the dev server runs on the test's runtime while
+//! the gateway's start blocks a worker on its discovery call.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use countersign::ciba::{self, AuthorizeRequest, CibaClient, CibaError, PollAnswer};
+use countersign::demo::shop::SHOP_AUDIENCE;
+use countersign::dev::{AuthzOptions, DEV_CLIENT_ID, DEV_CLIENT_SECRET};
+use countersign::metrics::Metrics;
+use serde_json::{json, Value};
+use support::*;
+
+const PROBLEM_JSON: &str = "application/problem+json";
+
+async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(response.status().as_u16(), status);
+    assert_eq!(response.headers()["content-type"], PROBLEM_JSON);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], code, "{body}");
+    body
+}
+
+fn fast() -> AuthzOptions {
+    AuthzOptions {
+        interval: Duration::from_secs(1),
+        ..AuthzOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approved_call_reaches_the_shop_with_a_token_of_the_dev_server() {
+    let world = DevWorld::start_with(GatewayOptions::dev(), fast()).await;
+    let body = serde_json::to_vec(&phones()).unwrap();
+    let call = tokio::spawn(
+        world
+            .agent
+            .post(world.gateway.url("/shop"))
+            .header(USER_HEADER, "alice")
+            .header("authorization", "Bearer agent-own-credential")
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send(),
+    );
+    let pending = world.wait_pending("alice", 1).await;
+    let request = &pending[0];
+    assert_eq!(request.binding_message, "Do you want to buy 2 XYZ phone");
+    assert_eq!(request.client_id, DEV_CLIENT_ID);
+    assert!(request.scopes.iter().any(|s| s == "product:buy"));
+    assert_eq!(request.audience.as_deref(), Some(SHOP_AUDIENCE));
+    assert_eq!(
+        request.expires_in_s, 60,
+        "the policy's requested_expiry (2m), capped by max_hold"
+    );
+    assert_eq!(
+        request.authorization_details,
+        Some(
+            json!([{"type": "product_purchase", "product": "XYZ phone", "quantity": 2, "price_limit": 900}])
+        )
+    );
+    assert!(world.shop.received().is_empty(), "held until approved");
+    world.approve(&request.id).await;
+
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    let order: Value = response.json().await.unwrap();
+    assert_eq!(order["status"], "confirmed");
+    assert_eq!(order["buyer"], "alice");
+
+    let received = world.shop.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].body.as_ref(), body.as_slice(), "the exact body");
+    assert_ne!(received[0].bearer(), Some("agent-own-credential"));
+    let claims = received[0]
+        .claims
+        .as_ref()
+        .expect("the token verified against the dev server's JWKS");
+    assert_eq!(claims["iss"], world.authz.issuer());
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["aud"], SHOP_AUDIENCE);
+    assert_eq!(claims["client_id"], DEV_CLIENT_ID);
+    assert!(claims["scope"]
+        .as_str()
+        .unwrap()
+        .split(' ')
+        .any(|s| s == "product:buy"));
+    assert!(claims["jti"].is_string() && claims["exp"].is_u64());
+    assert_eq!(claims["authorization_details"][0]["quantity"], 2);
+
+    let done = world.request(&request.id);
+    assert_eq!(done.slow_downs, 0, "the gateway never polls too fast");
+    assert_eq!(done.state, "approved");
+    // Single use: the page cannot answer twice.
+    assert_eq!(world.decide(&request.id, "deny").await.status(), 409);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_call_never_reaches_the_shop() {
+    let world = DevWorld::start_with(GatewayOptions::dev(), fast()).await;
+    let call = tokio::spawn(world.buy("bob", phones()).send());
+    let pending = world.wait_pending("bob", 1).await;
+    world.deny(&pending[0].id).await;
+    let body = problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
+    assert_eq!(body["detail"], "The user has denied the request.");
+    assert!(world.shop.received().is_empty());
+}
+
+const FLASH_SALE: &str = r#"  - name: flash-sale
+    match: { methods: [POST], path: /flash }
+    require: { scopes: [product:buy], audience: "https://shop.example/api" }
+    binding_message: "Flash sale: buy {{qty}} {{product}}"
+    requested_expiry: 3s
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_request_expires_and_is_not_a_denial() {
+    let world = DevWorld::start_with(
+        GatewayOptions {
+            extra_policies: FLASH_SALE,
+            ..GatewayOptions::dev()
+        },
+        fast(),
+    )
+    .await;
+    let started = Instant::now();
+    let response = world
+        .agent
+        .post(world.gateway.url("/flash"))
+        .header(USER_HEADER, "alice")
+        .json(&phones())
+        .send()
+        .await
+        .unwrap();
+    problem(response, 408, "approval_expired").await;
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    // The gateway gives up once its next poll would be too late; the server
+    // expires the request at exactly 3 s.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let requests = world.authz.requests();
+    assert_eq!(requests[0].expires_in_s, 3, "requested_expiry honoured");
+    assert_eq!(requests[0].state, "expired");
+    assert!(world.shop.received().is_empty());
+    // Too late for the approver, too.
+    assert_eq!(world.decide(&requests[0].id, "approve").await.status(), 409);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_down_adds_five_seconds_to_every_later_poll() {
+    let world = DevWorld::start_with(GatewayOptions::dev(), fast()).await;
+    let call = tokio::spawn(world.buy("alice", phones()).send());
+    let id = world.wait_pending("alice", 1).await[0].id.clone();
+    assert!(world.authz.force_slow_down(&id));
+
+    // The first poll (at ~1 s) gets slow_down; the next must wait 6 s.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        world.request(&id).polls,
+        1,
+        "no poll within 6 s of slow_down"
+    );
+    world.approve(&id).await;
+
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    let done = world.request(&id);
+    assert_eq!(done.slow_downs, 1, "only the forced slow_down: {done:?}");
+    assert_eq!(done.poll_offsets_ms.len(), 2, "{done:?}");
+    let gap = done.poll_offsets_ms[1] - done.poll_offsets_ms[0];
+    assert!((5_900..8_000).contains(&gap), "second poll after {gap} ms");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_user_gets_a_clear_answer() {
+    let world = DevWorld::start(GatewayOptions::dev()).await;
+    let response = world.buy("mallory", phones()).send().await.unwrap();
+    problem(response, 400, "unknown_user").await;
+    assert!(world.authz.requests().is_empty());
+    assert!(world.shop.received().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_secret_basic_authenticates_too() {
+    let world = DevWorld::start_with(
+        GatewayOptions {
+            client: DEV_CLIENT_BASIC,
+            ..GatewayOptions::dev()
+        },
+        fast(),
+    )
+    .await;
+    let call = tokio::spawn(world.buy("bob", phones()).send());
+    let pending = world.wait_pending("bob", 1).await;
+    world.approve(&pending[0].id).await;
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+}
+
+/// The gateway refuses a message it cannot send; the dev server refuses
+/// one the gateway's client does send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_binding_messages_are_refused() {
+    let world = DevWorld::start(GatewayOptions::dev()).await;
+    let long =
+        json!({"product": "a very long product name that will not fit in a message", "qty": 2});
+    problem(
+        world.buy("alice", long).send().await.unwrap(),
+        400,
+        "invalid_binding_message",
+    )
+    .await;
+    assert!(world.authz.requests().is_empty(), "nobody was asked");
+
+    let client = ciba_client(world.authz.issuer()).await;
+    let scopes = vec!["product:buy".to_owned()];
+    let mut request = AuthorizeRequest {
+        subject: "alice",
+        binding_message: "Approve <all>!",
+        scopes: &scopes,
+        audience: Some(SHOP_AUDIENCE),
+        authorization_details: None,
+        requested_expiry: Some(Duration::from_secs(30)),
+    };
+    let refused = client.authorize(&request).await.unwrap_err();
+    assert!(
+        matches!(refused, CibaError::InvalidBindingMessage(_)),
+        "{refused}"
+    );
+    request.binding_message = "Buy 2 phones";
+    request.subject = "mallory";
+    let refused = client.authorize(&request).await.unwrap_err();
+    assert!(matches!(refused, CibaError::UnknownUser), "{refused}");
+}
+
+/// The client side of the polling rules, without the gateway's schedule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_polling_too_fast_is_slowed_down_and_ids_are_single_use() {
+    let world = DevWorld::start(GatewayOptions::dev()).await;
+    let client = ciba_client(world.authz.issuer()).await;
+    let scopes = vec!["product:buy".to_owned()];
+    let request = AuthorizeRequest {
+        subject: "alice",
+        binding_message: "Buy 2 phones",
+        scopes: &scopes,
+        audience: Some(SHOP_AUDIENCE),
+        authorization_details: None,
+        requested_expiry: Some(Duration::from_secs(30)),
+    };
+    let authorization = client.authorize(&request).await.unwrap();
+    assert_eq!(authorization.interval, Some(Duration::from_secs(2)));
+    assert_eq!(authorization.expires_in, Duration::from_secs(30));
+    assert!(matches!(
+        client.poll(&authorization.auth_req_id).await,
+        PollAnswer::SlowDown
+    ));
+    let page = world.wait_pending("alice", 1).await[0].id.clone();
+    assert_eq!(world.request(&page).interval_s, 7, "+5 s for good");
+    world.approve(&page).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let answer = client.poll(&authorization.auth_req_id).await;
+    let PollAnswer::Approved(grant) = answer else {
+        panic!("expected a token, got {answer:?}");
+    };
+    assert!(grant.scope.unwrap().contains("product:buy"));
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    // A redeemed auth_req_id is spent (the gateway reads it as expired).
+    assert!(matches!(
+        client.poll(&authorization.auth_req_id).await,
+        PollAnswer::Expired
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dev_server_answers_bad_requests_with_oauth_errors() {
+    let world = DevWorld::start(GatewayOptions::dev()).await;
+    let issuer = world.authz.issuer().to_owned();
+    let http = reqwest::Client::new();
+
+    let discovery: Value = http
+        .get(format!("{issuer}/.well-known/openid-configuration"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(discovery["issuer"], issuer.as_str());
+    assert_eq!(
+        discovery["grant_types_supported"],
+        json!(["urn:openid:params:grant-type:ciba"])
+    );
+    assert_eq!(
+        discovery["backchannel_token_delivery_modes_supported"],
+        json!(["poll"])
+    );
+    let jwks: Value = http
+        .get(discovery["jwks_uri"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(jwks["keys"][0]["kty"], "RSA");
+    assert!(jwks["keys"][0]["n"].is_string() && jwks["keys"][0]["e"] == "AQAB");
+    assert!(jwks["keys"][0].get("d").is_none(), "no private parts");
+
+    let bc = format!("{issuer}/bc-authorize");
+    let token = format!("{issuer}/oauth/token");
+    fn form<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        let mut form = vec![
+            ("client_id", DEV_CLIENT_ID),
+            ("client_secret", DEV_CLIENT_SECRET),
+        ];
+        form.extend_from_slice(extra);
+        form
+    }
+    let error_of = |response: reqwest::Response| async move {
+        let status = response.status().as_u16();
+        assert_eq!(response.headers()["cache-control"], "no-store");
+        let body: Value = response.json().await.unwrap();
+        (
+            status,
+            body["error"].as_str().unwrap_or_default().to_owned(),
+        )
+    };
+    /// Endpoint, form, expected status and `error`.
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16, &'a str);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            &bc,
+            vec![("client_id", DEV_CLIENT_ID), ("client_secret", "wrong")],
+            401,
+            "invalid_client",
+        ),
+        (
+            &bc,
+            form(&[
+                ("scope", "product:buy"),
+                ("login_hint", "alice"),
+                ("binding_message", "Hi"),
+            ]),
+            400,
+            "invalid_scope",
+        ),
+        (
+            &bc,
+            form(&[("scope", "openid"), ("binding_message", "Hi")]),
+            400,
+            "invalid_request",
+        ),
+        (
+            &bc,
+            form(&[
+                ("scope", "openid"),
+                ("login_hint", "{not json"),
+                ("binding_message", "Hi"),
+            ]),
+            400,
+            "invalid_request",
+        ),
+        (
+            &bc,
+            form(&[
+                ("scope", "openid"),
+                ("login_hint", "mallory"),
+                ("binding_message", "Hi"),
+            ]),
+            400,
+            "unknown_user_id",
+        ),
+        (
+            &bc,
+            form(&[
+                ("scope", "openid"),
+                ("login_hint", "alice"),
+                ("binding_message", "Hi\nthere"),
+            ]),
+            400,
+            "invalid_binding_message",
+        ),
+        (
+            &bc,
+            form(&[
+                ("scope", "openid"),
+                ("login_hint", "alice"),
+                ("binding_message", "Hi"),
+                ("audience", "https://evil.example/"),
+            ]),
+            400,
+            "invalid_target",
+        ),
+        (
+            &bc,
+            form(&[
+                ("scope", "openid"),
+                ("login_hint", "alice"),
+                ("binding_message", "Hi"),
+                ("authorization_details", "{\"type\":1}"),
+            ]),
+            400,
+            "invalid_authorization_details",
+        ),
+        (
+            &bc,
+            form(&[
+                ("scope", "openid"),
+                ("login_hint", "alice"),
+                ("binding_message", "Hi"),
+                ("requested_expiry", "-5"),
+            ]),
+            400,
+            "invalid_request",
+        ),
+        (
+            &token,
+            form(&[("grant_type", "client_credentials")]),
+            400,
+            "unsupported_grant_type",
+        ),
+        (
+            &token,
+            form(&[
+                ("grant_type", "urn:openid:params:grant-type:ciba"),
+                ("auth_req_id", "forged"),
+            ]),
+            400,
+            "invalid_grant",
+        ),
+    ];
+    for (url, fields, status, error) in cases {
+        let response = http.post(url).form(&fields).send().await.unwrap();
+        assert_eq!(
+            error_of(response).await,
+            (status, error.to_owned()),
+            "{url} {fields:?}"
+        );
+    }
+    // One method of client authentication at a time.
+    let both = http
+        .post(&bc)
+        .basic_auth(DEV_CLIENT_ID, Some(DEV_CLIENT_SECRET))
+        .form(&form(&[("scope", "openid")]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(both).await, (400, "invalid_request".to_owned()));
+    // A repeated parameter is refused, not resolved either way.
+    let twice = http
+        .post(&bc)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("client_id={DEV_CLIENT_ID}&client_secret={DEV_CLIENT_SECRET}&scope=openid&login_hint=alice&login_hint=bob&binding_message=Hi"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(twice).await, (400, "invalid_request".to_owned()));
+    // The login_hint of Auth0 works too.
+    let hint = json!({"format": "iss_sub", "iss": format!("{issuer}/"), "sub": "bob"}).to_string();
+    let ok = http
+        .post(&bc)
+        .form(&form(&[
+            ("scope", "openid"),
+            ("login_hint", &hint),
+            ("binding_message", "Hi"),
+        ]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let ok: Value = ok.json().await.unwrap();
+    assert_eq!(ok["interval"], 2);
+    assert_eq!(ok["expires_in"], 300);
+    assert!(world.authz.requests().iter().all(|r| r.subject == "bob"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_approver_page_is_served_safely() {
+    let world = DevWorld::start(GatewayOptions::dev()).await;
+    let issuer = world.authz.issuer();
+    let page = reqwest::get(format!("{issuer}/approve?user=alice"))
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    let html = page.text().await.unwrap();
+    assert!(html.contains("Development only"));
+
+    let listing: Value = reqwest::get(format!("{issuer}/api/requests"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listing["user"], "alice", "the first user by default");
+    assert_eq!(listing["users"], json!(["alice", "bob"]));
+    let unknown = reqwest::get(format!("{issuer}/api/requests?user=mallory"))
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+
+    // A form post (what another site could make the browser send) is refused.
+    let form_post = reqwest::Client::new()
+        .post(format!("{issuer}/api/requests/x/approve"))
+        .form(&[("a", "b")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form_post.status(), 415);
+    // DNS rebinding: a foreign Host is refused.
+    let (status, _) = raw_request(
+        world.authz.addr,
+        "GET /api/requests HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 421);
+}
+
+async fn ciba_client(issuer: &str) -> CibaClient {
+    let text = format!(
+        r#"
+listen: {{ proxy: "127.0.0.1:1" }}
+upstreams: {{ shop: {{ url: "http://127.0.0.1:1" }} }}
+authorization_server:
+  issuer: "{issuer}"
+  {DEV_CLIENT_POST}
+  login_hint: subject
+identity: {{ static: {{ subject: alice }} }}
+policies: []
+default_action: pass
+"#
+    );
+    let config = countersign::config::load_str(Path::new("client.yaml"), &text).unwrap();
+    let server = &config.gateway.authorization_server;
+    let http = reqwest::Client::new();
+    let endpoints = ciba::resolve_endpoints(&http, server).await.unwrap();
+    CibaClient::new(http, endpoints, server, Metrics::new()).unwrap()
+}
