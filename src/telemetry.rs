@@ -19,8 +19,7 @@ pub fn init(json: bool) {
 
 /// Like [`init`], with `default` as the filter when `RUST_LOG` is unset.
 pub fn init_with(json: bool, default: &str) {
-    let mut filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     // These crates print whole request headers (Authorization included) at
     // debug/trace. Tokens never reach logs, whatever RUST_LOG asks for.
     for cap in CAPPED_TARGETS {

@@ -106,7 +106,8 @@ async fn logs_carry_the_approval_id_but_never_tokens_secrets_or_bodies() {
     let peer = Peer::start();
     let shop = start_shop(&peer).await;
     let dir = tempfile::tempdir().unwrap();
-    let (config, proxy, admin) = write_config(dir.path(), &peer, &shop, &GatewayOptions::default());
+    let (config, proxy, admin) =
+        write_config(dir.path(), &peer.issuer, &shop, &GatewayOptions::default());
     let log_path = dir.path().join("gateway.log");
     let mut child = Command::new(BIN)
         .args(["run", "--config"])

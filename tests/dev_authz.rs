@@ -188,7 +188,7 @@ async fn an_unknown_user_gets_a_clear_answer() {
 async fn client_secret_basic_authenticates_too() {
     let world = DevWorld::start_with(
         GatewayOptions {
-            client: DEV_CLIENT_BASIC,
+            client: DEV_CLIENT_BASIC.to_owned(),
             ..GatewayOptions::dev()
         },
         fast(),

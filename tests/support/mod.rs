@@ -203,7 +203,7 @@ impl GatewayOptions {
     /// The defaults, as the client of the development authorization server.
     pub fn dev() -> Self {
         Self {
-            client: DEV_CLIENT_POST,
+            client: DEV_CLIENT_POST.to_owned(),
             ..Self::default()
         }
     }
