@@ -201,6 +201,9 @@ impl Countersign {
                     "The approval message for this call cannot be sent: {other}."
                 )),
             })?;
+        // Not needed while the call is held (pingora's retry buffer keeps the
+        // body for the replay): free them before a hold of possibly minutes.
+        drop((context, json, body));
 
         let approval_id = uuid::Uuid::new_v4().to_string();
         ctx.approval_id = Some(approval_id.clone());
