@@ -171,7 +171,7 @@ PIDS+=($!)
 CSLOG_PID=$!
 
 for p in "$UP_PORT" "$NGINX_PORT" "$BARE_PORT" "$CS_PORT" "$CSLOG_PORT"; do wait_port "$p"; done
-NGINX_PID=$(cat "$WORK/proxy/nginx.pid")
+NGINX_PID=$(pgrep -P "$(cat "$WORK/proxy/nginx.pid")" | head -1) # the worker
 for p in "$UP_PORT" "$NGINX_PORT" "$BARE_PORT" "$CS_PORT" "$CSLOG_PORT"; do
   [[ $(curl -s "http://127.0.0.1:$p/") == ok ]] || { log "port $p does not answer ok"; exit 1; }
 done
