@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora::services::listening::Service;
@@ -29,6 +30,9 @@ pub enum GatewayError {
     #[error("{0}")]
     Startup(String),
 }
+
+/// pingora's default L4 write buffer (one TCP segment); kept.
+const DOWNSTREAM_WRITE_BUFFER: usize = 1460;
 
 /// A built, not yet running, gateway.
 pub struct Gateway {
@@ -120,7 +124,14 @@ impl Gateway {
             countersign,
             "countersign proxy",
         );
-        proxy.add_tcp(&gateway.listen.proxy.to_string());
+        // No L4 read buffer on agent connections: pingora's default is a
+        // zero-filled 64 KiB buffer per connection, which dominated the memory
+        // of a held call (docs/BENCHMARKS.md); HTTP/1 parsing keeps its own
+        // buffers, and pass-through throughput did not change without it.
+        proxy.add_listener(
+            ListenerConfig::tcp(gateway.listen.proxy.to_string())
+                .l4_buffer(L4BufferSettings::new(0, DOWNSTREAM_WRITE_BUFFER)),
+        );
         server.add_service(proxy);
 
         if let Some(admin) = gateway.listen.admin {

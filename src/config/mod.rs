@@ -90,16 +90,13 @@ pub struct UpstreamUrl {
     pub tls: bool,
     pub host: String,
     pub port: u16,
+    /// `host[:port]`, computed once: it is the Host header of every forwarded call.
+    authority: String,
 }
 
 impl UpstreamUrl {
-    pub fn authority(&self) -> String {
-        let default_port = if self.tls { 443 } else { 80 };
-        if self.port == default_port {
-            self.host.clone()
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+    pub fn authority(&self) -> &str {
+        &self.authority
     }
 }
 
@@ -130,7 +127,18 @@ impl<'de> Deserialize<'de> for UpstreamUrl {
         let port = url
             .port_or_known_default()
             .ok_or_else(|| de::Error::custom(format!("{raw:?} has no port")))?;
-        Ok(Self { tls, host, port })
+        let default_port = if tls { 443 } else { 80 };
+        let authority = if port == default_port {
+            host.clone()
+        } else {
+            format!("{host}:{port}")
+        };
+        Ok(Self {
+            tls,
+            host,
+            port,
+            authority,
+        })
     }
 }
 

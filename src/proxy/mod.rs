@@ -126,14 +126,20 @@ impl Countersign {
         let method = session.req_header().method.as_str().to_owned();
 
         // Normalise once: the upstream receives exactly the path we matched.
-        let forward = match &query {
-            Some(q) => format!("{}?{q}", path.forward),
-            None => path.forward.clone(),
-        };
-        let uri: http::Uri = forward
-            .parse()
-            .map_err(|_| Refusal::from(ProblemCode::InvalidPath))?;
-        session.req_header_mut().set_uri(uri);
+        // An origin-form target that is already normal is left as it is.
+        let uri = &session.req_header().uri;
+        let already_normal =
+            uri.scheme().is_none() && uri.authority().is_none() && uri.path() == path.forward;
+        if !already_normal {
+            let forward = match &query {
+                Some(q) => format!("{}?{q}", path.forward),
+                None => path.forward.clone(),
+            };
+            let uri: http::Uri = forward
+                .parse()
+                .map_err(|_| Refusal::from(ProblemCode::InvalidPath))?;
+            session.req_header_mut().set_uri(uri);
+        }
 
         let upstream = self
             .routes
@@ -201,6 +207,9 @@ impl Countersign {
                     "The approval message for this call cannot be sent: {other}."
                 )),
             })?;
+        // Not needed while the call is held (pingora's retry buffer keeps the
+        // body for the replay): free them before a hold of possibly minutes.
+        drop((context, json, body));
 
         let approval_id = uuid::Uuid::new_v4().to_string();
         ctx.approval_id = Some(approval_id.clone());

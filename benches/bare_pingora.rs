@@ -1,0 +1,71 @@
+//! A bare pingora reverse proxy with no logic: the baseline Countersign is
+//! measured against (`benches/run.sh`). Never part of the shipped binary.
+//!
+//! `bare_pingora <listen> <upstream host:port> [threads] [work_stealing 0|1] [keepalive_pool] [l4_read_buf] [l4_write_buf]`
+//!
+//! Without the optional arguments every setting is pingora's default (the
+//! downstream L4 buffers included: 64 KiB read, 1460 B write).
+
+use async_trait::async_trait;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::prelude::*;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::server::configuration::ServerConf;
+use pingora::upstreams::peer::HttpPeer;
+
+struct Bare {
+    upstream: (String, u16),
+}
+
+#[async_trait]
+impl ProxyHttp for Bare {
+    type CTX = ();
+
+    fn new_ctx(&self) -> Self::CTX {}
+
+    async fn upstream_peer(&self, _: &mut Session, _: &mut ()) -> Result<Box<HttpPeer>> {
+        let (host, port) = &self.upstream;
+        Ok(Box::new(HttpPeer::new(
+            (host.as_str(), *port),
+            false,
+            String::new(),
+        )))
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let usage = "bare_pingora <listen> <upstream host:port> [threads] [work_stealing 0|1] \
+                 [keepalive_pool] [l4_read_buf] [l4_write_buf]";
+    let listen = args.get(1).expect(usage).clone();
+    let (host, port) = args.get(2).and_then(|u| u.rsplit_once(':')).expect(usage);
+    let arg = |i: usize, default: usize| {
+        args.get(i)
+            .map(|v| v.parse::<usize>().expect(usage))
+            .unwrap_or(default)
+    };
+    let defaults = ServerConf::default();
+    let conf = ServerConf {
+        threads: arg(3, 1),
+        work_stealing: arg(4, defaults.work_stealing as usize) == 1,
+        upstream_keepalive_pool_size: arg(5, defaults.upstream_keepalive_pool_size),
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..defaults
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let bare = Bare {
+        upstream: (host.to_owned(), port.parse().expect(usage)),
+    };
+    let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, bare);
+    match (args.get(6), args.get(7)) {
+        (None, None) => proxy.add_tcp(&listen),
+        _ => proxy.add_listener(ListenerConfig::tcp(listen).l4_buffer(L4BufferSettings {
+            read: args.get(6).map(|_| arg(6, 0)),
+            write: args.get(7).map(|_| arg(7, 0)),
+        })),
+    }
+    server.add_service(proxy);
+    server.run_forever();
+}

@@ -1,0 +1,155 @@
+//! Policy evaluation: route matching with 10, 1,000 and 10,000 policies,
+//! binding-message rendering, and problem+json answers.
+//!
+//! `cargo bench --bench policy` (benches/run.sh passes `--output-format bencher`).
+
+use std::hint::black_box;
+
+use countersign::policy::{self, LoadedPolicy, PolicyFile, PolicySet};
+use countersign::problem::{Problem, ProblemCode};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+
+/// `n` policies in YAML, the way an operator writes them: a mix of static and
+/// parameterised paths, several methods, some bound to a host.
+fn policies_yaml(n: usize) -> String {
+    let mut yaml = String::from("policies:\n");
+    for i in 0..n {
+        let (methods, path) = match i % 4 {
+            0 => ("[POST]", format!("/api/v1/shop{i}/orders")),
+            1 => (
+                "[DELETE, PUT]",
+                format!("/api/v1/shop{i}/orders/{{orderId}}"),
+            ),
+            2 => ("[POST]", format!("/api/v1/shop{i}/items/{{itemId}}/buy")),
+            _ => ("[\"*\"]", format!("/admin{i}/{{*rest}}")),
+        };
+        let host = if i % 10 == 9 {
+            format!(", host: api{i}.example")
+        } else {
+            String::new()
+        };
+        yaml.push_str(&format!(
+            "  - name: p{i}\n    match: {{ methods: {methods}, path: \"{path}\"{host} }}\n    \
+             require: {{ scopes: [product:buy], audience: https://shop.example/api }}\n    \
+             binding_message: \"Do you want to buy {{{{qty}}}} {{{{product}}}}\"\n"
+        ));
+    }
+    yaml
+}
+
+fn compile(yaml: &str) -> PolicySet {
+    let file: PolicyFile = serde_yaml::from_str(yaml).expect("policy yaml");
+    PolicySet::compile(
+        file.policies
+            .into_iter()
+            .enumerate()
+            .map(|(index, spec)| LoadedPolicy {
+                spec,
+                file: "bench.yaml".into(),
+                index,
+            })
+            .collect(),
+    )
+    .expect("policies compile")
+}
+
+const SHOP: &str = r#"
+policies:
+  - name: buy-product
+    match: { methods: [POST], path: /shop }
+    require: { scopes: [product:buy], audience: https://shop.example/api }
+    binding_message: "Do you want to buy {{qty}} {{product}}"
+    authorization_details:
+      - type: product_purchase
+        product: "{{product}}"
+        quantity: "{{qty}}"
+        price_limit: "{{priceLimit}}"
+    requested_expiry: 2m
+"#;
+
+fn matching(c: &mut Criterion) {
+    let mut group = c.benchmark_group("match");
+    for n in [10usize, 1_000, 10_000] {
+        let set = compile(&policies_yaml(n));
+        // A call to the policy in the middle of the set, with a path parameter.
+        let target = (n / 2) / 4 * 4 + 1;
+        let raw = format!("/api/v1/shop{target}/orders/A-1234");
+        let normalized = policy::normalize(&raw).unwrap();
+        assert_eq!(
+            set.find("DELETE", Some("agent.example"), &normalized)
+                .map(|m| m.policy.name.clone()),
+            Some(format!("p{target}"))
+        );
+        group.bench_with_input(BenchmarkId::new("find", n), &n, |b, _| {
+            b.iter(|| {
+                black_box(set.find(
+                    black_box("DELETE"),
+                    black_box(Some("agent.example")),
+                    black_box(&normalized),
+                ))
+            })
+        });
+        // What the gateway does per call: normalise the path, then match.
+        group.bench_with_input(BenchmarkId::new("normalize_find", n), &n, |b, _| {
+            b.iter(|| {
+                let path = policy::normalize(black_box(&raw)).unwrap();
+                black_box(set.find("DELETE", Some("agent.example"), &path).is_some())
+            })
+        });
+        // An unmatched call (a pass-through read).
+        let miss = policy::normalize(&format!("/api/v1/shop{target}/catalog")).unwrap();
+        assert!(set.find("GET", Some("agent.example"), &miss).is_none());
+        group.bench_with_input(BenchmarkId::new("miss", n), &n, |b, _| {
+            b.iter(|| black_box(set.find("GET", Some("agent.example"), black_box(&miss))))
+        });
+    }
+    group.finish();
+}
+
+fn rendering(c: &mut Criterion) {
+    let set = compile(SHOP);
+    let body = serde_json::json!({"product": "XYZ phone", "qty": 2, "priceLimit": 900});
+    let user = serde_json::json!({"sub": "alice"});
+    let path = policy::normalize("/shop").unwrap();
+    let found = set.find("POST", None, &path).expect("policy");
+    let context = policy::template_context(Some(&body), &[], None, &user, "POST", "/shop");
+    let rendered = set.render(found.policy, &context).unwrap();
+    assert_eq!(rendered.binding_message, "Do you want to buy 2 XYZ phone");
+
+    let mut group = c.benchmark_group("render");
+    group.bench_function("binding_message", |b| {
+        b.iter(|| black_box(set.render(found.policy, black_box(&context)).unwrap()))
+    });
+    // Per call: build the template context from the parsed body, then render.
+    group.bench_function("context_and_render", |b| {
+        b.iter(|| {
+            let context = policy::template_context(
+                Some(black_box(&body)),
+                &found.params,
+                None,
+                &user,
+                "POST",
+                "/shop",
+            );
+            black_box(set.render(found.policy, &context).unwrap())
+        })
+    });
+    group.finish();
+}
+
+fn problems(c: &mut Criterion) {
+    let mut group = c.benchmark_group("problem");
+    group.bench_function("to_json", |b| {
+        b.iter(|| {
+            black_box(
+                Problem::new(black_box(ProblemCode::AccessDenied))
+                    .with_approval_id("5f0c2a8e-4c1b-4a5e-9a57-0c7c0e3f8a11")
+                    .to_json(),
+            )
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, matching, rendering, problems);
+criterion_main!(benches);

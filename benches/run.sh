@@ -1,0 +1,318 @@
+#!/usr/bin/env bash
+# The whole benchmark suite (issue 4) on this machine, in one run, printed as
+# one table with ratios taken from the same run. See docs/BENCHMARKS.md.
+#
+#   benches/run.sh                 # full run, about 6-8 minutes after the build
+#   BENCH_QUICK=1 benches/run.sh   # quick run, about 2 minutes
+#
+# Knobs (environment):
+#   BENCH_QUICK=1          shorter wrk runs, 1 round, quick criterion, 1,000 held calls only
+#   BENCH_DURATION=8       seconds per wrk run
+#   BENCH_ROUNDS=3         wrk rounds (targets interleaved; the median round is reported)
+#   BENCH_CONNECTIONS=50   wrk connections (wrk always uses 1 thread)
+#   BENCH_THREADS=1        worker threads/processes of every proxy (nginx, bare pingora, Countersign)
+#   BENCH_HELD="1000 10000" held-call counts
+#   BENCH_INTERVAL=5       CIBA polling interval the fake server asks for, in seconds
+#   BENCH_PROFILE=1        also perf-record bare pingora, nginx and Countersign under load
+#                          (reports written to $BENCH_OUT/profile-*.txt)
+#   BENCH_OUT=dir          where raw outputs go (default: a fresh temp dir, kept)
+#
+# Traffic goes to 127.0.0.1 only. Every load loop is bounded in time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+
+QUICK=${BENCH_QUICK:-0}
+if [[ $QUICK == 1 ]]; then
+  DURATION=${BENCH_DURATION:-3}
+  ROUNDS=${BENCH_ROUNDS:-1}
+  HELD=${BENCH_HELD:-1000}
+  CRITERION_ARGS=(--warm-up-time 0.3 --measurement-time 0.7)
+else
+  DURATION=${BENCH_DURATION:-8}
+  ROUNDS=${BENCH_ROUNDS:-3}
+  HELD=${BENCH_HELD:-1000 10000}
+  CRITERION_ARGS=(--warm-up-time 1 --measurement-time 3)
+fi
+CONNS=${BENCH_CONNECTIONS:-50}
+THREADS=${BENCH_THREADS:-1}
+INTERVAL=${BENCH_INTERVAL:-5}
+PROFILE=${BENCH_PROFILE:-0}
+OUT=${BENCH_OUT:-$(mktemp -d /tmp/countersign-bench.XXXXXX)}
+mkdir -p "$OUT"
+WORK=$(mktemp -d /tmp/countersign-bench-work.XXXXXX)
+
+log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+
+# --- tools (Debian packages, installed when missing) ---------------------
+apt_updated=0
+need() { # need <command> <debian package>
+  command -v "$1" >/dev/null && return
+  log "installing $2"
+  if [[ $apt_updated == 0 ]]; then apt-get update -qq >/dev/null; apt_updated=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+}
+need wrk wrk
+need nginx nginx-light
+need jq jq
+if [[ $PROFILE == 1 ]]; then need perf linux-perf; fi
+
+# --- processes we start, stopped on exit --------------------------------
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+pick_port() { # a free port at or above $1
+  local p=$1
+  while ! port_free "$p"; do p=$((p + 1)); done
+  echo "$p"
+}
+wait_port() { # wait_port <port>: up to 15 s
+  for _ in $(seq 150); do port_free "$1" || return 0; sleep 0.1; done
+  log "nothing listens on :$1"; return 1
+}
+
+# Raising the open-file limit: each held call is one socket in the gateway and
+# one in the load generator. The hard limit on this machine may be lower.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+NOFILE=$(ulimit -n)
+
+log "output in $OUT; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# --- build ----------------------------------------------------------------
+log "building (release)"
+cargo build --release --quiet --bin countersign --example bare_pingora --example held_calls
+BIN=$REPO/target/release
+BARE=$BIN/examples/bare_pingora
+HELDBIN=$BIN/examples/held_calls
+
+# --- pass-through ---------------------------------------------------------
+UP_PORT=$(pick_port 18180)
+# Reserve ports one after another so two picks never collide.
+NGINX_PORT=$(pick_port $((UP_PORT + 1)))
+BARE_PORT=$(pick_port $((NGINX_PORT + 1)))
+CS_PORT=$(pick_port $((BARE_PORT + 1)))
+CSLOG_PORT=$(pick_port $((CS_PORT + 1)))
+
+nginx_conf() { # nginx_conf <dir> <workers> <server block>
+  mkdir -p "$1/logs"
+  cat >"$1/nginx.conf" <<EOF
+worker_processes $2;
+pid $1/nginx.pid;
+error_log $1/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $1/body;
+  proxy_temp_path $1/proxy;
+  fastcgi_temp_path $1/fastcgi;
+  uwsgi_temp_path $1/uwsgi;
+  scgi_temp_path $1/scgi;
+  $3
+}
+EOF
+}
+start_nginx() { # start_nginx <dir>
+  nginx -p "$1" -c "$1/nginx.conf" -g 'daemon off;' 2>>"$OUT/nginx.err" &
+  PIDS+=($!)
+}
+
+# (a) the upstream: nginx answering 200 "ok" itself, one worker.
+nginx_conf "$WORK/upstream" 1 "server { listen 127.0.0.1:$UP_PORT; location / { default_type text/plain; return 200 'ok'; } }"
+start_nginx "$WORK/upstream"
+# (b) nginx as a reverse proxy with upstream keepalive.
+nginx_conf "$WORK/proxy" "$THREADS" "upstream up { server 127.0.0.1:$UP_PORT; keepalive 128; keepalive_requests 1000000; }
+  server { listen 127.0.0.1:$NGINX_PORT; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+start_nginx "$WORK/proxy"
+# (c) bare pingora: no logic, same thread count.
+"$BARE" "127.0.0.1:$BARE_PORT" "127.0.0.1:$UP_PORT" "$THREADS" >/dev/null 2>"$OUT/bare_pingora.err" &
+PIDS+=($!)
+BARE_PID=$!
+
+# (d) Countersign on a pass route: the example shop policies are loaded, the
+# benchmark's GET / matches none of them and default_action is pass.
+countersign_conf() { # countersign_conf <file> <proxy port>
+  cat >"$1" <<EOF
+listen:
+  proxy: 127.0.0.1:$2
+  threads: $THREADS
+upstreams:
+  api:
+    url: http://127.0.0.1:$UP_PORT
+authorization_server:
+  issuer: http://127.0.0.1:9/
+  endpoints:   # never contacted: no call is held in this part
+    backchannel_authentication: http://127.0.0.1:9/bc-authorize
+    token: http://127.0.0.1:9/token
+  client_id: bench
+  client_auth: { method: client_secret_post, client_secret: bench }
+identity:
+  header: { name: x-countersign-user }
+policies: [$REPO/policies]
+default_action: pass
+EOF
+}
+countersign_conf "$WORK/countersign.yaml" "$CS_PORT"
+countersign_conf "$WORK/countersign-log.yaml" "$CSLOG_PORT"
+# Like the other proxies, no per-request log line ...
+RUST_LOG=warn "$BIN/countersign" run --config "$WORK/countersign.yaml" 2>"$OUT/countersign.err" &
+PIDS+=($!)
+CS_PID=$!
+# ... and as shipped: RUST_LOG unset means info, one line per call (to a file here).
+"$BIN/countersign" run --config "$WORK/countersign-log.yaml" 2>"$WORK/countersign-info.log" &
+PIDS+=($!)
+CSLOG_PID=$!
+
+for p in "$UP_PORT" "$NGINX_PORT" "$BARE_PORT" "$CS_PORT" "$CSLOG_PORT"; do wait_port "$p"; done
+NGINX_PID=$(pgrep -P "$(cat "$WORK/proxy/nginx.pid")" | head -1) # the worker
+for p in "$UP_PORT" "$NGINX_PORT" "$BARE_PORT" "$CS_PORT" "$CSLOG_PORT"; do
+  [[ $(curl -s "http://127.0.0.1:$p/") == ok ]] || { log "port $p does not answer ok"; exit 1; }
+done
+
+TARGETS=(direct nginx bare countersign countersign_info)
+declare -A PORT=([direct]=$UP_PORT [nginx]=$NGINX_PORT [bare]=$BARE_PORT [countersign]=$CS_PORT [countersign_info]=$CSLOG_PORT)
+
+to_ms() { # wrk latency ("812.00us", "1.23ms", "1.02s") -> ms
+  awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n = n; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'
+}
+run_wrk() { # run_wrk <target> <round>: prints "rps p50_ms p99_ms errors"
+  local file="$OUT/wrk-$1-$2.txt"
+  wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:${PORT[$1]}/" >"$file"
+  local rps p50 p99 errors
+  rps=$(awk '/^Requests\/sec/ { print $2 }' "$file")
+  p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$file")")
+  p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' "$file")")
+  errors=$(awk '/Non-2xx|Socket errors/ { s = s $0 "; " } END { print (s == "" ? "0" : s) }' "$file")
+  echo "$rps $p50 $p99 $errors"
+}
+
+log "pass-through: wrk -t1 -c$CONNS -d${DURATION}s, proxies with $THREADS thread(s), $ROUNDS round(s)"
+for t in "${TARGETS[@]}"; do wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:${PORT[$t]}/" >/dev/null; done # warm-up
+declare -A RESULTS
+for r in $(seq "$ROUNDS"); do
+  for t in "${TARGETS[@]}"; do
+    RESULTS[$t.$r]=$(run_wrk "$t" "$r")
+    log "  round $r $t: ${RESULTS[$t.$r]}"
+  done
+done
+# The median round by req/s, per target.
+declare -A RPS P50 P99
+for t in "${TARGETS[@]}"; do
+  line=$(for r in $(seq "$ROUNDS"); do echo "${RESULTS[$t.$r]}"; done | sort -n -k1,1 | sed -n "$(((ROUNDS + 1) / 2))p")
+  read -r RPS[$t] P50[$t] P99[$t] _ <<<"$line"
+done
+ERRORS=$(grep -l 'Non-2xx\|Socket errors' "$OUT"/wrk-*.txt 2>/dev/null | xargs -r -n1 basename | tr '\n' ' ' || true)
+LOAD_PASS=$(cut -d' ' -f1-3 /proc/loadavg)
+
+if [[ $PROFILE == 1 ]]; then
+  profile() { # profile <name> <pid> <target>
+    log "perf: $1 under wrk"
+    perf record -e cpu-clock -F 999 -g -p "$2" -o "$OUT/perf-$1.data" -- sleep 4 2>/dev/null &
+    local perf_pid=$!
+    wrk -t1 -c"$CONNS" -d5s "http://127.0.0.1:${PORT[$3]}/" >"$OUT/wrk-profile-$1.txt"
+    wait "$perf_pid" || true
+    perf report -i "$OUT/perf-$1.data" --no-children --sort dso,symbol --stdio 2>/dev/null \
+      | grep -v '^$' | grep -E '^ +[0-9]' | head -40 >"$OUT/profile-$1.txt" || true
+    perf report -i "$OUT/perf-$1.data" --no-children --sort dso --stdio 2>/dev/null \
+      | grep -E '^ +[0-9]' | head -15 >"$OUT/profile-$1-dso.txt" || true
+  }
+  profile bare_pingora "$BARE_PID" bare
+  profile nginx "$NGINX_PID" nginx
+  profile countersign "$CS_PID" countersign
+fi
+
+# Stop the pass-through processes before the held-call runs.
+cleanup_pass() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  PIDS=()
+}
+cleanup_pass
+
+# --- policy evaluation (criterion) ------------------------------------------
+log "policy evaluation (criterion)"
+cargo bench --quiet --bench policy -- --output-format bencher "${CRITERION_ARGS[@]}" 2>/dev/null \
+  | tee "$OUT/criterion.txt" | grep '^test' >&2 || true
+ns() { # ns <benchmark id>: ns/iter from the bencher output
+  awk -v id="$1" '$1 == "test" && $2 == id { gsub(",", "", $5); print $5 }' "$OUT/criterion.txt"
+}
+
+# --- held calls -------------------------------------------------------------
+declare -A HELDR
+for n in $HELD; do
+  log "held calls: $n (interval ${INTERVAL}s, open-file limit $NOFILE)"
+  line=$("$HELDBIN" --gateway "$BIN/countersign" --calls "$n" --interval "$INTERVAL" \
+    --window "$([[ $QUICK == 1 ]] && echo 1 || echo 2)" 2>>"$OUT/held.err" | grep '^RESULT' || true)
+  echo "$line" >"$OUT/held-$n.txt"
+  HELDR[$n]=$line
+  [[ -n $line ]] || log "held calls $n failed: see $OUT/held.err"
+done
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# --- the table --------------------------------------------------------------
+field() { # field <result line> <key>
+  tr ' ' '\n' <<<"$1" | awk -F= -v k="$2" '$1 == k { print $2 }'
+}
+calc() { awk "BEGIN { printf \"%.2f\", $1 }"; }
+verdict() { awk "BEGIN { print (($1) ? \"met\" : \"MISSED\") }"; }
+row() { printf '| %-44s | %-30s | %-22s | %-6s |\n' "$@"; }
+
+{
+  echo
+  echo "Countersign benchmarks, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty')"
+  echo "$(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), kernel $(uname -r)"
+  echo "load average: start $LOAD_START, after pass-through $LOAD_PASS, end $LOAD_END; open-file limit $NOFILE"
+  echo "pass-through: wrk -t1 -c$CONNS -d${DURATION}s GET /, median of $ROUNDS round(s); every proxy $THREADS worker thread(s)/process(es); upstream nginx return 200 (1 worker)"
+  echo
+  row "measurement" "value" "target" "result"
+  row "--------------------------------------------" "------------------------------" "----------------------" "------"
+  for t in "${TARGETS[@]}"; do
+    case $t in
+      direct) name="(a) upstream directly" ;;
+      nginx) name="(b) nginx reverse proxy (keepalive)" ;;
+      bare) name="(c) bare pingora proxy" ;;
+      countersign) name="(d) Countersign pass route" ;;
+      countersign_info) name="(d') Countersign, RUST_LOG=info (default)" ;;
+    esac
+    row "$name" "$(printf '%8.0f req/s p50 %.2f p99 %.2f ms' "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}")" "" ""
+  done
+  row "Countersign / nginx, req/s" "$(calc "${RPS[countersign]} / ${RPS[nginx]}")" ">= 1.00" "$(verdict "${RPS[countersign]} >= ${RPS[nginx]}")"
+  row "Countersign / nginx, p99 (lower is better)" "$(calc "${P99[countersign]} / ${P99[nginx]}")" "<= 1.00" "$(verdict "${P99[countersign]} <= ${P99[nginx]}")"
+  row "Countersign / bare pingora, req/s" "$(calc "${RPS[countersign]} / ${RPS[bare]}")" ">= 0.95" "$(verdict "${RPS[countersign]} >= 0.95 * ${RPS[bare]}")"
+  row "Countersign / bare pingora, p99" "$(calc "${P99[countersign]} / ${P99[bare]}")" "<= 1.05" "$(verdict "${P99[countersign]} <= 1.05 * ${P99[bare]}")"
+  row "Countersign / direct, req/s" "$(calc "${RPS[countersign]} / ${RPS[direct]}")" "" ""
+  row "bare pingora / nginx, req/s" "$(calc "${RPS[bare]} / ${RPS[nginx]}")" "" ""
+  row "Countersign info logs / warn, req/s" "$(calc "${RPS[countersign_info]} / ${RPS[countersign]}")" "" ""
+  for n in 10 1000 10000; do
+    v=$(ns "match/find/$n"); row "policy match, $n policies" "$(printf '%s ns' "$v")" "< 1000 ns" "$(verdict "${v:-1e9} < 1000")"
+  done
+  for n in 10 1000 10000; do
+    v=$(ns "match/normalize_find/$n"); row "normalize path + match, $n policies" "$(printf '%s ns' "$v")" "" ""
+  done
+  v=$(ns "match/miss/10000"); row "no match (pass-through), 10000 policies" "$(printf '%s ns' "$v")" "" ""
+  f10=$(ns match/find/10); f10k=$(ns match/find/10000)
+  row "match 10000 / match 10 (flat in count)" "$(calc "${f10k:-0} / ${f10:-1}")" "flat (< 2x)" "$(verdict "${f10k:-1e9} < 2 * ${f10:-1}")"
+  v=$(ns render/binding_message); row "render binding message + details" "$(printf '%s ns' "$v")" "< 5000 ns" "$(verdict "${v:-1e9} < 5000")"
+  v=$(ns render/context_and_render); row "template context + render" "$(printf '%s ns' "$v")" "< 5000 ns" "$(verdict "${v:-1e9} < 5000")"
+  v=$(ns problem/to_json); row "problem+json answer" "$(printf '%s ns' "$v")" "" ""
+  for n in $HELD; do
+    l=${HELDR[$n]}
+    if [[ -z $l ]]; then row "held $n" "failed (see held.err)" "" "MISSED"; continue; fi
+    pc=$(field "$l" per_call_kib); row "held $n: RSS per held call" "$(printf '%s KiB (%s -> %s KiB)' "$pc" "$(field "$l" rss_before_kib)" "$(field "$l" rss_held_kib)")" "<= 16 KiB + body" "$(verdict "$pc <= 16 + $(field "$l" body_kib)")"
+    row "held $n: gateway CPU while holding" "$(printf '%s%% of a core, %s us/poll' "$(field "$l" cpu_pct)" "$(field "$l" cpu_us_per_poll)")" "" ""
+    pp=$(field "$l" polls_per_call_interval); row "held $n: polls per call per interval" "$pp" "1 (0.95-1.00)" "$(verdict "$pp >= 0.95 && $pp <= 1.0")"
+    te=$(field "$l" too_early); row "held $n: too-early (slow_down) polls" "$(printf '%s (min gap %s s)' "$te" "$(field "$l" min_gap_s)")" "0" "$(verdict "$te == 0")"
+    mx=$(field "$l" approve_max_ms); p99=$(field "$l" approve_p99_ms)
+    row "held $n: approval -> upstream p50/p99/max" "$(printf '%s / %s / %s ms' "$(field "$l" approve_p50_ms)" "$p99" "$mx")" "<= $((INTERVAL * 1000)) ms" "$(verdict "$mx <= $INTERVAL * 1000")"
+    ok=$(field "$l" ok); row "held $n: calls answered 200 after approval" "$ok of $n" "all" "$(verdict "$ok == $n")"
+  done
+  [[ -z $ERRORS ]] || echo "wrk reported errors in: $ERRORS"
+  echo "raw outputs: $OUT"
+} | tee "$OUT/table.txt"
