@@ -5,6 +5,7 @@
 // stdout carries exactly one JSON line ({"issuer":...,"port":...}) once listening; all logs go
 // to stderr. The process exits when stdin closes or on SIGTERM/SIGINT.
 
+import * as fs from 'node:fs';
 import * as crypto from 'node:crypto';
 import * as http from 'node:http';
 import * as querystring from 'node:querystring';
@@ -196,13 +197,13 @@ class PeerAdapter {
 // ---------------------------------------------------------------------------------------------
 
 function buildProvider(issuer) {
-  const { privateKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
-  const signingKey = {
-    ...privateKey.export({ format: 'jwk' }),
-    kid: `peer-${crypto.randomBytes(6).toString('hex')}`,
-    alg: 'RS256',
-    use: 'sig',
-  };
+  // A fixed, test-only key read from a file. Generating one at start
+  // (generateKeyPairSync + export as JWK) intermittently deadlocks Node 20:
+  // a GC inside KeyObjectHandle::ExportJWK runs a KeyGenJob destructor that
+  // takes a mutex ExportJWK already holds (seen in a CI run, gdb backtrace).
+  const signingKey = JSON.parse(
+    fs.readFileSync(new URL('./signing-key.json', import.meta.url), 'utf8'),
+  );
 
   const cibaClient = {
     grant_types: [CIBA_GRANT],

@@ -52,10 +52,20 @@ impl Peer {
             .spawn()
             .expect("node must be installed to run the CIBA peer");
         let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("peer prints its address");
+        // A peer that never says it listens must fail the test, not hang it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the CIBA peer did not start within 30 s");
+            }
+        };
         let ready: Value =
             serde_json::from_str(&line).unwrap_or_else(|_| panic!("peer said {line:?}"));
         Self {
