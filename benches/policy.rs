@@ -5,9 +5,10 @@
 
 use std::hint::black_box;
 
-use countersign::policy::{self, LoadedPolicy, PolicyFile, PolicySet};
+use countersign::policy::{self, PolicyFile, PolicySet};
 use countersign::problem::{Problem, ProblemCode};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use std::path::Path;
 
 /// `n` policies in YAML, the way an operator writes them: a mix of static and
 /// parameterised paths, several methods, some bound to a host.
@@ -39,18 +40,8 @@ fn policies_yaml(n: usize) -> String {
 
 fn compile(yaml: &str) -> PolicySet {
     let file: PolicyFile = serde_yaml::from_str(yaml).expect("policy yaml");
-    PolicySet::compile(
-        file.policies
-            .into_iter()
-            .enumerate()
-            .map(|(index, spec)| LoadedPolicy {
-                spec,
-                file: "bench.yaml".into(),
-                index,
-            })
-            .collect(),
-    )
-    .expect("policies compile")
+    PolicySet::compile(file.into_loaded(Path::new("bench.yaml")).collect())
+        .expect("policies compile")
 }
 
 const SHOP: &str = r#"

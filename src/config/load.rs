@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use super::{Config, DefaultAction, GatewayConfig, MAX_REPLAYABLE_BODY};
-use crate::policy::{LoadedPolicy, PolicyError, PolicyFile, PolicySet};
+use crate::policy::{PolicyError, PolicyFile, PolicySet};
 
 /// Where in a file a problem is.
 #[derive(Debug, Clone)]
@@ -107,32 +107,12 @@ pub fn load_embedded(
         for policy_file in policy_files(&base.join(entry), file)? {
             let text = read(&policy_file)?;
             let parsed: PolicyFile = parse(&policy_file, &text)?;
-            loaded.extend(
-                parsed
-                    .policies
-                    .into_iter()
-                    .enumerate()
-                    .map(|(index, spec)| LoadedPolicy {
-                        spec,
-                        file: policy_file.clone(),
-                        index,
-                    }),
-            );
+            loaded.extend(parsed.into_loaded(&policy_file));
         }
     }
     for (name, text) in embedded {
         let parsed: PolicyFile = parse(name, text)?;
-        loaded.extend(
-            parsed
-                .policies
-                .into_iter()
-                .enumerate()
-                .map(|(index, spec)| LoadedPolicy {
-                    spec,
-                    file: name.to_path_buf(),
-                    index,
-                }),
-        );
+        loaded.extend(parsed.into_loaded(name));
     }
     let policies = PolicySet::compile(loaded)?;
     Ok(Config {

@@ -7,7 +7,7 @@ pub mod spec;
 pub mod template;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -26,6 +26,20 @@ pub struct LoadedPolicy {
     pub file: PathBuf,
     /// `policies[N]` within its file, for error messages.
     pub index: usize,
+}
+
+impl PolicyFile {
+    /// Its policies, each remembering `file` and its index there.
+    pub fn into_loaded(self, file: &Path) -> impl Iterator<Item = LoadedPolicy> + '_ {
+        self.policies
+            .into_iter()
+            .enumerate()
+            .map(move |(index, spec)| LoadedPolicy {
+                spec,
+                file: file.to_path_buf(),
+                index,
+            })
+    }
 }
 
 /// A compiled policy.
@@ -174,8 +188,8 @@ impl PolicySet {
         &self.policies
     }
 
-    /// Finds the policy for a call. `method` is matched case-insensitively,
-    /// `host` without its port; host-specific policies win over host-less ones.
+    /// Finds the policy for a call. `method` is matched case-insensitively;
+    /// `host` is a [`host_key`]. Host-specific policies win over host-less ones.
     pub fn find(
         &self,
         method: &str,
@@ -184,9 +198,7 @@ impl PolicySet {
     ) -> Option<PolicyMatch<'_>> {
         let method = method.to_ascii_uppercase();
         let key = path.match_key.as_str();
-        let host = host.map(|h| strip_port(h).to_ascii_lowercase());
         let found = host
-            .as_deref()
             .and_then(|h| self.by_host.get(h))
             .and_then(|routers| routers.lookup(&method, key))
             .or_else(|| self.any_host.lookup(&method, key))?;
@@ -227,13 +239,16 @@ impl PolicySet {
     }
 }
 
-fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        return host
-            .split_once(']')
-            .map_or(host, |(h, _)| &host[..h.len() + 1]);
-    }
-    host.rsplit_once(':').map_or(host, |(h, _)| h)
+/// A `Host` header (or authority) as policies and routes compare it:
+/// lower-cased, without port. IPv6 literals keep their brackets.
+pub fn host_key(raw: &str) -> String {
+    let host = if raw.starts_with('[') {
+        raw.split_once(']')
+            .map_or(raw, |(h, _)| &raw[..h.len() + 1])
+    } else {
+        raw.rsplit_once(':').map_or(raw, |(h, _)| h)
+    };
+    host.to_ascii_lowercase()
 }
 
 /// The values a template can read. Body fields sit at the top level for
@@ -279,18 +294,7 @@ mod tests {
 
     fn policies(yaml: &str) -> PolicySet {
         let file: PolicyFile = serde_yaml::from_str(yaml).unwrap();
-        PolicySet::compile(
-            file.policies
-                .into_iter()
-                .enumerate()
-                .map(|(index, spec)| LoadedPolicy {
-                    spec,
-                    file: "test.yaml".into(),
-                    index,
-                })
-                .collect(),
-        )
-        .unwrap()
+        PolicySet::compile(file.into_loaded(Path::new("test.yaml")).collect()).unwrap()
     }
 
     const SHOP: &str = r#"
@@ -315,7 +319,8 @@ policies:
         host: Option<&str>,
         raw: &str,
     ) -> Option<&'a str> {
-        set.find(method, host, &normalize(raw).unwrap())
+        let host = host.map(host_key);
+        set.find(method, host.as_deref(), &normalize(raw).unwrap())
             .map(|m| m.policy.name.as_str())
     }
 
@@ -358,16 +363,7 @@ policies:
 "#,
         )
         .unwrap();
-        let loaded = file
-            .policies
-            .into_iter()
-            .enumerate()
-            .map(|(index, spec)| LoadedPolicy {
-                spec,
-                file: "p.yaml".into(),
-                index,
-            })
-            .collect();
+        let loaded = file.into_loaded(Path::new("p.yaml")).collect();
         let error = PolicySet::compile(loaded).unwrap_err().to_string();
         assert!(error.contains("policies[1] ('b')"), "{error}");
         assert!(error.contains("overlaps policy 'a'"), "{error}");

@@ -375,23 +375,16 @@ fn failed_approval(error: CibaError) -> Problem {
     }
 }
 
-/// The Host header (or the authority of an absolute-form target), lower-cased, without port.
+/// The [`policy::host_key`] of the Host header, or of the authority of an
+/// absolute-form target.
 fn request_host(session: &Session) -> Option<String> {
     let header = session.req_header();
     let raw = header
         .headers
         .get(http::header::HOST)
         .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| header.uri.authority().map(|a| a.as_str().to_owned()))?;
-    let host = if raw.starts_with('[') {
-        raw.split_once(']')
-            .map_or(raw.clone(), |(h, _)| format!("{h}]"))
-    } else {
-        raw.rsplit_once(':')
-            .map_or(raw.clone(), |(h, _)| h.to_owned())
-    };
-    Some(host.to_ascii_lowercase())
+        .or_else(|| header.uri.authority().map(|a| a.as_str()))?;
+    Some(policy::host_key(raw))
 }
 
 #[async_trait]

@@ -266,6 +266,14 @@ impl TestGateway {
         }
     }
 
+    /// POST /shop through this gateway as an agent acting for `user`.
+    pub fn buy(&self, agent: &reqwest::Client, user: &str, body: Value) -> reqwest::RequestBuilder {
+        agent
+            .post(self.url("/shop"))
+            .header(USER_HEADER, user)
+            .json(&body)
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.proxy)
     }
@@ -370,10 +378,7 @@ impl World {
 
     /// POST /shop as an agent acting for `user`.
     pub fn buy(&self, user: &str, body: Value) -> reqwest::RequestBuilder {
-        self.agent
-            .post(self.gateway.url("/shop"))
-            .header(USER_HEADER, user)
-            .json(&body)
+        self.gateway.buy(&self.agent, user, body)
     }
 }
 
@@ -443,10 +448,7 @@ impl DevWorld {
 
     /// POST /shop as an agent acting for `user`.
     pub fn buy(&self, user: &str, body: Value) -> reqwest::RequestBuilder {
-        self.agent
-            .post(self.gateway.url("/shop"))
-            .header(USER_HEADER, user)
-            .json(&body)
+        self.gateway.buy(&self.agent, user, body)
     }
 
     /// Waits until `count` requests of `user` are pending.
