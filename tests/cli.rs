@@ -120,7 +120,7 @@ async fn logs_carry_the_approval_id_but_never_tokens_secrets_or_bodies() {
     wait_listening(proxy).await;
     wait_listening(admin).await;
 
-    let marker = serde_json::json!({"product": "Zebra42 phone", "qty": 3, "priceLimit": 777});
+    let marker = serde_json::json!({"product": "Zebra42 phone", "qty": 3, "priceLimit": 9876543});
     let call = tokio::spawn(
         reqwest::Client::new()
             .post(format!("http://{proxy}/shop"))
@@ -157,7 +157,7 @@ async fn logs_carry_the_approval_id_but_never_tokens_secrets_or_bodies() {
         held_lines.iter().all(|l| l.contains(&approval_id)),
         "every line of the held call names its approval: {logs}"
     );
-    for secret in [token.as_str(), "countersign-secret", "Zebra42", "777"] {
+    for secret in [token.as_str(), "countersign-secret", "Zebra42", "9876543"] {
         if let Some(line) = logs.lines().find(|l| l.contains(secret)) {
             panic!("{secret:?} leaked into the logs: {line}");
         }
