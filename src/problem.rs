@@ -24,6 +24,12 @@ pub enum ProblemCode {
     NoRoute,
     ApprovalFailed,
     TooManyPending,
+    /// One person already has as many approvals pending as they may.
+    TooManyPendingForUser,
+    InvalidHost,
+    PathOverrideRefused,
+    /// The call routes to an upstream its policy's token may not be sent to.
+    UpstreamNotAllowed,
 }
 
 impl ProblemCode {
@@ -43,20 +49,26 @@ impl ProblemCode {
             Self::NoPolicy => "no_policy",
             Self::NoRoute => "no_route",
             Self::ApprovalFailed => "approval_failed",
-            Self::TooManyPending => "too_many_pending_approvals",
+            Self::TooManyPending | Self::TooManyPendingForUser => "too_many_pending_approvals",
+            Self::InvalidHost => "invalid_host",
+            Self::PathOverrideRefused => "path_override_refused",
+            Self::UpstreamNotAllowed => "upstream_not_allowed",
         }
     }
 
     pub fn status(self) -> u16 {
         match self {
-            Self::AccessDenied | Self::NoPolicy => 403,
+            Self::AccessDenied | Self::NoPolicy | Self::UpstreamNotAllowed => 403,
             Self::ApprovalExpired => 408,
             Self::IdentityRequired => 401,
             Self::UnknownUser
             | Self::InvalidBindingMessage
             | Self::InvalidBody
             | Self::InvalidPath
-            | Self::MethodOverrideRefused => 400,
+            | Self::MethodOverrideRefused
+            | Self::InvalidHost
+            | Self::PathOverrideRefused => 400,
+            Self::TooManyPendingForUser => 429,
             Self::BodyTooLarge => 413,
             Self::AuthorizationServerUnavailable | Self::TooManyPending => 503,
             Self::UpstreamUnavailable | Self::ApprovalFailed => 502,
@@ -80,7 +92,10 @@ impl ProblemCode {
             Self::NoPolicy => "No policy allows this call",
             Self::NoRoute => "No route",
             Self::ApprovalFailed => "Approval failed",
-            Self::TooManyPending => "Too many pending approvals",
+            Self::TooManyPending | Self::TooManyPendingForUser => "Too many pending approvals",
+            Self::InvalidHost => "Invalid host",
+            Self::PathOverrideRefused => "Path override refused",
+            Self::UpstreamNotAllowed => "Upstream not allowed for this policy",
         }
     }
 
@@ -104,7 +119,7 @@ impl ProblemCode {
             Self::InvalidBody => "The request body is not valid for this call.",
             Self::InvalidPath => "The request path is malformed or ambiguous.",
             Self::MethodOverrideRefused => {
-                "Method override headers are not accepted; send the real HTTP method."
+                "Method override headers and parameters (such as X-HTTP-Method-Override or _method) are not accepted; send the real HTTP method."
             }
             Self::AuthorizationServerUnavailable => {
                 "The authorization server could not be reached; try again later."
@@ -115,6 +130,18 @@ impl ProblemCode {
             Self::ApprovalFailed => "The approval could not be completed.",
             Self::TooManyPending => {
                 "The gateway is holding as many calls as it may; try again later."
+            }
+            Self::TooManyPendingForUser => {
+                "The user already has as many approval requests waiting as the gateway sends; wait for them to answer, then try again."
+            }
+            Self::InvalidHost => {
+                "The Host of the request is missing, repeated, malformed or disagrees with the request target."
+            }
+            Self::PathOverrideRefused => {
+                "Headers that override the request path (such as X-Original-URL) are not accepted; send the real path."
+            }
+            Self::UpstreamNotAllowed => {
+                "This call routes to an API its policy does not allow the approval to be sent to, so the gateway refused it."
             }
         }
     }
