@@ -1,8 +1,6 @@
 //! Wiring: a loaded [`Config`] becomes a pingora [`Server`] with the proxy
 //! and admin services.
 
-use std::collections::HashMap;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -19,7 +17,7 @@ use crate::ciba::{self, CibaClient, CibaError, Endpoints};
 use crate::config::Config;
 use crate::identity::IdentitySource;
 use crate::metrics::Metrics;
-use crate::proxy::{Countersign, Routes};
+use crate::proxy::Countersign;
 
 #[derive(Debug, Error)]
 pub enum GatewayError {
@@ -104,21 +102,16 @@ impl Gateway {
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
 
-        let countersign = Countersign {
-            routes: Routes::new(&gateway.routes, &gateway.upstreams),
-            upstreams: gateway
-                .upstreams
-                .clone()
-                .into_iter()
-                .collect::<HashMap<_, _>>(),
-            policies: config.policies,
+        let countersign = Countersign::new(
+            config.policies,
+            config.routes,
+            gateway.upstreams.clone(),
             identity,
             ciba,
-            limits: gateway.limits.clone(),
-            default_action: gateway.default_action,
-            metrics: metrics.clone(),
-            held: Arc::new(AtomicUsize::new(0)),
-        };
+            gateway.limits.clone(),
+            gateway.default_action,
+            metrics.clone(),
+        );
         let mut proxy = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
             countersign,

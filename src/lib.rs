@@ -23,5 +23,7 @@ pub mod metrics;
 pub mod policy;
 pub mod problem;
 pub mod proxy;
+pub mod request;
+pub mod route;
 pub mod secret;
 pub mod telemetry;

@@ -9,6 +9,7 @@ use thiserror::Error;
 
 use super::{Config, DefaultAction, GatewayConfig, MAX_REPLAYABLE_BODY};
 use crate::policy::{PolicyError, PolicyFile, PolicySet};
+use crate::route::Routes;
 
 /// Where in a file a problem is.
 #[derive(Debug, Clone)]
@@ -114,11 +115,14 @@ pub fn load_embedded(
         let parsed: PolicyFile = parse(name, text)?;
         loaded.extend(parsed.into_loaded(name));
     }
-    let policies = PolicySet::compile(loaded)?;
+    let mut policies = PolicySet::compile(loaded)?;
+    let routes = Routes::new(&gateway.routes, &gateway.upstreams);
+    bind_policies_to_upstreams(&mut policies, &routes, &gateway)?;
     Ok(Config {
         file: file.to_owned(),
         gateway,
         policies,
+        routes,
     })
 }
 
@@ -231,6 +235,60 @@ fn invalid(file: &Path, key: &str, message: String) -> ConfigError {
     }
 }
 
+/// The fresh token of a policy may only go to the upstreams it names (or the
+/// only upstream there is); a policy whose calls could be routed anywhere
+/// else is refused here rather than leaking its token at run time.
+fn bind_policies_to_upstreams(
+    policies: &mut PolicySet,
+    routes: &Routes,
+    gateway: &GatewayConfig,
+) -> Result<(), ConfigError> {
+    let only = (gateway.upstreams.len() == 1)
+        .then(|| gateway.upstreams.keys().next().map(String::as_str))
+        .flatten();
+    policies.bind_upstreams(only);
+    for policy in policies.policies() {
+        let error = |reason: String| {
+            ConfigError::Policy(PolicyError {
+                file: policy.file.display().to_string(),
+                index: policy.index,
+                name: policy.name.clone(),
+                reason,
+            })
+        };
+        if policy.upstreams.is_empty() {
+            return Err(error(
+                "upstreams: several upstreams are declared, so the policy must name the ones its token may be sent to".into(),
+            ));
+        }
+        if let Some(unknown) = policy
+            .upstreams
+            .iter()
+            .find(|u| !gateway.upstreams.contains_key(*u))
+        {
+            return Err(error(format!(
+                "upstreams: unknown upstream {unknown:?}; declared upstreams: {}",
+                gateway
+                    .upstreams
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        if let Some(stray) = routes
+            .reachable_from(policy)
+            .into_iter()
+            .find(|u| !policy.upstreams.iter().any(|p| p == u))
+        {
+            return Err(error(format!(
+                "upstreams: calls this policy covers can be routed to upstream {stray:?}, which it does not name; add it to `upstreams` or narrow the policy (host) or the routes"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Checks that need more than one field.
 fn validate(file: &Path, config: &GatewayConfig) -> Result<(), ConfigError> {
     if config.upstreams.is_empty() {
@@ -248,6 +306,15 @@ fn validate(file: &Path, config: &GatewayConfig) -> Result<(), ConfigError> {
         ));
     }
     for (i, route) in config.routes.iter().enumerate() {
+        if let Some(host) = &route.host {
+            if crate::policy::host_key(host).is_err() || host.contains(':') {
+                return Err(invalid(
+                    file,
+                    &format!("routes[{i}].host"),
+                    format!("{host:?} must be a bare host name, without scheme, port or path"),
+                ));
+            }
+        }
         if !route.path_prefix.starts_with('/') {
             return Err(invalid(
                 file,

@@ -17,6 +17,7 @@ pub use env::{SecretText, Text};
 pub use load::{load, load_embedded, load_str, ConfigError};
 
 use crate::policy::PolicySet;
+use crate::route::Routes;
 
 /// The whole loaded configuration, policies compiled.
 #[derive(Debug)]
@@ -24,6 +25,8 @@ pub struct Config {
     pub file: PathBuf,
     pub gateway: GatewayConfig,
     pub policies: PolicySet,
+    /// Built from `gateway.routes`; policies were checked against it.
+    pub routes: Routes,
 }
 
 /// The main configuration file.
@@ -74,6 +77,10 @@ pub struct UpstreamConfig {
     /// Send the agent's `Host` header instead of the upstream URL's authority.
     #[serde(default)]
     pub preserve_host: bool,
+    /// Forward paths containing `%25` (an encoded '%'). Off by default: an
+    /// upstream that decodes twice reads `/%2573hop` as `/shop`.
+    #[serde(default)]
+    pub allow_encoded_percent: bool,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -410,6 +417,15 @@ pub struct Limits {
     /// Most calls held at once; more are answered 503.
     #[serde(default = "default_max_pending")]
     pub max_pending: usize,
+    /// Most calls held at once for one person; more are answered 429, so
+    /// one agent cannot flood a phone (Auth0 allows 5 requests a minute per
+    /// user).
+    #[serde(default = "default_max_pending_per_user")]
+    pub max_pending_per_user: usize,
+}
+
+fn default_max_pending_per_user() -> usize {
+    5
 }
 
 /// pingora replays at most this many body bytes to the upstream.
@@ -433,6 +449,7 @@ impl Default for Limits {
             max_body_bytes: default_max_body(),
             max_hold: default_max_hold(),
             max_pending: default_max_pending(),
+            max_pending_per_user: default_max_pending_per_user(),
         }
     }
 }

@@ -52,6 +52,12 @@ pub struct Policy {
     pub path_template: String,
     pub methods: Vec<String>,
     pub host: Option<String>,
+    /// Whether `/shop.json` falls under a `/shop` policy.
+    pub format_suffix: bool,
+    /// Where the fresh token may go; empty until bound by the configuration
+    /// (see [`PolicySet::bind_upstreams`]).
+    pub upstreams: Vec<String>,
+    pub index: usize,
     pub file: PathBuf,
     message_key: String,
     details: Option<RegisteredDetails>,
@@ -73,11 +79,18 @@ struct MethodRouters {
 }
 
 impl MethodRouters {
+    /// `HEAD` is looked up as `GET` too: most frameworks run the GET handler
+    /// for it.
     fn lookup<'p>(&self, method: &str, key: &'p str) -> Option<matchit::Match<'_, 'p, &usize>> {
-        [method, "*"]
+        let head_as_get = if method == "HEAD" { "GET" } else { "*" };
+        [method, head_as_get, "*"]
             .into_iter()
             .filter_map(|m| self.by_method.get(m))
             .find_map(|router| router.at(key).ok())
+    }
+
+    fn covers(&self, key: &str) -> bool {
+        self.by_method.values().any(|router| router.at(key).is_ok())
     }
 }
 
@@ -137,7 +150,7 @@ impl PolicySet {
                 Some(h) => set.by_host.entry(h.clone()).or_default(),
                 None => &mut set.any_host,
             };
-            for method in &spec.matcher.methods {
+            for method in &spec.matcher.methods.0 {
                 let router = routers.by_method.entry(method.0.clone()).or_default();
                 let route = spec.matcher.path.route.clone();
                 if let Err(error) = router.insert(route.clone(), id) {
@@ -174,8 +187,11 @@ impl PolicySet {
                 audience: spec.require.audience.clone(),
                 requested_expiry: spec.requested_expiry,
                 path_template: spec.matcher.path.source.clone(),
-                methods: spec.matcher.methods.iter().map(|m| m.0.clone()).collect(),
+                methods: spec.matcher.methods.0.iter().map(|m| m.0.clone()).collect(),
                 host,
+                format_suffix: spec.matcher.format_suffix,
+                upstreams: spec.upstreams.clone().unwrap_or_default(),
+                index,
                 file: source_file,
                 message_key,
                 details,
@@ -188,20 +204,35 @@ impl PolicySet {
         &self.policies
     }
 
-    /// Finds the policy for a call. `method` is matched case-insensitively;
-    /// `host` is a [`host_key`]. Host-specific policies win over host-less ones.
+    /// Finds the policy for a call. `method` is matched case-insensitively
+    /// (`HEAD` also as `GET`); `host` is a [`host_key`]. Host-specific
+    /// policies win over host-less ones. A path that matches nothing is tried
+    /// again without a format suffix (`/shop.json` as `/shop`) for policies
+    /// that cover those spellings.
     pub fn find(
         &self,
         method: &str,
         host: Option<&str>,
         path: &NormalizedPath,
     ) -> Option<PolicyMatch<'_>> {
-        let method = method.to_ascii_uppercase();
+        let upper;
+        let method = if method.bytes().any(|b| b.is_ascii_lowercase()) {
+            upper = method.to_ascii_uppercase();
+            upper.as_str()
+        } else {
+            method
+        };
         let key = path.match_key.as_str();
-        let found = host
-            .and_then(|h| self.by_host.get(h))
-            .and_then(|routers| routers.lookup(&method, key))
-            .or_else(|| self.any_host.lookup(&method, key))?;
+        let lookup = |key| {
+            host.and_then(|h| self.by_host.get(h))
+                .and_then(|routers| routers.lookup(method, key))
+                .or_else(|| self.any_host.lookup(method, key))
+        };
+        let found = lookup(key).or_else(|| {
+            format_suffix_cuts(key)
+                .filter_map(|cut| lookup(&key[..cut]))
+                .find(|m| self.policies[*m.value].format_suffix)
+        })?;
         let params = found
             .params
             .iter()
@@ -222,6 +253,29 @@ impl PolicySet {
         })
     }
 
+    /// Whether any policy, for any method, covers this host and path (with
+    /// format suffixes): a call there may not change its method by a
+    /// `_method` form field.
+    pub fn covers(&self, host: Option<&str>, path: &NormalizedPath) -> bool {
+        let key = path.match_key.as_str();
+        let covers = |key: &str| {
+            host.and_then(|h| self.by_host.get(h))
+                .is_some_and(|routers| routers.covers(key))
+                || self.any_host.covers(key)
+        };
+        covers(key) || format_suffix_cuts(key).any(|cut| covers(&key[..cut]))
+    }
+
+    /// Gives each policy the upstreams its token may go to: those it names,
+    /// or `default` when it names none.
+    pub fn bind_upstreams(&mut self, default: Option<&str>) {
+        for policy in &mut self.policies {
+            if policy.upstreams.is_empty() {
+                policy.upstreams.extend(default.map(str::to_owned));
+            }
+        }
+    }
+
     /// Renders the binding message and authorization details for a call.
     pub fn render(&self, policy: &Policy, context: &Value) -> Result<RenderedRequest, RenderError> {
         let binding_message = self
@@ -239,16 +293,66 @@ impl PolicySet {
     }
 }
 
+/// Why a host was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum HostError {
+    #[error("the host is empty or malformed")]
+    Malformed,
+}
+
 /// A `Host` header (or authority) as policies and routes compare it:
-/// lower-cased, without port. IPv6 literals keep their brackets.
-pub fn host_key(raw: &str) -> String {
-    let host = if raw.starts_with('[') {
-        raw.split_once(']')
-            .map_or(raw, |(h, _)| &raw[..h.len() + 1])
+/// lower-cased, without port and without the trailing dot of a fully
+/// qualified name (`Admin.Example.:8080` is `admin.example`). IPv6 literals
+/// keep their brackets. Anything that is not a plain DNS name or IP literal
+/// (user info, spaces, percent-escapes, empty labels) is refused, so no two
+/// spellings of one host can reach different policies.
+pub fn host_key(raw: &str) -> Result<String, HostError> {
+    let (host, port) = if raw.starts_with('[') {
+        let end = raw.find(']').ok_or(HostError::Malformed)?;
+        let (host, rest) = raw.split_at(end + 1);
+        let valid = host[1..end]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+        if !valid || end < 3 {
+            return Err(HostError::Malformed);
+        }
+        (host, rest.strip_prefix(':'))
     } else {
-        raw.rsplit_once(':').map_or(raw, |(h, _)| h)
+        match raw.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (raw, None),
+        }
     };
-    host.to_ascii_lowercase()
+    if port.is_some_and(|p| p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit())) {
+        return Err(HostError::Malformed);
+    }
+    if host.starts_with('[') {
+        return Ok(host.to_ascii_lowercase());
+    }
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let valid = !host.is_empty()
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if !valid {
+        return Err(HostError::Malformed);
+    }
+    Ok(host.to_ascii_lowercase())
+}
+
+/// Where a format suffix may be cut off the last segment of `key`: at each
+/// '.' after its first character, longest remainder first (`/a.b.json`
+/// yields `/a.b` then `/a`).
+fn format_suffix_cuts(key: &str) -> impl Iterator<Item = usize> + '_ {
+    let segment_start = key.rfind('/').map_or(0, |i| i + 1);
+    key[segment_start..]
+        .char_indices()
+        .rev()
+        .filter(|&(i, c)| c == '.' && i > 0)
+        .map(move |(i, _)| segment_start + i)
 }
 
 /// The values a template can read. Body fields sit at the top level for
@@ -319,7 +423,7 @@ policies:
         host: Option<&str>,
         raw: &str,
     ) -> Option<&'a str> {
-        let host = host.map(host_key);
+        let host = host.map(|h| host_key(h).unwrap());
         set.find(method, host.as_deref(), &normalize(raw).unwrap())
             .map(|m| m.policy.name.as_str())
     }
@@ -339,6 +443,42 @@ policies:
             find(&set, "PATCH", Some("other.example"), "/admin/x/y"),
             None
         );
+        assert_eq!(
+            find(&set, "GET", Some("Admin.Example."), "/admin/x"),
+            Some("admin")
+        );
+    }
+
+    #[test]
+    fn head_is_covered_by_get_policies() {
+        let set = policies(
+            r#"
+policies:
+  - { name: read, match: { methods: [GET], path: /secrets }, require: { scopes: [x] }, binding_message: a }
+"#,
+        );
+        assert_eq!(find(&set, "HEAD", None, "/secrets"), Some("read"));
+        assert_eq!(find(&set, "head", None, "/secrets"), Some("read"));
+    }
+
+    #[test]
+    fn format_suffixes_are_covered_unless_turned_off() {
+        let set = policies(SHOP);
+        assert_eq!(find(&set, "POST", None, "/shop.json"), Some("buy"));
+        assert_eq!(find(&set, "POST", None, "/SHOP.tar.gz/"), Some("buy"));
+        assert_eq!(find(&set, "DELETE", None, "/orders/7.json"), Some("cancel"));
+        assert_eq!(find(&set, "POST", None, "/shopping"), None);
+        assert_eq!(find(&set, "POST", None, "/.shop"), None);
+        let strict = policies(
+            r#"
+policies:
+  - { name: a, match: { methods: [POST], path: /shop, format_suffix: false }, require: { scopes: [x] }, binding_message: a }
+"#,
+        );
+        assert_eq!(find(&strict, "POST", None, "/shop.json"), None);
+        assert!(set.covers(None, &normalize("/orders/7").unwrap()));
+        assert!(set.covers(None, &normalize("/shop.xml").unwrap()));
+        assert!(!set.covers(None, &normalize("/products").unwrap()));
     }
 
     #[test]

@@ -28,15 +28,51 @@ pub struct PolicySpec {
     /// How long the person has to answer; capped by `limits.max_hold`.
     #[serde(default, with = "humantime_serde")]
     pub requested_expiry: Option<Duration>,
+    /// The upstreams the fresh token may be sent to. May be omitted when the
+    /// gateway has exactly one upstream; checked against the routes at load.
+    #[serde(default)]
+    pub upstreams: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MatchSpec {
-    pub methods: Vec<MethodName>,
+    pub methods: Methods,
     pub path: PathTemplate,
     #[serde(default)]
     pub host: Option<HostName>,
+    /// Also cover format-suffix spellings (`/shop.json`, `/shop.xml`), which
+    /// Rails and older Spring route to the same handler. On unless turned off.
+    #[serde(default = "default_true")]
+    pub format_suffix: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A non-empty list of methods.
+#[derive(Debug, Clone)]
+pub struct Methods(pub Vec<MethodName>);
+
+impl<'de> Deserialize<'de> for Methods {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let methods = Vec::<MethodName>::deserialize(d)?;
+        if methods.is_empty() {
+            return Err(de::Error::custom(
+                "at least one method is required (use [\"*\"] for every method)",
+            ));
+        }
+        Ok(Self(methods))
+    }
+}
+
+impl<'a> IntoIterator for &'a Methods {
+    type Item = &'a MethodName;
+    type IntoIter = std::slice::Iter<'a, MethodName>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -91,13 +127,13 @@ pub struct HostName(pub String);
 
 impl<'de> Deserialize<'de> for HostName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let host = String::deserialize(d)?.to_ascii_lowercase();
-        if host.is_empty() || host.contains(['/', ':', ' ']) {
-            return Err(de::Error::custom(format!(
+        let host = String::deserialize(d)?;
+        match super::host_key(&host) {
+            Ok(key) if !host.contains(':') => Ok(Self(key)),
+            _ => Err(de::Error::custom(format!(
                 "host {host:?} must be a bare host name, without scheme, port or path"
-            )));
+            ))),
         }
-        Ok(Self(host))
     }
 }
 
@@ -162,6 +198,33 @@ impl PathTemplate {
                 "path {source:?} must not contain '//', '.' or '..' segments"
             ));
         }
+        // Literal text must be spelled the way requests are matched: the
+        // normaliser would otherwise never produce it (`%73hop`, `;v=1`, a
+        // space), and the policy would silently cover nothing.
+        let literal: String = {
+            let mut text = String::with_capacity(route.len());
+            let mut depth = 0;
+            for c in route.chars() {
+                match c {
+                    '{' => {
+                        depth += 1;
+                        text.push('p');
+                    }
+                    '}' => depth -= 1,
+                    _ if depth == 0 => text.push(c),
+                    _ => {}
+                }
+            }
+            text
+        };
+        match super::normalize(&literal) {
+            Ok(path) if path.match_key == literal && !literal.contains(['%', ';']) => {}
+            _ => {
+                return Err(format!(
+                    "path {source:?} is not in canonical form: use plain unescaped segments without '%', ';', spaces or '//'"
+                ))
+            }
+        }
         // matchit validates parameter syntax; probe it now for a load-time error.
         matchit::Router::<()>::new()
             .insert(route.as_str(), ())
@@ -192,5 +255,17 @@ mod tests {
         assert!(PathTemplate::parse("/a/{b").is_err());
         assert!(PathTemplate::parse("/a/../b").is_err());
         assert!(PathTemplate::parse("/files/{*rest}").is_ok());
+        for bad in ["/%73hop", "/shop;v=1", "/sh op", "/a//b", "/shop%2F"] {
+            assert!(PathTemplate::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn methods_and_hosts_are_checked() {
+        assert!(serde_yaml::from_str::<Methods>("[]").is_err());
+        assert!(serde_yaml::from_str::<Methods>("[get]").is_ok());
+        let host: HostName = serde_yaml::from_str("Admin.Example.").unwrap();
+        assert_eq!(host.0, "admin.example");
+        assert!(serde_yaml::from_str::<HostName>("admin.example:80").is_err());
     }
 }

@@ -1,49 +1,44 @@
 //! The pingora proxy: one [`Countersign`] implements `ProxyHttp`; each phase
 //! does one thing, and a call's state lives in its [`CallCtx`].
 //!
-//! `request_filter` decides. It normalises the path once (and rewrites the
-//! request to that path), finds the route and policy, and for a policy route
-//! holds the call: it buffers the body, renders what the person is asked,
-//! runs the approval and, only on approval, lets the call through with the
-//! fresh token in `CallCtx`. Every other ending is a problem+json answer.
+//! `request_filter` runs the two halves of admission: [`decide`] (the
+//! canonical request, its route and policy, who approves and what they are
+//! asked) and, for a policy call, [`hold`] (waiting for the approval). Only an
+//! approval lets a policy call through, with the fresh token in `CallCtx`;
+//! [`forward`] then builds the upstream request, and [`answer`] writes every
+//! refusal as problem+json.
 
+mod answer;
+mod decide;
+mod forward;
 mod hold;
-pub mod route;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
-use pingora::{Error, ErrorSource, ErrorType};
-use tracing::Instrument;
+use pingora::{Error, ErrorType};
 
-use crate::approval::{self, ApprovalRequest, Outcome};
-use crate::ciba::{AuthorizeRequest, CibaClient, CibaError};
+use crate::ciba::CibaClient;
 use crate::config::{DefaultAction, Limits, UpstreamConfig};
-use crate::identity::{IdentityError, IdentitySource};
+use crate::identity::IdentitySource;
 use crate::metrics::Metrics;
-use crate::policy::{self, PolicySet, RenderError};
-use crate::problem::{Problem, ProblemCode, CONTENT_TYPE};
+use crate::policy::PolicySet;
+use crate::problem::{Problem, ProblemCode};
 use crate::secret::Secret;
 
-pub use route::Routes;
-
-/// Headers some frameworks honour to change the method after routing; a
-/// policy on `POST` must not be dodged with `GET` + `X-HTTP-Method-Override: POST`.
-const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-];
+pub use crate::route::Routes;
+pub use forward::Upstream;
 
 /// Header naming the approval, on the forwarded call and on every answer.
+/// Every `x-countersign-*` header the agent sends is removed before
+/// forwarding: upstreams may trust them.
 pub const APPROVAL_ID_HEADER: &str = "x-countersign-approval-id";
 
 /// The gateway's proxy logic.
@@ -51,19 +46,52 @@ pub const APPROVAL_ID_HEADER: &str = "x-countersign-approval-id";
 pub struct Countersign {
     pub policies: PolicySet,
     pub routes: Routes,
-    pub upstreams: HashMap<String, UpstreamConfig>,
+    pub upstreams: HashMap<String, Arc<Upstream>>,
     pub identity: IdentitySource,
     pub ciba: CibaClient,
     pub limits: Limits,
     pub default_action: DefaultAction,
     pub metrics: Metrics,
+    /// Calls held right now, against `limits.max_pending`.
     pub held: Arc<AtomicUsize>,
+    /// Calls held right now per person, against `limits.max_pending_per_user`.
+    pending_per_user: hold::PendingPerUser,
+}
+
+impl Countersign {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        policies: PolicySet,
+        routes: Routes,
+        upstreams: impl IntoIterator<Item = (String, UpstreamConfig)>,
+        identity: IdentitySource,
+        ciba: CibaClient,
+        limits: Limits,
+        default_action: DefaultAction,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            policies,
+            routes,
+            upstreams: upstreams
+                .into_iter()
+                .map(|(name, config)| (name.clone(), Arc::new(Upstream::new(name, config))))
+                .collect(),
+            identity,
+            ciba,
+            limits,
+            default_action,
+            metrics,
+            held: Arc::new(AtomicUsize::new(0)),
+            pending_per_user: hold::PendingPerUser::default(),
+        }
+    }
 }
 
 /// Per-call state.
 #[derive(Debug, Default)]
 pub struct CallCtx {
-    upstream: Option<String>,
+    upstream: Option<Arc<Upstream>>,
     policy: Option<String>,
     approval_id: Option<String>,
     /// The token issued for exactly this call; dropped with the call.
@@ -72,319 +100,32 @@ pub struct CallCtx {
     upstream_started: Option<Instant>,
 }
 
-/// Why the hold ended without a forward.
+/// Why admission ended without a forward.
 enum Refusal {
-    Answer(Problem),
+    Answer(Box<Problem>),
     /// The agent went away; nothing is forwarded and nobody is answered.
     Disconnected,
 }
 
 impl From<Problem> for Refusal {
     fn from(problem: Problem) -> Self {
-        Self::Answer(problem)
+        Self::Answer(Box::new(problem))
     }
 }
 
 impl From<ProblemCode> for Refusal {
     fn from(code: ProblemCode) -> Self {
-        Self::Answer(Problem::new(code))
-    }
-}
-
-/// Decrements the held-call count however the hold ends.
-struct HeldGuard {
-    held: Arc<AtomicUsize>,
-    metrics: Metrics,
-}
-
-impl Drop for HeldGuard {
-    fn drop(&mut self) {
-        self.held.fetch_sub(1, Ordering::AcqRel);
-        self.metrics.pending_approvals.dec();
+        Self::Answer(Box::new(Problem::new(code)))
     }
 }
 
 impl Countersign {
     async fn admit(&self, session: &mut Session, ctx: &mut CallCtx) -> Result<(), Refusal> {
-        let header = session.req_header();
-        if let Some(name) = METHOD_OVERRIDE_HEADERS
-            .iter()
-            .find(|h| header.headers.contains_key(**h))
-        {
-            return Err(Problem::new(ProblemCode::MethodOverrideRefused)
-                .with_detail(format!(
-                    "The {name} header is not accepted; send the real HTTP method."
-                ))
-                .into());
-        }
-        let path = policy::normalize(header.uri.path()).map_err(|e| {
-            Problem::new(ProblemCode::InvalidPath)
-                .with_detail(format!("The request path was refused: {e}."))
-        })?;
-        let query = header.uri.query().map(str::to_owned);
-        let host = request_host(session);
-        let method = session.req_header().method.as_str().to_owned();
-
-        // Normalise once: the upstream receives exactly the path we matched.
-        // An origin-form target that is already normal is left as it is.
-        let uri = &session.req_header().uri;
-        let already_normal =
-            uri.scheme().is_none() && uri.authority().is_none() && uri.path() == path.forward;
-        if !already_normal {
-            let forward = match &query {
-                Some(q) => format!("{}?{q}", path.forward),
-                None => path.forward.clone(),
-            };
-            let uri: http::Uri = forward
-                .parse()
-                .map_err(|_| Refusal::from(ProblemCode::InvalidPath))?;
-            session.req_header_mut().set_uri(uri);
-        }
-
-        let upstream = self
-            .routes
-            .find(host.as_deref(), &path.match_key)
-            .ok_or(ProblemCode::NoRoute)?;
-        ctx.upstream = Some(upstream.to_owned());
-
-        let Some(found) = self.policies.find(&method, host.as_deref(), &path) else {
-            return match self.default_action {
-                DefaultAction::Pass => {
-                    ctx.outcome = "passed";
-                    Ok(())
-                }
-                DefaultAction::Deny => Err(ProblemCode::NoPolicy.into()),
-            };
-        };
-        let policy = found.policy;
-        ctx.policy = Some(policy.name.clone());
-
-        let identity = match self.identity.identify(session.req_header()).await {
-            Ok(identity) => identity,
-            Err(IdentityError::Missing) => return Err(ProblemCode::IdentityRequired.into()),
-            Err(IdentityError::Invalid(reason)) => {
-                tracing::info!(policy = %policy.name, %reason, "identity refused");
-                return Err(Problem::new(ProblemCode::IdentityRequired)
-                    .with_detail("The bearer token that identifies the user is not valid.")
-                    .into());
-            }
-            Err(IdentityError::KeysUnavailable(reason)) => {
-                tracing::warn!(%reason, "cannot fetch the keys that verify identities");
-                return Err(ProblemCode::AuthorizationServerUnavailable.into());
-            }
-        };
-
-        let body = hold::read_body(session, self.limits.max_body_bytes).await?;
-        let (json, body_is_json) = match &body {
-            Some(bytes) => match serde_json::from_slice::<serde_json::Value>(bytes) {
-                Ok(value) => (Some(value), true),
-                Err(_) => (None, false),
-            },
-            None => (None, false),
-        };
-        let context = policy::template_context(
-            json.as_ref(),
-            &found.params,
-            query.as_deref(),
-            &identity.claims,
-            &method,
-            &path.forward,
-        );
-        let rendered = self
-            .policies
-            .render(policy, &context)
-            .map_err(|error| match error {
-                RenderError::MissingValue(field) if !body_is_json => {
-                    Problem::new(ProblemCode::InvalidBody).with_detail(format!(
-                        "This call needs a JSON body with a value for '{field}'."
-                    ))
-                }
-                RenderError::MissingValue(field) => Problem::new(ProblemCode::InvalidBody)
-                    .with_detail(format!(
-                        "The request has no value for '{field}', which the approval message needs."
-                    )),
-                other => Problem::new(ProblemCode::InvalidBindingMessage).with_detail(format!(
-                    "The approval message for this call cannot be sent: {other}."
-                )),
-            })?;
-        // Not needed while the call is held (pingora's retry buffer keeps the
-        // body for the replay): free them before a hold of possibly minutes.
-        drop((context, json, body));
-
-        let approval_id = uuid::Uuid::new_v4().to_string();
-        ctx.approval_id = Some(approval_id.clone());
-        let span =
-            tracing::info_span!("approval", approval_id = %approval_id, policy = %policy.name);
-        if self.held.fetch_add(1, Ordering::AcqRel) >= self.limits.max_pending {
-            self.held.fetch_sub(1, Ordering::AcqRel);
-            return Err(Problem::new(ProblemCode::TooManyPending)
-                .with_retry_after(5)
-                .into());
-        }
-        self.metrics.pending_approvals.inc();
-        let _held = HeldGuard {
-            held: self.held.clone(),
-            metrics: self.metrics.clone(),
-        };
-
-        let requested_expiry = policy
-            .requested_expiry
-            .map(|e| e.min(self.limits.max_hold))
-            .or(Some(self.limits.max_hold));
-        let request = ApprovalRequest {
-            authorize: AuthorizeRequest {
-                subject: &identity.subject,
-                binding_message: &rendered.binding_message,
-                scopes: &policy.scopes,
-                audience: policy.audience.as_deref(),
-                authorization_details: rendered.authorization_details.as_ref(),
-                requested_expiry,
-            },
-            max_hold: self.limits.max_hold,
-        };
-        let started = Instant::now();
-        let outcome = async {
-            tracing::info!("call held for approval");
-            tokio::select! {
-                outcome = approval::run(&self.ciba, &request) => Some(outcome),
-                () = hold::client_gone(session) => None,
-            }
-        }
-        .instrument(span.clone())
-        .await;
-        let waited = started.elapsed();
-
-        let Some(outcome) = outcome else {
-            span.in_scope(|| {
-                tracing::info!(
-                    "agent disconnected during the hold; polling stopped, nothing forwarded"
-                )
-            });
-            self.metrics
-                .approvals
-                .with_label_values(&[&policy.name, "abandoned"])
-                .inc();
-            return Err(Refusal::Disconnected);
-        };
-        let result = outcome.result_label();
-        self.metrics
-            .approvals
-            .with_label_values(&[&policy.name, result])
-            .inc();
-        self.metrics
-            .approval_wait
-            .with_label_values(&[result])
-            .observe(waited.as_secs_f64());
-        span.in_scope(|| {
-            tracing::info!(
-                result,
-                waited_ms = waited.as_millis() as u64,
-                "approval finished"
-            )
-        });
-
-        match outcome {
-            Outcome::Approved(grant) => {
-                // The person may approve less than was asked; the call then
-                // cannot be made, so it is not forwarded.
-                if let Some(granted) = &grant.scope {
-                    let granted: Vec<&str> = granted.split_whitespace().collect();
-                    if let Some(missing) = policy
-                        .scopes
-                        .iter()
-                        .find(|s| !granted.contains(&s.as_str()))
-                    {
-                        span.in_scope(
-                            || tracing::info!(%missing, "approved without a required scope"),
-                        );
-                        return Err(Problem::new(ProblemCode::AccessDenied)
-                            .with_detail(format!(
-                                "The user approved the request without the {missing} permission it needs."
-                            ))
-                            .into());
-                    }
-                }
-                ctx.access_token = Some(grant.access_token);
-                ctx.outcome = "approved";
-                Ok(())
-            }
-            Outcome::Denied => Err(ProblemCode::AccessDenied.into()),
-            Outcome::Expired => Err(ProblemCode::ApprovalExpired.into()),
-            Outcome::Failed(error) => Err(failed_approval(error).into()),
+        match self.decide(session, ctx).await? {
+            None => Ok(()),
+            Some(call) => self.hold(session, ctx, call).await,
         }
     }
-
-    async fn answer(
-        &self,
-        session: &mut Session,
-        ctx: &mut CallCtx,
-        problem: Problem,
-    ) -> Result<()> {
-        ctx.outcome = problem.code();
-        let problem = match &ctx.approval_id {
-            Some(id) => problem.with_approval_id(id.clone()),
-            None => problem,
-        };
-        let body = Bytes::from(problem.to_json());
-        let mut header = ResponseHeader::build(problem.status, Some(6))?;
-        header.insert_header(http::header::CONTENT_TYPE, CONTENT_TYPE)?;
-        header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-        header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
-        if let Some(seconds) = problem.retry_after {
-            header.insert_header(http::header::RETRY_AFTER, seconds.to_string())?;
-        }
-        if problem.status == 401 {
-            header.insert_header(http::header::WWW_AUTHENTICATE, "Bearer")?;
-        }
-        if let Some(id) = &ctx.approval_id {
-            header.insert_header(APPROVAL_ID_HEADER, id.as_str())?;
-        }
-        // A body we did not read would be parsed as the next request.
-        if !session.is_body_done() {
-            session.set_keepalive(None);
-        }
-        session
-            .write_response_header(Box::new(header), false)
-            .await?;
-        session.write_response_body(Some(body), true).await
-    }
-}
-
-fn failed_approval(error: CibaError) -> Problem {
-    match error {
-        CibaError::UnknownUser => Problem::new(ProblemCode::UnknownUser),
-        CibaError::InvalidBindingMessage(reason) => {
-            tracing::warn!(%reason, "authorization server refused the binding message");
-            Problem::new(ProblemCode::InvalidBindingMessage)
-        }
-        CibaError::Unavailable {
-            reason,
-            retry_after,
-        } => {
-            tracing::warn!(%reason, "authorization server unavailable");
-            let problem = Problem::new(ProblemCode::AuthorizationServerUnavailable);
-            match retry_after {
-                Some(after) => problem.with_retry_after(after.as_secs().max(1)),
-                None => problem,
-            }
-        }
-        other => {
-            tracing::error!(error = %other, "approval failed");
-            Problem::new(ProblemCode::ApprovalFailed)
-        }
-    }
-}
-
-/// The [`policy::host_key`] of the Host header, or of the authority of an
-/// absolute-form target.
-fn request_host(session: &Session) -> Option<String> {
-    let header = session.req_header();
-    let raw = header
-        .headers
-        .get(http::header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| header.uri.authority().map(|a| a.as_str()))?;
-    Some(policy::host_key(raw))
 }
 
 #[async_trait]
@@ -402,7 +143,7 @@ impl ProxyHttp for Countersign {
         match self.admit(session, ctx).await {
             Ok(()) => Ok(false),
             Err(Refusal::Answer(problem)) => {
-                self.answer(session, ctx, problem).await?;
+                self.answer(session, ctx, *problem).await?;
                 Ok(true)
             }
             Err(Refusal::Disconnected) => {
@@ -421,20 +162,11 @@ impl ProxyHttp for Countersign {
         _session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
-        let name = ctx.upstream.as_deref().unwrap_or_default();
-        let upstream = self
-            .upstreams
-            .get(name)
+        let upstream = ctx
+            .upstream
+            .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "call has no upstream"))?;
-        let url = &upstream.url;
-        let mut peer = HttpPeer::new((url.host.as_str(), url.port), url.tls, url.host.clone());
-        peer.options.connection_timeout = Some(upstream.connect_timeout);
-        peer.options.total_connection_timeout =
-            Some(upstream.connect_timeout + Duration::from_secs(5));
-        peer.options.read_timeout = Some(upstream.timeout);
-        peer.options.write_timeout = Some(upstream.timeout);
-        peer.options.idle_timeout = Some(Duration::from_secs(60));
-        Ok(Box::new(peer))
+        upstream.peer().await
     }
 
     async fn upstream_request_filter(
@@ -443,33 +175,7 @@ impl ProxyHttp for Countersign {
         request: &mut pingora::http::RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        if let Some(upstream) = ctx.upstream.as_deref().and_then(|n| self.upstreams.get(n)) {
-            if !upstream.preserve_host {
-                request.insert_header(http::header::HOST, upstream.url.authority())?;
-            }
-        }
-        request.remove_header(&http::header::EXPECT);
-        if ctx.policy.is_some() {
-            // Fail closed: a policy call leaves only with its own fresh token.
-            let token = ctx.access_token.as_ref().ok_or_else(|| {
-                Error::explain(
-                    ErrorType::InternalError,
-                    "policy call without an approved token",
-                )
-            })?;
-            request.remove_header(&http::header::AUTHORIZATION);
-            request.remove_header(&http::header::PROXY_AUTHORIZATION);
-            if let Some(name) = self.identity.credential_header() {
-                request.remove_header(name);
-            }
-            request.insert_header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", token.expose()),
-            )?;
-            if let Some(id) = &ctx.approval_id {
-                request.insert_header(APPROVAL_ID_HEADER, id.as_str())?;
-            }
-        }
+        self.prepare_upstream_request(request, ctx)?;
         ctx.upstream_started = Some(Instant::now());
         Ok(())
     }
@@ -492,41 +198,7 @@ impl ProxyHttp for Countersign {
         error: &Error,
         ctx: &mut Self::CTX,
     ) -> FailToProxy {
-        let code = match error.esource() {
-            ErrorSource::Downstream => None,
-            ErrorSource::Upstream => Some(ProblemCode::UpstreamUnavailable),
-            _ => match error.etype() {
-                ErrorType::HTTPStatus(status) if *status < 500 => {
-                    let _ = session.respond_error(*status).await;
-                    return FailToProxy {
-                        error_code: *status,
-                        can_reuse_downstream: false,
-                    };
-                }
-                _ => Some(ProblemCode::UpstreamUnavailable),
-            },
-        };
-        let Some(code) = code else {
-            return FailToProxy {
-                error_code: 0,
-                can_reuse_downstream: false,
-            };
-        };
-        tracing::warn!(
-            approval_id = ctx.approval_id.as_deref(),
-            upstream = ctx.upstream.as_deref(),
-            error = %error,
-            "forwarding failed"
-        );
-        let problem = Problem::new(code);
-        let status = problem.status;
-        if let Err(e) = self.answer(session, ctx, problem).await {
-            tracing::debug!(error = %e, "could not answer the agent");
-        }
-        FailToProxy {
-            error_code: status,
-            can_reuse_downstream: false,
-        }
+        self.answer_failure(session, error, ctx).await
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Self::CTX) {
@@ -535,10 +207,10 @@ impl ProxyHttp for Countersign {
             .calls
             .with_label_values(&[policy, ctx.outcome])
             .inc();
-        if let (Some(started), Some(upstream)) = (ctx.upstream_started, ctx.upstream.as_deref()) {
+        if let (Some(started), Some(upstream)) = (ctx.upstream_started, ctx.upstream.as_ref()) {
             self.metrics
                 .upstream_duration
-                .with_label_values(&[upstream])
+                .with_label_values(&[upstream.name.as_str()])
                 .observe(started.elapsed().as_secs_f64());
         }
         // Calls that merely passed through are the bulk of traffic and are

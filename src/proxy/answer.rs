@@ -1,0 +1,139 @@
+//! Every answer the gateway gives instead of the upstream: problem+json.
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, Session};
+use pingora::{Error, ErrorSource, ErrorType};
+
+use super::{CallCtx, Countersign, APPROVAL_ID_HEADER};
+use crate::ciba::CibaError;
+use crate::problem::{Problem, ProblemCode, CONTENT_TYPE};
+use crate::request::RequestError;
+
+impl Countersign {
+    pub(super) async fn answer(
+        &self,
+        session: &mut Session,
+        ctx: &mut CallCtx,
+        problem: Problem,
+    ) -> Result<()> {
+        ctx.outcome = problem.code();
+        let problem = match &ctx.approval_id {
+            Some(id) => problem.with_approval_id(id.clone()),
+            None => problem,
+        };
+        let body = Bytes::from(problem.to_json());
+        let mut header = ResponseHeader::build(problem.status, Some(6))?;
+        header.insert_header(http::header::CONTENT_TYPE, CONTENT_TYPE)?;
+        header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+        if let Some(seconds) = problem.retry_after {
+            header.insert_header(http::header::RETRY_AFTER, seconds.to_string())?;
+        }
+        if problem.status == 401 {
+            header.insert_header(http::header::WWW_AUTHENTICATE, "Bearer")?;
+        }
+        if let Some(id) = &ctx.approval_id {
+            header.insert_header(APPROVAL_ID_HEADER, id.as_str())?;
+        }
+        // A body we did not read would be parsed as the next request.
+        if !session.is_body_done() {
+            session.set_keepalive(None);
+        }
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        session.write_response_body(Some(body), true).await
+    }
+
+    /// pingora could not forward the call (or the agent left).
+    pub(super) async fn answer_failure(
+        &self,
+        session: &mut Session,
+        error: &Error,
+        ctx: &mut CallCtx,
+    ) -> FailToProxy {
+        let code = match error.esource() {
+            ErrorSource::Downstream => None,
+            ErrorSource::Upstream => Some(ProblemCode::UpstreamUnavailable),
+            _ => match error.etype() {
+                ErrorType::HTTPStatus(status) if *status < 500 => {
+                    let _ = session.respond_error(*status).await;
+                    return FailToProxy {
+                        error_code: *status,
+                        can_reuse_downstream: false,
+                    };
+                }
+                _ => Some(ProblemCode::UpstreamUnavailable),
+            },
+        };
+        let Some(code) = code else {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        tracing::warn!(
+            approval_id = ctx.approval_id.as_deref(),
+            upstream = ctx.upstream.as_ref().map(|u| u.name.as_str()),
+            error = %error,
+            "forwarding failed"
+        );
+        let problem = Problem::new(code);
+        let status = problem.status;
+        if let Err(e) = self.answer(session, ctx, problem).await {
+            tracing::debug!(error = %e, "could not answer the agent");
+        }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+}
+
+/// The answer to a request refused before routing.
+pub(super) fn request_problem(error: RequestError) -> Problem {
+    let code = match &error {
+        RequestError::NotOriginForm
+        | RequestError::NotUtf8
+        | RequestError::Path(_)
+        | RequestError::EncodedPercent => ProblemCode::InvalidPath,
+        RequestError::Host(_)
+        | RequestError::MissingHost
+        | RequestError::RepeatedHost
+        | RequestError::HostMismatch { .. }
+        | RequestError::ForwardedHostMismatch(_) => ProblemCode::InvalidHost,
+        RequestError::MethodOverrideHeader(_) | RequestError::MethodOverrideParameter => {
+            ProblemCode::MethodOverrideRefused
+        }
+        RequestError::PathOverrideHeader(_) => ProblemCode::PathOverrideRefused,
+    };
+    Problem::new(code).with_detail(format!("The request was refused: {error}."))
+}
+
+/// The answer to an approval that failed (not denied, not expired).
+pub(super) fn failed_approval(error: CibaError) -> Problem {
+    match error {
+        CibaError::UnknownUser => Problem::new(ProblemCode::UnknownUser),
+        CibaError::InvalidBindingMessage(reason) => {
+            tracing::warn!(%reason, "authorization server refused the binding message");
+            Problem::new(ProblemCode::InvalidBindingMessage)
+        }
+        CibaError::Unavailable {
+            reason,
+            retry_after,
+        } => {
+            tracing::warn!(%reason, "authorization server unavailable");
+            let problem = Problem::new(ProblemCode::AuthorizationServerUnavailable);
+            match retry_after {
+                Some(after) => problem.with_retry_after(after.as_secs().max(1)),
+                None => problem,
+            }
+        }
+        other => {
+            tracing::error!(error = %other, "approval failed");
+            Problem::new(ProblemCode::ApprovalFailed)
+        }
+    }
+}

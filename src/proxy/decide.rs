@@ -1,0 +1,190 @@
+//! Deciding what a call needs: its canonical request, route and policy,
+//! who must approve it, and what they are asked.
+
+use bytes::Bytes;
+use pingora::proxy::Session;
+
+use super::answer::request_problem;
+use super::{hold, CallCtx, Countersign, Refusal};
+use crate::config::DefaultAction;
+use crate::identity::{Identity, IdentityError};
+use crate::policy::{self, Policy, RenderError, RenderedRequest};
+use crate::problem::{Problem, ProblemCode};
+use crate::request::{self, CanonicalRequest};
+
+/// A call that must wait for its person's approval.
+pub(super) struct HeldCall<'a> {
+    pub policy: &'a Policy,
+    pub identity: Identity,
+    pub rendered: RenderedRequest,
+}
+
+impl Countersign {
+    /// `Ok(None)`: the call passes through as it is (already rewritten to
+    /// its canonical target). `Ok(Some)`: it needs an approval.
+    pub(super) async fn decide(
+        &self,
+        session: &mut Session,
+        ctx: &mut CallCtx,
+    ) -> Result<Option<HeldCall<'_>>, Refusal> {
+        let mut request =
+            CanonicalRequest::from_header(session.req_header()).map_err(request_problem)?;
+        let upstream_name = self
+            .routes
+            .find(Some(&request.host), &request.path.match_key)
+            .ok_or(ProblemCode::NoRoute)?;
+        let upstream = self
+            .upstreams
+            .get(upstream_name)
+            .ok_or(ProblemCode::NoRoute)?;
+        request
+            .check_encoded_percent(upstream.config.allow_encoded_percent)
+            .map_err(request_problem)?;
+        // Normalise once: the upstream receives exactly the target matched.
+        if let Some(uri) = request.rewrite.take() {
+            session.req_header_mut().set_uri(uri);
+        }
+        ctx.upstream = Some(upstream.clone());
+
+        let method = session.req_header().method.clone();
+        let body = self.refuse_form_method_field(session, &request).await?;
+        let Some(found) = self
+            .policies
+            .find(method.as_str(), Some(&request.host), &request.path)
+        else {
+            return match self.default_action {
+                DefaultAction::Pass => Ok(None),
+                DefaultAction::Deny => Err(ProblemCode::NoPolicy.into()),
+            };
+        };
+        let policy = found.policy;
+        ctx.policy = Some(policy.name.clone());
+        ctx.outcome = "refused";
+        if !policy.upstreams.iter().any(|u| *u == upstream.name) {
+            // Load-time checks make this unreachable; a token still never
+            // goes anywhere its policy does not name.
+            tracing::error!(policy = %policy.name, upstream = %upstream.name, "policy call routed to an upstream the policy does not name");
+            return Err(ProblemCode::UpstreamNotAllowed.into());
+        }
+
+        let identity = self.identify(session, policy).await?;
+        let body = match body {
+            Some(body) => body,
+            None => hold::read_body(session, self.limits.max_body_bytes).await?,
+        };
+        let rendered = self.render(
+            policy,
+            &found.params,
+            body.as_deref(),
+            &request,
+            &identity,
+            method.as_str(),
+        )?;
+        Ok(Some(HeldCall {
+            policy,
+            identity,
+            rendered,
+        }))
+    }
+
+    /// Rails and Rack take the method from a `_method` field of a form POST:
+    /// on a path some policy covers, such a body is read and refused. Returns
+    /// the body when it was read.
+    async fn refuse_form_method_field(
+        &self,
+        session: &mut Session,
+        request: &CanonicalRequest,
+    ) -> Result<Option<Option<Bytes>>, Refusal> {
+        let header = session.req_header();
+        if header.method != http::Method::POST {
+            return Ok(None);
+        }
+        let content_type = header
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_ascii_lowercase())
+            .unwrap_or_default();
+        let form = content_type.starts_with("application/x-www-form-urlencoded");
+        let multipart = content_type.starts_with("multipart/");
+        if !(form || multipart) || !self.policies.covers(Some(&request.host), &request.path) {
+            return Ok(None);
+        }
+        let body = hold::read_body(session, self.limits.max_body_bytes).await?;
+        let bytes = body.as_deref().unwrap_or_default();
+        let overrides = if form {
+            request::has_method_parameter(&String::from_utf8_lossy(bytes))
+        } else {
+            request::multipart_has_method_field(bytes)
+        };
+        if overrides {
+            return Err(Problem::new(ProblemCode::MethodOverrideRefused)
+                .with_detail(format!(
+                    "The request was refused: the {} form field is not accepted; send the real HTTP method.",
+                    request::METHOD_PARAMETER
+                ))
+                .into());
+        }
+        Ok(Some(body))
+    }
+
+    async fn identify(&self, session: &Session, policy: &Policy) -> Result<Identity, Refusal> {
+        match self.identity.identify(session.req_header()).await {
+            Ok(identity) => Ok(identity),
+            Err(IdentityError::Missing) => Err(ProblemCode::IdentityRequired.into()),
+            Err(IdentityError::Invalid(reason)) => {
+                tracing::info!(policy = %policy.name, %reason, "identity refused");
+                Err(Problem::new(ProblemCode::IdentityRequired)
+                    .with_detail("The bearer token that identifies the user is not valid.")
+                    .into())
+            }
+            Err(IdentityError::KeysUnavailable(reason)) => {
+                tracing::warn!(%reason, "cannot fetch the keys that verify identities");
+                Err(ProblemCode::AuthorizationServerUnavailable.into())
+            }
+        }
+    }
+
+    fn render(
+        &self,
+        policy: &Policy,
+        params: &[(String, String)],
+        body: Option<&[u8]>,
+        request: &CanonicalRequest,
+        identity: &Identity,
+        method: &str,
+    ) -> Result<RenderedRequest, Refusal> {
+        let (json, body_is_json) = match body {
+            Some(bytes) => match serde_json::from_slice::<serde_json::Value>(bytes) {
+                Ok(value) => (Some(value), true),
+                Err(_) => (None, false),
+            },
+            None => (None, false),
+        };
+        let context = policy::template_context(
+            json.as_ref(),
+            params,
+            request.query.as_deref(),
+            &identity.claims,
+            method,
+            &request.path.forward,
+        );
+        self.policies.render(policy, &context).map_err(|error| {
+            match error {
+                RenderError::MissingValue(field) if !body_is_json => {
+                    Problem::new(ProblemCode::InvalidBody).with_detail(format!(
+                        "This call needs a JSON body with a value for '{field}'."
+                    ))
+                }
+                RenderError::MissingValue(field) => Problem::new(ProblemCode::InvalidBody)
+                    .with_detail(format!(
+                        "The request has no value for '{field}', which the approval message needs."
+                    )),
+                other => Problem::new(ProblemCode::InvalidBindingMessage).with_detail(format!(
+                    "The approval message for this call cannot be sent: {other}."
+                )),
+            }
+            .into()
+        })
+    }
+}

@@ -1,0 +1,131 @@
+//! Forwarding: the upstream a call goes to, and the request it receives.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use pingora::http::RequestHeader;
+use pingora::prelude::*;
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorType};
+
+use super::{CallCtx, Countersign, APPROVAL_ID_HEADER};
+use crate::config::UpstreamConfig;
+use crate::identity::IdentitySource;
+
+/// Headers only the gateway may set on a forwarded call.
+const GATEWAY_HEADER_PREFIX: &str = "x-countersign-";
+
+/// A configured upstream.
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    pub config: UpstreamConfig,
+    /// Built once when the upstream is an IP address; a name is resolved
+    /// per call, asynchronously (pingora would resolve it blocking, and
+    /// panic when it does not resolve).
+    fixed_peer: Option<HttpPeer>,
+}
+
+impl Upstream {
+    pub fn new(name: String, config: UpstreamConfig) -> Self {
+        let fixed_peer = config
+            .url
+            .host
+            .parse::<IpAddr>()
+            .ok()
+            .map(|ip| build_peer(&config, SocketAddr::new(ip, config.url.port)));
+        Self {
+            name,
+            config,
+            fixed_peer,
+        }
+    }
+
+    pub(super) async fn peer(&self) -> Result<Box<HttpPeer>> {
+        if let Some(peer) = &self.fixed_peer {
+            return Ok(Box::new(peer.clone()));
+        }
+        let url = &self.config.url;
+        let address = tokio::net::lookup_host((url.host.as_str(), url.port))
+            .await
+            .ok()
+            .and_then(|mut addresses| addresses.next())
+            .ok_or_else(|| {
+                Error::explain(
+                    ErrorType::ConnectNoRoute,
+                    format!("upstream {} ({}) does not resolve", self.name, url.host),
+                )
+                .into_up()
+            })?;
+        Ok(Box::new(build_peer(&self.config, address)))
+    }
+}
+
+fn build_peer(config: &UpstreamConfig, address: SocketAddr) -> HttpPeer {
+    let url = &config.url;
+    let mut peer = HttpPeer::new(address, url.tls, url.host.clone());
+    peer.options.connection_timeout = Some(config.connect_timeout);
+    peer.options.total_connection_timeout = Some(config.connect_timeout + Duration::from_secs(5));
+    peer.options.read_timeout = Some(config.timeout);
+    peer.options.write_timeout = Some(config.timeout);
+    peer.options.idle_timeout = Some(Duration::from_secs(60));
+    peer
+}
+
+impl Countersign {
+    /// The upstream request: the upstream's Host, no header only the gateway
+    /// may set, and for a policy call the fresh token in place of the
+    /// agent's credentials.
+    pub(super) fn prepare_upstream_request(
+        &self,
+        request: &mut RequestHeader,
+        ctx: &CallCtx,
+    ) -> Result<()> {
+        if let Some(upstream) = &ctx.upstream {
+            if !upstream.config.preserve_host {
+                request.insert_header(http::header::HOST, upstream.config.url.authority())?;
+            }
+        }
+        request.remove_header(&http::header::EXPECT);
+        remove_gateway_headers(request, &self.identity);
+        if ctx.policy.is_some() {
+            // Fail closed: a policy call leaves only with its own fresh token.
+            let token = ctx.access_token.as_ref().ok_or_else(|| {
+                Error::explain(
+                    ErrorType::InternalError,
+                    "policy call without an approved token",
+                )
+            })?;
+            request.remove_header(&http::header::AUTHORIZATION);
+            request.remove_header(&http::header::PROXY_AUTHORIZATION);
+            if let Some(name) = self.identity.credential_header() {
+                request.remove_header(name);
+            }
+            request.insert_header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", token.expose()),
+            )?;
+            if let Some(id) = &ctx.approval_id {
+                request.insert_header(APPROVAL_ID_HEADER, id.as_str())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Upstreams may trust `x-countersign-*` and the identity header (in header
+/// mode), so an agent's own copies never reach them, on any call.
+fn remove_gateway_headers(request: &mut RequestHeader, identity: &IdentitySource) {
+    let forged: Vec<http::HeaderName> = request
+        .headers
+        .keys()
+        .filter(|name| name.as_str().starts_with(GATEWAY_HEADER_PREFIX))
+        .cloned()
+        .collect();
+    for name in &forged {
+        request.remove_header(name);
+    }
+    if let IdentitySource::Header(name) = identity {
+        request.remove_header(name);
+    }
+}
