@@ -360,7 +360,11 @@ async fn unmatched_calls_pass_or_are_denied_by_the_default() {
 
 #[tokio::test]
 async fn twenty_held_calls_for_two_people_resolve_independently() {
-    let world = World::start(GatewayOptions::default()).await;
+    let world = World::start(GatewayOptions {
+        limits: "{ max_body_bytes: 1024, max_hold: 60s, max_pending_per_user: 10 }",
+        ..GatewayOptions::default()
+    })
+    .await;
     let mut calls = Vec::new();
     for qty in 1..=10 {
         for user in ["alice", "bob"] {
@@ -568,4 +572,39 @@ async fn an_approval_without_the_required_scope_is_not_forwarded() {
         "{body}"
     );
     assert!(world.shop.received().is_empty());
+}
+
+#[tokio::test]
+async fn one_agent_cannot_flood_a_persons_phone() {
+    let world = World::start(GatewayOptions {
+        limits: "{ max_body_bytes: 1024, max_hold: 60s, max_pending_per_user: 2 }",
+        ..GatewayOptions::default()
+    })
+    .await;
+    let held: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(world.buy("alice", phones()).send()))
+        .collect();
+    world.peer.wait_pending(Some("alice"), 2).await;
+
+    let third = world.buy("alice", phones()).send().await.unwrap();
+    assert_eq!(third.status(), 429);
+    assert!(third.headers().contains_key("retry-after"));
+    let problem: Value = third.json().await.unwrap();
+    assert_eq!(problem["code"], "too_many_pending_approvals");
+    // Another person is not affected.
+    let bob = tokio::spawn(world.buy("bob", phones()).send());
+    world.peer.wait_pending(Some("bob"), 1).await;
+    assert_eq!(world.peer.wait_pending(Some("alice"), 2).await.len(), 2, "no third push to alice");
+
+    for request in world.peer.wait_pending(None, 3).await {
+        world.peer.deny(request["auth_req_id"].as_str().unwrap()).await;
+    }
+    for call in held.into_iter().chain([bob]) {
+        assert_eq!(call.await.unwrap().unwrap().status(), 403);
+    }
+    // Answered calls free their slots.
+    let again = tokio::spawn(world.buy("alice", phones()).send());
+    let pending = world.peer.wait_pending(Some("alice"), 1).await;
+    world.peer.deny(pending[0]["auth_req_id"].as_str().unwrap()).await;
+    assert_eq!(again.await.unwrap().unwrap().status(), 403);
 }

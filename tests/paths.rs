@@ -17,7 +17,11 @@ fn post(path: &str, extra_headers: &str) -> String {
 
 #[tokio::test]
 async fn no_spelling_of_a_policy_route_gets_past_its_policy() {
-    let world = World::start(GatewayOptions::default()).await;
+    let world = World::start(GatewayOptions {
+        limits: "{ max_body_bytes: 1024, max_hold: 60s, max_pending_per_user: 20 }",
+        ..GatewayOptions::default()
+    })
+    .await;
     let spellings = [
         "//shop",
         "/./shop",
@@ -29,6 +33,9 @@ async fn no_spelling_of_a_policy_route_gets_past_its_policy() {
         "/shop;jsessionid=1",
         "/x/..;/shop",
         "/shop?qty=99",
+        "/shop.json",
+        "/SHOP.xml/",
+        "http://shop.example/shop",
     ];
     let proxy = world.gateway.proxy;
     let calls: Vec<_> = spellings

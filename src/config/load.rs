@@ -418,4 +418,51 @@ default_action: pass
         let text = format!("{BASE}limits: {{ max_body_bytes: 1000000 }}\n");
         assert!(error_of(&text).contains("limits.max_body_bytes"));
     }
+
+    const TWO_UPSTREAMS: &str = r#"
+listen: { proxy: "127.0.0.1:8080" }
+upstreams:
+  shop: { url: "http://127.0.0.1:3000" }
+  mail: { url: "http://127.0.0.1:3001" }
+routes:
+  - { host: mail.example, upstream: mail }
+  - { path_prefix: /, upstream: shop }
+authorization_server:
+  issuer: https://tenant.example/
+  client_id: countersign
+  client_auth: { method: client_secret_post, client_secret: plain }
+identity: { static: { subject: alice } }
+policies: []
+default_action: pass
+"#;
+
+    /// Loads one policy on POST /shop; `host` extends its `match`, `upstreams` adds lines.
+    fn load_policy(host: &str, upstreams: &str) -> Result<Config, String> {
+        let file = format!(
+            "policies:\n  - name: buy\n    match: {{ methods: [POST], path: /shop{host} }}\n    require: {{ scopes: [x] }}\n    binding_message: Buy\n{upstreams}"
+        );
+        load_embedded(
+            Path::new("gateway.yaml"),
+            TWO_UPSTREAMS,
+            &[(Path::new("buy.yaml"), &file)],
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_policy_token_may_only_reach_the_upstreams_it_names() {
+        let unnamed = load_policy("", "").unwrap_err();
+        assert!(
+            unnamed.starts_with("buy.yaml: policies[0] ('buy'): upstreams:"),
+            "{unnamed}"
+        );
+        // Host mail.example routes POST /shop to mail: the shop's token would go there.
+        let shop_only = "    upstreams: [shop]\n";
+        let leaks = load_policy("", shop_only).unwrap_err();
+        assert!(leaks.contains("routed to upstream \"mail\""), "{leaks}");
+        assert!(load_policy(", host: shop.example", shop_only).is_ok());
+        assert!(load_policy("", "    upstreams: [shop, mail]\n").is_ok());
+        let unknown = load_policy("", "    upstreams: [shoop]\n").unwrap_err();
+        assert!(unknown.contains("unknown upstream \"shoop\""), "{unknown}");
+    }
 }
