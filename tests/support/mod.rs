@@ -3,6 +3,8 @@
 //! in-process on ephemeral ports.
 #![allow(dead_code)]
 
+pub mod permissive;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -194,6 +196,8 @@ pub struct GatewayOptions {
     pub limits: &'static str,
     /// Overrides the shop's address as the upstream.
     pub upstream: Option<String>,
+    /// The upstream's `preserve_host`: it sees the agent's `Host`.
+    pub preserve_host: bool,
 }
 
 impl Default for GatewayOptions {
@@ -205,6 +209,7 @@ impl Default for GatewayOptions {
             extra_policies: "",
             limits: "{ max_body_bytes: 1024, max_hold: 60s }",
             upstream: None,
+            preserve_host: false,
         }
     }
 }
@@ -319,7 +324,7 @@ pub fn write_config(
         r#"
 listen: {{ proxy: "{proxy}", admin: "{admin}", threads: 2 }}
 upstreams:
-  shop: {{ url: "http://{shop}", connect_timeout: 2s, timeout: 10s }}
+  shop: {{ url: "http://{shop}", connect_timeout: 2s, timeout: 10s, preserve_host: {preserve_host} }}
 authorization_server:
   issuer: {issuer}
   {client}
@@ -341,6 +346,7 @@ limits: {limits}
         extra = extra.display(),
         default_action = options.default_action,
         limits = options.limits,
+        preserve_host = options.preserve_host,
     );
     let file = dir.join("countersign.yaml");
     std::fs::write(&file, config).unwrap();

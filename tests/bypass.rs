@@ -1,0 +1,574 @@
+//! Policy bypass: no spelling of a held route reaches the upstream without
+//! an approval, however loosely the application behind the gateway reads it.
+//!
+//! The upstream here is [`PermissiveUpstream`]: it reads every request the
+//! way some common framework would (see its module documentation) and
+//! reports requests that some framework routes to a held route while they
+//! carry no token that verifies. Nobody approves anything in these tests,
+//! so every such request got past the gateway.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use countersign::demo::shop::ShopHandle;
+use support::permissive::{Offence, PermissiveUpstream};
+use support::*;
+
+/// The held routes: (method, host or any, path template).
+const HELD: &[(&str, Option<&str>, &str)] = &[
+    ("POST", None, "/shop"),
+    ("DELETE", None, "/orders/{orderId}"),
+    ("GET", Some("admin.example"), "/admin/{*rest}"),
+];
+
+const ADMIN_POLICY: &str = r#"  - name: admin
+    match: { methods: [GET], path: "/admin/{*rest}", host: admin.example }
+    require: { scopes: [product:read], audience: "https://shop.example/api" }
+    binding_message: "Admin call"
+"#;
+
+const BODY: &str = r#"{"product":"XYZ phone","qty":2,"priceLimit":900}"#;
+const SHOP: &str = "Host: shop.example";
+const ADMIN: &str = "Host: admin.example";
+const OTHER: &str = "Host: other.example";
+/// Replaced by the spelling's two-digit index, so arrivals can be told apart.
+const PROBE: &str = "x-probe: ??";
+
+/// How long a client waits for an answer; held calls are left hanging.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// One way of spelling a call to a held route.
+struct Spelling {
+    name: &'static str,
+    /// The bytes sent first.
+    request: String,
+    /// Sent once the first answer's head arrived: what travels through a
+    /// tunnel, or a request pipelined behind one the gateway refuses.
+    then: Option<String>,
+    /// Whether a permissive upstream, asked directly, routes it to a held
+    /// route (false for rows that are no route at all).
+    reaches_held: bool,
+}
+
+fn spelling(name: &'static str, request: String) -> Spelling {
+    Spelling {
+        name,
+        request,
+        then: None,
+        reaches_held: true,
+    }
+}
+
+impl Spelling {
+    fn then(mut self, bytes: String) -> Self {
+        self.then = Some(bytes);
+        self
+    }
+
+    fn no_route(mut self) -> Self {
+        self.reaches_held = false;
+        self
+    }
+
+    fn tagged(&self, index: usize) -> (String, Option<String>) {
+        let tag = format!("x-probe: {index:02}");
+        (
+            self.request.replace(PROBE, &tag),
+            self.then.as_ref().map(|t| t.replace(PROBE, &tag)),
+        )
+    }
+}
+
+/// `line` ("POST /shop"), then `headers` (Host only when given), the
+/// identity header and the probe tag, and `body` as `content_type`.
+fn request(line: &str, headers: &[&str], body: Option<(&str, &str)>) -> String {
+    let mut out = format!("{line} HTTP/1.1\r\n");
+    for header in headers {
+        out.push_str(header);
+        out.push_str("\r\n");
+    }
+    out.push_str(&format!("{USER_HEADER}: alice\r\n{PROBE}\r\n"));
+    if !headers
+        .iter()
+        .any(|h| h.to_ascii_lowercase().starts_with("connection:"))
+    {
+        out.push_str("connection: close\r\n");
+    }
+    match body {
+        Some((content_type, body)) => out.push_str(&format!(
+            "content-type: {content_type}\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )),
+        None => out.push_str("\r\n"),
+    }
+    out
+}
+
+/// With the purchase as JSON body.
+fn json(line: &str, headers: &[&str]) -> String {
+    request(line, headers, Some(("application/json", BODY)))
+}
+
+/// Without a body.
+fn bare(line: &str, headers: &[&str]) -> String {
+    request(line, headers, None)
+}
+
+/// With an urlencoded form body.
+fn form(line: &str, headers: &[&str], body: &str) -> String {
+    request(
+        line,
+        headers,
+        Some(("application/x-www-form-urlencoded", body)),
+    )
+}
+
+/// `POST /products` whose body, by Content-Length, is a whole chunked
+/// body (`0`) followed by a `POST /shop`: whoever reads it as chunked sees
+/// two requests.
+fn smuggle(transfer_encoding: &str) -> String {
+    let body = format!("0\r\n\r\n{}", json("POST /shop", &[SHOP]));
+    format!(
+        "POST /products HTTP/1.1\r\n{SHOP}\r\n{USER_HEADER}: alice\r\n{PROBE}\r\ncontent-type: application/json\r\ncontent-length: {}\r\ntransfer-encoding: {transfer_encoding}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Every spelling, with who reads it how.
+fn spellings() -> Vec<Spelling> {
+    let multipart =
+        "--XyZ\r\ncontent-disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--XyZ--\r\n";
+    vec![
+        // ---- POST /shop ----
+        // Go net/http: ParseRequestURI("x:/shop") has scheme "x" and path
+        // "/shop", and ServeMux routes by the path.
+        spelling("POST x:/shop", json("POST x:/shop", &[SHOP])),
+        // Routers that prepend a missing leading '/' (Go's cleanPath,
+        // Node routers reading req.url).
+        spelling("POST shop", json("POST shop", &[SHOP])),
+        // RFC 9112 absolute-form: every server routes it by its path.
+        spelling(
+            "POST http://shop.example/shop, with Host",
+            json("POST http://shop.example/shop", &[SHOP]),
+        ),
+        spelling(
+            "POST http://shop.example/shop, no Host",
+            json("POST http://shop.example/shop", &[]),
+        ),
+        // Absolute-form whose authority disagrees with Host: RFC 9112 says
+        // the authority wins; servers that take Host see other.example.
+        spelling(
+            "POST http://shop.example/shop, Host: other.example",
+            json("POST http://shop.example/shop", &[OTHER]),
+        ),
+        // Python's urlsplit, WHATWG `new URL(target, base)`: `//a/b` is
+        // host a, path /b.
+        spelling(
+            "POST //shop.example/shop",
+            json("POST //shop.example/shop", &[SHOP]),
+        ),
+        // IIS URL Rewrite, Symfony before 5, Zend Framework 1: the header
+        // replaces the path.
+        spelling(
+            "POST /other + X-Original-URL: /shop",
+            json("POST /other", &[SHOP, "X-Original-URL: /shop"]),
+        ),
+        // IIS ISAPI_Rewrite, Symfony before 5: likewise.
+        spelling(
+            "POST /other + X-Rewrite-URL: /shop",
+            json("POST /other", &[SHOP, "X-Rewrite-URL: /shop"]),
+        ),
+        // Express's method-override('_method', { methods: null }), and any
+        // override middleware not limited to POST.
+        spelling(
+            "GET /shop?_method=POST",
+            json("GET /shop?_method=POST", &[SHOP]),
+        ),
+        // Double decoding (%2573 -> %73 -> s): IIS with double escaping
+        // allowed, a decoding proxy in front of a decoding framework.
+        spelling("POST /%2573hop", json("POST /%2573hop", &[SHOP])),
+        // Double-decoded dot segment: /x/%2e%2e/shop -> /x/../shop -> /shop.
+        spelling(
+            "POST /x/%252e%252e/shop",
+            json("POST /x/%252e%252e/shop", &[SHOP]),
+        ),
+        // IIS: %uXXXX escapes.
+        spelling("POST /%u0073hop", json("POST /%u0073hop", &[SHOP])),
+        // Rails routes /shop(.:format); Django REST framework's format
+        // suffixes.
+        spelling("POST /shop.json", json("POST /shop.json", &[SHOP])),
+        // Rails' format, case-insensitive routing (Express's default, IIS)
+        // and a trailing slash (Express, Laravel).
+        spelling("POST /SHOP.JSON/", json("POST /SHOP.JSON/", &[SHOP])),
+        // IIS and Windows drop the trailing dots of a segment.
+        spelling("POST /shop.", json("POST /shop.", &[SHOP])),
+        // U+017F 'ſ' upper-cases to 'S': Java's equalsIgnoreCase and .NET's
+        // ignore-case comparisons match it against "shop".
+        spelling("POST /%C5%BFhop", json("POST /%C5%BFhop", &[SHOP])),
+        // Method names are case-sensitive, but some servers upper-case them.
+        spelling("post /shop", json("post /shop", &[SHOP])),
+        // CL.TE request smuggling: read as chunked, the body ends at once
+        // and a POST /shop follows.
+        spelling(
+            "POST /products, CL + TE: chunked, POST /shop smuggled",
+            smuggle("chunked"),
+        ),
+        // The same with an obfuscated Transfer-Encoding, read as chunked by
+        // servers that search the value for "chunked".
+        spelling(
+            "POST /products, CL + TE: xchunked, POST /shop smuggled",
+            smuggle("xchunked"),
+        ),
+        // A WebSocket upgrade on a pass-through route: once the upstream
+        // answers 101 the gateway relays bytes, and the tunnel carries a
+        // POST /shop the gateway never reads.
+        spelling(
+            "GET /products + Upgrade: websocket, POST /shop through the tunnel",
+            bare(
+                "GET /products",
+                &[
+                    SHOP,
+                    "Connection: Upgrade",
+                    "Upgrade: websocket",
+                    "Sec-WebSocket-Version: 13",
+                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                ],
+            ),
+        )
+        .then(json("POST /shop", &[SHOP])),
+        // h2c smuggling: the same with an HTTP/2 cleartext upgrade.
+        spelling(
+            "GET /products + Upgrade: h2c, POST /shop through the tunnel",
+            bare(
+                "GET /products",
+                &[
+                    SHOP,
+                    "Connection: Upgrade, HTTP2-Settings",
+                    "Upgrade: h2c",
+                    "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA",
+                ],
+            ),
+        )
+        .then(json("POST /shop", &[SHOP])),
+        // CONNECT, then a POST /shop: through a tunnel if the gateway opens
+        // one, as the next request if it does not.
+        spelling(
+            "CONNECT shop.example:80, then POST /shop",
+            bare(
+                "CONNECT shop.example:80",
+                &["Host: shop.example:80", "Connection: keep-alive"],
+            ),
+        )
+        .then(json("POST /shop", &[SHOP])),
+        // ---- DELETE /orders/{orderId} ----
+        // Rails (Rack::MethodOverride), Laravel, Symfony: `_method` in an
+        // urlencoded POST body.
+        spelling(
+            "POST /orders/7, form _method=DELETE",
+            form("POST /orders/7", &[SHOP], "_method=DELETE"),
+        ),
+        // The same in a multipart form.
+        spelling(
+            "POST /orders/7, multipart _method=DELETE",
+            request(
+                "POST /orders/7",
+                &[SHOP],
+                Some(("multipart/form-data; boundary=XyZ", multipart)),
+            ),
+        ),
+        // Express's method-override('_method') (POST only, its default),
+        // Laravel, Symfony: `_method` in the query.
+        spelling(
+            "POST /orders/7?_method=DELETE",
+            json("POST /orders/7?_method=DELETE", &[SHOP]),
+        ),
+        // method-override with a req.body getter (its README's example),
+        // behind a JSON body parser.
+        spelling(
+            "POST /orders/7, JSON _method: DELETE",
+            request(
+                "POST /orders/7",
+                &[SHOP],
+                Some(("application/json", r#"{"_method":"DELETE"}"#)),
+            ),
+        ),
+        // ---- GET admin.example /admin/{*rest} ----
+        // HEAD is served by the GET handler (Express, Rails, Go, Flask,
+        // Spring).
+        spelling("HEAD /admin/x", bare("HEAD /admin/x", &[ADMIN])),
+        // The same DNS name; nginx and Django drop the trailing dot.
+        spelling(
+            "GET /admin/x, Host: admin.example.",
+            bare("GET /admin/x", &["Host: admin.example."]),
+        ),
+        // Host names are case-insensitive; virtual hosts ignore the port.
+        spelling(
+            "GET /admin/x, Host: ADMIN.EXAMPLE:8080",
+            bare("GET /admin/x", &["Host: ADMIN.EXAMPLE:8080"]),
+        ),
+        // Absolute-form names the host when there is no Host header.
+        spelling(
+            "GET http://admin.example/admin/x, no Host",
+            bare("GET http://admin.example/admin/x", &[]),
+        ),
+        // RFC 9112: the absolute-form authority wins over Host.
+        spelling(
+            "GET http://admin.example/admin/x, Host: other.example",
+            bare("GET http://admin.example/admin/x", &[OTHER]),
+        ),
+        // Servers that take Host over the authority.
+        spelling(
+            "GET http://other.example/admin/x, Host: admin.example",
+            bare("GET http://other.example/admin/x", &[ADMIN]),
+        ),
+        // Express (trust proxy), Symfony and Laravel (trusted proxies),
+        // Django (USE_X_FORWARDED_HOST).
+        spelling(
+            "GET /admin/x, Host: other.example, X-Forwarded-Host: admin.example",
+            bare("GET /admin/x", &[OTHER, "X-Forwarded-Host: admin.example"]),
+        ),
+        // RFC 7239 Forwarded: Symfony, Spring's ForwardedHeaderFilter.
+        spelling(
+            "GET /admin/x, Host: other.example, Forwarded: host=admin.example",
+            bare("GET /admin/x", &[OTHER, "Forwarded: host=admin.example"]),
+        ),
+        // A repeated Host: CGI-style environments keep the last one.
+        spelling(
+            "GET /admin/x, Host: other.example, Host: admin.example",
+            bare("GET /admin/x", &[OTHER, ADMIN]),
+        ),
+        // Laravel, Symfony, Rack: a POST whose `_method` says GET.
+        spelling(
+            "POST /admin/x?_method=GET",
+            json("POST /admin/x?_method=GET", &[ADMIN]),
+        ),
+        // ---- no route at all ----
+        // The server-wide OPTIONS: nothing may be routed for it.
+        spelling("OPTIONS *", bare("OPTIONS *", &[SHOP])).no_route(),
+    ]
+}
+
+/// Calls that are no held route under any reading: the control that the
+/// permissive upstream does not see held routes everywhere.
+fn innocents() -> Vec<Spelling> {
+    vec![
+        spelling("GET /products", bare("GET /products", &[SHOP])),
+        spelling("GET /shop", bare("GET /shop", &[SHOP])),
+        spelling("POST /shopping", json("POST /shopping", &[SHOP])),
+        spelling("POST /shop/x", json("POST /shop/x", &[SHOP])),
+        spelling("POST /orders/7", json("POST /orders/7", &[SHOP])),
+        spelling("DELETE /orders", bare("DELETE /orders", &[SHOP])),
+        spelling(
+            "GET /admin/x, Host: other.example",
+            bare("GET /admin/x", &[OTHER]),
+        ),
+        spelling("GET /administrator", bare("GET /administrator", &[ADMIN])),
+    ]
+    .into_iter()
+    .map(Spelling::no_route)
+    .collect()
+}
+
+/// The test world, with the permissive upstream behind the gateway.
+struct BypassWorld {
+    peer: Peer,
+    upstream: PermissiveUpstream,
+    gateway: TestGateway,
+    _shop: ShopHandle,
+}
+
+impl BypassWorld {
+    async fn start() -> Self {
+        let peer = Peer::start();
+        let shop = start_shop(&peer).await;
+        let upstream = PermissiveUpstream::start(&peer.issuer, peer.jwks_uri()).await;
+        let gateway = TestGateway::start(
+            &peer,
+            &shop,
+            GatewayOptions {
+                default_action: "pass",
+                extra_policies: ADMIN_POLICY,
+                upstream: Some(upstream.addr.to_string()),
+                // The upstream routes by the Host the agent sent.
+                preserve_host: true,
+                ..Default::default()
+            },
+        )
+        .await;
+        Self {
+            peer,
+            upstream,
+            gateway,
+            _shop: shop,
+        }
+    }
+
+    /// Denies every request still pending: nobody approves in these tests.
+    async fn deny_pending(&self) {
+        for request in self.peer.requests().await {
+            if request["status"] == "pending" {
+                let id = request["auth_req_id"].as_str().unwrap();
+                self.peer.deny(id).await;
+            }
+        }
+    }
+}
+
+/// A raw exchange that tolerates no answer: `request`, then (once an
+/// answer's head arrived) `then`; whatever came back within the timeout.
+fn exchange(addr: SocketAddr, request: &str, then: Option<&str>) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT)).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut then = then;
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => response.extend_from_slice(&chunk[..n]),
+        }
+        if response.windows(4).any(|w| w == b"\r\n\r\n") {
+            if let Some(bytes) = then.take() {
+                if stream.write_all(bytes.as_bytes()).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// The status lines of a raw answer, or "no answer".
+fn statuses(response: &str) -> String {
+    let lines: Vec<&str> = response
+        .split("\r\n")
+        .filter(|l| l.starts_with("HTTP/1."))
+        .map(|l| l.get(9..).unwrap_or(l))
+        .collect();
+    if lines.is_empty() {
+        "no answer (held?)".to_owned()
+    } else {
+        lines.join(", ")
+    }
+}
+
+/// The spelling an arrival belongs to, by its probe tag.
+fn probe(offence: &Offence) -> Option<usize> {
+    offence.arrival.header("x-probe")?.parse().ok()
+}
+
+fn report(spellings: &[Spelling], offences: &[Offence]) -> String {
+    offences
+        .iter()
+        .map(|o| {
+            let name = probe(o)
+                .and_then(|i| spellings.get(i))
+                .map_or("(untagged)", |s| s.name);
+            format!("- {name}:\n  {o}\n")
+        })
+        .collect()
+}
+
+/// Sends every spelling to `addr` at once; their answers, in order.
+async fn send_all(addr: SocketAddr, spellings: &[Spelling]) -> Vec<String> {
+    let calls: Vec<_> = spellings
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let (request, then) = s.tagged(i);
+            tokio::task::spawn_blocking(move || exchange(addr, &request, then.as_deref()))
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.unwrap());
+    }
+    answers
+}
+
+/// The control: asked directly, the permissive upstream routes every
+/// spelling to a held route, and the innocent calls to none. Without this,
+/// a passing bypass test could merely mean the upstream failed to see what
+/// it was sent.
+#[tokio::test]
+async fn the_permissive_upstream_routes_every_spelling_to_a_held_route() {
+    let jwks: url::Url = "http://127.0.0.1:9/jwks".parse().unwrap();
+    let upstream = PermissiveUpstream::start("http://127.0.0.1:9", jwks).await;
+    let mut spellings = spellings();
+    spellings.extend(innocents());
+    send_all(upstream.addr, &spellings).await;
+    let offences = upstream.unapproved_arrivals(HELD);
+    let caught: Vec<usize> = offences.iter().filter_map(probe).collect();
+    let missed: Vec<&str> = spellings
+        .iter()
+        .enumerate()
+        .filter(|(i, s)| s.reaches_held != caught.contains(i))
+        .map(|(_, s)| s.name)
+        .collect();
+    assert!(
+        missed.is_empty(),
+        "read other than the table says: {missed:#?}\n{}",
+        report(&spellings, &offences)
+    );
+}
+
+#[tokio::test]
+async fn no_spelling_of_a_held_route_reaches_the_upstream_unapproved() {
+    let world = BypassWorld::start().await;
+    let spellings = spellings();
+    let answers = send_all(world.gateway.proxy, &spellings).await;
+    world.deny_pending().await;
+    // Let anything already on its way arrive.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let offences = world.upstream.unapproved_arrivals(HELD);
+    let caught: Vec<usize> = offences.iter().filter_map(probe).collect();
+    for (i, (s, answer)) in spellings.iter().zip(&answers).enumerate() {
+        let verdict = if caught.contains(&i) {
+            "GOT THROUGH"
+        } else {
+            "ok"
+        };
+        eprintln!("{verdict:>11}  {:<70} {}", s.name, statuses(answer));
+    }
+    assert!(
+        offences.is_empty(),
+        "{} calls reached a held route without an approval:\n{}",
+        offences.len(),
+        report(&spellings, &offences)
+    );
+}
+
+/// Headers the gateway owns never reach the upstream from the agent: not a
+/// forged approval id, not the header that names the user.
+#[tokio::test]
+async fn pass_through_calls_carry_no_forged_approval_id_or_identity_header() {
+    let world = BypassWorld::start().await;
+    // `request` adds the identity header.
+    let forged = ["x-countersign-approval-id: forged", SHOP];
+    let calls = [bare("GET /products", &forged), json("POST /cart", &forged)];
+    for call in calls {
+        let call = call.replace(PROBE, "x-probe: pass");
+        let proxy = world.gateway.proxy;
+        let answer = tokio::task::spawn_blocking(move || exchange(proxy, &call, None))
+            .await
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    let received = world.upstream.received();
+    assert_eq!(received.len(), 2, "both calls passed");
+    let leaks: Vec<String> = received
+        .iter()
+        .flat_map(|arrival| {
+            ["x-countersign-approval-id", USER_HEADER]
+                .into_iter()
+                .filter(|name| arrival.header(name).is_some())
+                .map(|name| format!("{name} reached the upstream on {:?}", arrival.request_line))
+        })
+        .collect();
+    assert!(leaks.is_empty(), "{leaks:#?}");
+}
