@@ -30,6 +30,7 @@ pub enum ProblemCode {
     PathOverrideRefused,
     /// The call routes to an upstream its policy's token may not be sent to.
     UpstreamNotAllowed,
+    UpgradeRefused,
 }
 
 impl ProblemCode {
@@ -53,6 +54,7 @@ impl ProblemCode {
             Self::InvalidHost => "invalid_host",
             Self::PathOverrideRefused => "path_override_refused",
             Self::UpstreamNotAllowed => "upstream_not_allowed",
+            Self::UpgradeRefused => "upgrade_refused",
         }
     }
 
@@ -67,7 +69,8 @@ impl ProblemCode {
             | Self::InvalidPath
             | Self::MethodOverrideRefused
             | Self::InvalidHost
-            | Self::PathOverrideRefused => 400,
+            | Self::PathOverrideRefused
+            | Self::UpgradeRefused => 400,
             Self::TooManyPendingForUser => 429,
             Self::BodyTooLarge => 413,
             Self::AuthorizationServerUnavailable | Self::TooManyPending => 503,
@@ -96,6 +99,7 @@ impl ProblemCode {
             Self::InvalidHost => "Invalid host",
             Self::PathOverrideRefused => "Path override refused",
             Self::UpstreamNotAllowed => "Upstream not allowed for this policy",
+            Self::UpgradeRefused => "Protocol upgrade refused",
         }
     }
 
@@ -139,6 +143,9 @@ impl ProblemCode {
             }
             Self::PathOverrideRefused => {
                 "Headers that override the request path (such as X-Original-URL) are not accepted; send the real path."
+            }
+            Self::UpgradeRefused => {
+                "This gateway does not relay protocol upgrades (WebSocket, h2c) to this API."
             }
             Self::UpstreamNotAllowed => {
                 "This call routes to an API its policy does not allow the approval to be sent to, so the gateway refused it."

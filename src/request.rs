@@ -65,6 +65,8 @@ pub enum RequestError {
     MethodOverrideParameter,
     #[error("the {0} header is not accepted; send the real path")]
     PathOverrideHeader(&'static str),
+    #[error("protocol upgrades (Upgrade header) are not accepted by this upstream: the tunnelled bytes would not be checked")]
+    Upgrade,
 }
 
 /// A request as the gateway matches and forwards it.
@@ -78,6 +80,8 @@ pub struct CanonicalRequest {
     /// The origin-form target to send upstream, when it differs from the
     /// bytes received; `None` means the received target is already canonical.
     pub rewrite: Option<http::Uri>,
+    /// The request asks for a protocol upgrade (WebSocket, h2c).
+    pub upgrade: bool,
 }
 
 impl CanonicalRequest {
@@ -125,7 +129,18 @@ impl CanonicalRequest {
             path,
             query: query.map(str::to_owned),
             rewrite,
+            upgrade: header.headers.contains_key(http::header::UPGRADE),
         })
+    }
+
+    /// After an upgrade pingora relays raw bytes both ways, so a fake `101`
+    /// from a permissive upstream would let later requests through unchecked;
+    /// refused unless the upstream opts in.
+    pub fn check_upgrade(&self, allowed: bool) -> Result<(), RequestError> {
+        if self.upgrade && !allowed {
+            return Err(RequestError::Upgrade);
+        }
+        Ok(())
     }
 
     /// Double percent-encoding (`/%2573hop`) reaches a twice-decoding
@@ -268,6 +283,17 @@ pub fn has_method_parameter(query: &str) -> bool {
     may_contain
         && url::form_urlencoded::parse(query.as_bytes())
             .any(|(name, _)| name.trim().eq_ignore_ascii_case(METHOD_PARAMETER))
+}
+
+/// Whether a JSON body is an object with a `_method` member (Laravel reads
+/// it from JSON input too).
+pub fn json_has_method_field(body: &[u8]) -> bool {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(fields)) => fields
+            .keys()
+            .any(|k| k.trim().eq_ignore_ascii_case(METHOD_PARAMETER)),
+        _ => false,
+    }
 }
 
 /// Whether a `multipart/form-data` body has a `_method` part. Conservative:

@@ -594,10 +594,17 @@ async fn one_agent_cannot_flood_a_persons_phone() {
     // Another person is not affected.
     let bob = tokio::spawn(world.buy("bob", phones()).send());
     world.peer.wait_pending(Some("bob"), 1).await;
-    assert_eq!(world.peer.wait_pending(Some("alice"), 2).await.len(), 2, "no third push to alice");
+    assert_eq!(
+        world.peer.wait_pending(Some("alice"), 2).await.len(),
+        2,
+        "no third push to alice"
+    );
 
     for request in world.peer.wait_pending(None, 3).await {
-        world.peer.deny(request["auth_req_id"].as_str().unwrap()).await;
+        world
+            .peer
+            .deny(request["auth_req_id"].as_str().unwrap())
+            .await;
     }
     for call in held.into_iter().chain([bob]) {
         assert_eq!(call.await.unwrap().unwrap().status(), 403);
@@ -605,6 +612,9 @@ async fn one_agent_cannot_flood_a_persons_phone() {
     // Answered calls free their slots.
     let again = tokio::spawn(world.buy("alice", phones()).send());
     let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    world.peer.deny(pending[0]["auth_req_id"].as_str().unwrap()).await;
+    world
+        .peer
+        .deny(pending[0]["auth_req_id"].as_str().unwrap())
+        .await;
     assert_eq!(again.await.unwrap().unwrap().status(), 403);
 }

@@ -394,6 +394,8 @@ impl BypassWorld {
                 upstream: Some(upstream.addr.to_string()),
                 // The upstream routes by the Host the agent sent.
                 preserve_host: true,
+                // Every held spelling is held, not turned away by the per-person limit.
+                limits: "{ max_body_bytes: 1024, max_hold: 60s, max_pending_per_user: 100 }",
                 ..Default::default()
             },
         )

@@ -81,6 +81,10 @@ pub struct UpstreamConfig {
     /// upstream that decodes twice reads `/%2573hop` as `/shop`.
     #[serde(default)]
     pub allow_encoded_percent: bool,
+    /// Relay protocol upgrades (WebSocket). Off by default: after the
+    /// upgrade the gateway no longer sees requests on that connection.
+    #[serde(default)]
+    pub allow_upgrade: bool,
 }
 
 fn default_connect_timeout() -> Duration {

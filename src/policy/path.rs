@@ -28,6 +28,8 @@ pub enum PathError {
     BadPercentEncoding,
     #[error("the path climbs above the root with '..'")]
     AboveRoot,
+    #[error("the path contains a character that case-folds to a different ASCII letter (such as 'ſ' or the Kelvin sign)")]
+    AsciiLookalike,
 }
 
 /// A request path after normalisation.
@@ -65,11 +67,25 @@ pub fn normalize(raw: &str) -> Result<NormalizedPath, PathError> {
         push_segment(&mut key_segments, bare)?;
     }
     let key_original = join(&key_segments, false);
+    // Servers that match paths case-insensitively with Unicode folding (Java's
+    // equalsIgnoreCase, Go's EqualFold) read `/%C5%BFhop` (ſ) as `/shop`.
+    if key_original.contains('%') && has_ascii_lookalike(&key_original) {
+        return Err(PathError::AsciiLookalike);
+    }
     let match_key = key_original.to_ascii_lowercase();
     Ok(NormalizedPath {
         forward,
         match_key,
         key_original,
+    })
+}
+
+fn has_ascii_lookalike(encoded: &str) -> bool {
+    let decoded = percent_encoding::percent_decode_str(encoded).decode_utf8_lossy();
+    decoded.chars().filter(|c| !c.is_ascii()).any(|c| {
+        c.to_lowercase()
+            .chain(c.to_uppercase())
+            .any(|folded| folded.is_ascii_alphanumeric())
     })
 }
 
@@ -200,6 +216,14 @@ mod tests {
         assert_eq!(normalize("/shop%4"), Err(PathError::BadPercentEncoding));
         assert_eq!(normalize("/../shop"), Err(PathError::AboveRoot));
         assert_eq!(normalize("shop"), Err(PathError::NotAbsolute));
+        for lookalike in ["/%C5%BFhop", "/%E2%84%AAey", "/adm%C4%B1n", "/%C4%B0d"] {
+            assert_eq!(
+                normalize(lookalike),
+                Err(PathError::AsciiLookalike),
+                "{lookalike}"
+            );
+        }
+        assert!(normalize("/caf%C3%A9").is_ok());
     }
 
     #[test]

@@ -108,6 +108,7 @@ pub(super) fn request_problem(error: RequestError) -> Problem {
             ProblemCode::MethodOverrideRefused
         }
         RequestError::PathOverrideHeader(_) => ProblemCode::PathOverrideRefused,
+        RequestError::Upgrade => ProblemCode::UpgradeRefused,
     };
     Problem::new(code).with_detail(format!("The request was refused: {error}."))
 }

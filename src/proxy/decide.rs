@@ -39,6 +39,7 @@ impl Countersign {
             .ok_or(ProblemCode::NoRoute)?;
         request
             .check_encoded_percent(upstream.config.allow_encoded_percent)
+            .and_then(|()| request.check_upgrade(upstream.config.allow_upgrade))
             .map_err(request_problem)?;
         // Normalise once: the upstream receives exactly the target matched.
         if let Some(uri) = request.rewrite.take() {
@@ -87,9 +88,9 @@ impl Countersign {
         }))
     }
 
-    /// Rails and Rack take the method from a `_method` field of a form POST:
-    /// on a path some policy covers, such a body is read and refused. Returns
-    /// the body when it was read.
+    /// Rails and Rack take the method from a `_method` field of a form POST,
+    /// Laravel also from a JSON one: on a path some policy covers, such a
+    /// body is read and refused. Returns the body when it was read.
     async fn refuse_form_method_field(
         &self,
         session: &mut Session,
@@ -105,18 +106,20 @@ impl Countersign {
             .and_then(|v| v.to_str().ok())
             .map(|v| v.trim().to_ascii_lowercase())
             .unwrap_or_default();
-        let form = content_type.starts_with("application/x-www-form-urlencoded");
-        let multipart = content_type.starts_with("multipart/");
-        if !(form || multipart) || !self.policies.covers(Some(&request.host), &request.path) {
+        let media_type = content_type.split(';').next().unwrap_or_default().trim();
+        let check: fn(&[u8]) -> bool = match media_type {
+            "application/x-www-form-urlencoded" => {
+                |bytes| request::has_method_parameter(&String::from_utf8_lossy(bytes))
+            }
+            t if t.starts_with("multipart/") => request::multipart_has_method_field,
+            t if t == "application/json" || t.ends_with("+json") => request::json_has_method_field,
+            _ => return Ok(None),
+        };
+        if !self.policies.covers(Some(&request.host), &request.path) {
             return Ok(None);
         }
         let body = hold::read_body(session, self.limits.max_body_bytes).await?;
-        let bytes = body.as_deref().unwrap_or_default();
-        let overrides = if form {
-            request::has_method_parameter(&String::from_utf8_lossy(bytes))
-        } else {
-            request::multipart_has_method_field(bytes)
-        };
+        let overrides = check(body.as_deref().unwrap_or_default());
         if overrides {
             return Err(Problem::new(ProblemCode::MethodOverrideRefused)
                 .with_detail(format!(
