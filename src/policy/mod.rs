@@ -2,6 +2,7 @@
 //! asked. Compiled once at load; matching is a radix-tree lookup per method,
 //! so its cost does not grow with the number of policies.
 
+pub mod body;
 pub mod path;
 pub mod spec;
 pub mod template;
