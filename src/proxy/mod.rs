@@ -29,7 +29,7 @@ use crate::ciba::{AuthorizeRequest, CibaClient, CibaError};
 use crate::config::{DefaultAction, Limits, UpstreamConfig};
 use crate::identity::{IdentityError, IdentitySource};
 use crate::metrics::Metrics;
-use crate::policy::{self, PolicySet, RenderError};
+use crate::policy::{self, PolicySet};
 use crate::problem::{Problem, ProblemCode, CONTENT_TYPE};
 use crate::secret::Secret;
 
@@ -175,41 +175,24 @@ impl Countersign {
         };
 
         let body = hold::read_body(session, self.limits.max_body_bytes).await?;
-        let (json, body_is_json) = match &body {
-            Some(bytes) => match serde_json::from_slice::<serde_json::Value>(bytes) {
-                Ok(value) => (Some(value), true),
-                Err(_) => (None, false),
-            },
-            None => (None, false),
-        };
-        let context = policy::template_context(
-            json.as_ref(),
-            &found.params,
-            query.as_deref(),
-            &identity.claims,
-            &method,
-            &path.forward,
-        );
         let rendered = self
             .policies
-            .render(policy, &context)
-            .map_err(|error| match error {
-                RenderError::MissingValue(field) if !body_is_json => {
-                    Problem::new(ProblemCode::InvalidBody).with_detail(format!(
-                        "This call needs a JSON body with a value for '{field}'."
-                    ))
-                }
-                RenderError::MissingValue(field) => Problem::new(ProblemCode::InvalidBody)
-                    .with_detail(format!(
-                        "The request has no value for '{field}', which the approval message needs."
-                    )),
-                other => Problem::new(ProblemCode::InvalidBindingMessage).with_detail(format!(
-                    "The approval message for this call cannot be sent: {other}."
-                )),
-            })?;
+            .render_call(
+                policy,
+                &policy::CallInput {
+                    headers: &session.req_header().headers,
+                    body: body.as_deref(),
+                    params: &found.params,
+                    query: query.as_deref(),
+                    user: &identity.claims,
+                    method: &method,
+                    path: &path.forward,
+                },
+            )
+            .map_err(Problem::from)?;
         // Not needed while the call is held (pingora's retry buffer keeps the
-        // body for the replay): free them before a hold of possibly minutes.
-        drop((context, json, body));
+        // body for the replay): free it before a hold of possibly minutes.
+        drop(body);
 
         let approval_id = uuid::Uuid::new_v4().to_string();
         ctx.approval_id = Some(approval_id.clone());
