@@ -5,7 +5,7 @@
 
 use std::hint::black_box;
 
-use countersign::policy::{self, PolicyFile, PolicySet};
+use countersign::policy::{self, CallInput, PolicyFile, PolicySet};
 use countersign::problem::{Problem, ProblemCode};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use std::path::Path;
@@ -99,31 +99,32 @@ fn matching(c: &mut Criterion) {
 
 fn rendering(c: &mut Criterion) {
     let set = compile(SHOP);
-    let body = serde_json::json!({"product": "XYZ phone", "qty": 2, "priceLimit": 900});
+    let body = br#"{"product": "XYZ phone", "qty": 2, "priceLimit": 900}"#;
     let user = serde_json::json!({"sub": "alice"});
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        "application/json".parse().unwrap(),
+    );
     let path = policy::normalize("/shop").unwrap();
     let found = set.find("POST", None, &path).expect("policy");
-    let context = policy::template_context(Some(&body), &[], None, &user, "POST", "/shop");
-    let rendered = set.render(found.policy, &context).unwrap();
+    let input = CallInput {
+        headers: &headers,
+        body: Some(body),
+        params: &found.params,
+        query: None,
+        user: &user,
+        method: "POST",
+        path: "/shop",
+    };
+    let rendered = set.render_call(found.policy, &input).unwrap();
     assert_eq!(rendered.binding_message, "Do you want to buy 2 XYZ phone");
 
     let mut group = c.benchmark_group("render");
-    group.bench_function("binding_message", |b| {
-        b.iter(|| black_box(set.render(found.policy, black_box(&context)).unwrap()))
-    });
-    // Per call: build the template context from the parsed body, then render.
-    group.bench_function("context_and_render", |b| {
-        b.iter(|| {
-            let context = policy::template_context(
-                Some(black_box(&body)),
-                &found.params,
-                None,
-                &user,
-                "POST",
-                "/shop",
-            );
-            black_box(set.render(found.policy, &context).unwrap())
-        })
+    // Per call: check the content type, parse the body strictly, render the
+    // binding message and the authorization details.
+    group.bench_function("call", |b| {
+        b.iter(|| black_box(set.render_call(found.policy, black_box(&input)).unwrap()))
     });
     group.finish();
 }

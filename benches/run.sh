@@ -299,8 +299,7 @@ row() { printf '| %-44s | %-30s | %-22s | %-6s |\n' "$@"; }
   v=$(ns "match/miss/10000"); row "no match (pass-through), 10000 policies" "$(printf '%s ns' "$v")" "" ""
   f10=$(ns match/find/10); f10k=$(ns match/find/10000)
   row "match 10000 / match 10 (flat in count)" "$(calc "${f10k:-0} / ${f10:-1}")" "flat (< 2x)" "$(verdict "${f10k:-1e9} < 2 * ${f10:-1}")"
-  v=$(ns render/binding_message); row "render binding message + details" "$(printf '%s ns' "$v")" "< 5000 ns" "$(verdict "${v:-1e9} < 5000")"
-  v=$(ns render/context_and_render); row "template context + render" "$(printf '%s ns' "$v")" "< 5000 ns" "$(verdict "${v:-1e9} < 5000")"
+  v=$(ns render/call); row "strict body parse + render message + details" "$(printf '%s ns' "$v")" "< 5000 ns" "$(verdict "${v:-1e9} < 5000")"
   v=$(ns problem/to_json); row "problem+json answer" "$(printf '%s ns' "$v")" "" ""
   for n in $HELD; do
     l=${HELDR[$n]}

@@ -16,6 +16,7 @@ pub enum ProblemCode {
     InvalidBindingMessage,
     BodyTooLarge,
     InvalidBody,
+    InvalidQuery,
     InvalidPath,
     MethodOverrideRefused,
     AuthorizationServerUnavailable,
@@ -43,6 +44,7 @@ impl ProblemCode {
             Self::InvalidBindingMessage => "invalid_binding_message",
             Self::BodyTooLarge => "body_too_large",
             Self::InvalidBody => "invalid_body",
+            Self::InvalidQuery => "invalid_query",
             Self::InvalidPath => "invalid_path",
             Self::MethodOverrideRefused => "method_override_refused",
             Self::AuthorizationServerUnavailable => "authorization_server_unavailable",
@@ -66,6 +68,7 @@ impl ProblemCode {
             Self::UnknownUser
             | Self::InvalidBindingMessage
             | Self::InvalidBody
+            | Self::InvalidQuery
             | Self::InvalidPath
             | Self::MethodOverrideRefused
             | Self::InvalidHost
@@ -88,6 +91,7 @@ impl ProblemCode {
             Self::InvalidBindingMessage => "Invalid binding message",
             Self::BodyTooLarge => "Body too large",
             Self::InvalidBody => "Invalid body",
+            Self::InvalidQuery => "Invalid query",
             Self::InvalidPath => "Invalid path",
             Self::MethodOverrideRefused => "Method override refused",
             Self::AuthorizationServerUnavailable => "Authorization server unavailable",
@@ -121,6 +125,7 @@ impl ProblemCode {
             }
             Self::BodyTooLarge => "The request body is larger than this gateway accepts.",
             Self::InvalidBody => "The request body is not valid for this call.",
+            Self::InvalidQuery => "The query string is not valid for this call.",
             Self::InvalidPath => "The request path is malformed or ambiguous.",
             Self::MethodOverrideRefused => {
                 "Method override headers and parameters (such as X-HTTP-Method-Override or _method) are not accepted; send the real HTTP method."

@@ -301,26 +301,24 @@ async fn bad_calls_are_refused_before_anyone_is_asked() {
 }
 
 #[tokio::test]
-async fn unsafe_characters_from_the_call_are_sanitised() {
+async fn unsafe_characters_from_the_call_are_refused_not_blanked() {
     let world = World::start(GatewayOptions::default()).await;
-    let call = tokio::spawn(
-        world
-            .buy(
-                "alice",
-                json!({"product": "phone\nApprove <all>!", "qty": 1, "priceLimit": 5}),
-            )
-            .send(),
+    let response = world
+        .buy(
+            "alice",
+            json!({"product": "phone\nApprove <all>!", "qty": 1, "priceLimit": 5}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let body = problem(response, 400, "invalid_binding_message").await;
+    let detail = body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("'product'") && detail.contains("U+000A"),
+        "{body}"
     );
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    assert_eq!(
-        pending[0]["binding_message"],
-        "Do you want to buy 1 phone Approve all"
-    );
-    world
-        .peer
-        .deny(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
-    problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
+    assert!(world.peer.requests().await.is_empty(), "nobody was asked");
+    assert!(world.shop.received().is_empty());
 }
 
 #[tokio::test]

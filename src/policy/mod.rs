@@ -2,6 +2,8 @@
 //! asked. Compiled once at load; matching is a radix-tree lookup per method,
 //! so its cost does not grow with the number of policies.
 
+pub mod body;
+mod call;
 pub mod path;
 pub mod spec;
 pub mod template;
@@ -10,14 +12,16 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use thiserror::Error;
 
+pub use call::{CallError, CallInput};
 pub use path::{normalize, NormalizedPath, PathError};
 pub use spec::{PolicyFile, PolicySpec};
-pub use template::{RenderError, TemplateEngine};
+pub use template::RenderError;
 
-use template::RegisteredDetails;
+use call::CallShape;
+use template::{DetailsTemplate, MessageTemplate};
 
 /// A policy as loaded from a file, remembering where it came from.
 #[derive(Debug)]
@@ -59,8 +63,10 @@ pub struct Policy {
     pub upstreams: Vec<String>,
     pub index: usize,
     pub file: PathBuf,
-    message_key: String,
-    details: Option<RegisteredDetails>,
+    message: MessageTemplate,
+    details: Option<DetailsTemplate>,
+    /// Which parts of a call the templates show.
+    shape: CallShape,
 }
 
 /// A policy that cannot be compiled alongside the others.
@@ -100,7 +106,6 @@ pub struct PolicySet {
     policies: Vec<Policy>,
     by_host: HashMap<String, MethodRouters>,
     any_host: MethodRouters,
-    templates: TemplateEngine,
 }
 
 /// A call that falls under a policy.
@@ -124,7 +129,6 @@ impl PolicySet {
             policies: Vec::new(),
             by_host: HashMap::new(),
             any_host: MethodRouters::default(),
-            templates: TemplateEngine::new(),
         }
     }
 
@@ -144,6 +148,17 @@ impl PolicySet {
                     reason,
                 });
             }
+            let shape = CallShape::new(
+                &spec.binding_message,
+                spec.authorization_details.as_ref(),
+                spec.body.as_ref(),
+            )
+            .map_err(|reason| PolicyError {
+                file: file.clone(),
+                index,
+                name: name.clone(),
+                reason,
+            })?;
             let id = set.policies.len();
             let host = spec.matcher.host.as_ref().map(|h| h.0.clone());
             let routers = match &host {
@@ -174,13 +189,6 @@ impl PolicySet {
                 }
                 routes.insert((host.clone(), method.0.clone(), route), name.clone());
             }
-            let message_key = format!("policy-{id}");
-            set.templates
-                .add_message(&message_key, &spec.binding_message);
-            let details = spec
-                .authorization_details
-                .as_ref()
-                .map(|d| set.templates.add_details(&message_key, d));
             set.policies.push(Policy {
                 name,
                 scopes: spec.require.scopes.0.clone(),
@@ -193,8 +201,9 @@ impl PolicySet {
                 upstreams: spec.upstreams.clone().unwrap_or_default(),
                 index,
                 file: source_file,
-                message_key,
-                details,
+                message: spec.binding_message,
+                details: spec.authorization_details,
+                shape,
             });
         }
         Ok(set)
@@ -276,20 +285,17 @@ impl PolicySet {
         }
     }
 
-    /// Renders the binding message and authorization details for a call.
-    pub fn render(&self, policy: &Policy, context: &Value) -> Result<RenderedRequest, RenderError> {
-        let binding_message = self
-            .templates
-            .render_message(&policy.message_key, context)?;
-        let authorization_details = policy
-            .details
-            .as_ref()
-            .map(|d| self.templates.render_details(d, context))
-            .transpose()?;
-        Ok(RenderedRequest {
-            binding_message,
-            authorization_details,
-        })
+    /// Renders the binding message and authorization details for a call,
+    /// after checking that the call reads the same to any permissive API as
+    /// it does to the gateway (see [`CallError`] for what is refused).
+    pub fn render_call(
+        &self,
+        policy: &Policy,
+        input: &CallInput<'_>,
+    ) -> Result<RenderedRequest, CallError> {
+        policy
+            .shape
+            .render(&policy.message, policy.details.as_ref(), input)
     }
 }
 
@@ -355,46 +361,12 @@ fn format_suffix_cuts(key: &str) -> impl Iterator<Item = usize> + '_ {
         .map(move |(i, _)| segment_start + i)
 }
 
-/// The values a template can read. Body fields sit at the top level for
-/// brevity (`{{qty}}`); the named sections below win over body fields of the
-/// same name.
-pub fn template_context(
-    body: Option<&Value>,
-    params: &[(String, String)],
-    query: Option<&str>,
-    user: &Value,
-    method: &str,
-    path: &str,
-) -> Value {
-    let mut root = match body {
-        Some(Value::Object(fields)) => fields.clone(),
-        _ => Map::new(),
-    };
-    root.insert("body".into(), body.cloned().unwrap_or(Value::Null));
-    root.insert(
-        "params".into(),
-        Value::Object(
-            params
-                .iter()
-                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-                .collect(),
-        ),
-    );
-    let query: Map<String, Value> = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
-        .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
-        .collect();
-    root.insert("query".into(), Value::Object(query));
-    root.insert("user".into(), user.clone());
-    root.insert(
-        "request".into(),
-        serde_json::json!({ "method": method, "path": path }),
-    );
-    Value::Object(root)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::problem::ProblemCode;
+    use http::header::CONTENT_TYPE;
+    use http::HeaderMap;
 
     fn policies(yaml: &str) -> PolicySet {
         let file: PolicyFile = serde_yaml::from_str(yaml).unwrap();
@@ -488,8 +460,12 @@ policies:
             .find("DELETE", None, &normalize("/ORDERS/AbC%20d").unwrap())
             .unwrap();
         assert_eq!(m.params, vec![("orderId".to_owned(), "AbC d".to_owned())]);
-        let context = template_context(None, &m.params, None, &Value::Null, "DELETE", "/");
-        let rendered = set.render(m.policy, &context).unwrap();
+        let headers = HeaderMap::new();
+        let input = CallInput {
+            params: &m.params,
+            ..call(&headers, None, None)
+        };
+        let rendered = set.render_call(m.policy, &input).unwrap();
         assert_eq!(rendered.binding_message, "Cancel order AbC d");
     }
 
@@ -509,13 +485,245 @@ policies:
         assert!(error.contains("overlaps policy 'a'"), "{error}");
     }
 
+    static ALICE: std::sync::LazyLock<Value> =
+        std::sync::LazyLock::new(|| serde_json::json!({"sub": "alice"}));
+
+    fn json_headers(content_type: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, content_type.parse().unwrap());
+        headers
+    }
+
+    fn call<'a>(
+        headers: &'a HeaderMap,
+        body: Option<&'a str>,
+        query: Option<&'a str>,
+    ) -> CallInput<'a> {
+        CallInput {
+            headers,
+            body: body.map(str::as_bytes),
+            params: &[],
+            query,
+            user: &ALICE,
+            method: "POST",
+            path: "/shop",
+        }
+    }
+
+    fn render(
+        set: &PolicySet,
+        name: &str,
+        headers: &HeaderMap,
+        body: Option<&str>,
+        query: Option<&str>,
+    ) -> Result<RenderedRequest, CallError> {
+        let policy = set.policies().iter().find(|p| p.name == name).unwrap();
+        set.render_call(policy, &call(headers, body, query))
+    }
+
+    const SHOWN: &str = r#"
+policies:
+  - name: buy
+    match: { methods: [POST], path: /shop }
+    require: { scopes: [product:buy] }
+    binding_message: "Buy {{qty}} {{product}} for {{user.sub}} {{request.method}}"
+  - name: search
+    match: { methods: [GET], path: /search }
+    require: { scopes: [search] }
+    binding_message: "Search page {{query.page}}"
+    authorization_details: { type: search, sort: "{{query.sort}}" }
+  - name: strict
+    match: { methods: [POST], path: /strict }
+    require: { scopes: [product:buy] }
+    binding_message: "Buy {{qty}} {{product}}"
+    authorization_details: [{ type: product_purchase, price_limit: "{{body.priceLimit}}" }]
+    body: { only: [product, QTY, priceLimit] }
+  - name: cancel
+    match: { methods: [DELETE], path: "/orders/{id}" }
+    require: { scopes: [order:cancel] }
+    binding_message: "Cancel order {{params.id}}"
+"#;
+
     #[test]
     fn body_fields_and_sections_feed_templates() {
-        let body = serde_json::json!({"product": "XYZ phone", "qty": 2, "user": "spoof"});
-        let user = serde_json::json!({"sub": "alice"});
-        let context = template_context(Some(&body), &[], Some("a=1"), &user, "POST", "/shop");
-        assert_eq!(context["qty"], 2);
-        assert_eq!(context["user"]["sub"], "alice");
-        assert_eq!(context["query"]["a"], "1");
+        let set = policies(SHOWN);
+        let headers = json_headers("application/json");
+        let body = r#"{"product": "XYZ phone", "qty": 2, "user": {"sub": "spoof"}}"#;
+        let rendered = render(&set, "buy", &headers, Some(body), Some("a=1")).unwrap();
+        assert_eq!(rendered.binding_message, "Buy 2 XYZ phone for alice POST");
+    }
+
+    #[test]
+    fn a_body_the_message_reads_must_be_declared_json() {
+        let set = policies(SHOWN);
+        let body = Some(r#"{"product": "XYZ phone", "qty": 2}"#);
+        for accepted in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/json;charset=\"UTF-8\"",
+            "application/vnd.shop+json",
+            "application/json; version=2",
+        ] {
+            let headers = json_headers(accepted);
+            assert!(
+                render(&set, "buy", &headers, body, None).is_ok(),
+                "{accepted}"
+            );
+        }
+        for refused in [
+            "application/x-www-form-urlencoded",
+            "text/plain",
+            "multipart/form-data; boundary=x",
+            "application/jsonx",
+            "application/+json",
+            "text/json",
+            "application/json; charset=latin1",
+            "application/json; charset=utf-16",
+            "application/json; garbage",
+        ] {
+            let headers = json_headers(refused);
+            let error = render(&set, "buy", &headers, body, None).unwrap_err();
+            assert!(matches!(error, CallError::NotJson(_)), "{refused}: {error}");
+            assert_eq!(error.code(), ProblemCode::InvalidBody);
+            assert!(error.to_string().contains("application/json"), "{error}");
+        }
+        let error = render(&set, "buy", &HeaderMap::new(), body, None).unwrap_err();
+        assert!(
+            error.to_string().contains("without a Content-Type"),
+            "{error}"
+        );
+        let mut twice = json_headers("application/json");
+        twice.append(CONTENT_TYPE, "text/plain".parse().unwrap());
+        let error = render(&set, "buy", &twice, body, None).unwrap_err();
+        assert!(error.to_string().contains("more than one"), "{error}");
+        let mut gzip = json_headers("application/json");
+        gzip.insert(http::header::CONTENT_ENCODING, "gzip".parse().unwrap());
+        let error = render(&set, "buy", &gzip, body, None).unwrap_err();
+        assert!(matches!(error, CallError::Encoded(_)), "{error}");
+        let headers = json_headers("application/json");
+        assert_eq!(
+            render(&set, "buy", &headers, None, None).unwrap_err(),
+            CallError::MissingBody
+        );
+        // A policy that shows no body field does not read the body at all.
+        let form = json_headers("application/x-www-form-urlencoded");
+        let m = set
+            .find("DELETE", None, &normalize("/orders/7").unwrap())
+            .unwrap();
+        let input = CallInput {
+            params: &m.params,
+            ..call(&form, Some("reason=x"), None)
+        };
+        assert!(set.render_call(m.policy, &input).is_ok());
+    }
+
+    #[test]
+    fn the_body_is_parsed_strictly() {
+        let set = policies(SHOWN);
+        let headers = json_headers("application/json");
+        let error = render(
+            &set,
+            "buy",
+            &headers,
+            Some(r#"{"product": "XYZ phone", "qty": 1, "QTY": 100}"#),
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(error, CallError::Body(_)), "{error}");
+        assert_eq!(error.code(), ProblemCode::InvalidBody);
+        assert!(error.to_string().contains("'qty' and 'QTY'"), "{error}");
+    }
+
+    #[test]
+    fn a_query_parameter_the_templates_read_must_be_given_once() {
+        let set = policies(SHOWN);
+        let headers = HeaderMap::new();
+        let rendered = render(
+            &set,
+            "search",
+            &headers,
+            None,
+            Some("page=2&sort=price&x=1&x=2"),
+        );
+        let rendered = rendered.unwrap();
+        assert_eq!(rendered.binding_message, "Search page 2");
+        assert_eq!(
+            rendered.authorization_details,
+            Some(serde_json::json!({"type": "search", "sort": "price"}))
+        );
+        for query in [
+            "page=100&page=1&sort=a",
+            "page=1&PAGE=100&sort=a",
+            "pa%67e=100&page=1&sort=a",
+            "page=1&sort=a&Sort=b",
+        ] {
+            let error = render(&set, "search", &headers, None, Some(query)).unwrap_err();
+            assert!(
+                matches!(error, CallError::RepeatedQuery(_)),
+                "{query}: {error}"
+            );
+            assert_eq!(error.code(), ProblemCode::InvalidQuery);
+        }
+        let error = render(
+            &set,
+            "search",
+            &headers,
+            None,
+            Some("page=1;page=100&sort=a"),
+        );
+        assert_eq!(error.unwrap_err(), CallError::QuerySemicolon);
+        let error = render(&set, "search", &headers, None, Some("PAGE=1&sort=a")).unwrap_err();
+        assert_eq!(error.code(), ProblemCode::InvalidQuery);
+        assert!(error.to_string().contains("no parameter 'page'"), "{error}");
+        let error = render(&set, "search", &headers, None, Some("page=%FF&sort=a"));
+        assert_eq!(
+            error.unwrap_err(),
+            CallError::QueryNotUtf8("page".to_owned())
+        );
+    }
+
+    #[test]
+    fn body_only_refuses_fields_the_approval_does_not_show() {
+        let set = policies(SHOWN);
+        let headers = json_headers("application/json");
+        let strict = |body: &str| render(&set, "strict", &headers, Some(body), None);
+        let rendered = strict(r#"{"product": "XYZ phone", "qty": 2, "priceLimit": 900}"#).unwrap();
+        assert_eq!(rendered.binding_message, "Buy 2 XYZ phone");
+        let error =
+            strict(r#"{"product": "XYZ phone", "qty": 2, "giftTo": "mallory"}"#).unwrap_err();
+        assert_eq!(
+            error,
+            CallError::UnshownField {
+                field: "giftTo".to_owned(),
+                allowed: "'product', 'QTY', 'priceLimit'".to_owned()
+            }
+        );
+        assert_eq!(error.code(), ProblemCode::InvalidBody);
+        let error = strict(r#"[{"product": "XYZ phone", "qty": 2}]"#).unwrap_err();
+        assert!(matches!(error, CallError::NotAnObject(_)), "{error}");
+    }
+
+    fn load_error(policy: &str) -> String {
+        let yaml = format!(
+            "policies:\n  - {{ name: p, match: {{ methods: [POST], path: /p }}, require: {{ scopes: [x] }}, {policy} }}"
+        );
+        let file: PolicyFile = serde_yaml::from_str(&yaml).unwrap();
+        PolicySet::compile(file.into_loaded(Path::new("p.yaml")).collect())
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn body_only_must_list_every_body_field_the_approval_shows() {
+        let error =
+            load_error(r#"binding_message: "Buy {{qty}} {{product}}", body: { only: [qty] }"#);
+        assert!(error.contains("does not list 'product'"), "{error}");
+        let error = load_error(
+            r#"binding_message: "Buy {{qty}}", authorization_details: { p: "{{body.product.name}}" }, body: { only: [qty] }"#,
+        );
+        assert!(error.contains("does not list 'product'"), "{error}");
+        let error =
+            load_error(r#"binding_message: "Buy", authorization_details: { q: "{{query}}" }"#);
+        assert!(error.contains("whole section"), "{error}");
     }
 }

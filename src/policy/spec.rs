@@ -32,6 +32,42 @@ pub struct PolicySpec {
     /// gateway has exactly one upstream; checked against the routes at load.
     #[serde(default)]
     pub upstreams: Option<Vec<String>>,
+    /// What the JSON body may carry besides what the approval shows.
+    #[serde(default)]
+    pub body: Option<BodySpec>,
+}
+
+/// `body: { only: [product, qty] }`: a call must carry a JSON body, an object
+/// with no top-level fields but these (compared ignoring letter case); every
+/// body field the templates show must be listed. Nested objects are not
+/// constrained. Without it, body fields that the person is not shown still
+/// reach the API.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BodySpec {
+    pub only: BodyFields,
+}
+
+/// Top-level body field names: non-empty, none twice (ignoring letter case).
+#[derive(Debug, Clone)]
+pub struct BodyFields(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for BodyFields {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let names = Vec::<String>::deserialize(d)?;
+        let mut folded = std::collections::HashSet::new();
+        for name in &names {
+            if name.is_empty() {
+                return Err(de::Error::custom("body field names must not be empty"));
+            }
+            if !folded.insert(super::body::fold_case(name)) {
+                return Err(de::Error::custom(format!(
+                    "body field {name:?} is listed twice (letter case does not count)"
+                )));
+            }
+        }
+        Ok(Self(names))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -267,5 +303,20 @@ mod tests {
         let host: HostName = serde_yaml::from_str("Admin.Example.").unwrap();
         assert_eq!(host.0, "admin.example");
         assert!(serde_yaml::from_str::<HostName>("admin.example:80").is_err());
+    }
+
+    #[test]
+    fn body_field_lists_are_checked() {
+        let parse = |yaml: &str| serde_yaml::from_str::<BodySpec>(yaml).map(|b| b.only.0);
+        assert_eq!(parse("only: [product, qty]").unwrap(), ["product", "qty"]);
+        assert!(parse("only: [qty, '']")
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
+        assert!(parse("only: [qty, QTY]")
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
+        assert!(parse("only: [qty]\nexcept: [a]").is_err());
     }
 }

@@ -1,17 +1,25 @@
 //! Binding messages and `authorization_details` rendered from the call.
 //!
-//! Templates are compiled while the policy file is parsed, so a broken one is
-//! reported with its file, line and key. Every value interpolated from the
-//! call into a binding message passes through [`sanitize_value`]: the agent
-//! controls those values, and the person approves whatever the message says.
+//! Templates use handlebars syntax and are parsed by handlebars while the
+//! policy file is read, so a broken one is reported with its file, line and
+//! key. Only literal text and plain `{{path}}` values are accepted (no
+//! helpers, blocks or partials): each template compiles to literal and lookup
+//! segments, so the gateway knows at load which parts of a call a policy
+//! shows, and checks every value taken from the call before it is shown.
+//!
+//! A value in a binding message is shown as it is or the call is refused:
+//! nothing is blanked or dropped, because the person approves what the message
+//! says while the API acts on the value itself.
 
 use std::fmt;
 
-use handlebars::template::TemplateElement;
-use handlebars::{Handlebars, Template};
+use handlebars::template::{Parameter, TemplateElement};
+use handlebars::{Path, PathSeg, Template};
 use serde::{de, Deserialize, Deserializer};
 use serde_json::Value;
 use thiserror::Error;
+use unicode_normalization::char::{decompose_compatible, is_combining_mark};
+use unicode_normalization::UnicodeNormalization;
 
 /// Auth0's documented limit, also a sensible bound for a phone notification.
 pub const BINDING_MESSAGE_MAX_CHARS: usize = 64;
@@ -22,20 +30,96 @@ pub fn is_binding_message_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, ' ' | '+' | '-' | '_' | '.' | ',' | ':' | '#')
 }
 
-/// Replaces every character a binding message may not carry with a space, so
-/// an agent cannot smuggle line breaks, markup or look-alike text into it.
-pub fn sanitize_value(value: &str) -> String {
-    value
-        .chars()
-        .map(|c| if is_binding_message_char(c) { c } else { ' ' })
-        .collect()
+/// The part of a call a template path reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    /// The JSON body: `{{qty}}` or `{{body.qty}}`.
+    Body,
+    /// Path parameters: `{{params.orderId}}`.
+    Params,
+    /// Query parameters: `{{query.page}}`.
+    Query,
+    /// The approving person's claims: `{{user.sub}}`.
+    User,
+    /// `{{request.method}}`, `{{request.path}}`.
+    Request,
+}
+
+/// A plain `{{path}}` in a template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldPath {
+    /// The path as it reads in messages, segments joined with `.`.
+    text: String,
+    segments: Vec<String>,
+}
+
+impl FieldPath {
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The section the path reads and the path within it. Top-level names
+    /// other than the sections are body fields: `qty` reads the same value
+    /// as `body.qty`.
+    pub fn section(&self) -> (Section, &[String]) {
+        let (first, rest) = self
+            .segments
+            .split_first()
+            .expect("a field path has at least one segment");
+        match first.as_str() {
+            "body" => (Section::Body, rest),
+            "params" => (Section::Params, rest),
+            "query" => (Section::Query, rest),
+            "user" => (Section::User, rest),
+            "request" => (Section::Request, rest),
+            _ => (Section::Body, &self.segments),
+        }
+    }
+}
+
+/// A compiled piece of a template.
+#[derive(Debug, Clone)]
+enum Segment {
+    Text(String),
+    Field(FieldPath),
+}
+
+/// A value found for a [`FieldPath`] in a call.
+#[derive(Debug, Clone, Copy)]
+pub enum Found<'v> {
+    Json(&'v Value),
+    Text(&'v str),
+}
+
+/// Why a template could not be rendered for a call.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum RenderError {
+    #[error("the call has no value for '{0}'")]
+    MissingValue(String),
+    #[error("the value of '{field}' is {what}, which cannot be shown")]
+    NotShowable { field: String, what: &'static str },
+    #[error("the value of '{field}' contains {}, which a binding message cannot show", describe(*character))]
+    Character { field: String, character: char },
+    #[error("the binding message would be {0} characters; at most {BINDING_MESSAGE_MAX_CHARS} are allowed")]
+    MessageTooLong(usize),
+    #[error("the binding message is empty")]
+    EmptyMessage,
+}
+
+/// `U+0430 'а'`, or only `U+202E` for a character that would not print.
+pub fn describe(c: char) -> String {
+    if c.is_alphanumeric() || c.is_ascii_graphic() {
+        format!("the character U+{:04X} '{c}'", c as u32)
+    } else {
+        format!("the character U+{:04X}", c as u32)
+    }
 }
 
 /// A binding message template, validated at load.
 #[derive(Clone)]
 pub struct MessageTemplate {
     source: String,
-    compiled: Template,
+    segments: Vec<Segment>,
 }
 
 impl fmt::Debug for MessageTemplate {
@@ -48,53 +132,176 @@ impl fmt::Debug for MessageTemplate {
 
 impl MessageTemplate {
     pub fn parse(source: &str) -> Result<Self, String> {
-        let compiled = Template::compile(source).map_err(|e| format!("broken template: {e}"))?;
-        check_message_elements(&compiled.elements)?;
+        let segments = compile(source, Kind::Message)?;
+        for segment in &segments {
+            match segment {
+                Segment::Text(text) => {
+                    if let Some(bad) = text.chars().find(|c| !is_binding_message_char(*c)) {
+                        return Err(format!(
+                            "binding message text contains {bad:?}; allowed are letters, digits, space and + - _ . , : #"
+                        ));
+                    }
+                }
+                Segment::Field(field) => match field.section() {
+                    (Section::Request, [name]) if name == "path" => return Err(
+                        "{{request.path}} always contains '/', which a binding message cannot show"
+                            .to_owned(),
+                    ),
+                    (Section::Body, []) => {}
+                    (_, []) => {
+                        return Err(format!(
+                        "{{{{{0}}}}} is a whole section; name one value, such as {{{{{0}.name}}}}",
+                        field.text
+                    ))
+                    }
+                    _ => {}
+                },
+            }
+        }
+        if segments.is_empty() {
+            return Err("the binding message is empty".to_owned());
+        }
         Ok(Self {
             source: source.to_owned(),
-            compiled,
+            segments,
         })
     }
 
     pub fn source(&self) -> &str {
         &self.source
     }
-}
 
-fn check_message_elements(elements: &[TemplateElement]) -> Result<(), String> {
-    for element in elements {
-        match element {
-            TemplateElement::RawString(text) => {
-                if let Some(bad) = text.chars().find(|c| !is_binding_message_char(*c)) {
-                    return Err(format!(
-                        "binding message text contains {bad:?}; allowed are letters, digits, space and + - _ . , : #"
-                    ));
-                }
-            }
-            TemplateElement::HtmlExpression(_) => {
-                return Err(
-                    "triple-stash {{{...}}} would insert call values unsanitised; use {{...}}"
-                        .to_owned(),
-                )
-            }
-            TemplateElement::HelperBlock(block) => {
-                for inner in [&block.template, &block.inverse].into_iter().flatten() {
-                    check_message_elements(&inner.elements)?;
-                }
-            }
-            TemplateElement::PartialExpression(_) | TemplateElement::PartialBlock(_) => {
-                return Err("partials are not supported in binding messages".to_owned())
-            }
-            _ => {}
-        }
+    /// The `{{path}}`s the message shows.
+    pub fn fields(&self) -> impl Iterator<Item = &FieldPath> {
+        self.segments.iter().filter_map(|s| match s {
+            Segment::Field(f) => Some(f),
+            Segment::Text(_) => None,
+        })
     }
-    Ok(())
+
+    /// Renders the message, refusing any value it could not show faithfully
+    /// (see [`append_message_value`]). Runs of spaces become one space.
+    pub fn render<'v>(
+        &self,
+        lookup: impl Fn(&FieldPath) -> Option<Found<'v>>,
+    ) -> Result<String, RenderError> {
+        let mut raw = String::with_capacity(BINDING_MESSAGE_MAX_CHARS);
+        for segment in &self.segments {
+            match segment {
+                Segment::Text(text) => raw.push_str(text),
+                Segment::Field(field) => {
+                    let found = lookup(field)
+                        .ok_or_else(|| RenderError::MissingValue(field.text.clone()))?;
+                    append_message_value(&mut raw, &field.text, found)?;
+                }
+            }
+        }
+        // Only ASCII remains: literal text was checked at load, values here.
+        let mut message = String::with_capacity(raw.len());
+        for word in raw.split(' ').filter(|w| !w.is_empty()) {
+            if !message.is_empty() {
+                message.push(' ');
+            }
+            message.push_str(word);
+        }
+        if message.is_empty() {
+            return Err(RenderError::EmptyMessage);
+        }
+        if message.len() > BINDING_MESSAGE_MAX_CHARS {
+            return Err(RenderError::MessageTooLong(message.len()));
+        }
+        Ok(message)
+    }
 }
 
 impl<'de> Deserialize<'de> for MessageTemplate {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let source = String::deserialize(deserializer)?;
         Self::parse(&source).map_err(de::Error::custom)
+    }
+}
+
+/// Appends one call value to a binding message, or says why it cannot be
+/// shown. Strings, numbers and booleans are shown; `null`, lists, objects and
+/// blank strings are refused (they would render as nothing). Characters
+/// outside Auth0's alphabet are refused, except letters with a faithful ASCII
+/// form (compatibility decomposition without accents: `é` -> `e`, `ﬁ` -> `fi`,
+/// fullwidth `Ｘ` -> `X`). Digits of other scripts, look-alike letters of other
+/// alphabets, control and format characters and punctuation are refused.
+pub fn append_message_value(
+    out: &mut String,
+    field: &str,
+    found: Found<'_>,
+) -> Result<(), RenderError> {
+    let number;
+    let text: &str = match found {
+        Found::Text(text) => text,
+        Found::Json(Value::String(text)) => text,
+        Found::Json(Value::Number(n)) => {
+            number = n.to_string();
+            number.as_str()
+        }
+        Found::Json(Value::Bool(b)) => {
+            if *b {
+                "true"
+            } else {
+                "false"
+            }
+        }
+        Found::Json(other) => {
+            let what = match other {
+                Value::Null => "null",
+                Value::Array(_) => "a list",
+                _ => "an object",
+            };
+            return Err(RenderError::NotShowable {
+                field: field.to_owned(),
+                what,
+            });
+        }
+    };
+    if text.chars().all(char::is_whitespace) {
+        return Err(RenderError::NotShowable {
+            field: field.to_owned(),
+            what: "empty",
+        });
+    }
+    if text.chars().all(is_binding_message_char) {
+        out.push_str(text);
+        return Ok(());
+    }
+    // Compose first, so that `e` + combining acute is treated as `é`; a
+    // combining mark left on its own is refused like any other character.
+    for c in text.nfc() {
+        if is_binding_message_char(c) {
+            out.push(c);
+        } else if !transliterate(c, out) {
+            return Err(RenderError::Character {
+                field: field.to_owned(),
+                character: c,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Appends the ASCII letters `c` stands for, if it is a letter whose
+/// compatibility decomposition is ASCII letters and combining marks.
+fn transliterate(c: char, out: &mut String) -> bool {
+    let start = out.len();
+    let mut faithful = true;
+    decompose_compatible(c, |d| {
+        if d.is_ascii_alphabetic() {
+            out.push(d);
+        } else if !is_combining_mark(d) {
+            faithful = false;
+        }
+    });
+    if faithful && out.len() > start {
+        true
+    } else {
+        out.truncate(start);
+        false
     }
 }
 
@@ -115,8 +322,8 @@ impl fmt::Debug for DetailsTemplate {
 #[derive(Clone)]
 enum DetailsNode {
     Literal(Value),
-    Lookup(Vec<String>),
-    Text(Box<Template>),
+    Lookup(FieldPath),
+    Text(Vec<Segment>),
     Array(Vec<DetailsNode>),
     Object(Vec<(String, DetailsNode)>),
 }
@@ -130,19 +337,62 @@ impl DetailsTemplate {
             root: compile_node(value)?,
         })
     }
+
+    /// The `{{path}}`s the details show.
+    pub fn fields(&self) -> Vec<&FieldPath> {
+        fn walk<'t>(node: &'t DetailsNode, out: &mut Vec<&'t FieldPath>) {
+            match node {
+                DetailsNode::Literal(_) => {}
+                DetailsNode::Lookup(f) => out.push(f),
+                DetailsNode::Text(segments) => {
+                    out.extend(segments.iter().filter_map(|s| match s {
+                        Segment::Field(f) => Some(f),
+                        Segment::Text(_) => None,
+                    }))
+                }
+                DetailsNode::Array(items) => items.iter().for_each(|n| walk(n, out)),
+                DetailsNode::Object(fields) => fields.iter().for_each(|(_, n)| walk(n, out)),
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.root, &mut out);
+        out
+    }
+
+    /// Renders the details. A lone `{{path}}` copies the value with its JSON
+    /// type; in longer text only strings, numbers and booleans are accepted.
+    pub fn render<'v>(
+        &self,
+        lookup: impl Fn(&FieldPath) -> Option<Found<'v>>,
+    ) -> Result<Value, RenderError> {
+        render_node(&self.root, &lookup)
+    }
 }
 
 fn compile_node(value: Value) -> Result<DetailsNode, String> {
     Ok(match value {
-        Value::String(text) => {
-            if let Some(path) = single_lookup(&text) {
-                DetailsNode::Lookup(path)
-            } else if text.contains("{{") {
-                let compiled =
-                    Template::compile(&text).map_err(|e| format!("broken template: {e}"))?;
-                DetailsNode::Text(Box::new(compiled))
-            } else {
-                DetailsNode::Literal(Value::String(text))
+        Value::String(text) if text.contains("{{") => {
+            let segments = compile(&text, Kind::Details)?;
+            let mut fields = segments.iter().filter_map(|s| match s {
+                Segment::Field(f) => Some(f),
+                Segment::Text(_) => None,
+            });
+            let blank_text = segments.iter().all(|s| match s {
+                Segment::Text(t) => t.trim().is_empty(),
+                Segment::Field(_) => true,
+            });
+            match (fields.next(), fields.next()) {
+                (Some(field), None) if blank_text => DetailsNode::Lookup(field.clone()),
+                (None, _) => DetailsNode::Literal(Value::String(
+                    segments
+                        .into_iter()
+                        .map(|s| match s {
+                            Segment::Text(t) => t,
+                            Segment::Field(_) => String::new(),
+                        })
+                        .collect(),
+                )),
+                _ => DetailsNode::Text(segments),
             }
         }
         Value::Array(items) => DetailsNode::Array(
@@ -160,14 +410,61 @@ fn compile_node(value: Value) -> Result<DetailsNode, String> {
     })
 }
 
-/// `{{ a.b.0 }}` alone in a string: returns `["a", "b", "0"]`.
-fn single_lookup(text: &str) -> Option<Vec<String>> {
-    let inner = text.trim().strip_prefix("{{")?.strip_suffix("}}")?.trim();
-    let valid = !inner.is_empty()
-        && inner
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    valid.then(|| inner.split('.').map(str::to_owned).collect())
+fn render_node<'v>(
+    node: &DetailsNode,
+    lookup: &impl Fn(&FieldPath) -> Option<Found<'v>>,
+) -> Result<Value, RenderError> {
+    let find = |field: &FieldPath| {
+        lookup(field).ok_or_else(|| RenderError::MissingValue(field.text.clone()))
+    };
+    Ok(match node {
+        DetailsNode::Literal(v) => v.clone(),
+        DetailsNode::Lookup(field) => match find(field)? {
+            Found::Json(value) => value.clone(),
+            Found::Text(text) => Value::String(text.to_owned()),
+        },
+        DetailsNode::Text(segments) => {
+            let mut text = String::new();
+            for segment in segments {
+                match segment {
+                    Segment::Text(t) => text.push_str(t),
+                    Segment::Field(field) => match find(field)? {
+                        Found::Text(t) => text.push_str(t),
+                        Found::Json(Value::String(t)) => text.push_str(t),
+                        Found::Json(Value::Number(n)) => text.push_str(&n.to_string()),
+                        Found::Json(Value::Bool(b)) => {
+                            text.push_str(if *b { "true" } else { "false" })
+                        }
+                        Found::Json(other) => {
+                            return Err(RenderError::NotShowable {
+                                field: field.text.clone(),
+                                what: if other.is_null() {
+                                    "null"
+                                } else if other.is_array() {
+                                    "a list"
+                                } else {
+                                    "an object"
+                                },
+                            })
+                        }
+                    },
+                }
+            }
+            Value::String(text)
+        }
+        DetailsNode::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(|n| render_node(n, lookup))
+                .collect::<Result<_, _>>()?,
+        ),
+        DetailsNode::Object(fields) => Value::Object(
+            fields
+                .iter()
+                .map(|(k, n)| Ok((k.clone(), render_node(n, lookup)?)))
+                .collect::<Result<_, RenderError>>()?,
+        ),
+    })
 }
 
 impl<'de> Deserialize<'de> for DetailsTemplate {
@@ -177,186 +474,82 @@ impl<'de> Deserialize<'de> for DetailsTemplate {
     }
 }
 
-/// Why a template could not be rendered for a call.
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum RenderError {
-    #[error("the call has no value for '{0}'")]
-    MissingValue(String),
-    #[error("the binding message would be {0} characters; at most {BINDING_MESSAGE_MAX_CHARS} are allowed")]
-    MessageTooLong(usize),
-    #[error("the binding message is empty")]
-    EmptyMessage,
-    #[error("{0}")]
-    Other(String),
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Message,
+    Details,
 }
 
-/// Compiled templates of every policy, keyed by the policy's index.
-pub struct TemplateEngine {
-    messages: Handlebars<'static>,
-    details: Handlebars<'static>,
-}
-
-impl fmt::Debug for TemplateEngine {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("TemplateEngine")
-    }
-}
-
-/// A policy's details template with its text leaves registered in the engine.
-#[derive(Clone)]
-pub struct RegisteredDetails {
-    root: RegisteredNode,
-}
-
-impl fmt::Debug for RegisteredDetails {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("RegisteredDetails")
-    }
-}
-
-#[derive(Clone)]
-enum RegisteredNode {
-    Literal(Value),
-    Lookup(Vec<String>),
-    Text(String),
-    Array(Vec<RegisteredNode>),
-    Object(Vec<(String, RegisteredNode)>),
-}
-
-impl Default for TemplateEngine {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl TemplateEngine {
-    pub fn new() -> Self {
-        let mut messages = Handlebars::new();
-        messages.set_strict_mode(true);
-        messages.register_escape_fn(sanitize_value);
-        let mut details = Handlebars::new();
-        details.set_strict_mode(true);
-        details.register_escape_fn(handlebars::no_escape);
-        Self { messages, details }
-    }
-
-    pub fn add_message(&mut self, key: &str, template: &MessageTemplate) {
-        self.messages
-            .register_template(key, template.compiled.clone());
-    }
-
-    pub fn add_details(&mut self, key: &str, template: &DetailsTemplate) -> RegisteredDetails {
-        let mut counter = 0;
-        let root = self.register_node(key, &template.root, &mut counter);
-        RegisteredDetails { root }
-    }
-
-    fn register_node(
-        &mut self,
-        key: &str,
-        node: &DetailsNode,
-        counter: &mut usize,
-    ) -> RegisteredNode {
-        match node {
-            DetailsNode::Literal(v) => RegisteredNode::Literal(v.clone()),
-            DetailsNode::Lookup(path) => RegisteredNode::Lookup(path.clone()),
-            DetailsNode::Text(template) => {
-                let name = format!("{key}#{counter}");
-                *counter += 1;
-                self.details.register_template(&name, (**template).clone());
-                RegisteredNode::Text(name)
+/// Parses `source` with handlebars and keeps literal text and plain paths.
+fn compile(source: &str, kind: Kind) -> Result<Vec<Segment>, String> {
+    let template = Template::compile(source).map_err(|e| format!("broken template: {e}"))?;
+    let only = match kind {
+        Kind::Message => "a binding message takes only text and plain values such as {{qty}} or {{params.id}}",
+        Kind::Details => "authorization_details strings take only text and plain values such as {{qty}} or {{params.id}}",
+    };
+    let mut segments: Vec<Segment> = Vec::new();
+    for element in &template.elements {
+        let helper = match element {
+            TemplateElement::RawString(text) => {
+                match segments.last_mut() {
+                    Some(Segment::Text(last)) => last.push_str(text),
+                    _ => segments.push(Segment::Text(text.clone())),
+                }
+                continue;
             }
-            DetailsNode::Array(items) => RegisteredNode::Array(
-                items
-                    .iter()
-                    .map(|n| self.register_node(key, n, counter))
-                    .collect(),
-            ),
-            DetailsNode::Object(fields) => RegisteredNode::Object(
-                fields
-                    .iter()
-                    .map(|(k, n)| (k.clone(), self.register_node(key, n, counter)))
-                    .collect(),
-            ),
+            TemplateElement::Comment(_) => continue,
+            TemplateElement::Expression(helper) => helper,
+            TemplateElement::HtmlExpression(helper) if kind == Kind::Details => helper,
+            TemplateElement::HtmlExpression(_) => {
+                return Err(
+                    "triple-stash {{{...}}} is not supported in binding messages; use {{...}}"
+                        .to_owned(),
+                )
+            }
+            TemplateElement::HelperBlock(_) => {
+                return Err(format!(
+                    "blocks such as {{{{#if}}}} are not supported: {only}"
+                ))
+            }
+            TemplateElement::PartialExpression(_) | TemplateElement::PartialBlock(_) => {
+                return Err(format!("partials are not supported: {only}"))
+            }
+            _ => return Err(format!("decorators are not supported: {only}")),
+        };
+        let called = match &helper.name {
+            Parameter::Name(name) => name.clone(),
+            Parameter::Path(path) => raw_path(path),
+            _ => "(...)".to_owned(),
+        };
+        if helper.block || !helper.params.is_empty() || !helper.hash.is_empty() {
+            return Err(format!("{{{{{called} ...}}}} calls a helper: {only}"));
         }
-    }
-
-    /// Renders, sanitises and checks a binding message.
-    pub fn render_message(&self, key: &str, context: &Value) -> Result<String, RenderError> {
-        let rendered = self
-            .messages
-            .render(key, context)
-            .map_err(convert_render_error)?;
-        let message = rendered.split_whitespace().collect::<Vec<_>>().join(" ");
-        let length = message.chars().count();
-        if length == 0 {
-            return Err(RenderError::EmptyMessage);
-        }
-        if length > BINDING_MESSAGE_MAX_CHARS {
-            return Err(RenderError::MessageTooLong(length));
-        }
-        // Literal text was checked at load and values were sanitised; this
-        // guards against a helper emitting something unexpected.
-        if message.chars().any(|c| !is_binding_message_char(c)) {
-            return Err(RenderError::Other(
-                "the binding message contains characters the authorization server refuses".into(),
+        let segments_of_path = match &helper.name {
+            Parameter::Path(Path::Relative((segs, _))) if !segs.is_empty() => segs
+                .iter()
+                .map(|s| match s {
+                    PathSeg::Named(name) => Some(name.clone()),
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>(),
+            _ => None,
+        };
+        let Some(path) = segments_of_path else {
+            return Err(format!(
+                "{{{{{called}}}}} is not a plain path (no this, ../, @root or @index): {only}"
             ));
-        }
-        Ok(message)
+        };
+        segments.push(Segment::Field(FieldPath {
+            text: path.join("."),
+            segments: path,
+        }));
     }
-
-    pub fn render_details(
-        &self,
-        details: &RegisteredDetails,
-        context: &Value,
-    ) -> Result<Value, RenderError> {
-        self.render_node(&details.root, context)
-    }
-
-    fn render_node(&self, node: &RegisteredNode, context: &Value) -> Result<Value, RenderError> {
-        Ok(match node {
-            RegisteredNode::Literal(v) => v.clone(),
-            RegisteredNode::Lookup(path) => lookup(context, path)
-                .cloned()
-                .ok_or_else(|| RenderError::MissingValue(path.join(".")))?,
-            RegisteredNode::Text(name) => Value::String(
-                self.details
-                    .render(name, context)
-                    .map_err(convert_render_error)?,
-            ),
-            RegisteredNode::Array(items) => Value::Array(
-                items
-                    .iter()
-                    .map(|n| self.render_node(n, context))
-                    .collect::<Result<_, _>>()?,
-            ),
-            RegisteredNode::Object(fields) => Value::Object(
-                fields
-                    .iter()
-                    .map(|(k, n)| Ok((k.clone(), self.render_node(n, context)?)))
-                    .collect::<Result<_, RenderError>>()?,
-            ),
-        })
-    }
+    Ok(segments)
 }
 
-fn lookup<'v>(root: &'v Value, path: &[String]) -> Option<&'v Value> {
-    path.iter().try_fold(root, |value, segment| match value {
-        Value::Object(map) => map.get(segment),
-        Value::Array(items) => segment.parse::<usize>().ok().and_then(|i| items.get(i)),
-        _ => None,
-    })
-}
-
-fn convert_render_error(error: handlebars::RenderError) -> RenderError {
-    match error.reason() {
-        handlebars::RenderErrorReason::MissingVariable(Some(path)) => {
-            RenderError::MissingValue(path.clone())
-        }
-        handlebars::RenderErrorReason::MissingVariable(None) => {
-            RenderError::MissingValue("a value".to_owned())
-        }
-        other => RenderError::Other(other.to_string()),
+fn raw_path(path: &Path) -> String {
+    match path {
+        Path::Relative((_, raw)) | Path::Local((_, _, raw)) => raw.clone(),
     }
 }
 
@@ -365,56 +558,154 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn engine_with(source: &str) -> TemplateEngine {
-        let mut engine = TemplateEngine::new();
-        engine.add_message("m", &MessageTemplate::parse(source).unwrap());
-        engine
+    fn message(source: &str, values: &Value) -> Result<String, RenderError> {
+        let template = MessageTemplate::parse(source).unwrap();
+        template.render(|field| lookup(values, field))
+    }
+
+    fn lookup<'v>(values: &'v Value, field: &FieldPath) -> Option<Found<'v>> {
+        field
+            .segments
+            .iter()
+            .try_fold(values, |v, s| v.get(s))
+            .map(Found::Json)
     }
 
     #[test]
     fn renders_the_shop_message() {
-        let engine = engine_with("Do you want to buy {{qty}} {{product}}");
-        let message = engine
-            .render_message("m", &json!({"qty": 2, "product": "XYZ phone"}))
-            .unwrap();
-        assert_eq!(message, "Do you want to buy 2 XYZ phone");
+        let values = json!({"qty": 2, "product": "XYZ phone"});
+        assert_eq!(
+            message("Do you want to buy {{qty}} {{product}}", &values).unwrap(),
+            "Do you want to buy 2 XYZ phone"
+        );
+        let values = json!({"qty": 2.5, "product": "  XYZ   phone ", "gift": true});
+        assert_eq!(
+            message("Buy {{qty}} {{product}} gift: {{gift}}", &values).unwrap(),
+            "Buy 2.5 XYZ phone gift: true"
+        );
     }
 
     #[test]
-    fn call_values_are_sanitised() {
-        let engine = engine_with("Buy {{product}}");
-        let message = engine
-            .render_message("m", &json!({"product": "phone\nApprove all <b>now</b>!"}))
-            .unwrap();
-        assert_eq!(message, "Buy phone Approve all b now b");
+    fn values_the_message_cannot_show_are_refused_not_blanked() {
+        let character = |value: &str| match message("Buy {{product}}", &json!({"product": value})) {
+            Err(RenderError::Character { field, character }) => {
+                assert_eq!(field, "product");
+                character
+            }
+            other => panic!("{value:?}: {other:?}"),
+        };
+        assert_eq!(character("phone\nApprove all <b>now</b>!"), '\n');
+        assert_eq!(character("\u{0661}\u{0660}\u{0660}"), '\u{0661}'); // Arabic-Indic 100
+        assert_eq!(character("\u{0430}pple"), '\u{0430}'); // Cyrillic a
+        assert_eq!(character("\u{03B1}"), '\u{03B1}');
+        assert_eq!(character("\u{624B}\u{673A}"), '\u{624B}');
+        assert_eq!(character("\u{FF11}"), '\u{FF11}'); // fullwidth digit one
+        assert_eq!(character("x\u{00B2}"), '\u{00B2}');
+        assert_eq!(character("phone\u{202E}"), '\u{202E}');
+        assert_eq!(character("ph\u{200B}one"), '\u{200B}');
+        assert_eq!(character("XYZ\u{00A0}phone"), '\u{00A0}');
+        assert_eq!(character("1\u{0336}"), '\u{0336}'); // a stroke through a digit
+        for punctuation in ["!", "?", "'", "/", "$", "\t"] {
+            assert_eq!(
+                character(&format!("a{punctuation}")).to_string(),
+                punctuation
+            );
+        }
+        let error = message("Buy {{product}}", &json!({"product": "\u{0430}"})).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "the value of 'product' contains the character U+0430 '\u{0430}', which a binding message cannot show"
+        );
+        let error = message("Buy {{product}}", &json!({"product": "a\u{202E}"})).unwrap_err();
+        assert!(error.to_string().contains("U+202E,"), "{error}");
+    }
+
+    #[test]
+    fn letters_with_a_faithful_ascii_form_are_transliterated() {
+        let shown = |value: &str| message("Buy {{product}}", &json!({ "product": value })).unwrap();
+        assert_eq!(shown("Caf\u{00E9} cr\u{00E8}me"), "Buy Cafe creme");
+        assert_eq!(shown("Cafe\u{0301}"), "Buy Cafe"); // decomposed e + acute
+        assert_eq!(shown("\u{FB01}ne"), "Buy fine");
+        assert_eq!(shown("\u{FF38}YZ"), "Buy XYZ"); // fullwidth X
+        assert_eq!(shown("\u{212A}elvin \u{017F}ize"), "Buy Kelvin size");
+    }
+
+    #[test]
+    fn null_empty_and_structured_values_are_refused() {
+        for (value, what) in [
+            (json!(null), "null"),
+            (json!(""), "empty"),
+            (json!("   "), "empty"),
+            (json!([1]), "a list"),
+            (json!({"n": 1}), "an object"),
+        ] {
+            assert_eq!(
+                message("Buy {{qty}} phones", &json!({ "qty": value })),
+                Err(RenderError::NotShowable {
+                    field: "qty".into(),
+                    what
+                }),
+            );
+        }
     }
 
     #[test]
     fn overlong_and_missing_values_are_refused() {
-        let engine = engine_with("Buy {{product}}");
         let long = "x".repeat(80);
         assert_eq!(
-            engine.render_message("m", &json!({ "product": long })),
+            message("Buy {{product}}", &json!({ "product": long })),
             Err(RenderError::MessageTooLong(84))
         );
         assert_eq!(
-            engine.render_message("m", &json!({})),
+            message("Buy {{product}}", &json!({})),
             Err(RenderError::MissingValue("product".into()))
         );
     }
 
     #[test]
     fn bad_templates_are_refused_at_parse() {
-        assert!(MessageTemplate::parse("Buy {{qty")
-            .unwrap_err()
-            .contains("broken template"));
-        assert!(MessageTemplate::parse("Buy now!")
-            .unwrap_err()
-            .contains("'!'"));
-        assert!(MessageTemplate::parse("Buy {{{product}}}")
-            .unwrap_err()
-            .contains("triple-stash"));
-        assert!(MessageTemplate::parse("{{#if a}}Buy?{{/if}}").is_err());
+        let refused = |source: &str| MessageTemplate::parse(source).unwrap_err();
+        assert!(refused("Buy {{qty").contains("broken template"));
+        assert!(refused("Buy now!").contains("'!'"));
+        assert!(refused("Buy {{{product}}}").contains("triple-stash"));
+        assert!(refused("{{#if a}}Buy{{/if}}").contains("blocks"));
+        assert!(refused("Buy {{lookup body 'qty'}}").contains("calls a helper"));
+        assert!(refused("Buy {{upper product}}").contains("calls a helper"));
+        assert!(refused("Buy {{../qty}}").contains("not a plain path"));
+        assert!(refused("Buy {{@root.qty}}").contains("not a plain path"));
+        assert!(refused("Buy {{this}}").contains("not a plain path"));
+        assert!(refused("Buy {{> other}}").contains("partials"));
+        assert!(refused("At {{request.path}}").contains("'/'"));
+        assert!(refused("For {{user}}").contains("whole section"));
+        assert!(refused("").contains("empty"));
+    }
+
+    #[test]
+    fn templates_say_which_parts_of_the_call_they_read() {
+        let template =
+            MessageTemplate::parse("Buy {{qty}} {{body.product}} for {{user.sub}} {{! note }}")
+                .unwrap();
+        let sections: Vec<_> = template.fields().map(|f| f.section()).collect();
+        let qty = ["qty".to_owned()];
+        let product = ["product".to_owned()];
+        let sub = ["sub".to_owned()];
+        assert_eq!(
+            sections,
+            vec![
+                (Section::Body, &qty[..]),
+                (Section::Body, &product[..]),
+                (Section::User, &sub[..]),
+            ]
+        );
+        let details =
+            DetailsTemplate::parse(json!({"q": "{{query.page}}", "t": "at {{params.id}}"}))
+                .unwrap();
+        let texts: Vec<_> = details
+            .fields()
+            .iter()
+            .map(|f| f.text().to_owned())
+            .collect();
+        assert_eq!(texts, ["query.page", "params.id"]);
     }
 
     #[test]
@@ -422,21 +713,26 @@ mod tests {
         let template = DetailsTemplate::parse(json!([{
             "type": "product_purchase",
             "product": "{{product}}",
-            "quantity": "{{qty}}",
-            "note": "for {{user.sub}}"
+            "quantity": " {{qty}} ",
+            "note": "for {{user.sub}}",
+            "literal": "\\{{not a value}}"
         }]))
         .unwrap();
-        let mut engine = TemplateEngine::new();
-        let registered = engine.add_details("d", &template);
-        let rendered = engine
-            .render_details(
-                &registered,
-                &json!({"product": "XYZ phone", "qty": 2, "user": {"sub": "alice"}}),
-            )
-            .unwrap();
+        let values = json!({"product": "XYZ phone", "qty": 2, "user": {"sub": "alice"}});
+        let rendered = template.render(|f| lookup(&values, f)).unwrap();
         assert_eq!(
             rendered,
-            json!([{"type": "product_purchase", "product": "XYZ phone", "quantity": 2, "note": "for alice"}])
+            json!([{"type": "product_purchase", "product": "XYZ phone", "quantity": 2,
+                    "note": "for alice", "literal": "{{not a value}}"}])
         );
+        let values = json!({"product": null, "qty": 2, "user": {"sub": null}});
+        assert_eq!(
+            template.render(|f| lookup(&values, f)),
+            Err(RenderError::NotShowable {
+                field: "user.sub".into(),
+                what: "null"
+            })
+        );
+        assert!(DetailsTemplate::parse(json!({"a": "{{#each x}}{{/each}}"})).is_err());
     }
 }

@@ -8,7 +8,7 @@ use super::answer::request_problem;
 use super::{hold, CallCtx, Countersign, Refusal};
 use crate::config::DefaultAction;
 use crate::identity::{Identity, IdentityError};
-use crate::policy::{self, Policy, RenderError, RenderedRequest};
+use crate::policy::{self, Policy, RenderedRequest};
 use crate::problem::{Problem, ProblemCode};
 use crate::request::{self, CanonicalRequest};
 
@@ -79,7 +79,7 @@ impl Countersign {
             body.as_deref(),
             &request,
             &identity,
-            method.as_str(),
+            session,
         )?;
         Ok(Some(HeldCall {
             policy,
@@ -155,39 +155,21 @@ impl Countersign {
         body: Option<&[u8]>,
         request: &CanonicalRequest,
         identity: &Identity,
-        method: &str,
+        session: &Session,
     ) -> Result<RenderedRequest, Refusal> {
-        let (json, body_is_json) = match body {
-            Some(bytes) => match serde_json::from_slice::<serde_json::Value>(bytes) {
-                Ok(value) => (Some(value), true),
-                Err(_) => (None, false),
-            },
-            None => (None, false),
-        };
-        let context = policy::template_context(
-            json.as_ref(),
+        let header = session.req_header();
+        let input = policy::CallInput {
+            headers: &header.headers,
+            body,
             params,
-            request.query.as_deref(),
-            &identity.claims,
-            method,
-            &request.path.forward,
-        );
-        self.policies.render(policy, &context).map_err(|error| {
-            match error {
-                RenderError::MissingValue(field) if !body_is_json => {
-                    Problem::new(ProblemCode::InvalidBody).with_detail(format!(
-                        "This call needs a JSON body with a value for '{field}'."
-                    ))
-                }
-                RenderError::MissingValue(field) => Problem::new(ProblemCode::InvalidBody)
-                    .with_detail(format!(
-                        "The request has no value for '{field}', which the approval message needs."
-                    )),
-                other => Problem::new(ProblemCode::InvalidBindingMessage).with_detail(format!(
-                    "The approval message for this call cannot be sent: {other}."
-                )),
-            }
-            .into()
-        })
+            query: request.query.as_deref(),
+            user: &identity.claims,
+            method: header.method.as_str(),
+            path: &request.path.forward,
+        };
+        Ok(self
+            .policies
+            .render_call(policy, &input)
+            .map_err(Problem::from)?)
     }
 }

@@ -1,0 +1,283 @@
+//! The request body as the approval message reads it: JSON that no
+//! permissive API can read differently.
+//!
+//! `serde_json::from_slice` keeps the last of two equal keys, and treats `qty`
+//! and `QTY` as different keys, while Go's `encoding/json` and ASP.NET bind
+//! keys case-insensitively and other parsers keep the first duplicate. The
+//! person would approve one value while the API acts on another. This parser
+//! builds the same [`Value`] but refuses, at every nesting level, duplicate
+//! keys and keys equal up to Unicode case folding, and integers too large to
+//! be read exactly everywhere.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Number, Value};
+use thiserror::Error;
+
+/// 2^53: beyond it, JSON parsers that read numbers as doubles round integers.
+pub const MAX_EXACT_INTEGER: u64 = 1 << 53;
+
+/// Why a body was refused. Each reads as the end of a sentence that starts
+/// "The JSON body was refused: ".
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum BodyError {
+    #[error("it is not valid JSON ({0})")]
+    Syntax(String),
+    #[error("the key '{key}' appears more than once in {place}; APIs disagree on which one counts, so send it once")]
+    DuplicateKey { key: String, place: Place },
+    #[error("the keys '{first}' and '{second}' in {place} differ only in letter case; some APIs read them as one key, so send only one")]
+    CaseTwin {
+        first: String,
+        second: String,
+        place: Place,
+    },
+    #[error("the number {number} in {place} is beyond 2^53, where APIs round numbers differently; it cannot be shown exactly")]
+    InexactNumber { number: String, place: Place },
+}
+
+/// Where in the body an error is: the object or array holding it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Place(String);
+
+impl fmt::Display for Place {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("the top-level value")
+        } else {
+            write!(f, "'{}'", self.0)
+        }
+    }
+}
+
+/// The form under which two keys count as the same: Unicode upper- then
+/// lower-casing, so that the Kelvin sign `K` equals `k` and the long `ſ`
+/// equals `s`, as in Go's `encoding/json`.
+pub fn fold_case(key: &str) -> String {
+    key.to_uppercase().to_lowercase()
+}
+
+/// Parses a JSON body strictly (see the module documentation).
+pub fn parse(bytes: &[u8]) -> Result<Value, BodyError> {
+    let state = State::default();
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let parsed = Strict { state: &state }
+        .deserialize(&mut deserializer)
+        .and_then(|value| deserializer.end().map(|()| value));
+    match parsed {
+        Ok(value) => Ok(value),
+        Err(error) => Err(state
+            .error
+            .into_inner()
+            .unwrap_or_else(|| BodyError::Syntax(error.to_string()))),
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// The keys and indices leading to the value being parsed.
+    path: RefCell<Vec<String>>,
+    /// The refusal that stopped the parse, if it was not a syntax error.
+    error: RefCell<Option<BodyError>>,
+}
+
+impl State {
+    fn place(&self) -> Place {
+        let path = self.path.borrow();
+        let mut text = String::new();
+        for segment in path.iter() {
+            if segment.starts_with('[') || text.is_empty() {
+                text.push_str(segment);
+            } else {
+                text.push('.');
+                text.push_str(segment);
+            }
+        }
+        Place(text)
+    }
+
+    fn refuse<E: de::Error>(&self, error: BodyError) -> E {
+        *self.error.borrow_mut() = Some(error);
+        E::custom("refused")
+    }
+
+    fn check_integer<E: de::Error>(&self, magnitude: u64, number: Number) -> Result<Value, E> {
+        if magnitude > MAX_EXACT_INTEGER {
+            let number = number.to_string();
+            return Err(self.refuse(BodyError::InexactNumber {
+                number,
+                place: self.place(),
+            }));
+        }
+        Ok(Value::Number(number))
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Strict<'s> {
+    state: &'s State,
+}
+
+impl<'de> DeserializeSeed<'de> for Strict<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Strict<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+        self.state.check_integer(v.unsigned_abs(), v.into())
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+        self.state.check_integer(v, v.into())
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        // serde_json reads integers beyond 64 bits as doubles, rounded.
+        match Number::from_f64(v) {
+            Some(number) if v.abs() <= MAX_EXACT_INTEGER as f64 => Ok(Value::Number(number)),
+            _ => Err(self.state.refuse(BodyError::InexactNumber {
+                number: v.to_string(),
+                place: self.state.place(),
+            })),
+        }
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        loop {
+            self.state
+                .path
+                .borrow_mut()
+                .push(format!("[{}]", items.len()));
+            let item = seq.next_element_seed(self);
+            self.state.path.borrow_mut().pop();
+            match item? {
+                Some(item) => items.push(item),
+                None => return Ok(Value::Array(items)),
+            }
+        }
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut fields = Map::new();
+        // Folded key -> the key as sent.
+        let mut seen: HashMap<String, String> = HashMap::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let folded = fold_case(&key);
+            if let Some(first) = seen.get(&folded) {
+                let place = self.state.place();
+                let error = if *first == key {
+                    BodyError::DuplicateKey { key, place }
+                } else {
+                    BodyError::CaseTwin {
+                        first: first.clone(),
+                        second: key,
+                        place,
+                    }
+                };
+                return Err(self.state.refuse(error));
+            }
+            self.state.path.borrow_mut().push(key.clone());
+            let value = map.next_value_seed(self);
+            self.state.path.borrow_mut().pop();
+            seen.insert(folded, key.clone());
+            fields.insert(key, value?);
+        }
+        Ok(Value::Object(fields))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn refused(text: &str) -> String {
+        parse(text.as_bytes()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn builds_the_same_value_as_serde_json() {
+        let text = r#"{"product":"XYZ phone","qty":2,"price":-1.5,"ok":true,"n":null,
+            "items":[{"a":[1,2]},"x"],"max":9007199254740992,"min":-9007199254740992}"#;
+        let strict = parse(text.as_bytes()).unwrap();
+        assert_eq!(strict, serde_json::from_str::<Value>(text).unwrap());
+        assert_eq!(parse(b" [] ").unwrap(), json!([]));
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_at_every_level() {
+        let error = refused(r#"{"qty":1,"qty":100}"#);
+        assert!(error.contains("'qty' appears more than once"), "{error}");
+        assert!(error.contains("the top-level value"), "{error}");
+        let error = refused(r#"{"items":[{"a":1},{"b":{"c":1,"c":2}}]}"#);
+        assert!(
+            error.contains("'c' appears more than once in 'items[1].b'"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn keys_equal_up_to_case_are_refused() {
+        let error = refused(r#"{"qty":1,"QTY":100}"#);
+        assert!(error.contains("'qty' and 'QTY'"), "{error}");
+        // The Kelvin sign and the long s fold like Go's encoding/json.
+        assert!(refused("{\"kind\":1,\"\u{212A}ind\":2}").contains("differ only in letter case"));
+        assert!(refused("{\"size\":1,\"\u{017F}ize\":2}").contains("differ only in letter case"));
+        assert!(refused(r#"{"a":{"Qty":1,"qTY":2}}"#).contains("in 'a'"));
+        // Distinct keys stay distinct.
+        assert!(parse(br#"{"qty":1,"qty2":2}"#).is_ok());
+    }
+
+    #[test]
+    fn integers_that_would_be_rounded_are_refused() {
+        for text in [
+            "9007199254740993",
+            "-9007199254740993",
+            "18446744073709551615",
+            "123456789012345678901234567890",
+            "1e300",
+        ] {
+            let error = refused(&format!(r#"{{"qty":{text}}}"#));
+            assert!(error.contains("beyond 2^53"), "{text}: {error}");
+            assert!(error.contains("'qty'"), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_and_trailing_data_are_refused() {
+        assert!(refused("product=phone&qty=2").contains("not valid JSON"));
+        assert!(refused(r#"{"qty":1} {"qty":2}"#).contains("not valid JSON"));
+        assert!(refused("").contains("not valid JSON"));
+        assert!(refused("\u{feff}{}").contains("not valid JSON"));
+        assert!(refused(r#"{"a":"\ud800"}"#).contains("not valid JSON"));
+    }
+}

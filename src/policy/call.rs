@@ -1,0 +1,407 @@
+//! One call as its approval reads it: what you see is what you sign.
+//!
+//! A policy's templates say, at load, which parts of a call the person is
+//! shown ([`CallShape`]). Before a message is rendered, those parts are read
+//! the one way every permissive API reads them too, or the call is refused:
+//! a body the templates read must be declared JSON and parse strictly
+//! ([`super::body`]); a query parameter they read must appear once; every
+//! value shown must be shown faithfully ([`super::template`]). With
+//! `body: { only: [...] }`, a body may not carry fields the person is not
+//! shown.
+
+use std::collections::HashSet;
+
+use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
+use http::HeaderMap;
+use percent_encoding::percent_decode;
+use serde_json::Value;
+use thiserror::Error;
+
+use super::body::{self, fold_case, BodyError};
+use super::spec::BodySpec;
+use super::template::{
+    DetailsTemplate, FieldPath, Found, MessageTemplate, RenderError, Section,
+    BINDING_MESSAGE_MAX_CHARS,
+};
+use super::RenderedRequest;
+use crate::problem::{Problem, ProblemCode};
+
+/// What the gateway knows of one call when it renders its approval.
+#[derive(Debug, Clone, Copy)]
+pub struct CallInput<'a> {
+    /// The request headers: `Content-Type` and `Content-Encoding` are read.
+    pub headers: &'a HeaderMap,
+    /// The whole body, if any.
+    pub body: Option<&'a [u8]>,
+    /// Path parameters, percent-decoded.
+    pub params: &'a [(String, String)],
+    /// The raw query string, without `?`.
+    pub query: Option<&'a str>,
+    /// The approving person's claims.
+    pub user: &'a Value,
+    pub method: &'a str,
+    /// The normalised path the upstream receives.
+    pub path: &'a str,
+}
+
+/// Why a call's approval cannot be rendered. The `Display` text is a
+/// sentence an agent (or its LLM) can relay as it is; [`CallError::code`] is
+/// the stable problem code.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CallError {
+    #[error("This call's approval message is read from its JSON body, so the body must be sent with Content-Type: application/json (or another +json type, in UTF-8); it was sent {0}.")]
+    NotJson(String),
+    #[error("This call's body must be sent without Content-Encoding (it was sent with '{0}'), so that the approval message can read it.")]
+    Encoded(String),
+    #[error("This call needs a JSON body: its approval message is read from it.")]
+    MissingBody,
+    #[error("The JSON body was refused: {0}.")]
+    Body(#[from] BodyError),
+    #[error("This call's body must be a JSON object with no fields but {0}.")]
+    NotAnObject(String),
+    #[error("The body field '{field}' is not shown to the person who approves this call, so it is refused; send only {allowed}.")]
+    UnshownField { field: String, allowed: String },
+    #[error("The query parameter '{0}' is given more than once (or in another letter case); APIs disagree on which one counts, so send it once.")]
+    RepeatedQuery(String),
+    #[error("The query contains ';', which some APIs read as a separator between parameters; send parameters separated by '&' only.")]
+    QuerySemicolon,
+    #[error("The query parameter '{0}' is not valid UTF-8 once percent-decoded.")]
+    QueryNotUtf8(String),
+    #[error("{}", render_detail(.0))]
+    Render(#[from] RenderError),
+}
+
+fn render_detail(error: &RenderError) -> String {
+    match error {
+        RenderError::MissingValue(field) => match field.strip_prefix("query.") {
+            Some(name) => format!(
+                "The query has no parameter '{name}' (spelled exactly so), which the approval message needs."
+            ),
+            None => format!(
+                "The request has no value for '{field}', which the approval message needs."
+            ),
+        },
+        RenderError::NotShowable { field, what } => format!(
+            "The value of '{field}' is {what}; the approval needs text, a number or true/false there."
+        ),
+        RenderError::Character { field, character } => format!(
+            "The value of '{field}' contains {}, which the approval message cannot show; \
+             use ASCII letters, digits, space and + - _ . , : # (accented letters are shown without their accents).",
+            super::template::describe(*character)
+        ),
+        RenderError::MessageTooLong(length) => format!(
+            "The approval message for this call would be {length} characters; at most {BINDING_MESSAGE_MAX_CHARS} are allowed."
+        ),
+        RenderError::EmptyMessage => "The approval message for this call would be empty.".to_owned(),
+    }
+}
+
+impl CallError {
+    pub fn code(&self) -> ProblemCode {
+        match self {
+            Self::NotJson(_)
+            | Self::Encoded(_)
+            | Self::MissingBody
+            | Self::Body(_)
+            | Self::NotAnObject(_)
+            | Self::UnshownField { .. } => ProblemCode::InvalidBody,
+            Self::RepeatedQuery(_) | Self::QuerySemicolon | Self::QueryNotUtf8(_) => {
+                ProblemCode::InvalidQuery
+            }
+            Self::Render(RenderError::MissingValue(field)) if field.starts_with("query.") => {
+                ProblemCode::InvalidQuery
+            }
+            Self::Render(RenderError::MissingValue(_) | RenderError::NotShowable { .. }) => {
+                ProblemCode::InvalidBody
+            }
+            Self::Render(_) => ProblemCode::InvalidBindingMessage,
+        }
+    }
+}
+
+impl From<CallError> for Problem {
+    fn from(error: CallError) -> Self {
+        Problem::new(error.code()).with_detail(error.to_string())
+    }
+}
+
+/// Which parts of a call a policy shows, worked out at load.
+#[derive(Debug)]
+pub(crate) struct CallShape {
+    /// The templates read the body, or `body.only` constrains it: the body
+    /// must then be declared JSON and parse strictly.
+    reads_body: bool,
+    /// `body.only`, case-folded, and as a list for messages.
+    only: Option<(HashSet<String>, String)>,
+    /// Query parameters the templates read.
+    query: Vec<String>,
+}
+
+impl CallShape {
+    pub(crate) fn new(
+        message: &MessageTemplate,
+        details: Option<&DetailsTemplate>,
+        body: Option<&BodySpec>,
+    ) -> Result<Self, String> {
+        let mut reads_body = body.is_some();
+        let mut body_fields: Vec<&str> = Vec::new();
+        let mut query: Vec<String> = Vec::new();
+        let fields = message
+            .fields()
+            .chain(details.into_iter().flat_map(DetailsTemplate::fields));
+        for field in fields {
+            match field.section() {
+                (Section::Body, rest) => {
+                    reads_body = true;
+                    body_fields.extend(rest.first().map(String::as_str));
+                }
+                (Section::Query, [name, ..]) if !query.contains(name) => {
+                    query.push(name.clone());
+                }
+                (Section::Query | Section::Params | Section::Request, []) => {
+                    return Err(format!(
+                        "{{{{{0}}}}} is a whole section; name one value, such as {{{{{0}.name}}}}",
+                        field.text()
+                    ))
+                }
+                _ => {}
+            }
+        }
+        let only = match body {
+            None => None,
+            Some(spec) => {
+                let allowed: HashSet<String> = spec.only.0.iter().map(|f| fold_case(f)).collect();
+                if let Some(missing) = body_fields
+                    .iter()
+                    .find(|f| !allowed.contains(&fold_case(f)))
+                {
+                    return Err(format!(
+                        "body.only does not list '{missing}', which the approval shows"
+                    ));
+                }
+                let listed = match spec.only.0.as_slice() {
+                    [] => "none".to_owned(),
+                    names => names
+                        .iter()
+                        .map(|n| format!("'{n}'"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                };
+                Some((allowed, listed))
+            }
+        };
+        Ok(Self {
+            reads_body,
+            only,
+            query,
+        })
+    }
+
+    pub(crate) fn render(
+        &self,
+        message: &MessageTemplate,
+        details: Option<&DetailsTemplate>,
+        input: &CallInput<'_>,
+    ) -> Result<RenderedRequest, CallError> {
+        let body = if self.reads_body {
+            Some(self.read_body(input)?)
+        } else {
+            None
+        };
+        let query = if self.query.is_empty() {
+            Vec::new()
+        } else {
+            self.read_query(input.query.unwrap_or(""))?
+        };
+        let values = CallValues {
+            body: body.as_ref(),
+            params: input.params,
+            query: &query,
+            user: input.user,
+            method: input.method,
+            path: input.path,
+        };
+        let binding_message = message.render(|field| values.lookup(field))?;
+        let authorization_details = details
+            .map(|d| d.render(|field| values.lookup(field)))
+            .transpose()?;
+        Ok(RenderedRequest {
+            binding_message,
+            authorization_details,
+        })
+    }
+
+    fn read_body(&self, input: &CallInput<'_>) -> Result<Value, CallError> {
+        let bytes = input
+            .body
+            .filter(|b| !b.is_empty())
+            .ok_or(CallError::MissingBody)?;
+        if let Some(encoding) = input.headers.get_all(CONTENT_ENCODING).iter().find(|v| {
+            !v.to_str()
+                .is_ok_and(|v| v.trim().eq_ignore_ascii_case("identity"))
+        }) {
+            let shown = truncated(&String::from_utf8_lossy(encoding.as_bytes()));
+            return Err(CallError::Encoded(shown));
+        }
+        check_json_content_type(input.headers)?;
+        let value = body::parse(bytes)?;
+        if let Some((allowed, listed)) = &self.only {
+            let Value::Object(fields) = &value else {
+                return Err(CallError::NotAnObject(listed.clone()));
+            };
+            if let Some(field) = fields.keys().find(|k| !allowed.contains(&fold_case(k))) {
+                return Err(CallError::UnshownField {
+                    field: field.clone(),
+                    allowed: listed.clone(),
+                });
+            }
+        }
+        Ok(value)
+    }
+
+    /// The query parameters the templates read, each given exactly once
+    /// (up to letter case) and spelled as in the template.
+    fn read_query(&self, query: &str) -> Result<Vec<(String, String)>, CallError> {
+        if query.contains(';') {
+            return Err(CallError::QuerySemicolon);
+        }
+        let pairs: Vec<(String, &str)> = query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|pair| {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                let key = String::from_utf8_lossy(&form_decode(key)).into_owned();
+                (key, value)
+            })
+            .collect();
+        let mut found = Vec::new();
+        for name in &self.query {
+            let folded = fold_case(name);
+            let matches: Vec<_> = pairs
+                .iter()
+                .filter(|(key, _)| fold_case(key) == folded)
+                .collect();
+            match matches.as_slice() {
+                // Absent, or only in another spelling: the lookup misses.
+                [] => {}
+                [(key, _)] if key != name => {}
+                [(_, value)] => {
+                    let value = String::from_utf8(form_decode(value))
+                        .map_err(|_| CallError::QueryNotUtf8(name.clone()))?;
+                    found.push((name.clone(), value));
+                }
+                _ => return Err(CallError::RepeatedQuery(name.clone())),
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// `application/x-www-form-urlencoded` decoding: `+` is a space.
+fn form_decode(text: &str) -> Vec<u8> {
+    let spaced = text.replace('+', " ");
+    percent_decode(spaced.as_bytes()).collect()
+}
+
+fn truncated(text: &str) -> String {
+    text.chars().take(64).collect()
+}
+
+/// `application/json` or `application/<x>+json`; a `charset`, if given,
+/// must be UTF-8.
+fn check_json_content_type(headers: &HeaderMap) -> Result<(), CallError> {
+    let mut values = headers.get_all(CONTENT_TYPE).iter();
+    let value = match (values.next(), values.next()) {
+        (None, _) => return Err(CallError::NotJson("without a Content-Type".to_owned())),
+        (Some(_), Some(_)) => {
+            return Err(CallError::NotJson(
+                "with more than one Content-Type header".to_owned(),
+            ))
+        }
+        (Some(value), None) => value,
+    };
+    let text = value.to_str().map_err(|_| {
+        CallError::NotJson("with a Content-Type that is not plain ASCII".to_owned())
+    })?;
+    let mut parts = text.split(';');
+    let media = parts.next().unwrap_or("").trim_matches([' ', '\t']);
+    let is_json = media.split_once('/').is_some_and(|(kind, subtype)| {
+        let token = !subtype.is_empty()
+            && subtype
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b));
+        let lower = subtype.to_ascii_lowercase();
+        kind.eq_ignore_ascii_case("application")
+            && token
+            && (lower == "json" || (lower.len() > 5 && lower.ends_with("+json")))
+    });
+    if !is_json {
+        return Err(CallError::NotJson(format!("as '{}'", truncated(media))));
+    }
+    for parameter in parts.map(|p| p.trim_matches([' ', '\t'])) {
+        if parameter.is_empty() {
+            continue;
+        }
+        let Some((name, value)) = parameter.split_once('=') else {
+            return Err(CallError::NotJson(format!(
+                "with a malformed parameter '{}'",
+                truncated(parameter)
+            )));
+        };
+        if name.trim().eq_ignore_ascii_case("charset") {
+            let value = value.trim();
+            let value = value
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(value);
+            if !value.eq_ignore_ascii_case("utf-8") {
+                return Err(CallError::NotJson(format!(
+                    "with charset '{}'",
+                    truncated(value)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The values of one call, as templates name them.
+struct CallValues<'a> {
+    body: Option<&'a Value>,
+    params: &'a [(String, String)],
+    query: &'a [(String, String)],
+    user: &'a Value,
+    method: &'a str,
+    path: &'a str,
+}
+
+impl<'a> CallValues<'a> {
+    fn lookup(&self, field: &FieldPath) -> Option<Found<'a>> {
+        let named = |pairs: &'a [(String, String)], name: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| Found::Text(v.as_str()))
+        };
+        match field.section() {
+            (Section::Body, rest) => json_path(self.body?, rest).map(Found::Json),
+            (Section::User, rest) => json_path(self.user, rest).map(Found::Json),
+            (Section::Params, [name]) => named(self.params, name),
+            (Section::Query, [name]) => named(self.query, name),
+            (Section::Request, [name]) => match name.as_str() {
+                "method" => Some(Found::Text(self.method)),
+                "path" => Some(Found::Text(self.path)),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+fn json_path<'v>(root: &'v Value, path: &[String]) -> Option<&'v Value> {
+    path.iter().try_fold(root, |value, segment| match value {
+        Value::Object(map) => map.get(segment),
+        Value::Array(items) => segment.parse::<usize>().ok().and_then(|i| items.get(i)),
+        _ => None,
+    })
+}

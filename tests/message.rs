@@ -1,0 +1,274 @@
+//! What you see is what you sign: calls that a permissive API could read
+//! differently from the approval message are refused before anyone is
+//! asked. Each attack goes through the real gateway; the CIBA peer must
+//! receive no backchannel request and the shop nothing.
+
+mod support;
+
+use serde_json::{json, Value};
+use support::*;
+
+/// A policy that shows a query parameter.
+const REFUND: &str = r#"  - name: refund
+    match: { methods: [POST], path: /refunds }
+    require: { scopes: [product:buy], audience: https://shop.example/api }
+    binding_message: "Refund {{query.amount}} EUR"
+"#;
+
+async fn world() -> World {
+    World::start(GatewayOptions {
+        extra_policies: REFUND,
+        ..GatewayOptions::default()
+    })
+    .await
+}
+
+/// POST `path` as an agent for alice, with exactly these body bytes.
+async fn post(
+    world: &World,
+    path: &str,
+    content_type: Option<&str>,
+    body: &str,
+) -> reqwest::Response {
+    let mut request = world
+        .agent
+        .post(world.gateway.url(path))
+        .header(USER_HEADER, "alice")
+        .body(body.to_owned());
+    if let Some(content_type) = content_type {
+        request = request.header("content-type", content_type);
+    }
+    request.send().await.unwrap()
+}
+
+async fn buy_raw(world: &World, content_type: &str, body: &str) -> reqwest::Response {
+    post(world, "/shop", Some(content_type), body).await
+}
+
+/// Asserts a 400 problem with `code` whose detail contains every one of
+/// `words`, and that nobody was asked and nothing was forwarded.
+async fn refused(world: &World, response: reqwest::Response, code: &str, words: &[&str]) {
+    assert_eq!(response.status().as_u16(), 400);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], code, "{body}");
+    let detail = body["detail"].as_str().unwrap();
+    for word in words {
+        assert!(detail.contains(word), "{word:?} not in {detail:?}");
+    }
+    assert!(
+        world.peer.requests().await.is_empty(),
+        "the person was asked"
+    );
+    assert!(world.shop.received().is_empty(), "the shop received a call");
+}
+
+#[tokio::test]
+async fn json_sent_as_a_form_is_refused() {
+    let world = world().await;
+    // A form-reading API sees qty=100 in this body; the message would say 2.
+    let body = r#"{"product":"XYZ phone","qty":2,"priceLimit":"=1&qty=100"}"#;
+    for content_type in [
+        "application/x-www-form-urlencoded",
+        "text/plain",
+        "application/json; charset=iso-8859-1",
+    ] {
+        let response = buy_raw(&world, content_type, body).await;
+        refused(
+            &world,
+            response,
+            "invalid_body",
+            &["Content-Type: application/json"],
+        )
+        .await;
+    }
+    let response = post(&world, "/shop", None, body).await;
+    refused(
+        &world,
+        response,
+        "invalid_body",
+        &["without a Content-Type"],
+    )
+    .await;
+
+    let request = format!(
+        "POST /shop HTTP/1.1\r\nHost: shop\r\n{USER_HEADER}: alice\r\nContent-Type: application/json\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let proxy = world.gateway.proxy;
+    let (status, response) = tokio::task::spawn_blocking(move || raw_request(proxy, &request))
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{response}");
+    assert!(response.contains("invalid_body"), "{response}");
+    assert!(
+        response.contains("more than one Content-Type"),
+        "{response}"
+    );
+    assert!(world.peer.requests().await.is_empty());
+    assert!(world.shop.received().is_empty());
+}
+
+#[tokio::test]
+async fn keys_that_differ_only_in_case_are_refused() {
+    let world = world().await;
+    let body = r#"{"product":"XYZ phone","qty":1,"QTY":100,"priceLimit":900}"#;
+    let response = buy_raw(&world, "application/json", body).await;
+    refused(&world, response, "invalid_body", &["'qty' and 'QTY'"]).await;
+    // The Kelvin sign folds to k, as in Go's encoding/json.
+    let body = "{\"product\":\"XYZ phone\",\"qty\":1,\"priceLimit\":900,\"\u{212A}\":1,\"k\":2}";
+    let response = buy_raw(&world, "application/json", body).await;
+    refused(
+        &world,
+        response,
+        "invalid_body",
+        &["differ only in letter case"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn repeated_keys_and_inexact_numbers_are_refused() {
+    let world = world().await;
+    let body = r#"{"product":"XYZ phone","qty":1,"qty":100,"priceLimit":900}"#;
+    let response = buy_raw(&world, "application/json", body).await;
+    refused(
+        &world,
+        response,
+        "invalid_body",
+        &["'qty' appears more than once"],
+    )
+    .await;
+    let body = r#"{"product":"XYZ phone","qty":9007199254740993,"priceLimit":900}"#;
+    let response = buy_raw(&world, "application/json", body).await;
+    refused(&world, response, "invalid_body", &["2^53", "'qty'"]).await;
+}
+
+#[tokio::test]
+async fn a_repeated_query_parameter_is_refused() {
+    let world = world().await;
+    // Go, Flask and Spring read the first value; others the last.
+    for (query, word) in [
+        ("amount=100&amount=1", "'amount' is given more than once"),
+        ("amount=1&AMOUNT=100", "'amount' is given more than once"),
+        ("amount=1&amoun%74=100", "'amount' is given more than once"),
+        ("amount=1;amount=100", "';'"),
+    ] {
+        let response = post(&world, &format!("/refunds?{query}"), None, "").await;
+        refused(&world, response, "invalid_query", &[word]).await;
+    }
+    // A twin of a parameter the message does not show is no one's concern.
+    let call = tokio::spawn(
+        world
+            .agent
+            .post(world.gateway.url("/refunds?amount=5&note=a&note=b"))
+            .header(USER_HEADER, "alice")
+            .send(),
+    );
+    let pending = world.peer.wait_pending(Some("alice"), 1).await;
+    assert_eq!(pending[0]["binding_message"], "Refund 5 EUR");
+    world
+        .peer
+        .deny(pending[0]["auth_req_id"].as_str().unwrap())
+        .await;
+    assert_eq!(call.await.unwrap().unwrap().status(), 403);
+}
+
+#[tokio::test]
+async fn values_the_message_cannot_show_are_refused_not_blanked() {
+    let world = world().await;
+    let buy = |qty: Value, product: &str| {
+        world
+            .buy(
+                "alice",
+                json!({"product": product, "qty": qty, "priceLimit": 900}),
+            )
+            .send()
+    };
+    // Arabic-Indic 100: Python's int(), Java and Jackson read it as 100.
+    let response = buy(json!("\u{0661}\u{0660}\u{0660}"), "XYZ phone")
+        .await
+        .unwrap();
+    refused(
+        &world,
+        response,
+        "invalid_binding_message",
+        &["'qty'", "U+0661"],
+    )
+    .await;
+    for (product, character) in [
+        ("XYZ \u{0440}hone", "U+0440"),  // Cyrillic er
+        ("XYZ phone\u{202E}", "U+202E"), // right-to-left override
+        ("XYZ\u{00A0}phone", "U+00A0"),  // no-break space
+        ("phone!", "U+0021"),
+    ] {
+        let response = buy(json!(2), product).await.unwrap();
+        refused(
+            &world,
+            response,
+            "invalid_binding_message",
+            &["'product'", character],
+        )
+        .await;
+    }
+    for qty in [json!(null), json!(""), json!("  "), json!([2])] {
+        let response = buy(qty, "XYZ phone").await.unwrap();
+        refused(&world, response, "invalid_body", &["'qty'"]).await;
+    }
+}
+
+#[tokio::test]
+async fn body_fields_the_person_is_not_shown_are_refused() {
+    let world = world().await;
+    let response = world
+        .buy(
+            "alice",
+            json!({"product": "XYZ phone", "qty": 2, "priceLimit": 900, "giftTo": "mallory"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    refused(&world, response, "invalid_body", &["'giftTo'", "'product'"]).await;
+    let response = buy_raw(
+        &world,
+        "application/json",
+        r#"[{"product":"XYZ phone","qty":2}]"#,
+    )
+    .await;
+    refused(&world, response, "invalid_body", &["JSON object"]).await;
+}
+
+#[tokio::test]
+async fn a_clean_call_is_held_with_the_message_it_will_do() {
+    let world = world().await;
+    let call = tokio::spawn(
+        world
+            .buy(
+                "alice",
+                json!({"product": "Caf\u{00E9} phone", "qty": 2, "priceLimit": 900}),
+            )
+            .send(),
+    );
+    let pending = world.peer.wait_pending(Some("alice"), 1).await;
+    let request = &pending[0];
+    // The accent is dropped in the message; the details keep the exact value.
+    assert_eq!(
+        request["binding_message"],
+        "Do you want to buy 2 Cafe phone"
+    );
+    assert_eq!(
+        request["authorization_details"],
+        json!([{"type": "product_purchase", "product": "Caf\u{00E9} phone", "quantity": 2, "price_limit": 900}])
+    );
+    world
+        .peer
+        .deny(request["auth_req_id"].as_str().unwrap())
+        .await;
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(response.status(), 403);
+    assert!(world.shop.received().is_empty());
+}
