@@ -14,8 +14,13 @@ use crate::ciba::{AuthorizeRequest, CibaClient, CibaError, Grant, PollAnswer};
 
 /// What the spec says to use when the server sends no `interval`.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+/// The longest `interval` taken from the server; a larger one would mean
+/// never polling within any sensible hold.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(60);
 /// What every `slow_down` adds, for that poll and all later ones.
 pub const SLOW_DOWN_STEP: Duration = Duration::from_secs(5);
+/// The longest hold representable here; longer ones are cut to it.
+const MAX_HOLD: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// How an approval ended.
 #[derive(Debug)]
@@ -57,7 +62,8 @@ pub enum Step {
 
 impl PollSchedule {
     /// Starts a schedule at `now` for a request that expires after `expires_in`
-    /// (capped by `max_hold`).
+    /// (capped by `max_hold`). The interval is taken as at least 1 s and at
+    /// most [`MAX_INTERVAL`].
     pub fn new(
         now: Instant,
         interval: Option<Duration>,
@@ -66,11 +72,12 @@ impl PollSchedule {
     ) -> Self {
         let interval = interval
             .unwrap_or(DEFAULT_INTERVAL)
-            .max(Duration::from_secs(1));
+            .clamp(Duration::from_secs(1), MAX_INTERVAL);
+        let hold = expires_in.min(max_hold).min(MAX_HOLD);
         Self {
             interval,
-            deadline: now + expires_in.min(max_hold),
-            next_poll: now + interval,
+            deadline: now.checked_add(hold).unwrap_or(now),
+            next_poll: now.checked_add(interval).unwrap_or(now),
             polls: 0,
         }
     }
@@ -95,6 +102,7 @@ impl PollSchedule {
     /// Feeds the answer of the poll made at `now`.
     pub fn on_answer(&mut self, now: Instant, answer: PollAnswer) -> Step {
         self.polls += 1;
+        let remaining = self.deadline.saturating_duration_since(now);
         let wait = match answer {
             PollAnswer::Approved(grant) => return Step::Finish(Outcome::Approved(grant)),
             PollAnswer::Denied => return Step::Finish(Outcome::Denied),
@@ -102,18 +110,32 @@ impl PollSchedule {
             PollAnswer::Failed(error) => return Step::Finish(Outcome::Failed(error)),
             PollAnswer::Pending => self.interval,
             PollAnswer::SlowDown => {
-                self.interval += SLOW_DOWN_STEP;
+                self.interval = self.interval.saturating_add(SLOW_DOWN_STEP);
                 self.interval
+            }
+            PollAnswer::Unavailable {
+                retry_after: Some(retry_after),
+            } if retry_after > self.interval && retry_after >= remaining => {
+                // The server will not answer before the deadline: it is
+                // unavailable for this approval, not unanswered by the person.
+                return Step::Finish(Outcome::Failed(CibaError::Unavailable {
+                    reason: format!(
+                        "asked to retry after {} s, past the approval's deadline",
+                        retry_after.as_secs()
+                    ),
+                    retry_after: Some(retry_after.min(remaining)),
+                }));
             }
             PollAnswer::Unavailable { retry_after } => {
                 retry_after.map_or(self.interval, |r| r.max(self.interval))
             }
         };
-        self.next_poll = now + wait;
-        match self.next_poll() {
-            Some(at) => Step::PollAt(at),
-            None => Step::Finish(Outcome::Expired),
+        if wait >= remaining {
+            return Step::Finish(Outcome::Expired);
         }
+        // Cannot overflow: `now + remaining` is the deadline.
+        self.next_poll = now + wait;
+        Step::PollAt(self.next_poll)
     }
 }
 
@@ -151,7 +173,7 @@ pub async fn run(client: &CibaClient, request: &ApprovalRequest<'_>) -> Outcome 
         let answer = client.poll(&authorization.auth_req_id).await;
         if matches!(answer, PollAnswer::SlowDown) {
             tracing::warn!(
-                interval_s = schedule.interval().as_secs() + SLOW_DOWN_STEP.as_secs(),
+                interval_s = schedule.interval().saturating_add(SLOW_DOWN_STEP).as_secs(),
                 "authorization server asked to slow down"
             );
         }
@@ -260,5 +282,49 @@ mod tests {
             s.on_answer(now, PollAnswer::Expired),
             Step::Finish(Outcome::Expired)
         ));
+    }
+
+    #[test]
+    fn huge_intervals_and_holds_are_capped_without_overflow() {
+        let now = Instant::now();
+        let mut s = PollSchedule::new(
+            now,
+            Some(Duration::from_secs(u64::MAX)),
+            Duration::from_secs(u64::MAX),
+            Duration::MAX,
+        );
+        assert_eq!(s.interval(), MAX_INTERVAL);
+        assert_eq!(s.next_poll(), Some(now + MAX_INTERVAL));
+        let t = now + MAX_INTERVAL;
+        assert_eq!(at(s.on_answer(t, PollAnswer::Pending)), t + MAX_INTERVAL);
+        assert_eq!(
+            at(s.on_answer(t, PollAnswer::SlowDown)),
+            t + MAX_INTERVAL + SLOW_DOWN_STEP,
+            "slow_down still adds to a capped interval"
+        );
+    }
+
+    #[test]
+    fn a_retry_after_past_the_deadline_ends_the_approval_as_unavailable() {
+        let (now, mut s) = schedule(Some(2), 120);
+        let step = s.on_answer(
+            now,
+            PollAnswer::Unavailable {
+                retry_after: Some(Duration::MAX),
+            },
+        );
+        match step {
+            Step::Finish(Outcome::Failed(CibaError::Unavailable {
+                retry_after: Some(after),
+                ..
+            })) => assert_eq!(after, Duration::from_secs(120), "capped at the hold"),
+            other => panic!("{other:?}"),
+        }
+        // One that still fits is waited for.
+        let (now, mut s) = schedule(Some(2), 120);
+        let retry = PollAnswer::Unavailable {
+            retry_after: Some(Duration::from_secs(119)),
+        };
+        assert_eq!(at(s.on_answer(now, retry)), now + Duration::from_secs(119));
     }
 }

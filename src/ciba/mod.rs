@@ -5,7 +5,7 @@
 
 mod auth;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use reqwest::StatusCode;
 use serde::Deserialize;
@@ -413,8 +413,7 @@ impl CibaClient {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
         let body = response.bytes().await.map_err(|e| CibaError::Unavailable {
             reason: e.without_url().to_string(),
             retry_after,
@@ -432,4 +431,41 @@ fn parse_error(status: StatusCode, body: &[u8]) -> ErrorBody {
         error: format!("http_{}", status.as_u16()),
         error_description: None,
     })
+}
+
+/// `Retry-After` as delta-seconds or an HTTP date (RFC 9110 section 10.2.3).
+/// A number too large for `u64` saturates; a date in the past is zero.
+fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_seconds_or_an_http_date_and_saturates() {
+        let now = SystemTime::now();
+        let parse = |v: &str| parse_retry_after(v, now);
+        assert_eq!(parse(" 120 "), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse("99999999999999999999999999"),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        let wait = parse(&later).unwrap();
+        assert!(
+            (Duration::from_secs(29)..=Duration::from_secs(30)).contains(&wait),
+            "{wait:?}"
+        );
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(parse(&earlier), Some(Duration::ZERO));
+        assert_eq!(parse("soon"), None);
+        assert_eq!(parse("-5"), None);
+    }
 }
