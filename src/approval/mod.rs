@@ -19,6 +19,9 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
 pub const MAX_INTERVAL: Duration = Duration::from_secs(60);
 /// What every `slow_down` adds, for that poll and all later ones.
 pub const SLOW_DOWN_STEP: Duration = Duration::from_secs(5);
+/// Polls in a row that get no answer (connection failure, timeout, 5xx
+/// without `Retry-After`) before the approval ends as unavailable.
+pub const MAX_CONSECUTIVE_FAILURES: u32 = 3;
 /// The longest hold representable here; longer ones are cut to it.
 const MAX_HOLD: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -50,6 +53,7 @@ pub struct PollSchedule {
     deadline: Instant,
     next_poll: Instant,
     polls: u32,
+    failures: u32,
 }
 
 /// What to do after an answer.
@@ -79,6 +83,7 @@ impl PollSchedule {
             deadline: now.checked_add(hold).unwrap_or(now),
             next_poll: now.checked_add(interval).unwrap_or(now),
             polls: 0,
+            failures: 0,
         }
     }
 
@@ -102,6 +107,9 @@ impl PollSchedule {
     /// Feeds the answer of the poll made at `now`.
     pub fn on_answer(&mut self, now: Instant, answer: PollAnswer) -> Step {
         self.polls += 1;
+        if !matches!(answer, PollAnswer::Unreachable { .. }) {
+            self.failures = 0;
+        }
         let remaining = self.deadline.saturating_duration_since(now);
         let wait = match answer {
             PollAnswer::Approved(grant) => return Step::Finish(Outcome::Approved(grant)),
@@ -128,6 +136,16 @@ impl PollSchedule {
             }
             PollAnswer::Unavailable { retry_after } => {
                 retry_after.map_or(self.interval, |r| r.max(self.interval))
+            }
+            PollAnswer::Unreachable { reason } => {
+                self.failures += 1;
+                if self.failures >= MAX_CONSECUTIVE_FAILURES {
+                    return Step::Finish(Outcome::Failed(CibaError::Unavailable {
+                        reason: format!("{} polls in a row failed: {reason}", self.failures),
+                        retry_after: None,
+                    }));
+                }
+                self.interval
             }
         };
         if wait >= remaining {
@@ -171,11 +189,15 @@ pub async fn run(client: &CibaClient, request: &ApprovalRequest<'_>) -> Outcome 
         };
         tokio::time::sleep_until(at).await;
         let answer = client.poll(&authorization.auth_req_id).await;
-        if matches!(answer, PollAnswer::SlowDown) {
-            tracing::warn!(
+        match &answer {
+            PollAnswer::SlowDown => tracing::warn!(
                 interval_s = schedule.interval().saturating_add(SLOW_DOWN_STEP).as_secs(),
                 "authorization server asked to slow down"
-            );
+            ),
+            PollAnswer::Unreachable { reason } => {
+                tracing::warn!(%reason, "poll failed; the authorization server did not answer")
+            }
+            _ => {}
         }
         match schedule.on_answer(Instant::now(), answer) {
             Step::PollAt(_) => continue,
@@ -326,5 +348,57 @@ mod tests {
             retry_after: Some(Duration::from_secs(119)),
         };
         assert_eq!(at(s.on_answer(now, retry)), now + Duration::from_secs(119));
+    }
+
+    #[test]
+    fn polls_that_get_no_answer_end_the_approval_after_three_in_a_row() {
+        let unreachable = || PollAnswer::Unreachable {
+            reason: "connection refused".into(),
+        };
+        let (now, mut s) = schedule(Some(2), 120);
+        let t1 = now + Duration::from_secs(2);
+        assert_eq!(
+            at(s.on_answer(t1, unreachable())),
+            t1 + Duration::from_secs(2)
+        );
+        let t2 = t1 + Duration::from_secs(2);
+        assert_eq!(
+            at(s.on_answer(t2, unreachable())),
+            t2 + Duration::from_secs(2)
+        );
+        let t3 = t2 + Duration::from_secs(2);
+        assert!(matches!(
+            s.on_answer(t3, unreachable()),
+            Step::Finish(Outcome::Failed(CibaError::Unavailable {
+                retry_after: None,
+                ..
+            }))
+        ));
+    }
+
+    #[test]
+    fn any_answer_resets_the_count_of_failed_polls() {
+        let unreachable = || PollAnswer::Unreachable {
+            reason: "timed out".into(),
+        };
+        let (now, mut s) = schedule(Some(1), 120);
+        for answer in [
+            unreachable(),
+            unreachable(),
+            PollAnswer::Pending,
+            unreachable(),
+            unreachable(),
+            PollAnswer::Unavailable {
+                retry_after: Some(Duration::from_secs(3)),
+            },
+            unreachable(),
+            unreachable(),
+        ] {
+            at(s.on_answer(now, answer));
+        }
+        assert!(matches!(
+            s.on_answer(now, unreachable()),
+            Step::Finish(Outcome::Failed(_))
+        ));
     }
 }

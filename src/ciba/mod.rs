@@ -178,9 +178,15 @@ pub enum PollAnswer {
     Approved(Grant),
     Denied,
     Expired,
-    /// 429, 503 or a transport failure: try again later.
+    /// 429, or a 5xx with `Retry-After`: the server is there and asks to
+    /// be asked again later.
     Unavailable {
         retry_after: Option<Duration>,
+    },
+    /// No answer at all: the connection failed or timed out, or a 5xx came
+    /// without `Retry-After`. The approval ends after a few in a row.
+    Unreachable {
+        reason: String,
     },
     /// Anything else; the request cannot succeed.
     Failed(CibaError),
@@ -337,9 +343,9 @@ impl CibaClient {
         let (status, body, retry_after) =
             match self.post_form(self.endpoints.token.clone(), form).await {
                 Ok(parts) => parts,
-                Err(CibaError::Unavailable { retry_after, .. }) => {
+                Err(CibaError::Unavailable { reason, .. }) => {
                     self.record("token", "unavailable");
-                    return PollAnswer::Unavailable { retry_after };
+                    return PollAnswer::Unreachable { reason };
                 }
                 Err(other) => {
                     self.record("token", "error");
@@ -363,6 +369,11 @@ impl CibaClient {
         }
         if is_unavailable(status) {
             self.record("token", "unavailable");
+            if status.is_server_error() && retry_after.is_none() {
+                return PollAnswer::Unreachable {
+                    reason: format!("HTTP {status}"),
+                };
+            }
             return PollAnswer::Unavailable { retry_after };
         }
         let error = parse_error(status, &body);
