@@ -54,6 +54,9 @@ fn http_client(config: &Config) -> Result<reqwest::Client, GatewayError> {
         // 5 s must not race the server closing the pooled connection.
         .pool_idle_timeout(std::time::Duration::from_secs(4))
         .user_agent(concat!("countersign/", env!("CARGO_PKG_VERSION")))
+        // A redirect would resend client credentials (307/308 keep the form
+        // body) to wherever it points: a 3xx is an error, never followed.
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| GatewayError::Startup(format!("HTTP client: {e}")))
 }

@@ -146,3 +146,94 @@ async fn private_key_jwt_client_authentication_works() {
     assert_eq!(call.await.unwrap().unwrap().status(), 200);
     assert_eq!(shop.received().len(), 1);
 }
+
+#[tokio::test]
+async fn a_redirected_jwks_is_not_followed() {
+    let jwks: Value = serde_json::from_slice(
+        &std::fs::read(repo_path("tests/fixtures/agent-jwks.json")).unwrap(),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new()
+        .route(
+            "/jwks.json",
+            get(|| async { axum::response::Redirect::temporary("/moved.json") }),
+        )
+        .route("/moved.json", get(move || async move { axum::Json(jwks) }));
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let world = World::start(GatewayOptions {
+        identity: format!(
+            "jwt: {{ issuer: \"{AGENT_ISSUER}\", audience: countersign, jwks_uri: \"http://{addr}/jwks.json\" }}"
+        ),
+        ..Default::default()
+    })
+    .await;
+    // Followed, the keys would verify the token and the call would be held.
+    let response = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        world
+            .agent
+            .post(world.gateway.url("/shop"))
+            .bearer_auth(agent_token("alice", 300))
+            .json(&phones())
+            .send(),
+    )
+    .await
+    .expect("answered, not held")
+    .unwrap();
+    assert_eq!(response.status(), 503);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "authorization_server_unavailable");
+    assert!(world.peer.requests().await.is_empty(), "nobody was asked");
+}
+
+#[tokio::test]
+async fn a_repeated_credential_header_is_refused() {
+    let jwks = serve_agent_jwks().await;
+    let world = World::start(GatewayOptions {
+        identity: format!(
+            "jwt: {{ issuer: \"{AGENT_ISSUER}\", audience: countersign, jwks_uri: \"{jwks}\" }}"
+        ),
+        ..Default::default()
+    })
+    .await;
+    let token = agent_token("alice", 300);
+    let response = world
+        .agent
+        .post(world.gateway.url("/shop"))
+        .header("authorization", format!("Bearer {token}"))
+        .header(
+            "authorization",
+            format!("Bearer {}", agent_token("bob", 300)),
+        )
+        .json(&phones())
+        .send();
+    // Taking either header, the call would be held for approval.
+    let response = tokio::time::timeout(std::time::Duration::from_secs(10), response)
+        .await
+        .expect("refused, not held")
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["code"],
+        "identity_required"
+    );
+
+    // Header identity: two users named on one call.
+    let header_world = World::start(GatewayOptions::default()).await;
+    let response = header_world
+        .agent
+        .post(header_world.gateway.url("/shop"))
+        .header(USER_HEADER, "alice")
+        .header(USER_HEADER, "bob")
+        .json(&phones())
+        .send();
+    let response = tokio::time::timeout(std::time::Duration::from_secs(10), response)
+        .await
+        .expect("refused, not held")
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert!(world.peer.requests().await.is_empty(), "nobody was asked");
+    assert!(header_world.peer.requests().await.is_empty());
+}

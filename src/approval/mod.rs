@@ -14,8 +14,16 @@ use crate::ciba::{AuthorizeRequest, CibaClient, CibaError, Grant, PollAnswer};
 
 /// What the spec says to use when the server sends no `interval`.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+/// The longest `interval` taken from the server; a larger one would mean
+/// never polling within any sensible hold.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(60);
 /// What every `slow_down` adds, for that poll and all later ones.
 pub const SLOW_DOWN_STEP: Duration = Duration::from_secs(5);
+/// Polls in a row that get no answer (connection failure, timeout, 5xx
+/// without `Retry-After`) before the approval ends as unavailable.
+pub const MAX_CONSECUTIVE_FAILURES: u32 = 3;
+/// The longest hold representable here; longer ones are cut to it.
+const MAX_HOLD: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// How an approval ended.
 #[derive(Debug)]
@@ -45,6 +53,7 @@ pub struct PollSchedule {
     deadline: Instant,
     next_poll: Instant,
     polls: u32,
+    failures: u32,
 }
 
 /// What to do after an answer.
@@ -57,7 +66,8 @@ pub enum Step {
 
 impl PollSchedule {
     /// Starts a schedule at `now` for a request that expires after `expires_in`
-    /// (capped by `max_hold`).
+    /// (capped by `max_hold`). The interval is taken as at least 1 s and at
+    /// most [`MAX_INTERVAL`].
     pub fn new(
         now: Instant,
         interval: Option<Duration>,
@@ -66,12 +76,14 @@ impl PollSchedule {
     ) -> Self {
         let interval = interval
             .unwrap_or(DEFAULT_INTERVAL)
-            .max(Duration::from_secs(1));
+            .clamp(Duration::from_secs(1), MAX_INTERVAL);
+        let hold = expires_in.min(max_hold).min(MAX_HOLD);
         Self {
             interval,
-            deadline: now + expires_in.min(max_hold),
-            next_poll: now + interval,
+            deadline: now.checked_add(hold).unwrap_or(now),
+            next_poll: now.checked_add(interval).unwrap_or(now),
             polls: 0,
+            failures: 0,
         }
     }
 
@@ -95,6 +107,10 @@ impl PollSchedule {
     /// Feeds the answer of the poll made at `now`.
     pub fn on_answer(&mut self, now: Instant, answer: PollAnswer) -> Step {
         self.polls += 1;
+        if !matches!(answer, PollAnswer::Unreachable { .. }) {
+            self.failures = 0;
+        }
+        let remaining = self.deadline.saturating_duration_since(now);
         let wait = match answer {
             PollAnswer::Approved(grant) => return Step::Finish(Outcome::Approved(grant)),
             PollAnswer::Denied => return Step::Finish(Outcome::Denied),
@@ -102,18 +118,42 @@ impl PollSchedule {
             PollAnswer::Failed(error) => return Step::Finish(Outcome::Failed(error)),
             PollAnswer::Pending => self.interval,
             PollAnswer::SlowDown => {
-                self.interval += SLOW_DOWN_STEP;
+                self.interval = self.interval.saturating_add(SLOW_DOWN_STEP);
                 self.interval
+            }
+            PollAnswer::Unavailable {
+                retry_after: Some(retry_after),
+            } if retry_after > self.interval && retry_after >= remaining => {
+                // The server will not answer before the deadline: it is
+                // unavailable for this approval, not unanswered by the person.
+                return Step::Finish(Outcome::Failed(CibaError::Unavailable {
+                    reason: format!(
+                        "asked to retry after {} s, past the approval's deadline",
+                        retry_after.as_secs()
+                    ),
+                    retry_after: Some(retry_after.min(remaining)),
+                }));
             }
             PollAnswer::Unavailable { retry_after } => {
                 retry_after.map_or(self.interval, |r| r.max(self.interval))
             }
+            PollAnswer::Unreachable { reason } => {
+                self.failures += 1;
+                if self.failures >= MAX_CONSECUTIVE_FAILURES {
+                    return Step::Finish(Outcome::Failed(CibaError::Unavailable {
+                        reason: format!("{} polls in a row failed: {reason}", self.failures),
+                        retry_after: None,
+                    }));
+                }
+                self.interval
+            }
         };
-        self.next_poll = now + wait;
-        match self.next_poll() {
-            Some(at) => Step::PollAt(at),
-            None => Step::Finish(Outcome::Expired),
+        if wait >= remaining {
+            return Step::Finish(Outcome::Expired);
         }
+        // Cannot overflow: `now + remaining` is the deadline.
+        self.next_poll = now + wait;
+        Step::PollAt(self.next_poll)
     }
 }
 
@@ -149,11 +189,15 @@ pub async fn run(client: &CibaClient, request: &ApprovalRequest<'_>) -> Outcome 
         };
         tokio::time::sleep_until(at).await;
         let answer = client.poll(&authorization.auth_req_id).await;
-        if matches!(answer, PollAnswer::SlowDown) {
-            tracing::warn!(
-                interval_s = schedule.interval().as_secs() + SLOW_DOWN_STEP.as_secs(),
+        match &answer {
+            PollAnswer::SlowDown => tracing::warn!(
+                interval_s = schedule.interval().saturating_add(SLOW_DOWN_STEP).as_secs(),
                 "authorization server asked to slow down"
-            );
+            ),
+            PollAnswer::Unreachable { reason } => {
+                tracing::warn!(%reason, "poll failed; the authorization server did not answer")
+            }
+            _ => {}
         }
         match schedule.on_answer(Instant::now(), answer) {
             Step::PollAt(_) => continue,
@@ -259,6 +303,102 @@ mod tests {
         assert!(matches!(
             s.on_answer(now, PollAnswer::Expired),
             Step::Finish(Outcome::Expired)
+        ));
+    }
+
+    #[test]
+    fn huge_intervals_and_holds_are_capped_without_overflow() {
+        let now = Instant::now();
+        let mut s = PollSchedule::new(
+            now,
+            Some(Duration::from_secs(u64::MAX)),
+            Duration::from_secs(u64::MAX),
+            Duration::MAX,
+        );
+        assert_eq!(s.interval(), MAX_INTERVAL);
+        assert_eq!(s.next_poll(), Some(now + MAX_INTERVAL));
+        let t = now + MAX_INTERVAL;
+        assert_eq!(at(s.on_answer(t, PollAnswer::Pending)), t + MAX_INTERVAL);
+        assert_eq!(
+            at(s.on_answer(t, PollAnswer::SlowDown)),
+            t + MAX_INTERVAL + SLOW_DOWN_STEP,
+            "slow_down still adds to a capped interval"
+        );
+    }
+
+    #[test]
+    fn a_retry_after_past_the_deadline_ends_the_approval_as_unavailable() {
+        let (now, mut s) = schedule(Some(2), 120);
+        let step = s.on_answer(
+            now,
+            PollAnswer::Unavailable {
+                retry_after: Some(Duration::MAX),
+            },
+        );
+        match step {
+            Step::Finish(Outcome::Failed(CibaError::Unavailable {
+                retry_after: Some(after),
+                ..
+            })) => assert_eq!(after, Duration::from_secs(120), "capped at the hold"),
+            other => panic!("{other:?}"),
+        }
+        // One that still fits is waited for.
+        let (now, mut s) = schedule(Some(2), 120);
+        let retry = PollAnswer::Unavailable {
+            retry_after: Some(Duration::from_secs(119)),
+        };
+        assert_eq!(at(s.on_answer(now, retry)), now + Duration::from_secs(119));
+    }
+
+    #[test]
+    fn polls_that_get_no_answer_end_the_approval_after_three_in_a_row() {
+        let unreachable = || PollAnswer::Unreachable {
+            reason: "connection refused".into(),
+        };
+        let (now, mut s) = schedule(Some(2), 120);
+        let t1 = now + Duration::from_secs(2);
+        assert_eq!(
+            at(s.on_answer(t1, unreachable())),
+            t1 + Duration::from_secs(2)
+        );
+        let t2 = t1 + Duration::from_secs(2);
+        assert_eq!(
+            at(s.on_answer(t2, unreachable())),
+            t2 + Duration::from_secs(2)
+        );
+        let t3 = t2 + Duration::from_secs(2);
+        assert!(matches!(
+            s.on_answer(t3, unreachable()),
+            Step::Finish(Outcome::Failed(CibaError::Unavailable {
+                retry_after: None,
+                ..
+            }))
+        ));
+    }
+
+    #[test]
+    fn any_answer_resets_the_count_of_failed_polls() {
+        let unreachable = || PollAnswer::Unreachable {
+            reason: "timed out".into(),
+        };
+        let (now, mut s) = schedule(Some(1), 120);
+        for answer in [
+            unreachable(),
+            unreachable(),
+            PollAnswer::Pending,
+            unreachable(),
+            unreachable(),
+            PollAnswer::Unavailable {
+                retry_after: Some(Duration::from_secs(3)),
+            },
+            unreachable(),
+            unreachable(),
+        ] {
+            at(s.on_answer(now, answer));
+        }
+        assert!(matches!(
+            s.on_answer(now, unreachable()),
+            Step::Finish(Outcome::Failed(_))
         ));
     }
 }

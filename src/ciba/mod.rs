@@ -4,8 +4,10 @@
 //! machine's job.
 
 mod auth;
+#[cfg(test)]
+pub(crate) mod test_server;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use reqwest::StatusCode;
 use serde::Deserialize;
@@ -20,6 +22,11 @@ use crate::metrics::Metrics;
 use crate::secret::Secret;
 
 const CIBA_GRANT_TYPE: &str = "urn:openid:params:grant-type:ciba";
+
+/// The largest bc-authorize or token response read; a larger one is an error.
+pub const MAX_CIBA_RESPONSE_BYTES: usize = 64 * 1024;
+/// The largest discovery document or JWKS read; a larger one is an error.
+pub const MAX_METADATA_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, Error)]
 pub enum CibaError {
@@ -88,15 +95,19 @@ pub async fn resolve_endpoints(
         .send()
         .await
         .map_err(|e| unavailable(format!("discovery at {url}: {e}")))?;
-    if !response.status().is_success() {
-        return Err(unavailable(format!(
-            "discovery at {url}: HTTP {}",
-            response.status()
+    let status = response.status();
+    if status.is_redirection() {
+        return Err(CibaError::Protocol(format!(
+            "discovery at {url}: HTTP {status}; redirects are not followed"
         )));
     }
-    let discovery: Discovery = response
-        .json()
+    if !status.is_success() {
+        return Err(unavailable(format!("discovery at {url}: HTTP {status}")));
+    }
+    let body = read_limited(response, MAX_METADATA_BYTES)
         .await
+        .map_err(|e| CibaError::Protocol(format!("discovery at {url}: {e}")))?;
+    let discovery: Discovery = serde_json::from_slice(&body)
         .map_err(|e| CibaError::Protocol(format!("discovery at {url}: {e}")))?;
     if discovery.issuer.trim_end_matches('/') != issuer.trim_end_matches('/') {
         return Err(CibaError::Protocol(format!(
@@ -159,6 +170,8 @@ pub struct Grant {
 #[derive(Deserialize)]
 struct TokenBody {
     access_token: String,
+    /// Required by RFC 6749; only `Bearer` can be forwarded as it is.
+    token_type: String,
     #[serde(default)]
     scope: Option<String>,
 }
@@ -178,9 +191,15 @@ pub enum PollAnswer {
     Approved(Grant),
     Denied,
     Expired,
-    /// 429, 503 or a transport failure: try again later.
+    /// 429, or a 5xx with `Retry-After`: the server is there and asks to
+    /// be asked again later.
     Unavailable {
         retry_after: Option<Duration>,
+    },
+    /// No answer at all: the connection failed or timed out, or a 5xx came
+    /// without `Retry-After`. The approval ends after a few in a row.
+    Unreachable {
+        reason: String,
     },
     /// Anything else; the request cannot succeed.
     Failed(CibaError),
@@ -277,7 +296,12 @@ impl CibaClient {
         let (status, body, retry_after) = match result {
             Ok(parts) => parts,
             Err(error) => {
-                self.record("backchannel_authentication", "unavailable");
+                let result = match error {
+                    CibaError::Unavailable { .. } => "unavailable",
+                    CibaError::Protocol(_) => "invalid_response",
+                    _ => "error",
+                };
+                self.record("backchannel_authentication", result);
                 return Err(error);
             }
         };
@@ -337,9 +361,9 @@ impl CibaClient {
         let (status, body, retry_after) =
             match self.post_form(self.endpoints.token.clone(), form).await {
                 Ok(parts) => parts,
-                Err(CibaError::Unavailable { retry_after, .. }) => {
+                Err(CibaError::Unavailable { reason, .. }) => {
                     self.record("token", "unavailable");
-                    return PollAnswer::Unavailable { retry_after };
+                    return PollAnswer::Unreachable { reason };
                 }
                 Err(other) => {
                     self.record("token", "error");
@@ -347,13 +371,22 @@ impl CibaClient {
                 }
             };
         if status.is_success() {
+            // The grant may be spent now: anything short of a usable token
+            // fails the approval; polling again could only say invalid_grant.
             return match serde_json::from_slice::<TokenBody>(&body) {
-                Ok(token) => {
+                Ok(token) if token.token_type.eq_ignore_ascii_case("bearer") => {
                     self.record("token", "approved");
                     PollAnswer::Approved(Grant {
                         access_token: Secret::new(token.access_token),
                         scope: token.scope,
                     })
+                }
+                Ok(token) => {
+                    self.record("token", "invalid_response");
+                    PollAnswer::Failed(CibaError::Protocol(format!(
+                        "token response: token_type {:?} is not Bearer",
+                        token.token_type
+                    )))
                 }
                 Err(e) => {
                     self.record("token", "invalid_response");
@@ -363,6 +396,11 @@ impl CibaClient {
         }
         if is_unavailable(status) {
             self.record("token", "unavailable");
+            if status.is_server_error() && retry_after.is_none() {
+                return PollAnswer::Unreachable {
+                    reason: format!("HTTP {status}"),
+                };
+            }
             return PollAnswer::Unavailable { retry_after };
         }
         let error = parse_error(status, &body);
@@ -392,11 +430,15 @@ impl CibaClient {
         answer
     }
 
+    /// Sends one form POST and reads its answer (at most
+    /// [`MAX_CIBA_RESPONSE_BYTES`]). A failure to get any answer is
+    /// [`CibaError::Unavailable`]; a redirect, an oversized body or an
+    /// unreadable body of a success is [`CibaError::Protocol`].
     async fn post_form(
         &self,
         url: Url,
         mut form: Vec<(&'static str, String)>,
-    ) -> Result<(StatusCode, bytes::Bytes, Option<Duration>), CibaError> {
+    ) -> Result<(StatusCode, Vec<u8>, Option<Duration>), CibaError> {
         let request = self.http.post(url);
         let request = self.auth.apply(&self.client_id, &mut form, request)?;
         let response = request
@@ -409,18 +451,75 @@ impl CibaClient {
                 retry_after: None,
             })?;
         let status = response.status();
+        if status.is_redirection() {
+            return Err(CibaError::Protocol(format!(
+                "HTTP {status} from {}; redirects are not followed",
+                response.url().path()
+            )));
+        }
         let retry_after = response
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let body = response.bytes().await.map_err(|e| CibaError::Unavailable {
-            reason: e.without_url().to_string(),
-            retry_after,
-        })?;
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let body = match read_limited(response, MAX_CIBA_RESPONSE_BYTES).await {
+            Ok(body) => body,
+            Err(BodyError::Read(reason)) if !status.is_success() => {
+                return Err(CibaError::Unavailable {
+                    reason,
+                    retry_after,
+                })
+            }
+            Err(error) => return Err(CibaError::Protocol(format!("HTTP {status}: {error}"))),
+        };
         Ok((status, body, retry_after))
     }
+}
+
+/// Why a response body was not read.
+#[derive(Debug, Error)]
+pub(crate) enum BodyError {
+    #[error("the response body is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("the response body could not be read: {0}")]
+    Read(String),
+}
+
+/// Reads a response body incrementally, refusing it once it passes `limit`
+/// bytes (or announces more in `Content-Length`).
+pub(crate) async fn read_limited(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, BodyError> {
+    if response
+        .content_length()
+        .is_some_and(|length| length > limit as u64)
+    {
+        return Err(BodyError::TooLarge(limit));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| BodyError::Read(e.without_url().to_string()))?
+    {
+        if chunk.len() > limit - body.len() {
+            return Err(BodyError::TooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// `Retry-After` as delta-seconds or an HTTP date (RFC 9110 section 10.2.3).
+/// A number too large for `u64` saturates; a date in the past is zero.
+fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 fn is_unavailable(status: StatusCode) -> bool {
@@ -432,4 +531,258 @@ fn parse_error(status: StatusCode, body: &[u8]) -> ErrorBody {
         error: format!("http_{}", status.as_u16()),
         error_description: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use super::test_server::{self, TestServer};
+    use super::*;
+
+    /// Like the gateway's client: redirects are not followed.
+    fn http() -> reqwest::Client {
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap()
+    }
+
+    fn config(issuer: &str) -> AuthorizationServerConfig {
+        let text = format!(
+            r#"
+listen: {{ proxy: "127.0.0.1:1" }}
+upstreams: {{ shop: {{ url: "http://127.0.0.1:1" }} }}
+authorization_server:
+  issuer: "{issuer}"
+  client_id: countersign
+  client_auth: {{ method: client_secret_post, client_secret: s3cret }}
+identity: {{ static: {{ subject: alice }} }}
+policies: []
+default_action: pass
+"#
+        );
+        crate::config::load_str(Path::new("test.yaml"), &text)
+            .unwrap()
+            .gateway
+            .authorization_server
+    }
+
+    fn client(server: &TestServer) -> CibaClient {
+        let issuer = format!("http://{}", server.addr);
+        let endpoints = Endpoints {
+            issuer: issuer.clone(),
+            backchannel_authentication: server.url("/bc-authorize"),
+            token: server.url("/token"),
+            jwks: None,
+        };
+        CibaClient::new(http(), endpoints, &config(&issuer), Metrics::new()).unwrap()
+    }
+
+    async fn authorize(client: &CibaClient) -> Result<Authorization, CibaError> {
+        client
+            .authorize(&AuthorizeRequest {
+                subject: "alice",
+                binding_message: "Buy 1 phone",
+                scopes: &[],
+                audience: None,
+                authorization_details: None,
+                requested_expiry: None,
+            })
+            .await
+    }
+
+    async fn poll_once(response: Vec<u8>) -> PollAnswer {
+        let server = TestServer::start(move |_| response.clone()).await;
+        client(&server).poll(&Secret::new("id")).await
+    }
+
+    fn token(token_type: &str) -> Value {
+        json!({"access_token": "at", "token_type": token_type, "expires_in": 60})
+    }
+
+    /// A body past `limit`, without `Content-Length`: read until the
+    /// connection closes, so only the incremental count can stop it.
+    fn unframed(body: &[u8]) -> Vec<u8> {
+        let mut out =
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n"
+                .to_vec();
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn padded(mut value: Value, bytes: usize) -> Vec<u8> {
+        value["padding"] = Value::String("x".repeat(bytes));
+        value.to_string().into_bytes()
+    }
+
+    #[test]
+    fn retry_after_is_seconds_or_an_http_date_and_saturates() {
+        let now = SystemTime::now();
+        let parse = |v: &str| parse_retry_after(v, now);
+        assert_eq!(parse(" 120 "), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse("99999999999999999999999999"),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        let wait = parse(&later).unwrap();
+        assert!(
+            (Duration::from_secs(29)..=Duration::from_secs(30)).contains(&wait),
+            "{wait:?}"
+        );
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(parse(&earlier), Some(Duration::ZERO));
+        assert_eq!(parse("soon"), None);
+        assert_eq!(parse("-5"), None);
+    }
+
+    #[tokio::test]
+    async fn only_a_bearer_token_is_accepted() {
+        assert!(matches!(
+            poll_once(test_server::json(200, &token("bearer"))).await,
+            PollAnswer::Approved(_)
+        ));
+        for refused in [token("DPoP"), token("N_A"), json!({"access_token": "at"})] {
+            let answer = poll_once(test_server::json(200, &refused)).await;
+            assert!(
+                matches!(answer, PollAnswer::Failed(CibaError::Protocol(_))),
+                "{refused}: {answer:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_token_response_fails_the_approval() {
+        // The grant may be spent: polling again would only say invalid_grant.
+        for response in [
+            test_server::truncated(&token("Bearer")),
+            test_server::response(200, &[], b"{\"access_token\": \"at"),
+        ] {
+            let answer = poll_once(response).await;
+            assert!(
+                matches!(answer, PollAnswer::Failed(CibaError::Protocol(_))),
+                "{answer:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn no_answer_is_unreachable_and_a_server_asking_to_wait_is_unavailable() {
+        let answer = poll_once(test_server::response(502, &[], b"")).await;
+        assert!(
+            matches!(answer, PollAnswer::Unreachable { .. }),
+            "{answer:?}"
+        );
+        let answer = poll_once(test_server::response(503, &[("retry-after", "7")], b"")).await;
+        assert!(
+            matches!(answer, PollAnswer::Unavailable { retry_after: Some(d) } if d == Duration::from_secs(7)),
+            "{answer:?}"
+        );
+        let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(20));
+        let answer = poll_once(test_server::response(429, &[("retry-after", &date)], b"")).await;
+        assert!(
+            matches!(answer, PollAnswer::Unavailable { retry_after: Some(d) } if d >= Duration::from_secs(18)),
+            "{answer:?}"
+        );
+        // Nothing listens on the port any more.
+        let server = TestServer::start(|_| Vec::new()).await;
+        let closed = client(&server);
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead: Url = format!("http://{}/token", port.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        drop(port);
+        let closed = CibaClient {
+            endpoints: Endpoints {
+                token: dead,
+                ..closed.endpoints.clone()
+            },
+            ..closed
+        };
+        let answer = closed.poll(&Secret::new("id")).await;
+        assert!(
+            matches!(answer, PollAnswer::Unreachable { .. }),
+            "{answer:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn responses_past_their_size_limit_are_refused() {
+        let big = MAX_CIBA_RESPONSE_BYTES + 1;
+        let authorized = json!({"auth_req_id": "id", "expires_in": 60});
+        for response in [
+            test_server::response(200, &[], &padded(authorized.clone(), big)),
+            unframed(&padded(authorized.clone(), big)),
+        ] {
+            let server = TestServer::start(move |_| response.clone()).await;
+            let error = authorize(&client(&server)).await.unwrap_err();
+            assert!(
+                matches!(&error, CibaError::Protocol(m) if m.contains("larger")),
+                "{error:?}"
+            );
+        }
+        let within = padded(authorized, MAX_CIBA_RESPONSE_BYTES - 100);
+        let server = TestServer::start(move |_| unframed(&within)).await;
+        authorize(&client(&server)).await.unwrap();
+
+        for response in [
+            test_server::response(200, &[], &padded(token("Bearer"), big)),
+            unframed(&padded(token("Bearer"), big)),
+        ] {
+            let answer = poll_once(response).await;
+            assert!(
+                matches!(&answer, PollAnswer::Failed(CibaError::Protocol(m)) if m.contains("larger")),
+                "{answer:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_discovery_document_past_one_mebibyte_is_refused() {
+        for (padding, ok) in [(MAX_METADATA_BYTES + 1, false), (1000, true)] {
+            // The document names its own server as the issuer.
+            let issuer = Arc::new(std::sync::OnceLock::<String>::new());
+            let named = issuer.clone();
+            let server = TestServer::start(move |_| {
+                let issuer = named.get().unwrap();
+                let document = json!({
+                    "issuer": issuer,
+                    "backchannel_authentication_endpoint": format!("{issuer}/bc-authorize"),
+                    "token_endpoint": format!("{issuer}/token"),
+                });
+                unframed(&padded(document, padding))
+            })
+            .await;
+            issuer.set(format!("http://{}", server.addr)).unwrap();
+            let result = resolve_endpoints(&http(), &config(issuer.get().unwrap())).await;
+            match (ok, result) {
+                (true, Ok(_)) => {}
+                (false, Err(CibaError::Protocol(m))) if m.contains("larger") => {}
+                (_, other) => panic!("padding {padding}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_an_error() {
+        let redirect = test_server::response(307, &[("location", "/elsewhere")], b"");
+        let server = TestServer::start(move |_| redirect.clone()).await;
+        let client = client(&server);
+        let error = authorize(&client).await.unwrap_err();
+        assert!(matches!(error, CibaError::Protocol(_)), "{error:?}");
+        let answer = client.poll(&Secret::new("id")).await;
+        assert!(
+            matches!(answer, PollAnswer::Failed(CibaError::Protocol(_))),
+            "{answer:?}"
+        );
+        let error = resolve_endpoints(&http(), &config(&format!("http://{}", server.addr)))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, CibaError::Protocol(_)), "{error:?}");
+        assert_eq!(server.hits("/elsewhere"), 0);
+    }
 }

@@ -7,7 +7,7 @@ use pingora::proxy::Session;
 use super::answer::request_problem;
 use super::{hold, CallCtx, Countersign, Refusal};
 use crate::config::DefaultAction;
-use crate::identity::{Identity, IdentityError};
+use crate::identity::{Identity, IdentityError, IdentitySource};
 use crate::policy::{self, Policy, RenderedRequest};
 use crate::problem::{Problem, ProblemCode};
 use crate::request::{self, CanonicalRequest};
@@ -137,8 +137,14 @@ impl Countersign {
             Err(IdentityError::Missing) => Err(ProblemCode::IdentityRequired.into()),
             Err(IdentityError::Invalid(reason)) => {
                 tracing::info!(policy = %policy.name, %reason, "identity refused");
+                let detail = match &self.identity {
+                    IdentitySource::Header(name) => {
+                        format!("The {name} header that names the user must be sent once.")
+                    }
+                    _ => "The bearer token that identifies the user is not valid.".to_owned(),
+                };
                 Err(Problem::new(ProblemCode::IdentityRequired)
-                    .with_detail("The bearer token that identifies the user is not valid.")
+                    .with_detail(detail)
                     .into())
             }
             Err(IdentityError::KeysUnavailable(reason)) => {

@@ -82,8 +82,12 @@ const BINDING_MESSAGE = /^[A-Za-z0-9 +\-_.,:#]{1,64}$/;
 
 /** auth_req_id -> record (see toJson for the public shape) */
 const requests = new Map();
-/** forced token-endpoint unavailability */
-const unavailable = { count: 0, status: 503, retryAfter: 1 };
+/** forced token-endpoint unavailability; `retryAfter` is the header value (or undefined: none),
+ * `retryAfterSeconds` what the discipline check requires */
+const unavailable = { count: 0, status: 503, retryAfter: '1', retryAfterSeconds: 1 };
+/** forced token-endpoint misbehaviour (see the control API in README.md) */
+const misbehaviour = { mode: undefined, count: 0, tokenType: undefined, redirects: 0, followed: 0 };
+const MISBEHAVIOURS = ['redirect', 'drop', 'truncate', 'garbage', 'oversize', 'token_type'];
 
 const nowSec = () => Math.floor(Date.now() / 1000);
 
@@ -469,11 +473,61 @@ function slowDown(ctx, rec, why) {
   jsonError(ctx, 400, 'slow_down', `${why}; poll no faster than every ${rec.interval} seconds`);
 }
 
+// Takes one forced misbehaviour of `mode`, if one is due.
+function takeMisbehaviour(mode) {
+  if (misbehaviour.mode !== mode || misbehaviour.count <= 0) return false;
+  misbehaviour.count -= 1;
+  return true;
+}
+
+// Replaces a token response (a poll that just redeemed the grant) as misbehaviour says.
+function misbehaveTokenResponse(ctx, rec) {
+  const mode = misbehaviour.mode;
+  if (!['truncate', 'garbage', 'oversize', 'token_type'].includes(mode) || !takeMisbehaviour(mode)) return;
+  log(`poll ${rec.auth_req_id}: forced ${mode} token response`);
+  rec.poll_results.push(`token_${mode}`);
+  if (mode === 'truncate') {
+    // Headers promise the whole body; half of it comes, then the connection dies.
+    const text = JSON.stringify(ctx.body);
+    ctx.respond = false;
+    ctx.res.writeHead(200, {
+      'content-type': 'application/json',
+      'content-length': Buffer.byteLength(text),
+      'cache-control': 'no-store',
+    });
+    ctx.res.write(text.slice(0, Math.floor(text.length / 2)), () => ctx.res.socket?.destroy());
+  } else if (mode === 'garbage') {
+    ctx.type = 'application/json';
+    ctx.body = '{"access_token": "not json after all';
+  } else if (mode === 'oversize') {
+    ctx.body = { ...ctx.body, padding: 'x'.repeat(100 * 1024) };
+  } else {
+    ctx.body = { ...ctx.body, token_type: misbehaviour.tokenType };
+  }
+}
+
 async function tokenMiddleware(ctx, next) {
   const parsed = await readForm(ctx);
   const form = parsed?.form;
   if (!form || form.grant_type !== CIBA_GRANT || typeof form.auth_req_id !== 'string') {
     return next();
+  }
+  if (ctx.query.redirected !== undefined) {
+    misbehaviour.followed += 1;
+    log(`poll ${form.auth_req_id}: a redirect was followed`);
+  } else if (takeMisbehaviour('redirect')) {
+    // Not counted as a poll: a client that follows it polls once, here.
+    misbehaviour.redirects += 1;
+    log(`poll ${form.auth_req_id}: forced 307 redirect`);
+    ctx.status = 307;
+    ctx.set('Location', `${ROUTES.token}?redirected=1`);
+    return undefined;
+  }
+  if (takeMisbehaviour('drop')) {
+    log(`poll ${form.auth_req_id}: forced connection drop`);
+    ctx.respond = false;
+    ctx.req.socket.destroy();
+    return undefined;
   }
 
   const now = Date.now();
@@ -498,12 +552,13 @@ async function tokenMiddleware(ctx, next) {
     unavailable.count -= 1;
     if (rec) {
       rec.poll_results.push('temporarily_unavailable');
-      rec.requiredGapMs = Math.max(rec.interval, unavailable.retryAfter) * 1000;
+      rec.requiredGapMs = Math.max(rec.interval, unavailable.retryAfterSeconds) * 1000;
     }
     log(`poll ${form.auth_req_id}: forced ${unavailable.status} temporarily_unavailable`);
-    return jsonError(ctx, unavailable.status, 'temporarily_unavailable', 'forced by the test control API', {
-      'Retry-After': String(unavailable.retryAfter),
-    });
+    const { retryAfter } = unavailable;
+    const headers = retryAfter === undefined ? {}
+      : { 'Retry-After': typeof retryAfter === 'function' ? retryAfter() : retryAfter };
+    return jsonError(ctx, unavailable.status, 'temporarily_unavailable', 'forced by the test control API', headers);
   }
 
   if (rec && !rec.final && since < requiredGapMs - POLL_TOLERANCE_MS) {
@@ -525,6 +580,7 @@ async function tokenMiddleware(ctx, next) {
       rec.redeemed = true;
       rec.final = true;
       rec.poll_results.push('token');
+      misbehaveTokenResponse(ctx, rec);
     } else {
       const error = body.error ?? `http_${ctx.status}`;
       rec.poll_results.push(error);
@@ -654,9 +710,55 @@ async function controlMiddleware(provider, ctx) {
     }
     unavailable.count = Number.isInteger(body.count) ? body.count : 1;
     unavailable.status = Number.isInteger(body.status) ? body.status : 503;
-    unavailable.retryAfter = Number.isInteger(body.retry_after) ? body.retry_after : 1;
+    // retry_after: seconds (number), a raw header value (string), or null for no header;
+    // retry_after_date_in: an HTTP date that many seconds from now.
+    if (Number.isInteger(body.retry_after_date_in)) {
+      const seconds = body.retry_after_date_in;
+      // Made when the answer is sent.
+      unavailable.retryAfter = () => new Date(Date.now() + seconds * 1000).toUTCString();
+      unavailable.retryAfterSeconds = seconds - 1;
+    } else if (body.retry_after === null) {
+      unavailable.retryAfter = undefined;
+      unavailable.retryAfterSeconds = 0;
+    } else if (typeof body.retry_after === 'string') {
+      unavailable.retryAfter = body.retry_after;
+      unavailable.retryAfterSeconds = Number(body.retry_after) || 0;
+    } else {
+      const seconds = Number.isInteger(body.retry_after) ? body.retry_after : 1;
+      unavailable.retryAfter = String(seconds);
+      unavailable.retryAfterSeconds = seconds;
+    }
     log(`control: next ${unavailable.count} CIBA polls answer ${unavailable.status}`);
-    ctx.body = { count: unavailable.count, status: unavailable.status, retry_after: unavailable.retryAfter };
+    const retryAfter = typeof unavailable.retryAfter === 'function' ? unavailable.retryAfter() : unavailable.retryAfter;
+    ctx.body = { count: unavailable.count, status: unavailable.status, retry_after: retryAfter ?? null };
+    return undefined;
+  }
+
+  if (ctx.method === 'GET' && parts.length === 2 && parts[1] === 'token-misbehave') {
+    ctx.body = {
+      mode: misbehaviour.mode ?? null,
+      count: misbehaviour.count,
+      redirects: misbehaviour.redirects,
+      followed: misbehaviour.followed,
+    };
+    return undefined;
+  }
+
+  if (ctx.method === 'POST' && parts.length === 2 && parts[1] === 'token-misbehave') {
+    let body;
+    try {
+      body = await readJson(ctx);
+    } catch {
+      return jsonError(ctx, 400, 'invalid_request', 'body must be JSON');
+    }
+    if (!MISBEHAVIOURS.includes(body.mode)) {
+      return jsonError(ctx, 400, 'invalid_request', `mode must be one of ${MISBEHAVIOURS.join(', ')}`);
+    }
+    misbehaviour.mode = body.mode;
+    misbehaviour.count = Number.isInteger(body.count) ? body.count : 1;
+    misbehaviour.tokenType = typeof body.token_type === 'string' ? body.token_type : 'DPoP';
+    log(`control: next ${misbehaviour.count} token answers misbehave: ${misbehaviour.mode}`);
+    ctx.body = { mode: misbehaviour.mode, count: misbehaviour.count };
     return undefined;
   }
 

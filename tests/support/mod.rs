@@ -161,6 +161,38 @@ impl Peer {
     }
 }
 
+impl Peer {
+    /// Stops the peer now: the authorization server goes away.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Makes the next `count` token answers misbehave (see tests/peer/README.md).
+    pub async fn misbehave(&self, mode: &str, count: u32) {
+        let status = self
+            .control(
+                "token-misbehave",
+                serde_json::json!({ "mode": mode, "count": count }),
+            )
+            .await;
+        assert!(status.is_success(), "token-misbehave: {status}");
+    }
+
+    /// What the forced misbehaviour did: `redirects` sent, `followed` by the client.
+    pub async fn misbehaviour(&self) -> Value {
+        let url = format!("{}/control/token-misbehave", self.issuer);
+        self.http
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}
+
 impl Drop for Peer {
     fn drop(&mut self) {
         let _ = self.child.kill();
