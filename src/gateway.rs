@@ -13,11 +13,14 @@ use thiserror::Error;
 use tokio::sync::Notify;
 
 use crate::admin::AdminApp;
+use crate::approval::engine::Engine;
+use crate::approval::store_handle::ConfiguredStore;
 use crate::ciba::{self, CibaClient, CibaError, Endpoints};
 use crate::config::Config;
 use crate::identity::IdentitySource;
 use crate::metrics::Metrics;
 use crate::proxy::Countersign;
+use crate::upstream::UpstreamClient;
 
 #[derive(Debug, Error)]
 pub enum GatewayError {
@@ -37,6 +40,9 @@ pub struct Gateway {
     server: Server,
     pub metrics: Metrics,
     pub endpoints: Endpoints,
+    /// Runs the approval engine (drivers, housekeeping, store I/O) for as
+    /// long as the gateway lives.
+    _engine_runtime: tokio::runtime::Runtime,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -75,6 +81,52 @@ pub fn resolve_endpoints(config: &Config) -> Result<Endpoints, GatewayError> {
     ))?)
 }
 
+/// Opens the approval store and starts the engine's housekeeping on a
+/// runtime of its own: pingora's runtimes exist only once the server runs,
+/// and store connections must live on a runtime that outlives every call.
+fn start_engine(
+    config_file: &std::path::Path,
+    gateway: &crate::config::GatewayConfig,
+    ciba: CibaClient,
+    policies: Arc<crate::policy::PolicySet>,
+    metrics: Metrics,
+) -> Result<(Arc<Engine>, tokio::runtime::Runtime), GatewayError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("countersign-approvals")
+        .enable_all()
+        .build()
+        .map_err(|e| GatewayError::Startup(format!("runtime: {e}")))?;
+    let store = ConfiguredStore::new(&gateway.store, config_file);
+    match runtime.block_on(store.open()) {
+        Ok(_) => tracing::info!(store = %store.describe(), "approval store open"),
+        Err(error) if store.must_open_at_start() => {
+            return Err(GatewayError::Startup(format!(
+                "approval store {}: {error}",
+                store.describe()
+            )))
+        }
+        Err(error) => {
+            tracing::warn!(%error, store = %store.describe(), "approval store not reachable yet; policy calls are refused until it is")
+        }
+    }
+    let upstreams =
+        UpstreamClient::new(gateway.upstreams.clone(), gateway.limits.max_response_bytes)
+            .map_err(GatewayError::Startup)?;
+    let engine = Arc::new(Engine::new(
+        Arc::new(store),
+        ciba,
+        policies,
+        upstreams,
+        metrics,
+        gateway.store.clone(),
+        gateway.limits.max_hold,
+        runtime.handle().clone(),
+    ));
+    runtime.spawn(engine.clone().maintain());
+    Ok((engine, runtime))
+}
+
 impl Gateway {
     /// Builds the server. Must not be called inside a tokio runtime.
     pub fn build(config: Config) -> Result<Self, GatewayError> {
@@ -105,15 +157,24 @@ impl Gateway {
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
 
+        let policies = Arc::new(config.policies);
+        let (engine, engine_runtime) = start_engine(
+            &config.file,
+            &gateway,
+            ciba,
+            policies.clone(),
+            metrics.clone(),
+        )?;
         let countersign = Countersign::new(
-            config.policies,
+            policies,
             config.routes,
             gateway.upstreams.clone(),
             identity,
-            ciba,
             gateway.limits.clone(),
             gateway.default_action,
             metrics.clone(),
+            engine,
+            gateway.approvals_path.0.clone(),
         );
         let mut proxy = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
@@ -144,6 +205,7 @@ impl Gateway {
             server,
             metrics,
             endpoints,
+            _engine_runtime: engine_runtime,
         })
     }
 

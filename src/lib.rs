@@ -26,4 +26,6 @@ pub mod proxy;
 pub mod request;
 pub mod route;
 pub mod secret;
+pub mod store;
 pub mod telemetry;
+pub mod upstream;

@@ -16,7 +16,12 @@ pub struct Metrics {
     pub calls: IntCounterVec,
     /// Finished approvals by policy and result: approved, denied, expired, error.
     pub approvals: IntCounterVec,
+    /// Approvals this process asked for or resumed that are still pending.
     pub pending_approvals: IntGauge,
+    /// Agent connections held open waiting for an approval.
+    pub held_calls: IntGauge,
+    /// Retried calls that attached to the approval already in flight or done.
+    pub retries_attached: IntCounterVec,
     /// Seconds from the approval request to its result.
     pub approval_wait: HistogramVec,
     /// Calls to the authorization server by endpoint and result.
@@ -57,7 +62,20 @@ impl Metrics {
         .expect("valid metric");
         let pending_approvals = IntGauge::new(
             "countersign_approvals_pending",
-            "Calls currently held waiting for a person's approval.",
+            "Approvals this gateway is waiting on for a person's answer.",
+        )
+        .expect("valid metric");
+        let held_calls = IntGauge::new(
+            "countersign_calls_held",
+            "Agent connections held open waiting for an approval.",
+        )
+        .expect("valid metric");
+        let retries_attached = IntCounterVec::new(
+            Opts::new(
+                "countersign_retries_attached_total",
+                "Retried calls that attached to their approval instead of asking again, by policy.",
+            ),
+            &["policy"],
         )
         .expect("valid metric");
         let approval_wait = HistogramVec::new(
@@ -100,6 +118,8 @@ impl Metrics {
             Box::new(calls.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(approvals.clone()),
             Box::new(pending_approvals.clone()),
+            Box::new(held_calls.clone()),
+            Box::new(retries_attached.clone()),
             Box::new(approval_wait.clone()),
             Box::new(ciba_requests.clone()),
             Box::new(upstream_duration.clone()),
@@ -112,6 +132,8 @@ impl Metrics {
             calls,
             approvals,
             pending_approvals,
+            held_calls,
+            retries_attached,
             approval_wait,
             ciba_requests,
             upstream_duration,

@@ -32,9 +32,48 @@ pub enum ProblemCode {
     /// The call routes to an upstream its policy's token may not be sent to.
     UpstreamNotAllowed,
     UpgradeRefused,
+    ApprovalStoreUnavailable,
+    IdempotencyKeyReused,
+    /// The gateway forwarded the call but cannot say what the API answered.
+    OutcomeUnknown,
+    /// The API answered more than the gateway records for replay.
+    ResponseNotRecorded,
 }
 
 impl ProblemCode {
+    const ALL: [Self; 25] = [
+        Self::AccessDenied,
+        Self::ApprovalExpired,
+        Self::IdentityRequired,
+        Self::UnknownUser,
+        Self::InvalidBindingMessage,
+        Self::BodyTooLarge,
+        Self::InvalidBody,
+        Self::InvalidQuery,
+        Self::InvalidPath,
+        Self::MethodOverrideRefused,
+        Self::AuthorizationServerUnavailable,
+        Self::UpstreamUnavailable,
+        Self::NoPolicy,
+        Self::NoRoute,
+        Self::ApprovalFailed,
+        Self::TooManyPending,
+        Self::TooManyPendingForUser,
+        Self::InvalidHost,
+        Self::PathOverrideRefused,
+        Self::UpstreamNotAllowed,
+        Self::UpgradeRefused,
+        Self::ApprovalStoreUnavailable,
+        Self::IdempotencyKeyReused,
+        Self::OutcomeUnknown,
+        Self::ResponseNotRecorded,
+    ];
+
+    /// The code whose wire name is `code` (the first, for a shared name).
+    pub fn parse(code: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == code)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::AccessDenied => "access_denied",
@@ -57,6 +96,10 @@ impl ProblemCode {
             Self::PathOverrideRefused => "path_override_refused",
             Self::UpstreamNotAllowed => "upstream_not_allowed",
             Self::UpgradeRefused => "upgrade_refused",
+            Self::ApprovalStoreUnavailable => "approval_store_unavailable",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
+            Self::OutcomeUnknown => "outcome_unknown",
+            Self::ResponseNotRecorded => "response_not_recorded",
         }
     }
 
@@ -77,7 +120,12 @@ impl ProblemCode {
             Self::TooManyPendingForUser => 429,
             Self::BodyTooLarge => 413,
             Self::AuthorizationServerUnavailable | Self::TooManyPending => 503,
-            Self::UpstreamUnavailable | Self::ApprovalFailed => 502,
+            Self::UpstreamUnavailable
+            | Self::ApprovalFailed
+            | Self::OutcomeUnknown
+            | Self::ResponseNotRecorded => 502,
+            Self::ApprovalStoreUnavailable => 503,
+            Self::IdempotencyKeyReused => 422,
             Self::NoRoute => 404,
         }
     }
@@ -104,6 +152,10 @@ impl ProblemCode {
             Self::PathOverrideRefused => "Path override refused",
             Self::UpstreamNotAllowed => "Upstream not allowed for this policy",
             Self::UpgradeRefused => "Protocol upgrade refused",
+            Self::ApprovalStoreUnavailable => "Approval store unavailable",
+            Self::IdempotencyKeyReused => "Idempotency key reused",
+            Self::OutcomeUnknown => "Outcome unknown",
+            Self::ResponseNotRecorded => "Response not recorded",
         }
     }
 
@@ -148,6 +200,18 @@ impl ProblemCode {
             }
             Self::PathOverrideRefused => {
                 "Headers that override the request path (such as X-Original-URL) are not accepted; send the real path."
+            }
+            Self::ApprovalStoreUnavailable => {
+                "The gateway cannot record approvals right now, so it cannot ask the user; try again later."
+            }
+            Self::IdempotencyKeyReused => {
+                "This Idempotency-Key was already used for a different call; use a new key for a new call."
+            }
+            Self::OutcomeUnknown => {
+                "The approved call was sent to the API, but the gateway stopped before it learned the answer; it will not be sent again. Check with the API whether it was done."
+            }
+            Self::ResponseNotRecorded => {
+                "The approved call was made, but the API's answer was too large for the gateway to keep; it will not be sent again."
             }
             Self::UpgradeRefused => {
                 "This gateway does not relay protocol upgrades (WebSocket, h2c) to this API."

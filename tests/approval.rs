@@ -409,7 +409,10 @@ async fn twenty_held_calls_for_two_people_resolve_independently() {
 }
 
 #[tokio::test]
-async fn an_agent_that_hangs_up_stops_the_polling_and_nothing_is_forwarded() {
+async fn an_agent_that_hangs_up_does_not_lose_the_approval() {
+    // The person may be answering on their phone while the agent's HTTP
+    // client gives up: the approval goes on, the call is made once on
+    // approval, and the agent's retry gets the answer instead of a second ask.
     let world = World::start(GatewayOptions::default()).await;
     let body = serde_json::to_string(&phones()).unwrap();
     let request = format!(
@@ -420,31 +423,30 @@ async fn an_agent_that_hangs_up_stops_the_polling_and_nothing_is_forwarded() {
     std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
     let pending = world.peer.wait_pending(Some("alice"), 1).await;
     let id = pending[0]["auth_req_id"].as_str().unwrap().to_owned();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     drop(stream);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let polls_after_hangup = world.peer.request(&id).await["polls"].as_i64().unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let polls = world.peer.request(&id).await["polls"].as_i64().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let later = world.peer.request(&id).await["polls"].as_i64().unwrap();
-    assert_eq!(
-        polls_after_hangup, later,
-        "polling stopped after the agent left"
-    );
+    assert!(later > polls, "polling goes on after the agent left");
+
     world.peer.approve(&id).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(
-        world.shop.received().is_empty(),
-        "nothing forwarded for an abandoned call"
-    );
-    let metrics = world.gateway.metrics().await;
-    assert!(
-        metrics
-            .contains(r#"countersign_approvals_total{policy="buy-product",result="abandoned"} 1"#),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("countersign_approvals_pending 0"),
-        "{metrics}"
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while world.shop.received().is_empty() {
+        assert!(Instant::now() < deadline, "the approved call was forwarded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let retry = world.buy("alice", phones()).send().await.unwrap();
+    assert_eq!(retry.status(), 200, "the retry gets the recorded answer");
+    assert!(retry.headers().contains_key("x-countersign-approval-id"));
+    let order: Value = retry.json().await.unwrap();
+    assert_eq!(order["status"], "confirmed", "{order}");
+    assert_eq!(world.shop.received().len(), 1, "forwarded exactly once");
+    assert_eq!(
+        world.peer.requests().await.len(),
+        1,
+        "the person was asked once"
     );
 }
 
@@ -564,11 +566,7 @@ async fn an_approval_without_the_required_scope_is_not_forwarded() {
         )
         .await;
     assert!(status.is_success());
-    let body = problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
-    assert!(
-        body["detail"].as_str().unwrap().contains("product:buy"),
-        "{body}"
-    );
+    problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
     assert!(world.shop.received().is_empty());
 }
 
@@ -579,12 +577,26 @@ async fn one_agent_cannot_flood_a_persons_phone() {
         ..GatewayOptions::default()
     })
     .await;
-    let held: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(world.buy("alice", phones()).send()))
+    // Two different purchases (the same one twice would be one approval).
+    let held: Vec<_> = (1..=2)
+        .map(|qty| {
+            let call = world.buy(
+                "alice",
+                json!({"product": "XYZ phone", "qty": qty, "priceLimit": 900}),
+            );
+            tokio::spawn(call.send())
+        })
         .collect();
     world.peer.wait_pending(Some("alice"), 2).await;
 
-    let third = world.buy("alice", phones()).send().await.unwrap();
+    let third = world
+        .buy(
+            "alice",
+            json!({"product": "XYZ phone", "qty": 3, "priceLimit": 900}),
+        )
+        .send()
+        .await
+        .unwrap();
     assert_eq!(third.status(), 429);
     assert!(third.headers().contains_key("retry-after"));
     let problem: Value = third.json().await.unwrap();
@@ -608,7 +620,14 @@ async fn one_agent_cannot_flood_a_persons_phone() {
         assert_eq!(call.await.unwrap().unwrap().status(), 403);
     }
     // Answered calls free their slots.
-    let again = tokio::spawn(world.buy("alice", phones()).send());
+    let again = tokio::spawn(
+        world
+            .buy(
+                "alice",
+                json!({"product": "XYZ phone", "qty": 4, "priceLimit": 900}),
+            )
+            .send(),
+    );
     let pending = world.peer.wait_pending(Some("alice"), 1).await;
     world
         .peer

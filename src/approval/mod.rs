@@ -6,6 +6,9 @@
 //! is unit-tested here; [`run`] drives it against a [`CibaClient`]. The proxy
 //! only awaits `run`; dropping that future (the agent hung up) stops polling.
 
+pub mod engine;
+pub mod store_handle;
+
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -82,6 +85,18 @@ impl PollSchedule {
             interval,
             deadline: now.checked_add(hold).unwrap_or(now),
             next_poll: now.checked_add(interval).unwrap_or(now),
+            polls: 0,
+            failures: 0,
+        }
+    }
+
+    /// Continues a stored schedule: the poll due now was made with
+    /// `interval` (slow_down growth included), under the same `deadline`.
+    pub fn resume(now: Instant, interval: Duration, deadline: Instant) -> Self {
+        Self {
+            interval: interval.max(Duration::from_secs(1)),
+            deadline,
+            next_poll: now,
             polls: 0,
             failures: 0,
         }

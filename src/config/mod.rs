@@ -47,6 +47,136 @@ pub struct GatewayConfig {
     pub default_action: DefaultAction,
     #[serde(default)]
     pub limits: Limits,
+    /// Where approvals are kept. Default: SQLite `countersign.db` beside
+    /// this file.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Prefix of the status resource of each approval on the proxy
+    /// listener (`<prefix>/<id>`); reserved: calls under it never reach an
+    /// upstream.
+    #[serde(default = "default_approvals_path")]
+    pub approvals_path: ApprovalsPath,
+}
+
+/// A reserved path prefix: absolute, canonical, no trailing slash.
+#[derive(Debug, Clone)]
+pub struct ApprovalsPath(pub String);
+
+fn default_approvals_path() -> ApprovalsPath {
+    ApprovalsPath("/.countersign/approvals".to_owned())
+}
+
+impl<'de> Deserialize<'de> for ApprovalsPath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        let trimmed = raw.trim_end_matches('/');
+        match crate::policy::normalize(trimmed) {
+            Ok(path)
+                if path.forward == trimmed
+                    && trimmed.len() > 1
+                    && !trimmed.contains(['%', ';']) =>
+            {
+                Ok(Self(trimmed.to_owned()))
+            }
+            _ => Err(de::Error::custom(format!(
+                "{raw:?} must be a canonical absolute path such as /.countersign/approvals"
+            ))),
+        }
+    }
+}
+
+/// Which store keeps approvals, and for how long.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    /// A retried call that already finished gets its recorded answer for
+    /// this long; after it, the same call is a new one.
+    pub replay_window: Duration,
+    /// How long approvals are kept for the audit trail.
+    pub retention: Duration,
+    /// How long one gateway's claim to poll an approval lasts; another
+    /// replica takes over an approval whose holder died after this.
+    pub lease: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreBackend {
+    /// Only for tests and trials: approvals are lost on restart.
+    Memory,
+    /// `None`: `countersign.db` beside the configuration file.
+    Sqlite(Option<PathBuf>),
+    Postgres(SecretText),
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: StoreBackend::Sqlite(None),
+            replay_window: Duration::from_secs(600),
+            retention: Duration::from_secs(30 * 86400),
+            lease: Duration::from_secs(15),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StoreConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Fields {
+            #[serde(default)]
+            sqlite: Option<PathBuf>,
+            #[serde(default)]
+            postgres: Option<SecretText>,
+            #[serde(default, with = "humantime_serde")]
+            replay_window: Option<Duration>,
+            #[serde(default, with = "humantime_serde")]
+            retention: Option<Duration>,
+            #[serde(default, with = "humantime_serde")]
+            lease: Option<Duration>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Shape {
+            Word(String),
+            Map(Fields),
+        }
+        let defaults = Self::default();
+        let fields = match Shape::deserialize(d)? {
+            Shape::Word(word) if word == "memory" => {
+                return Ok(Self {
+                    backend: StoreBackend::Memory,
+                    ..defaults
+                })
+            }
+            Shape::Word(word) => {
+                return Err(de::Error::custom(format!(
+                    "store {word:?}: use `memory`, `{{ sqlite: PATH }}` or `{{ postgres: URL }}`"
+                )))
+            }
+            Shape::Map(fields) => fields,
+        };
+        let backend = match (fields.sqlite, fields.postgres) {
+            (Some(path), None) => StoreBackend::Sqlite(Some(path)),
+            (None, Some(url)) => StoreBackend::Postgres(url),
+            (None, None) => StoreBackend::Sqlite(None),
+            (Some(_), Some(_)) => {
+                return Err(de::Error::custom(
+                    "store takes one of `sqlite` or `postgres`",
+                ))
+            }
+        };
+        let lease = fields.lease.unwrap_or(defaults.lease);
+        if lease < Duration::from_secs(1) {
+            return Err(de::Error::custom("store.lease must be at least 1s"));
+        }
+        Ok(Self {
+            backend,
+            replay_window: fields.replay_window.unwrap_or(defaults.replay_window),
+            retention: fields.retention.unwrap_or(defaults.retention),
+            lease,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -426,6 +556,14 @@ pub struct Limits {
     /// user).
     #[serde(default = "default_max_pending_per_user")]
     pub max_pending_per_user: usize,
+    /// Largest upstream answer recorded for replay to retries; a larger one
+    /// is answered to the agent as `response_not_recorded`.
+    #[serde(default = "default_max_response")]
+    pub max_response_bytes: usize,
+}
+
+fn default_max_response() -> usize {
+    1024 * 1024
 }
 
 fn default_max_pending_per_user() -> usize {
@@ -454,6 +592,7 @@ impl Default for Limits {
             max_hold: default_max_hold(),
             max_pending: default_max_pending(),
             max_pending_per_user: default_max_pending_per_user(),
+            max_response_bytes: default_max_response(),
         }
     }
 }

@@ -119,6 +119,8 @@ identity: {{ header: {{ name: {USER_HEADER} }} }}
 policies: []
 default_action: pass
 limits: {{ max_hold: 5m }}
+# Dev mode keeps nothing: approvals live in memory and end with the process.
+store: memory
 "#
     )
 }

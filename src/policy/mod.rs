@@ -17,7 +17,7 @@ use thiserror::Error;
 
 pub use call::{CallError, CallInput};
 pub use path::{normalize, NormalizedPath, PathError};
-pub use spec::{PolicyFile, PolicySpec};
+pub use spec::{PolicyFile, PolicySpec, WaitMode};
 pub use template::RenderError;
 
 use call::CallShape;
@@ -61,6 +61,7 @@ pub struct Policy {
     /// Where the fresh token may go; empty until bound by the configuration
     /// (see [`PolicySet::bind_upstreams`]).
     pub upstreams: Vec<String>,
+    pub wait: WaitMode,
     pub index: usize,
     pub file: PathBuf,
     message: MessageTemplate,
@@ -199,6 +200,7 @@ impl PolicySet {
                 host,
                 format_suffix: spec.matcher.format_suffix,
                 upstreams: spec.upstreams.clone().unwrap_or_default(),
+                wait: spec.wait,
                 index,
                 file: source_file,
                 message: spec.binding_message,
@@ -207,6 +209,10 @@ impl PolicySet {
             });
         }
         Ok(set)
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Policy> {
+        self.policies.iter().find(|p| p.name == name)
     }
 
     pub fn policies(&self) -> &[Policy] {

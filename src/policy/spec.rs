@@ -35,6 +35,47 @@ pub struct PolicySpec {
     /// What the JSON body may carry besides what the approval shows.
     #[serde(default)]
     pub body: Option<BodySpec>,
+    /// How the agent waits for the person: `hold` (default), `async`, or
+    /// `{ hold: 25s }`.
+    #[serde(default)]
+    pub wait: WaitMode,
+}
+
+/// How an agent waits for an approval.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WaitMode {
+    /// The call stays open until the person answers (up to `max_hold`).
+    #[default]
+    Hold,
+    /// `202 Accepted` at once; the agent calls again.
+    Async,
+    /// Held for at most this long, then `202 Accepted`.
+    HoldFor(Duration),
+}
+
+impl<'de> Deserialize<'de> for WaitMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct HoldFor {
+            #[serde(with = "humantime_serde")]
+            hold: Duration,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Shape {
+            Word(String),
+            Map(HoldFor),
+        }
+        match Shape::deserialize(d)? {
+            Shape::Word(w) if w == "hold" => Ok(Self::Hold),
+            Shape::Word(w) if w == "async" => Ok(Self::Async),
+            Shape::Map(HoldFor { hold }) => Ok(Self::HoldFor(hold)),
+            Shape::Word(w) => Err(de::Error::custom(format!(
+                "wait {w:?}: use `hold`, `async` or `{{ hold: 25s }}`"
+            ))),
+        }
+    }
 }
 
 /// `body: { only: [product, qty] }`: a call must carry a JSON body, an object

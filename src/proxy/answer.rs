@@ -6,10 +6,11 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, Session};
 use pingora::{Error, ErrorSource, ErrorType};
 
-use super::{CallCtx, Countersign, APPROVAL_ID_HEADER};
+use super::{CallCtx, Countersign, JsonReply, APPROVAL_ID_HEADER};
 use crate::ciba::CibaError;
 use crate::problem::{Problem, ProblemCode, CONTENT_TYPE};
 use crate::request::RequestError;
+use crate::store::StoredResponse;
 
 impl Countersign {
     pub(super) async fn answer(
@@ -37,6 +38,68 @@ impl Countersign {
         if let Some(id) = &ctx.approval_id {
             header.insert_header(APPROVAL_ID_HEADER, id.as_str())?;
         }
+        // A body we did not read would be parsed as the next request.
+        if !session.is_body_done() {
+            session.set_keepalive(None);
+        }
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        session.write_response_body(Some(body), true).await
+    }
+
+    /// JSON the gateway answers itself (`202 Accepted`, a status resource).
+    pub(super) async fn answer_json(
+        &self,
+        session: &mut Session,
+        ctx: &mut CallCtx,
+        reply: JsonReply,
+    ) -> Result<()> {
+        let body = Bytes::from(serde_json::to_vec(&reply.body).unwrap_or_default());
+        let mut header = ResponseHeader::build(reply.status, Some(6))?;
+        header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+        header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+        if let Some(seconds) = reply.retry_after {
+            header.insert_header(http::header::RETRY_AFTER, seconds.to_string())?;
+        }
+        if let Some(location) = reply.location {
+            header.insert_header(http::header::LOCATION, location)?;
+        }
+        if let Some(id) = &ctx.approval_id {
+            header.insert_header(APPROVAL_ID_HEADER, id.as_str())?;
+        }
+        self.write(session, header, body).await
+    }
+
+    /// The upstream's recorded answer to the approved call.
+    pub(super) async fn answer_replay(
+        &self,
+        session: &mut Session,
+        ctx: &mut CallCtx,
+        response: StoredResponse,
+    ) -> Result<()> {
+        let body = Bytes::from(response.body.unwrap_or_default());
+        let mut header = ResponseHeader::build(response.status, Some(response.headers.len() + 2))?;
+        for (name, value) in response.headers {
+            if name == "content-length" {
+                continue;
+            }
+            header.append_header(name, value.as_slice())?;
+        }
+        header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        if let Some(id) = &ctx.approval_id {
+            header.insert_header(APPROVAL_ID_HEADER, id.as_str())?;
+        }
+        self.write(session, header, body).await
+    }
+
+    async fn write(
+        &self,
+        session: &mut Session,
+        header: ResponseHeader,
+        body: Bytes,
+    ) -> Result<()> {
         // A body we did not read would be parsed as the next request.
         if !session.is_body_done() {
             session.set_keepalive(None);

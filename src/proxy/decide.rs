@@ -5,7 +5,7 @@ use bytes::Bytes;
 use pingora::proxy::Session;
 
 use super::answer::request_problem;
-use super::{hold, CallCtx, Countersign, Refusal};
+use super::{hold, CallCtx, Countersign, Reply};
 use crate::config::DefaultAction;
 use crate::identity::{Identity, IdentityError, IdentitySource};
 use crate::policy::{self, Policy, RenderedRequest};
@@ -17,6 +17,8 @@ pub(super) struct HeldCall<'a> {
     pub policy: &'a Policy,
     pub identity: Identity,
     pub rendered: RenderedRequest,
+    pub body: Option<Bytes>,
+    pub upstream: String,
 }
 
 impl Countersign {
@@ -26,9 +28,20 @@ impl Countersign {
         &self,
         session: &mut Session,
         ctx: &mut CallCtx,
-    ) -> Result<Option<HeldCall<'_>>, Refusal> {
+    ) -> Result<Option<HeldCall<'_>>, Reply> {
         let mut request =
             CanonicalRequest::from_header(session.req_header()).map_err(request_problem)?;
+        if let Some(id) = request
+            .path
+            .forward
+            .strip_prefix(self.approvals_path.as_str())
+        {
+            if id.is_empty() || id.starts_with('/') {
+                return Err(self
+                    .approval_status(session, ctx, id.trim_start_matches('/'))
+                    .await);
+            }
+        }
         let upstream_name = self
             .routes
             .find(Some(&request.host), &request.path.match_key)
@@ -68,7 +81,7 @@ impl Countersign {
             return Err(ProblemCode::UpstreamNotAllowed.into());
         }
 
-        let identity = self.identify(session, policy).await?;
+        let identity = self.identify(session, &policy.name).await?;
         let body = match body {
             Some(body) => body,
             None => hold::read_body(session, self.limits.max_body_bytes).await?,
@@ -85,6 +98,8 @@ impl Countersign {
             policy,
             identity,
             rendered,
+            body,
+            upstream: upstream.name.clone(),
         }))
     }
 
@@ -95,7 +110,7 @@ impl Countersign {
         &self,
         session: &mut Session,
         request: &CanonicalRequest,
-    ) -> Result<Option<Option<Bytes>>, Refusal> {
+    ) -> Result<Option<Option<Bytes>>, Reply> {
         let header = session.req_header();
         if header.method != http::Method::POST {
             return Ok(None);
@@ -131,12 +146,16 @@ impl Countersign {
         Ok(Some(body))
     }
 
-    async fn identify(&self, session: &Session, policy: &Policy) -> Result<Identity, Refusal> {
+    pub(super) async fn identify(
+        &self,
+        session: &Session,
+        policy: &str,
+    ) -> Result<Identity, Reply> {
         match self.identity.identify(session.req_header()).await {
             Ok(identity) => Ok(identity),
             Err(IdentityError::Missing) => Err(ProblemCode::IdentityRequired.into()),
             Err(IdentityError::Invalid(reason)) => {
-                tracing::info!(policy = %policy.name, %reason, "identity refused");
+                tracing::info!(policy, %reason, "identity refused");
                 let detail = match &self.identity {
                     IdentitySource::Header(name) => {
                         format!("The {name} header that names the user must be sent once.")
@@ -162,7 +181,7 @@ impl Countersign {
         request: &CanonicalRequest,
         identity: &Identity,
         session: &Session,
-    ) -> Result<RenderedRequest, Refusal> {
+    ) -> Result<RenderedRequest, Reply> {
         let header = session.req_header();
         let input = policy::CallInput {
             headers: &header.headers,

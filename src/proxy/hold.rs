@@ -1,62 +1,31 @@
-//! Waiting: holding a call while its person decides. Buffers the body for
-//! pingora's replay, enforces the pending limits (overall and per person),
-//! runs the approval raced against the agent hanging up, and turns its
-//! outcome into a forward (token in `CallCtx`) or a refusal.
+//! Waiting: a policy call becomes a stored approval (or attaches to the one
+//! its retry belongs to), and the agent waits for it as the policy says:
+//! held until the person answers, answered `202 Accepted` at once, or held
+//! for a while and then `202`. The approval itself goes on in the
+//! [`Engine`](crate::approval::engine::Engine) whether or not the agent stays.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use pingora::proxy::Session;
-use tracing::Instrument;
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
 
-use super::answer::failed_approval;
 use super::decide::HeldCall;
-use super::{CallCtx, Countersign, Refusal};
-use crate::approval::{self, ApprovalRequest, Outcome};
-use crate::ciba::AuthorizeRequest;
+use super::{CallCtx, Countersign, JsonReply, Reply};
+use crate::approval::engine::StartError;
+use crate::identity::IdentitySource;
 use crate::metrics::Metrics;
+use crate::policy::WaitMode;
 use crate::problem::{Problem, ProblemCode};
+use crate::store::{
+    Approval, ApprovalState, Inserted, ListFilter, NewApproval, StoreError, StoredRequest,
+};
+use crate::upstream::keeps_request_header;
 
-/// How many calls each person has held right now.
-#[derive(Debug, Default)]
-pub(super) struct PendingPerUser(Arc<Mutex<HashMap<String, usize>>>);
-
-impl PendingPerUser {
-    /// Counts one more held call for `subject`, unless they have `limit`.
-    fn try_hold(&self, subject: &str, limit: usize) -> Option<UserSlot> {
-        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let count = counts.entry(subject.to_owned()).or_insert(0);
-        if *count >= limit {
-            return None;
-        }
-        *count += 1;
-        Some(UserSlot {
-            counts: self.0.clone(),
-            subject: subject.to_owned(),
-        })
-    }
-}
-
-/// One held call of one person; released however the hold ends.
-struct UserSlot {
-    counts: Arc<Mutex<HashMap<String, usize>>>,
-    subject: String,
-}
-
-impl Drop for UserSlot {
-    fn drop(&mut self) {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = counts.get_mut(&self.subject) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.subject);
-            }
-        }
-    }
-}
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// Decrements the held-call count however the hold ends.
 struct HeldGuard {
@@ -67,28 +36,50 @@ struct HeldGuard {
 impl Drop for HeldGuard {
     fn drop(&mut self) {
         self.held.fetch_sub(1, Ordering::AcqRel);
-        self.metrics.pending_approvals.dec();
+        self.metrics.held_calls.dec();
     }
 }
 
 impl Countersign {
-    /// Holds `call` until its approval ends. `Ok` only when the person
-    /// approved, with the fresh token in `ctx`.
+    /// Stores (or attaches to) the approval of `call` and waits for it as its
+    /// policy says. Every ending is a reply: the recorded answer of the
+    /// upstream, `202`, or a problem.
     pub(super) async fn hold(
         &self,
         session: &mut Session,
         ctx: &mut CallCtx,
         call: HeldCall<'_>,
-    ) -> Result<(), Refusal> {
-        let HeldCall {
-            policy,
-            identity,
-            rendered,
-        } = call;
-        let Some(_user_slot) = self
-            .pending_per_user
-            .try_hold(&identity.subject, self.limits.max_pending_per_user)
-        else {
+    ) -> Reply {
+        match self.hold_inner(session, ctx, call).await {
+            Ok(reply) | Err(reply) => reply,
+        }
+    }
+
+    async fn hold_inner(
+        &self,
+        session: &mut Session,
+        ctx: &mut CallCtx,
+        call: HeldCall<'_>,
+    ) -> Result<Reply, Reply> {
+        let policy = call.policy;
+        let store = self.engine.store();
+        let new = self.new_approval(session, &call)?;
+
+        // The per-person limit counts other calls: a retry always attaches.
+        let pending = store
+            .list(&ListFilter {
+                state: Some(ApprovalState::Pending),
+                subject: Some(new.subject.clone()),
+                limit: Some(self.limits.max_pending_per_user + 1),
+                ..ListFilter::default()
+            })
+            .await
+            .map_err(store_problem)?;
+        let is_retry = pending.iter().any(|a| {
+            a.fingerprint == new.fingerprint
+                || (new.idempotency_key.is_some() && a.idempotency_key == new.idempotency_key)
+        });
+        if !is_retry && pending.len() >= self.limits.max_pending_per_user {
             return Err(Problem::new(ProblemCode::TooManyPendingForUser)
                 .with_detail(format!(
                     "The user already has {} approval requests waiting, the most this gateway sends at once; wait for them to answer, then try again.",
@@ -96,109 +87,207 @@ impl Countersign {
                 ))
                 .with_retry_after(30)
                 .into());
-        };
-
-        let approval_id = uuid::Uuid::new_v4().to_string();
-        ctx.approval_id = Some(approval_id.clone());
-        let span =
-            tracing::info_span!("approval", approval_id = %approval_id, policy = %policy.name);
-        if self.held.fetch_add(1, Ordering::AcqRel) >= self.limits.max_pending {
-            self.held.fetch_sub(1, Ordering::AcqRel);
-            return Err(Problem::new(ProblemCode::TooManyPending)
-                .with_retry_after(5)
-                .into());
         }
-        self.metrics.pending_approvals.inc();
-        let _held = HeldGuard {
-            held: self.held.clone(),
-            metrics: self.metrics.clone(),
-        };
 
-        let requested_expiry = policy
-            .requested_expiry
-            .map(|e| e.min(self.limits.max_hold))
-            .or(Some(self.limits.max_hold));
-        let request = ApprovalRequest {
-            authorize: AuthorizeRequest {
-                subject: &identity.subject,
-                binding_message: &rendered.binding_message,
-                scopes: &policy.scopes,
-                audience: policy.audience.as_deref(),
-                authorization_details: rendered.authorization_details.as_ref(),
-                requested_expiry,
-            },
-            max_hold: self.limits.max_hold,
-        };
-        let started = Instant::now();
-        let outcome = async {
-            tracing::info!("call held for approval");
-            tokio::select! {
-                outcome = approval::run(&self.ciba, &request) => Some(outcome),
-                () = client_gone(session) => None,
-            }
-        }
-        .instrument(span.clone())
-        .await;
-        let waited = started.elapsed();
-
-        let Some(outcome) = outcome else {
-            span.in_scope(|| {
-                tracing::info!(
-                    "agent disconnected during the hold; polling stopped, nothing forwarded"
-                )
-            });
-            self.metrics
-                .approvals
-                .with_label_values(&[&policy.name, "abandoned"])
-                .inc();
-            return Err(Refusal::Disconnected);
-        };
-        let result = outcome.result_label();
-        self.metrics
-            .approvals
-            .with_label_values(&[&policy.name, result])
-            .inc();
-        self.metrics
-            .approval_wait
-            .with_label_values(&[result])
-            .observe(waited.as_secs_f64());
-        span.in_scope(|| {
-            tracing::info!(
-                result,
-                waited_ms = waited.as_millis() as u64,
-                "approval finished"
-            )
-        });
-
-        match outcome {
-            Outcome::Approved(grant) => {
-                // The person may approve less than was asked; the call then
-                // cannot be made, so it is not forwarded.
-                if let Some(granted) = &grant.scope {
-                    let granted: Vec<&str> = granted.split_whitespace().collect();
-                    if let Some(missing) = policy
-                        .scopes
-                        .iter()
-                        .find(|s| !granted.contains(&s.as_str()))
-                    {
-                        span.in_scope(
-                            || tracing::info!(%missing, "approved without a required scope"),
-                        );
-                        return Err(Problem::new(ProblemCode::AccessDenied)
-                            .with_detail(format!(
-                                "The user approved the request without the {missing} permission it needs."
-                            ))
-                            .into());
+        let id = match store
+            .insert_or_attach(&new, self.engine.config().replay_window)
+            .await
+        {
+            Ok(Inserted::Created) => {
+                ctx.approval_id = Some(new.id.clone());
+                tracing::info!(approval_id = %new.id, policy = %policy.name, "call held for approval");
+                match self.engine.start(&new).await {
+                    Ok(_) => {}
+                    Err(StartError::Store(error)) => return Err(store_problem(error)),
+                    Err(StartError::Ciba(error)) => {
+                        return Err(super::answer::failed_approval(error).into())
                     }
                 }
-                ctx.access_token = Some(grant.access_token);
-                ctx.outcome = "approved";
-                Ok(())
+                new.id
             }
-            Outcome::Denied => Err(ProblemCode::AccessDenied.into()),
-            Outcome::Expired => Err(ProblemCode::ApprovalExpired.into()),
-            Outcome::Failed(error) => Err(failed_approval(error).into()),
+            Ok(Inserted::Existing(existing)) => {
+                tracing::info!(approval_id = %existing.id, policy = %policy.name, "retry attached to its approval");
+                self.metrics
+                    .retries_attached
+                    .with_label_values(&[&policy.name])
+                    .inc();
+                ctx.approval_id = Some(existing.id.clone());
+                existing.id
+            }
+            Err(StoreError::KeyReuse) => return Err(ProblemCode::IdempotencyKeyReused.into()),
+            Err(error) => return Err(store_problem(error)),
+        };
+
+        let hold_for = match policy.wait {
+            WaitMode::Async => Duration::ZERO,
+            WaitMode::HoldFor(limit) => limit.min(self.limits.max_hold),
+            // A little past the approval's own deadline, so that it ends
+            // (expired) while the agent is still here.
+            WaitMode::Hold => self.limits.max_hold + Duration::from_secs(5),
+        };
+        let approval = if hold_for.is_zero() {
+            store.get(&id).await.map_err(store_problem)?
+        } else {
+            if self.held.fetch_add(1, Ordering::AcqRel) >= self.limits.max_pending {
+                self.held.fetch_sub(1, Ordering::AcqRel);
+                return Err(Problem::new(ProblemCode::TooManyPending)
+                    .with_retry_after(5)
+                    .into());
+            }
+            self.metrics.held_calls.inc();
+            let _held = HeldGuard {
+                held: self.held.clone(),
+                metrics: self.metrics.clone(),
+            };
+            let until = Instant::now() + hold_for;
+            let waited = tokio::select! {
+                approval = self.engine.wait(&id, until) => Some(approval),
+                () = client_gone(session) => None,
+            };
+            match waited {
+                Some(approval) => Some(approval.map_err(store_problem)?),
+                None => {
+                    tracing::info!(approval_id = %id, "agent disconnected during the hold; the approval goes on and a retry gets its answer");
+                    return Err(Reply::Disconnected);
+                }
+            }
+        };
+        let approval = approval.ok_or(ProblemCode::ApprovalStoreUnavailable)?;
+        Ok(self.reply_for(ctx, &approval))
+    }
+
+    fn new_approval(&self, session: &Session, call: &HeldCall<'_>) -> Result<NewApproval, Reply> {
+        let header = session.req_header();
+        let identity_header = match &self.identity {
+            IdentitySource::Header(name) => Some(name.as_str()),
+            _ => None,
+        };
+        let mut keys = header.headers.get_all(IDEMPOTENCY_KEY).iter();
+        let idempotency_key = match (keys.next(), keys.next()) {
+            (None, _) => None,
+            (Some(key), None) => match key.to_str() {
+                Ok(key) if !key.trim().is_empty() && key.len() <= 255 => {
+                    Some(key.trim().to_owned())
+                }
+                _ => {
+                    return Err(Problem::new(ProblemCode::InvalidBody)
+                        .with_detail(
+                            "The Idempotency-Key header must be 1 to 255 visible characters.",
+                        )
+                        .into())
+                }
+            },
+            (Some(_), Some(_)) => {
+                return Err(Problem::new(ProblemCode::InvalidBody)
+                    .with_detail("Send one Idempotency-Key header, not several.")
+                    .into())
+            }
+        };
+        let method = header.method.as_str().to_owned();
+        let path_and_query = String::from_utf8_lossy(header.raw_path()).into_owned();
+        let body = call.body.as_deref().unwrap_or_default().to_vec();
+        let subject = call.identity.subject.clone();
+        let fingerprint = fingerprint(&method, &path_and_query, &body, &subject);
+        let headers = header
+            .headers
+            .iter()
+            .filter(|(name, _)| keeps_request_header(name.as_str(), identity_header))
+            .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
+            .collect();
+        let now = SystemTime::now();
+        let hold = call
+            .policy
+            .requested_expiry
+            .map_or(self.limits.max_hold, |e| e.min(self.limits.max_hold));
+        Ok(NewApproval {
+            id: uuid::Uuid::new_v4().to_string(),
+            policy: call.policy.name.clone(),
+            subject,
+            upstream: call.upstream.clone(),
+            fingerprint,
+            idempotency_key,
+            binding_message: call.rendered.binding_message.clone(),
+            authorization_details: call.rendered.authorization_details.clone(),
+            request: StoredRequest {
+                method,
+                path_and_query,
+                headers,
+                body,
+            },
+            created_at: now,
+            expires_at: now + hold,
+        })
+    }
+
+    /// What an agent is told about `approval` as it stands.
+    fn reply_for(&self, ctx: &mut CallCtx, approval: &Approval) -> Reply {
+        match approval.state {
+            ApprovalState::Done => match &approval.response {
+                Some(response) if response.body.is_some() => {
+                    ctx.outcome = "approved";
+                    Reply::Replay(Box::new(response.clone()))
+                }
+                _ => ProblemCode::ResponseNotRecorded.into(),
+            },
+            state if state.is_final() => approval
+                .problem_code
+                .as_deref()
+                .and_then(ProblemCode::parse)
+                .unwrap_or(ProblemCode::ApprovalFailed)
+                .into(),
+            _ => {
+                ctx.outcome = "accepted";
+                let retry_after = approval
+                    .ciba
+                    .as_ref()
+                    .map_or(5, |c| c.interval.as_secs().max(1));
+                Reply::Json(Box::new(JsonReply {
+                    status: 202,
+                    body: pending_body(approval, &self.approvals_path, retry_after),
+                    retry_after: Some(retry_after),
+                    location: Some(format!("{}/{}", self.approvals_path, approval.id)),
+                }))
+            }
         }
+    }
+}
+
+/// The `202` body: a sentence an LLM can relay, and where to look.
+fn pending_body(approval: &Approval, approvals_path: &str, retry_after: u64) -> serde_json::Value {
+    serde_json::json!({
+        "status": "pending",
+        "approval_id": approval.id,
+        "detail": format!(
+            "Waiting for {} to approve '{}'; call again in {retry_after} s.",
+            approval.subject, approval.binding_message
+        ),
+        "binding_message": approval.binding_message,
+        "location": format!("{approvals_path}/{}", approval.id),
+        "retry_after": retry_after,
+    })
+}
+
+/// The identity of a call across retries: method, canonical target, body
+/// and the person. SHA-256, so the body itself is not kept as the key.
+fn fingerprint(method: &str, path_and_query: &str, body: &[u8], subject: &str) -> String {
+    let mut hash = Sha256::new();
+    for part in [
+        method.as_bytes(),
+        path_and_query.as_bytes(),
+        &Sha256::digest(body)[..],
+        subject.as_bytes(),
+    ] {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part);
+    }
+    format!("{:x}", hash.finalize())
+}
+
+pub(super) fn store_problem(error: StoreError) -> Reply {
+    tracing::warn!(%error, "approval store unavailable");
+    match error {
+        StoreError::KeyReuse => ProblemCode::IdempotencyKeyReused.into(),
+        StoreError::Unavailable(_) => ProblemCode::ApprovalStoreUnavailable.into(),
     }
 }
 

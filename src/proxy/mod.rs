@@ -12,6 +12,7 @@ mod answer;
 mod decide;
 mod forward;
 mod hold;
+mod status;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
@@ -25,7 +26,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 
-use crate::ciba::CibaClient;
+use crate::approval::engine::Engine;
 use crate::config::{DefaultAction, Limits, UpstreamConfig};
 use crate::identity::IdentitySource;
 use crate::metrics::Metrics;
@@ -44,31 +45,31 @@ pub const APPROVAL_ID_HEADER: &str = "x-countersign-approval-id";
 /// The gateway's proxy logic.
 #[derive(Debug)]
 pub struct Countersign {
-    pub policies: PolicySet,
+    pub policies: Arc<PolicySet>,
     pub routes: Routes,
     pub upstreams: HashMap<String, Arc<Upstream>>,
     pub identity: IdentitySource,
-    pub ciba: CibaClient,
     pub limits: Limits,
     pub default_action: DefaultAction,
     pub metrics: Metrics,
     /// Calls held right now, against `limits.max_pending`.
     pub held: Arc<AtomicUsize>,
-    /// Calls held right now per person, against `limits.max_pending_per_user`.
-    pending_per_user: hold::PendingPerUser,
+    pub engine: Arc<Engine>,
+    pub approvals_path: String,
 }
 
 impl Countersign {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        policies: PolicySet,
+        policies: Arc<PolicySet>,
         routes: Routes,
         upstreams: impl IntoIterator<Item = (String, UpstreamConfig)>,
         identity: IdentitySource,
-        ciba: CibaClient,
         limits: Limits,
         default_action: DefaultAction,
         metrics: Metrics,
+        engine: Arc<Engine>,
+        approvals_path: String,
     ) -> Self {
         Self {
             policies,
@@ -78,12 +79,12 @@ impl Countersign {
                 .map(|(name, config)| (name.clone(), Arc::new(Upstream::new(name, config))))
                 .collect(),
             identity,
-            ciba,
             limits,
             default_action,
             metrics,
             held: Arc::new(AtomicUsize::new(0)),
-            pending_per_user: hold::PendingPerUser::default(),
+            engine,
+            approvals_path,
         }
     }
 }
@@ -100,30 +101,43 @@ pub struct CallCtx {
     upstream_started: Option<Instant>,
 }
 
-/// Why admission ended without a forward.
-enum Refusal {
-    Answer(Box<Problem>),
-    /// The agent went away; nothing is forwarded and nobody is answered.
+/// How a call that is not passed through is answered.
+enum Reply {
+    Problem(Box<Problem>),
+    /// JSON the gateway answers itself: `202 Accepted` for a pending
+    /// approval, or a status resource.
+    Json(Box<JsonReply>),
+    /// The recorded answer of the upstream to the approved call.
+    Replay(Box<crate::store::StoredResponse>),
+    /// The agent went away; it is not answered (the approval goes on).
     Disconnected,
 }
 
-impl From<Problem> for Refusal {
+struct JsonReply {
+    status: u16,
+    body: serde_json::Value,
+    retry_after: Option<u64>,
+    location: Option<String>,
+}
+
+impl From<Problem> for Reply {
     fn from(problem: Problem) -> Self {
-        Self::Answer(Box::new(problem))
+        Self::Problem(Box::new(problem))
     }
 }
 
-impl From<ProblemCode> for Refusal {
+impl From<ProblemCode> for Reply {
     fn from(code: ProblemCode) -> Self {
-        Self::Answer(Box::new(Problem::new(code)))
+        Self::Problem(Box::new(Problem::new(code)))
     }
 }
 
 impl Countersign {
-    async fn admit(&self, session: &mut Session, ctx: &mut CallCtx) -> Result<(), Refusal> {
+    /// `Ok` passes the call through; every policy call ends in a `Reply`.
+    async fn admit(&self, session: &mut Session, ctx: &mut CallCtx) -> Result<(), Reply> {
         match self.decide(session, ctx).await? {
             None => Ok(()),
-            Some(call) => self.hold(session, ctx, call).await,
+            Some(call) => Err(self.hold(session, ctx, call).await),
         }
     }
 }
@@ -142,11 +156,19 @@ impl ProxyHttp for Countersign {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         match self.admit(session, ctx).await {
             Ok(()) => Ok(false),
-            Err(Refusal::Answer(problem)) => {
+            Err(Reply::Problem(problem)) => {
                 self.answer(session, ctx, *problem).await?;
                 Ok(true)
             }
-            Err(Refusal::Disconnected) => {
+            Err(Reply::Json(reply)) => {
+                self.answer_json(session, ctx, *reply).await?;
+                Ok(true)
+            }
+            Err(Reply::Replay(response)) => {
+                self.answer_replay(session, ctx, *response).await?;
+                Ok(true)
+            }
+            Err(Reply::Disconnected) => {
                 ctx.outcome = "client_disconnected";
                 Err(Error::explain(
                     ErrorType::ConnectionClosed,

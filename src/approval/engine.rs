@@ -1,0 +1,589 @@
+//! Durable approvals: every approval lives in the [`ApprovalStore`]; a
+//! driver task per approval polls the authorization server under a lease,
+//! and on approval forwards the stored call once, by itself, recording the
+//! answer. Agents (held or retrying, on any replica) only read the store.
+//!
+//! Exactly once: the only way to forward is the conditional claim
+//! `pending -> forwarding` in the store; a driver that dies between the claim
+//! and the recorded answer leaves `forwarding` behind, which
+//! [`ApprovalStore::mark_unknown_outcomes`] turns into `outcome_unknown` once
+//! its lease has run out. Nothing is ever sent twice.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{Outcome, PollSchedule, Step};
+use crate::ciba::{AuthorizeRequest, CibaClient, CibaError, PollAnswer};
+use crate::config::StoreConfig;
+use crate::metrics::Metrics;
+use crate::policy::PolicySet;
+use crate::problem::ProblemCode;
+use crate::store::{Approval, ApprovalState, ApprovalStore, CibaProgress, NewApproval, StoreError};
+use crate::upstream::{ForwardError, UpstreamClient};
+
+/// How often a waiting agent re-reads the store when no in-process wakeup
+/// comes (the approval may be driven by another replica).
+const STORE_RECHECK: Duration = Duration::from_millis(500);
+
+/// The durable approval engine of one gateway process.
+#[derive(Debug)]
+pub struct Engine {
+    store: Arc<dyn ApprovalStore>,
+    ciba: CibaClient,
+    policies: Arc<PolicySet>,
+    upstreams: UpstreamClient,
+    metrics: Metrics,
+    config: StoreConfig,
+    max_hold: Duration,
+    /// This process's name on leases.
+    owner: String,
+    /// Approvals this process drives right now.
+    driving: Mutex<HashSet<String>>,
+    /// Wakes agents waiting on an approval in this process.
+    settled: Mutex<HashMap<String, Arc<Notify>>>,
+    /// The engine's runtime: drivers run there, not on the call's.
+    runtime: tokio::runtime::Handle,
+}
+
+/// Why a new approval could not be started.
+#[derive(Debug)]
+pub enum StartError {
+    Store(StoreError),
+    /// The authorization server refused or failed: nobody was asked.
+    Ciba(CibaError),
+}
+
+impl Engine {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Arc<dyn ApprovalStore>,
+        ciba: CibaClient,
+        policies: Arc<PolicySet>,
+        upstreams: UpstreamClient,
+        metrics: Metrics,
+        config: StoreConfig,
+        max_hold: Duration,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        Self {
+            store,
+            ciba,
+            policies,
+            upstreams,
+            metrics,
+            config,
+            max_hold,
+            owner: uuid::Uuid::new_v4().to_string(),
+            driving: Mutex::new(HashSet::new()),
+            settled: Mutex::new(HashMap::new()),
+            runtime,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn ApprovalStore> {
+        &self.store
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// Asks the person about a newly stored approval and starts polling in
+    /// the background. Returns the polling interval (the agent's
+    /// `Retry-After`).
+    pub async fn start(self: &Arc<Self>, approval: &NewApproval) -> Result<Duration, StartError> {
+        let id = approval.id.as_str();
+        let progress = match self
+            .authorize(
+                approval.id.as_str(),
+                &approval.policy,
+                &approval.subject,
+                &approval.binding_message,
+                approval.authorization_details.as_ref(),
+                approval.expires_at,
+            )
+            .await
+        {
+            Ok(progress) => progress,
+            Err(error) => {
+                let code = problem_for(&error);
+                let to = state_for(code);
+                if let Err(e) = self
+                    .store
+                    .transition(id, ApprovalState::Pending, to, Some(code.as_str()))
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not record the failed approval");
+                }
+                self.metrics
+                    .approvals
+                    .with_label_values(&[&approval.policy, "error"])
+                    .inc();
+                return Err(StartError::Ciba(error));
+            }
+        };
+        let interval = progress.interval;
+        self.metrics.pending_approvals.inc();
+        self.spawn_driver(approval.id.clone());
+        Ok(interval)
+    }
+
+    /// bc-authorize for a stored approval; records the CIBA progress.
+    async fn authorize(
+        &self,
+        id: &str,
+        policy_name: &str,
+        subject: &str,
+        binding_message: &str,
+        details: Option<&serde_json::Value>,
+        expires_at: SystemTime,
+    ) -> Result<CibaProgress, CibaError> {
+        let policy = self.policies.by_name(policy_name).ok_or_else(|| {
+            CibaError::Config(format!("policy {policy_name} is no longer configured"))
+        })?;
+        // Whole seconds on the wire: round the time left up, or a 3 s
+        // expiry would be asked as 2 s a moment after the call arrived.
+        let remaining = expires_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        let remaining = Duration::from_secs(remaining.as_secs_f64().ceil() as u64);
+        let requested_expiry = policy
+            .requested_expiry
+            .unwrap_or(self.max_hold)
+            .min(remaining)
+            .max(Duration::from_secs(1));
+        let authorization = self
+            .ciba
+            .authorize(&AuthorizeRequest {
+                subject,
+                binding_message,
+                scopes: &policy.scopes,
+                audience: policy.audience.as_deref(),
+                authorization_details: details,
+                requested_expiry: Some(requested_expiry),
+            })
+            .await?;
+        let now = Instant::now();
+        let schedule = PollSchedule::new(
+            now,
+            authorization.interval,
+            authorization.expires_in,
+            remaining,
+        );
+        let progress = CibaProgress {
+            auth_req_id: authorization.auth_req_id,
+            interval: schedule.interval(),
+            next_poll_at: to_system(schedule.next_poll().unwrap_or(now)),
+            deadline: to_system(schedule.deadline()),
+        };
+        self.store
+            .set_ciba(id, &progress)
+            .await
+            .map_err(|e| CibaError::Config(e.to_string()))?;
+        tracing::info!(
+            approval_id = id,
+            expires_in_s = authorization.expires_in.as_secs(),
+            interval_s = progress.interval.as_secs(),
+            "approval requested; waiting for the user"
+        );
+        Ok(progress)
+    }
+
+    /// Starts driving `id` in this process unless it already does.
+    pub fn spawn_driver(self: &Arc<Self>, id: String) {
+        {
+            let mut driving = self.driving.lock().unwrap_or_else(|e| e.into_inner());
+            if !driving.insert(id.clone()) {
+                return;
+            }
+        }
+        let engine = self.clone();
+        self.runtime.spawn(async move {
+            engine.drive(&id).await;
+            engine
+                .driving
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            engine.wake(&id);
+        });
+    }
+
+    fn lease_until(&self, after: SystemTime) -> SystemTime {
+        after + self.config.lease
+    }
+
+    /// Polls `id` until it ends, while this process holds its lease.
+    async fn drive(&self, id: &str) {
+        loop {
+            let approval = match self.store.get(id).await {
+                Ok(Some(approval)) => approval,
+                Ok(None) => return,
+                Err(error) => {
+                    tracing::warn!(approval_id = id, %error, "approval store unavailable; retrying");
+                    tokio::time::sleep(self.config.lease / 2).await;
+                    continue;
+                }
+            };
+            if approval.state != ApprovalState::Pending {
+                return;
+            }
+            let progress = match &approval.ciba {
+                Some(progress) => progress.clone(),
+                None => {
+                    // The process that stored it died before asking.
+                    if !self.take_lease(id, SystemTime::now()).await {
+                        return;
+                    }
+                    match self
+                        .authorize(
+                            id,
+                            &approval.policy,
+                            &approval.subject,
+                            &approval.binding_message,
+                            approval.authorization_details.as_ref(),
+                            approval.expires_at,
+                        )
+                        .await
+                    {
+                        Ok(progress) => progress,
+                        Err(error) => {
+                            self.end(&approval, Outcome::Failed(error)).await;
+                            return;
+                        }
+                    }
+                }
+            };
+            // Hold the lease until the next poll is done.
+            if !self
+                .take_lease(id, progress.next_poll_at + self.ciba_timeout())
+                .await
+            {
+                return;
+            }
+            let next_poll = to_instant(progress.next_poll_at);
+            let deadline = to_instant(progress.deadline);
+            if next_poll >= deadline {
+                self.end(&approval, Outcome::Expired).await;
+                return;
+            }
+            tokio::time::sleep_until(next_poll).await;
+            if !self
+                .take_lease(id, SystemTime::now() + self.ciba_timeout())
+                .await
+            {
+                return;
+            }
+            let answer = self.ciba.poll(&progress.auth_req_id).await;
+            match &answer {
+                PollAnswer::SlowDown => {
+                    tracing::warn!(approval_id = id, "authorization server asked to slow down")
+                }
+                PollAnswer::Unreachable { reason } => {
+                    tracing::warn!(approval_id = id, %reason, "poll failed; the authorization server did not answer")
+                }
+                _ => {}
+            }
+            let now = Instant::now();
+            let mut schedule = PollSchedule::resume(now, progress.interval, deadline);
+            match schedule.on_answer(now, answer) {
+                Step::PollAt(at) => {
+                    let next = CibaProgress {
+                        interval: schedule.interval(),
+                        next_poll_at: to_system(at),
+                        ..progress
+                    };
+                    if let Err(error) = self.store.set_ciba(id, &next).await {
+                        tracing::warn!(approval_id = id, %error, "could not record the poll");
+                    }
+                }
+                Step::Finish(outcome) => {
+                    self.end(&approval, outcome).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn ciba_timeout(&self) -> Duration {
+        self.config.lease + Duration::from_secs(10)
+    }
+
+    async fn take_lease(&self, id: &str, busy_until: SystemTime) -> bool {
+        match self
+            .store
+            .lease(id, &self.owner, self.lease_until(busy_until))
+            .await
+        {
+            Ok(held) => held,
+            Err(error) => {
+                tracing::warn!(approval_id = id, %error, "could not renew the polling lease");
+                false
+            }
+        }
+    }
+
+    /// Records how the approval ended; on approval, forwards the call once.
+    async fn end(&self, approval: &Approval, outcome: Outcome) {
+        let id = approval.id.as_str();
+        let result = outcome.result_label();
+        self.metrics.pending_approvals.dec();
+        self.metrics
+            .approvals
+            .with_label_values(&[&approval.policy, result])
+            .inc();
+        let waited = SystemTime::now()
+            .duration_since(approval.created_at)
+            .unwrap_or_default();
+        self.metrics
+            .approval_wait
+            .with_label_values(&[result])
+            .observe(waited.as_secs_f64());
+        tracing::info!(
+            approval_id = id,
+            result,
+            waited_ms = waited.as_millis() as u64,
+            "approval finished"
+        );
+        let grant = match outcome {
+            Outcome::Approved(grant) => grant,
+            Outcome::Denied => {
+                return self
+                    .settle(id, ApprovalState::Denied, ProblemCode::AccessDenied)
+                    .await
+            }
+            Outcome::Expired => {
+                return self
+                    .settle(id, ApprovalState::Expired, ProblemCode::ApprovalExpired)
+                    .await
+            }
+            Outcome::Failed(error) => {
+                let code = problem_for(&error);
+                tracing::warn!(approval_id = id, %error, "approval failed");
+                return self.settle(id, state_for(code), code).await;
+            }
+        };
+        // The person may approve less than was asked; the call then cannot
+        // be made, so it is not forwarded.
+        if let (Some(granted), Some(policy)) =
+            (&grant.scope, self.policies.by_name(&approval.policy))
+        {
+            let granted: Vec<&str> = granted.split_whitespace().collect();
+            if let Some(missing) = policy
+                .scopes
+                .iter()
+                .find(|s| !granted.contains(&s.as_str()))
+            {
+                tracing::info!(approval_id = id, %missing, "approved without a required scope");
+                return self
+                    .settle(id, ApprovalState::Denied, ProblemCode::AccessDenied)
+                    .await;
+            }
+        }
+        // The claim: only one process, once, gets past this.
+        if !self
+            .take_lease(
+                id,
+                SystemTime::now() + self.forward_timeout(&approval.upstream),
+            )
+            .await
+        {
+            return;
+        }
+        match self
+            .store
+            .transition(id, ApprovalState::Pending, ApprovalState::Forwarding, None)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(error) => {
+                tracing::error!(approval_id = id, %error, "could not claim the approved call; it is not forwarded");
+                return;
+            }
+        }
+        let sent = self
+            .upstreams
+            .send(
+                &approval.upstream,
+                id,
+                &approval.request,
+                &grant.access_token,
+            )
+            .await;
+        drop(grant);
+        match sent {
+            Ok(response) => {
+                tracing::info!(
+                    approval_id = id,
+                    status = response.status,
+                    "approved call forwarded"
+                );
+                if let Err(error) = self.store.finish(id, &response).await {
+                    tracing::error!(approval_id = id, %error, "could not record the upstream's answer");
+                }
+            }
+            Err(ForwardError::NotSent(reason) | ForwardError::UnknownUpstream(reason)) => {
+                tracing::warn!(approval_id = id, %reason, "approved call could not be sent");
+                let _ = self
+                    .store
+                    .transition(
+                        id,
+                        ApprovalState::Forwarding,
+                        ApprovalState::Failed,
+                        Some(ProblemCode::UpstreamUnavailable.as_str()),
+                    )
+                    .await;
+            }
+            Err(ForwardError::AnswerLost(reason)) => {
+                tracing::warn!(approval_id = id, %reason, "the upstream's answer to the approved call was lost");
+                let _ = self
+                    .store
+                    .transition(
+                        id,
+                        ApprovalState::Forwarding,
+                        ApprovalState::OutcomeUnknown,
+                        Some(ProblemCode::OutcomeUnknown.as_str()),
+                    )
+                    .await;
+            }
+        }
+    }
+
+    fn forward_timeout(&self, _upstream: &str) -> Duration {
+        // Generous: the lease must outlive the upstream call, or another
+        // replica would mark a slow answer as unknown.
+        Duration::from_secs(120)
+    }
+
+    async fn settle(&self, id: &str, to: ApprovalState, code: ProblemCode) {
+        if let Err(error) = self
+            .store
+            .transition(id, ApprovalState::Pending, to, Some(code.as_str()))
+            .await
+        {
+            tracing::warn!(approval_id = id, %error, "could not record how the approval ended");
+        }
+    }
+
+    fn wake(&self, id: &str) {
+        let notify = self
+            .settled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        if let Some(notify) = notify {
+            notify.notify_waiters();
+        }
+    }
+
+    /// The approval once it is final, or as it is at `until`.
+    pub async fn wait(&self, id: &str, until: Instant) -> Result<Approval, StoreError> {
+        loop {
+            let notify = self
+                .settled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(id.to_owned())
+                .or_default()
+                .clone();
+            let woken = notify.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let approval = self
+                .store
+                .get(id)
+                .await?
+                .ok_or_else(|| StoreError::Unavailable("the approval disappeared".into()))?;
+            let now = Instant::now();
+            if approval.state.is_final() || now >= until {
+                return Ok(approval);
+            }
+            let recheck = (now + STORE_RECHECK).min(until);
+            tokio::select! {
+                () = woken => {}
+                () = tokio::time::sleep_until(recheck) => {}
+            }
+        }
+    }
+
+    /// Housekeeping until the process ends: resumes approvals nobody drives
+    /// (after a restart, or a dead replica's), turns forwards whose driver
+    /// died into `outcome_unknown`, and expires old records.
+    pub async fn maintain(self: Arc<Self>) {
+        let period = (self.config.lease / 2).max(Duration::from_millis(500));
+        let mut last_sweep: Option<Instant> = None;
+        loop {
+            let now = SystemTime::now();
+            match self.store.mark_unknown_outcomes(now).await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    count = n,
+                    "approved calls whose forwarder died are marked outcome_unknown"
+                ),
+                Err(error) => tracing::warn!(%error, "approval store unavailable"),
+            }
+            match self.store.orphans(now, 100).await {
+                Ok(orphans) => {
+                    for approval in orphans {
+                        tracing::info!(approval_id = %approval.id, "resuming an approval nobody polls");
+                        self.spawn_driver(approval.id);
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "approval store unavailable"),
+            }
+            if last_sweep.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                last_sweep = Some(Instant::now());
+                if let Err(error) = self
+                    .store
+                    .sweep(now, self.config.replay_window, self.config.retention)
+                    .await
+                {
+                    tracing::warn!(%error, "approval store housekeeping failed");
+                }
+            }
+            tokio::time::sleep(period).await;
+        }
+    }
+}
+
+/// The agent-facing code of a failed approval.
+pub fn problem_for(error: &CibaError) -> ProblemCode {
+    match error {
+        CibaError::UnknownUser => ProblemCode::UnknownUser,
+        CibaError::InvalidBindingMessage(_) => ProblemCode::InvalidBindingMessage,
+        CibaError::Unavailable { .. } => ProblemCode::AuthorizationServerUnavailable,
+        _ => ProblemCode::ApprovalFailed,
+    }
+}
+
+fn state_for(code: ProblemCode) -> ApprovalState {
+    match code {
+        ProblemCode::AccessDenied => ApprovalState::Denied,
+        ProblemCode::ApprovalExpired => ApprovalState::Expired,
+        _ => ApprovalState::Failed,
+    }
+}
+
+fn to_system(at: Instant) -> SystemTime {
+    let now = Instant::now();
+    if at >= now {
+        SystemTime::now() + (at - now)
+    } else {
+        SystemTime::now() - (now - at)
+    }
+}
+
+fn to_instant(at: SystemTime) -> Instant {
+    let now = SystemTime::now();
+    match at.duration_since(now) {
+        Ok(ahead) => Instant::now() + ahead,
+        Err(behind) => Instant::now()
+            .checked_sub(behind.duration())
+            .unwrap_or_else(Instant::now),
+    }
+}

@@ -1,0 +1,171 @@
+//! Sending an approved call to its upstream, once, and recording the answer.
+//!
+//! Approved calls are forwarded by the gateway itself rather than through
+//! pingora's proxy path, so that the call is made whether or not the agent is
+//! still connected, exactly once, and its answer can be replayed to retries.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::config::UpstreamConfig;
+use crate::proxy::APPROVAL_ID_HEADER;
+use crate::secret::Secret;
+use crate::store::{StoredRequest, StoredResponse};
+
+/// Request headers that are the connection's, not the call's, or that the
+/// gateway sets itself.
+const DROPPED_REQUEST_HEADERS: [&str; 11] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+    "content-length",
+    "authorization",
+    "proxy-authorization",
+];
+
+const DROPPED_RESPONSE_HEADERS: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Whether a header of the agent's call is kept in the stored request.
+pub fn keeps_request_header(name: &str, identity_header: Option<&str>) -> bool {
+    !DROPPED_REQUEST_HEADERS.contains(&name)
+        && !name.starts_with("x-countersign-")
+        && identity_header.is_none_or(|h| !h.eq_ignore_ascii_case(name))
+}
+
+#[derive(Debug, Error)]
+pub enum ForwardError {
+    #[error("unknown upstream {0}")]
+    UnknownUpstream(String),
+    /// Nothing was sent: safe to report as a failure.
+    #[error("the call could not be sent: {0}")]
+    NotSent(String),
+    /// The call may have reached the upstream: its outcome is unknown.
+    #[error("the upstream's answer was lost: {0}")]
+    AnswerLost(String),
+}
+
+/// HTTP clients for every upstream.
+#[derive(Debug)]
+pub struct UpstreamClient {
+    upstreams: HashMap<String, (reqwest::Client, UpstreamConfig)>,
+    max_response_bytes: usize,
+}
+
+impl UpstreamClient {
+    pub fn new(
+        upstreams: impl IntoIterator<Item = (String, UpstreamConfig)>,
+        max_response_bytes: usize,
+    ) -> Result<Self, String> {
+        let upstreams = upstreams
+            .into_iter()
+            .map(|(name, config)| {
+                let client = reqwest::Client::builder()
+                    .connect_timeout(config.connect_timeout)
+                    .timeout(config.timeout + Duration::from_secs(5))
+                    .redirect(reqwest::redirect::Policy::none())
+                    .pool_idle_timeout(Duration::from_secs(4))
+                    .build()
+                    .map_err(|e| format!("HTTP client for upstream {name}: {e}"))?;
+                Ok((name, (client, config)))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self {
+            upstreams,
+            max_response_bytes,
+        })
+    }
+
+    /// Sends `request` with `token` to `upstream`. The answer's body is kept
+    /// up to `max_response_bytes`; beyond it, `body` is `None`.
+    pub async fn send(
+        &self,
+        upstream: &str,
+        approval_id: &str,
+        request: &StoredRequest,
+        token: &Secret,
+    ) -> Result<StoredResponse, ForwardError> {
+        let (client, config) = self
+            .upstreams
+            .get(upstream)
+            .ok_or_else(|| ForwardError::UnknownUpstream(upstream.to_owned()))?;
+        let scheme = if config.url.tls { "https" } else { "http" };
+        let url = format!(
+            "{scheme}://{}{}",
+            config.url.authority(),
+            request.path_and_query
+        );
+        let method = reqwest::Method::from_bytes(request.method.as_bytes())
+            .map_err(|e| ForwardError::NotSent(e.to_string()))?;
+        let mut builder = client.request(method, url);
+        for (name, value) in &request.headers {
+            if name == "host" && !config.preserve_host {
+                continue;
+            }
+            builder = builder.header(name.as_str(), value.as_slice());
+        }
+        let response = builder
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", token.expose()),
+            )
+            .header(APPROVAL_ID_HEADER, approval_id)
+            .body(request.body.clone())
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_connect() || e.is_builder() {
+                    ForwardError::NotSent(e.to_string())
+                } else {
+                    ForwardError::AnswerLost(e.to_string())
+                }
+            })?;
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .filter(|(name, _)| !DROPPED_RESPONSE_HEADERS.contains(&name.as_str()))
+            .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
+            .collect();
+        let body = read_bounded(response, self.max_response_bytes)
+            .await
+            .map_err(ForwardError::AnswerLost)?;
+        Ok(StoredResponse {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+async fn read_bounded(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, String> {
+    let mut body = Vec::new();
+    let mut too_large = false;
+    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+        if too_large || body.len() + chunk.len() > limit {
+            // Keep reading so the upstream is not cut off mid-answer.
+            too_large = true;
+            body.clear();
+            continue;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((!too_large).then_some(body))
+}
