@@ -219,6 +219,8 @@ impl Engine {
 
     /// Polls `id` until it ends, while this process holds its lease.
     async fn drive(&self, id: &str) {
+        // Kept across polls: it counts consecutive unanswered polls.
+        let mut schedule: Option<PollSchedule> = None;
         loop {
             let approval = match self.store.get(id).await {
                 Ok(Some(approval)) => approval,
@@ -240,14 +242,7 @@ impl Engine {
                         return;
                     }
                     match self
-                        .authorize(
-                            id,
-                            &approval.policy,
-                            &approval.subject,
-                            &approval.binding_message,
-                            approval.authorization_details.as_ref(),
-                            approval.expires_at,
-                        )
+                        .authorize(id, &approval.policy, &approval.subject, &approval.binding_message, approval.authorization_details.as_ref(), approval.expires_at)
                         .await
                     {
                         Ok(progress) => progress,
@@ -259,10 +254,7 @@ impl Engine {
                 }
             };
             // Hold the lease until the next poll is done.
-            if !self
-                .take_lease(id, progress.next_poll_at + self.ciba_timeout())
-                .await
-            {
+            if !self.take_lease(id, progress.next_poll_at + self.ciba_timeout()).await {
                 return;
             }
             let next_poll = to_instant(progress.next_poll_at);
@@ -272,24 +264,20 @@ impl Engine {
                 return;
             }
             tokio::time::sleep_until(next_poll).await;
-            if !self
-                .take_lease(id, SystemTime::now() + self.ciba_timeout())
-                .await
-            {
+            if !self.take_lease(id, SystemTime::now() + self.ciba_timeout()).await {
                 return;
             }
             let answer = self.ciba.poll(&progress.auth_req_id).await;
             match &answer {
-                PollAnswer::SlowDown => {
-                    tracing::warn!(approval_id = id, "authorization server asked to slow down")
-                }
+                PollAnswer::SlowDown => tracing::warn!(approval_id = id, "authorization server asked to slow down"),
                 PollAnswer::Unreachable { reason } => {
                     tracing::warn!(approval_id = id, %reason, "poll failed; the authorization server did not answer")
                 }
                 _ => {}
             }
             let now = Instant::now();
-            let mut schedule = PollSchedule::resume(now, progress.interval, deadline);
+            let schedule = schedule
+                .get_or_insert_with(|| PollSchedule::resume(now, progress.interval, deadline));
             match schedule.on_answer(now, answer) {
                 Step::PollAt(at) => {
                     let next = CibaProgress {

@@ -229,12 +229,19 @@ impl Countersign {
                 }
                 _ => ProblemCode::ResponseNotRecorded.into(),
             },
-            state if state.is_final() => approval
-                .problem_code
-                .as_deref()
-                .and_then(ProblemCode::parse)
-                .unwrap_or(ProblemCode::ApprovalFailed)
-                .into(),
+            state if state.is_final() => {
+                let code = approval
+                    .problem_code
+                    .as_deref()
+                    .and_then(ProblemCode::parse)
+                    .unwrap_or(ProblemCode::ApprovalFailed);
+                let problem = Problem::new(code);
+                match code {
+                    ProblemCode::AuthorizationServerUnavailable => problem.with_retry_after(5),
+                    _ => problem,
+                }
+                .into()
+            }
             _ => {
                 ctx.outcome = "accepted";
                 let retry_after = approval

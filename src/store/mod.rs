@@ -193,6 +193,7 @@ impl ApprovalStore for Memory {
                         (Some(_), None) => false,
                         (None, _) => e.fingerprint == a.fingerprint,
                     }
+                    && e.state != ApprovalState::Failed
                     && (!e.state.is_final() || e.updated_at + replay_window > now)
             });
             if let Some(e) = existing {
