@@ -460,3 +460,5 @@ impl Approval {
     }
 }
 
+#[cfg(test)]
+mod tests;
