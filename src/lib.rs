@@ -7,6 +7,8 @@
 //! [`approval`] state machine drives the [`ciba`] client to an outcome, and the
 //! [`proxy`] holds the call and forwards or answers with a [`problem`].
 //! [`metrics`] observes every step; [`gateway`] wires it all into pingora.
+//! [`store`] keeps approvals durable (SQLite, PostgreSQL) across restarts and
+//! replicas.
 #![forbid(unsafe_code)]
 #![warn(rust_2018_idioms, missing_debug_implementations, unreachable_pub)]
 #![deny(clippy::dbg_macro)]

@@ -242,7 +242,14 @@ impl Engine {
                         return;
                     }
                     match self
-                        .authorize(id, &approval.policy, &approval.subject, &approval.binding_message, approval.authorization_details.as_ref(), approval.expires_at)
+                        .authorize(
+                            id,
+                            &approval.policy,
+                            &approval.subject,
+                            &approval.binding_message,
+                            approval.authorization_details.as_ref(),
+                            approval.expires_at,
+                        )
                         .await
                     {
                         Ok(progress) => progress,
@@ -254,7 +261,10 @@ impl Engine {
                 }
             };
             // Hold the lease until the next poll is done.
-            if !self.take_lease(id, progress.next_poll_at + self.ciba_timeout()).await {
+            if !self
+                .take_lease(id, progress.next_poll_at + self.ciba_timeout())
+                .await
+            {
                 return;
             }
             let next_poll = to_instant(progress.next_poll_at);
@@ -264,12 +274,17 @@ impl Engine {
                 return;
             }
             tokio::time::sleep_until(next_poll).await;
-            if !self.take_lease(id, SystemTime::now() + self.ciba_timeout()).await {
+            if !self
+                .take_lease(id, SystemTime::now() + self.ciba_timeout())
+                .await
+            {
                 return;
             }
             let answer = self.ciba.poll(&progress.auth_req_id).await;
             match &answer {
-                PollAnswer::SlowDown => tracing::warn!(approval_id = id, "authorization server asked to slow down"),
+                PollAnswer::SlowDown => {
+                    tracing::warn!(approval_id = id, "authorization server asked to slow down")
+                }
                 PollAnswer::Unreachable { reason } => {
                     tracing::warn!(approval_id = id, %reason, "poll failed; the authorization server did not answer")
                 }

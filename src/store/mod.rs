@@ -1,27 +1,64 @@
-//! TEMPORARY interface stub with an in-memory backend, replaced by the
-//! `store` branch (SQLite and PostgreSQL) at merge.
-#![allow(missing_docs)]
+//! The approval store: durable approvals, so that restarts and replicas lose
+//! nothing and nothing is done twice.
+//!
+//! One trait, [`ApprovalStore`], with three backends: embedded SQLite (the
+//! default), PostgreSQL (several gateways sharing one store) and memory
+//! (tests). The store only keeps and conditionally changes records; what the
+//! states mean is decided by its user. Two operations carry the guarantees:
+//!
+//! - [`ApprovalStore::insert_or_attach`] makes a retried call attach to the
+//!   approval already made for it (one push to the person's phone), race-free
+//!   across processes: an `attach_key` column that is `UNIQUE` while set, and
+//!   `INSERT ... ON CONFLICT DO NOTHING` followed by a read.
+//! - [`ApprovalStore::transition`] is a conditional update; `Approved ->
+//!   Forwarding` is the exactly-once claim (a single forward across processes).
+//!
+//! Times are stored as unix milliseconds; the store reads the system clock
+//! for `updated_at`, `decided_at` and lease checks, and takes `now` from its
+//! caller elsewhere. Errors never carry bodies, headers or `auth_req_id`s.
 
-use std::collections::HashMap;
+mod memory;
+mod sql;
+
+use std::fmt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use crate::secret::Secret;
 
+/// Where an approval is in its life. Final states never change again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ApprovalState {
+    /// Waiting for the person (CIBA polling).
     Pending,
+    /// The person approved; the call has not been claimed for forwarding yet.
     Approved,
     Denied,
     Expired,
+    /// Ended by an error (authorization server, unreadable token, ...).
     Failed,
+    /// Claimed by one forwarder; the upstream's answer is not recorded yet.
     Forwarding,
+    /// Forwarded once; the upstream's answer is recorded.
     Done,
+    /// The forwarder died between the claim and the answer: the upstream may
+    /// have acted, so the call is never sent again.
     OutcomeUnknown,
 }
 
 impl ApprovalState {
+    pub const ALL: [ApprovalState; 8] = [
+        Self::Pending,
+        Self::Approved,
+        Self::Denied,
+        Self::Expired,
+        Self::Failed,
+        Self::Forwarding,
+        Self::Done,
+        Self::OutcomeUnknown,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
@@ -34,6 +71,11 @@ impl ApprovalState {
             Self::OutcomeUnknown => "outcome_unknown",
         }
     }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|state| state.as_str() == s)
+    }
+
     pub fn is_final(self) -> bool {
         matches!(
             self,
@@ -42,45 +84,66 @@ impl ApprovalState {
     }
 }
 
-#[derive(Debug, Clone)]
+impl fmt::Display for ApprovalState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The call as it will be forwarded. `Debug` shows header names and the body
+/// length only: values may carry credentials.
+#[derive(Clone)]
 pub struct StoredRequest {
     pub method: String,
     pub path_and_query: String,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// Empty once dropped: after the forward, or when the approval is final.
     pub body: Vec<u8>,
 }
 
-#[derive(Debug, Clone)]
+/// The upstream's answer, replayed to retries. `Debug` shows header names and
+/// the body length only.
+#[derive(Clone)]
 pub struct StoredResponse {
     pub status: u16,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// `None`: too large to replay.
     pub body: Option<Vec<u8>>,
 }
 
-#[derive(Debug, Clone)]
+/// A new approval. `Debug` leaves out the binding message and
+/// `authorization_details` (rendered messages are not logged).
+#[derive(Clone)]
 pub struct NewApproval {
     pub id: String,
     pub policy: String,
     pub subject: String,
     pub upstream: String,
+    /// Hex SHA-256 of the call.
     pub fingerprint: String,
     pub idempotency_key: Option<String>,
     pub binding_message: String,
     pub authorization_details: Option<serde_json::Value>,
     pub request: StoredRequest,
+    /// Also the "now" against which attachability is judged.
     pub created_at: SystemTime,
+    /// Hard deadline of the whole approval.
     pub expires_at: SystemTime,
 }
 
+/// The CIBA request in flight.
 #[derive(Debug, Clone)]
 pub struct CibaProgress {
     pub auth_req_id: Secret,
+    /// Including `slow_down` growth.
     pub interval: Duration,
     pub next_poll_at: SystemTime,
     pub deadline: SystemTime,
 }
 
-#[derive(Debug, Clone)]
+/// A stored approval. `Debug` leaves out the binding message and
+/// `authorization_details`.
+#[derive(Clone)]
 pub struct Approval {
     pub id: String,
     pub policy: String,
@@ -96,16 +159,22 @@ pub struct Approval {
     pub state: ApprovalState,
     pub ciba: Option<CibaProgress>,
     pub response: Option<StoredResponse>,
+    /// Stable problem code of a failed/denied/expired/unknown ending, e.g.
+    /// `access_denied`.
     pub problem_code: Option<String>,
     pub updated_at: SystemTime,
+    /// When it was decided (approved, denied, expired, failed); kept through
+    /// forwarding and done.
     pub decided_at: Option<SystemTime>,
     pub lease_owner: Option<String>,
     pub lease_until: Option<SystemTime>,
 }
 
+/// What [`ApprovalStore::insert_or_attach`] did.
 #[derive(Debug)]
 pub enum Inserted {
     Created,
+    /// An approval the call attaches to.
     Existing(Box<Approval>),
 }
 
@@ -117,24 +186,42 @@ pub enum StoreError {
     KeyReuse,
 }
 
+/// Filters for [`ApprovalStore::list`]. Results are newest first.
 #[derive(Debug, Default, Clone)]
 pub struct ListFilter {
     pub state: Option<ApprovalState>,
     pub policy: Option<String>,
     pub subject: Option<String>,
+    /// Created at or after.
     pub since: Option<SystemTime>,
     pub limit: Option<usize>,
 }
 
 #[async_trait::async_trait]
 pub trait ApprovalStore: Send + Sync + std::fmt::Debug {
+    /// Atomically inserts, or returns the approval the call must attach to:
+    /// an approval of the same subject whose attach key matches and that is
+    /// still attachable (non-final, or final and updated less than
+    /// `replay_window` before `approval.created_at`). The attach key is
+    /// `key:{subject}:{idempotency_key}` when a key is given, else
+    /// `fp:{subject}:{fingerprint}`. The same idempotency key with a
+    /// different fingerprint is [`StoreError::KeyReuse`]. Race-free across
+    /// processes.
     async fn insert_or_attach(
         &self,
         approval: &NewApproval,
         replay_window: Duration,
     ) -> Result<Inserted, StoreError>;
+
     async fn get(&self, id: &str) -> Result<Option<Approval>, StoreError>;
+
     async fn set_ciba(&self, id: &str, ciba: &CibaProgress) -> Result<(), StoreError>;
+
+    /// Conditional state change (the exactly-once claim is `Approved ->
+    /// Forwarding`). Returns whether it happened. Sets `decided_at` (if not
+    /// yet set) when moving to a final state or `Approved`; records
+    /// `problem_code` if given. Moving to a final state releases the lease and
+    /// drops the request body.
     async fn transition(
         &self,
         id: &str,
@@ -142,191 +229,236 @@ pub trait ApprovalStore: Send + Sync + std::fmt::Debug {
         to: ApprovalState,
         problem_code: Option<&str>,
     ) -> Result<bool, StoreError>;
+
+    /// `Forwarding -> Done` with the upstream's answer; drops the stored
+    /// request body (no longer needed) and releases the lease.
     async fn finish(&self, id: &str, response: &StoredResponse) -> Result<bool, StoreError>;
+
+    /// Takes or renews the polling lease on a non-final approval if free,
+    /// expired (`lease_until <= now`), or already ours. Returns whether we
+    /// hold it. A forwarder must hold the lease while `Forwarding`: see
+    /// [`ApprovalStore::mark_unknown_outcomes`].
     async fn lease(&self, id: &str, owner: &str, until: SystemTime) -> Result<bool, StoreError>;
+
+    /// Pending/Approved approvals whose lease is free or expired (for
+    /// takeover after a crash or by another replica), oldest first, at most
+    /// `limit`.
     async fn orphans(&self, now: SystemTime, limit: usize) -> Result<Vec<Approval>, StoreError>;
+
+    /// Forwarding approvals whose lease expired (or was never taken): the
+    /// forwarder died between claim and answer -> `OutcomeUnknown`
+    /// (problem_code `outcome_unknown`). Returns how many.
     async fn mark_unknown_outcomes(&self, now: SystemTime) -> Result<u64, StoreError>;
+
+    /// Housekeeping: clear attach keys of final approvals updated
+    /// `replay_window` or longer before `now`; delete approvals not updated
+    /// for `retention` that are final or whose `expires_at` is that old too;
+    /// drop request bodies of final approvals.
     async fn sweep(
         &self,
         now: SystemTime,
         replay_window: Duration,
         retention: Duration,
     ) -> Result<(), StoreError>;
+
+    /// Newest first.
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Approval>, StoreError>;
+
     async fn ping(&self) -> Result<(), StoreError>;
 }
 
-pub async fn open_sqlite(_path: &Path) -> Result<Arc<dyn ApprovalStore>, StoreError> {
-    Ok(memory())
+/// Opens (creating if missing, and migrating) an SQLite store at `path`:
+/// WAL journal, `synchronous = FULL` (a committed claim survives a power
+/// loss), a 5 s busy timeout, one writer connection and a few readers.
+///
+/// Runtimes: every database operation runs on a small tokio runtime the
+/// store owns (one worker thread), so the store may be opened on one runtime
+/// (e.g. a short-lived one before pingora starts) and used from any other,
+/// or from several at once; connections never outlive the runtime that
+/// drives them. Open it after any `fork` (pingora's daemon mode), since
+/// threads do not survive one.
+pub async fn open_sqlite(path: &Path) -> Result<Arc<dyn ApprovalStore>, StoreError> {
+    sql::open_sqlite(path).await
 }
 
-pub async fn open_postgres(_url: &str) -> Result<Arc<dyn ApprovalStore>, StoreError> {
-    Err(StoreError::Unavailable("not built yet".into()))
+/// Opens (and migrates, under PostgreSQL's advisory lock, so replicas may
+/// start together) a PostgreSQL store from a URL such as
+/// `postgres://user@host/db?sslmode=require`. The same runtime rules as
+/// [`open_sqlite`] apply: the pool lives on the store's own runtime.
+pub async fn open_postgres(url: &str) -> Result<Arc<dyn ApprovalStore>, StoreError> {
+    sql::open_postgres(url).await
 }
 
+/// A store in memory with the same semantics, for tests.
 pub fn memory() -> Arc<dyn ApprovalStore> {
-    Arc::new(Memory::default())
+    Arc::new(memory::MemoryStore::default())
 }
 
-#[derive(Debug, Default)]
-struct Memory(Mutex<HashMap<String, Approval>>);
-
-impl Memory {
-    fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, Approval>) -> T) -> T {
-        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
+/// `key:{subject}:{idempotency_key}` or `fp:{subject}:{fingerprint}`.
+pub fn attach_key(approval: &NewApproval) -> String {
+    match &approval.idempotency_key {
+        Some(key) => format!("key:{}:{key}", approval.subject),
+        None => format!("fp:{}:{}", approval.subject, approval.fingerprint),
     }
 }
 
-#[async_trait::async_trait]
-impl ApprovalStore for Memory {
-    async fn insert_or_attach(
-        &self,
-        a: &NewApproval,
-        replay_window: Duration,
-    ) -> Result<Inserted, StoreError> {
-        self.with(|all| {
-            let now = SystemTime::now();
-            let existing = all.values().find(|e| {
-                e.subject == a.subject
-                    && match (&a.idempotency_key, &e.idempotency_key) {
-                        (Some(k), Some(ek)) => k == ek,
-                        (Some(_), None) => false,
-                        (None, _) => e.fingerprint == a.fingerprint,
-                    }
-                    && e.state != ApprovalState::Failed
-                    && (!e.state.is_final() || e.updated_at + replay_window > now)
-            });
-            if let Some(e) = existing {
-                if a.idempotency_key.is_some() && e.fingerprint != a.fingerprint {
-                    return Err(StoreError::KeyReuse);
-                }
-                return Ok(Inserted::Existing(Box::new(e.clone())));
-            }
-            all.insert(
-                a.id.clone(),
-                Approval {
-                    id: a.id.clone(),
-                    policy: a.policy.clone(),
-                    subject: a.subject.clone(),
-                    upstream: a.upstream.clone(),
-                    fingerprint: a.fingerprint.clone(),
-                    idempotency_key: a.idempotency_key.clone(),
-                    binding_message: a.binding_message.clone(),
-                    authorization_details: a.authorization_details.clone(),
-                    request: a.request.clone(),
-                    created_at: a.created_at,
-                    expires_at: a.expires_at,
-                    state: ApprovalState::Pending,
-                    ciba: None,
-                    response: None,
-                    problem_code: None,
-                    updated_at: a.created_at,
-                    decided_at: None,
-                    lease_owner: None,
-                    lease_until: None,
-                },
-            );
-            Ok(Inserted::Created)
-        })
-    }
-    async fn get(&self, id: &str) -> Result<Option<Approval>, StoreError> {
-        Ok(self.with(|all| all.get(id).cloned()))
-    }
-    async fn set_ciba(&self, id: &str, ciba: &CibaProgress) -> Result<(), StoreError> {
-        self.with(|all| {
-            if let Some(a) = all.get_mut(id) {
-                a.ciba = Some(ciba.clone());
-            }
-        });
-        Ok(())
-    }
-    async fn transition(
-        &self,
-        id: &str,
-        from: ApprovalState,
-        to: ApprovalState,
-        problem_code: Option<&str>,
-    ) -> Result<bool, StoreError> {
-        Ok(self.with(|all| match all.get_mut(id) {
-            Some(a) if a.state == from => {
-                a.state = to;
-                a.updated_at = SystemTime::now();
-                if to.is_final() || to == ApprovalState::Approved {
-                    a.decided_at = Some(a.updated_at);
-                }
-                if let Some(code) = problem_code {
-                    a.problem_code = Some(code.to_owned());
-                }
-                true
-            }
-            _ => false,
-        }))
-    }
-    async fn finish(&self, id: &str, response: &StoredResponse) -> Result<bool, StoreError> {
-        Ok(self.with(|all| match all.get_mut(id) {
-            Some(a) if a.state == ApprovalState::Forwarding => {
-                a.state = ApprovalState::Done;
-                a.response = Some(response.clone());
-                a.request.body.clear();
-                a.updated_at = SystemTime::now();
-                a.decided_at = Some(a.updated_at);
-                true
-            }
-            _ => false,
-        }))
-    }
-    async fn lease(&self, id: &str, owner: &str, until: SystemTime) -> Result<bool, StoreError> {
-        Ok(self.with(|all| match all.get_mut(id) {
-            Some(a) if !a.state.is_final() => {
-                let free = a.lease_owner.as_deref().is_none_or(|o| o == owner)
-                    || a.lease_until.is_none_or(|u| u <= SystemTime::now());
-                if free {
-                    a.lease_owner = Some(owner.to_owned());
-                    a.lease_until = Some(until);
-                }
-                free
-            }
-            _ => false,
-        }))
-    }
-    async fn orphans(&self, now: SystemTime, limit: usize) -> Result<Vec<Approval>, StoreError> {
-        Ok(self.with(|all| {
-            all.values()
-                .filter(|a| matches!(a.state, ApprovalState::Pending | ApprovalState::Approved))
-                .filter(|a| a.lease_until.is_none_or(|u| u <= now))
-                .take(limit)
-                .cloned()
-                .collect()
-        }))
-    }
-    async fn mark_unknown_outcomes(&self, now: SystemTime) -> Result<u64, StoreError> {
-        Ok(self.with(|all| {
-            let mut n = 0;
-            for a in all.values_mut() {
-                if a.state == ApprovalState::Forwarding && a.lease_until.is_some_and(|u| u <= now) {
-                    a.state = ApprovalState::OutcomeUnknown;
-                    a.problem_code = Some("outcome_unknown".into());
-                    n += 1;
-                }
-            }
-            n
-        }))
-    }
-    async fn sweep(&self, _: SystemTime, _: Duration, _: Duration) -> Result<(), StoreError> {
-        Ok(())
-    }
-    async fn list(&self, filter: &ListFilter) -> Result<Vec<Approval>, StoreError> {
-        Ok(self.with(|all| {
-            all.values()
-                .filter(|a| filter.state.is_none_or(|s| a.state == s))
-                .filter(|a| filter.subject.as_ref().is_none_or(|s| &a.subject == s))
-                .filter(|a| filter.policy.as_ref().is_none_or(|s| &a.policy == s))
-                .take(filter.limit.unwrap_or(usize::MAX))
-                .cloned()
-                .collect()
-        }))
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        Ok(())
+/// Whether a retry made at `now_ms` may attach to `existing`.
+fn attachable(existing: &Approval, now_ms: i64, replay_window: Duration) -> bool {
+    !existing.state.is_final()
+        || to_ms(existing.updated_at) > now_ms.saturating_sub(duration_ms(replay_window))
+}
+
+/// Unix milliseconds, saturating.
+fn to_ms(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => duration_ms(d),
+        Err(e) => duration_ms(e.duration()).saturating_neg(),
     }
 }
+
+fn from_ms(ms: i64) -> SystemTime {
+    let d = Duration::from_millis(ms.unsigned_abs());
+    if ms >= 0 {
+        UNIX_EPOCH.checked_add(d).unwrap_or(UNIX_EPOCH)
+    } else {
+        UNIX_EPOCH.checked_sub(d).unwrap_or(UNIX_EPOCH)
+    }
+}
+
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn now_ms() -> i64 {
+    to_ms(SystemTime::now())
+}
+
+/// Header names only: values may be credentials.
+struct HeaderNames<'a>(&'a [(String, Vec<u8>)]);
+
+impl fmt::Debug for HeaderNames<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(name, _)| name))
+            .finish()
+    }
+}
+
+/// A length instead of the bytes.
+struct Len(usize);
+
+impl fmt::Debug for Len {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{} bytes]", self.0)
+    }
+}
+
+struct Redacted;
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Debug for StoredRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoredRequest")
+            .field("method", &self.method)
+            .field("path_and_query", &self.path_and_query)
+            .field("headers", &HeaderNames(&self.headers))
+            .field("body", &Len(self.body.len()))
+            .finish()
+    }
+}
+
+impl fmt::Debug for StoredResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoredResponse")
+            .field("status", &self.status)
+            .field("headers", &HeaderNames(&self.headers))
+            .field("body", &self.body.as_ref().map(|b| Len(b.len())))
+            .finish()
+    }
+}
+
+impl fmt::Debug for NewApproval {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NewApproval")
+            .field("id", &self.id)
+            .field("policy", &self.policy)
+            .field("subject", &self.subject)
+            .field("upstream", &self.upstream)
+            .field("fingerprint", &self.fingerprint)
+            .field("idempotency_key", &self.idempotency_key)
+            .field("binding_message", &Len(self.binding_message.len()))
+            .field(
+                "authorization_details",
+                &self.authorization_details.as_ref().map(|_| Redacted),
+            )
+            .field("request", &self.request)
+            .field("created_at", &self.created_at)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+impl fmt::Debug for Approval {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Approval")
+            .field("id", &self.id)
+            .field("policy", &self.policy)
+            .field("subject", &self.subject)
+            .field("upstream", &self.upstream)
+            .field("fingerprint", &self.fingerprint)
+            .field("idempotency_key", &self.idempotency_key)
+            .field("binding_message", &Len(self.binding_message.len()))
+            .field(
+                "authorization_details",
+                &self.authorization_details.as_ref().map(|_| Redacted),
+            )
+            .field("request", &self.request)
+            .field("created_at", &self.created_at)
+            .field("expires_at", &self.expires_at)
+            .field("state", &self.state)
+            .field("ciba", &self.ciba)
+            .field("response", &self.response)
+            .field("problem_code", &self.problem_code)
+            .field("updated_at", &self.updated_at)
+            .field("decided_at", &self.decided_at)
+            .field("lease_owner", &self.lease_owner)
+            .field("lease_until", &self.lease_until)
+            .finish()
+    }
+}
+
+impl Approval {
+    /// The record a new approval starts as.
+    fn new(approval: &NewApproval, updated_at: SystemTime) -> Self {
+        let a = approval.clone();
+        Approval {
+            id: a.id,
+            policy: a.policy,
+            subject: a.subject,
+            upstream: a.upstream,
+            fingerprint: a.fingerprint,
+            idempotency_key: a.idempotency_key,
+            binding_message: a.binding_message,
+            authorization_details: a.authorization_details,
+            request: a.request,
+            created_at: a.created_at,
+            expires_at: a.expires_at,
+            state: ApprovalState::Pending,
+            ciba: None,
+            response: None,
+            problem_code: None,
+            updated_at,
+            decided_at: None,
+            lease_owner: None,
+            lease_until: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

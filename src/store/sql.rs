@@ -1,0 +1,855 @@
+//! The SQLite and PostgreSQL backends: one set of SQL statements (both accept
+//! `$N` parameters, `ON CONFLICT DO NOTHING` and the same types as used
+//! here), runtime queries only, every operation on the store's own runtime.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use sqlx::error::BoxDynError;
+use sqlx::migrate::{MigrateError, Migration, MigrationSource, MigrationType, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{ColumnIndex, Decode, Row, Type};
+
+use super::{
+    attach_key, attachable, duration_ms, from_ms, now_ms, to_ms, Approval, ApprovalState,
+    ApprovalStore, CibaProgress, Inserted, ListFilter, NewApproval, Secret, StoreError,
+    StoredRequest, StoredResponse,
+};
+
+/// Longest a single store operation may take before it is reported as
+/// unavailable (a hung connection must not hold a call forever).
+const OP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Waiting for a pooled connection.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Waiting for SQLite's write lock (another process, or a checkpoint).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+const SQLITE_READERS: u32 = 4;
+const POSTGRES_CONNECTIONS: u32 = 8;
+/// `insert_or_attach` retries when the approval it conflicted with vanished
+/// or stopped being attachable in between; more than this is contention no
+/// real workload has.
+const ATTACH_ATTEMPTS: usize = 8;
+
+macro_rules! columns {
+    () => {
+        "id, policy, subject, upstream, fingerprint, idempotency_key, binding_message, \
+         authorization_details, state, request_method, request_path_and_query, \
+         request_headers, request_body, ciba_auth_req_id, ciba_interval_ms, \
+         ciba_next_poll_at, ciba_deadline, response_status, response_headers, response_body, \
+         problem_code, created_at, expires_at, updated_at, decided_at, lease_owner, lease_until"
+    };
+}
+
+macro_rules! final_states {
+    () => {
+        "('denied', 'expired', 'failed', 'done', 'outcome_unknown')"
+    };
+}
+
+const INSERT: &str = "INSERT INTO approvals (id, policy, subject, upstream, fingerprint, \
+     idempotency_key, attach_key, binding_message, authorization_details, state, request_method, \
+     request_path_and_query, request_headers, request_body, created_at, expires_at, updated_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, $11, $12, $13, $14, $15, $14) \
+     ON CONFLICT (attach_key) DO NOTHING";
+
+const BY_ATTACH_KEY: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM approvals WHERE attach_key = $1"
+);
+
+const DETACH: &str = "UPDATE approvals SET attach_key = NULL WHERE id = $1 AND attach_key = $2";
+
+const GET: &str = concat!("SELECT ", columns!(), " FROM approvals WHERE id = $1");
+
+const SET_CIBA: &str = "UPDATE approvals SET ciba_auth_req_id = $2, ciba_interval_ms = $3, \
+     ciba_next_poll_at = $4, ciba_deadline = $5, updated_at = $6 WHERE id = $1";
+
+/// To a final state: decided, lease released, body dropped. A failed
+/// approval (the authorization server or the upstream could not be reached)
+/// is not replayed to retries: they start a new one.
+const TRANSITION_FINAL: &str = "UPDATE approvals SET state = $3, updated_at = $4, \
+     decided_at = COALESCE(decided_at, $4), problem_code = COALESCE($5, problem_code), \
+     lease_owner = NULL, lease_until = NULL, request_body = NULL, \
+     attach_key = CASE WHEN $3 = 'failed' THEN NULL ELSE attach_key END \
+     WHERE id = $1 AND state = $2";
+
+const TRANSITION_APPROVED: &str = "UPDATE approvals SET state = $3, updated_at = $4, \
+     decided_at = COALESCE(decided_at, $4), problem_code = COALESCE($5, problem_code) \
+     WHERE id = $1 AND state = $2";
+
+const TRANSITION_OTHER: &str = "UPDATE approvals SET state = $3, updated_at = $4, \
+     problem_code = COALESCE($5, problem_code) WHERE id = $1 AND state = $2";
+
+const FINISH: &str = "UPDATE approvals SET state = 'done', response_status = $2, \
+     response_headers = $3, response_body = $4, request_body = NULL, updated_at = $5, \
+     decided_at = COALESCE(decided_at, $5), lease_owner = NULL, lease_until = NULL \
+     WHERE id = $1 AND state = 'forwarding'";
+
+const LEASE: &str = concat!(
+    "UPDATE approvals SET lease_owner = $2, lease_until = $3 WHERE id = $1 \
+     AND state NOT IN ",
+    final_states!(),
+    " AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until <= $4 OR lease_owner = $2)"
+);
+
+const ORPHANS: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM approvals WHERE state IN ('pending', 'approved') \
+     AND (lease_until IS NULL OR lease_until <= $1) ORDER BY created_at, id LIMIT $2"
+);
+
+const MARK_UNKNOWN: &str = "UPDATE approvals SET state = 'outcome_unknown', \
+     problem_code = 'outcome_unknown', updated_at = $1, decided_at = COALESCE(decided_at, $1), \
+     lease_owner = NULL, lease_until = NULL, request_body = NULL \
+     WHERE state = 'forwarding' AND (lease_until IS NULL OR lease_until <= $1)";
+
+const SWEEP_DETACH: &str = concat!(
+    "UPDATE approvals SET attach_key = NULL WHERE attach_key IS NOT NULL AND state IN ",
+    final_states!(),
+    " AND updated_at <= $1"
+);
+
+const SWEEP_DELETE: &str = concat!(
+    "DELETE FROM approvals WHERE updated_at <= $1 AND (state IN ",
+    final_states!(),
+    " OR expires_at <= $1)"
+);
+
+const SWEEP_BODIES: &str = concat!(
+    "UPDATE approvals SET request_body = NULL WHERE request_body IS NOT NULL AND state IN ",
+    final_states!()
+);
+
+const MIGRATIONS_SQLITE: Embedded = Embedded(&[(
+    1,
+    "approvals",
+    include_str!("../../migrations/sqlite/0001_approvals.sql"),
+)]);
+
+const MIGRATIONS_POSTGRES: Embedded = Embedded(&[(
+    1,
+    "approvals",
+    include_str!("../../migrations/postgres/0001_approvals.sql"),
+)]);
+
+/// Migrations shipped in the binary: (version, description, SQL).
+#[derive(Debug)]
+struct Embedded(&'static [(i64, &'static str, &'static str)]);
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+impl MigrationSource<'static> for Embedded {
+    fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, BoxDynError>> {
+        Box::pin(async move {
+            Ok(self
+                .0
+                .iter()
+                .map(|&(version, description, sql)| {
+                    Migration::new(
+                        version,
+                        Cow::Borrowed(description),
+                        MigrationType::Simple,
+                        Cow::Borrowed(sql),
+                        false,
+                    )
+                })
+                .collect())
+        })
+    }
+}
+
+async fn migrator(source: Embedded) -> Result<Migrator, StoreError> {
+    Migrator::new(source).await.map_err(migrate_error)
+}
+
+/// A bound value.
+#[derive(Debug)]
+enum Param {
+    Int(Option<i64>),
+    Text(Option<String>),
+    Bytes(Option<Vec<u8>>),
+}
+
+fn int(v: i64) -> Param {
+    Param::Int(Some(v))
+}
+
+fn text(v: impl Into<String>) -> Param {
+    Param::Text(Some(v.into()))
+}
+
+macro_rules! bind_all {
+    ($query:expr, $params:expr) => {{
+        let mut query = $query;
+        for param in $params {
+            query = match param {
+                Param::Int(v) => query.bind(*v),
+                Param::Text(v) => query.bind(v.as_deref()),
+                Param::Bytes(v) => query.bind(v.as_deref()),
+            };
+        }
+        query
+    }};
+}
+
+/// One database: runs a statement, or a query returning approvals.
+#[async_trait::async_trait]
+trait Backend: Send + Sync + 'static {
+    async fn exec(&self, op: &'static str, sql: &str, params: &[Param]) -> Result<u64, StoreError>;
+    async fn fetch(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<Vec<Approval>, StoreError>;
+}
+
+/// One writer connection (SQLite has one writer at a time anyway; waiting in
+/// the pool is cheaper than on the file lock), readers beside it (WAL).
+struct Sqlite {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+#[async_trait::async_trait]
+impl Backend for Sqlite {
+    async fn exec(&self, op: &'static str, sql: &str, params: &[Param]) -> Result<u64, StoreError> {
+        let done = bind_all!(sqlx::query(sql), params)
+            .execute(&self.writer)
+            .await
+            .map_err(|e| db_error(op, &e))?;
+        Ok(done.rows_affected())
+    }
+
+    async fn fetch(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<Vec<Approval>, StoreError> {
+        let rows = bind_all!(sqlx::query(sql), params)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(|e| db_error(op, &e))?;
+        rows.iter().map(decode).collect()
+    }
+}
+
+struct Postgres {
+    pool: PgPool,
+}
+
+#[async_trait::async_trait]
+impl Backend for Postgres {
+    async fn exec(&self, op: &'static str, sql: &str, params: &[Param]) -> Result<u64, StoreError> {
+        let done = bind_all!(sqlx::query(sql), params)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| db_error(op, &e))?;
+        Ok(done.rows_affected())
+    }
+
+    async fn fetch(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<Vec<Approval>, StoreError> {
+        let rows = bind_all!(sqlx::query(sql), params)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| db_error(op, &e))?;
+        rows.iter().map(decode).collect()
+    }
+}
+
+/// The store's own tokio runtime: connections are created, driven and
+/// dropped there, whichever runtime (pingora's, a test's, a short-lived one
+/// at start) the caller is on.
+#[derive(Debug)]
+struct Driver {
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
+
+impl Driver {
+    fn new() -> Result<Self, StoreError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(2)
+            .thread_name("countersign-store")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("store runtime: {e}")))?;
+        let handle = runtime.handle().clone();
+        Ok(Self {
+            runtime: Some(runtime),
+            handle,
+        })
+    }
+
+    /// Runs `work` on the store's runtime, within [`OP_TIMEOUT`]. The work
+    /// completes even if the caller stops waiting (a state change is either
+    /// made or not, never half).
+    async fn run<T, F>(&self, op: &'static str, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let task = self.handle.spawn(async move {
+            match tokio::time::timeout(OP_TIMEOUT, work).await {
+                Ok(result) => result,
+                Err(_) => Err(StoreError::Unavailable(format!("{op}: timed out"))),
+            }
+        });
+        task.await
+            .map_err(|_| StoreError::Unavailable(format!("{op}: store task failed")))?
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // Dropping a runtime inside another one panics; this does not wait.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// An SQL store. Field order matters: the backend (the pools) is dropped
+/// before the runtime that drives its connections.
+struct SqlStore<B> {
+    backend: Arc<B>,
+    driver: Driver,
+    kind: &'static str,
+}
+
+impl<B> std::fmt::Debug for SqlStore<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlStore")
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(super) async fn open_sqlite(path: &Path) -> Result<Arc<dyn ApprovalStore>, StoreError> {
+    let driver = Driver::new()?;
+    let path = path.to_owned();
+    let backend = driver
+        .run("open", async move {
+            let cannot = |e: sqlx::Error| {
+                StoreError::Unavailable(format!("cannot open {}: {}", path.display(), describe(&e)))
+            };
+            let options = SqliteConnectOptions::new()
+                .filename(&path)
+                .busy_timeout(BUSY_TIMEOUT);
+            let writer = SqlitePoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_with(
+                    options
+                        .clone()
+                        .create_if_missing(true)
+                        .journal_mode(SqliteJournalMode::Wal)
+                        .synchronous(SqliteSynchronous::Full),
+                )
+                .await
+                .map_err(cannot)?;
+            migrator(MIGRATIONS_SQLITE)
+                .await?
+                .run(&writer)
+                .await
+                .map_err(migrate_error)?;
+            let reader = SqlitePoolOptions::new()
+                .max_connections(SQLITE_READERS)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_with(options.read_only(true))
+                .await
+                .map_err(cannot)?;
+            Ok(Sqlite { writer, reader })
+        })
+        .await?;
+    Ok(Arc::new(SqlStore {
+        backend: Arc::new(backend),
+        driver,
+        kind: "sqlite",
+    }))
+}
+
+pub(super) async fn open_postgres(url: &str) -> Result<Arc<dyn ApprovalStore>, StoreError> {
+    // The URL may hold a password: never in a message.
+    let options = PgConnectOptions::from_str(url)
+        .map_err(|_| StoreError::Unavailable("invalid PostgreSQL URL".into()))?
+        .application_name("countersign");
+    let driver = Driver::new()?;
+    let backend = driver
+        .run("open", async move {
+            let pool = PgPoolOptions::new()
+                .max_connections(POSTGRES_CONNECTIONS)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_with(options)
+                .await
+                .map_err(|e| {
+                    StoreError::Unavailable(format!(
+                        "cannot connect to PostgreSQL: {}",
+                        describe(&e)
+                    ))
+                })?;
+            migrator(MIGRATIONS_POSTGRES)
+                .await?
+                .run(&pool)
+                .await
+                .map_err(migrate_error)?;
+            Ok(Postgres { pool })
+        })
+        .await?;
+    Ok(Arc::new(SqlStore {
+        backend: Arc::new(backend),
+        driver,
+        kind: "postgres",
+    }))
+}
+
+#[async_trait::async_trait]
+impl<B: Backend> ApprovalStore for SqlStore<B> {
+    async fn insert_or_attach(
+        &self,
+        approval: &NewApproval,
+        replay_window: Duration,
+    ) -> Result<Inserted, StoreError> {
+        let backend = self.backend.clone();
+        let key = attach_key(approval);
+        let now = to_ms(approval.created_at);
+        let with_key = approval.idempotency_key.is_some();
+        let fingerprint = approval.fingerprint.clone();
+        let details = approval
+            .authorization_details
+            .as_ref()
+            .map(|v| v.to_string());
+        let a = approval.clone();
+        let insert = vec![
+            text(a.id),
+            text(a.policy),
+            text(a.subject),
+            text(a.upstream),
+            text(a.fingerprint),
+            Param::Text(a.idempotency_key),
+            text(key.clone()),
+            text(a.binding_message),
+            Param::Text(details),
+            text(a.request.method),
+            text(a.request.path_and_query),
+            Param::Bytes(Some(encode_headers(&a.request.headers))),
+            Param::Bytes(Some(a.request.body)),
+            int(now),
+            int(to_ms(a.expires_at)),
+        ];
+        self.driver
+            .run("insert", async move {
+                for _ in 0..ATTACH_ATTEMPTS {
+                    if backend.exec("insert", INSERT, &insert).await? == 1 {
+                        return Ok(Inserted::Created);
+                    }
+                    let found = backend
+                        .fetch("insert", BY_ATTACH_KEY, &[text(key.clone())])
+                        .await?;
+                    let Some(existing) = found.into_iter().next() else {
+                        continue; // swept or detached in between
+                    };
+                    if !attachable(&existing, now, replay_window) {
+                        // Past its replay window but not yet swept.
+                        backend
+                            .exec("insert", DETACH, &[text(existing.id), text(key.clone())])
+                            .await?;
+                        continue;
+                    }
+                    if with_key && existing.fingerprint != fingerprint {
+                        return Err(StoreError::KeyReuse);
+                    }
+                    return Ok(Inserted::Existing(Box::new(existing)));
+                }
+                Err(StoreError::Unavailable("insert: contention".into()))
+            })
+            .await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Approval>, StoreError> {
+        let backend = self.backend.clone();
+        let params = [text(id)];
+        self.driver
+            .run("get", async move {
+                Ok(backend.fetch("get", GET, &params).await?.into_iter().next())
+            })
+            .await
+    }
+
+    async fn set_ciba(&self, id: &str, ciba: &CibaProgress) -> Result<(), StoreError> {
+        let backend = self.backend.clone();
+        let params = [
+            text(id),
+            text(ciba.auth_req_id.expose()),
+            int(duration_ms(ciba.interval)),
+            int(to_ms(ciba.next_poll_at)),
+            int(to_ms(ciba.deadline)),
+            int(now_ms()),
+        ];
+        self.driver
+            .run("set_ciba", async move {
+                backend.exec("set_ciba", SET_CIBA, &params).await?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn transition(
+        &self,
+        id: &str,
+        from: ApprovalState,
+        to: ApprovalState,
+        problem_code: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        if from.is_final() {
+            return Ok(false); // final states never change
+        }
+        let sql = if to.is_final() {
+            TRANSITION_FINAL
+        } else if to == ApprovalState::Approved {
+            TRANSITION_APPROVED
+        } else {
+            TRANSITION_OTHER
+        };
+        let backend = self.backend.clone();
+        let params = [
+            text(id),
+            text(from.as_str()),
+            text(to.as_str()),
+            int(now_ms()),
+            Param::Text(problem_code.map(str::to_owned)),
+        ];
+        self.driver
+            .run("transition", async move {
+                Ok(backend.exec("transition", sql, &params).await? == 1)
+            })
+            .await
+    }
+
+    async fn finish(&self, id: &str, response: &StoredResponse) -> Result<bool, StoreError> {
+        let backend = self.backend.clone();
+        let params = [
+            text(id),
+            int(i64::from(response.status)),
+            Param::Bytes(Some(encode_headers(&response.headers))),
+            Param::Bytes(response.body.clone()),
+            int(now_ms()),
+        ];
+        self.driver
+            .run("finish", async move {
+                Ok(backend.exec("finish", FINISH, &params).await? == 1)
+            })
+            .await
+    }
+
+    async fn lease(&self, id: &str, owner: &str, until: SystemTime) -> Result<bool, StoreError> {
+        let backend = self.backend.clone();
+        let params = [text(id), text(owner), int(to_ms(until)), int(now_ms())];
+        self.driver
+            .run("lease", async move {
+                Ok(backend.exec("lease", LEASE, &params).await? == 1)
+            })
+            .await
+    }
+
+    async fn orphans(&self, now: SystemTime, limit: usize) -> Result<Vec<Approval>, StoreError> {
+        let backend = self.backend.clone();
+        let params = [int(to_ms(now)), int(limit_param(limit))];
+        self.driver
+            .run("orphans", async move {
+                backend.fetch("orphans", ORPHANS, &params).await
+            })
+            .await
+    }
+
+    async fn mark_unknown_outcomes(&self, now: SystemTime) -> Result<u64, StoreError> {
+        let backend = self.backend.clone();
+        let params = [int(to_ms(now))];
+        self.driver
+            .run("mark_unknown_outcomes", async move {
+                backend
+                    .exec("mark_unknown_outcomes", MARK_UNKNOWN, &params)
+                    .await
+            })
+            .await
+    }
+
+    async fn sweep(
+        &self,
+        now: SystemTime,
+        replay_window: Duration,
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        let backend = self.backend.clone();
+        let now = to_ms(now);
+        let replay_before = [int(now.saturating_sub(duration_ms(replay_window)))];
+        let retain_after = [int(now.saturating_sub(duration_ms(retention)))];
+        self.driver
+            .run("sweep", async move {
+                backend.exec("sweep", SWEEP_DETACH, &replay_before).await?;
+                backend.exec("sweep", SWEEP_DELETE, &retain_after).await?;
+                backend.exec("sweep", SWEEP_BODIES, &[]).await?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<Approval>, StoreError> {
+        let mut sql = String::from(concat!("SELECT ", columns!(), " FROM approvals WHERE TRUE"));
+        let mut params = Vec::new();
+        let mut and = |column: &str, op: &str, param: Param| {
+            params.push(param);
+            sql.push_str(&format!(" AND {column} {op} ${}", params.len()));
+        };
+        if let Some(state) = filter.state {
+            and("state", "=", text(state.as_str()));
+        }
+        if let Some(policy) = &filter.policy {
+            and("policy", "=", text(policy));
+        }
+        if let Some(subject) = &filter.subject {
+            and("subject", "=", text(subject));
+        }
+        if let Some(since) = filter.since {
+            and("created_at", ">=", int(to_ms(since)));
+        }
+        sql.push_str(" ORDER BY created_at DESC, id DESC");
+        if let Some(limit) = filter.limit {
+            params.push(int(limit_param(limit)));
+            sql.push_str(&format!(" LIMIT ${}", params.len()));
+        }
+        let backend = self.backend.clone();
+        self.driver
+            .run(
+                "list",
+                async move { backend.fetch("list", &sql, &params).await },
+            )
+            .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let backend = self.backend.clone();
+        self.driver
+            .run("ping", async move {
+                backend.exec("ping", "SELECT 1", &[]).await?;
+                Ok(())
+            })
+            .await
+    }
+}
+
+fn limit_param(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// A header value as JSON: a string when it is UTF-8 (nearly always), else
+/// the bytes.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum HeaderValue {
+    Text(String),
+    Bytes(Vec<u8>),
+}
+
+fn encode_headers(headers: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let values: Vec<(&str, HeaderValue)> = headers
+        .iter()
+        .map(|(name, value)| {
+            let value = match std::str::from_utf8(value) {
+                Ok(s) => HeaderValue::Text(s.to_owned()),
+                Err(_) => HeaderValue::Bytes(value.clone()),
+            };
+            (name.as_str(), value)
+        })
+        .collect();
+    serde_json::to_vec(&values).unwrap_or_default()
+}
+
+fn decode_headers(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    let values: Vec<(String, HeaderValue)> = serde_json::from_slice(bytes)
+        .map_err(|_| StoreError::Unavailable("unreadable stored headers".into()))?;
+    Ok(values
+        .into_iter()
+        .map(|(name, value)| {
+            let value = match value {
+                HeaderValue::Text(s) => s.into_bytes(),
+                HeaderValue::Bytes(b) => b,
+            };
+            (name, value)
+        })
+        .collect())
+}
+
+/// A row of [`columns!`] as an approval; the same code for both databases.
+fn decode<'r, R>(row: &'r R) -> Result<Approval, StoreError>
+where
+    R: Row,
+    &'static str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    fn get<'r, R, T>(row: &'r R, column: &'static str) -> Result<T, StoreError>
+    where
+        R: Row,
+        &'static str: ColumnIndex<R>,
+        T: Decode<'r, R::Database> + Type<R::Database>,
+    {
+        row.try_get(column)
+            .map_err(|_| StoreError::Unavailable(format!("unreadable stored column {column}")))
+    }
+    let time = |column| get::<R, i64>(row, column).map(from_ms);
+    let opt_time = |column| get::<R, Option<i64>>(row, column).map(|t| t.map(from_ms));
+
+    let state: String = get(row, "state")?;
+    let state = ApprovalState::parse(&state)
+        .ok_or_else(|| StoreError::Unavailable("unknown stored state".into()))?;
+    let authorization_details = get::<R, Option<String>>(row, "authorization_details")?
+        .map(|s| serde_json::from_str(&s))
+        .transpose()
+        .map_err(|_| StoreError::Unavailable("unreadable stored authorization_details".into()))?;
+    let ciba = match get::<R, Option<String>>(row, "ciba_auth_req_id")? {
+        None => None,
+        Some(auth_req_id) => Some(CibaProgress {
+            auth_req_id: Secret::new(auth_req_id),
+            interval: Duration::from_millis(
+                get::<R, Option<i64>>(row, "ciba_interval_ms")?
+                    .unwrap_or(0)
+                    .max(0)
+                    .unsigned_abs(),
+            ),
+            next_poll_at: opt_time("ciba_next_poll_at")?.unwrap_or(std::time::UNIX_EPOCH),
+            deadline: opt_time("ciba_deadline")?.unwrap_or(std::time::UNIX_EPOCH),
+        }),
+    };
+    let response = match get::<R, Option<i64>>(row, "response_status")? {
+        None => None,
+        Some(status) => Some(StoredResponse {
+            status: u16::try_from(status)
+                .map_err(|_| StoreError::Unavailable("unreadable stored status".into()))?,
+            headers: match get::<R, Option<Vec<u8>>>(row, "response_headers")? {
+                Some(bytes) => decode_headers(&bytes)?,
+                None => Vec::new(),
+            },
+            body: get(row, "response_body")?,
+        }),
+    };
+    Ok(Approval {
+        id: get(row, "id")?,
+        policy: get(row, "policy")?,
+        subject: get(row, "subject")?,
+        upstream: get(row, "upstream")?,
+        fingerprint: get(row, "fingerprint")?,
+        idempotency_key: get(row, "idempotency_key")?,
+        binding_message: get(row, "binding_message")?,
+        authorization_details,
+        request: StoredRequest {
+            method: get(row, "request_method")?,
+            path_and_query: get(row, "request_path_and_query")?,
+            headers: decode_headers(&get::<R, Vec<u8>>(row, "request_headers")?)?,
+            body: get::<R, Option<Vec<u8>>>(row, "request_body")?.unwrap_or_default(),
+        },
+        created_at: time("created_at")?,
+        expires_at: time("expires_at")?,
+        state,
+        ciba,
+        response,
+        problem_code: get(row, "problem_code")?,
+        updated_at: time("updated_at")?,
+        decided_at: opt_time("decided_at")?,
+        lease_owner: get(row, "lease_owner")?,
+        lease_until: opt_time("lease_until")?,
+    })
+}
+
+/// A short description of a database error: never values, bodies or
+/// `auth_req_id`s (database messages and details can quote them).
+fn describe(e: &sqlx::Error) -> String {
+    use sqlx::Error as E;
+    match e {
+        E::Database(d) => match d.code() {
+            Some(code) => format!("database error {code}"),
+            None => "database error".into(),
+        },
+        E::Io(io) => format!("I/O error: {}", io.kind()),
+        E::Tls(_) => "TLS error".into(),
+        E::PoolTimedOut => "timed out waiting for a connection".into(),
+        E::PoolClosed => "connection pool closed".into(),
+        E::WorkerCrashed => "database worker crashed".into(),
+        E::Protocol(_) => "protocol error".into(),
+        E::Configuration(_) => "configuration error".into(),
+        E::Migrate(m) => describe_migrate(m),
+        E::ColumnDecode { .. }
+        | E::Decode(_)
+        | E::ColumnNotFound(_)
+        | E::ColumnIndexOutOfBounds { .. }
+        | E::TypeNotFound { .. }
+        | E::RowNotFound => "unexpected data".into(),
+        _ => "driver error".into(),
+    }
+}
+
+fn db_error(op: &'static str, e: &sqlx::Error) -> StoreError {
+    StoreError::Unavailable(format!("{op}: {}", describe(e)))
+}
+
+fn describe_migrate(e: &MigrateError) -> String {
+    match e {
+        MigrateError::Execute(e) => describe(e),
+        MigrateError::VersionMissing(v) => format!(
+            "migration {v} is applied but unknown to this version (a newer gateway's database?)"
+        ),
+        MigrateError::VersionMismatch(v) => format!("migration {v} differs from the one applied"),
+        MigrateError::Dirty(v) => format!("migration {v} was partially applied"),
+        _ => "migration failed".into(),
+    }
+}
+
+fn migrate_error(e: MigrateError) -> StoreError {
+    StoreError::Unavailable(format!("migrate: {}", describe_migrate(&e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_final_states_in_sql_are_the_final_states() {
+        let finals: Vec<String> = ApprovalState::ALL
+            .into_iter()
+            .filter(|s| s.is_final())
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect();
+        assert_eq!(final_states!(), format!("({})", finals.join(", ")));
+    }
+
+    #[test]
+    fn headers_round_trip_text_and_bytes() {
+        let headers = vec![
+            ("content-type".to_owned(), b"application/json".to_vec()),
+            ("x-binary".to_owned(), vec![0xff, 0x00, 0x80]),
+            ("x-empty".to_owned(), Vec::new()),
+        ];
+        let bytes = encode_headers(&headers);
+        assert!(String::from_utf8_lossy(&bytes).contains("\"application/json\""));
+        assert_eq!(decode_headers(&bytes).unwrap(), headers);
+    }
+}
