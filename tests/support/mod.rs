@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod permissive;
+pub mod process;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -230,6 +231,9 @@ pub struct GatewayOptions {
     pub upstream: Option<String>,
     /// The upstream's `preserve_host`: it sees the agent's `Host`.
     pub preserve_host: bool,
+    /// Top-level YAML appended to the gateway file as it is, e.g.
+    /// `store: memory` or `approvals_path: /approvals`.
+    pub extra_config: String,
 }
 
 impl Default for GatewayOptions {
@@ -242,6 +246,7 @@ impl Default for GatewayOptions {
             limits: "{ max_body_bytes: 1024, max_hold: 60s }",
             upstream: None,
             preserve_host: false,
+            extra_config: String::new(),
         }
     }
 }
@@ -315,6 +320,11 @@ impl TestGateway {
         format!("http://{}{path}", self.proxy)
     }
 
+    /// The directory holding this gateway's configuration files.
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
     pub async fn metrics(&self) -> String {
         reqwest::get(format!("http://{}/metrics", self.admin))
             .await
@@ -366,6 +376,7 @@ identity: {{ {identity} }}
 policies: [{policies}, {extra}]
 default_action: {default_action}
 limits: {limits}
+{extra_config}
 "#,
         shop = options
             .upstream
@@ -379,6 +390,7 @@ limits: {limits}
         default_action = options.default_action,
         limits = options.limits,
         preserve_host = options.preserve_host,
+        extra_config = options.extra_config,
     );
     let file = dir.join("countersign.yaml");
     std::fs::write(&file, config).unwrap();
