@@ -90,6 +90,15 @@ impl UpstreamClient {
         })
     }
 
+    /// The longest a call to `upstream` can take before it is given up.
+    pub fn longest_call(&self, upstream: &str) -> Duration {
+        self.upstreams
+            .get(upstream)
+            .map_or(Duration::from_secs(120), |(_, config)| {
+                config.connect_timeout + config.timeout + Duration::from_secs(5)
+            })
+    }
+
     /// Sends `request` with `token` to `upstream`. The answer's body is kept
     /// up to `max_response_bytes`; beyond it, `body` is `None`.
     pub async fn send(

@@ -457,10 +457,10 @@ impl Engine {
         }
     }
 
-    fn forward_timeout(&self, _upstream: &str) -> Duration {
-        // Generous: the lease must outlive the upstream call, or another
-        // replica would mark a slow answer as unknown.
-        Duration::from_secs(120)
+    /// The lease of a forward must outlive the upstream call, or a slow
+    /// answer would be marked unknown; past it, the forwarder is dead.
+    fn forward_timeout(&self, upstream: &str) -> Duration {
+        self.upstreams.longest_call(upstream)
     }
 
     async fn settle(&self, id: &str, to: ApprovalState, code: ProblemCode) {
