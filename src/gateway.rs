@@ -1,6 +1,7 @@
 //! Wiring: a loaded [`Config`] becomes a pingora [`Server`] with the proxy
 //! and admin services.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -25,6 +26,14 @@ pub enum GatewayError {
     AuthorizationServer(#[from] CibaError),
     #[error("identity: {0}")]
     Identity(String),
+    /// A listener address that cannot be bound: in use, not permitted, or
+    /// not an address of this host.
+    #[error("cannot listen on {addr} ({name}): {reason}")]
+    Listen {
+        name: &'static str,
+        addr: SocketAddr,
+        reason: std::io::Error,
+    },
     #[error("{0}")]
     Startup(String),
 }
@@ -75,9 +84,62 @@ pub fn resolve_endpoints(config: &Config) -> Result<Endpoints, GatewayError> {
     ))?)
 }
 
+/// Tries to bind `addr`, so that a listener address that cannot be served
+/// ends the start at once with the address and the reason. pingora binds its
+/// listeners only once its services run, retries an address in use for 30 s,
+/// then panics in its service thread while the rest of the process (the
+/// admin listener included) keeps running.
+///
+/// The socket is bound but never listens, and is closed at once: holding the
+/// port until pingora binds it would accept connections nobody serves (and
+/// fool TCP probes) while discovery runs, and pingora takes no socket from
+/// us. So the check is honest but not airtight: another process that binds
+/// the port between this check and pingora's bind (the discovery call lies
+/// in between) is caught only by [`exit_on_listener_failure`], after
+/// pingora's 30 s of retries.
+fn check_bindable(name: &'static str, addr: SocketAddr) -> Result<(), GatewayError> {
+    let error = |reason| GatewayError::Listen { name, addr, reason };
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(error)?;
+    // As pingora does: connections of a previous run in TIME_WAIT do not
+    // count, a socket listening on the address does.
+    socket.set_reuseaddr(true).map_err(error)?;
+    socket.bind(addr).map_err(error)
+}
+
+/// Installs a panic hook that turns pingora's failure to bind a listener
+/// (see [`check_bindable`]) into one line on stderr and exit status 1, instead of a
+/// backtrace in one thread and a process that keeps running without its
+/// listener. Other panics keep the previous hook. For binaries only.
+pub fn exit_on_listener_failure() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        // pingora-core's `listening.rs`: `.expect("Failed to build listeners")`.
+        if payload.starts_with("Failed to build listeners") {
+            eprintln!("error: cannot listen: {payload}");
+            std::process::exit(1);
+        }
+        previous(info);
+    }));
+}
+
 impl Gateway {
     /// Builds the server. Must not be called inside a tokio runtime.
     pub fn build(config: Config) -> Result<Self, GatewayError> {
+        let listen = &config.gateway.listen;
+        check_bindable("proxy", listen.proxy)?;
+        if let Some(admin) = listen.admin {
+            check_bindable("admin", admin)?;
+        }
         let endpoints = resolve_endpoints(&config)?;
         let metrics = Metrics::new();
         let http = http_client(&config)?;

@@ -58,12 +58,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dev(args) => {
+            countersign::gateway::exit_on_listener_failure();
             // pingora's start-up lines would bury the printed instructions.
             countersign::telemetry::init_with(false, "info,pingora_core=warn");
             countersign::dev::run(args)
         }
         Command::Run { config, log_json } => {
             countersign::telemetry::init(log_json);
+            countersign::gateway::exit_on_listener_failure();
             let loaded = config::load(&config)?;
             let proxy = loaded.gateway.listen.proxy;
             let admin = loaded.gateway.listen.admin;
