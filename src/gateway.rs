@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::identity::IdentitySource;
 use crate::metrics::Metrics;
 use crate::proxy::Countersign;
+use crate::readiness::{self, Readiness};
 
 #[derive(Debug, Error)]
 pub enum GatewayError {
@@ -46,6 +47,8 @@ pub struct Gateway {
     server: Server,
     pub metrics: Metrics,
     pub endpoints: Endpoints,
+    /// What `/readyz` checks; register more before running.
+    pub readiness: Readiness,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -141,6 +144,16 @@ impl Gateway {
             check_bindable("admin", admin)?;
         }
         let endpoints = resolve_endpoints(&config)?;
+        let readiness = Readiness::new();
+        let proxy_addr = config.gateway.listen.proxy;
+        readiness.register("proxy_listener", move || {
+            readiness::accepts_connections(proxy_addr)
+        });
+        // A gateway is built only with its configuration loaded and the
+        // authorization server's endpoints known (discovery done, or given),
+        // so this holds from the first probe. It is the place to report them
+        // once endpoints can be (re)discovered while serving.
+        readiness.register("authorization_server", || async { Ok(()) });
         let metrics = Metrics::new();
         let http = http_client(&config)?;
         let gateway = config.gateway;
@@ -197,6 +210,7 @@ impl Gateway {
                 "countersign admin".to_owned(),
                 HttpServer::new_app(AdminApp {
                     metrics: metrics.clone(),
+                    readiness: readiness.clone(),
                 }),
             );
             service.add_tcp(&admin.to_string());
@@ -206,6 +220,7 @@ impl Gateway {
             server,
             metrics,
             endpoints,
+            readiness,
         })
     }
 

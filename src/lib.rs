@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod policy;
 pub mod problem;
 pub mod proxy;
+pub mod readiness;
 pub mod request;
 pub mod route;
 pub mod secret;
