@@ -128,11 +128,26 @@ pub fn exit_on_listener_failure() {
             .unwrap_or_default();
         // pingora-core's `listening.rs`: `.expect("Failed to build listeners")`.
         if payload.starts_with("Failed to build listeners") {
-            eprintln!("error: cannot listen: {payload}");
+            eprintln!("error: cannot listen: {}", listener_failure(payload));
             std::process::exit(1);
         }
         previous(info);
     }));
+}
+
+/// The readable part of pingora's listener error (its `Debug` form):
+/// `bind() failed, after retries, 127.0.0.1:8080 still in use: Address already in use`.
+fn listener_failure(payload: &str) -> String {
+    let quoted = |key: &str| {
+        let rest = &payload[payload.find(key)? + key.len()..];
+        rest.find('"').map(|end| &rest[..end])
+    };
+    let context = quoted("context: Some(Owned(\"").or_else(|| quoted("context: Some(Static(\""));
+    match (context, quoted("message: \"")) {
+        (Some(context), Some(cause)) => format!("{context}: {cause}"),
+        (Some(context), None) => context.to_owned(),
+        _ => payload.to_owned(),
+    }
 }
 
 impl Gateway {
@@ -256,5 +271,23 @@ impl ShutdownSignalWatch for Shutdown {
     async fn recv(&self) -> ShutdownSignal {
         self.0.notified().await;
         ShutdownSignal::FastShutdown
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pingora_listener_failures_read_as_one_line() {
+        let payload = r#"Failed to build listeners: Error { etype: BindError, esource: Unset, retry: Decided(false), cause: Some(Os { code: 98, kind: AddrInUse, message: "Address already in use" }), context: Some(Owned("bind() failed, after retries, 127.0.0.1:18998 still in use")) }"#;
+        assert_eq!(
+            listener_failure(payload),
+            "bind() failed, after retries, 127.0.0.1:18998 still in use: Address already in use"
+        );
+        assert_eq!(
+            listener_failure("Failed to build listeners"),
+            "Failed to build listeners"
+        );
     }
 }
