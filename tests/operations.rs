@@ -267,3 +267,60 @@ async fn agents_hanging_up_are_counted_not_logged_as_errors() {
         .count();
     assert_eq!(lines, 200, "{logs}");
 }
+
+/// `countersign dev` serves the admin listener without being asked, and
+/// prints where.
+#[tokio::test]
+async fn dev_mode_prints_a_metrics_url_that_serves_metrics() {
+    use std::io::BufRead;
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .args([
+                "dev",
+                "--port",
+                "0",
+                "--authz-port",
+                "0",
+                "--shop-port",
+                "0",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut printed = String::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            printed.push_str(&line);
+            printed.push('\n');
+            if line.contains("Press Ctrl-C to stop.") {
+                break;
+            }
+        }
+        let _ = tx.send(printed);
+    });
+    let printed = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("dev mode starts");
+    let url = printed
+        .lines()
+        .find(|l| l.trim_start().starts_with("metrics"))
+        .and_then(|l| l.split_whitespace().find(|w| w.starts_with("http://")))
+        .unwrap_or_else(|| panic!("no metrics URL in:\n{printed}"))
+        .to_owned();
+    assert!(url.ends_with("/metrics"), "{url}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (status, body) = loop {
+        match reqwest::get(&url).await {
+            Ok(response) => break (response.status(), response.text().await.unwrap()),
+            Err(e) if std::time::Instant::now() > deadline => panic!("{url}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    assert_eq!(status, 200);
+    assert!(body.contains("countersign_build_info"), "{body}");
+}
