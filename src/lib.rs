@@ -26,5 +26,6 @@ pub mod proxy;
 pub mod readiness;
 pub mod request;
 pub mod route;
+pub mod schema;
 pub mod secret;
 pub mod telemetry;

@@ -30,6 +30,13 @@ enum Command {
     /// authorization server with an approver page, the example shop API and
     /// the gateway in front of it. DEVELOPMENT ONLY.
     Dev(countersign::dev::DevArgs),
+    /// Print the JSON Schema of the configuration file or of a policy file
+    /// (kept in the repository as schema/countersign.schema.json and
+    /// schema/policies.schema.json).
+    Schema {
+        #[arg(value_enum, default_value_t = SchemaKind::Config)]
+        file: SchemaKind,
+    },
     /// Serve.
     Run {
         #[arg(long, short)]
@@ -38,6 +45,14 @@ enum Command {
         #[arg(long)]
         log_json: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SchemaKind {
+    /// The configuration file (`--config`).
+    Config,
+    /// A policy file (`policies: [...]`).
+    Policies,
 }
 
 fn main() -> ExitCode {
@@ -55,6 +70,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check { config } => {
             let loaded = config::load(&config)?;
             print!("{}", route_table(&loaded));
+            Ok(())
+        }
+        Command::Schema { file } => {
+            print!(
+                "{}",
+                match file {
+                    SchemaKind::Config => countersign::schema::config_schema(),
+                    SchemaKind::Policies => countersign::schema::policies_schema(),
+                }
+            );
             Ok(())
         }
         Command::Dev(args) => {

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::{de, Deserialize, Deserializer};
 use url::Url;
 
@@ -30,10 +31,11 @@ pub struct Config {
 }
 
 /// The main configuration file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     pub listen: ListenConfig,
+    #[schemars(extend("minProperties" = 1))]
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     /// Where calls go. May be omitted when there is exactly one upstream.
     #[serde(default)]
@@ -49,12 +51,14 @@ pub struct GatewayConfig {
     pub limits: Limits,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenConfig {
+    #[schemars(with = "crate::schema::ListenAddr")]
     pub proxy: SocketAddr,
     /// `/metrics`, `/healthz` and `/readyz`; keep it off the public network.
     #[serde(default)]
+    #[schemars(with = "Option<crate::schema::ListenAddr>")]
     pub admin: Option<SocketAddr>,
     /// Worker threads of the proxy.
     #[serde(default = "default_threads")]
@@ -65,14 +69,16 @@ fn default_threads() -> usize {
     2
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub url: UpstreamUrl,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
     pub connect_timeout: Duration,
     /// Longest wait for the upstream between reads or writes.
     #[serde(default = "default_io_timeout", with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
     pub timeout: Duration,
     /// Send the agent's `Host` header instead of the upstream URL's authority.
     #[serde(default)]
@@ -153,7 +159,7 @@ impl<'de> Deserialize<'de> for UpstreamUrl {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     #[serde(default)]
@@ -179,7 +185,7 @@ impl<'de> Deserialize<'de> for UpstreamRef {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthorizationServerConfig {
     /// The issuer; its `/.well-known/openid-configuration` is read at start
@@ -198,6 +204,7 @@ pub struct AuthorizationServerConfig {
     #[serde(default)]
     pub extra_scopes: Vec<String>,
     #[serde(default = "default_as_timeout", with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
     pub request_timeout: Duration,
 }
 
@@ -205,7 +212,7 @@ fn default_as_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointsConfig {
     pub backchannel_authentication: Url,
@@ -307,7 +314,7 @@ fn default_signing_alg() -> String {
     "RS256".to_owned()
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LoginHintFormat {
     /// Auth0: `{"format":"iss_sub","iss":"<issuer>","sub":"<subject>"}`.
@@ -317,7 +324,7 @@ pub enum LoginHintFormat {
     Subject,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AudienceParameter {
     /// Auth0's `audience`.
@@ -339,13 +346,13 @@ pub enum IdentityConfig {
     Static(StaticIdentityConfig),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderIdentityConfig {
     pub name: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StaticIdentityConfig {
     pub subject: Text,
@@ -383,7 +390,7 @@ impl<'de> Deserialize<'de> for IdentityConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JwtIdentityConfig {
     /// Defaults to the authorization server's issuer.
@@ -401,7 +408,7 @@ fn default_subject_claim() -> String {
     "sub".to_owned()
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DefaultAction {
     #[default]
@@ -409,14 +416,16 @@ pub enum DefaultAction {
     Pass,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Largest body of a held call; at most 64 KiB (pingora's replay buffer).
     #[serde(default = "default_max_body")]
+    #[schemars(range(max = 65536))]
     pub max_body_bytes: usize,
     /// Longest a call is held; also caps a policy's `requested_expiry`.
     #[serde(default = "default_max_hold", with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
     pub max_hold: Duration,
     /// Most calls held at once; more are answered 503.
     #[serde(default = "default_max_pending")]
