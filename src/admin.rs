@@ -1,4 +1,5 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`. Keep it off the
+//! The admin listener: `/metrics`, `/healthz` (liveness), `/readyz`
+//! (readiness, see [`crate::readiness`]). Keep it off the
 //! public network; it answers anyone who reaches it.
 
 use async_trait::async_trait;
@@ -7,10 +8,12 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
 use crate::metrics::Metrics;
+use crate::readiness::Readiness;
 
 #[derive(Debug)]
 pub struct AdminApp {
     pub metrics: Metrics,
+    pub readiness: Readiness,
 }
 
 fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -31,10 +34,20 @@ impl ServeHttp for AdminApp {
                 "text/plain; version=0.0.4",
                 self.metrics.render().into_bytes(),
             ),
-            // The gateway serves only after its configuration loaded and the
-            // authorization server's endpoints were resolved, so a running
-            // admin listener means ready.
-            "/healthz" | "/readyz" => respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            // Liveness: this process answers. Restarting it would not help
+            // with anything `/readyz` reports.
+            "/healthz" => respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            // Readiness: every registered check passes (the proxy listener
+            // accepts, the authorization server's endpoints are known, ...).
+            "/readyz" => {
+                let report = self.readiness.report().await;
+                let status = if report.ready() {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                respond(status, "application/json", report.to_json().into_bytes())
+            }
             _ => respond(StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
         }
     }

@@ -1,6 +1,7 @@
 //! Wiring: a loaded [`Config`] becomes a pingora [`Server`] with the proxy
 //! and admin services.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -20,6 +21,7 @@ use crate::config::Config;
 use crate::identity::IdentitySource;
 use crate::metrics::Metrics;
 use crate::proxy::Countersign;
+use crate::readiness::{self, Readiness};
 use crate::upstream::UpstreamClient;
 
 #[derive(Debug, Error)]
@@ -28,6 +30,14 @@ pub enum GatewayError {
     AuthorizationServer(#[from] CibaError),
     #[error("identity: {0}")]
     Identity(String),
+    /// A listener address that cannot be bound: in use, not permitted, or
+    /// not an address of this host.
+    #[error("cannot listen on {addr} ({name}): {reason}")]
+    Listen {
+        name: &'static str,
+        addr: SocketAddr,
+        reason: std::io::Error,
+    },
     #[error("{0}")]
     Startup(String),
 }
@@ -43,6 +53,8 @@ pub struct Gateway {
     /// Runs the approval engine (drivers, housekeeping, store I/O) for as
     /// long as the gateway lives.
     _engine_runtime: tokio::runtime::Runtime,
+    /// What `/readyz` checks; register more before running.
+    pub readiness: Readiness,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -127,10 +139,88 @@ fn start_engine(
     Ok((engine, runtime))
 }
 
+/// Tries to bind `addr`, so that a listener address that cannot be served
+/// ends the start at once with the address and the reason. pingora binds its
+/// listeners only once its services run, retries an address in use for 30 s,
+/// then panics in its service thread while the rest of the process (the
+/// admin listener included) keeps running.
+///
+/// The socket is bound but never listens, and is closed at once: holding the
+/// port until pingora binds it would accept connections nobody serves (and
+/// fool TCP probes) while discovery runs, and pingora takes no socket from
+/// us. So the check is honest but not airtight: another process that binds
+/// the port between this check and pingora's bind (the discovery call lies
+/// in between) is caught only by [`exit_on_listener_failure`], after
+/// pingora's 30 s of retries.
+fn check_bindable(name: &'static str, addr: SocketAddr) -> Result<(), GatewayError> {
+    let error = |reason| GatewayError::Listen { name, addr, reason };
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(error)?;
+    // As pingora does: connections of a previous run in TIME_WAIT do not
+    // count, a socket listening on the address does.
+    socket.set_reuseaddr(true).map_err(error)?;
+    socket.bind(addr).map_err(error)
+}
+
+/// Installs a panic hook that turns pingora's failure to bind a listener
+/// (see [`check_bindable`]) into one line on stderr and exit status 1, instead of a
+/// backtrace in one thread and a process that keeps running without its
+/// listener. Other panics keep the previous hook. For binaries only.
+pub fn exit_on_listener_failure() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        // pingora-core's `listening.rs`: `.expect("Failed to build listeners")`.
+        if payload.starts_with("Failed to build listeners") {
+            eprintln!("error: cannot listen: {}", listener_failure(payload));
+            std::process::exit(1);
+        }
+        previous(info);
+    }));
+}
+
+/// The readable part of pingora's listener error (its `Debug` form):
+/// `bind() failed, after retries, 127.0.0.1:8080 still in use: Address already in use`.
+fn listener_failure(payload: &str) -> String {
+    let quoted = |key: &str| {
+        let rest = &payload[payload.find(key)? + key.len()..];
+        rest.find('"').map(|end| &rest[..end])
+    };
+    let context = quoted("context: Some(Owned(\"").or_else(|| quoted("context: Some(Static(\""));
+    match (context, quoted("message: \"")) {
+        (Some(context), Some(cause)) => format!("{context}: {cause}"),
+        (Some(context), None) => context.to_owned(),
+        _ => payload.to_owned(),
+    }
+}
+
 impl Gateway {
     /// Builds the server. Must not be called inside a tokio runtime.
     pub fn build(config: Config) -> Result<Self, GatewayError> {
+        let listen = &config.gateway.listen;
+        check_bindable("proxy", listen.proxy)?;
+        if let Some(admin) = listen.admin {
+            check_bindable("admin", admin)?;
+        }
         let endpoints = resolve_endpoints(&config)?;
+        let readiness = Readiness::new();
+        let proxy_addr = config.gateway.listen.proxy;
+        readiness.register("proxy_listener", move || {
+            readiness::accepts_connections(proxy_addr)
+        });
+        // A gateway is built only with its configuration loaded and the
+        // authorization server's endpoints known (discovery done, or given),
+        // so this holds from the first probe. It is the place to report them
+        // once endpoints can be (re)discovered while serving.
+        readiness.register("authorization_server", || async { Ok(()) });
         let metrics = Metrics::new();
         let http = http_client(&config)?;
         let gateway = config.gateway;
@@ -165,6 +255,11 @@ impl Gateway {
             policies.clone(),
             metrics.clone(),
         )?;
+        let store = engine.store().clone();
+        readiness.register("approval_store", move || {
+            let store = store.clone();
+            async move { store.ping().await.map_err(|e| e.to_string()) }
+        });
         let countersign = Countersign::new(
             policies,
             config.routes,
@@ -196,6 +291,7 @@ impl Gateway {
                 "countersign admin".to_owned(),
                 HttpServer::new_app(AdminApp {
                     metrics: metrics.clone(),
+                    readiness: readiness.clone(),
                 }),
             );
             service.add_tcp(&admin.to_string());
@@ -206,6 +302,7 @@ impl Gateway {
             metrics,
             endpoints,
             _engine_runtime: engine_runtime,
+            readiness,
         })
     }
 
@@ -241,5 +338,23 @@ impl ShutdownSignalWatch for Shutdown {
     async fn recv(&self) -> ShutdownSignal {
         self.0.notified().await;
         ShutdownSignal::FastShutdown
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pingora_listener_failures_read_as_one_line() {
+        let payload = r#"Failed to build listeners: Error { etype: BindError, esource: Unset, retry: Decided(false), cause: Some(Os { code: 98, kind: AddrInUse, message: "Address already in use" }), context: Some(Owned("bind() failed, after retries, 127.0.0.1:18998 still in use")) }"#;
+        assert_eq!(
+            listener_failure(payload),
+            "bind() failed, after retries, 127.0.0.1:18998 still in use: Address already in use"
+        );
+        assert_eq!(
+            listener_failure("Failed to build listeners"),
+            "Failed to build listeners"
+        );
     }
 }

@@ -30,6 +30,13 @@ enum Command {
     /// authorization server with an approver page, the example shop API and
     /// the gateway in front of it. DEVELOPMENT ONLY.
     Dev(countersign::dev::DevArgs),
+    /// Print the JSON Schema of the configuration file or of a policy file
+    /// (kept in the repository as schema/countersign.schema.json and
+    /// schema/policies.schema.json).
+    Schema {
+        #[arg(value_enum, default_value_t = SchemaKind::Config)]
+        file: SchemaKind,
+    },
     /// Serve.
     Run {
         #[arg(long, short)]
@@ -38,6 +45,14 @@ enum Command {
         #[arg(long)]
         log_json: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SchemaKind {
+    /// The configuration file (`--config`).
+    Config,
+    /// A policy file (`policies: [...]`).
+    Policies,
 }
 
 fn main() -> ExitCode {
@@ -57,13 +72,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", route_table(&loaded));
             Ok(())
         }
+        Command::Schema { file } => {
+            print!(
+                "{}",
+                match file {
+                    SchemaKind::Config => countersign::schema::config_schema(),
+                    SchemaKind::Policies => countersign::schema::policies_schema(),
+                }
+            );
+            Ok(())
+        }
         Command::Dev(args) => {
+            countersign::gateway::exit_on_listener_failure();
             // pingora's start-up lines would bury the printed instructions.
             countersign::telemetry::init_with(false, "info,pingora_core=warn");
             countersign::dev::run(args)
         }
         Command::Run { config, log_json } => {
             countersign::telemetry::init(log_json);
+            countersign::gateway::exit_on_listener_failure();
             let loaded = config::load(&config)?;
             let proxy = loaded.gateway.listen.proxy;
             let admin = loaded.gateway.listen.admin;

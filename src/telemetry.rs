@@ -1,5 +1,7 @@
 //! Logging setup: `tracing` for our lines, pingora's `log` records bridged in.
 
+use tracing_log::{AsLog, LogTracer};
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::EnvFilter;
 
 /// Log targets that would print credentials below `warn`.
@@ -31,10 +33,107 @@ pub fn init_with(json: bool, default: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    // `try_init` also installs the `log` bridge, so pingora's errors show up.
-    let _ = if json {
-        builder.json().flatten_event(true).try_init()
+    let installed = if json {
+        tracing::subscriber::set_global_default(builder.json().flatten_event(true).finish())
     } else {
-        builder.try_init()
+        tracing::subscriber::set_global_default(builder.finish())
     };
+    // pingora installs no logger: without this bridge its errors (a 502's
+    // cause) would be silent.
+    if installed.is_ok() && log::set_boxed_logger(Box::new(Bridge(LogTracer::new()))).is_ok() {
+        log::set_max_level(LevelFilter::current().as_log());
+    }
+}
+
+/// pingora's `log` records into tracing, as `tracing_log::LogTracer` does,
+/// except that an agent hanging up is not an error: pingora logs every
+/// connection a client closes mid-call at ERROR (`Fail to proxy: Downstream
+/// ConnectionClosed ...`); those lines become DEBUG. The call's own line
+/// (outcome `client_disconnected`) and metrics count them. Upstream failures
+/// keep their level.
+#[derive(Debug)]
+struct Bridge(LogTracer);
+
+impl log::Log for Bridge {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        // A hang-up arrives as ERROR and leaves as DEBUG: let it in, `log` decides.
+        metadata.level() <= log::Level::Warn || self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let hangup = record.level() <= log::Level::Warn
+            && record.target().starts_with("pingora")
+            && is_client_hangup(&record.args().to_string());
+        if hangup {
+            let args = *record.args();
+            self.0.log(
+                &log::Record::builder()
+                    .level(log::Level::Debug)
+                    .target(record.target())
+                    .module_path(record.module_path())
+                    .file(record.file())
+                    .line(record.line())
+                    .args(args)
+                    .build(),
+            );
+        } else {
+            self.0.log(record);
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// pingora's error types that mean the agent's connection went away.
+const HANGUP_TYPES: [&str; 5] = [
+    "ConnectionClosed",
+    "ReadError",
+    "WriteError",
+    "ReadTimedout",
+    "WriteTimedout",
+];
+
+/// Whether pingora's message reports a downstream (agent) connection that
+/// closed, reset or stalled. pingora's lines are `<fixed text>: <error>`
+/// (then, for calls, the request summary), and an error reads
+/// `<source> <type> ...`: only the words right after the first `: ` are
+/// read, so a request path later in the line cannot make an upstream
+/// failure look like a hang-up.
+fn is_client_hangup(message: &str) -> bool {
+    let Some((_, error)) = message.split_once(": ") else {
+        return false;
+    };
+    let mut words = error.split([' ', ',']);
+    words.next() == Some("Downstream")
+        && words
+            .next()
+            .is_some_and(|etype| HANGUP_TYPES.contains(&etype))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_hangups_are_recognised_by_the_error_not_the_request() {
+        for hangup in [
+            "Fail to proxy: Downstream ConnectionClosed context: agent disconnected during the hold, status: 0, tries: 1, retry: false, POST /shop, Host: x",
+            "Fail to proxy: Downstream ReadError context: Connection reset by peer (os error 104), downstream session type: HTTP/1.1",
+            "Fail to proxy: Downstream WriteError cause: Broken pipe (os error 32), status: 200, tries: 1, retry: false, GET /slow, Host: x",
+            "HTTP server fails to write to downstream: Downstream WriteError cause: Broken pipe, GET /metrics",
+            "Fail to filter request: Downstream ConnectionClosed context: agent disconnected during the hold, status: 0, POST /shop, Host: shop",
+        ] {
+            assert!(is_client_hangup(hangup), "{hangup}");
+        }
+        for failure in [
+            "Fail to proxy: Upstream ConnectionClosed context: Downstream ConnectionClosed, status: 502, tries: 1, retry: false, GET /Fail to proxy: Downstream ConnectionClosed",
+            "Fail to proxy: Upstream ConnectRefused, status: 502, tries: 1, retry: false, GET /downstream, Host: x",
+            "Fail to proxy: Downstream InvalidHTTPHeader, downstream session type: HTTP/1.1",
+            "Fail to proxy: Internal ConnectionClosed",
+            "Fail to filter request:  WriteError context: flushing body, status: 502, POST /shop",
+            "127.0.0.1:8080 is in use, will try again",
+        ] {
+            assert!(!is_client_hangup(failure), "{failure}");
+        }
+    }
 }

@@ -168,3 +168,110 @@ async fn logs_carry_the_approval_id_but_never_tokens_secrets_or_bodies() {
         "auth_req_id leaked into the logs"
     );
 }
+
+/// A configuration that loads without any network; the authorization server
+/// at `127.0.0.1:9` is never reached when a listener cannot be bound.
+fn offline_config(dir: &std::path::Path, proxy: &str, admin: &str) -> std::path::PathBuf {
+    let file = dir.join("countersign.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"listen: {{ proxy: "{proxy}", admin: "{admin}" }}
+upstreams: {{ shop: {{ url: "http://127.0.0.1:9" }} }}
+authorization_server:
+  issuer: http://127.0.0.1:9
+  client_id: countersign
+  client_auth: {{ method: client_secret_post, client_secret: s3cr3t }}
+identity: {{ static: {{ subject: alice }} }}
+policies: []
+default_action: pass
+"#
+        ),
+    )
+    .unwrap();
+    file
+}
+
+/// Runs `countersign run` and waits at most `limit` for it to exit.
+fn run_expecting_exit(
+    config: &std::path::Path,
+    limit: Duration,
+) -> (Option<std::process::ExitStatus>, String) {
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(config)
+        .env_remove("RUST_LOG")
+        .env("RUST_BACKTRACE", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status, stderr)
+}
+
+#[test]
+fn a_listener_that_cannot_be_bound_ends_the_start_with_one_line() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let free = || format!("127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    // 192.0.2.1 (TEST-NET-1) is no address of this host.
+    let cases = [
+        (
+            "proxy in use",
+            taken.clone(),
+            free(),
+            taken.clone(),
+            "in use",
+        ),
+        (
+            "admin in use",
+            free(),
+            taken.clone(),
+            taken.clone(),
+            "in use",
+        ),
+        (
+            "not this host's address",
+            "192.0.2.1:8080".to_owned(),
+            free(),
+            "192.0.2.1:8080".to_owned(),
+            "address",
+        ),
+    ];
+    for (case, proxy, admin, named, reason) in cases {
+        let config = offline_config(dir.path(), &proxy, &admin);
+        let started = std::time::Instant::now();
+        let (status, stderr) = run_expecting_exit(&config, Duration::from_secs(5));
+        let status = status.unwrap_or_else(|| panic!("{case}: still running after 5 s"));
+        assert!(!status.success(), "{case}: exit status {status}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{case}: took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(stderr.trim().lines().count(), 1, "{case}: {stderr}");
+        assert!(stderr.contains(&named), "{case}: {stderr}");
+        assert!(stderr.to_lowercase().contains(reason), "{case}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{case}: {stderr}");
+    }
+}

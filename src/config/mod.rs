@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::{de, Deserialize, Deserializer};
 use url::Url;
 
@@ -30,10 +31,11 @@ pub struct Config {
 }
 
 /// The main configuration file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     pub listen: ListenConfig,
+    #[schemars(extend("minProperties" = 1))]
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     /// Where calls go. May be omitted when there is exactly one upstream.
     #[serde(default)]
@@ -179,12 +181,14 @@ impl<'de> Deserialize<'de> for StoreConfig {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenConfig {
+    #[schemars(with = "crate::schema::ListenAddr")]
     pub proxy: SocketAddr,
     /// `/metrics`, `/healthz` and `/readyz`; keep it off the public network.
     #[serde(default)]
+    #[schemars(with = "Option<crate::schema::ListenAddr>")]
     pub admin: Option<SocketAddr>,
     /// Worker threads of the proxy.
     #[serde(default = "default_threads")]
@@ -195,14 +199,16 @@ fn default_threads() -> usize {
     2
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub url: UpstreamUrl,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
     pub connect_timeout: Duration,
     /// Longest wait for the upstream between reads or writes.
     #[serde(default = "default_io_timeout", with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
     pub timeout: Duration,
     /// Send the agent's `Host` header instead of the upstream URL's authority.
     #[serde(default)]
@@ -283,7 +289,7 @@ impl<'de> Deserialize<'de> for UpstreamUrl {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     #[serde(default)]
@@ -309,7 +315,7 @@ impl<'de> Deserialize<'de> for UpstreamRef {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthorizationServerConfig {
     /// The issuer; its `/.well-known/openid-configuration` is read at start
@@ -328,6 +334,7 @@ pub struct AuthorizationServerConfig {
     #[serde(default)]
     pub extra_scopes: Vec<String>,
     #[serde(default = "default_as_timeout", with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
     pub request_timeout: Duration,
 }
 
@@ -335,7 +342,7 @@ fn default_as_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointsConfig {
     pub backchannel_authentication: Url,
@@ -437,7 +444,7 @@ fn default_signing_alg() -> String {
     "RS256".to_owned()
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LoginHintFormat {
     /// Auth0: `{"format":"iss_sub","iss":"<issuer>","sub":"<subject>"}`.
@@ -447,7 +454,7 @@ pub enum LoginHintFormat {
     Subject,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AudienceParameter {
     /// Auth0's `audience`.
@@ -469,13 +476,13 @@ pub enum IdentityConfig {
     Static(StaticIdentityConfig),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderIdentityConfig {
     pub name: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StaticIdentityConfig {
     pub subject: Text,
@@ -513,7 +520,7 @@ impl<'de> Deserialize<'de> for IdentityConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JwtIdentityConfig {
     /// Defaults to the authorization server's issuer.
@@ -531,7 +538,7 @@ fn default_subject_claim() -> String {
     "sub".to_owned()
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DefaultAction {
     #[default]
@@ -539,14 +546,16 @@ pub enum DefaultAction {
     Pass,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Largest body of a held call; at most 64 KiB (pingora's replay buffer).
     #[serde(default = "default_max_body")]
+    #[schemars(range(max = 65536))]
     pub max_body_bytes: usize,
     /// Longest a call is held; also caps a policy's `requested_expiry`.
     #[serde(default = "default_max_hold", with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
     pub max_hold: Duration,
     /// Most calls held at once; more are answered 503.
     #[serde(default = "default_max_pending")]

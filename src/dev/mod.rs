@@ -44,9 +44,9 @@ pub struct DevArgs {
     /// Port of the example shop API behind the gateway (0: any free port).
     #[arg(long, default_value_t = 8082)]
     pub shop_port: u16,
-    /// Port of the gateway's /metrics, /healthz and /readyz; off unless given.
-    #[arg(long)]
-    pub admin_port: Option<u16>,
+    /// Port of the gateway's /metrics, /healthz and /readyz (0: any free port).
+    #[arg(long, default_value_t = 0)]
+    pub admin_port: u16,
     /// The users who exist at the development authorization server.
     #[arg(long, value_delimiter = ',', default_value = "alice,bob")]
     pub users: Vec<String>,
@@ -152,11 +152,8 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     })?;
 
     let proxy = SocketAddr::from((Ipv4Addr::LOCALHOST, resolve_port(args.port)?));
-    let admin = args
-        .admin_port
-        .map(|port| resolve_port(port).map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p))))
-        .transpose()?;
-    let text = gateway_config(proxy, admin, shop.addr, authz.issuer());
+    let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, resolve_port(args.admin_port)?));
+    let text = gateway_config(proxy, Some(admin), shop.addr, authz.issuer());
     let loaded = config::load_embedded(
         Path::new("<countersign dev>"),
         &text,
@@ -209,7 +206,7 @@ fn instructions(
     authz: &DevAuthz,
     proxy: SocketAddr,
     shop: SocketAddr,
-    admin: Option<SocketAddr>,
+    admin: SocketAddr,
     users: &[String],
 ) -> String {
     let user = users.first().map(String::as_str).unwrap_or("alice");
@@ -228,12 +225,10 @@ fn instructions(
         authz.issuer(),
         users.join(", ")
     );
-    if let Some(admin) = admin {
-        let _ = writeln!(
-            out,
-            "  metrics                           http://{admin}/metrics"
-        );
-    }
+    let _ = writeln!(
+        out,
+        "  metrics (Prometheus)              http://{admin}/metrics   (also /healthz, /readyz)"
+    );
     let _ = writeln!(out, "  approver page (the user's phone)  {page}");
     if !authz.addr.ip().is_loopback() {
         let _ = writeln!(

@@ -3,18 +3,19 @@
 
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::{de, Deserialize, Deserializer};
 
 use super::template::{DetailsTemplate, MessageTemplate};
 
 /// One policy file: `policies: [...]`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyFile {
     pub policies: Vec<PolicySpec>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicySpec {
     /// Also the `policy` label of metrics, so it is restricted to a small alphabet.
@@ -27,6 +28,7 @@ pub struct PolicySpec {
     pub authorization_details: Option<DetailsTemplate>,
     /// How long the person has to answer; capped by `limits.max_hold`.
     #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "Option<crate::schema::HumanDuration>")]
     pub requested_expiry: Option<Duration>,
     /// The upstreams the fresh token may be sent to. May be omitted when the
     /// gateway has exactly one upstream; checked against the routes at load.
@@ -83,7 +85,7 @@ impl<'de> Deserialize<'de> for WaitMode {
 /// body field the templates show must be listed. Nested objects are not
 /// constrained. Without it, body fields that the person is not shown still
 /// reach the API.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BodySpec {
     pub only: BodyFields,
@@ -111,7 +113,7 @@ impl<'de> Deserialize<'de> for BodyFields {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MatchSpec {
     pub methods: Methods,
@@ -152,7 +154,7 @@ impl<'a> IntoIterator for &'a Methods {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RequireSpec {
     pub scopes: Scopes,

@@ -42,10 +42,15 @@ impl Countersign {
         if !session.is_body_done() {
             session.set_keepalive(None);
         }
+        // Only the agent's connection can fail these writes.
         session
             .write_response_header(Box::new(header), false)
-            .await?;
-        session.write_response_body(Some(body), true).await
+            .await
+            .map_err(|e| e.into_down())?;
+        session
+            .write_response_body(Some(body), true)
+            .await
+            .map_err(|e| e.into_down())
     }
 
     /// JSON the gateway answers itself (`202 Accepted`, a status resource).
@@ -118,7 +123,12 @@ impl Countersign {
         ctx: &mut CallCtx,
     ) -> FailToProxy {
         let code = match error.esource() {
-            ErrorSource::Downstream => None,
+            ErrorSource::Downstream => {
+                if agent_hung_up(error) {
+                    ctx.outcome = "client_disconnected";
+                }
+                None
+            }
             ErrorSource::Upstream => Some(ProblemCode::UpstreamUnavailable),
             _ => match error.etype() {
                 ErrorType::HTTPStatus(status) if *status < 500 => {
@@ -153,6 +163,18 @@ impl Countersign {
             can_reuse_downstream: false,
         }
     }
+}
+
+/// The agent's connection closed, reset or stalled: not the gateway's error.
+fn agent_hung_up(error: &Error) -> bool {
+    matches!(
+        error.etype(),
+        ErrorType::ConnectionClosed
+            | ErrorType::ReadError
+            | ErrorType::WriteError
+            | ErrorType::ReadTimedout
+            | ErrorType::WriteTimedout
+    )
 }
 
 /// The answer to a request refused before routing.
