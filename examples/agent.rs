@@ -3,7 +3,10 @@
 //!
 //! The agent holds no shop credential. It names the user it acts for; the
 //! gateway holds the call until that user approves on their phone (in dev
-//! mode: the approver page), then forwards it with a fresh access token.
+//! mode: the approver page), then forwards it with a fresh access token. On
+//! policies with `wait: async` (or a hold limit) the gateway answers `202`
+//! instead; the tool then calls again after `Retry-After`, as every agent
+//! should.
 //!
 //! ```sh
 //! cargo run -- dev       # in another terminal
@@ -50,13 +53,41 @@ async fn buy(args: &Args) -> Result<ToolResult, String> {
         .build()
         .map_err(|e| e.to_string())?;
     let url = format!("{}/shop", args.gateway.trim_end_matches('/'));
-    let response = http
-        .post(&url)
-        .header("x-countersign-user", &args.user)
-        .json(&json!({ "product": args.product, "qty": args.qty, "priceLimit": args.price_limit }))
-        .send()
-        .await
-        .map_err(|e| format!("cannot reach the gateway at {url}: {e}"))?;
+    let order = json!({ "product": args.product, "qty": args.qty, "priceLimit": args.price_limit });
+    let deadline = std::time::Instant::now() + Duration::from_secs(args.timeout);
+    // The retry contract: a 202 means "still waiting for the person"; the
+    // same call again after Retry-After attaches to that approval (the
+    // person is not asked twice) and, once they answered, gets the answer.
+    let response = loop {
+        let response = http
+            .post(&url)
+            .header("x-countersign-user", &args.user)
+            .json(&order)
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach the gateway at {url}: {e}"))?;
+        if response.status() != reqwest::StatusCode::ACCEPTED {
+            break response;
+        }
+        let wait = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(5);
+        let pending: Value = response.json().await.unwrap_or_default();
+        eprintln!(
+            "agent: {}",
+            pending["detail"].as_str().unwrap_or("waiting for approval")
+        );
+        if std::time::Instant::now() + Duration::from_secs(wait) > deadline {
+            return Ok(ToolResult::Refused {
+                code: "still_pending".to_owned(),
+                detail: "The user has not answered yet; ask again later.".to_owned(),
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+    };
     let status = response.status();
     let problem = response
         .headers()

@@ -186,6 +186,7 @@ impl Engine {
             .map_err(|e| CibaError::Config(e.to_string()))?;
         tracing::info!(
             approval_id = id,
+            policy = %policy_name,
             expires_in_s = authorization.expires_in.as_secs(),
             interval_s = progress.interval.as_secs(),
             "approval requested; waiting for the user"
@@ -348,6 +349,7 @@ impl Engine {
             .observe(waited.as_secs_f64());
         tracing::info!(
             approval_id = id,
+            policy = %approval.policy,
             result,
             waited_ms = waited.as_millis() as u64,
             "approval finished"
@@ -423,6 +425,7 @@ impl Engine {
             Ok(response) => {
                 tracing::info!(
                     approval_id = id,
+                    policy = %approval.policy,
                     status = response.status,
                     "approved call forwarded"
                 );
