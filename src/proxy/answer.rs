@@ -155,6 +155,9 @@ impl Countersign {
         );
         let problem = Problem::new(code);
         let status = problem.status;
+        // pingora drops this connection after a failed forward: say so, or
+        // the agent's client reuses it and meets a reset.
+        session.set_keepalive(None);
         if let Err(e) = self.answer(session, ctx, problem).await {
             tracing::debug!(error = %e, "could not answer the agent");
         }
