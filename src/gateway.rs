@@ -256,6 +256,7 @@ impl Gateway {
             metrics.clone(),
         )?;
         let store = engine.store().clone();
+        let audit_store = store.clone();
         readiness.register("approval_store", move || {
             let store = store.clone();
             async move { store.ping().await.map_err(|e| e.to_string()) }
@@ -292,6 +293,7 @@ impl Gateway {
                 HttpServer::new_app(AdminApp {
                     metrics: metrics.clone(),
                     readiness: readiness.clone(),
+                    store: audit_store,
                 }),
             );
             service.add_tcp(&admin.to_string());

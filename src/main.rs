@@ -5,8 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use countersign::approval::audit;
+use countersign::approval::store_handle::ConfiguredStore;
 use countersign::config;
 use countersign::gateway::Gateway;
+use countersign::store::{ApprovalState, ListFilter};
 
 #[derive(Parser)]
 #[command(
@@ -21,6 +24,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The audit trail: approvals kept in the configured store.
+    Approvals {
+        #[command(subcommand)]
+        command: ApprovalsCommand,
+    },
     /// Validate a configuration and its policies, and print the route table.
     Check {
         #[arg(long, short)]
@@ -47,6 +55,33 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum ApprovalsCommand {
+    /// List approvals, newest first.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// pending, approved, denied, expired, failed, forwarding, done or
+        /// outcome_unknown.
+        #[arg(long, value_parser = audit::state)]
+        state: Option<ApprovalState>,
+        #[arg(long)]
+        policy: Option<String>,
+        /// The person the agent acted for.
+        #[arg(long)]
+        subject: Option<String>,
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = audit::DEFAULT_LIMIT, value_parser = audit::limit)]
+        limit: usize,
+    },
+    /// Print one approval as JSON.
+    Show {
+        id: String,
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum SchemaKind {
     /// The configuration file (`--config`).
@@ -67,6 +102,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Approvals { command } => approvals(command),
         Command::Check { config } => {
             let loaded = config::load(&config)?;
             print!("{}", route_table(&loaded));
@@ -103,6 +139,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Reads the configured store on a runtime of its own (the store runs its
+/// I/O on its own runtime too; this one only awaits it).
+fn approvals(command: ApprovalsCommand) -> anyhow::Result<()> {
+    let file = match &command {
+        ApprovalsCommand::List { config, .. } | ApprovalsCommand::Show { config, .. } => config,
+    };
+    let loaded = config::load(file)?;
+    let store = ConfiguredStore::new(&loaded.gateway.store, &loaded.file);
+    // Reading must not create an empty database where none was kept.
+    if let Some(path) = store.sqlite_path().filter(|path| !path.exists()) {
+        anyhow::bail!("cannot open {}: no such file", path.display());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let opened = store
+            .open()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", store.describe()))?;
+        match command {
+            ApprovalsCommand::List {
+                state,
+                policy,
+                subject,
+                limit,
+                ..
+            } => {
+                let filter = ListFilter {
+                    state,
+                    policy,
+                    subject,
+                    since: None,
+                    limit: Some(limit),
+                };
+                print!("{}", audit::table(&opened.list(&filter).await?));
+            }
+            ApprovalsCommand::Show { id, .. } => match opened.get(&id).await? {
+                Some(approval) => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&audit::entry(&approval))?
+                ),
+                None => anyhow::bail!("no approval {id:?} in {}", store.describe()),
+            },
+        }
+        Ok(())
+    })
+}
+
 fn route_table(config: &config::Config) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
@@ -112,7 +197,7 @@ fn route_table(config: &config::Config) -> String {
     if let Some(admin) = gateway.listen.admin {
         let _ = writeln!(
             out,
-            "admin listens on {admin} (/metrics, /healthz, /readyz)"
+            "admin listens on {admin} (/metrics, /healthz, /readyz, /approvals)"
         );
     }
     let _ = writeln!(out, "\nupstreams:");

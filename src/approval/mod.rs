@@ -6,6 +6,7 @@
 //! is unit-tested here; [`run`] drives it against a [`CibaClient`]. The proxy
 //! only awaits `run`; dropping that future (the agent hung up) stops polling.
 
+pub mod audit;
 pub mod engine;
 pub mod store_handle;
 

@@ -66,6 +66,14 @@ impl ConfiguredStore {
         !matches!(self.backend, Backend::Postgres(_))
     }
 
+    /// The SQLite file, when the store is one.
+    pub fn sqlite_path(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::Sqlite(path) => Some(path),
+            _ => None,
+        }
+    }
+
     pub fn describe(&self) -> String {
         match &self.backend {
             Backend::Memory => "memory (approvals are lost on restart)".to_owned(),
