@@ -231,6 +231,9 @@ pub struct Problem {
     pub title: &'static str,
     pub status: u16,
     pub code: &'static str,
+    /// `code` as its variant.
+    #[serde(skip)]
+    pub kind: ProblemCode,
     pub detail: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approval_id: Option<String>,
@@ -246,6 +249,7 @@ impl Problem {
             title: code.title(),
             status: code.status(),
             code: code.as_str(),
+            kind: code,
             detail: code.default_detail().to_owned(),
             approval_id: None,
             retry_after: None,

@@ -19,7 +19,7 @@ impl Countersign {
         ctx: &mut CallCtx,
         problem: Problem,
     ) -> Result<()> {
-        ctx.outcome = problem.code();
+        ctx.outcome = super::CallOutcome::Refused(problem.kind);
         let problem = match &ctx.approval_id {
             Some(id) => problem.with_approval_id(id.clone()),
             None => problem,
@@ -125,7 +125,7 @@ impl Countersign {
         let code = match error.esource() {
             ErrorSource::Downstream => {
                 if agent_hung_up(error) {
-                    ctx.outcome = "client_disconnected";
+                    ctx.outcome = super::CallOutcome::ClientDisconnected;
                 }
                 None
             }

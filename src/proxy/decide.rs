@@ -73,7 +73,6 @@ impl Countersign {
         };
         let policy = found.policy;
         ctx.policy = Some(policy.name.clone());
-        ctx.outcome = "refused";
         if !policy.upstreams.iter().any(|u| *u == upstream.name) {
             // Load-time checks make this unreachable; a token still never
             // goes anywhere its policy does not name.

@@ -224,7 +224,7 @@ impl Countersign {
         match approval.state {
             ApprovalState::Done => match &approval.response {
                 Some(response) if response.body.is_some() => {
-                    ctx.outcome = "approved";
+                    ctx.outcome = super::CallOutcome::Approved;
                     Reply::Replay(Box::new(response.clone()))
                 }
                 _ => ProblemCode::ResponseNotRecorded.into(),
@@ -243,7 +243,7 @@ impl Countersign {
                 .into()
             }
             _ => {
-                ctx.outcome = "accepted";
+                ctx.outcome = super::CallOutcome::Accepted;
                 let retry_after = approval
                     .ciba
                     .as_ref()

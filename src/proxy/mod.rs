@@ -89,6 +89,38 @@ impl Countersign {
     }
 }
 
+/// How a call ended: the `outcome` label of `countersign_calls_total` and of
+/// the call's log line. A closed list (README, "Observability").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CallOutcome {
+    /// Forwarded as it is (no policy, `default_action: pass`).
+    #[default]
+    Passed,
+    /// A policy call whose recorded upstream answer was returned.
+    Approved,
+    /// `202 Accepted`: the approval is still pending.
+    Accepted,
+    /// A status resource was read.
+    Status,
+    /// The agent hung up before it was answered.
+    ClientDisconnected,
+    /// Answered with this problem (its code is the label).
+    Refused(ProblemCode),
+}
+
+impl CallOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Passed => "passed",
+            Self::Approved => "approved",
+            Self::Accepted => "accepted",
+            Self::Status => "status",
+            Self::ClientDisconnected => "client_disconnected",
+            Self::Refused(code) => code.as_str(),
+        }
+    }
+}
+
 /// Per-call state.
 #[derive(Debug, Default)]
 pub struct CallCtx {
@@ -97,7 +129,7 @@ pub struct CallCtx {
     approval_id: Option<String>,
     /// The token issued for exactly this call; dropped with the call.
     access_token: Option<Secret>,
-    outcome: &'static str,
+    outcome: CallOutcome,
     upstream_started: Option<Instant>,
 }
 
@@ -147,10 +179,7 @@ impl ProxyHttp for Countersign {
     type CTX = CallCtx;
 
     fn new_ctx(&self) -> Self::CTX {
-        CallCtx {
-            outcome: "passed",
-            ..CallCtx::default()
-        }
+        CallCtx::default()
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
@@ -169,7 +198,7 @@ impl ProxyHttp for Countersign {
                 Ok(true)
             }
             Err(Reply::Disconnected) => {
-                ctx.outcome = "client_disconnected";
+                ctx.outcome = CallOutcome::ClientDisconnected;
                 Err(Error::explain(
                     ErrorType::ConnectionClosed,
                     "agent disconnected during the hold",
@@ -227,7 +256,7 @@ impl ProxyHttp for Countersign {
         let policy = ctx.policy.as_deref().unwrap_or("none");
         self.metrics
             .calls
-            .with_label_values(&[policy, ctx.outcome])
+            .with_label_values(&[policy, ctx.outcome.as_str()])
             .inc();
         if let (Some(started), Some(upstream)) = (ctx.upstream_started, ctx.upstream.as_ref()) {
             self.metrics
@@ -239,14 +268,14 @@ impl ProxyHttp for Countersign {
         // counted in metrics; their log line costs ~20% of pass-through
         // throughput (docs/BENCHMARKS.md), so it is debug. Everything the
         // gateway decided (held, refused, failed) is logged at info.
-        let passed = ctx.outcome == "passed" && error.is_none();
+        let passed = ctx.outcome == CallOutcome::Passed && error.is_none();
         if !passed || tracing::enabled!(tracing::Level::DEBUG) {
             let status = session.response_written().map(|r| r.status.as_u16());
             let method = session.req_header().method.as_str();
             let path = session.req_header().uri.path();
             let error = error.map(|e| e.etype().as_str());
             let approval_id = ctx.approval_id.as_deref();
-            let outcome = ctx.outcome;
+            let outcome = ctx.outcome.as_str();
             if passed {
                 tracing::debug!(policy, outcome, method, path, status, "call");
             } else {

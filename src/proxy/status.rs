@@ -14,7 +14,7 @@ impl Countersign {
         ctx: &mut CallCtx,
         id: &str,
     ) -> Reply {
-        ctx.outcome = "status";
+        ctx.outcome = super::CallOutcome::Status;
         if session.req_header().method != http::Method::GET {
             return Problem::new(ProblemCode::NoRoute)
                 .with_detail("Approval status resources are read with GET.")
