@@ -122,12 +122,14 @@ impl Drop for GatewayProcess {
 }
 
 /// One held call: sends the request, waits for the whole answer; returns the status.
-async fn call(port: u16) -> Option<u16> {
+/// Each call buys a different quantity: identical calls are one approval.
+async fn call(port: u16, qty: usize) -> Option<u16> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let body = BODY.replace("\"qty\":2", &format!("\"qty\":{qty}"));
     let request = format!(
         "POST /shop HTTP/1.1\r\nHost: shop.bench\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{BODY}",
-        BODY.len()
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     );
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut answer = Vec::new();
@@ -215,6 +217,7 @@ default_action: pass
 limits:
   max_hold: 10m
   max_pending: 100000
+  max_pending_per_user: 100000
 "#,
             threads = args.threads
         ),
@@ -258,7 +261,7 @@ limits:
         .max(1);
     let batch = (ramp / 20).max(1);
     for i in 0..n {
-        tasks.push(tokio::spawn(call(proxy_port)));
+        tasks.push(tokio::spawn(call(proxy_port, i + 1)));
         if (i + 1) % batch == 0 {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
