@@ -157,6 +157,7 @@ identity:
   header: { name: x-countersign-user }
 policies: [$REPO/policies]
 default_action: pass
+store: memory   # nothing is held in this part; two gateways share this directory
 EOF
 }
 countersign_conf "$WORK/countersign.yaml" "$CS_PORT"
