@@ -10,7 +10,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::config::UpstreamConfig;
-use crate::proxy::APPROVAL_ID_HEADER;
+use crate::proxy::{APPROVAL_ID_HEADER, GATEWAY_HEADER_PREFIX};
 use crate::secret::Secret;
 use crate::store::{StoredRequest, StoredResponse};
 
@@ -43,7 +43,7 @@ const DROPPED_RESPONSE_HEADERS: [&str; 7] = [
 /// Whether a header of the agent's call is kept in the stored request.
 pub fn keeps_request_header(name: &str, identity_header: Option<&str>) -> bool {
     !DROPPED_REQUEST_HEADERS.contains(&name)
-        && !name.starts_with("x-countersign-")
+        && !name.starts_with(GATEWAY_HEADER_PREFIX)
         && identity_header.is_none_or(|h| !h.eq_ignore_ascii_case(name))
 }
 

@@ -127,7 +127,6 @@ impl Engine {
             }
         };
         let interval = progress.interval;
-        self.metrics.pending_approvals.inc();
         self.spawn_driver(approval.id.clone());
         Ok(interval)
     }
@@ -202,9 +201,13 @@ impl Engine {
                 return;
             }
         }
+        // Counted while driven here, however the driver ends (finished,
+        // lease lost, resumed after a restart).
+        self.metrics.pending_approvals.inc();
         let engine = self.clone();
         self.runtime.spawn(async move {
             engine.drive(&id).await;
+            engine.metrics.pending_approvals.dec();
             engine
                 .driving
                 .lock()
@@ -335,7 +338,6 @@ impl Engine {
     async fn end(&self, approval: &Approval, outcome: Outcome) {
         let id = approval.id.as_str();
         let result = outcome.result_label();
-        self.metrics.pending_approvals.dec();
         self.metrics
             .approvals
             .with_label_values(&[&approval.policy, result])

@@ -7,6 +7,7 @@ use pingora::proxy::{FailToProxy, Session};
 use pingora::{Error, ErrorSource, ErrorType};
 
 use super::{CallCtx, Countersign, JsonReply, APPROVAL_ID_HEADER};
+use crate::approval::engine;
 use crate::ciba::CibaError;
 use crate::problem::{Problem, ProblemCode, CONTENT_TYPE};
 use crate::request::RequestError;
@@ -203,26 +204,23 @@ pub(super) fn request_problem(error: RequestError) -> Problem {
 
 /// The answer to an approval that failed (not denied, not expired).
 pub(super) fn failed_approval(error: CibaError) -> Problem {
-    match error {
-        CibaError::UnknownUser => Problem::new(ProblemCode::UnknownUser),
-        CibaError::InvalidBindingMessage(reason) => {
-            tracing::warn!(%reason, "authorization server refused the binding message");
-            Problem::new(ProblemCode::InvalidBindingMessage)
-        }
-        CibaError::Unavailable {
-            reason,
-            retry_after,
-        } => {
-            tracing::warn!(%reason, "authorization server unavailable");
-            let problem = Problem::new(ProblemCode::AuthorizationServerUnavailable);
+    let code = engine::problem_for(&error);
+    match (&error, code) {
+        (CibaError::Unavailable { retry_after, .. }, _) => {
+            tracing::warn!(%error, "authorization server unavailable");
+            let problem = Problem::new(code);
             match retry_after {
                 Some(after) => problem.with_retry_after(after.as_secs().max(1)),
                 None => problem,
             }
         }
-        other => {
-            tracing::error!(error = %other, "approval failed");
-            Problem::new(ProblemCode::ApprovalFailed)
+        (_, ProblemCode::ApprovalFailed) => {
+            tracing::error!(%error, "approval failed");
+            Problem::new(code)
+        }
+        _ => {
+            tracing::warn!(%error, "authorization server refused the approval request");
+            Problem::new(code)
         }
     }
 }

@@ -8,12 +8,9 @@ use pingora::prelude::*;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 
-use super::{CallCtx, Countersign, APPROVAL_ID_HEADER};
+use super::{CallCtx, Countersign, GATEWAY_HEADER_PREFIX};
 use crate::config::UpstreamConfig;
 use crate::identity::IdentitySource;
-
-/// Headers only the gateway may set on a forwarded call.
-const GATEWAY_HEADER_PREFIX: &str = "x-countersign-";
 
 /// A configured upstream.
 #[derive(Debug)]
@@ -73,9 +70,8 @@ fn build_peer(config: &UpstreamConfig, address: SocketAddr) -> HttpPeer {
 }
 
 impl Countersign {
-    /// The upstream request: the upstream's Host, no header only the gateway
-    /// may set, and for a policy call the fresh token in place of the
-    /// agent's credentials.
+    /// The upstream request of a pass-through call: the upstream's Host and
+    /// no header only the gateway may set.
     pub(super) fn prepare_upstream_request(
         &self,
         request: &mut RequestHeader,
@@ -89,25 +85,12 @@ impl Countersign {
         request.remove_header(&http::header::EXPECT);
         remove_gateway_headers(request, &self.identity);
         if ctx.policy.is_some() {
-            // Fail closed: a policy call leaves only with its own fresh token.
-            let token = ctx.access_token.as_ref().ok_or_else(|| {
-                Error::explain(
-                    ErrorType::InternalError,
-                    "policy call without an approved token",
-                )
-            })?;
-            request.remove_header(&http::header::AUTHORIZATION);
-            request.remove_header(&http::header::PROXY_AUTHORIZATION);
-            if let Some(name) = self.identity.credential_header() {
-                request.remove_header(name);
-            }
-            request.insert_header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", token.expose()),
-            )?;
-            if let Some(id) = &ctx.approval_id {
-                request.insert_header(APPROVAL_ID_HEADER, id.as_str())?;
-            }
+            // Fail closed: an approved call is forwarded by the approval
+            // engine (src/upstream.rs), never through pingora's upstream path.
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "a policy call reached pingora's upstream path",
+            ));
         }
         Ok(())
     }

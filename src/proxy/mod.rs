@@ -32,7 +32,6 @@ use crate::identity::IdentitySource;
 use crate::metrics::Metrics;
 use crate::policy::PolicySet;
 use crate::problem::{Problem, ProblemCode};
-use crate::secret::Secret;
 
 pub use crate::route::Routes;
 pub use forward::Upstream;
@@ -41,6 +40,9 @@ pub use forward::Upstream;
 /// Every `x-countersign-*` header the agent sends is removed before
 /// forwarding: upstreams may trust them.
 pub const APPROVAL_ID_HEADER: &str = "x-countersign-approval-id";
+
+/// Headers only the gateway may set on a forwarded call.
+pub const GATEWAY_HEADER_PREFIX: &str = "x-countersign-";
 
 /// The gateway's proxy logic.
 #[derive(Debug)]
@@ -127,8 +129,6 @@ pub struct CallCtx {
     upstream: Option<Arc<Upstream>>,
     policy: Option<String>,
     approval_id: Option<String>,
-    /// The token issued for exactly this call; dropped with the call.
-    access_token: Option<Secret>,
     outcome: CallOutcome,
     upstream_started: Option<Instant>,
 }
@@ -291,7 +291,5 @@ impl ProxyHttp for Countersign {
                 );
             }
         }
-        // The token is single-use: never carried past this call.
-        ctx.access_token = None;
     }
 }
