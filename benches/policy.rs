@@ -116,6 +116,7 @@ fn rendering(c: &mut Criterion) {
         user: &user,
         method: "POST",
         path: "/shop",
+        arguments: None,
     };
     let rendered = set.render_call(found.policy, &input).unwrap();
     assert_eq!(rendered.binding_message, "Do you want to buy 2 XYZ phone");

@@ -21,6 +21,7 @@ pub mod demo;
 pub mod dev;
 pub mod gateway;
 pub mod identity;
+pub mod mcp;
 pub mod metrics;
 pub mod policy;
 pub mod problem;

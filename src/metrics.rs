@@ -14,7 +14,7 @@ pub struct Metrics {
     registry: Registry,
     /// Calls by policy (`none` when unmatched) and outcome.
     pub calls: IntCounterVec,
-    /// Finished approvals by policy and result: approved, denied, expired, error.
+    /// Finished approvals by policy and result: approved, denied, expired, error, cancelled.
     pub approvals: IntCounterVec,
     /// Approvals this process asked for or resumed that are still pending.
     pub pending_approvals: IntGauge,

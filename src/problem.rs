@@ -38,10 +38,20 @@ pub enum ProblemCode {
     OutcomeUnknown,
     /// The API answered more than the gateway records for replay.
     ResponseNotRecorded,
+    /// A POST on an MCP endpoint that cannot be read one way only.
+    InvalidMcpMessage,
+    /// A JSON-RPC batch that calls a held tool.
+    McpBatchRefused,
+    /// `Mcp-Method` / `Mcp-Name` headers that disagree with the body.
+    McpHeaderMismatch,
+    /// A tool name equal to a held tool's only ignoring letter case.
+    McpToolNameCase,
+    /// The client cancelled the held call (`notifications/cancelled`).
+    ApprovalCancelled,
 }
 
 impl ProblemCode {
-    const ALL: [Self; 25] = [
+    const ALL: [Self; 30] = [
         Self::AccessDenied,
         Self::ApprovalExpired,
         Self::IdentityRequired,
@@ -67,6 +77,11 @@ impl ProblemCode {
         Self::IdempotencyKeyReused,
         Self::OutcomeUnknown,
         Self::ResponseNotRecorded,
+        Self::InvalidMcpMessage,
+        Self::McpBatchRefused,
+        Self::McpHeaderMismatch,
+        Self::McpToolNameCase,
+        Self::ApprovalCancelled,
     ];
 
     /// The code whose wire name is `code` (the first, for a shared name).
@@ -100,6 +115,11 @@ impl ProblemCode {
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::OutcomeUnknown => "outcome_unknown",
             Self::ResponseNotRecorded => "response_not_recorded",
+            Self::InvalidMcpMessage => "invalid_mcp_message",
+            Self::McpBatchRefused => "mcp_batch_refused",
+            Self::McpHeaderMismatch => "mcp_header_mismatch",
+            Self::McpToolNameCase => "mcp_tool_name_case",
+            Self::ApprovalCancelled => "approval_cancelled",
         }
     }
 
@@ -116,7 +136,12 @@ impl ProblemCode {
             | Self::MethodOverrideRefused
             | Self::InvalidHost
             | Self::PathOverrideRefused
-            | Self::UpgradeRefused => 400,
+            | Self::UpgradeRefused
+            | Self::InvalidMcpMessage
+            | Self::McpBatchRefused
+            | Self::McpHeaderMismatch
+            | Self::McpToolNameCase => 400,
+            Self::ApprovalCancelled => 409,
             Self::TooManyPendingForUser => 429,
             Self::BodyTooLarge => 413,
             Self::AuthorizationServerUnavailable | Self::TooManyPending => 503,
@@ -156,6 +181,11 @@ impl ProblemCode {
             Self::IdempotencyKeyReused => "Idempotency key reused",
             Self::OutcomeUnknown => "Outcome unknown",
             Self::ResponseNotRecorded => "Response not recorded",
+            Self::InvalidMcpMessage => "Invalid MCP message",
+            Self::McpBatchRefused => "MCP batch refused",
+            Self::McpHeaderMismatch => "MCP headers disagree with the message",
+            Self::McpToolNameCase => "MCP tool name in another letter case",
+            Self::ApprovalCancelled => "Cancelled by the client",
         }
     }
 
@@ -218,6 +248,21 @@ impl ProblemCode {
             }
             Self::UpstreamNotAllowed => {
                 "This call routes to an API its policy does not allow the approval to be sent to, so the gateway refused it."
+            }
+            Self::InvalidMcpMessage => {
+                "The MCP message cannot be read one way only, so the gateway refused it."
+            }
+            Self::McpBatchRefused => {
+                "A JSON-RPC batch that calls a tool needing approval is refused; send each tools/call on its own."
+            }
+            Self::McpHeaderMismatch => {
+                "The Mcp-Method or Mcp-Name header disagrees with the message, so the call was refused."
+            }
+            Self::McpToolNameCase => {
+                "The tool name differs from a tool that needs approval only in letter case; call the tool by its exact name."
+            }
+            Self::ApprovalCancelled => {
+                "The call was cancelled before the user approved it; it was not made."
             }
         }
     }

@@ -22,7 +22,7 @@ use crate::config::{
     UpstreamRef, UpstreamUrl,
 };
 use crate::policy::spec::{
-    BodyFields, HostName, MethodName, Methods, PathTemplate, PolicyName, Scopes,
+    BodyFields, HostName, MethodName, Methods, PathTemplate, PolicyName, Scopes, ToolPattern,
 };
 use crate::policy::template::{DetailsTemplate, MessageTemplate};
 use crate::policy::PolicyFile;
@@ -142,6 +142,12 @@ string_schema!(PathTemplate, "PathTemplate", {
     "type": "string",
     "pattern": "^/",
     "description": "A path template in canonical form: /shop, /orders/{id}, /files/{*rest}."
+});
+
+string_schema!(ToolPattern, "ToolPattern", {
+    "type": "string",
+    "pattern": "^[A-Za-z0-9_./*-]{1,128}$",
+    "description": "An MCP tool name (compared exactly; a name differing only in letter case is refused), or a glob with * for any run of characters."
 });
 
 string_schema!(MessageTemplate, "MessageTemplate", {

@@ -278,6 +278,12 @@ impl Engine {
                 return;
             }
             tokio::time::sleep_until(next_poll).await;
+            // It may have been cancelled meanwhile: no poll for it then.
+            match self.store.get(id).await {
+                Ok(Some(now)) if now.state == ApprovalState::Pending => {}
+                Ok(_) => return,
+                Err(_) => {}
+            }
             if !self
                 .take_lease(id, SystemTime::now() + self.ciba_timeout())
                 .await
@@ -486,6 +492,36 @@ impl Engine {
             .remove(id);
         if let Some(notify) = notify {
             notify.notify_waiters();
+        }
+    }
+
+    /// Ends a pending approval because its agent gave up (an MCP client's
+    /// `notifications/cancelled`): it is never forwarded, and its driver
+    /// polls no more. Whether it was still pending.
+    pub async fn cancel(&self, id: &str) -> Result<bool, StoreError> {
+        let cancelled = self
+            .store
+            .transition(
+                id,
+                ApprovalState::Pending,
+                ApprovalState::Failed,
+                Some(ProblemCode::ApprovalCancelled.as_str()),
+            )
+            .await?;
+        if cancelled {
+            self.metrics
+                .approvals
+                .with_label_values(&[&self.policy_of(id).await, "cancelled"])
+                .inc();
+            self.wake(id);
+        }
+        Ok(cancelled)
+    }
+
+    async fn policy_of(&self, id: &str) -> String {
+        match self.store.get(id).await {
+            Ok(Some(approval)) => approval.policy,
+            _ => "unknown".to_owned(),
         }
     }
 

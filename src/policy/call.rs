@@ -42,6 +42,8 @@ pub struct CallInput<'a> {
     pub method: &'a str,
     /// The normalised path the upstream receives.
     pub path: &'a str,
+    /// The `arguments` of an MCP tool call (from its strictly parsed body).
+    pub arguments: Option<&'a Value>,
 }
 
 /// Why a call's approval cannot be rendered. The `Display` text is a
@@ -142,6 +144,7 @@ impl CallShape {
         message: &MessageTemplate,
         details: Option<&DetailsTemplate>,
         body: Option<&BodySpec>,
+        mcp: bool,
     ) -> Result<Self, String> {
         let mut reads_body = body.is_some();
         let mut body_fields: Vec<&str> = Vec::new();
@@ -158,7 +161,13 @@ impl CallShape {
                 (Section::Query, [name, ..]) if !query.contains(name) => {
                     query.push(name.clone());
                 }
-                (Section::Query | Section::Params | Section::Request, []) => {
+                (Section::Arguments, _) if !mcp => {
+                    return Err(format!(
+                        "{{{{{}}}}} reads an MCP tool's arguments; only a policy with match.mcp has them",
+                        field.text()
+                    ))
+                }
+                (Section::Query | Section::Params | Section::Request | Section::Arguments, []) => {
                     return Err(format!(
                         "{{{{{0}}}}} is a whole section; name one value, such as {{{{{0}.name}}}}",
                         field.text()
@@ -220,6 +229,7 @@ impl CallShape {
             user: input.user,
             method: input.method,
             path: input.path,
+            arguments: input.arguments,
         };
         let binding_message = message.render(|field| values.lookup(field))?;
         let authorization_details = details
@@ -373,6 +383,7 @@ struct CallValues<'a> {
     user: &'a Value,
     method: &'a str,
     path: &'a str,
+    arguments: Option<&'a Value>,
 }
 
 impl<'a> CallValues<'a> {
@@ -386,6 +397,7 @@ impl<'a> CallValues<'a> {
         match field.section() {
             (Section::Body, rest) => json_path(self.body?, rest).map(Found::Json),
             (Section::User, rest) => json_path(self.user, rest).map(Found::Json),
+            (Section::Arguments, rest) => json_path(self.arguments?, rest).map(Found::Json),
             (Section::Params, [name]) => named(self.params, name),
             (Section::Query, [name]) => named(self.query, name),
             (Section::Request, [name]) => match name.as_str() {

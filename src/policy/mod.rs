@@ -4,6 +4,7 @@
 
 pub mod body;
 mod call;
+pub mod mcp;
 pub mod path;
 pub mod spec;
 pub mod template;
@@ -16,6 +17,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 pub use call::{CallError, CallInput};
+pub use mcp::{McpEndpoint, ToolMatch};
 pub use path::{normalize, NormalizedPath, PathError};
 pub use spec::{PolicyFile, PolicySpec, WaitMode};
 pub use template::RenderError;
@@ -68,6 +70,8 @@ pub struct Policy {
     details: Option<DetailsTemplate>,
     /// Which parts of a call the templates show.
     shape: CallShape,
+    /// The MCP tool (name or glob) this policy holds on its endpoint.
+    pub mcp_tool: Option<String>,
 }
 
 /// A policy that cannot be compiled alongside the others.
@@ -107,6 +111,15 @@ pub struct PolicySet {
     policies: Vec<Policy>,
     by_host: HashMap<String, MethodRouters>,
     any_host: MethodRouters,
+    mcp: mcp::McpIndex,
+}
+
+/// A call on an MCP endpoint.
+#[derive(Debug)]
+pub struct McpMatch<'a> {
+    pub endpoint: &'a McpEndpoint,
+    /// Path parameters, percent-decoded, in their original case.
+    pub params: Vec<(String, String)>,
 }
 
 /// A call that falls under a policy.
@@ -130,6 +143,7 @@ impl PolicySet {
             policies: Vec::new(),
             by_host: HashMap::new(),
             any_host: MethodRouters::default(),
+            mcp: mcp::McpIndex::default(),
         }
     }
 
@@ -153,6 +167,7 @@ impl PolicySet {
                 &spec.binding_message,
                 spec.authorization_details.as_ref(),
                 spec.body.as_ref(),
+                spec.matcher.mcp.is_some(),
             )
             .map_err(|reason| PolicyError {
                 file: file.clone(),
@@ -162,11 +177,47 @@ impl PolicySet {
             })?;
             let id = set.policies.len();
             let host = spec.matcher.host.as_ref().map(|h| h.0.clone());
+            let fail = |reason: String| PolicyError {
+                file: file.clone(),
+                index,
+                name: name.clone(),
+                reason,
+            };
+            let methods = match (&spec.matcher.methods, &spec.matcher.mcp) {
+                (None, Some(_)) => Vec::new(),
+                (Some(methods), None) => methods.0.clone(),
+                (Some(_), Some(_)) => return Err(fail(
+                    "match.methods does not go with match.mcp: an MCP tools/call is always a POST"
+                        .to_owned(),
+                )),
+                (None, None) => {
+                    return Err(fail(
+                        "match needs methods (e.g. [POST]), or mcp for MCP tool calls".to_owned(),
+                    ))
+                }
+            };
+            if let Some(tool) = &spec.matcher.mcp {
+                let endpoint = set
+                    .mcp
+                    .endpoint(
+                        host.as_deref(),
+                        &spec.matcher.path.route,
+                        &spec.matcher.path.source,
+                    )
+                    .map_err(&fail)?;
+                if let Err(other) = endpoint.add(tool.tool.clone(), id) {
+                    let other = set.policies[other].name.clone();
+                    return Err(fail(format!(
+                        "match.mcp.tool {:?} is already held on this endpoint by policy '{other}'",
+                        tool.tool.0
+                    )));
+                }
+            }
             let routers = match &host {
                 Some(h) => set.by_host.entry(h.clone()).or_default(),
                 None => &mut set.any_host,
             };
-            for method in &spec.matcher.methods.0 {
+            for method in &methods {
                 let router = routers.by_method.entry(method.0.clone()).or_default();
                 let route = spec.matcher.path.route.clone();
                 if let Err(error) = router.insert(route.clone(), id) {
@@ -196,9 +247,14 @@ impl PolicySet {
                 audience: spec.require.audience.clone(),
                 requested_expiry: spec.requested_expiry,
                 path_template: spec.matcher.path.source.clone(),
-                methods: spec.matcher.methods.0.iter().map(|m| m.0.clone()).collect(),
+                methods: if spec.matcher.mcp.is_some() {
+                    vec!["POST".to_owned()]
+                } else {
+                    methods.iter().map(|m| m.0.clone()).collect()
+                },
                 host,
-                format_suffix: spec.matcher.format_suffix,
+                // An MCP endpoint is one path; `/mcp.json` is not it.
+                format_suffix: spec.matcher.format_suffix && spec.matcher.mcp.is_none(),
                 upstreams: spec.upstreams.clone().unwrap_or_default(),
                 wait: spec.wait,
                 index,
@@ -206,9 +262,56 @@ impl PolicySet {
                 message: spec.binding_message,
                 details: spec.authorization_details,
                 shape,
+                mcp_tool: spec.matcher.mcp.map(|m| m.tool.0),
             });
         }
+        set.check_mcp_endpoints()?;
         Ok(set)
+    }
+
+    /// An MCP endpoint is not also a REST policy's path: a POST there would
+    /// fall under two policies.
+    fn check_mcp_endpoints(&self) -> Result<(), PolicyError> {
+        for (host, route, id) in self.mcp.routes() {
+            let routers = match host {
+                Some(h) => self.by_host.get(h),
+                None => Some(&self.any_host),
+            };
+            if routers.is_some_and(|r| r.covers(route))
+                || (host.is_some() && self.any_host.covers(route))
+            {
+                let endpoint = &self.mcp.endpoints[id];
+                let policy = self
+                    .policies
+                    .iter()
+                    .find(|p| p.mcp_tool.is_some() && p.path_template == endpoint.path_template)
+                    .expect("an endpoint has a policy");
+                return Err(PolicyError {
+                    file: policy.file.display().to_string(),
+                    index: policy.index,
+                    name: policy.name.clone(),
+                    reason: format!(
+                        "match.path {:?} is an MCP endpoint and also the path of a policy without mcp",
+                        endpoint.path_template
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The MCP endpoint a call's path is, if any (host-specific first).
+    pub fn find_mcp(&self, host: Option<&str>, path: &NormalizedPath) -> Option<McpMatch<'_>> {
+        let found = self.mcp.find(host, &path.match_key)?;
+        Some(McpMatch {
+            endpoint: &self.mcp.endpoints[*found.value],
+            params: original_params(&found.params, path),
+        })
+    }
+
+    /// The policy at `index` (as [`ToolMatch`] names it).
+    pub fn at(&self, index: usize) -> &Policy {
+        &self.policies[index]
     }
 
     pub fn by_name(&self, name: &str) -> Option<&Policy> {
@@ -248,20 +351,7 @@ impl PolicySet {
                 .filter_map(|cut| lookup(&key[..cut]))
                 .find(|m| self.policies[*m.value].format_suffix)
         })?;
-        let params = found
-            .params
-            .iter()
-            .map(|(name, value)| {
-                // `value` borrows from `key`; the same bytes of `key_original`
-                // hold the caller's spelling.
-                let start = value.as_ptr() as usize - key.as_ptr() as usize;
-                let original = &path.key_original[start..start + value.len()];
-                let decoded = percent_encoding::percent_decode_str(original)
-                    .decode_utf8_lossy()
-                    .into_owned();
-                (name.to_owned(), decoded)
-            })
-            .collect();
+        let params = original_params(&found.params, path);
         Some(PolicyMatch {
             policy: &self.policies[*found.value],
             params,
@@ -303,6 +393,27 @@ impl PolicySet {
             .shape
             .render(&policy.message, policy.details.as_ref(), input)
     }
+}
+
+/// Path parameters in the caller's spelling, percent-decoded.
+fn original_params(
+    params: &matchit::Params<'_, '_>,
+    path: &NormalizedPath,
+) -> Vec<(String, String)> {
+    let key = path.match_key.as_str();
+    params
+        .iter()
+        .map(|(name, value)| {
+            // `value` borrows from `key`; the same bytes of `key_original`
+            // hold the caller's spelling.
+            let start = value.as_ptr() as usize - key.as_ptr() as usize;
+            let original = &path.key_original[start..start + value.len()];
+            let decoded = percent_encoding::percent_decode_str(original)
+                .decode_utf8_lossy()
+                .into_owned();
+            (name.to_owned(), decoded)
+        })
+        .collect()
 }
 
 /// Why a host was refused.
@@ -513,6 +624,7 @@ policies:
             user: &ALICE,
             method: "POST",
             path: "/shop",
+            arguments: None,
         }
     }
 
@@ -731,5 +843,95 @@ policies:
         let error =
             load_error(r#"binding_message: "Buy", authorization_details: { q: "{{query}}" }"#);
         assert!(error.contains("whole section"), "{error}");
+    }
+
+    fn compile_yaml(yaml: &str) -> Result<PolicySet, String> {
+        let file: PolicyFile = serde_yaml::from_str(yaml).map_err(|e| e.to_string())?;
+        PolicySet::compile(file.into_loaded(Path::new("p.yaml")).collect())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn mcp_policies_share_an_endpoint_and_read_arguments() {
+        let set = compile_yaml(
+            r#"
+policies:
+  - { name: buy, match: { path: /mcp, mcp: { tool: buy_product } }, require: { scopes: [x] }, binding_message: "Buy {{arguments.qty}} {{arguments.product}}" }
+  - { name: sell, match: { path: /MCP/, mcp: { tool: "sell_*" } }, require: { scopes: [x] }, binding_message: "Sell {{arguments.qty}}" }
+  - { name: shop, match: { methods: [POST], path: /shop }, require: { scopes: [x] }, binding_message: "Buy" }
+"#,
+        )
+        .unwrap();
+        let found = set.find_mcp(None, &normalize("/mcp").unwrap()).unwrap();
+        assert_eq!(found.endpoint.tool("buy_product"), ToolMatch::Held(0));
+        assert_eq!(found.endpoint.tool("sell_car"), ToolMatch::Held(1));
+        assert!(set.find_mcp(None, &normalize("/shop").unwrap()).is_none());
+        assert!(set
+            .find_mcp(None, &normalize("/mcp.json").unwrap())
+            .is_none());
+        // MCP policies are not REST policies: a plain POST /mcp finds none.
+        assert!(set
+            .find("POST", None, &normalize("/mcp").unwrap())
+            .is_none());
+        assert_eq!(set.at(0).methods, ["POST"]);
+        let headers = HeaderMap::new();
+        let arguments = serde_json::json!({ "qty": 2, "product": "XYZ phone" });
+        let input = CallInput {
+            arguments: Some(&arguments),
+            ..call(&headers, None, None)
+        };
+        let rendered = set.render_call(set.at(0), &input).unwrap();
+        assert_eq!(rendered.binding_message, "Buy 2 XYZ phone");
+        let missing = serde_json::json!({ "qty": 2 });
+        let input = CallInput {
+            arguments: Some(&missing),
+            ..call(&headers, None, None)
+        };
+        let error = set.render_call(set.at(0), &input).unwrap_err();
+        assert_eq!(error.code(), ProblemCode::InvalidBody);
+        assert!(error.to_string().contains("arguments.product"), "{error}");
+    }
+
+    #[test]
+    fn mcp_policies_are_checked_at_load() {
+        let policy = |matcher: &str, message: &str| {
+            compile_yaml(&format!(
+                "policies:\n  - {{ name: p, match: {matcher}, require: {{ scopes: [x] }}, binding_message: \"{message}\" }}"
+            ))
+        };
+        let error = policy("{ path: /mcp }", "a").unwrap_err();
+        assert!(error.contains("match needs methods"), "{error}");
+        let error = policy("{ methods: [POST], path: /mcp, mcp: { tool: t } }", "a").unwrap_err();
+        assert!(error.contains("does not go with match.mcp"), "{error}");
+        let error = policy("{ path: /mcp, mcp: { tool: \"bad name\" } }", "a").unwrap_err();
+        assert!(error.contains("must be 1-128 characters"), "{error}");
+        let error = policy("{ path: /mcp, mcp: { tool: t, name: x } }", "a").unwrap_err();
+        assert!(error.contains("unknown field"), "{error}");
+        let error = policy("{ methods: [POST], path: /p }", "{{arguments.qty}}").unwrap_err();
+        assert!(error.contains("only a policy with match.mcp"), "{error}");
+        let error = compile_yaml(
+            r#"
+policies:
+  - { name: a, match: { path: /mcp, mcp: { tool: buy } }, require: { scopes: [x] }, binding_message: a }
+  - { name: b, match: { path: /mcp, mcp: { tool: BUY } }, require: { scopes: [x] }, binding_message: b }
+"#,
+        )
+        .unwrap_err();
+        assert!(
+            error.contains("already held on this endpoint by policy 'a'"),
+            "{error}"
+        );
+        let error = compile_yaml(
+            r#"
+policies:
+  - { name: a, match: { path: /mcp, mcp: { tool: buy } }, require: { scopes: [x] }, binding_message: a }
+  - { name: b, match: { methods: ["*"], path: "/{any}" }, require: { scopes: [x] }, binding_message: b }
+"#,
+        )
+        .unwrap_err();
+        assert!(
+            error.contains("is an MCP endpoint and also the path"),
+            "{error}"
+        );
     }
 }

@@ -116,7 +116,9 @@ impl<'de> Deserialize<'de> for BodyFields {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MatchSpec {
-    pub methods: Methods,
+    /// Required, except with `mcp` (a `tools/call` is always a POST).
+    #[serde(default)]
+    pub methods: Option<Methods>,
     pub path: PathTemplate,
     #[serde(default)]
     pub host: Option<HostName>,
@@ -124,6 +126,41 @@ pub struct MatchSpec {
     /// Rails and older Spring route to the same handler. On unless turned off.
     #[serde(default = "default_true")]
     pub format_suffix: bool,
+    /// `mcp: { tool: buy_product }`: the path is an MCP (Streamable HTTP)
+    /// endpoint, and this policy holds its JSON-RPC `tools/call` requests for
+    /// the tools named; every other message on the endpoint passes.
+    #[serde(default)]
+    pub mcp: Option<McpMatch>,
+}
+
+/// Which MCP tool calls a policy holds.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct McpMatch {
+    pub tool: ToolPattern,
+}
+
+/// An MCP tool name, or a glob of them (`*` for any run of characters):
+/// `buy_product`, `buy_*`, `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolPattern(pub String);
+
+impl<'de> Deserialize<'de> for ToolPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let tool = String::deserialize(d)?;
+        let valid = !tool.is_empty()
+            && tool.len() <= 128
+            && tool
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/' | '*'));
+        if valid {
+            Ok(Self(tool))
+        } else {
+            Err(de::Error::custom(format!(
+                "tool {tool:?} must be 1-128 characters of letters, digits, '_', '-', '.', '/' or the wildcard '*'"
+            )))
+        }
+    }
 }
 
 fn default_true() -> bool {

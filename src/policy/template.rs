@@ -43,6 +43,8 @@ pub enum Section {
     User,
     /// `{{request.method}}`, `{{request.path}}`.
     Request,
+    /// The arguments of an MCP tool call: `{{arguments.qty}}`.
+    Arguments,
 }
 
 /// A plain `{{path}}` in a template.
@@ -72,6 +74,7 @@ impl FieldPath {
             "query" => (Section::Query, rest),
             "user" => (Section::User, rest),
             "request" => (Section::Request, rest),
+            "arguments" => (Section::Arguments, rest),
             _ => (Section::Body, &self.segments),
         }
     }

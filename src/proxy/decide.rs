@@ -19,6 +19,19 @@ pub(super) struct HeldCall<'a> {
     pub rendered: RenderedRequest,
     pub body: Option<Bytes>,
     pub upstream: String,
+    /// What identifies the call across retries in place of its body (an
+    /// MCP tool call's method and params, without its JSON-RPC id).
+    pub fingerprint_body: Option<Vec<u8>>,
+}
+
+/// A token never goes anywhere its policy does not name. Load-time checks
+/// make a refusal here unreachable.
+pub(super) fn check_upstream(policy: &Policy, upstream: &str) -> Result<(), Reply> {
+    if policy.upstreams.iter().any(|u| u == upstream) {
+        return Ok(());
+    }
+    tracing::error!(policy = %policy.name, %upstream, "policy call routed to an upstream the policy does not name");
+    Err(ProblemCode::UpstreamNotAllowed.into())
 }
 
 impl Countersign {
@@ -59,6 +72,11 @@ impl Countersign {
             session.req_header_mut().set_uri(uri);
         }
         ctx.upstream = Some(upstream.clone());
+        if let Some(found) = self.policies.find_mcp(Some(&request.host), &request.path) {
+            return self
+                .decide_mcp(session, ctx, found, &request, &upstream.name)
+                .await;
+        }
 
         let method = session.req_header().method.clone();
         let body = self.refuse_form_method_field(session, &request).await?;
@@ -73,12 +91,7 @@ impl Countersign {
         };
         let policy = found.policy;
         ctx.policy = Some(policy.name.clone());
-        if !policy.upstreams.iter().any(|u| *u == upstream.name) {
-            // Load-time checks make this unreachable; a token still never
-            // goes anywhere its policy does not name.
-            tracing::error!(policy = %policy.name, upstream = %upstream.name, "policy call routed to an upstream the policy does not name");
-            return Err(ProblemCode::UpstreamNotAllowed.into());
-        }
+        check_upstream(policy, &upstream.name)?;
 
         let identity = self.identify(session, &policy.name).await?;
         let body = match body {
@@ -92,6 +105,7 @@ impl Countersign {
             &request,
             &identity,
             session,
+            None,
         )?;
         Ok(Some(HeldCall {
             policy,
@@ -99,6 +113,7 @@ impl Countersign {
             rendered,
             body,
             upstream: upstream.name.clone(),
+            fingerprint_body: None,
         }))
     }
 
@@ -172,7 +187,8 @@ impl Countersign {
         }
     }
 
-    fn render(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn render(
         &self,
         policy: &Policy,
         params: &[(String, String)],
@@ -180,6 +196,7 @@ impl Countersign {
         request: &CanonicalRequest,
         identity: &Identity,
         session: &Session,
+        arguments: Option<&serde_json::Value>,
     ) -> Result<RenderedRequest, Reply> {
         let header = session.req_header();
         let input = policy::CallInput {
@@ -190,6 +207,7 @@ impl Countersign {
             user: &identity.claims,
             method: header.method.as_str(),
             path: &request.path.forward,
+            arguments,
         };
         Ok(self
             .policies

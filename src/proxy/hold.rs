@@ -64,6 +64,10 @@ impl Countersign {
         let policy = call.policy;
         let store = self.engine.store();
         let new = self.new_approval(session, &call)?;
+        let waiting = format!(
+            "Waiting for {} to approve '{}'",
+            new.subject, new.binding_message
+        );
 
         // The per-person limit counts other calls: a retry always attaches.
         let pending = store
@@ -140,9 +144,15 @@ impl Countersign {
                 metrics: self.metrics.clone(),
             };
             let until = Instant::now() + hold_for;
-            let waited = tokio::select! {
-                approval = self.engine.wait(&id, until) => Some(approval),
-                () = client_gone(session) => None,
+            let waited = match self
+                .wait_streaming(session, ctx, &id, until, &waiting)
+                .await
+            {
+                Some(waited) => waited,
+                None => tokio::select! {
+                    approval = self.engine.wait(&id, until) => Some(approval),
+                    () = client_gone(session) => None,
+                },
             };
             match waited {
                 Some(approval) => Some(approval.map_err(store_problem)?),
@@ -187,7 +197,12 @@ impl Countersign {
         let path_and_query = String::from_utf8_lossy(header.raw_path()).into_owned();
         let body = call.body.as_deref().unwrap_or_default().to_vec();
         let subject = call.identity.subject.clone();
-        let fingerprint = fingerprint(&method, &path_and_query, &body, &subject);
+        let fingerprint = fingerprint(
+            &method,
+            &path_and_query,
+            call.fingerprint_body.as_deref().unwrap_or(&body),
+            &subject,
+        );
         let headers = header
             .headers
             .iter()

@@ -12,6 +12,7 @@ mod answer;
 mod decide;
 mod forward;
 mod hold;
+mod mcp;
 mod status;
 
 use std::collections::HashMap;
@@ -131,6 +132,8 @@ pub struct CallCtx {
     approval_id: Option<String>,
     outcome: CallOutcome,
     upstream_started: Option<Instant>,
+    /// A held (or refused) MCP `tools/call`: answered in JSON-RPC.
+    mcp: Option<mcp::McpCall>,
 }
 
 /// How a call that is not passed through is answered.
@@ -143,6 +146,8 @@ enum Reply {
     Replay(Box<crate::store::StoredResponse>),
     /// The agent went away; it is not answered (the approval goes on).
     Disconnected,
+    /// A JSON-RPC error for an MCP message refused as a whole.
+    Mcp(Box<mcp::McpReply>),
 }
 
 struct JsonReply {
@@ -185,6 +190,14 @@ impl ProxyHttp for Countersign {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         match self.admit(session, ctx).await {
             Ok(()) => Ok(false),
+            Err(Reply::Mcp(reply)) => {
+                self.answer_rpc(session, ctx, *reply).await?;
+                Ok(true)
+            }
+            Err(reply) if ctx.mcp.is_some() && !matches!(reply, Reply::Disconnected) => {
+                self.answer_mcp(session, ctx, reply).await?;
+                Ok(true)
+            }
             Err(Reply::Problem(problem)) => {
                 self.answer(session, ctx, *problem).await?;
                 Ok(true)

@@ -1,0 +1,382 @@
+//! MCP over Streamable HTTP, as the gateway reads it: each POST to an MCP
+//! endpoint carries one JSON-RPC message (or, in older revisions, a batch),
+//! and the gateway holds a `tools/call` of a tool some policy names.
+//!
+//! [`classify`] reads a POST body the one way any MCP server could read it:
+//! strictly parsed JSON ([`crate::policy::body`]: no duplicate or case-twin
+//! keys at any level), member names compared ignoring letter case (so that a
+//! lenient server finds no `Method` the gateway missed), tool names compared
+//! exactly (a name that equals a held tool only ignoring case is refused),
+//! batches holding a held call refused, and the `Mcp-Method` / `Mcp-Name`
+//! headers of newer clients checked against the body. Everything it does not
+//! hold or refuse passes untouched. [`jsonrpc`] shapes the answers.
+
+pub mod jsonrpc;
+
+use http::header::CONTENT_ENCODING;
+use http::HeaderMap;
+use serde_json::{Map, Value};
+use thiserror::Error;
+
+use crate::policy::body::{self, fold_case, BodyError};
+use crate::policy::{McpEndpoint, ToolMatch};
+use crate::problem::ProblemCode;
+
+pub const TOOLS_CALL: &str = "tools/call";
+pub const CANCELLED: &str = "notifications/cancelled";
+pub const METHOD_HEADER: &str = "mcp-method";
+pub const NAME_HEADER: &str = "mcp-name";
+pub const SESSION_HEADER: &str = "mcp-session-id";
+
+/// What the gateway does with one POST on an MCP endpoint.
+#[derive(Debug, PartialEq)]
+pub enum Classified {
+    /// Forwarded untouched: initialize, tools/list, notifications,
+    /// responses, calls of tools no policy holds.
+    Pass,
+    /// `notifications/cancelled` for these request ids: forwarded, and the
+    /// held calls they name are stopped.
+    Cancel(Vec<Value>),
+    /// A `tools/call` of a held tool.
+    Held(ToolCall),
+}
+
+/// A held `tools/call`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    /// The index of the policy that holds it ([`crate::policy::PolicySet::at`]).
+    pub policy: usize,
+    /// The JSON-RPC request id (a string or a number).
+    pub id: Value,
+    pub name: String,
+    /// `params.arguments` (an object, or `{}` when absent).
+    pub arguments: Value,
+    /// `params._meta.progressToken`, if the client asked for progress.
+    pub progress_token: Option<Value>,
+    /// What makes two calls the same call: the method and the params without
+    /// `_meta` (canonical JSON, keys sorted). Not the request id nor the
+    /// progress token, which a client's retry changes.
+    pub fingerprint: Vec<u8>,
+}
+
+/// Why a POST on an MCP endpoint is refused. `Display` is a sentence an
+/// agent (or its model) can relay.
+#[derive(Debug, Error, PartialEq)]
+pub enum McpRefusal {
+    #[error("The MCP message was refused: {0}.")]
+    Body(BodyError),
+    #[error("The MCP message must be sent without Content-Encoding, so that the gateway can read which tool it calls.")]
+    Encoded,
+    #[error("A JSON-RPC batch that calls the tool '{0}' is refused: that tool needs a person's approval, so send each tools/call in a request of its own.")]
+    Batch(String),
+    #[error("The {header} header says '{sent}' but the message says '{body}'; they must agree, so the call was refused.")]
+    HeaderMismatch {
+        id: Option<Value>,
+        header: &'static str,
+        sent: String,
+        body: String,
+    },
+    #[error(
+        "The method '{method}' differs from tools/call only in letter case; send it as tools/call."
+    )]
+    MethodCase { id: Option<Value>, method: String },
+    #[error("The tool '{name}' is refused: it differs from the tool '{held}' only in letter case. Call '{held}' exactly as the server lists it.")]
+    ToolNameCase {
+        policy: usize,
+        id: Value,
+        name: String,
+        held: String,
+    },
+    #[error("This tools/call is malformed ({0}), so the gateway cannot tell which tool it calls.")]
+    Malformed(&'static str, Option<Value>),
+}
+
+impl McpRefusal {
+    /// The request id the answer goes to (`None`: unknown, JSON-RPC `null`).
+    pub fn id(&self) -> Option<&Value> {
+        match self {
+            Self::Body(_) | Self::Encoded | Self::Batch(_) => None,
+            Self::HeaderMismatch { id, .. } | Self::MethodCase { id, .. } => id.as_ref(),
+            Self::Malformed(_, id) => id.as_ref(),
+            Self::ToolNameCase { id, .. } => Some(id),
+        }
+    }
+
+    pub fn code(&self) -> ProblemCode {
+        match self {
+            Self::Body(_) | Self::Encoded | Self::Malformed(..) | Self::MethodCase { .. } => {
+                ProblemCode::InvalidMcpMessage
+            }
+            Self::Batch(_) => ProblemCode::McpBatchRefused,
+            Self::HeaderMismatch { .. } => ProblemCode::McpHeaderMismatch,
+            Self::ToolNameCase { .. } => ProblemCode::McpToolNameCase,
+        }
+    }
+
+    /// The policy whose tool this concerns, if known.
+    pub fn policy(&self) -> Option<usize> {
+        match self {
+            Self::ToolNameCase { policy, .. } => Some(*policy),
+            _ => None,
+        }
+    }
+
+    /// Whether the model is told as a tool result (`isError: true`) rather
+    /// than a JSON-RPC error: only for a call the model chose (a tool name
+    /// it can correct). The others are messages a client should never send
+    /// (a batch, headers that contradict the body, broken JSON): JSON-RPC
+    /// errors, as the specification has them for protocol errors.
+    pub fn is_tool_error(&self) -> bool {
+        matches!(self, Self::ToolNameCase { .. })
+    }
+
+    /// The JSON-RPC error code: -32700 for unreadable JSON, -32600 for
+    /// messages refused as a whole, -32602 for bad `tools/call` params.
+    pub fn rpc_code(&self) -> i64 {
+        match self {
+            Self::Body(BodyError::Syntax(_)) => -32700,
+            Self::Malformed(..) => -32602,
+            _ => -32600,
+        }
+    }
+}
+
+/// Reads one POST body on `endpoint` (see the module documentation).
+pub fn classify(
+    endpoint: &McpEndpoint,
+    headers: &HeaderMap,
+    body: Option<&[u8]>,
+) -> Result<Classified, McpRefusal> {
+    if headers.get_all(CONTENT_ENCODING).iter().any(|v| {
+        !v.to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("identity"))
+    }) {
+        return Err(McpRefusal::Encoded);
+    }
+    let method_header = one_header(headers, METHOD_HEADER)?;
+    let name_header = one_header(headers, NAME_HEADER)?;
+    let Some(bytes) = body.filter(|b| !b.iter().all(u8::is_ascii_whitespace)) else {
+        return match method_header.or(name_header) {
+            Some((header, sent)) => Err(McpRefusal::HeaderMismatch {
+                id: None,
+                header,
+                sent,
+                body: "nothing".to_owned(),
+            }),
+            None => Ok(Classified::Pass),
+        };
+    };
+    let value = body::parse(bytes).map_err(McpRefusal::Body)?;
+    match value {
+        Value::Array(items) => {
+            if let Some((header, sent)) = method_header.or(name_header) {
+                return Err(McpRefusal::HeaderMismatch {
+                    id: None,
+                    header,
+                    sent,
+                    body: "a batch".to_owned(),
+                });
+            }
+            let mut cancelled = Vec::new();
+            for item in &items {
+                match one(endpoint, item, None, None) {
+                    Ok(Classified::Pass) => {}
+                    Ok(Classified::Cancel(ids)) => cancelled.extend(ids),
+                    Ok(Classified::Held(call)) => return Err(McpRefusal::Batch(call.name)),
+                    Err(McpRefusal::ToolNameCase { name, .. }) => {
+                        return Err(McpRefusal::Batch(name))
+                    }
+                    Err(refusal) => return Err(refusal),
+                }
+            }
+            Ok(match cancelled.is_empty() {
+                true => Classified::Pass,
+                false => Classified::Cancel(cancelled),
+            })
+        }
+        value => one(endpoint, &value, method_header, name_header),
+    }
+}
+
+/// A header sent at most once, as text.
+fn one_header(
+    headers: &HeaderMap,
+    name: &'static str,
+) -> Result<Option<(&'static str, String)>, McpRefusal> {
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (None, _) => Ok(None),
+        (Some(value), None) => match value.to_str() {
+            Ok(text) => Ok(Some((name, text.trim().to_owned()))),
+            Err(_) => Err(McpRefusal::HeaderMismatch {
+                id: None,
+                header: name,
+                sent: String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                body: "plain text".to_owned(),
+            }),
+        },
+        (Some(_), Some(_)) => Err(McpRefusal::HeaderMismatch {
+            id: None,
+            header: name,
+            sent: "several values".to_owned(),
+            body: "one".to_owned(),
+        }),
+    }
+}
+
+/// A member of an object by name, ignoring letter case (strict parsing
+/// leaves at most one).
+fn member<'v>(object: &'v Map<String, Value>, name: &str) -> Option<&'v Value> {
+    object.get(name).or_else(|| {
+        object
+            .iter()
+            .find(|(k, _)| fold_case(k) == name)
+            .map(|(_, v)| v)
+    })
+}
+
+fn one(
+    endpoint: &McpEndpoint,
+    message: &Value,
+    method_header: Option<(&'static str, String)>,
+    name_header: Option<(&'static str, String)>,
+) -> Result<Classified, McpRefusal> {
+    let Value::Object(message) = message else {
+        return match method_header.or(name_header) {
+            Some((header, sent)) => Err(McpRefusal::HeaderMismatch {
+                id: None,
+                header,
+                sent,
+                body: "no JSON-RPC message".to_owned(),
+            }),
+            None => Ok(Classified::Pass),
+        };
+    };
+    let id = member(message, "id").filter(|id| !id.is_null()).cloned();
+    let method = member(message, "method").and_then(Value::as_str);
+    let params = member(message, "params");
+    let mismatch = |header, sent: String, body: &str| McpRefusal::HeaderMismatch {
+        id: id.clone(),
+        header,
+        sent,
+        body: body.to_owned(),
+    };
+    if let Some((header, sent)) = method_header {
+        let body = method.unwrap_or("no method");
+        if sent != body {
+            return Err(mismatch(header, sent, body));
+        }
+    }
+    let params_object = params.and_then(Value::as_object);
+    if let Some((header, sent)) = name_header {
+        let body = params_object
+            .and_then(|p| member(p, "name").or_else(|| member(p, "uri")))
+            .and_then(Value::as_str)
+            .unwrap_or("no name");
+        if sent != body {
+            return Err(mismatch(header, sent, body));
+        }
+    }
+    let Some(method) = method else {
+        return Ok(Classified::Pass);
+    };
+    if method != TOOLS_CALL {
+        if fold_case(method) == TOOLS_CALL {
+            return Err(McpRefusal::MethodCase {
+                id,
+                method: method.to_owned(),
+            });
+        }
+        if method == CANCELLED {
+            let ids = params_object
+                .and_then(|p| member(p, "requestid"))
+                .filter(|id| id.is_string() || id.is_number())
+                .cloned();
+            return Ok(ids.map_or(Classified::Pass, |id| Classified::Cancel(vec![id])));
+        }
+        return Ok(Classified::Pass);
+    }
+    let params = params_object.ok_or(McpRefusal::Malformed(
+        "params must be an object",
+        id.clone(),
+    ))?;
+    let name = member(params, "name")
+        .and_then(Value::as_str)
+        .ok_or(McpRefusal::Malformed(
+            "params.name must be a string",
+            id.clone(),
+        ))?;
+    let policy = match endpoint.tool(name) {
+        ToolMatch::Free => return Ok(Classified::Pass),
+        ToolMatch::Held(policy) => policy,
+        ToolMatch::CaseVariant(policy) => {
+            return Err(McpRefusal::ToolNameCase {
+                policy,
+                id: id.unwrap_or(Value::Null),
+                name: name.to_owned(),
+                held: endpoint.pattern(policy).to_owned(),
+            })
+        }
+    };
+    // A tools/call without an id is a notification no server should run;
+    // a lenient one might: refused rather than passed.
+    let id = id
+        .filter(|id| id.is_string() || id.is_i64() || id.is_u64())
+        .ok_or(McpRefusal::Malformed(
+            "a held tool's call needs a string or integer id",
+            None,
+        ))?;
+    let arguments = match member(params, "arguments") {
+        None => Value::Object(Map::new()),
+        Some(Value::Object(arguments)) => Value::Object(arguments.clone()),
+        Some(_) => {
+            return Err(McpRefusal::Malformed(
+                "params.arguments must be an object",
+                Some(id),
+            ))
+        }
+    };
+    let progress_token = member(params, "_meta")
+        .and_then(Value::as_object)
+        .and_then(|meta| member(meta, "progresstoken"))
+        .filter(|t| t.is_string() || t.is_number())
+        .cloned();
+    let without_meta: Map<String, Value> = params
+        .iter()
+        .filter(|(k, _)| fold_case(k) != "_meta")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let fingerprint = serde_json::to_vec(&serde_json::json!({
+        "method": TOOLS_CALL,
+        "params": without_meta,
+    }))
+    .unwrap_or_default();
+    Ok(Classified::Held(ToolCall {
+        policy,
+        id,
+        name: name.to_owned(),
+        arguments,
+        progress_token,
+        fingerprint,
+    }))
+}
+
+/// Whether a client accepts an SSE answer (`Accept` names
+/// `text/event-stream`).
+pub fn accepts_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .eq_ignore_ascii_case("text/event-stream")
+        })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,368 @@
+//! MCP endpoints: deciding on a POST there ([`crate::mcp::classify`]),
+//! cancelling held calls the client gives up on, keeping a held call's SSE
+//! stream alive with progress, and answering in JSON-RPC (via
+//! [`crate::mcp::jsonrpc`]) instead of problem+json.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::Session;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::decide::HeldCall;
+use super::{hold, CallCtx, CallOutcome, Countersign, Reply, APPROVAL_ID_HEADER};
+use crate::mcp::{self, jsonrpc, Classified, McpRefusal};
+use crate::policy::McpMatch;
+use crate::problem::{Problem, ProblemCode};
+use crate::request::CanonicalRequest;
+use crate::store::{Approval, ApprovalState, ListFilter, StoreError, StoredResponse};
+
+/// How often a held call with a progress token hears from the gateway.
+pub(super) const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// The held `tools/call` a reply goes to.
+#[derive(Debug)]
+pub(super) struct McpCall {
+    pub id: Value,
+    pub progress_token: Option<Value>,
+    pub accepts_stream: bool,
+    /// The SSE answer has begun: the rest goes into it as events.
+    pub streaming: bool,
+}
+
+/// A JSON-RPC answer the gateway gives itself (an error for a message it
+/// refused as a whole).
+pub(super) struct McpReply {
+    pub status: u16,
+    pub body: Value,
+    pub code: ProblemCode,
+}
+
+impl Countersign {
+    /// `Ok(None)`: the message passes untouched. `Ok(Some)`: a held
+    /// `tools/call`, with `ctx.mcp` set so that every reply is JSON-RPC.
+    pub(super) async fn decide_mcp<'s>(
+        &'s self,
+        session: &mut Session,
+        ctx: &mut CallCtx,
+        found: McpMatch<'s>,
+        request: &CanonicalRequest,
+        upstream: &str,
+    ) -> Result<Option<HeldCall<'s>>, Reply> {
+        if session.req_header().method != http::Method::POST {
+            return Ok(None);
+        }
+        let body = hold::read_body(session, self.limits.max_body_bytes).await?;
+        let headers = &session.req_header().headers;
+        let call = match mcp::classify(found.endpoint, headers, body.as_deref()) {
+            Ok(Classified::Pass) => return Ok(None),
+            Ok(Classified::Cancel(ids)) => {
+                self.cancel_held(session, &ids).await;
+                return Ok(None);
+            }
+            Ok(Classified::Held(call)) => call,
+            Err(refusal) => return Err(self.refuse_mcp(ctx, refusal)),
+        };
+        let policy = self.policies.at(call.policy);
+        ctx.policy = Some(policy.name.clone());
+        ctx.mcp = Some(McpCall {
+            id: call.id,
+            progress_token: call.progress_token,
+            accepts_stream: mcp::accepts_event_stream(headers),
+            streaming: false,
+        });
+        super::decide::check_upstream(policy, upstream)?;
+        let identity = self.identify(session, &policy.name).await?;
+        let rendered = self.render(
+            policy,
+            &found.params,
+            body.as_deref(),
+            request,
+            &identity,
+            session,
+            Some(&call.arguments),
+        )?;
+        Ok(Some(HeldCall {
+            policy,
+            identity,
+            rendered,
+            body,
+            upstream: upstream.to_owned(),
+            fingerprint_body: Some(call.fingerprint),
+        }))
+    }
+
+    fn refuse_mcp(&self, ctx: &mut CallCtx, refusal: McpRefusal) -> Reply {
+        if let Some(policy) = refusal.policy() {
+            ctx.policy = Some(self.policies.at(policy).name.clone());
+        }
+        let problem = Problem::new(refusal.code()).with_detail(refusal.to_string());
+        match (refusal.is_tool_error(), refusal.id()) {
+            (true, Some(id)) => {
+                ctx.mcp = Some(McpCall {
+                    id: id.clone(),
+                    progress_token: None,
+                    accepts_stream: false,
+                    streaming: false,
+                });
+                problem.into()
+            }
+            (_, id) => Reply::Mcp(Box::new(McpReply {
+                // No request to answer: as MCP servers answer unreadable
+                // messages.
+                status: if id.is_some() { 200 } else { 400 },
+                body: jsonrpc::rpc_error(id, refusal.rpc_code(), &problem),
+                code: refusal.code(),
+            })),
+        }
+    }
+
+    /// `notifications/cancelled`: the held calls of the same person and
+    /// session with these request ids stop waiting and are never forwarded.
+    /// The notification itself still goes to the server.
+    async fn cancel_held(&self, session: &Session, ids: &[Value]) {
+        let Ok(identity) = self.identity.identify(session.req_header()).await else {
+            return;
+        };
+        let mcp_session = session
+            .req_header()
+            .headers
+            .get(mcp::SESSION_HEADER)
+            .map(|v| v.as_bytes().to_vec());
+        let pending = match self
+            .engine
+            .store()
+            .list(&ListFilter {
+                state: Some(ApprovalState::Pending),
+                subject: Some(identity.subject),
+                limit: Some(self.limits.max_pending_per_user.max(1) * 4),
+                ..ListFilter::default()
+            })
+            .await
+        {
+            Ok(pending) => pending,
+            Err(error) => {
+                tracing::warn!(%error, "cannot look up the held call a client cancels");
+                return;
+            }
+        };
+        for approval in pending
+            .iter()
+            .filter(|a| is_cancelled(a, ids, &mcp_session))
+        {
+            match self.engine.cancel(&approval.id).await {
+                Ok(true) => {
+                    tracing::info!(approval_id = %approval.id, policy = %approval.policy, "held MCP call cancelled by the client; it will not be forwarded")
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(approval_id = %approval.id, %error, "could not cancel the held call")
+                }
+            }
+        }
+    }
+
+    /// Waits for `id` as [`hold`] does, writing `notifications/progress`
+    /// into an SSE answer meanwhile, when the call asked for progress and
+    /// accepts SSE. `None`: it did not; `Some(None)`: the agent left.
+    pub(super) async fn wait_streaming(
+        &self,
+        session: &mut Session,
+        ctx: &mut CallCtx,
+        id: &str,
+        until: Instant,
+        waiting: &str,
+    ) -> Option<Option<Result<Approval, StoreError>>> {
+        let mcp = ctx.mcp.as_mut().filter(|m| m.accepts_stream)?;
+        let token = mcp.progress_token.clone()?;
+        if self.start_stream(session, id).await.is_err() {
+            return Some(None);
+        }
+        mcp.streaming = true;
+        let mut count = 0;
+        loop {
+            count += 1;
+            let event = jsonrpc::sse_event(&jsonrpc::progress(&token, count, waiting));
+            if session
+                .write_response_body(Some(event), false)
+                .await
+                .is_err()
+            {
+                return Some(None);
+            }
+            let tick = (Instant::now() + PROGRESS_EVERY).min(until);
+            let waited = tokio::select! {
+                approval = self.engine.wait(id, tick) => approval,
+                () = hold::client_gone(session) => return Some(None),
+            };
+            match waited {
+                Ok(approval) if !approval.state.is_final() && Instant::now() < until => {}
+                done => return Some(Some(done)),
+            }
+        }
+    }
+
+    async fn start_stream(&self, session: &mut Session, approval_id: &str) -> Result<()> {
+        let mut header = ResponseHeader::build(200, Some(5))?;
+        header.insert_header(http::header::CONTENT_TYPE, "text/event-stream")?;
+        header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+        header.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+        header.insert_header(APPROVAL_ID_HEADER, approval_id)?;
+        session.write_response_header(Box::new(header), false).await
+    }
+
+    /// Answers a held (or refused) `tools/call`: every refusal as a tool
+    /// error for its request id, the recorded answer re-addressed to it.
+    pub(super) async fn answer_mcp(
+        &self,
+        session: &mut Session,
+        ctx: &mut CallCtx,
+        reply: Reply,
+    ) -> Result<()> {
+        let Some(call) = ctx.mcp.as_ref() else {
+            return Ok(());
+        };
+        let id = call.id.clone();
+        let streaming = call.streaming;
+        let messages = match reply {
+            Reply::Problem(problem) => {
+                ctx.outcome = CallOutcome::Refused(problem.kind);
+                vec![self.tool_error(ctx, &id, *problem)]
+            }
+            Reply::Json(pending) => {
+                ctx.outcome = CallOutcome::Accepted;
+                let text = pending.body["detail"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                let meta = serde_json::json!({
+                    "code": "approval_pending",
+                    "approval_id": pending.body["approval_id"],
+                    "retry_after": pending.retry_after,
+                });
+                vec![jsonrpc::tool_error_text(&id, &text, meta)]
+            }
+            Reply::Replay(response) => match readdress(&response, &id) {
+                Some(messages) => messages,
+                None if !streaming => return self.answer_replay(session, ctx, *response).await,
+                None => {
+                    let problem = Problem::new(ProblemCode::UpstreamUnavailable).with_detail(format!(
+                        "The approved call was made, but the MCP server answered HTTP {} without a JSON-RPC response.",
+                        response.status
+                    ));
+                    ctx.outcome = CallOutcome::Refused(problem.kind);
+                    vec![self.tool_error(ctx, &id, problem)]
+                }
+            },
+            Reply::Mcp(reply) => return self.answer_rpc(session, ctx, *reply).await,
+            Reply::Disconnected => return Ok(()),
+        };
+        if streaming {
+            let mut events = messages.iter().map(jsonrpc::sse_event).peekable();
+            while let Some(event) = events.next() {
+                let last = events.peek().is_none();
+                session.write_response_body(Some(event), last).await?;
+            }
+            return Ok(());
+        }
+        let body = match messages.as_slice() {
+            [one] => serde_json::to_vec(one),
+            many => serde_json::to_vec(&many),
+        }
+        .unwrap_or_default();
+        self.write_json(session, ctx, 200, Bytes::from(body)).await
+    }
+
+    fn tool_error(&self, ctx: &CallCtx, id: &Value, problem: Problem) -> Value {
+        let problem = match &ctx.approval_id {
+            Some(approval) => problem.with_approval_id(approval.clone()),
+            None => problem,
+        };
+        jsonrpc::tool_error(id, &problem)
+    }
+
+    /// A JSON-RPC error for a message refused as a whole.
+    pub(super) async fn answer_rpc(
+        &self,
+        session: &mut Session,
+        ctx: &mut CallCtx,
+        reply: McpReply,
+    ) -> Result<()> {
+        ctx.outcome = CallOutcome::Refused(reply.code);
+        let body = Bytes::from(serde_json::to_vec(&reply.body).unwrap_or_default());
+        self.write_json(session, ctx, reply.status, body).await
+    }
+
+    async fn write_json(
+        &self,
+        session: &mut Session,
+        ctx: &CallCtx,
+        status: u16,
+        body: Bytes,
+    ) -> Result<()> {
+        let mut header = ResponseHeader::build(status, Some(4))?;
+        header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+        header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+        if let Some(id) = &ctx.approval_id {
+            header.insert_header(APPROVAL_ID_HEADER, id.as_str())?;
+        }
+        if !session.is_body_done() {
+            session.set_keepalive(None);
+        }
+        session
+            .write_response_header(Box::new(header), false)
+            .await
+            .map_err(|e| e.into_down())?;
+        session
+            .write_response_body(Some(body), true)
+            .await
+            .map_err(|e| e.into_down())
+    }
+}
+
+/// The JSON-RPC messages of a recorded 2xx answer, its response addressed
+/// to `id`; `None` when it holds no JSON-RPC response.
+fn readdress(response: &StoredResponse, id: &Value) -> Option<Vec<Value>> {
+    if !(200..300).contains(&response.status) {
+        return None;
+    }
+    let body = response.body.as_deref()?;
+    let content_type = response
+        .headers
+        .iter()
+        .find(|(name, _)| name == "content-type")
+        .map(|(_, value)| value.as_slice());
+    let messages = if jsonrpc::is_event_stream(content_type) {
+        jsonrpc::readdress_events(body, id)
+    } else {
+        let readdressed = jsonrpc::readdress_json(body, id)?;
+        vec![serde_json::from_slice(&readdressed).ok()?]
+    };
+    let answered = messages
+        .iter()
+        .any(|m| m.get("result").is_some() || m.get("error").is_some());
+    answered.then_some(messages)
+}
+
+/// Whether `approval` is a held MCP call named by a cancellation from the
+/// same MCP session.
+fn is_cancelled(approval: &Approval, ids: &[Value], mcp_session: &Option<Vec<u8>>) -> bool {
+    let stored_session = approval
+        .request
+        .headers
+        .iter()
+        .find(|(name, _)| name == mcp::SESSION_HEADER)
+        .map(|(_, value)| value.clone());
+    if stored_session != *mcp_session {
+        return false;
+    }
+    // Bodies of pending approvals were strictly parsed when stored.
+    serde_json::from_slice::<Value>(&approval.request.body)
+        .ok()
+        .and_then(|message| message.get("id").cloned())
+        .is_some_and(|id| ids.contains(&id))
+}
