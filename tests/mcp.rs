@@ -1,0 +1,389 @@
+//! MCP tool calls through the real gateway, with MCP software nobody here
+//! wrote: the official TypeScript SDK (`@modelcontextprotocol/sdk`, pinned in
+//! `tests/mcp/package-lock.json`) as the client (`tests/mcp/client.mjs`,
+//! StreamableHTTPClientTransport) and as the server (`tests/mcp/server.mjs`,
+//! StreamableHTTPServerTransport with sessions), which verifies the bearer
+//! token `buy_product` receives against the oidc-provider peer's keys and
+//! records every tool call it ran. The policy is `policies/mcp.yaml`:
+//! `buy_product` on `/mcp` is held, everything else passes.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use countersign::demo::shop::ShopHandle;
+use serde_json::{json, Value};
+use support::*;
+
+const MESSAGE: &str = "Buy 2 XYZ phone";
+
+/// The SDK-built MCP server in a child process; killed on drop.
+struct McpServer {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl McpServer {
+    fn start(peer: &Peer) -> Self {
+        let dir = Path::new(REPO).join("tests/mcp");
+        assert!(
+            dir.join("node_modules/@modelcontextprotocol/sdk").exists(),
+            "the MCP SDK is not installed: run `npm ci --prefix tests/mcp` first"
+        );
+        let mut child = Command::new("node")
+            .arg(dir.join("server.mjs"))
+            .env("MCP_ISSUER", &peer.issuer)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(if std::env::var_os("MCP_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .spawn()
+            .expect("node must be installed to run the MCP server");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the MCP server did not start within 30 s");
+        let ready: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("{line:?}"));
+        let port = ready["port"].as_u64().expect("port");
+        Self {
+            child,
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        }
+    }
+
+    /// Every tool call the server ran.
+    async fn calls(&self) -> Vec<Value> {
+        reqwest::get(format!("http://{}/control/calls", self.addr))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn bought(&self) -> Vec<Value> {
+        let calls = self.calls().await;
+        calls
+            .into_iter()
+            .filter(|c| c["tool"] == "buy_product")
+            .collect()
+    }
+}
+
+impl Drop for McpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct McpWorld {
+    peer: Peer,
+    _shop: ShopHandle,
+    server: McpServer,
+    gateway: TestGateway,
+}
+
+impl McpWorld {
+    async fn start() -> Self {
+        let peer = Peer::start();
+        let shop = start_shop(&peer).await;
+        let server = McpServer::start(&peer);
+        let gateway = TestGateway::start(
+            &peer,
+            &shop,
+            GatewayOptions {
+                upstream: Some(server.addr.to_string()),
+                limits: "{ max_body_bytes: 4096, max_hold: 60s }",
+                ..GatewayOptions::default()
+            },
+        )
+        .await;
+        Self {
+            peer,
+            _shop: shop,
+            server,
+            gateway,
+        }
+    }
+
+    /// Runs the SDK client on `steps` (see tests/mcp/client.mjs) for `user`;
+    /// one JSON value per step.
+    fn client(&self, user: &str, steps: Value) -> tokio::task::JoinHandle<Vec<Value>> {
+        let scenario = json!({
+            "url": self.gateway.url("/mcp"),
+            "user": user,
+            "steps": steps,
+        });
+        tokio::task::spawn_blocking(move || {
+            let output = Command::new("node")
+                .arg(Path::new(REPO).join("tests/mcp/client.mjs"))
+                .arg(scenario.to_string())
+                .stdin(Stdio::null())
+                .output()
+                .expect("node runs the MCP client");
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            assert!(
+                output.status.success(),
+                "the MCP client failed: {}\nstdout: {stdout}\nstderr: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+            stdout
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("{l:?}")))
+                .collect()
+        })
+    }
+
+    /// The one pending request of `user` at the authorization server.
+    async fn pending(&self, user: &str) -> Value {
+        let pending = self.peer.wait_pending(Some(user), 1).await;
+        assert_eq!(pending.len(), 1, "{pending:?}");
+        pending[0].clone()
+    }
+
+    async fn approvals(&self, query: &str) -> Vec<Value> {
+        reqwest::get(format!("http://{}/approvals{query}", self.gateway.admin))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// A JSON-RPC message POSTed as it is, as a client that is not the SDK.
+    async fn post(&self, headers: &[(&str, &str)], body: &str) -> (u16, Value) {
+        let mut request = reqwest::Client::new()
+            .post(self.gateway.url("/mcp"))
+            .header(USER_HEADER, "alice")
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(body.to_owned());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("{status} {text:?}")),
+        )
+    }
+}
+
+fn buy(product: &str, qty: u64) -> Value {
+    json!({ "call": "buy_product", "arguments": { "product": product, "qty": qty } })
+}
+
+fn text(result: &Value) -> &str {
+    result["content"][0]["text"].as_str().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_approved_tool_call_reaches_the_server_with_a_fresh_token() {
+    let world = McpWorld::start().await;
+    let client = world.client(
+        "alice",
+        json!([{ "list": true }, { "call": "list_products" }, buy("XYZ phone", 2)]),
+    );
+    let request = world.pending("alice").await;
+    assert_eq!(request["binding_message"], MESSAGE);
+    assert_eq!(request["scope"], "openid product:buy", "{request}");
+    world
+        .peer
+        .approve(request["auth_req_id"].as_str().unwrap())
+        .await;
+    let out = client.await.unwrap();
+
+    // tools/list and the tool no policy holds passed untouched.
+    let tools = out[0]["tools"].as_array().unwrap();
+    assert!(tools.contains(&json!("buy_product")) && tools.contains(&json!("list_products")));
+    assert_eq!(text(&out[1]["results"][0]), "XYZ phone, ABC laptop, Cable");
+    // The tool result, validated by the SDK against the tool's outputSchema.
+    let bought = &out[2]["results"][0];
+    assert_eq!(bought["isError"], Value::Null, "{bought}");
+    assert_eq!(bought["structuredContent"]["buyer"], "alice", "{bought}");
+    assert_eq!(bought["structuredContent"]["qty"], 2, "{bought}");
+
+    // The server saw the fresh token on that one call, and on no other.
+    let calls = world.server.calls().await;
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[0]["tool"], "list_products");
+    assert_eq!(calls[0]["token"], false, "{calls:?}");
+    assert_eq!(calls[1]["tool"], "buy_product");
+    assert_eq!(calls[1]["valid"], true, "{calls:?}");
+    assert_eq!(calls[1]["sub"], "alice");
+    assert_eq!(calls[1]["aud"], "https://shop.example/api");
+    assert_eq!(
+        calls[1]["arguments"],
+        json!({ "product": "XYZ phone", "qty": 2 })
+    );
+    // Only the held tool was asked about.
+    assert_eq!(world.peer.requests().await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_denied_tool_call_is_a_tool_error_the_model_can_read() {
+    let world = McpWorld::start().await;
+    let client = world.client("bob", json!([buy("XYZ phone", 2)]));
+    let request = world.pending("bob").await;
+    world
+        .peer
+        .deny(request["auth_req_id"].as_str().unwrap())
+        .await;
+    let out = client.await.unwrap();
+    let result = &out[0]["results"][0];
+    assert_eq!(result["isError"], true, "{result}");
+    assert_eq!(text(result), "The user has denied the request.");
+    assert_eq!(result["_meta"]["countersign"]["code"], "access_denied");
+    assert!(world.server.bought().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_held_longer_than_the_client_timeout_completes_thanks_to_progress() {
+    let world = McpWorld::start().await;
+    let started = Instant::now();
+    let client = world.client(
+        "alice",
+        json!([{ "call": "buy_product", "arguments": { "product": "ABC laptop", "qty": 1 }, "timeout": 3000, "progress": true }]),
+    );
+    let request = world.pending("alice").await;
+    // The person takes longer than the client's 3 s timeout.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    world
+        .peer
+        .approve(request["auth_req_id"].as_str().unwrap())
+        .await;
+    let out = client.await.unwrap();
+    assert!(started.elapsed() > Duration::from_secs(7));
+    let result = &out[0]["results"][0];
+    assert_eq!(result["isError"], Value::Null, "{result}");
+    assert_eq!(
+        result["structuredContent"]["product"], "ABC laptop",
+        "{result}"
+    );
+    let progress = out[0]["progress"].as_array().unwrap();
+    assert!(progress.len() >= 3, "{progress:?}");
+    assert_eq!(
+        progress[0], "Waiting for alice to approve 'Buy 1 ABC laptop'",
+        "{progress:?}"
+    );
+    assert_eq!(world.server.bought().await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_held_call_is_never_forwarded() {
+    let world = McpWorld::start().await;
+    // No progress: the SDK gives up after 2 s and sends notifications/cancelled.
+    let client = world.client(
+        "carol",
+        json!([{ "call": "buy_product", "arguments": { "product": "Cable", "qty": 3 }, "timeout": 2000, "pause": 1500 }]),
+    );
+    let request = world.pending("carol").await;
+    let out = client.await.unwrap();
+    let error = &out[0]["results"][0]["error"];
+    assert_eq!(error["code"], -32001, "{out:?}");
+
+    let cancelled = world.approvals("?state=failed").await;
+    assert_eq!(cancelled.len(), 1, "{cancelled:?}");
+    assert_eq!(cancelled[0]["problem_code"], "approval_cancelled");
+    // The person approves anyway: the gateway no longer polls, nothing is sent.
+    let auth_req_id = request["auth_req_id"].as_str().unwrap();
+    world.peer.approve(auth_req_id).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(world.peer.request(auth_req_id).await["status"], "approved");
+    assert!(world.server.bought().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_call_attaches_to_the_approval_and_each_request_gets_its_answer() {
+    let world = McpWorld::start().await;
+    let mut call = buy("XYZ phone", 2);
+    call["parallel"] = json!(2);
+    let client = world.client("alice", json!([call]));
+    let request = world.pending("alice").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(world.peer.requests().await.len(), 1, "asked twice");
+    world
+        .peer
+        .approve(request["auth_req_id"].as_str().unwrap())
+        .await;
+    let out = client.await.unwrap();
+    let results = out[0]["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for result in results {
+        assert_eq!(result["structuredContent"]["buyer"], "alice", "{result}");
+    }
+    assert_eq!(
+        results[0]["structuredContent"]["order"],
+        results[1]["structuredContent"]["order"]
+    );
+    assert_eq!(world.server.bought().await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_that_could_be_read_another_way_are_refused() {
+    let world = McpWorld::start().await;
+    let buy = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"buy_product","arguments":{"product":"XYZ phone","qty":2}}}"#;
+
+    let (status, answer) = world
+        .post(
+            &[],
+            &format!(r#"[{{"jsonrpc":"2.0","id":0,"method":"tools/list"}},{buy}]"#),
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["code"], -32600, "{answer}");
+    assert_eq!(answer["error"]["data"]["code"], "mcp_batch_refused");
+
+    for headers in [
+        [("mcp-method", "tools/list"), ("mcp-name", "buy_product")],
+        [("mcp-method", "tools/call"), ("mcp-name", "list_products")],
+    ] {
+        let (status, answer) = world.post(&headers, buy).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["id"], 1, "{answer}");
+        assert_eq!(
+            answer["error"]["data"]["code"], "mcp_header_mismatch",
+            "{answer}"
+        );
+    }
+
+    let twins = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"buy_product","arguments":{"product":"XYZ phone","qty":1,"QTY":100}}}"#;
+    let (status, answer) = world.post(&[], twins).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(
+        answer["error"]["data"]["code"], "invalid_mcp_message",
+        "{answer}"
+    );
+
+    // A tool name in another letter case, from the SDK client: a tool error.
+    let out = world
+        .client(
+            "alice",
+            json!([{ "call": "Buy_Product", "arguments": { "product": "XYZ phone", "qty": 2 } }]),
+        )
+        .await
+        .unwrap();
+    let result = &out[0]["results"][0];
+    assert_eq!(result["isError"], true, "{result}");
+    assert!(text(result).contains("only in letter case"), "{result}");
+
+    assert!(world.peer.requests().await.is_empty());
+    assert!(world.server.calls().await.is_empty());
+}
