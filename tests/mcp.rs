@@ -74,6 +74,16 @@ impl McpServer {
             .unwrap()
     }
 
+    /// HTTP requests the server got on /mcp, by method.
+    async fn methods(&self) -> Value {
+        reqwest::get(format!("http://{}/control/methods", self.addr))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     async fn bought(&self) -> Vec<Value> {
         let calls = self.calls().await;
         calls
@@ -122,7 +132,7 @@ impl McpWorld {
 
     /// Runs the SDK client on `steps` (see tests/mcp/client.mjs) for `user`;
     /// one JSON value per step.
-    fn client(&self, user: &str, steps: Value) -> tokio::task::JoinHandle<Vec<Value>> {
+    fn client(&self, user: Option<&str>, steps: Value) -> tokio::task::JoinHandle<Vec<Value>> {
         let scenario = json!({
             "url": self.gateway.url("/mcp"),
             "user": user,
@@ -198,7 +208,7 @@ fn text(result: &Value) -> &str {
 async fn an_approved_tool_call_reaches_the_server_with_a_fresh_token() {
     let world = McpWorld::start().await;
     let client = world.client(
-        "alice",
+        Some("alice"),
         json!([{ "list": true }, { "call": "list_products" }, buy("XYZ phone", 2)]),
     );
     let request = world.pending("alice").await;
@@ -235,12 +245,20 @@ async fn an_approved_tool_call_reaches_the_server_with_a_fresh_token() {
     );
     // Only the held tool was asked about.
     assert_eq!(world.peer.requests().await.len(), 1);
+    // Nothing else went wrong for the SDK (the GET stream, the DELETE).
+    assert_eq!(out[3]["errors"], json!([]), "{out:?}");
+    let methods = world.server.methods().await;
+    assert!(
+        methods["GET"].as_u64() >= Some(1),
+        "the GET stream: {methods}"
+    );
+    assert_eq!(methods["DELETE"], 1, "{methods}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_denied_tool_call_is_a_tool_error_the_model_can_read() {
     let world = McpWorld::start().await;
-    let client = world.client("bob", json!([buy("XYZ phone", 2)]));
+    let client = world.client(Some("bob"), json!([buy("XYZ phone", 2)]));
     let request = world.pending("bob").await;
     world
         .peer
@@ -259,7 +277,7 @@ async fn a_call_held_longer_than_the_client_timeout_completes_thanks_to_progress
     let world = McpWorld::start().await;
     let started = Instant::now();
     let client = world.client(
-        "alice",
+        Some("alice"),
         json!([{ "call": "buy_product", "arguments": { "product": "ABC laptop", "qty": 1 }, "timeout": 3000, "progress": true }]),
     );
     let request = world.pending("alice").await;
@@ -291,7 +309,7 @@ async fn a_cancelled_held_call_is_never_forwarded() {
     let world = McpWorld::start().await;
     // No progress: the SDK gives up after 2 s and sends notifications/cancelled.
     let client = world.client(
-        "carol",
+        Some("carol"),
         json!([{ "call": "buy_product", "arguments": { "product": "Cable", "qty": 3 }, "timeout": 2000, "pause": 1500 }]),
     );
     let request = world.pending("carol").await;
@@ -315,7 +333,7 @@ async fn a_retried_call_attaches_to_the_approval_and_each_request_gets_its_answe
     let world = McpWorld::start().await;
     let mut call = buy("XYZ phone", 2);
     call["parallel"] = json!(2);
-    let client = world.client("alice", json!([call]));
+    let client = world.client(Some("alice"), json!([call]));
     let request = world.pending("alice").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(world.peer.requests().await.len(), 1, "asked twice");
@@ -375,7 +393,7 @@ async fn messages_that_could_be_read_another_way_are_refused() {
     // A tool name in another letter case, from the SDK client: a tool error.
     let out = world
         .client(
-            "alice",
+            Some("alice"),
             json!([{ "call": "Buy_Product", "arguments": { "product": "XYZ phone", "qty": 2 } }]),
         )
         .await
@@ -383,6 +401,21 @@ async fn messages_that_could_be_read_another_way_are_refused() {
     let result = &out[0]["results"][0];
     assert_eq!(result["isError"], true, "{result}");
     assert!(text(result).contains("only in letter case"), "{result}");
+
+    // Any other refusal of a held call is a tool error too: here, no identity.
+    let out = world
+        .client(
+            None,
+            json!([{ "call": "buy_product", "arguments": { "product": "XYZ phone", "qty": 2 } }]),
+        )
+        .await
+        .unwrap();
+    let result = &out[0]["results"][0];
+    assert_eq!(result["isError"], true, "{result}");
+    assert_eq!(
+        result["_meta"]["countersign"]["code"], "identity_required",
+        "{result}"
+    );
 
     assert!(world.peer.requests().await.is_empty());
     assert!(world.server.calls().await.is_empty());

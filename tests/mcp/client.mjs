@@ -3,23 +3,27 @@
 //
 //   node tests/mcp/client.mjs '<scenario JSON>'
 //
-// The scenario: { "url", "user" (sent as x-countersign-user), "steps": [...] }
+// The scenario: { "url", "user" (sent as x-countersign-user; null: none),
+// "steps": [...] }
 // where each step is { "list": true } (tools/list), or { "call": <tool>,
 // "arguments": {...}, "timeout": ms, "progress": true (send a progressToken
 // and reset the timeout on progress), "parallel": n (send it n times at once) }.
 // It prints one JSON line per step to stdout: { "tools": [...] }, or
 // { "results": [...], "progress": [messages] } where each result is a
-// CallToolResult or { "error": { "code", "message" } }.
+// CallToolResult or { "error": { "code", "message" } }. At the end it ends
+// its session (DELETE) and prints { "errors": [...] }, what the SDK reported
+// besides the results; a failure of the transport exits non-zero.
 
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
 
 const scenario = JSON.parse(process.argv[2]);
 const transport = new StreamableHTTPClientTransport(new URL(scenario.url), {
-  requestInit: { headers: { 'x-countersign-user': scenario.user ?? 'alice' } },
+  requestInit: { headers: scenario.user === null ? {} : { 'x-countersign-user': scenario.user } },
 });
 const client = new Client({ name: 'countersign-test-client', version: '1.0.0' });
-client.onerror = (error) => console.error(`client error: ${error}`);
+const errors = [];
+client.onerror = (error) => errors.push(String(error));
 await client.connect(transport);
 
 const print = (value) => process.stdout.write(`${JSON.stringify(value)}\n`);
@@ -44,4 +48,7 @@ for (const step of scenario.steps) {
   print({ results, progress });
   if (step.pause) await new Promise((resolve) => setTimeout(resolve, step.pause));
 }
+// DELETE of the session, through the gateway like everything else.
+await transport.terminateSession();
 await client.close();
+print({ errors });

@@ -8,7 +8,8 @@
 // It verifies the bearer token a call of buy_product carries (signature by
 // the issuer's JWKS, issuer, audience, scope product:buy) and records every
 // tool call it ran: GET /control/calls (tool, arguments, whether a token came
-// and what it said; never the token itself). Once it listens it prints one
+// and what it said; never the token itself), and GET /control/methods the
+// HTTP requests on /mcp by method. Once it listens it prints one
 // line to stdout: {"url":"http://127.0.0.1:<port>/mcp","port":<port>}.
 // It exits when stdin closes (the parent test died) unless MCP_IGNORE_STDIN=1.
 
@@ -30,6 +31,8 @@ const jwks = issuer
 
 const products = ['XYZ phone', 'ABC laptop', 'Cable'];
 const calls = [];
+// HTTP requests on /mcp by method, to show what passed through a gateway.
+const methods = {};
 
 async function verify(authorization) {
   const token = /^Bearer (.+)$/i.exec(authorization ?? '')?.[1];
@@ -136,7 +139,13 @@ const httpServer = http.createServer((req, res) => {
     res.end(JSON.stringify(calls));
     return;
   }
+  if (path === '/control/methods' && req.method === 'GET') {
+    res.writeHead(200, { 'content-type': 'application/json' });
+    res.end(JSON.stringify(methods));
+    return;
+  }
   if (path === '/mcp') {
+    methods[req.method] = (methods[req.method] ?? 0) + 1;
     handleMcp(req, res).catch((error) => {
       console.error(error);
       if (!res.headersSent) res.writeHead(500).end();
