@@ -212,12 +212,16 @@ fn route_table(config: &config::Config) -> String {
         "NAME", "METHODS", "PATH", "HOST"
     );
     for p in config.policies.policies() {
+        let path = match &p.mcp_tool {
+            Some(tool) => format!("{} (MCP tool {tool})", p.path_template),
+            None => p.path_template.clone(),
+        };
         let _ = writeln!(
             out,
             "  {:<20} {:<12} {:<28} {:<24} {}{}",
             p.name,
             p.methods.join(","),
-            p.path_template,
+            path,
             p.host.as_deref().unwrap_or("*"),
             p.scopes.join(" "),
             p.audience
