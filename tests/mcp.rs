@@ -107,6 +107,15 @@ struct McpWorld {
     gateway: TestGateway,
 }
 
+/// A second held tool on the same endpoint, whose approval expires in 2 s
+/// (the server has no such tool: it must never get there).
+const EXPIRING: &str = r#"  - name: mcp-expiring
+    match: { path: /mcp, mcp: { tool: "wire_*" } }
+    require: { scopes: [product:buy], audience: "https://shop.example/api" }
+    binding_message: "Wire {{arguments.amount}}"
+    requested_expiry: 2s
+"#;
+
 impl McpWorld {
     async fn start() -> Self {
         let peer = Peer::start();
@@ -118,6 +127,7 @@ impl McpWorld {
             GatewayOptions {
                 upstream: Some(server.addr.to_string()),
                 limits: "{ max_body_bytes: 4096, max_hold: 60s }",
+                extra_policies: EXPIRING,
                 ..GatewayOptions::default()
             },
         )
@@ -270,6 +280,35 @@ async fn a_denied_tool_call_is_a_tool_error_the_model_can_read() {
     assert_eq!(text(result), "The user has denied the request.");
     assert_eq!(result["_meta"]["countersign"]["code"], "access_denied");
     assert!(world.server.bought().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_approval_is_a_tool_error_too_also_in_the_progress_stream() {
+    let world = McpWorld::start().await;
+    let out = world
+        .client(
+            Some("alice"),
+            json!([
+                { "call": "wire_money", "arguments": { "amount": 100 } },
+                { "call": "wire_money", "arguments": { "amount": 200 }, "timeout": 3000, "progress": true },
+            ]),
+        )
+        .await
+        .unwrap();
+    for step in &out[..2] {
+        let result = &step["results"][0];
+        assert_eq!(result["isError"], true, "{result}");
+        assert_eq!(
+            result["_meta"]["countersign"]["code"], "approval_expired",
+            "{result}"
+        );
+        assert!(text(result).contains("did not answer"), "{result}");
+    }
+    assert!(
+        !out[1]["progress"].as_array().unwrap().is_empty(),
+        "{out:?}"
+    );
+    assert!(world.server.calls().await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
