@@ -441,6 +441,22 @@ async fn messages_that_could_be_read_another_way_are_refused() {
     assert_eq!(result["isError"], true, "{result}");
     assert!(text(result).contains("only in letter case"), "{result}");
 
+    // An argument the person is not shown (mcp.arguments.only).
+    let out = world
+        .client(
+            Some("alice"),
+            json!([{ "call": "buy_product", "arguments": { "product": "XYZ phone", "qty": 2, "giftTo": "eve" } }]),
+        )
+        .await
+        .unwrap();
+    let result = &out[0]["results"][0];
+    assert_eq!(result["isError"], true, "{result}");
+    assert_eq!(
+        result["_meta"]["countersign"]["code"], "invalid_body",
+        "{result}"
+    );
+    assert!(text(result).contains("'giftTo'"), "{result}");
+
     // Any other refusal of a held call is a tool error too: here, no identity.
     let out = world
         .client(

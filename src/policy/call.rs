@@ -18,7 +18,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 use super::body::{self, fold_case, BodyError};
-use super::spec::BodySpec;
+use super::spec::{BodySpec, McpSpec};
 use super::template::{
     DetailsTemplate, FieldPath, Found, MessageTemplate, RenderError, Section,
     BINDING_MESSAGE_MAX_CHARS,
@@ -63,6 +63,8 @@ pub enum CallError {
     NotAnObject(String),
     #[error("The body field '{field}' is not shown to the person who approves this call, so it is refused; send only {allowed}.")]
     UnshownField { field: String, allowed: String },
+    #[error("The argument '{name}' is not shown to the person who approves this tool call, so it is refused; send only {allowed}.")]
+    UnshownArgument { name: String, allowed: String },
     #[error("The query parameter '{0}' is given more than once (or in another letter case); APIs disagree on which one counts, so send it once.")]
     RepeatedQuery(String),
     #[error("The query contains ';', which some APIs read as a separator between parameters; send parameters separated by '&' only.")]
@@ -106,7 +108,8 @@ impl CallError {
             | Self::MissingBody
             | Self::Body(_)
             | Self::NotAnObject(_)
-            | Self::UnshownField { .. } => ProblemCode::InvalidBody,
+            | Self::UnshownField { .. }
+            | Self::UnshownArgument { .. } => ProblemCode::InvalidBody,
             Self::RepeatedQuery(_) | Self::QuerySemicolon | Self::QueryNotUtf8(_) => {
                 ProblemCode::InvalidQuery
             }
@@ -135,8 +138,34 @@ pub(crate) struct CallShape {
     reads_body: bool,
     /// `body.only`, case-folded, and as a list for messages.
     only: Option<(HashSet<String>, String)>,
+    /// `mcp.arguments.only`, likewise, for an MCP tool's arguments.
+    arguments_only: Option<(HashSet<String>, String)>,
     /// Query parameters the templates read.
     query: Vec<String>,
+}
+
+/// An `only` list, case-folded, and as text for messages; every field the
+/// approval shows must be in it.
+fn only_list(
+    spec: &BodySpec,
+    shown: &[&str],
+    key: &str,
+) -> Result<(HashSet<String>, String), String> {
+    let allowed: HashSet<String> = spec.only.0.iter().map(|f| fold_case(f)).collect();
+    if let Some(missing) = shown.iter().find(|f| !allowed.contains(&fold_case(f))) {
+        return Err(format!(
+            "{key} does not list '{missing}', which the approval shows"
+        ));
+    }
+    let listed = match spec.only.0.as_slice() {
+        [] => "none".to_owned(),
+        names => names
+            .iter()
+            .map(|n| format!("'{n}'"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    Ok((allowed, listed))
 }
 
 impl CallShape {
@@ -144,10 +173,11 @@ impl CallShape {
         message: &MessageTemplate,
         details: Option<&DetailsTemplate>,
         body: Option<&BodySpec>,
-        mcp: bool,
+        mcp: Option<&McpSpec>,
     ) -> Result<Self, String> {
         let mut reads_body = body.is_some();
         let mut body_fields: Vec<&str> = Vec::new();
+        let mut argument_fields: Vec<&str> = Vec::new();
         let mut query: Vec<String> = Vec::new();
         let fields = message
             .fields()
@@ -161,12 +191,13 @@ impl CallShape {
                 (Section::Query, [name, ..]) if !query.contains(name) => {
                     query.push(name.clone());
                 }
-                (Section::Arguments, _) if !mcp => {
+                (Section::Arguments, _) if mcp.is_none() => {
                     return Err(format!(
                         "{{{{{}}}}} reads an MCP tool's arguments; only a policy with match.mcp has them",
                         field.text()
                     ))
                 }
+                (Section::Arguments, [name, ..]) => argument_fields.push(name),
                 (Section::Query | Section::Params | Section::Request | Section::Arguments, []) => {
                     return Err(format!(
                         "{{{{{0}}}}} is a whole section; name one value, such as {{{{{0}.name}}}}",
@@ -176,32 +207,17 @@ impl CallShape {
                 _ => {}
             }
         }
-        let only = match body {
-            None => None,
-            Some(spec) => {
-                let allowed: HashSet<String> = spec.only.0.iter().map(|f| fold_case(f)).collect();
-                if let Some(missing) = body_fields
-                    .iter()
-                    .find(|f| !allowed.contains(&fold_case(f)))
-                {
-                    return Err(format!(
-                        "body.only does not list '{missing}', which the approval shows"
-                    ));
-                }
-                let listed = match spec.only.0.as_slice() {
-                    [] => "none".to_owned(),
-                    names => names
-                        .iter()
-                        .map(|n| format!("'{n}'"))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                };
-                Some((allowed, listed))
-            }
-        };
+        let only = body
+            .map(|spec| only_list(spec, &body_fields, "body.only"))
+            .transpose()?;
+        let arguments_only = mcp
+            .and_then(|m| m.arguments.as_ref())
+            .map(|spec| only_list(spec, &argument_fields, "mcp.arguments.only"))
+            .transpose()?;
         Ok(Self {
             reads_body,
             only,
+            arguments_only,
             query,
         })
     }
@@ -217,6 +233,16 @@ impl CallShape {
         } else {
             None
         };
+        if let (Some((allowed, listed)), Some(Value::Object(arguments))) =
+            (&self.arguments_only, input.arguments)
+        {
+            if let Some(name) = arguments.keys().find(|k| !allowed.contains(&fold_case(k))) {
+                return Err(CallError::UnshownArgument {
+                    name: name.clone(),
+                    allowed: listed.clone(),
+                });
+            }
+        }
         let query = if self.query.is_empty() {
             Vec::new()
         } else {

@@ -167,7 +167,7 @@ impl PolicySet {
                 &spec.binding_message,
                 spec.authorization_details.as_ref(),
                 spec.body.as_ref(),
-                spec.matcher.mcp.is_some(),
+                spec.matcher.mcp.as_ref(),
             )
             .map_err(|reason| PolicyError {
                 file: file.clone(),
@@ -890,6 +890,42 @@ policies:
         let error = set.render_call(set.at(0), &input).unwrap_err();
         assert_eq!(error.code(), ProblemCode::InvalidBody);
         assert!(error.to_string().contains("arguments.product"), "{error}");
+    }
+
+    #[test]
+    fn mcp_arguments_only_refuses_arguments_the_person_is_not_shown() {
+        let set = compile_yaml(
+            r#"
+policies:
+  - { name: buy, match: { path: /mcp, mcp: { tool: buy, arguments: { only: [product, qty] } } }, require: { scopes: [x] }, binding_message: "Buy {{arguments.qty}} {{arguments.product}}" }
+"#,
+        )
+        .unwrap();
+        let headers = HeaderMap::new();
+        let render = |arguments: serde_json::Value| {
+            let input = CallInput {
+                arguments: Some(&arguments),
+                ..call(&headers, None, None)
+            };
+            set.render_call(set.at(0), &input)
+        };
+        assert!(render(serde_json::json!({ "product": "XYZ phone", "qty": 2 })).is_ok());
+        let error =
+            render(serde_json::json!({ "product": "XYZ phone", "qty": 2, "giftTo": "eve" }))
+                .unwrap_err();
+        assert_eq!(error.code(), ProblemCode::InvalidBody);
+        assert!(error.to_string().contains("'giftTo'"), "{error}");
+        let error = compile_yaml(
+            r#"
+policies:
+  - { name: buy, match: { path: /mcp, mcp: { tool: buy, arguments: { only: [qty] } } }, require: { scopes: [x] }, binding_message: "Buy {{arguments.qty}} {{arguments.product}}" }
+"#,
+        )
+        .unwrap_err();
+        assert!(
+            error.contains("mcp.arguments.only does not list 'product'"),
+            "{error}"
+        );
     }
 
     #[test]

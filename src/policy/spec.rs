@@ -130,14 +130,20 @@ pub struct MatchSpec {
     /// endpoint, and this policy holds its JSON-RPC `tools/call` requests for
     /// the tools named; every other message on the endpoint passes.
     #[serde(default)]
-    pub mcp: Option<McpMatch>,
+    pub mcp: Option<McpSpec>,
 }
 
 /// Which MCP tool calls a policy holds.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct McpMatch {
+pub struct McpSpec {
     pub tool: ToolPattern,
+    /// `arguments: { only: [product, qty] }`: a call's arguments may carry no
+    /// names but these (compared ignoring letter case); every argument the
+    /// templates show must be listed. Without it, arguments the person is not
+    /// shown still reach the server.
+    #[serde(default)]
+    pub arguments: Option<BodySpec>,
 }
 
 /// An MCP tool name, or a glob of them (`*` for any run of characters):
