@@ -143,30 +143,7 @@ impl McpWorld {
     /// Runs the SDK client on `steps` (see tests/mcp/client.mjs) for `user`;
     /// one JSON value per step.
     fn client(&self, user: Option<&str>, steps: Value) -> tokio::task::JoinHandle<Vec<Value>> {
-        let scenario = json!({
-            "url": self.gateway.url("/mcp"),
-            "user": user,
-            "steps": steps,
-        });
-        tokio::task::spawn_blocking(move || {
-            let output = Command::new("node")
-                .arg(Path::new(REPO).join("tests/mcp/client.mjs"))
-                .arg(scenario.to_string())
-                .stdin(Stdio::null())
-                .output()
-                .expect("node runs the MCP client");
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            assert!(
-                output.status.success(),
-                "the MCP client failed: {}\nstdout: {stdout}\nstderr: {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            );
-            stdout
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("{l:?}")))
-                .collect()
-        })
+        run_client(self.gateway.url("/mcp"), user, steps)
     }
 
     /// The one pending request of `user` at the authorization server.
@@ -204,6 +181,35 @@ impl McpWorld {
             serde_json::from_str(&text).unwrap_or_else(|_| panic!("{status} {text:?}")),
         )
     }
+}
+
+/// Runs the SDK client (tests/mcp/client.mjs) on `steps` against `url`
+/// for `user`; one JSON value per step.
+fn run_client(
+    url: String,
+    user: Option<&str>,
+    steps: Value,
+) -> tokio::task::JoinHandle<Vec<Value>> {
+    let scenario = json!({ "url": url, "user": user, "steps": steps });
+    tokio::task::spawn_blocking(move || {
+        let output = Command::new("node")
+            .arg(Path::new(REPO).join("tests/mcp/client.mjs"))
+            .arg(scenario.to_string())
+            .stdin(Stdio::null())
+            .output()
+            .expect("node runs the MCP client");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "the MCP client failed: {}\nstdout: {stdout}\nstderr: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("{l:?}")))
+            .collect()
+    })
 }
 
 fn buy(product: &str, qty: u64) -> Value {
@@ -474,4 +480,31 @@ async fn messages_that_could_be_read_another_way_are_refused() {
 
     assert!(world.peer.requests().await.is_empty());
     assert!(world.server.calls().await.is_empty());
+}
+
+/// The example shop's own MCP endpoint (`countersign dev` serves it), with
+/// the SDK client, through the gateway.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_example_shop_serves_buy_product_over_mcp() {
+    let world = World::start(GatewayOptions::default()).await;
+    let client = run_client(
+        world.gateway.url("/mcp"),
+        Some("alice"),
+        json!([{ "list": true }, { "call": "list_products" }, buy("XYZ phone", 2)]),
+    );
+    let pending = world.peer.wait_pending(Some("alice"), 1).await;
+    assert_eq!(pending[0]["binding_message"], MESSAGE);
+    world
+        .peer
+        .approve(pending[0]["auth_req_id"].as_str().unwrap())
+        .await;
+    let out = client.await.unwrap();
+    assert_eq!(out[0]["tools"], json!(["buy_product", "list_products"]));
+    assert!(text(&out[1]["results"][0]).contains("XYZ phone"), "{out:?}");
+    let bought = &out[2]["results"][0];
+    assert_eq!(bought["structuredContent"]["buyer"], "alice", "{bought}");
+    assert_eq!(out[3]["errors"], json!([]), "{out:?}");
+    let received = world.shop.received();
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert_eq!(received[0].claims.as_ref().unwrap()["sub"], "alice");
 }

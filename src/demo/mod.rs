@@ -1,4 +1,5 @@
-//! Demonstration parts: the example shop API. Used by the tests, the
+//! Demonstration parts: the example shop API (also as an MCP server). Used by the tests, the
 //! examples and `countersign dev`; never by the gateway itself.
 
+pub mod mcp;
 pub mod shop;

@@ -2,6 +2,8 @@
 //! needs an access token that verifies against the authorization server's
 //! JWKS, is meant for the shop's audience and carries scope `product:buy`.
 //! It records what it received, so tests can check what crossed the gateway.
+//! At `/mcp` it is also an MCP server with the tool `buy_product`
+//! ([`super::mcp`]).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -40,7 +42,7 @@ impl Received {
 }
 
 #[derive(Debug)]
-struct Shop {
+pub(super) struct Shop {
     verifier: JwtVerifier,
     received: Mutex<Vec<Received>>,
 }
@@ -83,6 +85,7 @@ pub async fn serve(
     let app = Router::new()
         .route("/shop", post(buy))
         .route("/products", get(products))
+        .route("/mcp", axum::routing::any(super::mcp::endpoint))
         .fallback(other)
         .with_state(shop.clone());
     let addr = listener.local_addr()?;
@@ -93,7 +96,7 @@ pub async fn serve(
 }
 
 impl Shop {
-    async fn record(
+    pub(super) async fn record(
         &self,
         method: &Method,
         uri: &Uri,

@@ -28,6 +28,9 @@ pub use authz::{AuthzOptions, DevAuthz, DEV_CLIENT_ID, DEV_CLIENT_SECRET};
 /// directory (and from an installed binary).
 pub const SHOP_POLICIES: &str = include_str!("../../policies/shop.yaml");
 
+/// The example MCP policy: `buy_product` on the shop's `/mcp` endpoint.
+pub const MCP_POLICIES: &str = include_str!("../../policies/mcp.yaml");
+
 /// The header that names the user in dev mode (a trusted component in front
 /// of the gateway would set it in production).
 pub const USER_HEADER: &str = "x-countersign-user";
@@ -157,7 +160,10 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let loaded = config::load_embedded(
         Path::new("<countersign dev>"),
         &text,
-        &[(Path::new("<embedded>/policies/shop.yaml"), SHOP_POLICIES)],
+        &[
+            (Path::new("<embedded>/policies/shop.yaml"), SHOP_POLICIES),
+            (Path::new("<embedded>/policies/mcp.yaml"), MCP_POLICIES),
+        ],
     )?;
     // Outside the runtime: the gateway builds its own.
     let gateway = Gateway::build(loaded).context("cannot start the gateway")?;
@@ -263,6 +269,10 @@ fn instructions(
         out,
         "\n  Or run the example agent:\n     cargo run --example agent --{gateway_flag} --product \"XYZ phone\" --qty 2 --price-limit 900 --user {user}"
     );
+    let _ = writeln!(
+        out,
+        "\n  Or as an MCP client: the shop's MCP server (tool buy_product) is behind\n     http://{proxy}/mcp   (send the header {USER_HEADER}: {user})"
+    );
     let _ = writeln!(out, "\nPress Ctrl-C to stop.");
     out
 }
@@ -290,10 +300,13 @@ mod tests {
         let loaded = config::load_embedded(
             Path::new("dev"),
             &text,
-            &[(Path::new("shop.yaml"), SHOP_POLICIES)],
+            &[
+                (Path::new("shop.yaml"), SHOP_POLICIES),
+                (Path::new("mcp.yaml"), MCP_POLICIES),
+            ],
         )
         .unwrap();
-        assert_eq!(loaded.policies.policies().len(), 2);
+        assert_eq!(loaded.policies.policies().len(), 3);
         assert_eq!(loaded.gateway.default_action, config::DefaultAction::Pass);
     }
 }
