@@ -427,6 +427,22 @@ async fn messages_that_could_be_read_another_way_are_refused() {
         );
     }
 
+    // Another method carrying the same message is read like a POST.
+    let response = reqwest::Client::new()
+        .put(world.gateway.url("/mcp"))
+        .header(USER_HEADER, "alice")
+        .header("content-type", "application/json")
+        .header("mcp-method", "tools/list")
+        .body(buy)
+        .send()
+        .await
+        .unwrap();
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(
+        answer["error"]["data"]["code"], "mcp_header_mismatch",
+        "{answer}"
+    );
+
     let twins = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"buy_product","arguments":{"product":"XYZ phone","qty":1,"QTY":100}}}"#;
     let (status, answer) = world.post(&[], twins).await;
     assert_eq!(status, 400, "{answer}");

@@ -42,7 +42,7 @@ pub(super) struct McpReply {
 }
 
 impl Countersign {
-    /// `Ok(None)`: the message passes untouched. `Ok(Some)`: a held
+    /// `Ok(None)`: the request passes untouched. `Ok(Some)`: a held
     /// `tools/call`, with `ctx.mcp` set so that every reply is JSON-RPC.
     pub(super) async fn decide_mcp<'s>(
         &'s self,
@@ -52,7 +52,11 @@ impl Countersign {
         request: &CanonicalRequest,
         upstream: &str,
     ) -> Result<Option<HeldCall<'s>>, Reply> {
-        if session.req_header().method != http::Method::POST {
+        // GET opens the server's stream; a POST carries a message. Any
+        // other method with a body is read like a POST: a lenient server
+        // might take a tools/call from it.
+        let method = &session.req_header().method;
+        if [http::Method::GET, http::Method::HEAD, http::Method::OPTIONS].contains(method) {
             return Ok(None);
         }
         let body = hold::read_body(session, self.limits.max_body_bytes).await?;
