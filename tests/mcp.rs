@@ -371,6 +371,24 @@ async fn a_cancelled_held_call_is_never_forwarded() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(world.peer.request(auth_req_id).await["status"], "approved");
     assert!(world.server.bought().await.is_empty());
+
+    // Sent again, the call is a new approval: carol is asked again.
+    let client = world.client(
+        Some("carol"),
+        json!([{ "call": "buy_product", "arguments": { "product": "Cable", "qty": 3 } }]),
+    );
+    let again = world.pending("carol").await;
+    assert_ne!(again["auth_req_id"], request["auth_req_id"]);
+    world
+        .peer
+        .approve(again["auth_req_id"].as_str().unwrap())
+        .await;
+    let out = client.await.unwrap();
+    assert_eq!(
+        out[0]["results"][0]["structuredContent"]["qty"], 3,
+        "{out:?}"
+    );
+    assert_eq!(world.server.bought().await.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
