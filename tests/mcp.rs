@@ -392,6 +392,50 @@ async fn a_cancelled_held_call_is_never_forwarded() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn cancelling_a_retry_that_attached_cancels_the_approval() {
+    let world = McpWorld::start().await;
+    let call = |id: u64| {
+        let url = world.gateway.url("/mcp");
+        let body = json!({ "jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": { "name": "buy_product", "arguments": { "product": "Cable", "qty": 1 } } });
+        tokio::spawn(async move {
+            let response = reqwest::Client::new()
+                .post(url)
+                .header(USER_HEADER, "alice")
+                .header("accept", "application/json, text/event-stream")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            response.json::<Value>().await.unwrap()
+        })
+    };
+    let first = call(1);
+    world.pending("alice").await;
+    let retry = call(2);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Only the retry's own id: the stored call is the first request (id 1).
+    let cancel = reqwest::Client::new()
+        .post(world.gateway.url("/mcp"))
+        .header(USER_HEADER, "alice")
+        .json(&json!({ "jsonrpc": "2.0", "method": "notifications/cancelled", "params": { "requestId": 2 } }))
+        .send()
+        .await
+        .unwrap();
+    // The notification went on to the server (which wants a session).
+    assert_eq!(cancel.status(), 400);
+    for (answer, id) in [(first.await.unwrap(), 1), (retry.await.unwrap(), 2)] {
+        assert_eq!(answer["id"], id, "{answer}");
+        assert_eq!(
+            answer["result"]["_meta"]["countersign"]["code"], "approval_cancelled",
+            "{answer}"
+        );
+    }
+    assert_eq!(world.peer.requests().await.len(), 1);
+    assert!(world.server.bought().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_retried_call_attaches_to_the_approval_and_each_request_gets_its_answer() {
     let world = McpWorld::start().await;
     let mut call = buy("XYZ phone", 2);

@@ -143,6 +143,7 @@ impl Countersign {
                 held: self.held.clone(),
                 metrics: self.metrics.clone(),
             };
+            let _waiting = self.note_waiting(session, ctx, &new.subject, &id);
             let until = Instant::now() + hold_for;
             let waited = match self
                 .wait_streaming(session, ctx, &id, until, &waiting)

@@ -3,6 +3,8 @@
 //! stream alive with progress, and answering in JSON-RPC (via
 //! [`crate::mcp::jsonrpc`]) instead of problem+json.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,6 +33,37 @@ pub(super) struct McpCall {
     pub accepts_stream: bool,
     /// The SSE answer has begun: the rest goes into it as events.
     pub streaming: bool,
+}
+
+/// Who waits for which approval: `(subject, Mcp-Session-Id, request id)`.
+type WaitKey = (String, Option<Vec<u8>>, String);
+
+/// The held MCP calls waiting in this process, by [`WaitKey`].
+#[derive(Debug, Default, Clone)]
+pub(super) struct Waiting(Arc<Mutex<HashMap<WaitKey, String>>>);
+
+/// Removes a waiting call however its wait ends.
+pub(super) struct WaitingGuard {
+    waiting: Waiting,
+    key: WaitKey,
+}
+
+impl Drop for WaitingGuard {
+    fn drop(&mut self) {
+        self.waiting
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
+}
+
+fn mcp_session(session: &Session) -> Option<Vec<u8>> {
+    session
+        .req_header()
+        .headers
+        .get(mcp::SESSION_HEADER)
+        .map(|v| v.as_bytes().to_vec())
 }
 
 /// A JSON-RPC answer the gateway gives itself (an error for a message it
@@ -131,11 +164,21 @@ impl Countersign {
         let Ok(identity) = self.identity.identify(session.req_header()).await else {
             return;
         };
-        let mcp_session = session
-            .req_header()
-            .headers
-            .get(mcp::SESSION_HEADER)
-            .map(|v| v.as_bytes().to_vec());
+        let mcp_session = mcp_session(session);
+        // Requests that attached to an approval (retries) wait here.
+        let mut cancel: Vec<String> = {
+            let waiting = self.mcp_waiting.0.lock().unwrap_or_else(|e| e.into_inner());
+            ids.iter()
+                .filter_map(|id| {
+                    let key = (
+                        identity.subject.clone(),
+                        mcp_session.clone(),
+                        id.to_string(),
+                    );
+                    waiting.get(&key).cloned()
+                })
+                .collect()
+        };
         let pending = match self
             .engine
             .store()
@@ -153,20 +196,51 @@ impl Countersign {
                 return;
             }
         };
-        for approval in pending
-            .iter()
-            .filter(|a| is_cancelled(a, ids, &mcp_session))
-        {
-            match self.engine.cancel(&approval.id).await {
+        cancel.extend(
+            pending
+                .iter()
+                .filter(|a| is_cancelled(a, ids, &mcp_session))
+                .map(|a| a.id.clone()),
+        );
+        cancel.sort();
+        cancel.dedup();
+        for approval_id in cancel {
+            match self.engine.cancel(&approval_id).await {
                 Ok(true) => {
-                    tracing::info!(approval_id = %approval.id, policy = %approval.policy, "held MCP call cancelled by the client; it will not be forwarded")
+                    tracing::info!(%approval_id, "held MCP call cancelled by the client; it will not be forwarded")
                 }
                 Ok(false) => {}
                 Err(error) => {
-                    tracing::warn!(approval_id = %approval.id, %error, "could not cancel the held call")
+                    tracing::warn!(%approval_id, %error, "could not cancel the held call")
                 }
             }
         }
+    }
+
+    /// Notes that this held MCP call waits for `approval_id`, until the
+    /// guard drops.
+    pub(super) fn note_waiting(
+        &self,
+        session: &Session,
+        ctx: &CallCtx,
+        subject: &str,
+        approval_id: &str,
+    ) -> Option<WaitingGuard> {
+        let call = ctx.mcp.as_ref()?;
+        let key = (
+            subject.to_owned(),
+            mcp_session(session),
+            call.id.to_string(),
+        );
+        self.mcp_waiting
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), approval_id.to_owned());
+        Some(WaitingGuard {
+            waiting: self.mcp_waiting.clone(),
+            key,
+        })
     }
 
     /// Waits for `id` as [`hold`] does, writing `notifications/progress`

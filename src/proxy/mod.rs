@@ -59,6 +59,9 @@ pub struct Countersign {
     pub held: Arc<AtomicUsize>,
     pub engine: Arc<Engine>,
     pub approvals_path: String,
+    /// Held MCP calls waiting in this process, for `notifications/cancelled`
+    /// naming a request that attached to an approval made by another.
+    mcp_waiting: mcp::Waiting,
 }
 
 impl Countersign {
@@ -88,6 +91,7 @@ impl Countersign {
             held: Arc::new(AtomicUsize::new(0)),
             engine,
             approvals_path,
+            mcp_waiting: mcp::Waiting::default(),
         }
     }
 }
