@@ -444,3 +444,45 @@ fn is_cancelled(approval: &Approval, ids: &[Value], mcp_session: &Option<Vec<u8>
         .and_then(|message| message.get("id").cloned())
         .is_some_and(|id| ids.contains(&id))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn response(status: u16, content_type: &str, body: &str) -> StoredResponse {
+        StoredResponse {
+            status,
+            headers: vec![("content-type".into(), content_type.as_bytes().to_vec())],
+            body: Some(body.as_bytes().to_vec()),
+        }
+    }
+
+    #[test]
+    fn only_a_json_rpc_response_in_a_2xx_answer_is_readdressed() {
+        let json = response(
+            200,
+            "application/json",
+            r#"{"jsonrpc":"2.0","id":1,"result":{}}"#,
+        );
+        assert_eq!(readdress(&json, &json!(5)).unwrap()[0]["id"], 5);
+        let sse = response(
+            200,
+            "text/event-stream",
+            "event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\n",
+        );
+        assert_eq!(readdress(&sse, &json!("x")).unwrap()[0]["id"], "x");
+        let notification_only = response(
+            200,
+            "text/event-stream",
+            "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\"}\n\n",
+        );
+        assert!(readdress(&notification_only, &json!(1)).is_none());
+        let not_found = response(
+            404,
+            "application/json",
+            r#"{"jsonrpc":"2.0","id":1,"error":{}}"#,
+        );
+        assert!(readdress(&not_found, &json!(1)).is_none());
+    }
+}
