@@ -114,6 +114,11 @@ const EXPIRING: &str = r#"  - name: mcp-expiring
     require: { scopes: [product:buy], audience: "https://shop.example/api" }
     binding_message: "Wire {{arguments.amount}}"
     requested_expiry: 2s
+  - name: mcp-async
+    match: { path: /mcp, mcp: { tool: "later_*" } }
+    require: { scopes: [product:buy], audience: "https://shop.example/api" }
+    binding_message: "Later {{arguments.what}}"
+    wait: async
 "#;
 
 impl McpWorld {
@@ -313,6 +318,29 @@ async fn an_expired_approval_is_a_tool_error_too_also_in_the_progress_stream() {
     assert!(
         !out[1]["progress"].as_array().unwrap().is_empty(),
         "{out:?}"
+    );
+    assert!(world.server.calls().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_async_policy_tells_the_model_to_call_again() {
+    let world = McpWorld::start().await;
+    let out = world
+        .client(
+            Some("alice"),
+            json!([{ "call": "later_order", "arguments": { "what": "soap" } }]),
+        )
+        .await
+        .unwrap();
+    let result = &out[0]["results"][0];
+    assert_eq!(result["isError"], true, "{result}");
+    assert_eq!(
+        result["_meta"]["countersign"]["code"], "approval_pending",
+        "{result}"
+    );
+    assert!(
+        text(result).starts_with("Waiting for alice to approve 'Later soap'; call again in"),
+        "{result}"
     );
     assert!(world.server.calls().await.is_empty());
 }
