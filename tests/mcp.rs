@@ -268,6 +268,12 @@ async fn an_approved_tool_call_reaches_the_server_with_a_fresh_token() {
     assert_eq!(world.peer.requests().await.len(), 1);
     // Nothing else went wrong for the SDK (the GET stream, the DELETE).
     assert_eq!(out[3]["errors"], json!([]), "{out:?}");
+    // The server's notification before its result was relayed too.
+    assert_eq!(
+        out[3]["logs"],
+        json!(["charging alice for 2 XYZ phone"]),
+        "{out:?}"
+    );
     let methods = world.server.methods().await;
     assert!(
         methods["GET"].as_u64() >= Some(1),
@@ -367,6 +373,12 @@ async fn a_call_held_longer_than_the_client_timeout_completes_thanks_to_progress
     assert_eq!(
         result["structuredContent"]["product"], "ABC laptop",
         "{result}"
+    );
+    // Relayed in the progress stream: the server's notification, then its result.
+    assert_eq!(
+        out[1]["logs"],
+        json!(["charging alice for 1 ABC laptop"]),
+        "{out:?}"
     );
     let progress = out[0]["progress"].as_array().unwrap();
     assert!(progress.len() >= 3, "{progress:?}");

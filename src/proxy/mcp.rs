@@ -305,6 +305,7 @@ impl Countersign {
         };
         let id = call.id.clone();
         let streaming = call.streaming;
+        let accepts_stream = call.accepts_stream;
         let messages = match reply {
             Reply::Problem(problem) => {
                 ctx.outcome = CallOutcome::Refused(problem.kind);
@@ -346,11 +347,24 @@ impl Countersign {
             }
             return Ok(());
         }
-        let body = match messages.as_slice() {
-            [one] => serde_json::to_vec(one),
-            many => serde_json::to_vec(&many),
+        // Several messages (the server's notifications, then its response)
+        // as the SSE they came in, if the client takes SSE; else only the
+        // response, as one JSON answer to one request.
+        if messages.len() > 1 && accepts_stream {
+            let body: Vec<u8> = messages
+                .iter()
+                .flat_map(|m| jsonrpc::sse_event(m))
+                .collect();
+            return self
+                .write_answer(session, ctx, 200, "text/event-stream", Bytes::from(body))
+                .await;
         }
-        .unwrap_or_default();
+        let response = messages
+            .iter()
+            .rev()
+            .find(|m| m.get("result").is_some() || m.get("error").is_some())
+            .or(messages.first());
+        let body = serde_json::to_vec(&response).unwrap_or_default();
         self.write_json(session, ctx, 200, Bytes::from(body)).await
     }
 
@@ -381,8 +395,20 @@ impl Countersign {
         status: u16,
         body: Bytes,
     ) -> Result<()> {
+        self.write_answer(session, ctx, status, "application/json", body)
+            .await
+    }
+
+    async fn write_answer(
+        &self,
+        session: &mut Session,
+        ctx: &CallCtx,
+        status: u16,
+        content_type: &str,
+        body: Bytes,
+    ) -> Result<()> {
         let mut header = ResponseHeader::build(status, Some(4))?;
-        header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+        header.insert_header(http::header::CONTENT_TYPE, content_type)?;
         header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
         header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
         if let Some(id) = &ctx.approval_id {

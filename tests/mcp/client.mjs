@@ -11,11 +11,12 @@
 // It prints one JSON line per step to stdout: { "tools": [...] }, or
 // { "results": [...], "progress": [messages] } where each result is a
 // CallToolResult or { "error": { "code", "message" } }. At the end it ends
-// its session (DELETE) and prints { "errors": [...] }, what the SDK reported
-// besides the results; a failure of the transport exits non-zero.
+// its session (DELETE) and prints { "errors": [...], "logs": [...] }: what the
+// SDK reported besides the results, and the server's log notifications; a failure of the transport exits non-zero.
 
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
+import { LoggingMessageNotificationSchema } from '@modelcontextprotocol/sdk/types.js';
 
 const scenario = JSON.parse(process.argv[2]);
 const transport = new StreamableHTTPClientTransport(new URL(scenario.url), {
@@ -24,6 +25,8 @@ const transport = new StreamableHTTPClientTransport(new URL(scenario.url), {
 const client = new Client({ name: 'countersign-test-client', version: '1.0.0' });
 const errors = [];
 client.onerror = (error) => errors.push(String(error));
+const logs = [];
+client.setNotificationHandler(LoggingMessageNotificationSchema, (n) => logs.push(n.params.data));
 await client.connect(transport);
 
 const print = (value) => process.stdout.write(`${JSON.stringify(value)}\n`);
@@ -51,4 +54,4 @@ for (const step of scenario.steps) {
 // DELETE of the session, through the gateway like everything else.
 await transport.terminateSession();
 await client.close();
-print({ errors });
+print({ errors, logs });

@@ -51,7 +51,10 @@ async function verify(authorization) {
 }
 
 function newServer() {
-  const server = new McpServer({ name: 'shop-mcp', version: '1.0.0' });
+  const server = new McpServer(
+    { name: 'shop-mcp', version: '1.0.0' },
+    { capabilities: { logging: {} } },
+  );
   server.registerTool(
     'buy_product',
     {
@@ -68,6 +71,12 @@ function newServer() {
           content: [{ type: 'text', text: `The shop refused: ${auth.reason ?? 'no access token'}.` }],
         };
       }
+      // A notification in the call's stream before the result: a gateway
+      // must relay the server's events, not only its response.
+      await extra.sendNotification({
+        method: 'notifications/message',
+        params: { level: 'info', data: `charging ${auth.sub} for ${qty} ${product}` },
+      });
       const order = { order: randomUUID(), product, qty, buyer: auth.sub };
       return {
         content: [{ type: 'text', text: `Bought ${qty} ${product} for ${auth.sub} (order ${order.order}).` }],
