@@ -351,10 +351,7 @@ impl Countersign {
         // as the SSE they came in, if the client takes SSE; else only the
         // response, as one JSON answer to one request.
         if messages.len() > 1 && accepts_stream {
-            let body: Vec<u8> = messages
-                .iter()
-                .flat_map(|m| jsonrpc::sse_event(m))
-                .collect();
+            let body: Vec<u8> = messages.iter().flat_map(jsonrpc::sse_event).collect();
             return self
                 .write_answer(session, ctx, 200, "text/event-stream", Bytes::from(body))
                 .await;
