@@ -339,6 +339,20 @@ impl Countersign {
             Reply::Mcp(reply) => return self.answer_rpc(session, ctx, *reply).await,
             Reply::Disconnected => return Ok(()),
         };
+        self.write_messages(session, ctx, &messages, streaming, accepts_stream)
+            .await
+    }
+
+    /// JSON-RPC messages for the held call: events into its stream once it
+    /// has begun, else one answer.
+    async fn write_messages(
+        &self,
+        session: &mut Session,
+        ctx: &CallCtx,
+        messages: &[Value],
+        streaming: bool,
+        accepts_stream: bool,
+    ) -> Result<()> {
         if streaming {
             let mut events = messages.iter().map(jsonrpc::sse_event).peekable();
             while let Some(event) = events.next() {
