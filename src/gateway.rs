@@ -100,7 +100,7 @@ fn start_engine(
     config_file: &std::path::Path,
     gateway: &crate::config::GatewayConfig,
     ciba: CibaClient,
-    policies: Arc<crate::policy::PolicySet>,
+    policies: Arc<crate::policy::LivePolicies>,
     metrics: Metrics,
 ) -> Result<(Arc<Engine>, tokio::runtime::Runtime), GatewayError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -247,7 +247,7 @@ impl Gateway {
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
 
-        let policies = Arc::new(config.policies);
+        let policies = Arc::new(crate::policy::LivePolicies::from_pointee(config.policies));
         let (engine, engine_runtime) = start_engine(
             &config.file,
             &gateway,

@@ -38,10 +38,15 @@ pub enum ProblemCode {
     OutcomeUnknown,
     /// The API answered more than the gateway records for replay.
     ResponseNotRecorded,
+    /// A policy's `when` could not be evaluated for the call (fail closed).
+    ConditionFailed,
+    /// No condition of the call's route took it, and the route says
+    /// `otherwise: deny`.
+    PolicyDenied,
 }
 
 impl ProblemCode {
-    const ALL: [Self; 25] = [
+    const ALL: [Self; 27] = [
         Self::AccessDenied,
         Self::ApprovalExpired,
         Self::IdentityRequired,
@@ -67,6 +72,8 @@ impl ProblemCode {
         Self::IdempotencyKeyReused,
         Self::OutcomeUnknown,
         Self::ResponseNotRecorded,
+        Self::ConditionFailed,
+        Self::PolicyDenied,
     ];
 
     /// The code whose wire name is `code` (the first, for a shared name).
@@ -100,12 +107,16 @@ impl ProblemCode {
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::OutcomeUnknown => "outcome_unknown",
             Self::ResponseNotRecorded => "response_not_recorded",
+            Self::ConditionFailed => "condition_failed",
+            Self::PolicyDenied => "policy_denied",
         }
     }
 
     pub fn status(self) -> u16 {
         match self {
-            Self::AccessDenied | Self::NoPolicy | Self::UpstreamNotAllowed => 403,
+            Self::AccessDenied | Self::NoPolicy | Self::UpstreamNotAllowed | Self::PolicyDenied => {
+                403
+            }
             Self::ApprovalExpired => 408,
             Self::IdentityRequired => 401,
             Self::UnknownUser
@@ -125,7 +136,7 @@ impl ProblemCode {
             | Self::OutcomeUnknown
             | Self::ResponseNotRecorded => 502,
             Self::ApprovalStoreUnavailable => 503,
-            Self::IdempotencyKeyReused => 422,
+            Self::IdempotencyKeyReused | Self::ConditionFailed => 422,
             Self::NoRoute => 404,
         }
     }
@@ -156,6 +167,8 @@ impl ProblemCode {
             Self::IdempotencyKeyReused => "Idempotency key reused",
             Self::OutcomeUnknown => "Outcome unknown",
             Self::ResponseNotRecorded => "Response not recorded",
+            Self::ConditionFailed => "Policy condition failed",
+            Self::PolicyDenied => "Refused by policy",
         }
     }
 
@@ -218,6 +231,12 @@ impl ProblemCode {
             }
             Self::UpstreamNotAllowed => {
                 "This call routes to an API its policy does not allow the approval to be sent to, so the gateway refused it."
+            }
+            Self::ConditionFailed => {
+                "The policy's condition could not be evaluated for this call, so the gateway refused it rather than let it through."
+            }
+            Self::PolicyDenied => {
+                "A policy refuses this call outright; no approval can allow it."
             }
         }
     }

@@ -20,7 +20,7 @@ use super::{Outcome, PollSchedule, Step};
 use crate::ciba::{AuthorizeRequest, CibaClient, CibaError, PollAnswer};
 use crate::config::StoreConfig;
 use crate::metrics::Metrics;
-use crate::policy::PolicySet;
+use crate::policy::{LivePolicies, Policy};
 use crate::problem::ProblemCode;
 use crate::store::{Approval, ApprovalState, ApprovalStore, CibaProgress, NewApproval, StoreError};
 use crate::upstream::{ForwardError, UpstreamClient};
@@ -34,7 +34,10 @@ const STORE_RECHECK: Duration = Duration::from_millis(500);
 pub struct Engine {
     store: Arc<dyn ApprovalStore>,
     ciba: CibaClient,
-    policies: Arc<PolicySet>,
+    /// The policy set in force: read for approvals this process did not
+    /// start (resumed after a restart); an approval started here keeps the
+    /// policy its call matched.
+    policies: Arc<LivePolicies>,
     upstreams: UpstreamClient,
     metrics: Metrics,
     config: StoreConfig,
@@ -62,7 +65,7 @@ impl Engine {
     pub fn new(
         store: Arc<dyn ApprovalStore>,
         ciba: CibaClient,
-        policies: Arc<PolicySet>,
+        policies: Arc<LivePolicies>,
         upstreams: UpstreamClient,
         metrics: Metrics,
         config: StoreConfig,
@@ -93,14 +96,19 @@ impl Engine {
     }
 
     /// Asks the person about a newly stored approval and starts polling in
-    /// the background. Returns the polling interval (the agent's
+    /// the background, under `policy` (the one its call matched, whatever a
+    /// reload does meanwhile). Returns the polling interval (the agent's
     /// `Retry-After`).
-    pub async fn start(self: &Arc<Self>, approval: &NewApproval) -> Result<Duration, StartError> {
+    pub async fn start(
+        self: &Arc<Self>,
+        approval: &NewApproval,
+        policy: Arc<Policy>,
+    ) -> Result<Duration, StartError> {
         let id = approval.id.as_str();
         let progress = match self
             .authorize(
                 approval.id.as_str(),
-                &approval.policy,
+                &policy,
                 &approval.subject,
                 &approval.binding_message,
                 approval.authorization_details.as_ref(),
@@ -127,7 +135,7 @@ impl Engine {
             }
         };
         let interval = progress.interval;
-        self.spawn_driver(approval.id.clone());
+        self.spawn_driver(approval.id.clone(), Some(policy));
         Ok(interval)
     }
 
@@ -135,15 +143,12 @@ impl Engine {
     async fn authorize(
         &self,
         id: &str,
-        policy_name: &str,
+        policy: &Policy,
         subject: &str,
         binding_message: &str,
         details: Option<&serde_json::Value>,
         expires_at: SystemTime,
     ) -> Result<CibaProgress, CibaError> {
-        let policy = self.policies.by_name(policy_name).ok_or_else(|| {
-            CibaError::Config(format!("policy {policy_name} is no longer configured"))
-        })?;
         // Whole seconds on the wire: round the time left up, or a 3 s
         // expiry would be asked as 2 s a moment after the call arrived.
         let remaining = expires_at
@@ -185,7 +190,7 @@ impl Engine {
             .map_err(|e| CibaError::Config(e.to_string()))?;
         tracing::info!(
             approval_id = id,
-            policy = %policy_name,
+            policy = %policy.name,
             expires_in_s = authorization.expires_in.as_secs(),
             interval_s = progress.interval.as_secs(),
             "approval requested; waiting for the user"
@@ -193,8 +198,15 @@ impl Engine {
         Ok(progress)
     }
 
-    /// Starts driving `id` in this process unless it already does.
-    pub fn spawn_driver(self: &Arc<Self>, id: String) {
+    /// The policy in force now named `name`, for an approval this process
+    /// did not start.
+    fn current_policy(&self, name: &str) -> Option<Arc<Policy>> {
+        self.policies.load().by_name(name).cloned()
+    }
+
+    /// Starts driving `id` in this process unless it already does, under
+    /// `policy` (for `None`, the one of that name in force now).
+    pub fn spawn_driver(self: &Arc<Self>, id: String, policy: Option<Arc<Policy>>) {
         {
             let mut driving = self.driving.lock().unwrap_or_else(|e| e.into_inner());
             if !driving.insert(id.clone()) {
@@ -206,7 +218,7 @@ impl Engine {
         self.metrics.pending_approvals.inc();
         let engine = self.clone();
         self.runtime.spawn(async move {
-            engine.drive(&id).await;
+            engine.drive(&id, policy).await;
             engine.metrics.pending_approvals.dec();
             engine
                 .driving
@@ -222,7 +234,7 @@ impl Engine {
     }
 
     /// Polls `id` until it ends, while this process holds its lease.
-    async fn drive(&self, id: &str) {
+    async fn drive(&self, id: &str, mut policy: Option<Arc<Policy>>) {
         // Kept across polls: it counts consecutive unanswered polls.
         let mut schedule: Option<PollSchedule> = None;
         loop {
@@ -238,6 +250,9 @@ impl Engine {
             if approval.state != ApprovalState::Pending {
                 return;
             }
+            if policy.is_none() {
+                policy = self.current_policy(&approval.policy);
+            }
             let progress = match &approval.ciba {
                 Some(progress) => progress.clone(),
                 None => {
@@ -245,10 +260,18 @@ impl Engine {
                     if !self.take_lease(id, SystemTime::now()).await {
                         return;
                     }
+                    let Some(policy) = policy.as_deref() else {
+                        let error = CibaError::Config(format!(
+                            "policy {} is no longer configured",
+                            approval.policy
+                        ));
+                        self.end(&approval, Outcome::Failed(error), None).await;
+                        return;
+                    };
                     match self
                         .authorize(
                             id,
-                            &approval.policy,
+                            policy,
                             &approval.subject,
                             &approval.binding_message,
                             approval.authorization_details.as_ref(),
@@ -258,7 +281,8 @@ impl Engine {
                     {
                         Ok(progress) => progress,
                         Err(error) => {
-                            self.end(&approval, Outcome::Failed(error)).await;
+                            self.end(&approval, Outcome::Failed(error), Some(policy))
+                                .await;
                             return;
                         }
                     }
@@ -274,7 +298,8 @@ impl Engine {
             let next_poll = to_instant(progress.next_poll_at);
             let deadline = to_instant(progress.deadline);
             if next_poll >= deadline {
-                self.end(&approval, Outcome::Expired).await;
+                self.end(&approval, Outcome::Expired, policy.as_deref())
+                    .await;
                 return;
             }
             tokio::time::sleep_until(next_poll).await;
@@ -309,7 +334,7 @@ impl Engine {
                     }
                 }
                 Step::Finish(outcome) => {
-                    self.end(&approval, outcome).await;
+                    self.end(&approval, outcome, policy.as_deref()).await;
                     return;
                 }
             }
@@ -335,7 +360,7 @@ impl Engine {
     }
 
     /// Records how the approval ended; on approval, forwards the call once.
-    async fn end(&self, approval: &Approval, outcome: Outcome) {
+    async fn end(&self, approval: &Approval, outcome: Outcome, policy: Option<&Policy>) {
         let id = approval.id.as_str();
         let result = outcome.result_label();
         self.metrics
@@ -376,9 +401,7 @@ impl Engine {
         };
         // The person may approve less than was asked; the call then cannot
         // be made, so it is not forwarded.
-        if let (Some(granted), Some(policy)) =
-            (&grant.scope, self.policies.by_name(&approval.policy))
-        {
+        if let (Some(granted), Some(policy)) = (&grant.scope, policy) {
             let granted: Vec<&str> = granted.split_whitespace().collect();
             if let Some(missing) = policy
                 .scopes
@@ -539,7 +562,7 @@ impl Engine {
                 Ok(orphans) => {
                     for approval in orphans {
                         tracing::info!(approval_id = %approval.id, "resuming an approval nobody polls");
-                        self.spawn_driver(approval.id);
+                        self.spawn_driver(approval.id, None);
                     }
                 }
                 Err(error) => tracing::warn!(%error, "approval store unavailable"),

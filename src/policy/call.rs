@@ -69,6 +69,10 @@ pub enum CallError {
     QueryNotUtf8(String),
     #[error("{}", render_detail(.0))]
     Render(#[from] RenderError),
+    #[error("The {section} key '{key}' is spelled like a name the policy's condition reads, but in another letter case; some APIs read it as that name, so spell it exactly as the condition does.")]
+    Misspelled { section: &'static str, key: String },
+    #[error("The condition of policy '{policy}' could not be evaluated for this call ({reason}); the call was refused, not passed.")]
+    Condition { policy: String, reason: String },
 }
 
 fn render_detail(error: &RenderError) -> String {
@@ -115,6 +119,11 @@ impl CallError {
                 ProblemCode::InvalidBody
             }
             Self::Render(_) => ProblemCode::InvalidBindingMessage,
+            Self::Misspelled {
+                section: "query", ..
+            } => ProblemCode::InvalidQuery,
+            Self::Misspelled { .. } => ProblemCode::InvalidBody,
+            Self::Condition { .. } => ProblemCode::ConditionFailed,
         }
     }
 }
@@ -232,19 +241,7 @@ impl CallShape {
     }
 
     fn read_body(&self, input: &CallInput<'_>) -> Result<Value, CallError> {
-        let bytes = input
-            .body
-            .filter(|b| !b.is_empty())
-            .ok_or(CallError::MissingBody)?;
-        if let Some(encoding) = input.headers.get_all(CONTENT_ENCODING).iter().find(|v| {
-            !v.to_str()
-                .is_ok_and(|v| v.trim().eq_ignore_ascii_case("identity"))
-        }) {
-            let shown = truncated(&String::from_utf8_lossy(encoding.as_bytes()));
-            return Err(CallError::Encoded(shown));
-        }
-        check_json_content_type(input.headers)?;
-        let value = body::parse(bytes)?;
+        let value = read_json_body(input)?;
         if let Some((allowed, listed)) = &self.only {
             let Value::Object(fields) = &value else {
                 return Err(CallError::NotAnObject(listed.clone()));
@@ -262,18 +259,7 @@ impl CallShape {
     /// The query parameters the templates read, each given exactly once
     /// (up to letter case) and spelled as in the template.
     fn read_query(&self, query: &str) -> Result<Vec<(String, String)>, CallError> {
-        if query.contains(';') {
-            return Err(CallError::QuerySemicolon);
-        }
-        let pairs: Vec<(String, &str)> = query
-            .split('&')
-            .filter(|p| !p.is_empty())
-            .map(|pair| {
-                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-                let key = String::from_utf8_lossy(&form_decode(key)).into_owned();
-                (key, value)
-            })
-            .collect();
+        let pairs = query_pairs(query)?;
         let mut found = Vec::new();
         for name in &self.query {
             let folded = fold_case(name);
@@ -295,6 +281,57 @@ impl CallShape {
         }
         Ok(found)
     }
+}
+
+/// The body as JSON, read the one way every API reads it: no
+/// `Content-Encoding`, a JSON `Content-Type`, parsed strictly.
+pub(crate) fn read_json_body(input: &CallInput<'_>) -> Result<Value, CallError> {
+    let bytes = input
+        .body
+        .filter(|b| !b.is_empty())
+        .ok_or(CallError::MissingBody)?;
+    if let Some(encoding) = input.headers.get_all(CONTENT_ENCODING).iter().find(|v| {
+        !v.to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("identity"))
+    }) {
+        let shown = truncated(&String::from_utf8_lossy(encoding.as_bytes()));
+        return Err(CallError::Encoded(shown));
+    }
+    check_json_content_type(input.headers)?;
+    Ok(body::parse(bytes)?)
+}
+
+/// The query's `name=value` pairs, names decoded, values as sent; a `;`
+/// (a separator to some APIs) is refused.
+fn query_pairs(query: &str) -> Result<Vec<(String, &str)>, CallError> {
+    if query.contains(';') {
+        return Err(CallError::QuerySemicolon);
+    }
+    Ok(query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let key = String::from_utf8_lossy(&form_decode(key)).into_owned();
+            (key, value)
+        })
+        .collect())
+}
+
+/// Every query parameter, decoded, for a condition: each given once (up to
+/// letter case) and UTF-8, so the condition and the API read the same value.
+pub(crate) fn read_whole_query(query: &str) -> Result<Vec<(String, String)>, CallError> {
+    let mut seen = HashSet::new();
+    let mut found = Vec::new();
+    for (key, value) in query_pairs(query)? {
+        if !seen.insert(fold_case(&key)) {
+            return Err(CallError::RepeatedQuery(key));
+        }
+        let value = String::from_utf8(form_decode(value))
+            .map_err(|_| CallError::QueryNotUtf8(key.clone()))?;
+        found.push((key, value));
+    }
+    Ok(found)
 }
 
 /// `application/x-www-form-urlencoded` decoding: `+` is a space.

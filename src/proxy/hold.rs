@@ -48,7 +48,7 @@ impl Countersign {
         &self,
         session: &mut Session,
         ctx: &mut CallCtx,
-        call: HeldCall<'_>,
+        call: HeldCall,
     ) -> Reply {
         match self.hold_inner(session, ctx, call).await {
             Ok(reply) | Err(reply) => reply,
@@ -59,9 +59,9 @@ impl Countersign {
         &self,
         session: &mut Session,
         ctx: &mut CallCtx,
-        call: HeldCall<'_>,
+        call: HeldCall,
     ) -> Result<Reply, Reply> {
-        let policy = call.policy;
+        let policy = call.policy.clone();
         let store = self.engine.store();
         let new = self.new_approval(session, &call)?;
 
@@ -96,7 +96,7 @@ impl Countersign {
             Ok(Inserted::Created) => {
                 ctx.approval_id = Some(new.id.clone());
                 tracing::info!(approval_id = %new.id, policy = %policy.name, "call held for approval");
-                match self.engine.start(&new).await {
+                match self.engine.start(&new, policy.clone()).await {
                     Ok(_) => {}
                     Err(StartError::Store(error)) => return Err(store_problem(error)),
                     Err(StartError::Ciba(error)) => {
@@ -156,7 +156,7 @@ impl Countersign {
         Ok(self.reply_for(ctx, &approval))
     }
 
-    fn new_approval(&self, session: &Session, call: &HeldCall<'_>) -> Result<NewApproval, Reply> {
+    fn new_approval(&self, session: &Session, call: &HeldCall) -> Result<NewApproval, Reply> {
         let header = session.req_header();
         let identity_header = match &self.identity {
             IdentitySource::Header(name) => Some(name.as_str()),

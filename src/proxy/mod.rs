@@ -30,7 +30,7 @@ use crate::approval::engine::Engine;
 use crate::config::{DefaultAction, Limits, UpstreamConfig};
 use crate::identity::IdentitySource;
 use crate::metrics::Metrics;
-use crate::policy::PolicySet;
+use crate::policy::LivePolicies;
 use crate::problem::{Problem, ProblemCode};
 
 pub use crate::route::Routes;
@@ -47,7 +47,8 @@ pub const GATEWAY_HEADER_PREFIX: &str = "x-countersign-";
 /// The gateway's proxy logic.
 #[derive(Debug)]
 pub struct Countersign {
-    pub policies: Arc<PolicySet>,
+    /// The policy set in force; a reload swaps it whole.
+    pub policies: Arc<LivePolicies>,
     pub routes: Routes,
     pub upstreams: HashMap<String, Arc<Upstream>>,
     pub identity: IdentitySource,
@@ -63,7 +64,7 @@ pub struct Countersign {
 impl Countersign {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        policies: Arc<PolicySet>,
+        policies: Arc<LivePolicies>,
         routes: Routes,
         upstreams: impl IntoIterator<Item = (String, UpstreamConfig)>,
         identity: IdentitySource,
@@ -128,6 +129,9 @@ impl CallOutcome {
 pub struct CallCtx {
     upstream: Option<Arc<Upstream>>,
     policy: Option<String>,
+    /// The call matched a policy whose conditions let it pass without
+    /// approval (`otherwise: pass`): the only policy call pingora forwards.
+    passed_by_condition: bool,
     approval_id: Option<String>,
     outcome: CallOutcome,
     upstream_started: Option<Instant>,
