@@ -22,6 +22,7 @@ use crate::identity::IdentitySource;
 use crate::metrics::Metrics;
 use crate::proxy::Countersign;
 use crate::readiness::{self, Readiness};
+use crate::reload::Reloader;
 use crate::upstream::UpstreamClient;
 
 #[derive(Debug, Error)]
@@ -55,6 +56,9 @@ pub struct Gateway {
     _engine_runtime: tokio::runtime::Runtime,
     /// What `/readyz` checks; register more before running.
     pub readiness: Readiness,
+    /// Reloads the policies (SIGHUP, changed files); `None` for a
+    /// configuration with embedded policies (`countersign dev`).
+    pub reloader: Option<Arc<Reloader>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -223,6 +227,9 @@ impl Gateway {
         readiness.register("authorization_server", || async { Ok(()) });
         let metrics = Metrics::new();
         let http = http_client(&config)?;
+        let reload_source = config
+            .reloadable
+            .then(|| (config.file.clone(), config.text.clone()));
         let gateway = config.gateway;
         let ciba = CibaClient::new(
             http.clone(),
@@ -255,6 +262,16 @@ impl Gateway {
             policies.clone(),
             metrics.clone(),
         )?;
+        let reloader = reload_source.map(|(file, text)| {
+            let reloader = Arc::new(Reloader::for_file(
+                file,
+                &text,
+                policies.clone(),
+                metrics.clone(),
+            ));
+            engine_runtime.spawn(reloader.clone().run());
+            reloader
+        });
         let store = engine.store().clone();
         let audit_store = store.clone();
         readiness.register("approval_store", move || {
@@ -305,6 +322,7 @@ impl Gateway {
             endpoints,
             _engine_runtime: engine_runtime,
             readiness,
+            reloader,
         })
     }
 

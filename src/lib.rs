@@ -26,6 +26,7 @@ pub mod policy;
 pub mod problem;
 pub mod proxy;
 pub mod readiness;
+pub mod reload;
 pub mod request;
 pub mod route;
 pub mod schema;

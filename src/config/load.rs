@@ -123,6 +123,8 @@ pub fn load_embedded(
         gateway,
         policies,
         routes,
+        text: text.to_owned(),
+        reloadable: embedded.is_empty(),
     })
 }
 
@@ -134,7 +136,7 @@ fn read(file: &Path) -> Result<String, ConfigError> {
 }
 
 /// A file, or the `*.yaml` / `*.yml` files of a directory in name order.
-fn policy_files(path: &Path, config_file: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+pub(crate) fn policy_files(path: &Path, config_file: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     if !path.is_dir() {
         if !path.exists() {
             return Err(invalid(

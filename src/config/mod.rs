@@ -15,6 +15,7 @@ use serde::{de, Deserialize, Deserializer};
 use url::Url;
 
 pub use env::{SecretText, Text};
+pub(crate) use load::policy_files;
 pub use load::{load, load_embedded, load_str, ConfigError};
 
 use crate::policy::PolicySet;
@@ -28,6 +29,12 @@ pub struct Config {
     pub policies: PolicySet,
     /// Built from `gateway.routes`; policies were checked against it.
     pub routes: Routes,
+    /// The main file's text as loaded: a reload compares the keys that need
+    /// a restart against it.
+    pub text: String,
+    /// Loaded from files only (no embedded policies), so it can be reloaded
+    /// from them.
+    pub reloadable: bool,
 }
 
 /// The main configuration file.

@@ -102,6 +102,25 @@ impl GatewayProcess {
         self.spawn().await;
     }
 
+    /// Sends SIGHUP (the reload signal).
+    pub fn sighup(&self) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -HUP {pid}");
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()
