@@ -129,6 +129,11 @@ fn start_engine(
     let upstreams =
         UpstreamClient::new(gateway.upstreams.clone(), gateway.limits.max_response_bytes)
             .map_err(GatewayError::Startup)?;
+    let pings = gateway
+        .authorization_server
+        .notification
+        .as_ref()
+        .map(|n| crate::approval::ping::Pings::new(n.safety_poll));
     let engine = Arc::new(Engine::new(
         Arc::new(store),
         ciba,
@@ -138,6 +143,7 @@ fn start_engine(
         gateway.store.clone(),
         gateway.limits.max_hold,
         runtime.handle().clone(),
+        pings,
     ));
     runtime.spawn(engine.clone().maintain());
     Ok((engine, runtime))
@@ -214,6 +220,9 @@ impl Gateway {
         if let Some(admin) = listen.admin {
             check_bindable("admin", admin)?;
         }
+        if let Some(notification) = &config.gateway.authorization_server.notification {
+            check_bindable("notification", notification.listen)?;
+        }
         let endpoints = resolve_endpoints(&config)?;
         let readiness = Readiness::new();
         let proxy_addr = config.gateway.listen.proxy;
@@ -272,6 +281,18 @@ impl Gateway {
             engine_runtime.spawn(reloader.clone().run());
             reloader
         });
+        let notification_service = gateway.authorization_server.notification.as_ref().map(|n| {
+            let mut service = Service::new(
+                "countersign ciba notification".to_owned(),
+                HttpServer::new_app(crate::ciba::notification::NotificationApp {
+                    engine: engine.clone(),
+                    path: n.path.clone(),
+                    metrics: metrics.clone(),
+                }),
+            );
+            service.add_tcp(&n.listen.to_string());
+            service
+        });
         let store = engine.store().clone();
         let audit_store = store.clone();
         readiness.register("approval_store", move || {
@@ -303,6 +324,9 @@ impl Gateway {
                 .l4_buffer(L4BufferSettings::new(0, DOWNSTREAM_WRITE_BUFFER)),
         );
         server.add_service(proxy);
+        if let Some(service) = notification_service {
+            server.add_service(service);
+        }
 
         if let Some(admin) = gateway.listen.admin {
             let mut service = Service::new(

@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::ping::Pings;
 use super::{Outcome, PollSchedule, Step};
 use crate::ciba::{AuthorizeRequest, CibaClient, CibaError, PollAnswer};
 use crate::config::StoreConfig;
@@ -50,6 +51,8 @@ pub struct Engine {
     settled: Mutex<HashMap<String, Arc<Notify>>>,
     /// The engine's runtime: drivers run there, not on the call's.
     runtime: tokio::runtime::Handle,
+    /// Ping mode: the notifications awaited (`None` in poll mode).
+    pings: Option<Pings>,
 }
 
 /// Why a new approval could not be started.
@@ -71,6 +74,7 @@ impl Engine {
         config: StoreConfig,
         max_hold: Duration,
         runtime: tokio::runtime::Handle,
+        pings: Option<Pings>,
     ) -> Self {
         Self {
             store,
@@ -84,7 +88,13 @@ impl Engine {
             driving: Mutex::new(HashSet::new()),
             settled: Mutex::new(HashMap::new()),
             runtime,
+            pings,
         }
+    }
+
+    /// Ping mode's notifications, for the notification endpoint.
+    pub fn pings(&self) -> Option<&Pings> {
+        self.pings.as_ref()
     }
 
     pub fn store(&self) -> &Arc<dyn ApprovalStore> {
@@ -160,9 +170,11 @@ impl Engine {
             .unwrap_or(self.max_hold)
             .min(remaining)
             .max(Duration::from_secs(1));
+        let notification_token = self.pings.as_ref().map(|_| Pings::new_token());
         let authorization = self
             .ciba
             .authorize(&AuthorizeRequest {
+                client_notification_token: notification_token.as_ref(),
                 subject,
                 binding_message,
                 scopes: &policy.scopes,
@@ -172,16 +184,28 @@ impl Engine {
             })
             .await?;
         let now = Instant::now();
-        let schedule = PollSchedule::new(
-            now,
-            authorization.interval,
-            authorization.expires_in,
-            remaining,
-        );
+        // Ping mode polls only as a safety net, slowly, never faster than
+        // the server's interval.
+        let interval = match (&self.pings, &notification_token) {
+            (Some(pings), Some(token)) => {
+                pings.expect(&authorization.auth_req_id, token, id);
+                let server = authorization.interval.unwrap_or(super::DEFAULT_INTERVAL);
+                Some(server.max(pings.safety_poll))
+            }
+            _ => authorization.interval,
+        };
+        let schedule = PollSchedule::new(now, interval, authorization.expires_in, remaining);
+        // No poll before the deadline: poll mode polls once now, ping mode
+        // awaits the notification until the deadline.
+        let first_poll = match schedule.next_poll() {
+            Some(at) => at,
+            None if self.pings.is_some() => schedule.deadline(),
+            None => now,
+        };
         let progress = CibaProgress {
             auth_req_id: authorization.auth_req_id,
             interval: schedule.interval(),
-            next_poll_at: to_system(schedule.next_poll().unwrap_or(now)),
+            next_poll_at: to_system(first_poll),
             deadline: to_system(schedule.deadline()),
         };
         self.store
@@ -219,6 +243,9 @@ impl Engine {
         let engine = self.clone();
         self.runtime.spawn(async move {
             engine.drive(&id, policy).await;
+            if let Some(pings) = &engine.pings {
+                pings.forget(&id);
+            }
             engine.metrics.pending_approvals.dec();
             engine
                 .driving
@@ -297,12 +324,11 @@ impl Engine {
             }
             let next_poll = to_instant(progress.next_poll_at);
             let deadline = to_instant(progress.deadline);
-            if next_poll >= deadline {
+            if !self.wait_for_poll(id, next_poll, deadline).await {
                 self.end(&approval, Outcome::Expired, policy.as_deref())
                     .await;
                 return;
             }
-            tokio::time::sleep_until(next_poll).await;
             if !self
                 .take_lease(id, SystemTime::now() + self.ciba_timeout())
                 .await
@@ -322,7 +348,20 @@ impl Engine {
             let now = Instant::now();
             let schedule = schedule
                 .get_or_insert_with(|| PollSchedule::resume(now, progress.interval, deadline));
+            let server_expired = matches!(answer, PollAnswer::Expired);
             match schedule.on_answer(now, answer) {
+                // Ping mode: no poll fits before the deadline, but the
+                // notification may still come; it is awaited until then.
+                Step::Finish(Outcome::Expired) if self.pings.is_some() && !server_expired => {
+                    let next = CibaProgress {
+                        interval: schedule.interval(),
+                        next_poll_at: to_system(deadline),
+                        ..progress
+                    };
+                    if let Err(error) = self.store.set_ciba(id, &next).await {
+                        tracing::warn!(approval_id = id, %error, "could not record the poll");
+                    }
+                }
                 Step::PollAt(at) => {
                     let next = CibaProgress {
                         interval: schedule.interval(),
@@ -338,6 +377,27 @@ impl Engine {
                     return;
                 }
             }
+        }
+    }
+
+    /// Waits until the next poll is due: at `next_poll`, or in ping mode as
+    /// soon as the server's notification for `id` arrives. `false`: the
+    /// deadline comes first (no poll may be made past it).
+    async fn wait_for_poll(&self, id: &str, next_poll: Instant, deadline: Instant) -> bool {
+        let Some(pings) = &self.pings else {
+            if next_poll >= deadline {
+                return false;
+            }
+            tokio::time::sleep_until(next_poll).await;
+            return true;
+        };
+        let wakeup = pings.wakeup(id);
+        tokio::select! {
+            _ = wakeup.notified() => {
+                tracing::debug!(approval_id = id, "notified by the authorization server; fetching the token");
+                true
+            }
+            _ = tokio::time::sleep_until(next_poll.min(deadline)) => next_poll < deadline,
         }
     }
 

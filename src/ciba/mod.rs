@@ -1,9 +1,11 @@
-//! The OpenID CIBA client (poll mode): discovery, the backchannel
+//! The OpenID CIBA client (poll and ping modes; [`notification`] is ping
+//! mode's endpoint): discovery, the backchannel
 //! authentication request and token polling. It speaks the protocol and
 //! classifies answers; deciding what to do next is the approval state
 //! machine's job.
 
 mod auth;
+pub mod notification;
 #[cfg(test)]
 pub(crate) mod test_server;
 
@@ -139,6 +141,9 @@ pub struct AuthorizeRequest<'a> {
     pub audience: Option<&'a str>,
     pub authorization_details: Option<&'a Value>,
     pub requested_expiry: Option<Duration>,
+    /// Ping mode: the bearer token the server must send with its
+    /// notification about this request (fresh per request).
+    pub client_notification_token: Option<&'a Secret>,
 }
 
 /// The authorization server's acknowledgement: the person is being asked.
@@ -289,6 +294,9 @@ impl CibaClient {
         }
         if let Some(expiry) = request.requested_expiry {
             form.push(("requested_expiry", expiry.as_secs().max(1).to_string()));
+        }
+        if let Some(token) = request.client_notification_token {
+            form.push(("client_notification_token", token.expose().to_owned()));
         }
         let result = self
             .post_form(self.endpoints.backchannel_authentication.clone(), form)
@@ -585,6 +593,7 @@ default_action: pass
     async fn authorize(client: &CibaClient) -> Result<Authorization, CibaError> {
         client
             .authorize(&AuthorizeRequest {
+                client_notification_token: None,
                 subject: "alice",
                 binding_message: "Buy 1 phone",
                 scopes: &[],
