@@ -10,6 +10,13 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use support::*;
 
+const ASYNC_POLICY: &str = r#"  - name: gift-async
+    match: { methods: [POST], path: /async-gifts }
+    wait: async
+    require: { scopes: [product:buy], audience: https://shop.example/api }
+    binding_message: "Send a gift"
+"#;
+
 struct PingWorld {
     world: World,
     notify_url: String,
@@ -36,6 +43,7 @@ async fn ping_world(interval: u64, safety_poll: &str, reachable: bool) -> PingWo
         client: format!(
             "client_id: countersign-ping\n  client_auth: {{ method: client_secret_post, client_secret: countersign-secret }}\n  delivery: ping\n  notification: {{ listen: \"127.0.0.1:{port}\", safety_poll: {safety_poll} }}"
         ),
+        extra_policies: ASYNC_POLICY,
         ..GatewayOptions::default()
     };
     let gateway = TestGateway::start(&peer, &shop, options).await;
@@ -173,6 +181,25 @@ async fn forged_and_replayed_notifications_are_refused() {
     ] {
         assert!(metrics.contains(line), "{line} in {metrics}");
     }
+}
+
+#[tokio::test]
+async fn an_async_agent_is_told_to_come_back_soon_not_at_the_safety_poll() {
+    let PingWorld { world, .. } = ping_world(1, "60s", true).await;
+    let response = world
+        .agent
+        .post(world.gateway.url("/async-gifts"))
+        .header(USER_HEADER, "alice")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=5).contains(&retry_after), "Retry-After {retry_after}");
 }
 
 #[tokio::test]

@@ -244,10 +244,18 @@ impl Countersign {
             }
             _ => {
                 ctx.outcome = super::CallOutcome::Accepted;
+                // In ping mode the stored interval is the slow safety poll;
+                // the answer may come any moment, so the agent's hint is the
+                // CIBA default interval at most.
+                let ping_cap = if self.engine.pings().is_some() {
+                    5
+                } else {
+                    u64::MAX
+                };
                 let retry_after = approval
                     .ciba
                     .as_ref()
-                    .map_or(5, |c| c.interval.as_secs().max(1));
+                    .map_or(5, |c| c.interval.as_secs().clamp(1, ping_cap));
                 Reply::Json(Box::new(JsonReply {
                     status: 202,
                     body: pending_body(approval, &self.approvals_path, retry_after),
