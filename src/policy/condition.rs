@@ -34,6 +34,38 @@ use super::body::fold_case;
 /// The sections a condition may read.
 const SECTIONS: [&str; 5] = ["body", "params", "query", "user", "request"];
 
+/// Functions the CEL standard library of this build provides (no regex,
+/// time or string extensions); a call to any other refuses the condition at
+/// load instead of failing every call at run time.
+const FUNCTIONS: [&str; 12] = [
+    "size",
+    "int",
+    "uint",
+    "double",
+    "string",
+    "bytes",
+    "bool",
+    "type",
+    "dyn",
+    "contains",
+    "startsWith",
+    "endsWith",
+];
+
+/// Type names, which CEL reads as values (`type(body.qty) == int`).
+const TYPE_NAMES: [&str; 10] = [
+    "int",
+    "uint",
+    "double",
+    "string",
+    "bytes",
+    "bool",
+    "list",
+    "map",
+    "null_type",
+    "type",
+];
+
 /// The longest condition accepted, in bytes.
 pub const MAX_SOURCE: usize = 2048;
 
@@ -115,6 +147,12 @@ impl Condition {
             return Err(format!(
                 "condition {source:?} reads '{unknown}'; a condition reads only {}",
                 SECTIONS.join(", ")
+            ));
+        }
+        if let Some(function) = walk.functions.first() {
+            return Err(format!(
+                "condition {source:?} calls '{function}', which is not available; functions: {}, and the macros has, all, exists, exists_one, map, filter",
+                FUNCTIONS.join(", ")
             ));
         }
         let mut names: HashMap<String, HashSet<String>> = HashMap::new();
@@ -237,6 +275,8 @@ struct Walk {
     unknown: Vec<String>,
     /// Field names and string literals.
     names: Vec<String>,
+    /// Called functions that are not available.
+    functions: Vec<String>,
 }
 
 impl Walk {
@@ -254,6 +294,7 @@ impl Walk {
                     "query" => self.reads.query = true,
                     "user" => self.reads.user = true,
                     "request" => self.reads.request = true,
+                    _ if TYPE_NAMES.contains(&name.as_str()) => {}
                     _ => self.unknown.push(name.clone()),
                 }
             }
@@ -262,6 +303,11 @@ impl Walk {
                 self.expr(&select.operand, bound);
             }
             Expr::Call(call) => {
+                // Operators are spelled `_+_`, `!_`, `@in`, ...
+                let operator = call.func_name.starts_with(['_', '!', '-', '@']);
+                if !operator && !FUNCTIONS.contains(&call.func_name.as_str()) {
+                    self.functions.push(call.func_name.clone());
+                }
                 if let Some(target) = &call.target {
                     self.expr(target, bound);
                 }
@@ -450,6 +496,10 @@ mod tests {
         let unknown = Condition::parse("qty > 5").unwrap_err();
         assert!(unknown.contains("reads 'qty'"), "{unknown}");
         assert!(Condition::parse("  ").is_err());
+        let missing = Condition::parse("body.name.matches('^a')").unwrap_err();
+        assert!(missing.contains("calls 'matches'"), "{missing}");
+        assert!(Condition::parse("type(body.qty) == int && size(body.items) < 3").is_ok());
+        assert!(Condition::parse("body.sku.startsWith('gift-') || 'x' in body.tags").is_ok());
         // Comprehension variables are not sections.
         let c = Condition::parse("body.items.all(item, item.qty < 10)").unwrap();
         assert_eq!(
