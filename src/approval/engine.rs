@@ -208,10 +208,12 @@ impl Engine {
             next_poll_at: to_system(first_poll),
             deadline: to_system(schedule.deadline()),
         };
-        self.store
-            .set_ciba(id, &progress)
-            .await
-            .map_err(|e| CibaError::Config(e.to_string()))?;
+        if let Err(error) = self.store.set_ciba(id, &progress).await {
+            if let Some(pings) = &self.pings {
+                pings.forget(id);
+            }
+            return Err(CibaError::Config(error.to_string()));
+        }
         tracing::info!(
             approval_id = id,
             policy = %policy.name,
