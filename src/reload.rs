@@ -191,8 +191,9 @@ impl Reloader {
                 }
             };
             settling = false;
-            self.blocking(move |r| r.reload(cause)).await;
+            // Read before loading: an edit made while loading is seen next.
             seen = self.blocking(|r| r.fingerprint()).await;
+            self.blocking(move |r| r.reload(cause)).await;
         }
     }
 
