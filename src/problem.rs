@@ -38,10 +38,12 @@ pub enum ProblemCode {
     OutcomeUnknown,
     /// The API answered more than the gateway records for replay.
     ResponseNotRecorded,
+    /// A value the person is shown is also given in another part of the call.
+    AmbiguousParameter,
 }
 
 impl ProblemCode {
-    const ALL: [Self; 25] = [
+    const ALL: [Self; 26] = [
         Self::AccessDenied,
         Self::ApprovalExpired,
         Self::IdentityRequired,
@@ -67,6 +69,7 @@ impl ProblemCode {
         Self::IdempotencyKeyReused,
         Self::OutcomeUnknown,
         Self::ResponseNotRecorded,
+        Self::AmbiguousParameter,
     ];
 
     /// The code whose wire name is `code` (the first, for a shared name).
@@ -100,6 +103,7 @@ impl ProblemCode {
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::OutcomeUnknown => "outcome_unknown",
             Self::ResponseNotRecorded => "response_not_recorded",
+            Self::AmbiguousParameter => "ambiguous_parameter",
         }
     }
 
@@ -116,7 +120,8 @@ impl ProblemCode {
             | Self::MethodOverrideRefused
             | Self::InvalidHost
             | Self::PathOverrideRefused
-            | Self::UpgradeRefused => 400,
+            | Self::UpgradeRefused
+            | Self::AmbiguousParameter => 400,
             Self::TooManyPendingForUser => 429,
             Self::BodyTooLarge => 413,
             Self::AuthorizationServerUnavailable | Self::TooManyPending => 503,
@@ -156,6 +161,7 @@ impl ProblemCode {
             Self::IdempotencyKeyReused => "Idempotency key reused",
             Self::OutcomeUnknown => "Outcome unknown",
             Self::ResponseNotRecorded => "Response not recorded",
+            Self::AmbiguousParameter => "Ambiguous parameter",
         }
     }
 
@@ -215,6 +221,9 @@ impl ProblemCode {
             }
             Self::UpgradeRefused => {
                 "This gateway does not relay protocol upgrades (WebSocket, h2c) to this API."
+            }
+            Self::AmbiguousParameter => {
+                "A value the approval shows is also given in another part of the call (query, body, path or cookie); give it once."
             }
             Self::UpstreamNotAllowed => {
                 "This call routes to an API its policy does not allow the approval to be sent to, so the gateway refused it."

@@ -5,6 +5,7 @@
 pub mod body;
 mod call;
 pub mod path;
+pub mod shadow;
 pub mod spec;
 pub mod template;
 
@@ -124,6 +125,17 @@ pub struct RenderedRequest {
     pub authorization_details: Option<Value>,
 }
 
+/// The parameter names of a path template: `id` of `/orders/{id}`, `rest`
+/// of `/files/{*rest}`.
+fn path_parameters(template: &str) -> Vec<String> {
+    template
+        .split('{')
+        .skip(1)
+        .filter_map(|s| s.split_once('}'))
+        .map(|(name, _)| name.trim_start_matches('*').to_owned())
+        .collect()
+}
+
 impl PolicySet {
     pub fn empty() -> Self {
         Self {
@@ -153,6 +165,7 @@ impl PolicySet {
                 &spec.binding_message,
                 spec.authorization_details.as_ref(),
                 spec.body.as_ref(),
+                &path_parameters(&spec.matcher.path.source),
             )
             .map_err(|reason| PolicyError {
                 file: file.clone(),
@@ -489,6 +502,19 @@ policies:
         let error = PolicySet::compile(loaded).unwrap_err().to_string();
         assert!(error.contains("policies[1] ('b')"), "{error}");
         assert!(error.contains("overlaps policy 'a'"), "{error}");
+    }
+
+    #[test]
+    fn a_value_shown_from_the_body_or_query_that_the_path_also_names_is_refused() {
+        for message in ["Cancel {{body.orderid}}", "Cancel {{query.ORDERID}}"] {
+            let yaml = format!(
+                "policies:\n  - {{ name: a, match: {{ methods: [POST], path: '/orders/{{orderId}}' }}, require: {{ scopes: [x] }}, binding_message: '{message}' }}\n"
+            );
+            let file: PolicyFile = serde_yaml::from_str(&yaml).unwrap();
+            let loaded = file.into_loaded(Path::new("p.yaml")).collect();
+            let error = PolicySet::compile(loaded).unwrap_err().to_string();
+            assert!(error.contains("the path also has a parameter"), "{error}");
+        }
     }
 
     static ALICE: std::sync::LazyLock<Value> =
