@@ -187,7 +187,18 @@ impl Countersign {
         let path_and_query = String::from_utf8_lossy(header.raw_path()).into_owned();
         let body = call.body.as_deref().unwrap_or_default().to_vec();
         let subject = call.identity.subject.clone();
-        let fingerprint = fingerprint(&method, &path_and_query, &body, &subject);
+        let host = header
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| header.uri.authority().map(|a| a.as_str()))
+            .and_then(|h| crate::policy::host_key(h).ok())
+            .unwrap_or_default();
+        let fingerprint = fingerprint(
+            &[&call.upstream, &host, &method, &path_and_query],
+            &body,
+            &subject,
+        );
         let headers = header
             .headers
             .iter()
@@ -274,16 +285,18 @@ fn pending_body(approval: &Approval, approvals_path: &str, retry_after: u64) -> 
     })
 }
 
-/// The identity of a call across retries: method, canonical target, body
-/// and the person. SHA-256, so the body itself is not kept as the key.
-fn fingerprint(method: &str, path_and_query: &str, body: &[u8], subject: &str) -> String {
+/// The identity of a call across retries: upstream, host, method, canonical
+/// target (`target`, in that order), body and the person. Two hosts or two
+/// upstreams are two calls even on one path. SHA-256, so the body itself is
+/// not kept as the key.
+fn fingerprint(target: &[&str; 4], body: &[u8], subject: &str) -> String {
     let mut hash = Sha256::new();
-    for part in [
-        method.as_bytes(),
-        path_and_query.as_bytes(),
-        &Sha256::digest(body)[..],
-        subject.as_bytes(),
-    ] {
+    let digest = Sha256::digest(body);
+    let parts = target
+        .iter()
+        .map(|p| p.as_bytes())
+        .chain([&digest[..], subject.as_bytes()]);
+    for part in parts {
         hash.update((part.len() as u64).to_be_bytes());
         hash.update(part);
     }
@@ -372,5 +385,24 @@ pub(super) async fn client_gone(session: &mut Session) {
             }
             Ok(None) | Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fingerprint;
+
+    #[test]
+    fn a_call_is_one_call_only_on_one_host_and_upstream() {
+        let call = |upstream, host| fingerprint(&[upstream, host, "POST", "/shop"], b"{}", "alice");
+        assert_eq!(call("shop", "a.example"), call("shop", "a.example"));
+        assert_ne!(call("shop", "a.example"), call("shop", "b.example"));
+        assert_ne!(call("shop", "a.example"), call("other", "a.example"));
+        // Parts are length-prefixed: moving a byte across a boundary differs.
+        assert_ne!(call("shopa", ".example"), call("shop", "a.example"));
+        assert_ne!(
+            call("shop", "a.example"),
+            fingerprint(&["shop", "a.example", "POST", "/shop"], b"{}", "bob")
+        );
     }
 }
