@@ -66,20 +66,12 @@ impl Countersign {
         let new = self.new_approval(session, &call)?;
 
         // The per-person limit counts other calls: a retry always attaches.
+        // Counted first (cheap); only a person at the limit is listed.
         let pending = store
-            .list(&ListFilter {
-                state: Some(ApprovalState::Pending),
-                subject: Some(new.subject.clone()),
-                limit: Some(self.limits.max_pending_per_user + 1),
-                ..ListFilter::default()
-            })
+            .count_pending(&new.subject)
             .await
             .map_err(store_problem)?;
-        let is_retry = pending.iter().any(|a| {
-            a.fingerprint == new.fingerprint
-                || (new.idempotency_key.is_some() && a.idempotency_key == new.idempotency_key)
-        });
-        if !is_retry && pending.len() >= self.limits.max_pending_per_user {
+        if pending >= self.limits.max_pending_per_user && !self.is_retry(&new).await? {
             return Err(Problem::new(ProblemCode::TooManyPendingForUser)
                 .with_detail(format!(
                     "The user already has {} approval requests waiting, the most this gateway sends at once; wait for them to answer, then try again.",
@@ -156,6 +148,25 @@ impl Countersign {
         Ok(self.reply_for(ctx, &approval))
     }
 
+    /// Whether `new` would attach to one of its person's pending approvals.
+    async fn is_retry(&self, new: &NewApproval) -> Result<bool, Reply> {
+        let pending = self
+            .engine
+            .store()
+            .list(&ListFilter {
+                state: Some(ApprovalState::Pending),
+                subject: Some(new.subject.clone()),
+                limit: Some(self.limits.max_pending_per_user + 1),
+                ..ListFilter::default()
+            })
+            .await
+            .map_err(store_problem)?;
+        Ok(pending.iter().any(|a| {
+            a.fingerprint == new.fingerprint
+                || (new.idempotency_key.is_some() && a.idempotency_key == new.idempotency_key)
+        }))
+    }
+
     fn new_approval(&self, session: &Session, call: &HeldCall<'_>) -> Result<NewApproval, Reply> {
         let header = session.req_header();
         let identity_header = match &self.identity {
@@ -187,15 +198,27 @@ impl Countersign {
         let path_and_query = String::from_utf8_lossy(header.raw_path()).into_owned();
         let body = call.body.as_deref().unwrap_or_default().to_vec();
         let subject = call.identity.subject.clone();
+        // The Host counts only where the upstream receives it.
+        let preserves_host = self
+            .upstreams
+            .get(&call.upstream)
+            .is_some_and(|u| u.config.preserve_host);
         let host = header
             .headers
             .get(http::header::HOST)
             .and_then(|h| h.to_str().ok())
             .or_else(|| header.uri.authority().map(|a| a.as_str()))
+            .filter(|_| preserves_host)
             .and_then(|h| crate::policy::host_key(h).ok())
             .unwrap_or_default();
         let fingerprint = fingerprint(
-            &[&call.upstream, &host, &method, &path_and_query],
+            &[
+                &call.upstream,
+                &call.policy.name,
+                &host,
+                &method,
+                &path_and_query,
+            ],
             &body,
             &subject,
         );
@@ -285,11 +308,12 @@ fn pending_body(approval: &Approval, approvals_path: &str, retry_after: u64) -> 
     })
 }
 
-/// The identity of a call across retries: upstream, host, method, canonical
-/// target (`target`, in that order), body and the person. Two hosts or two
-/// upstreams are two calls even on one path. SHA-256, so the body itself is
-/// not kept as the key.
-fn fingerprint(target: &[&str; 4], body: &[u8], subject: &str) -> String {
+/// The identity of a call across retries: upstream, policy, host (where the
+/// upstream receives it), method and canonical target (`target`, in that
+/// order), body and the person. The same path to two upstreams, or to two
+/// virtual hosts, is two calls. SHA-256, so the body itself is not kept as
+/// the key.
+fn fingerprint(target: &[&str; 5], body: &[u8], subject: &str) -> String {
     let mut hash = Sha256::new();
     let digest = Sha256::digest(body);
     let parts = target
@@ -394,7 +418,8 @@ mod tests {
 
     #[test]
     fn a_call_is_one_call_only_on_one_host_and_upstream() {
-        let call = |upstream, host| fingerprint(&[upstream, host, "POST", "/shop"], b"{}", "alice");
+        let call =
+            |upstream, host| fingerprint(&[upstream, "buy", host, "POST", "/shop"], b"{}", "alice");
         assert_eq!(call("shop", "a.example"), call("shop", "a.example"));
         assert_ne!(call("shop", "a.example"), call("shop", "b.example"));
         assert_ne!(call("shop", "a.example"), call("other", "a.example"));
@@ -402,7 +427,15 @@ mod tests {
         assert_ne!(call("shopa", ".example"), call("shop", "a.example"));
         assert_ne!(
             call("shop", "a.example"),
-            fingerprint(&["shop", "a.example", "POST", "/shop"], b"{}", "bob")
+            fingerprint(
+                &["shop", "refund", "a.example", "POST", "/shop"],
+                b"{}",
+                "alice"
+            )
+        );
+        assert_ne!(
+            call("shop", "a.example"),
+            fingerprint(&["shop", "buy", "a.example", "POST", "/shop"], b"{}", "bob")
         );
     }
 }

@@ -213,6 +213,13 @@ trait Backend: Send + Sync + 'static {
         sql: &str,
         params: &[Param],
     ) -> Result<Vec<Approval>, StoreError>;
+    /// A query returning one integer (a `COUNT(*)`).
+    async fn scalar(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<i64, StoreError>;
 }
 
 /// One writer connection (SQLite has one writer at a time anyway; waiting in
@@ -244,6 +251,19 @@ impl Backend for Sqlite {
             .map_err(|e| db_error(op, &e))?;
         rows.iter().map(decode).collect()
     }
+
+    async fn scalar(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<i64, StoreError> {
+        let row = bind_all!(sqlx::query(sql), params)
+            .fetch_one(&self.reader)
+            .await
+            .map_err(|e| db_error(op, &e))?;
+        row.try_get::<i64, _>(0).map_err(|e| db_error(op, &e))
+    }
 }
 
 struct Postgres {
@@ -271,6 +291,19 @@ impl Backend for Postgres {
             .await
             .map_err(|e| db_error(op, &e))?;
         rows.iter().map(decode).collect()
+    }
+
+    async fn scalar(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<i64, StoreError> {
+        let row = bind_all!(sqlx::query(sql), params)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| db_error(op, &e))?;
+        row.try_get::<i64, _>(0).map_err(|e| db_error(op, &e))
     }
 }
 
@@ -642,6 +675,18 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
                 "list",
                 async move { backend.fetch("list", &sql, &params).await },
             )
+            .await
+    }
+
+    async fn count_pending(&self, subject: &str) -> Result<usize, StoreError> {
+        let backend = self.backend.clone();
+        let params = [text(subject)];
+        self.driver
+            .run("count_pending", async move {
+                let sql = "SELECT COUNT(*) FROM approvals WHERE subject = $1 AND state = 'pending'";
+                let n = backend.scalar("count_pending", sql, &params).await?;
+                Ok(usize::try_from(n).unwrap_or(0))
+            })
             .await
     }
 

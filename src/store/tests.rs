@@ -153,6 +153,7 @@ macro_rules! cases {
             orphans,
             unknown_outcomes,
             list_filters,
+            count_pending,
             sweep_retention,
             ciba_progress_and_redaction,
             ping,
@@ -658,6 +659,26 @@ async fn unknown_outcomes(f: Fixture) {
         1
     );
     assert_eq!(state(&f.store, "u2").await, OutcomeUnknown);
+}
+
+async fn count_pending(f: Fixture) {
+    use ApprovalState::*;
+    for (id, subject) in [
+        ("c1", "alice"),
+        ("c2", "alice"),
+        ("c3", "bob"),
+        ("c4", "alice"),
+    ] {
+        create(&f.store, &call(id, subject, id, None)).await;
+    }
+    assert!(f
+        .store
+        .transition("c2", Pending, Denied, None)
+        .await
+        .unwrap());
+    assert_eq!(f.other.count_pending("alice").await.unwrap(), 2);
+    assert_eq!(f.other.count_pending("bob").await.unwrap(), 1);
+    assert_eq!(f.other.count_pending("carol").await.unwrap(), 0);
 }
 
 async fn list_filters(f: Fixture) {
