@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
-use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::server::{
+    RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, UnixShutdownSignalWatch,
+};
 use pingora::services::listening::Service;
 use thiserror::Error;
 use tokio::sync::Notify;
@@ -18,6 +20,7 @@ use crate::approval::engine::Engine;
 use crate::approval::store_handle::ConfiguredStore;
 use crate::ciba::{self, CibaClient, CibaError, Endpoints};
 use crate::config::Config;
+use crate::drain::{DrainFirst, DrainSwitch, Draining};
 use crate::identity::IdentitySource;
 use crate::metrics::Metrics;
 use crate::proxy::Countersign;
@@ -55,6 +58,8 @@ pub struct Gateway {
     _engine_runtime: tokio::runtime::Runtime,
     /// What `/readyz` checks; register more before running.
     pub readiness: Readiness,
+    /// Raised first on shutdown: held calls are answered, `/readyz` fails.
+    drain: DrainSwitch,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -261,6 +266,19 @@ impl Gateway {
             let store = store.clone();
             async move { store.ping().await.map_err(|e| e.to_string()) }
         });
+        let (drain, draining) = Draining::new();
+        readiness.register("not_shutting_down", {
+            let draining = draining.clone();
+            move || {
+                let draining = draining.is_draining();
+                async move {
+                    match draining {
+                        true => Err("the gateway is shutting down".to_owned()),
+                        false => Ok(()),
+                    }
+                }
+            }
+        });
         let countersign = Countersign::new(
             policies,
             config.routes,
@@ -271,7 +289,8 @@ impl Gateway {
             metrics.clone(),
             engine,
             gateway.approvals_path.0.clone(),
-        );
+        )
+        .with_draining(draining);
         let mut proxy = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
             countersign,
@@ -305,18 +324,28 @@ impl Gateway {
             endpoints,
             _engine_runtime: engine_runtime,
             readiness,
+            drain,
         })
     }
 
-    /// Serves until SIGINT/SIGTERM.
+    /// Serves until SIGTERM (graceful) or SIGINT (quick); either way, held
+    /// calls are answered first.
     pub fn run_forever(self) {
-        self.server.run(RunArgs::default());
+        self.server.run(RunArgs {
+            shutdown_signal: Box::new(DrainFirst {
+                signal: UnixShutdownSignalWatch,
+                switch: self.drain,
+            }),
+        });
     }
 
     /// Serves until `shutdown` is triggered; blocks the calling thread.
     pub fn run_until(self, shutdown: Shutdown) {
         self.server.run(RunArgs {
-            shutdown_signal: Box::new(shutdown),
+            shutdown_signal: Box::new(DrainFirst {
+                signal: shutdown,
+                switch: self.drain,
+            }),
         });
     }
 }

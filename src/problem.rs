@@ -40,10 +40,12 @@ pub enum ProblemCode {
     ResponseNotRecorded,
     /// A value the person is shown is also given in another part of the call.
     AmbiguousParameter,
+    /// The gateway is stopping; a held call's approval stays pending.
+    ShuttingDown,
 }
 
 impl ProblemCode {
-    const ALL: [Self; 26] = [
+    const ALL: [Self; 27] = [
         Self::AccessDenied,
         Self::ApprovalExpired,
         Self::IdentityRequired,
@@ -70,6 +72,7 @@ impl ProblemCode {
         Self::OutcomeUnknown,
         Self::ResponseNotRecorded,
         Self::AmbiguousParameter,
+        Self::ShuttingDown,
     ];
 
     /// The code whose wire name is `code` (the first, for a shared name).
@@ -104,6 +107,7 @@ impl ProblemCode {
             Self::OutcomeUnknown => "outcome_unknown",
             Self::ResponseNotRecorded => "response_not_recorded",
             Self::AmbiguousParameter => "ambiguous_parameter",
+            Self::ShuttingDown => "shutting_down",
         }
     }
 
@@ -129,7 +133,7 @@ impl ProblemCode {
             | Self::ApprovalFailed
             | Self::OutcomeUnknown
             | Self::ResponseNotRecorded => 502,
-            Self::ApprovalStoreUnavailable => 503,
+            Self::ApprovalStoreUnavailable | Self::ShuttingDown => 503,
             Self::IdempotencyKeyReused => 422,
             Self::NoRoute => 404,
         }
@@ -162,6 +166,7 @@ impl ProblemCode {
             Self::OutcomeUnknown => "Outcome unknown",
             Self::ResponseNotRecorded => "Response not recorded",
             Self::AmbiguousParameter => "Ambiguous parameter",
+            Self::ShuttingDown => "Shutting down",
         }
     }
 
@@ -221,6 +226,9 @@ impl ProblemCode {
             }
             Self::UpgradeRefused => {
                 "This gateway does not relay protocol upgrades (WebSocket, h2c) to this API."
+            }
+            Self::ShuttingDown => {
+                "The gateway is restarting. The approval request stays open; send the same call again in a few seconds to get its answer."
             }
             Self::AmbiguousParameter => {
                 "A value the approval shows is also given in another part of the call (query, body, path or cookie); give it once."

@@ -132,15 +132,15 @@ impl Countersign {
                 metrics: self.metrics.clone(),
             };
             let until = Instant::now() + hold_for;
-            let waited = tokio::select! {
-                approval = self.engine.wait(&id, until) => Some(approval),
-                () = client_gone(session) => None,
-            };
-            match waited {
-                Some(approval) => Some(approval.map_err(store_problem)?),
-                None => {
+            tokio::select! {
+                approval = self.engine.wait(&id, until) => Some(approval.map_err(store_problem)?),
+                () = client_gone(session) => {
                     tracing::info!(approval_id = %id, "agent disconnected during the hold; the approval goes on and a retry gets its answer");
                     return Err(Reply::Disconnected);
+                }
+                () = self.draining.started() => {
+                    tracing::info!(approval_id = %id, "gateway shutting down during the hold; the approval stays pending for a retry");
+                    return Err(Problem::new(ProblemCode::ShuttingDown).with_retry_after(5).into());
                 }
             }
         };
