@@ -29,7 +29,7 @@ use crate::upstream::UpstreamClient;
 
 #[derive(Debug, Error)]
 pub enum GatewayError {
-    #[error("authorization server: {0}")]
+    #[error(transparent)]
     AuthorizationServer(#[from] CibaError),
     #[error("identity: {0}")]
     Identity(String),
@@ -92,7 +92,7 @@ pub fn resolve_endpoints(config: &Config) -> Result<Endpoints, GatewayError> {
         .build()
         .map_err(|e| GatewayError::Startup(format!("runtime: {e}")))?;
     let client = http_client(config)?;
-    Ok(runtime.block_on(ciba::resolve_endpoints(
+    Ok(runtime.block_on(ciba::resolve_endpoints_patiently(
         &client,
         &config.gateway.authorization_server,
     ))?)

@@ -336,10 +336,19 @@ pub struct AuthorizationServerConfig {
     #[serde(default = "default_as_timeout", with = "humantime_serde")]
     #[schemars(with = "crate::schema::HumanDuration")]
     pub request_timeout: Duration,
+    /// How long start-up keeps retrying discovery while the authorization
+    /// server cannot be reached (it may be starting beside the gateway).
+    #[serde(default = "default_startup_wait", with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
+    pub startup_wait: Duration,
 }
 
 fn default_as_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+fn default_startup_wait() -> Duration {
+    Duration::from_secs(60)
 }
 
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
