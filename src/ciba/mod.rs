@@ -95,13 +95,15 @@ pub async fn resolve_endpoints_patiently(
             Err(CibaError::Unavailable {
                 reason,
                 retry_after,
-            }) if !config.startup_wait.is_zero() => return Err(CibaError::Unavailable {
-                reason: format!(
+            }) if !config.startup_wait.is_zero() => {
+                return Err(CibaError::Unavailable {
+                    reason: format!(
                     "{reason}; still not reachable after {}s (authorization_server.startup_wait)",
                     config.startup_wait.as_secs()
                 ),
-                retry_after,
-            }),
+                    retry_after,
+                })
+            }
             other => return other,
         }
     }
