@@ -80,7 +80,7 @@ const SET_CIBA: &str = "UPDATE approvals SET ciba_auth_req_id = $2, ciba_interva
 const TRANSITION_FINAL: &str = "UPDATE approvals SET state = $3, updated_at = $4, \
      decided_at = COALESCE(decided_at, $4), problem_code = COALESCE($5, problem_code), \
      lease_owner = NULL, lease_until = NULL, request_body = NULL, \
-     attach_key = CASE WHEN $3 = 'failed' THEN NULL ELSE attach_key END \
+     request_headers = substr(request_headers, 1, 0), attach_key = CASE WHEN $3 = 'failed' THEN NULL ELSE attach_key END \
      WHERE id = $1 AND state = $2";
 
 const TRANSITION_APPROVED: &str = "UPDATE approvals SET state = $3, updated_at = $4, \
@@ -92,6 +92,7 @@ const TRANSITION_OTHER: &str = "UPDATE approvals SET state = $3, updated_at = $4
 
 const FINISH: &str = "UPDATE approvals SET state = 'done', response_status = $2, \
      response_headers = $3, response_body = $4, request_body = NULL, updated_at = $5, \
+     request_headers = substr(request_headers, 1, 0), \
      decided_at = COALESCE(decided_at, $5), lease_owner = NULL, lease_until = NULL \
      WHERE id = $1 AND state = 'forwarding'";
 
@@ -111,7 +112,8 @@ const ORPHANS: &str = concat!(
 
 const MARK_UNKNOWN: &str = "UPDATE approvals SET state = 'outcome_unknown', \
      problem_code = 'outcome_unknown', updated_at = $1, decided_at = COALESCE(decided_at, $1), \
-     lease_owner = NULL, lease_until = NULL, request_body = NULL \
+     lease_owner = NULL, lease_until = NULL, request_body = NULL, \
+     request_headers = substr(request_headers, 1, 0) \
      WHERE state = 'forwarding' AND (lease_until IS NULL OR lease_until <= $1)";
 
 const SWEEP_DETACH: &str = concat!(
@@ -127,7 +129,8 @@ const SWEEP_DELETE: &str = concat!(
 );
 
 const SWEEP_BODIES: &str = concat!(
-    "UPDATE approvals SET request_body = NULL WHERE request_body IS NOT NULL AND state IN ",
+    "UPDATE approvals SET request_body = NULL, request_headers = substr(request_headers, 1, 0) \
+     WHERE request_body IS NOT NULL AND state IN ",
     final_states!()
 );
 
@@ -729,6 +732,10 @@ fn encode_headers(headers: &[(String, Vec<u8>)]) -> Vec<u8> {
 }
 
 fn decode_headers(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    // Emptied when the approval ended: nothing will be forwarded any more.
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
     let values: Vec<(String, HeaderValue)> = serde_json::from_slice(bytes)
         .map_err(|_| StoreError::Unavailable("unreadable stored headers".into()))?;
     Ok(values
