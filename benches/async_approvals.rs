@@ -261,6 +261,8 @@ limits:
     let accepted = run_calls(&http, proxy_port, (1..=n).collect()).await;
     let accept_time = started.elapsed();
     let accepted_ok = accepted.iter().filter(|(s, _)| *s == 202).count();
+    // Each accepted call is one push to the phone (the warm-up call too).
+    let asked = ciba.pending().saturating_sub(1);
     let mut accept_latency: Vec<Duration> = accepted.iter().map(|(_, d)| *d).collect();
     accept_latency.sort();
     // Steady state: every approval polled at least once.
@@ -314,7 +316,7 @@ limits:
     println!(
         "RESULT async store={store_kind} calls={n} accepted={accepted_ok} accept_per_s={accept_rate:.0} \
          accept_p50_ms={:.1} accept_p99_ms={:.1} rss_before_kib={rss_before} rss_pending_kib={rss_pending} \
-         per_pending_kib={per_pending_kib:.2} forwarded={forwarded} forward_per_s={forward_rate:.0} \
+         per_pending_kib={per_pending_kib:.2} asked={asked} forwarded={forwarded} forward_per_s={forward_rate:.0} \
          forward_span_ms={:.0} retries={} retries_ok={retries_ok} retry_p50_ms={:.2} retry_p99_ms={:.2}",
         ms(percentile(&accept_latency, 0.5)),
         ms(percentile(&accept_latency, 0.99)),
