@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
-use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::server::{
+    RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, UnixShutdownSignalWatch,
+};
 use pingora::services::listening::Service;
 use thiserror::Error;
 use tokio::sync::Notify;
@@ -18,6 +20,7 @@ use crate::approval::engine::Engine;
 use crate::approval::store_handle::ConfiguredStore;
 use crate::ciba::{self, CibaClient, CibaError, Endpoints};
 use crate::config::Config;
+use crate::drain::{DrainFirst, DrainSwitch, Draining};
 use crate::identity::IdentitySource;
 use crate::metrics::Metrics;
 use crate::proxy::Countersign;
@@ -27,7 +30,7 @@ use crate::upstream::UpstreamClient;
 
 #[derive(Debug, Error)]
 pub enum GatewayError {
-    #[error("authorization server: {0}")]
+    #[error(transparent)]
     AuthorizationServer(#[from] CibaError),
     #[error("identity: {0}")]
     Identity(String),
@@ -59,6 +62,8 @@ pub struct Gateway {
     /// Reloads the policies (SIGHUP, changed files); `None` for a
     /// configuration with embedded policies (`countersign dev`).
     pub reloader: Option<Arc<Reloader>>,
+    /// Raised first on shutdown: held calls are answered, `/readyz` fails.
+    drain: DrainSwitch,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -91,7 +96,7 @@ pub fn resolve_endpoints(config: &Config) -> Result<Endpoints, GatewayError> {
         .build()
         .map_err(|e| GatewayError::Startup(format!("runtime: {e}")))?;
     let client = http_client(config)?;
-    Ok(runtime.block_on(ciba::resolve_endpoints(
+    Ok(runtime.block_on(ciba::resolve_endpoints_patiently(
         &client,
         &config.gateway.authorization_server,
     ))?)
@@ -299,6 +304,19 @@ impl Gateway {
             let store = store.clone();
             async move { store.ping().await.map_err(|e| e.to_string()) }
         });
+        let (drain, draining) = Draining::new();
+        readiness.register("not_shutting_down", {
+            let draining = draining.clone();
+            move || {
+                let draining = draining.is_draining();
+                async move {
+                    match draining {
+                        true => Err("the gateway is shutting down".to_owned()),
+                        false => Ok(()),
+                    }
+                }
+            }
+        });
         let countersign = Countersign::new(
             policies,
             config.routes,
@@ -309,7 +327,8 @@ impl Gateway {
             metrics.clone(),
             engine,
             gateway.approvals_path.0.clone(),
-        );
+        )
+        .with_draining(draining);
         let mut proxy = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
             countersign,
@@ -347,18 +366,28 @@ impl Gateway {
             _engine_runtime: engine_runtime,
             readiness,
             reloader,
+            drain,
         })
     }
 
-    /// Serves until SIGINT/SIGTERM.
+    /// Serves until SIGTERM (graceful) or SIGINT (quick); either way, held
+    /// calls are answered first.
     pub fn run_forever(self) {
-        self.server.run(RunArgs::default());
+        self.server.run(RunArgs {
+            shutdown_signal: Box::new(DrainFirst {
+                signal: UnixShutdownSignalWatch,
+                switch: self.drain,
+            }),
+        });
     }
 
     /// Serves until `shutdown` is triggered; blocks the calling thread.
     pub fn run_until(self, shutdown: Shutdown) {
         self.server.run(RunArgs {
-            shutdown_signal: Box::new(shutdown),
+            shutdown_signal: Box::new(DrainFirst {
+                signal: shutdown,
+                switch: self.drain,
+            }),
         });
     }
 }

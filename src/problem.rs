@@ -43,10 +43,14 @@ pub enum ProblemCode {
     /// No condition of the call's route took it, and the route says
     /// `otherwise: deny`.
     PolicyDenied,
+    /// A value the person is shown is also given in another part of the call.
+    AmbiguousParameter,
+    /// The gateway is stopping; a held call's approval stays pending.
+    ShuttingDown,
 }
 
 impl ProblemCode {
-    const ALL: [Self; 27] = [
+    const ALL: [Self; 29] = [
         Self::AccessDenied,
         Self::ApprovalExpired,
         Self::IdentityRequired,
@@ -74,6 +78,8 @@ impl ProblemCode {
         Self::ResponseNotRecorded,
         Self::ConditionFailed,
         Self::PolicyDenied,
+        Self::AmbiguousParameter,
+        Self::ShuttingDown,
     ];
 
     /// The code whose wire name is `code` (the first, for a shared name).
@@ -109,6 +115,8 @@ impl ProblemCode {
             Self::ResponseNotRecorded => "response_not_recorded",
             Self::ConditionFailed => "condition_failed",
             Self::PolicyDenied => "policy_denied",
+            Self::AmbiguousParameter => "ambiguous_parameter",
+            Self::ShuttingDown => "shutting_down",
         }
     }
 
@@ -127,7 +135,8 @@ impl ProblemCode {
             | Self::MethodOverrideRefused
             | Self::InvalidHost
             | Self::PathOverrideRefused
-            | Self::UpgradeRefused => 400,
+            | Self::UpgradeRefused
+            | Self::AmbiguousParameter => 400,
             Self::TooManyPendingForUser => 429,
             Self::BodyTooLarge => 413,
             Self::AuthorizationServerUnavailable | Self::TooManyPending => 503,
@@ -135,7 +144,7 @@ impl ProblemCode {
             | Self::ApprovalFailed
             | Self::OutcomeUnknown
             | Self::ResponseNotRecorded => 502,
-            Self::ApprovalStoreUnavailable => 503,
+            Self::ApprovalStoreUnavailable | Self::ShuttingDown => 503,
             Self::IdempotencyKeyReused | Self::ConditionFailed => 422,
             Self::NoRoute => 404,
         }
@@ -169,6 +178,8 @@ impl ProblemCode {
             Self::ResponseNotRecorded => "Response not recorded",
             Self::ConditionFailed => "Policy condition failed",
             Self::PolicyDenied => "Refused by policy",
+            Self::AmbiguousParameter => "Ambiguous parameter",
+            Self::ShuttingDown => "Shutting down",
         }
     }
 
@@ -228,6 +239,12 @@ impl ProblemCode {
             }
             Self::UpgradeRefused => {
                 "This gateway does not relay protocol upgrades (WebSocket, h2c) to this API."
+            }
+            Self::ShuttingDown => {
+                "The gateway is restarting. The approval request stays open; send the same call again in a few seconds to get its answer."
+            }
+            Self::AmbiguousParameter => {
+                "A value the approval shows is also given in another part of the call (query, body, path or cookie); give it once."
             }
             Self::UpstreamNotAllowed => {
                 "This call routes to an API its policy does not allow the approval to be sent to, so the gateway refused it."

@@ -352,6 +352,11 @@ pub struct AuthorizationServerConfig {
     /// The client notification endpoint of ping mode.
     #[serde(default)]
     pub notification: Option<NotificationConfig>,
+    /// How long start-up keeps retrying discovery while the authorization
+    /// server cannot be reached (it may be starting beside the gateway).
+    #[serde(default = "default_startup_wait", with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
+    pub startup_wait: Duration,
 }
 
 fn default_as_timeout() -> Duration {
@@ -392,6 +397,10 @@ fn default_notification_path() -> String {
 }
 
 fn default_safety_poll() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_startup_wait() -> Duration {
     Duration::from_secs(60)
 }
 

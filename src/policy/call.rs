@@ -18,6 +18,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 use super::body::{self, fold_case, BodyError};
+use super::shadow::{merge_key, CallParts, Part};
 use super::spec::BodySpec;
 use super::template::{
     DetailsTemplate, FieldPath, Found, MessageTemplate, RenderError, Section,
@@ -61,12 +62,24 @@ pub enum CallError {
     NotAnObject(String),
     #[error("The body field '{field}' is not shown to the person who approves this call, so it is refused; send only {allowed}.")]
     UnshownField { field: String, allowed: String },
-    #[error("The query parameter '{0}' is given more than once (or in another letter case); APIs disagree on which one counts, so send it once.")]
+    #[error("The query parameter '{0}' is given more than once (or in another spelling: letter case, a [] suffix); APIs disagree on which one counts, so send it once.")]
     RepeatedQuery(String),
     #[error("The query contains ';', which some APIs read as a separator between parameters; send parameters separated by '&' only.")]
     QuerySemicolon,
     #[error("The query parameter '{0}' is not valid UTF-8 once percent-decoded.")]
     QueryNotUtf8(String),
+    #[error("'{name}' is shown to the person from {} but also given in {}; APIs that merge a call's parts into one set of parameters disagree on which one counts, so give it once.", .shown.describe(), .other.describe())]
+    GivenTwice {
+        name: String,
+        shown: Part,
+        other: Part,
+    },
+    #[error("'{name}' is what this policy's condition tests in {} but it is also given in {}; APIs that merge a call's parts into one set of parameters disagree on which one counts, so give it once.", .tested.describe(), .other.describe())]
+    TestedTwice {
+        name: String,
+        tested: Part,
+        other: Part,
+    },
     #[error("{}", render_detail(.0))]
     Render(#[from] RenderError),
     #[error("The {section} key '{key}' is spelled like a name the policy's condition reads, but in another letter case; some APIs read it as that name, so spell it exactly as the condition does.")]
@@ -112,6 +125,7 @@ impl CallError {
             Self::RepeatedQuery(_) | Self::QuerySemicolon | Self::QueryNotUtf8(_) => {
                 ProblemCode::InvalidQuery
             }
+            Self::GivenTwice { .. } | Self::TestedTwice { .. } => ProblemCode::AmbiguousParameter,
             Self::Render(RenderError::MissingValue(field)) if field.starts_with("query.") => {
                 ProblemCode::InvalidQuery
             }
@@ -144,6 +158,9 @@ pub(crate) struct CallShape {
     only: Option<(HashSet<String>, String)>,
     /// Query parameters the templates read.
     query: Vec<String>,
+    /// Every named value the templates show, with the part it is read
+    /// from; none may be given in another part too ([`super::shadow`]).
+    shown: Vec<(String, Part)>,
 }
 
 impl CallShape {
@@ -151,14 +168,35 @@ impl CallShape {
         message: &MessageTemplate,
         details: Option<&DetailsTemplate>,
         body: Option<&BodySpec>,
+        path_params: &[String],
     ) -> Result<Self, String> {
         let mut reads_body = body.is_some();
         let mut body_fields: Vec<&str> = Vec::new();
         let mut query: Vec<String> = Vec::new();
+        let mut shown: Vec<(String, Part)> = Vec::new();
         let fields = message
             .fields()
             .chain(details.into_iter().flat_map(DetailsTemplate::fields));
         for field in fields {
+            let named = match field.section() {
+                (Section::Body, [name, ..]) => Some((name, Part::Body)),
+                (Section::Query, [name, ..]) => Some((name, Part::Query)),
+                (Section::Params, [name, ..]) => Some((name, Part::Path)),
+                _ => None,
+            };
+            if let Some((name, part)) = named {
+                if part != Part::Path && path_params.iter().any(|p| merge_key(p) == merge_key(name))
+                {
+                    return Err(format!(
+                        "'{}' is shown from {}, but the path also has a parameter '{name}', which frameworks such as Rails let win; show params.{name} instead",
+                        field.text(),
+                        part.describe()
+                    ));
+                }
+                if !shown.iter().any(|(n, p)| n == name && *p == part) {
+                    shown.push((name.clone(), part));
+                }
+            }
             match field.section() {
                 (Section::Body, rest) => {
                     reads_body = true;
@@ -203,6 +241,7 @@ impl CallShape {
             reads_body,
             only,
             query,
+            shown,
         })
     }
 
@@ -222,6 +261,16 @@ impl CallShape {
         } else {
             self.read_query(input.query.unwrap_or(""))?
         };
+        let parts = CallParts::new(input.headers, input.query, input.body, input.params);
+        for (name, part) in &self.shown {
+            if let Some(other) = parts.also_given(name, *part) {
+                return Err(CallError::GivenTwice {
+                    name: name.clone(),
+                    shown: *part,
+                    other,
+                });
+            }
+        }
         let values = CallValues {
             body: body.as_ref(),
             params: input.params,
@@ -262,10 +311,10 @@ impl CallShape {
         let pairs = query_pairs(query)?;
         let mut found = Vec::new();
         for name in &self.query {
-            let folded = fold_case(name);
+            let folded = merge_key(name);
             let matches: Vec<_> = pairs
                 .iter()
-                .filter(|(key, _)| fold_case(key) == folded)
+                .filter(|(key, _)| merge_key(key) == folded)
                 .collect();
             match matches.as_slice() {
                 // Absent, or only in another spelling: the lookup misses.
@@ -324,7 +373,8 @@ pub(crate) fn read_whole_query(query: &str) -> Result<Vec<(String, String)>, Cal
     let mut seen = HashSet::new();
     let mut found = Vec::new();
     for (key, value) in query_pairs(query)? {
-        if !seen.insert(fold_case(&key)) {
+        // `amount` and `amount[]` are one name to PHP, Rails and qs.
+        if !seen.insert(merge_key(&key)) {
             return Err(CallError::RepeatedQuery(key));
         }
         let value = String::from_utf8(form_decode(value))

@@ -171,6 +171,11 @@ impl Condition {
         &self.source
     }
 
+    /// Every field name and string literal the expression uses, as spelled.
+    pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.values().flatten().map(String::as_str)
+    }
+
     /// The key of the call, among `keys`, spelled like a name this condition
     /// uses up to letter case but not exactly so.
     pub(crate) fn misspelled<'k>(

@@ -6,6 +6,7 @@ pub mod body;
 mod call;
 pub mod condition;
 pub mod path;
+pub mod shadow;
 pub mod spec;
 pub mod template;
 
@@ -158,6 +159,17 @@ pub struct RenderedRequest {
     pub authorization_details: Option<Value>,
 }
 
+/// The parameter names of a path template: `id` of `/orders/{id}`, `rest`
+/// of `/files/{*rest}`.
+fn path_parameters(template: &str) -> Vec<String> {
+    template
+        .split('{')
+        .skip(1)
+        .filter_map(|s| s.split_once('}'))
+        .map(|(name, _)| name.trim_start_matches('*').to_owned())
+        .collect()
+}
+
 impl PolicySet {
     pub fn empty() -> Self {
         Self {
@@ -189,6 +201,7 @@ impl PolicySet {
                 &spec.binding_message,
                 spec.authorization_details.as_ref(),
                 spec.body.as_ref(),
+                &path_parameters(&spec.matcher.path.source),
             )
             .map_err(|reason| PolicyError {
                 file: file.clone(),
@@ -391,6 +404,7 @@ impl PolicySet {
             let Some(condition) = &policy.condition else {
                 return Ok(Choice::Hold(policy));
             };
+            tested_in_one_place(condition, input)?;
             if sections.holds(policy, condition)? {
                 return Ok(Choice::Hold(policy));
             }
@@ -414,6 +428,34 @@ impl PolicySet {
             .shape
             .render(&policy.message, policy.details.as_ref(), input)
     }
+}
+
+/// One name, one place ([`shadow`]) for what a condition tests: a name it
+/// uses in a section it reads may be given in no other part of the call. A
+/// name absent from that section counts too: `has(body.amount)` is false
+/// while Rails reads `amount` from the query.
+fn tested_in_one_place(condition: &Condition, input: &CallInput<'_>) -> Result<(), CallError> {
+    let reads = condition.reads;
+    let parts = shadow::CallParts::new(input.headers, input.query, input.body, input.params);
+    for (read, part) in [
+        (reads.body, shadow::Part::Body),
+        (reads.query, shadow::Part::Query),
+        (reads.params, shadow::Part::Path),
+    ] {
+        if !read {
+            continue;
+        }
+        for name in condition.names() {
+            if let Some(other) = parts.also_given(name, part) {
+                return Err(CallError::TestedTwice {
+                    name: name.to_owned(),
+                    tested: part,
+                    other,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The sections of one call that the conditions of its route read, read
@@ -669,6 +711,19 @@ policies:
         let error = PolicySet::compile(loaded).unwrap_err().to_string();
         assert!(error.contains("policies[1] ('b')"), "{error}");
         assert!(error.contains("overlaps policy 'a'"), "{error}");
+    }
+
+    #[test]
+    fn a_value_shown_from_the_body_or_query_that_the_path_also_names_is_refused() {
+        for message in ["Cancel {{body.orderid}}", "Cancel {{query.ORDERID}}"] {
+            let yaml = format!(
+                "policies:\n  - {{ name: a, match: {{ methods: [POST], path: '/orders/{{orderId}}' }}, require: {{ scopes: [x] }}, binding_message: '{message}' }}\n"
+            );
+            let file: PolicyFile = serde_yaml::from_str(&yaml).unwrap();
+            let loaded = file.into_loaded(Path::new("p.yaml")).collect();
+            let error = PolicySet::compile(loaded).unwrap_err().to_string();
+            assert!(error.contains("the path also has a parameter"), "{error}");
+        }
     }
 
     static ALICE: std::sync::LazyLock<Value> =

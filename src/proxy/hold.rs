@@ -66,20 +66,12 @@ impl Countersign {
         let new = self.new_approval(session, &call)?;
 
         // The per-person limit counts other calls: a retry always attaches.
+        // Counted first (cheap); only a person at the limit is listed.
         let pending = store
-            .list(&ListFilter {
-                state: Some(ApprovalState::Pending),
-                subject: Some(new.subject.clone()),
-                limit: Some(self.limits.max_pending_per_user + 1),
-                ..ListFilter::default()
-            })
+            .count_pending(&new.subject)
             .await
             .map_err(store_problem)?;
-        let is_retry = pending.iter().any(|a| {
-            a.fingerprint == new.fingerprint
-                || (new.idempotency_key.is_some() && a.idempotency_key == new.idempotency_key)
-        });
-        if !is_retry && pending.len() >= self.limits.max_pending_per_user {
+        if pending >= self.limits.max_pending_per_user && !self.is_retry(&new).await? {
             return Err(Problem::new(ProblemCode::TooManyPendingForUser)
                 .with_detail(format!(
                     "The user already has {} approval requests waiting, the most this gateway sends at once; wait for them to answer, then try again.",
@@ -140,20 +132,39 @@ impl Countersign {
                 metrics: self.metrics.clone(),
             };
             let until = Instant::now() + hold_for;
-            let waited = tokio::select! {
-                approval = self.engine.wait(&id, until) => Some(approval),
-                () = client_gone(session) => None,
-            };
-            match waited {
-                Some(approval) => Some(approval.map_err(store_problem)?),
-                None => {
+            tokio::select! {
+                approval = self.engine.wait(&id, until) => Some(approval.map_err(store_problem)?),
+                () = client_gone(session) => {
                     tracing::info!(approval_id = %id, "agent disconnected during the hold; the approval goes on and a retry gets its answer");
                     return Err(Reply::Disconnected);
+                }
+                () = self.draining.started() => {
+                    tracing::info!(approval_id = %id, "gateway shutting down during the hold; the approval stays pending for a retry");
+                    return Err(Problem::new(ProblemCode::ShuttingDown).with_retry_after(5).into());
                 }
             }
         };
         let approval = approval.ok_or(ProblemCode::ApprovalStoreUnavailable)?;
         Ok(self.reply_for(ctx, &approval))
+    }
+
+    /// Whether `new` would attach to one of its person's pending approvals.
+    async fn is_retry(&self, new: &NewApproval) -> Result<bool, Reply> {
+        let pending = self
+            .engine
+            .store()
+            .list(&ListFilter {
+                state: Some(ApprovalState::Pending),
+                subject: Some(new.subject.clone()),
+                limit: Some(self.limits.max_pending_per_user + 1),
+                ..ListFilter::default()
+            })
+            .await
+            .map_err(store_problem)?;
+        Ok(pending.iter().any(|a| {
+            a.fingerprint == new.fingerprint
+                || (new.idempotency_key.is_some() && a.idempotency_key == new.idempotency_key)
+        }))
     }
 
     fn new_approval(&self, session: &Session, call: &HeldCall) -> Result<NewApproval, Reply> {
@@ -187,7 +198,30 @@ impl Countersign {
         let path_and_query = String::from_utf8_lossy(header.raw_path()).into_owned();
         let body = call.body.as_deref().unwrap_or_default().to_vec();
         let subject = call.identity.subject.clone();
-        let fingerprint = fingerprint(&method, &path_and_query, &body, &subject);
+        // The Host counts only where the upstream receives it.
+        let preserves_host = self
+            .upstreams
+            .get(&call.upstream)
+            .is_some_and(|u| u.config.preserve_host);
+        let host = header
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| header.uri.authority().map(|a| a.as_str()))
+            .filter(|_| preserves_host)
+            .and_then(|h| crate::policy::host_key(h).ok())
+            .unwrap_or_default();
+        let fingerprint = fingerprint(
+            &[
+                &call.upstream,
+                &call.policy.name,
+                &host,
+                &method,
+                &path_and_query,
+            ],
+            &body,
+            &subject,
+        );
         let headers = header
             .headers
             .iter()
@@ -282,16 +316,19 @@ fn pending_body(approval: &Approval, approvals_path: &str, retry_after: u64) -> 
     })
 }
 
-/// The identity of a call across retries: method, canonical target, body
-/// and the person. SHA-256, so the body itself is not kept as the key.
-fn fingerprint(method: &str, path_and_query: &str, body: &[u8], subject: &str) -> String {
+/// The identity of a call across retries: upstream, policy, host (where the
+/// upstream receives it), method and canonical target (`target`, in that
+/// order), body and the person. The same path to two upstreams, or to two
+/// virtual hosts, is two calls. SHA-256, so the body itself is not kept as
+/// the key.
+fn fingerprint(target: &[&str; 5], body: &[u8], subject: &str) -> String {
     let mut hash = Sha256::new();
-    for part in [
-        method.as_bytes(),
-        path_and_query.as_bytes(),
-        &Sha256::digest(body)[..],
-        subject.as_bytes(),
-    ] {
+    let digest = Sha256::digest(body);
+    let parts = target
+        .iter()
+        .map(|p| p.as_bytes())
+        .chain([&digest[..], subject.as_bytes()]);
+    for part in parts {
         hash.update((part.len() as u64).to_be_bytes());
         hash.update(part);
     }
@@ -380,5 +417,33 @@ pub(super) async fn client_gone(session: &mut Session) {
             }
             Ok(None) | Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fingerprint;
+
+    #[test]
+    fn a_call_is_one_call_only_on_one_host_and_upstream() {
+        let call =
+            |upstream, host| fingerprint(&[upstream, "buy", host, "POST", "/shop"], b"{}", "alice");
+        assert_eq!(call("shop", "a.example"), call("shop", "a.example"));
+        assert_ne!(call("shop", "a.example"), call("shop", "b.example"));
+        assert_ne!(call("shop", "a.example"), call("other", "a.example"));
+        // Parts are length-prefixed: moving a byte across a boundary differs.
+        assert_ne!(call("shopa", ".example"), call("shop", "a.example"));
+        assert_ne!(
+            call("shop", "a.example"),
+            fingerprint(
+                &["shop", "refund", "a.example", "POST", "/shop"],
+                b"{}",
+                "alice"
+            )
+        );
+        assert_ne!(
+            call("shop", "a.example"),
+            fingerprint(&["shop", "buy", "a.example", "POST", "/shop"], b"{}", "bob")
+        );
     }
 }

@@ -28,6 +28,7 @@ use pingora::{Error, ErrorType};
 
 use crate::approval::engine::Engine;
 use crate::config::{DefaultAction, Limits, UpstreamConfig};
+use crate::drain::Draining;
 use crate::identity::IdentitySource;
 use crate::metrics::Metrics;
 use crate::policy::LivePolicies;
@@ -59,6 +60,8 @@ pub struct Countersign {
     pub held: Arc<AtomicUsize>,
     pub engine: Arc<Engine>,
     pub approvals_path: String,
+    /// Raised on shutdown: held calls are answered at once.
+    pub draining: Draining,
 }
 
 impl Countersign {
@@ -88,7 +91,14 @@ impl Countersign {
             held: Arc::new(AtomicUsize::new(0)),
             engine,
             approvals_path,
+            draining: Draining::new().1,
         }
+    }
+
+    /// Answer held calls when `draining` is raised (the gateway's shutdown).
+    pub fn with_draining(mut self, draining: Draining) -> Self {
+        self.draining = draining;
+        self
     }
 }
 
