@@ -59,12 +59,12 @@ async fn untouched(world: &World) {
 #[tokio::test]
 async fn a_call_below_the_threshold_passes_without_approval() {
     let world = world().await;
-    let response = post(&world, "/vouchers", r#"{"amount": 20, "recipient": "bob"}"#)
+    let response = post(&world, "/credits", r#"{"amount": 20, "recipient": "bob"}"#)
         .header("authorization", "Bearer agent-own")
         .send()
         .await
         .unwrap();
-    // The shop has no /vouchers: its 404 is the upstream's answer.
+    // The shop has no /credits: its 404 is the upstream's answer.
     assert_eq!(response.status(), 404);
     assert!(response
         .headers()
@@ -72,7 +72,7 @@ async fn a_call_below_the_threshold_passes_without_approval() {
         .is_none());
     let received = world.shop.received();
     assert_eq!(received.len(), 1, "passed through once");
-    assert_eq!(received[0].path_and_query, "/vouchers");
+    assert_eq!(received[0].path_and_query, "/credits");
     assert_eq!(
         received[0].body.as_ref(),
         br#"{"amount": 20, "recipient": "bob"}"#
@@ -82,7 +82,7 @@ async fn a_call_below_the_threshold_passes_without_approval() {
     assert!(world.peer.requests().await.is_empty(), "nobody was asked");
     let metrics = world.gateway.metrics().await;
     assert!(
-        metrics.contains(r#"countersign_calls_total{outcome="passed",policy="buy-voucher"} 1"#),
+        metrics.contains(r#"countersign_calls_total{outcome="passed",policy="buy-credit"} 1"#),
         "{metrics}"
     );
 }
@@ -90,16 +90,10 @@ async fn a_call_below_the_threshold_passes_without_approval() {
 #[tokio::test]
 async fn a_call_above_the_threshold_is_held_and_forwarded_with_a_fresh_token() {
     let world = world().await;
-    let call = tokio::spawn(
-        post(
-            &world,
-            "/vouchers",
-            r#"{"amount": 100, "recipient": "bob"}"#,
-        )
-        .send(),
-    );
+    let call =
+        tokio::spawn(post(&world, "/credits", r#"{"amount": 100, "recipient": "bob"}"#).send());
     let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    assert_eq!(pending[0]["binding_message"], "Buy a voucher worth 100");
+    assert_eq!(pending[0]["binding_message"], "Buy store credit worth 100");
     assert!(world.shop.received().is_empty(), "held, not forwarded");
     world
         .peer
@@ -189,10 +183,10 @@ async fn a_condition_that_cannot_be_evaluated_refuses_the_call() {
         r#"{"amount": null}"#,
         r#"[100]"#,
     ] {
-        let response = post(&world, "/vouchers", body).send().await.unwrap();
+        let response = post(&world, "/credits", body).send().await.unwrap();
         let problem = problem(response, 422, "condition_failed").await;
         assert!(
-            problem["detail"].as_str().unwrap().contains("buy-voucher"),
+            problem["detail"].as_str().unwrap().contains("buy-credit"),
             "{problem}"
         );
     }
@@ -209,7 +203,7 @@ async fn a_condition_that_cannot_be_evaluated_refuses_the_call() {
     let metrics = world.gateway.metrics().await;
     assert!(
         metrics.contains(
-            r#"countersign_calls_total{outcome="condition_failed",policy="buy-voucher"} 4"#
+            r#"countersign_calls_total{outcome="condition_failed",policy="buy-credit"} 4"#
         ),
         "{metrics}"
     );
@@ -227,12 +221,12 @@ async fn a_body_the_condition_and_the_api_would_read_differently_is_refused() {
         r#"{"AMOUNT": 100}"#,
         r#"{"amount": 10, "recipient": {"x": 1, "x": 2}}"#,
     ] {
-        let response = post(&world, "/vouchers", body).send().await.unwrap();
+        let response = post(&world, "/credits", body).send().await.unwrap();
         problem(response, 400, "invalid_body").await;
     }
     // A JSON body not sent as JSON, or encoded, is not read at all.
     for (header, value) in [("content-type", "text/plain"), ("content-encoding", "gzip")] {
-        let response = post(&world, "/vouchers", r#"{"amount": 10}"#)
+        let response = post(&world, "/credits", r#"{"amount": 10}"#)
             .header(header, value)
             .send()
             .await
@@ -249,9 +243,9 @@ async fn a_value_the_condition_tests_given_again_in_another_part_is_refused() {
     // the call through; Rails' params would buy for the query's 5000, PHP's
     // $_REQUEST for the cookie's.
     for (path, body, cookie) in [
-        ("/vouchers?amount=5000", r#"{"amount": 10}"#, None),
-        ("/vouchers?amount[]=5000", r#"{"amount": 10}"#, None),
-        ("/vouchers", r#"{"amount": 10}"#, Some("amount=5000")),
+        ("/credits?amount=5000", r#"{"amount": 10}"#, None),
+        ("/credits?amount[]=5000", r#"{"amount": 10}"#, None),
+        ("/credits", r#"{"amount": 10}"#, Some("amount=5000")),
     ] {
         let mut request = post(&world, path, body);
         if let Some(cookie) = cookie {
