@@ -13,6 +13,9 @@
 #   BENCH_THREADS=1        worker threads/processes of every proxy (nginx, bare pingora, Countersign)
 #   BENCH_HELD="1000 10000" held-call counts
 #   BENCH_INTERVAL=5       CIBA polling interval the fake server asks for, in seconds
+#   BENCH_ASYNC=10000      pending approvals in the async (durable) runs, one per store
+#   BENCH_POSTGRES=url     PostgreSQL server for the async run's store (default: the
+#                          machine's, postgres://root@127.0.0.1:5432/; a fresh database)
 #   BENCH_PROFILE=1        also perf-record bare pingora, nginx and Countersign under load
 #                          (reports written to $BENCH_OUT/profile-*.txt)
 #   BENCH_OUT=dir          where raw outputs go (default: a fresh temp dir, kept)
@@ -87,10 +90,11 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- build ----------------------------------------------------------------
 log "building (release)"
-cargo build --release --quiet --bin countersign --example bare_pingora --example held_calls
+cargo build --release --quiet --bin countersign --example bare_pingora --example held_calls --example async_approvals
 BIN=$REPO/target/release
 BARE=$BIN/examples/bare_pingora
 HELDBIN=$BIN/examples/held_calls
+ASYNCBIN=$BIN/examples/async_approvals
 
 # --- pass-through ---------------------------------------------------------
 UP_PORT=$(pick_port 18180)
@@ -255,6 +259,26 @@ for n in $HELD; do
   HELDR[$n]=$line
   [[ -n $line ]] || log "held calls $n failed: see $OUT/held.err"
 done
+
+# --- durable approvals (wait: async), per store ----------------------------
+ASYNC_N=${BENCH_ASYNC:-$([[ $QUICK == 1 ]] && echo 2000 || echo 10000)}
+PG_SERVER=${BENCH_POSTGRES:-postgres://root@127.0.0.1:5432}
+PG_DB=countersign_bench_$$
+declare -A ASYNCR
+for store in memory sqlite postgres; do
+  arg=$store
+  if [[ $store == postgres ]]; then
+    psql "$PG_SERVER/postgres" -qc "CREATE DATABASE $PG_DB" >/dev/null || { log "no PostgreSQL at $PG_SERVER"; continue; }
+    arg="postgres=$PG_SERVER/$PG_DB"
+  fi
+  log "async approvals: $ASYNC_N pending, store $store"
+  line=$("$ASYNCBIN" --gateway "$BIN/countersign" --calls "$ASYNC_N" --interval "$INTERVAL" \
+    --store "$arg" 2>>"$OUT/async.err" | grep '^RESULT' || true)
+  [[ $store == postgres ]] && psql "$PG_SERVER/postgres" -qc "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" >/dev/null
+  echo "$line" >"$OUT/async-$store.txt"
+  ASYNCR[$store]=$line
+  [[ -n $line ]] || log "async approvals ($store) failed: see $OUT/async.err"
+done
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- the table --------------------------------------------------------------
@@ -312,6 +336,15 @@ row() { printf '| %-44s | %-30s | %-22s | %-6s |\n' "$@"; }
     mx=$(field "$l" approve_max_ms); p99=$(field "$l" approve_p99_ms)
     row "held $n: approval -> upstream p50/p99/max" "$(printf '%s / %s / %s ms' "$(field "$l" approve_p50_ms)" "$p99" "$mx")" "<= $((INTERVAL * 1000)) ms" "$(verdict "$mx <= $INTERVAL * 1000")"
     ok=$(field "$l" ok); row "held $n: calls answered 200 after approval" "$ok of $n" "all" "$(verdict "$ok == $n")"
+  done
+  for store in memory sqlite postgres; do
+    l=${ASYNCR[$store]:-}
+    if [[ -z $l ]]; then row "async $store" "failed (see async.err)" "" "MISSED"; continue; fi
+    n=$(field "$l" calls)
+    pk=$(field "$l" per_pending_kib); row "async $n, $store: RSS per pending approval" "$(printf '%s KiB (%s -> %s KiB)' "$pk" "$(field "$l" rss_before_kib)" "$(field "$l" rss_pending_kib)")" "<= 4 KiB" "$(verdict "$pk <= 4")"
+    row "async $n, $store: calls accepted (202) per s" "$(printf '%s/s, p50 %s p99 %s ms' "$(field "$l" accept_per_s)" "$(field "$l" accept_p50_ms)" "$(field "$l" accept_p99_ms)")" "" ""
+    row "async $n, $store: approved calls forwarded per s" "$(printf '%s/s (%s of %s)' "$(field "$l" forward_per_s)" "$(field "$l" forwarded)" "$n")" "all" "$(verdict "$(field "$l" forwarded) == $n")"
+    row "async $n, $store: retry gets the recorded answer" "$(printf 'p50 %s p99 %s ms (%s of %s ok)' "$(field "$l" retry_p50_ms)" "$(field "$l" retry_p99_ms)" "$(field "$l" retries_ok)" "$(field "$l" retries)")" "all 200" "$(verdict "$(field "$l" retries_ok) == $(field "$l" retries)")"
   done
   [[ -z $ERRORS ]] || echo "wrk reported errors in: $ERRORS"
   echo "raw outputs: $OUT"

@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
-use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::server::{
+    RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, UnixShutdownSignalWatch,
+};
 use pingora::services::listening::Service;
 use thiserror::Error;
 use tokio::sync::Notify;
@@ -18,15 +20,17 @@ use crate::approval::engine::Engine;
 use crate::approval::store_handle::ConfiguredStore;
 use crate::ciba::{self, CibaClient, CibaError, Endpoints};
 use crate::config::Config;
+use crate::drain::{DrainFirst, DrainSwitch, Draining};
 use crate::identity::IdentitySource;
 use crate::metrics::Metrics;
 use crate::proxy::Countersign;
 use crate::readiness::{self, Readiness};
+use crate::reload::Reloader;
 use crate::upstream::UpstreamClient;
 
 #[derive(Debug, Error)]
 pub enum GatewayError {
-    #[error("authorization server: {0}")]
+    #[error(transparent)]
     AuthorizationServer(#[from] CibaError),
     #[error("identity: {0}")]
     Identity(String),
@@ -55,6 +59,11 @@ pub struct Gateway {
     _engine_runtime: tokio::runtime::Runtime,
     /// What `/readyz` checks; register more before running.
     pub readiness: Readiness,
+    /// Reloads the policies (SIGHUP, changed files); `None` for a
+    /// configuration with embedded policies (`countersign dev`).
+    pub reloader: Option<Arc<Reloader>>,
+    /// Raised first on shutdown: held calls are answered, `/readyz` fails.
+    drain: DrainSwitch,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -87,7 +96,7 @@ pub fn resolve_endpoints(config: &Config) -> Result<Endpoints, GatewayError> {
         .build()
         .map_err(|e| GatewayError::Startup(format!("runtime: {e}")))?;
     let client = http_client(config)?;
-    Ok(runtime.block_on(ciba::resolve_endpoints(
+    Ok(runtime.block_on(ciba::resolve_endpoints_patiently(
         &client,
         &config.gateway.authorization_server,
     ))?)
@@ -100,7 +109,7 @@ fn start_engine(
     config_file: &std::path::Path,
     gateway: &crate::config::GatewayConfig,
     ciba: CibaClient,
-    policies: Arc<crate::policy::PolicySet>,
+    policies: Arc<crate::policy::LivePolicies>,
     metrics: Metrics,
 ) -> Result<(Arc<Engine>, tokio::runtime::Runtime), GatewayError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -125,6 +134,11 @@ fn start_engine(
     let upstreams =
         UpstreamClient::new(gateway.upstreams.clone(), gateway.limits.max_response_bytes)
             .map_err(GatewayError::Startup)?;
+    let pings = gateway
+        .authorization_server
+        .notification
+        .as_ref()
+        .map(|n| crate::approval::ping::Pings::new(n.safety_poll));
     let engine = Arc::new(Engine::new(
         Arc::new(store),
         ciba,
@@ -134,6 +148,7 @@ fn start_engine(
         gateway.store.clone(),
         gateway.limits.max_hold,
         runtime.handle().clone(),
+        pings,
     ));
     runtime.spawn(engine.clone().maintain());
     Ok((engine, runtime))
@@ -210,6 +225,9 @@ impl Gateway {
         if let Some(admin) = listen.admin {
             check_bindable("admin", admin)?;
         }
+        if let Some(notification) = &config.gateway.authorization_server.notification {
+            check_bindable("notification", notification.listen)?;
+        }
         let endpoints = resolve_endpoints(&config)?;
         let readiness = Readiness::new();
         let proxy_addr = config.gateway.listen.proxy;
@@ -223,6 +241,9 @@ impl Gateway {
         readiness.register("authorization_server", || async { Ok(()) });
         let metrics = Metrics::new();
         let http = http_client(&config)?;
+        let reload_source = config
+            .reloadable
+            .then(|| (config.file.clone(), config.text.clone()));
         let gateway = config.gateway;
         let ciba = CibaClient::new(
             http.clone(),
@@ -247,7 +268,7 @@ impl Gateway {
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
 
-        let policies = Arc::new(config.policies);
+        let policies = Arc::new(crate::policy::LivePolicies::from_pointee(config.policies));
         let (engine, engine_runtime) = start_engine(
             &config.file,
             &gateway,
@@ -255,11 +276,46 @@ impl Gateway {
             policies.clone(),
             metrics.clone(),
         )?;
+        let reloader = reload_source.map(|(file, text)| {
+            let reloader = Arc::new(Reloader::for_file(
+                file,
+                &text,
+                policies.clone(),
+                metrics.clone(),
+            ));
+            engine_runtime.spawn(reloader.clone().run());
+            reloader
+        });
+        let notification_service = gateway.authorization_server.notification.as_ref().map(|n| {
+            let mut service = Service::new(
+                "countersign ciba notification".to_owned(),
+                HttpServer::new_app(crate::ciba::notification::NotificationApp {
+                    engine: engine.clone(),
+                    path: n.path.clone(),
+                    metrics: metrics.clone(),
+                }),
+            );
+            service.add_tcp(&n.listen.to_string());
+            service
+        });
         let store = engine.store().clone();
         let audit_store = store.clone();
         readiness.register("approval_store", move || {
             let store = store.clone();
             async move { store.ping().await.map_err(|e| e.to_string()) }
+        });
+        let (drain, draining) = Draining::new();
+        readiness.register("not_shutting_down", {
+            let draining = draining.clone();
+            move || {
+                let draining = draining.is_draining();
+                async move {
+                    match draining {
+                        true => Err("the gateway is shutting down".to_owned()),
+                        false => Ok(()),
+                    }
+                }
+            }
         });
         let countersign = Countersign::new(
             policies,
@@ -271,7 +327,8 @@ impl Gateway {
             metrics.clone(),
             engine,
             gateway.approvals_path.0.clone(),
-        );
+        )
+        .with_draining(draining);
         let mut proxy = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
             countersign,
@@ -286,6 +343,9 @@ impl Gateway {
                 .l4_buffer(L4BufferSettings::new(0, DOWNSTREAM_WRITE_BUFFER)),
         );
         server.add_service(proxy);
+        if let Some(service) = notification_service {
+            server.add_service(service);
+        }
 
         if let Some(admin) = gateway.listen.admin {
             let mut service = Service::new(
@@ -305,18 +365,29 @@ impl Gateway {
             endpoints,
             _engine_runtime: engine_runtime,
             readiness,
+            reloader,
+            drain,
         })
     }
 
-    /// Serves until SIGINT/SIGTERM.
+    /// Serves until SIGTERM (graceful) or SIGINT (quick); either way, held
+    /// calls are answered first.
     pub fn run_forever(self) {
-        self.server.run(RunArgs::default());
+        self.server.run(RunArgs {
+            shutdown_signal: Box::new(DrainFirst {
+                signal: UnixShutdownSignalWatch,
+                switch: self.drain,
+            }),
+        });
     }
 
     /// Serves until `shutdown` is triggered; blocks the calling thread.
     pub fn run_until(self, shutdown: Shutdown) {
         self.server.run(RunArgs {
-            shutdown_signal: Box::new(shutdown),
+            shutdown_signal: Box::new(DrainFirst {
+                signal: shutdown,
+                switch: self.drain,
+            }),
         });
     }
 }

@@ -229,6 +229,13 @@ fn route_table(config: &config::Config) -> String {
                 .map(|a| format!(" (audience {a})"))
                 .unwrap_or_default(),
         );
+        if let Some(condition) = &p.condition {
+            let otherwise = match p.otherwise {
+                countersign::policy::Otherwise::Pass => "",
+                countersign::policy::Otherwise::Deny => ", otherwise deny",
+            };
+            let _ = writeln!(out, "  {:<20} when {}{otherwise}", "", condition.source());
+        }
     }
     let default = match gateway.default_action {
         config::DefaultAction::Pass => "pass (forwarded without approval)",

@@ -28,6 +28,14 @@ pub struct Metrics {
     pub ciba_requests: IntCounterVec,
     /// Seconds from sending to the upstream to the end of its response.
     pub upstream_duration: HistogramVec,
+    /// Ping-mode notifications received, by result: accepted, unknown,
+    /// wrong_token, no_token, malformed.
+    pub ciba_notifications: IntCounterVec,
+    /// Configuration reloads by result: ok, error, restart_required.
+    pub config_reloads: IntCounterVec,
+    /// Unix time of the last configuration load that took effect (the start,
+    /// or the last `ok` reload).
+    pub config_last_good_load: IntGauge,
 }
 
 /// Buckets up to ten minutes: people answer in seconds to minutes.
@@ -103,6 +111,27 @@ impl Metrics {
             &["upstream"],
         )
         .expect("valid metric");
+        let ciba_notifications = IntCounterVec::new(
+            Opts::new(
+                "countersign_ciba_notifications_total",
+                "CIBA ping notifications received, by result: accepted, unknown (no request waits under that auth_req_id: forged, replayed or late), wrong_token, no_token, malformed.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "countersign_config_reload_total",
+                "Configuration reloads (SIGHUP or a changed file), by result: ok, error (the running policies stay), restart_required (nothing applied).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let config_last_good_load = IntGauge::new(
+            "countersign_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last configuration load that took effect (start or reload).",
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "countersign_build_info",
@@ -123,6 +152,9 @@ impl Metrics {
             Box::new(approval_wait.clone()),
             Box::new(ciba_requests.clone()),
             Box::new(upstream_duration.clone()),
+            Box::new(ciba_notifications.clone()),
+            Box::new(config_reloads.clone()),
+            Box::new(config_last_good_load.clone()),
             Box::new(build_info),
         ] {
             registry.register(collector).expect("unique metric names");
@@ -137,6 +169,9 @@ impl Metrics {
             approval_wait,
             ciba_requests,
             upstream_duration,
+            ciba_notifications,
+            config_reloads,
+            config_last_good_load,
         }
     }
 

@@ -38,6 +38,15 @@ pub enum ProblemCode {
     OutcomeUnknown,
     /// The API answered more than the gateway records for replay.
     ResponseNotRecorded,
+    /// A policy's `when` could not be evaluated for the call (fail closed).
+    ConditionFailed,
+    /// No condition of the call's route took it, and the route says
+    /// `otherwise: deny`.
+    PolicyDenied,
+    /// A value the person is shown is also given in another part of the call.
+    AmbiguousParameter,
+    /// The gateway is stopping; a held call's approval stays pending.
+    ShuttingDown,
     /// A POST on an MCP endpoint that cannot be read one way only.
     InvalidMcpMessage,
     /// A JSON-RPC batch that calls a held tool.
@@ -51,7 +60,7 @@ pub enum ProblemCode {
 }
 
 impl ProblemCode {
-    const ALL: [Self; 30] = [
+    const ALL: [Self; 34] = [
         Self::AccessDenied,
         Self::ApprovalExpired,
         Self::IdentityRequired,
@@ -77,6 +86,10 @@ impl ProblemCode {
         Self::IdempotencyKeyReused,
         Self::OutcomeUnknown,
         Self::ResponseNotRecorded,
+        Self::ConditionFailed,
+        Self::PolicyDenied,
+        Self::AmbiguousParameter,
+        Self::ShuttingDown,
         Self::InvalidMcpMessage,
         Self::McpBatchRefused,
         Self::McpHeaderMismatch,
@@ -115,6 +128,10 @@ impl ProblemCode {
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::OutcomeUnknown => "outcome_unknown",
             Self::ResponseNotRecorded => "response_not_recorded",
+            Self::ConditionFailed => "condition_failed",
+            Self::PolicyDenied => "policy_denied",
+            Self::AmbiguousParameter => "ambiguous_parameter",
+            Self::ShuttingDown => "shutting_down",
             Self::InvalidMcpMessage => "invalid_mcp_message",
             Self::McpBatchRefused => "mcp_batch_refused",
             Self::McpHeaderMismatch => "mcp_header_mismatch",
@@ -125,7 +142,9 @@ impl ProblemCode {
 
     pub fn status(self) -> u16 {
         match self {
-            Self::AccessDenied | Self::NoPolicy | Self::UpstreamNotAllowed => 403,
+            Self::AccessDenied | Self::NoPolicy | Self::UpstreamNotAllowed | Self::PolicyDenied => {
+                403
+            }
             Self::ApprovalExpired => 408,
             Self::IdentityRequired => 401,
             Self::UnknownUser
@@ -137,6 +156,7 @@ impl ProblemCode {
             | Self::InvalidHost
             | Self::PathOverrideRefused
             | Self::UpgradeRefused
+            | Self::AmbiguousParameter
             | Self::InvalidMcpMessage
             | Self::McpBatchRefused
             | Self::McpHeaderMismatch
@@ -149,8 +169,8 @@ impl ProblemCode {
             | Self::ApprovalFailed
             | Self::OutcomeUnknown
             | Self::ResponseNotRecorded => 502,
-            Self::ApprovalStoreUnavailable => 503,
-            Self::IdempotencyKeyReused => 422,
+            Self::ApprovalStoreUnavailable | Self::ShuttingDown => 503,
+            Self::IdempotencyKeyReused | Self::ConditionFailed => 422,
             Self::NoRoute => 404,
         }
     }
@@ -181,6 +201,10 @@ impl ProblemCode {
             Self::IdempotencyKeyReused => "Idempotency key reused",
             Self::OutcomeUnknown => "Outcome unknown",
             Self::ResponseNotRecorded => "Response not recorded",
+            Self::ConditionFailed => "Policy condition failed",
+            Self::PolicyDenied => "Refused by policy",
+            Self::AmbiguousParameter => "Ambiguous parameter",
+            Self::ShuttingDown => "Shutting down",
             Self::InvalidMcpMessage => "Invalid MCP message",
             Self::McpBatchRefused => "MCP batch refused",
             Self::McpHeaderMismatch => "MCP headers disagree with the message",
@@ -246,8 +270,20 @@ impl ProblemCode {
             Self::UpgradeRefused => {
                 "This gateway does not relay protocol upgrades (WebSocket, h2c) to this API."
             }
+            Self::ShuttingDown => {
+                "The gateway is restarting. The approval request stays open; send the same call again in a few seconds to get its answer."
+            }
+            Self::AmbiguousParameter => {
+                "A value the approval shows is also given in another part of the call (query, body, path or cookie); give it once."
+            }
             Self::UpstreamNotAllowed => {
                 "This call routes to an API its policy does not allow the approval to be sent to, so the gateway refused it."
+            }
+            Self::ConditionFailed => {
+                "The policy's condition could not be evaluated for this call, so the gateway refused it rather than let it through."
+            }
+            Self::PolicyDenied => {
+                "A policy refuses this call outright; no approval can allow it."
             }
             Self::InvalidMcpMessage => {
                 "The MCP message cannot be read one way only, so the gateway refused it."

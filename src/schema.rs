@@ -21,6 +21,7 @@ use crate::config::{
     ClientAuthConfig, GatewayConfig, IdentityConfig, JwtIdentityConfig, SecretText, Text,
     UpstreamRef, UpstreamUrl,
 };
+use crate::policy::condition::Condition;
 use crate::policy::spec::{
     BodyFields, HostName, MethodName, Methods, PathTemplate, PolicyName, Scopes, ToolPattern,
 };
@@ -229,6 +230,13 @@ impl JsonSchema for DetailsTemplate {
         })
     }
 }
+
+string_schema!(Condition, "Condition", {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 2048,
+    "description": "A CEL expression over body, params, query, user and request: the call needs this policy's approval only when it is true (README, \"Conditions\")."
+});
 
 string_schema!(ApprovalsPath, "ApprovalsPath", {
     "type": "string",

@@ -275,3 +275,78 @@ fn a_listener_that_cannot_be_bound_ends_the_start_with_one_line() {
         assert!(!stderr.contains("panicked"), "{case}: {stderr}");
     }
 }
+
+/// A gateway started before its authorization server (both started by one
+/// script, say) waits for it, saying so, and serves once it is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_waits_for_an_authorization_server_that_is_still_starting() {
+    let port = free_port();
+    let issuer = format!("http://127.0.0.1:{port}");
+    let jwks = url::Url::parse(&format!("{issuer}/.well-known/jwks.json")).unwrap();
+    let shop = start_shop_for(&issuer, jwks).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, proxy, admin) = write_config(dir.path(), &issuer, &shop, &GatewayOptions::dev());
+    let log = dir.path().join("gateway.log");
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(child.try_wait().unwrap().is_none(), "the gateway waits");
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let _authz =
+        countersign::dev::authz::serve(listener, countersign::dev::AuthzOptions::default())
+            .await
+            .unwrap();
+    wait_listening(proxy).await;
+    wait_listening(admin).await;
+    let ready = reqwest::get(format!("http://{admin}/readyz"))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let _ = child.kill();
+    let _ = child.wait();
+    let logs = std::fs::read_to_string(&log).unwrap();
+    let waiting: Vec<_> = logs
+        .lines()
+        .filter(|l| l.contains("authorization server not reachable yet; retrying discovery"))
+        .collect();
+    assert!(!waiting.is_empty(), "{logs}");
+    assert!(waiting[0].contains("WARN"), "{logs}");
+    assert!(!logs.contains("ERROR"), "{logs}");
+}
+
+/// One that never comes up ends the start after `startup_wait` with one
+/// line naming the URL once and the reason.
+#[test]
+fn an_authorization_server_that_never_answers_ends_the_start_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let free = || format!("127.0.0.1:{}", free_port());
+    let config = offline_config(dir.path(), &free(), &free());
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "  client_id: countersign\n",
+        "  client_id: countersign\n  startup_wait: 2s\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let started = std::time::Instant::now();
+    let (status, stderr) = run_expecting_exit(&config, Duration::from_secs(15));
+    let status = status.expect("the gateway exits");
+    assert!(!status.success());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let error: Vec<_> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(error.len(), 1, "{stderr}");
+    let url = "http://127.0.0.1:9/.well-known/openid-configuration";
+    assert_eq!(error[0].matches(url).count(), 1, "{stderr}");
+    assert!(
+        error[0].contains("still not reachable after 2s"),
+        "{stderr}"
+    );
+    assert!(error[0].contains("refused"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -218,6 +218,7 @@ async fn invalid_binding_messages_are_refused() {
     let client = ciba_client(world.authz.issuer()).await;
     let scopes = vec!["product:buy".to_owned()];
     let mut request = AuthorizeRequest {
+        client_notification_token: None,
         subject: "alice",
         binding_message: "Approve <all>!",
         scopes: &scopes,
@@ -243,6 +244,7 @@ async fn a_client_polling_too_fast_is_slowed_down_and_ids_are_single_use() {
     let client = ciba_client(world.authz.issuer()).await;
     let scopes = vec!["product:buy".to_owned()];
     let request = AuthorizeRequest {
+        client_notification_token: None,
         subject: "alice",
         binding_message: "Buy 2 phones",
         scopes: &scopes,

@@ -687,3 +687,40 @@ async fn two_gateways_on_one_postgres_lose_nothing_when_one_dies() {
     let status = wait_state(&agent, b.proxy, &first.location, "done").await;
     assert_eq!(status["approval_id"], first.id.as_str());
 }
+
+#[tokio::test]
+async fn the_example_gift_card_policy_is_asynchronous() {
+    // policies/shop.yaml's send-gift-card (`wait: async`), as dev mode
+    // shows it: 202 at once, then the shop's 201 to the same call, made
+    // with a token the shop verified.
+    let world = World::start(GatewayOptions::default()).await;
+    let send = || {
+        world
+            .agent
+            .post(world.gateway.url("/gift-cards"))
+            .header(USER_HEADER, "alice")
+            .json(&json!({"amount": 25, "to": "bob"}))
+    };
+    let first = accepted(send().send().await.unwrap()).await;
+    assert_eq!(
+        first.body["binding_message"],
+        "Send a 25 EUR gift card to bob"
+    );
+    let pending = world.peer.wait_pending(Some("alice"), 1).await;
+    assert_eq!(
+        pending[0]["binding_message"],
+        "Send a 25 EUR gift card to bob"
+    );
+    world
+        .peer
+        .approve(pending[0]["auth_req_id"].as_str().unwrap())
+        .await;
+    let answer = answered(send).await;
+    assert_eq!(answer.status(), 201);
+    let card: Value = answer.json().await.unwrap();
+    assert_eq!(card["status"], "sent", "{card}");
+    assert_eq!(card["from"], "alice", "{card}");
+    let received = world.shop.received();
+    assert_eq!(received.len(), 1);
+    assert!(received[0].claims.is_some(), "the shop verified the token");
+}

@@ -272,3 +272,105 @@ async fn a_clean_call_is_held_with_the_message_it_will_do() {
     assert_eq!(response.status(), 403);
     assert!(world.shop.received().is_empty());
 }
+
+/// POST `path` as alice with a JSON body and extra headers.
+async fn post_json(
+    world: &World,
+    method: reqwest::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Value,
+) -> reqwest::Response {
+    let mut request = world
+        .agent
+        .request(method, world.gateway.url(path))
+        .header(USER_HEADER, "alice")
+        .json(&body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_shown_value_given_again_in_another_part_is_refused() {
+    let world = world().await;
+    let order = json!({"product": "XYZ phone", "qty": 2, "priceLimit": 900});
+    // Rails' params lets the query win over the body, PHP's $_REQUEST a
+    // cookie, and PHP and qs read `qty[]` and ` qty` as `qty`: the person
+    // would approve 2 while the shop buys 100.
+    for (path, headers, other) in [
+        ("/shop?qty=100", &[][..], "the query"),
+        ("/shop?QTY=100", &[], "the query"),
+        ("/shop?qty[]=100", &[], "the query"),
+        ("/shop?%20qty=100", &[], "the query"),
+        ("/shop?product=ABC%20tablet", &[], "the query"),
+        ("/shop", &[("cookie", "session=1; qty=100")], "a cookie"),
+    ] {
+        let response = post_json(&world, reqwest::Method::POST, path, headers, order.clone()).await;
+        refused(
+            &world,
+            response,
+            "ambiguous_parameter",
+            &["shown to the person from the body", other],
+        )
+        .await;
+    }
+    // A query the message reads may not be given in a form body too
+    // (Laravel's input() lets the body win), nor twice as `amount[]`.
+    let response = post(
+        &world,
+        "/refunds?amount=5",
+        Some("application/x-www-form-urlencoded"),
+        "amount=5000",
+    )
+    .await;
+    refused(
+        &world,
+        response,
+        "ambiguous_parameter",
+        &["from the query", "the body"],
+    )
+    .await;
+    let response = post(&world, "/refunds?amount=5&amount[]=5000", None, "").await;
+    refused(&world, response, "invalid_query", &["more than once"]).await;
+    // A path parameter shown may not be given again in the query.
+    let response = post_json(
+        &world,
+        reqwest::Method::DELETE,
+        "/orders/7?orderId=8",
+        &[],
+        json!({}),
+    )
+    .await;
+    refused(
+        &world,
+        response,
+        "ambiguous_parameter",
+        &[
+            "'orderId' is shown to the person from the path",
+            "the query",
+        ],
+    )
+    .await;
+    // Names that are not shown may appear anywhere.
+    let call = tokio::spawn(
+        world
+            .agent
+            .post(world.gateway.url("/shop?ref=newsletter"))
+            .header(USER_HEADER, "alice")
+            .header("cookie", "session=1")
+            .json(&order)
+            .send(),
+    );
+    let pending = world.peer.wait_pending(Some("alice"), 1).await;
+    assert_eq!(
+        pending[0]["binding_message"],
+        "Do you want to buy 2 XYZ phone"
+    );
+    world
+        .peer
+        .deny(pending[0]["auth_req_id"].as_str().unwrap())
+        .await;
+    assert_eq!(call.await.unwrap().unwrap().status(), 403);
+}

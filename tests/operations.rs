@@ -324,3 +324,86 @@ async fn dev_mode_prints_a_metrics_url_that_serves_metrics() {
     assert_eq!(status, 200);
     assert!(body.contains("countersign_build_info"), "{body}");
 }
+
+/// SIGTERM, as Kubernetes stops a pod: a held call is answered at once with
+/// `shutting_down` (its approval stays pending), a call already passing
+/// through finishes, no new call is accepted, the process exits 0 within a
+/// few seconds, and after the restart the agent's retry attaches to the
+/// same approval: the person is asked once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_held_calls_lets_passing_calls_finish_and_exits_0() {
+    use support::process::GatewayProcess;
+    let peer = Peer::start();
+    let shop = start_shop(&peer).await;
+    let upstream = slow_upstream(Duration::from_millis(1500)).await;
+    let store = tempfile::tempdir().unwrap();
+    let mut gateway = GatewayProcess::start(
+        &peer,
+        &shop,
+        GatewayOptions {
+            upstream: Some(upstream.to_string()),
+            extra_config: format!(
+                "store: {{ sqlite: \"{}\", lease: 2s }}",
+                store.path().join("approvals.db").display()
+            ),
+            ..GatewayOptions::default()
+        },
+    )
+    .await;
+    let agent = reqwest::Client::new();
+    let held = tokio::spawn(gateway.buy(&agent, "alice", phones()).send());
+    let auth_req_id = peer.wait_pending(Some("alice"), 1).await[0]["auth_req_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let passing = tokio::spawn(agent.get(gateway.url("/products")).send());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let stopping = std::time::Instant::now();
+    let exit = tokio::spawn(async move {
+        let status = gateway.terminate(Duration::from_secs(15)).await;
+        (status, gateway)
+    });
+
+    let held = held.await.unwrap().unwrap();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(2),
+        "the held call was answered at once, not after {:?}",
+        stopping.elapsed()
+    );
+    assert_eq!(held.status(), 503);
+    assert_eq!(held.headers()["retry-after"], "5");
+    assert!(held.headers().contains_key("x-countersign-approval-id"));
+    let problem: Value = held.json().await.unwrap();
+    assert_eq!(problem["code"], "shutting_down", "{problem}");
+    assert!(problem["detail"]
+        .as_str()
+        .unwrap()
+        .contains("send the same call again"));
+
+    let passing = passing.await.unwrap().unwrap();
+    assert_eq!(passing.status(), 200, "the passing call finished");
+    assert_eq!(passing.text().await.unwrap(), "ok");
+
+    let (status, mut gateway) = exit.await.unwrap();
+    let status = status.expect("the gateway exited within 15 s of SIGTERM");
+    assert!(
+        status.success(),
+        "exit status {status}:\n{}",
+        gateway.logs()
+    );
+    assert!(
+        TcpStream::connect(gateway.proxy).await.is_err(),
+        "nothing listens after the exit"
+    );
+    assert!(!gateway.logs().contains("ERROR"), "{}", gateway.logs());
+
+    gateway.restart().await;
+    let retry = tokio::spawn(gateway.buy(&agent, "alice", phones()).send());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(peer.requests().await.len(), 1, "the person was asked once");
+    peer.approve(&auth_req_id).await;
+    let answer = retry.await.unwrap().unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.text().await.unwrap(), "ok");
+}

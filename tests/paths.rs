@@ -38,7 +38,7 @@ async fn no_spelling_of_a_policy_route_gets_past_its_policy() {
         "/Shop/",
         "/shop;jsessionid=1",
         "/x/..;/shop",
-        "/shop?qty=99",
+        "/shop?ref=99",
         "/shop.json",
         "/SHOP.xml/",
         "http://shop.example/shop",

@@ -16,11 +16,12 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::ping::Pings;
 use super::{Outcome, PollSchedule, Step};
 use crate::ciba::{AuthorizeRequest, CibaClient, CibaError, PollAnswer};
 use crate::config::StoreConfig;
 use crate::metrics::Metrics;
-use crate::policy::PolicySet;
+use crate::policy::{LivePolicies, Policy};
 use crate::problem::ProblemCode;
 use crate::store::{Approval, ApprovalState, ApprovalStore, CibaProgress, NewApproval, StoreError};
 use crate::upstream::{ForwardError, UpstreamClient};
@@ -34,7 +35,10 @@ const STORE_RECHECK: Duration = Duration::from_millis(500);
 pub struct Engine {
     store: Arc<dyn ApprovalStore>,
     ciba: CibaClient,
-    policies: Arc<PolicySet>,
+    /// The policy set in force: read for approvals this process did not
+    /// start (resumed after a restart); an approval started here keeps the
+    /// policy its call matched.
+    policies: Arc<LivePolicies>,
     upstreams: UpstreamClient,
     metrics: Metrics,
     config: StoreConfig,
@@ -47,6 +51,8 @@ pub struct Engine {
     settled: Mutex<HashMap<String, Arc<Notify>>>,
     /// The engine's runtime: drivers run there, not on the call's.
     runtime: tokio::runtime::Handle,
+    /// Ping mode: the notifications awaited (`None` in poll mode).
+    pings: Option<Pings>,
 }
 
 /// Why a new approval could not be started.
@@ -62,12 +68,13 @@ impl Engine {
     pub fn new(
         store: Arc<dyn ApprovalStore>,
         ciba: CibaClient,
-        policies: Arc<PolicySet>,
+        policies: Arc<LivePolicies>,
         upstreams: UpstreamClient,
         metrics: Metrics,
         config: StoreConfig,
         max_hold: Duration,
         runtime: tokio::runtime::Handle,
+        pings: Option<Pings>,
     ) -> Self {
         Self {
             store,
@@ -81,7 +88,13 @@ impl Engine {
             driving: Mutex::new(HashSet::new()),
             settled: Mutex::new(HashMap::new()),
             runtime,
+            pings,
         }
+    }
+
+    /// Ping mode's notifications, for the notification endpoint.
+    pub fn pings(&self) -> Option<&Pings> {
+        self.pings.as_ref()
     }
 
     pub fn store(&self) -> &Arc<dyn ApprovalStore> {
@@ -93,14 +106,19 @@ impl Engine {
     }
 
     /// Asks the person about a newly stored approval and starts polling in
-    /// the background. Returns the polling interval (the agent's
+    /// the background, under `policy` (the one its call matched, whatever a
+    /// reload does meanwhile). Returns the polling interval (the agent's
     /// `Retry-After`).
-    pub async fn start(self: &Arc<Self>, approval: &NewApproval) -> Result<Duration, StartError> {
+    pub async fn start(
+        self: &Arc<Self>,
+        approval: &NewApproval,
+        policy: Arc<Policy>,
+    ) -> Result<Duration, StartError> {
         let id = approval.id.as_str();
         let progress = match self
             .authorize(
                 approval.id.as_str(),
-                &approval.policy,
+                &policy,
                 &approval.subject,
                 &approval.binding_message,
                 approval.authorization_details.as_ref(),
@@ -127,7 +145,7 @@ impl Engine {
             }
         };
         let interval = progress.interval;
-        self.spawn_driver(approval.id.clone());
+        self.spawn_driver(approval.id.clone(), Some(policy));
         Ok(interval)
     }
 
@@ -135,15 +153,12 @@ impl Engine {
     async fn authorize(
         &self,
         id: &str,
-        policy_name: &str,
+        policy: &Policy,
         subject: &str,
         binding_message: &str,
         details: Option<&serde_json::Value>,
         expires_at: SystemTime,
     ) -> Result<CibaProgress, CibaError> {
-        let policy = self.policies.by_name(policy_name).ok_or_else(|| {
-            CibaError::Config(format!("policy {policy_name} is no longer configured"))
-        })?;
         // Whole seconds on the wire: round the time left up, or a 3 s
         // expiry would be asked as 2 s a moment after the call arrived.
         let remaining = expires_at
@@ -155,9 +170,11 @@ impl Engine {
             .unwrap_or(self.max_hold)
             .min(remaining)
             .max(Duration::from_secs(1));
+        let notification_token = self.pings.as_ref().map(|_| Pings::new_token());
         let authorization = self
             .ciba
             .authorize(&AuthorizeRequest {
+                client_notification_token: notification_token.as_ref(),
                 subject,
                 binding_message,
                 scopes: &policy.scopes,
@@ -167,25 +184,39 @@ impl Engine {
             })
             .await?;
         let now = Instant::now();
-        let schedule = PollSchedule::new(
-            now,
-            authorization.interval,
-            authorization.expires_in,
-            remaining,
-        );
+        // Ping mode polls only as a safety net, slowly, never faster than
+        // the server's interval.
+        let interval = match (&self.pings, &notification_token) {
+            (Some(pings), Some(token)) => {
+                pings.expect(&authorization.auth_req_id, token, id);
+                let server = authorization.interval.unwrap_or(super::DEFAULT_INTERVAL);
+                Some(server.max(pings.safety_poll))
+            }
+            _ => authorization.interval,
+        };
+        let schedule = PollSchedule::new(now, interval, authorization.expires_in, remaining);
+        // No poll before the deadline: poll mode polls once now, ping mode
+        // awaits the notification until the deadline.
+        let first_poll = match schedule.next_poll() {
+            Some(at) => at,
+            None if self.pings.is_some() => schedule.deadline(),
+            None => now,
+        };
         let progress = CibaProgress {
             auth_req_id: authorization.auth_req_id,
             interval: schedule.interval(),
-            next_poll_at: to_system(schedule.next_poll().unwrap_or(now)),
+            next_poll_at: to_system(first_poll),
             deadline: to_system(schedule.deadline()),
         };
-        self.store
-            .set_ciba(id, &progress)
-            .await
-            .map_err(|e| CibaError::Config(e.to_string()))?;
+        if let Err(error) = self.store.set_ciba(id, &progress).await {
+            if let Some(pings) = &self.pings {
+                pings.forget(id);
+            }
+            return Err(CibaError::Config(error.to_string()));
+        }
         tracing::info!(
             approval_id = id,
-            policy = %policy_name,
+            policy = %policy.name,
             expires_in_s = authorization.expires_in.as_secs(),
             interval_s = progress.interval.as_secs(),
             "approval requested; waiting for the user"
@@ -193,8 +224,15 @@ impl Engine {
         Ok(progress)
     }
 
-    /// Starts driving `id` in this process unless it already does.
-    pub fn spawn_driver(self: &Arc<Self>, id: String) {
+    /// The policy in force now named `name`, for an approval this process
+    /// did not start.
+    fn current_policy(&self, name: &str) -> Option<Arc<Policy>> {
+        self.policies.load().by_name(name).cloned()
+    }
+
+    /// Starts driving `id` in this process unless it already does, under
+    /// `policy` (for `None`, the one of that name in force now).
+    pub fn spawn_driver(self: &Arc<Self>, id: String, policy: Option<Arc<Policy>>) {
         {
             let mut driving = self.driving.lock().unwrap_or_else(|e| e.into_inner());
             if !driving.insert(id.clone()) {
@@ -206,7 +244,10 @@ impl Engine {
         self.metrics.pending_approvals.inc();
         let engine = self.clone();
         self.runtime.spawn(async move {
-            engine.drive(&id).await;
+            engine.drive(&id, policy).await;
+            if let Some(pings) = &engine.pings {
+                pings.forget(&id);
+            }
             engine.metrics.pending_approvals.dec();
             engine
                 .driving
@@ -222,7 +263,7 @@ impl Engine {
     }
 
     /// Polls `id` until it ends, while this process holds its lease.
-    async fn drive(&self, id: &str) {
+    async fn drive(&self, id: &str, mut policy: Option<Arc<Policy>>) {
         // Kept across polls: it counts consecutive unanswered polls.
         let mut schedule: Option<PollSchedule> = None;
         loop {
@@ -238,6 +279,9 @@ impl Engine {
             if approval.state != ApprovalState::Pending {
                 return;
             }
+            if policy.is_none() {
+                policy = self.current_policy(&approval.policy);
+            }
             let progress = match &approval.ciba {
                 Some(progress) => progress.clone(),
                 None => {
@@ -245,10 +289,18 @@ impl Engine {
                     if !self.take_lease(id, SystemTime::now()).await {
                         return;
                     }
+                    let Some(policy) = policy.as_deref() else {
+                        let error = CibaError::Config(format!(
+                            "policy {} is no longer configured",
+                            approval.policy
+                        ));
+                        self.end(&approval, Outcome::Failed(error), None).await;
+                        return;
+                    };
                     match self
                         .authorize(
                             id,
-                            &approval.policy,
+                            policy,
                             &approval.subject,
                             &approval.binding_message,
                             approval.authorization_details.as_ref(),
@@ -258,7 +310,8 @@ impl Engine {
                     {
                         Ok(progress) => progress,
                         Err(error) => {
-                            self.end(&approval, Outcome::Failed(error)).await;
+                            self.end(&approval, Outcome::Failed(error), Some(policy))
+                                .await;
                             return;
                         }
                     }
@@ -273,8 +326,9 @@ impl Engine {
             }
             let next_poll = to_instant(progress.next_poll_at);
             let deadline = to_instant(progress.deadline);
-            if next_poll >= deadline {
-                self.end(&approval, Outcome::Expired).await;
+            if !self.wait_for_poll(id, next_poll, deadline).await {
+                self.end(&approval, Outcome::Expired, policy.as_deref())
+                    .await;
                 return;
             }
             tokio::time::sleep_until(next_poll).await;
@@ -303,7 +357,20 @@ impl Engine {
             let now = Instant::now();
             let schedule = schedule
                 .get_or_insert_with(|| PollSchedule::resume(now, progress.interval, deadline));
+            let server_expired = matches!(answer, PollAnswer::Expired);
             match schedule.on_answer(now, answer) {
+                // Ping mode: no poll fits before the deadline, but the
+                // notification may still come; it is awaited until then.
+                Step::Finish(Outcome::Expired) if self.pings.is_some() && !server_expired => {
+                    let next = CibaProgress {
+                        interval: schedule.interval(),
+                        next_poll_at: to_system(deadline),
+                        ..progress
+                    };
+                    if let Err(error) = self.store.set_ciba(id, &next).await {
+                        tracing::warn!(approval_id = id, %error, "could not record the poll");
+                    }
+                }
                 Step::PollAt(at) => {
                     let next = CibaProgress {
                         interval: schedule.interval(),
@@ -315,10 +382,31 @@ impl Engine {
                     }
                 }
                 Step::Finish(outcome) => {
-                    self.end(&approval, outcome).await;
+                    self.end(&approval, outcome, policy.as_deref()).await;
                     return;
                 }
             }
+        }
+    }
+
+    /// Waits until the next poll is due: at `next_poll`, or in ping mode as
+    /// soon as the server's notification for `id` arrives. `false`: the
+    /// deadline comes first (no poll may be made past it).
+    async fn wait_for_poll(&self, id: &str, next_poll: Instant, deadline: Instant) -> bool {
+        let Some(pings) = &self.pings else {
+            if next_poll >= deadline {
+                return false;
+            }
+            tokio::time::sleep_until(next_poll).await;
+            return true;
+        };
+        let wakeup = pings.wakeup(id);
+        tokio::select! {
+            _ = wakeup.notified() => {
+                tracing::debug!(approval_id = id, "notified by the authorization server; fetching the token");
+                true
+            }
+            _ = tokio::time::sleep_until(next_poll.min(deadline)) => next_poll < deadline,
         }
     }
 
@@ -341,7 +429,7 @@ impl Engine {
     }
 
     /// Records how the approval ended; on approval, forwards the call once.
-    async fn end(&self, approval: &Approval, outcome: Outcome) {
+    async fn end(&self, approval: &Approval, outcome: Outcome, policy: Option<&Policy>) {
         let id = approval.id.as_str();
         let result = outcome.result_label();
         self.metrics
@@ -382,9 +470,7 @@ impl Engine {
         };
         // The person may approve less than was asked; the call then cannot
         // be made, so it is not forwarded.
-        if let (Some(granted), Some(policy)) =
-            (&grant.scope, self.policies.by_name(&approval.policy))
-        {
+        if let (Some(granted), Some(policy)) = (&grant.scope, policy) {
             let granted: Vec<&str> = granted.split_whitespace().collect();
             if let Some(missing) = policy
                 .scopes
@@ -575,7 +661,7 @@ impl Engine {
                 Ok(orphans) => {
                     for approval in orphans {
                         tracing::info!(approval_id = %approval.id, "resuming an approval nobody polls");
-                        self.spawn_driver(approval.id);
+                        self.spawn_driver(approval.id, None);
                     }
                 }
                 Err(error) => tracing::warn!(%error, "approval store unavailable"),

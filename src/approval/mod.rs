@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod engine;
+pub mod ping;
 pub mod store_handle;
 
 use std::time::Duration;

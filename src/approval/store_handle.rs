@@ -140,6 +140,10 @@ impl ApprovalStore for ConfiguredStore {
     async fn sweep(&self, now: SystemTime, w: Duration, r: Duration) -> Result<(), StoreError> {
         self.open().await?.sweep(now, w, r).await
     }
+    async fn count_pending(&self, subject: &str) -> Result<usize, StoreError> {
+        self.open().await?.count_pending(subject).await
+    }
+
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Approval>, StoreError> {
         self.open().await?.list(filter).await
     }

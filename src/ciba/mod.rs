@@ -1,9 +1,11 @@
-//! The OpenID CIBA client (poll mode): discovery, the backchannel
+//! The OpenID CIBA client (poll and ping modes; [`notification`] is ping
+//! mode's endpoint): discovery, the backchannel
 //! authentication request and token polling. It speaks the protocol and
 //! classifies answers; deciding what to do next is the approval state
 //! machine's job.
 
 mod auth;
+pub mod notification;
 #[cfg(test)]
 pub(crate) mod test_server;
 
@@ -68,6 +70,57 @@ struct Discovery {
     jwks_uri: Option<Url>,
 }
 
+/// [`resolve_endpoints`], retrying for `config.startup_wait` while the
+/// authorization server cannot be reached, with a line each time saying so.
+/// A server that answers wrongly fails at once.
+pub async fn resolve_endpoints_patiently(
+    http: &reqwest::Client,
+    config: &AuthorizationServerConfig,
+) -> Result<Endpoints, CibaError> {
+    let deadline = tokio::time::Instant::now() + config.startup_wait;
+    let mut pause = Duration::from_millis(250);
+    loop {
+        match resolve_endpoints(http, config).await {
+            Err(CibaError::Unavailable { reason, .. })
+                if tokio::time::Instant::now() + pause < deadline =>
+            {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                tracing::warn!(
+                    %reason,
+                    retry_in = ?pause,
+                    gives_up_in = %format!("{}s", left.as_secs()),
+                    "authorization server not reachable yet; retrying discovery"
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(CibaError::Unavailable {
+                reason,
+                retry_after,
+            }) if !config.startup_wait.is_zero() => {
+                return Err(CibaError::Unavailable {
+                    reason: format!(
+                    "{reason}; still not reachable after {}s (authorization_server.startup_wait)",
+                    config.startup_wait.as_secs()
+                ),
+                    retry_after,
+                })
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The innermost error of a chain: reqwest's own text repeats the URL the
+/// caller already names.
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = error;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
 /// Reads the endpoints from the configuration or from OIDC discovery.
 pub async fn resolve_endpoints(
     http: &reqwest::Client,
@@ -94,7 +147,7 @@ pub async fn resolve_endpoints(
         .get(&url)
         .send()
         .await
-        .map_err(|e| unavailable(format!("discovery at {url}: {e}")))?;
+        .map_err(|e| unavailable(format!("discovery at {url}: {}", root_cause(&e))))?;
     let status = response.status();
     if status.is_redirection() {
         return Err(CibaError::Protocol(format!(
@@ -139,6 +192,9 @@ pub struct AuthorizeRequest<'a> {
     pub audience: Option<&'a str>,
     pub authorization_details: Option<&'a Value>,
     pub requested_expiry: Option<Duration>,
+    /// Ping mode: the bearer token the server must send with its
+    /// notification about this request (fresh per request).
+    pub client_notification_token: Option<&'a Secret>,
 }
 
 /// The authorization server's acknowledgement: the person is being asked.
@@ -289,6 +345,9 @@ impl CibaClient {
         }
         if let Some(expiry) = request.requested_expiry {
             form.push(("requested_expiry", expiry.as_secs().max(1).to_string()));
+        }
+        if let Some(token) = request.client_notification_token {
+            form.push(("client_notification_token", token.expose().to_owned()));
         }
         let result = self
             .post_form(self.endpoints.backchannel_authentication.clone(), form)
@@ -585,6 +644,7 @@ default_action: pass
     async fn authorize(client: &CibaClient) -> Result<Authorization, CibaError> {
         client
             .authorize(&AuthorizeRequest {
+                client_notification_token: None,
                 subject: "alice",
                 binding_message: "Buy 1 phone",
                 scopes: &[],

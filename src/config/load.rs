@@ -123,6 +123,8 @@ pub fn load_embedded(
         gateway,
         policies,
         routes,
+        text: text.to_owned(),
+        reloadable: embedded.is_empty(),
     })
 }
 
@@ -134,7 +136,7 @@ fn read(file: &Path) -> Result<String, ConfigError> {
 }
 
 /// A file, or the `*.yaml` / `*.yml` files of a directory in name order.
-fn policy_files(path: &Path, config_file: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+pub(crate) fn policy_files(path: &Path, config_file: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     if !path.is_dir() {
         if !path.exists() {
             return Err(invalid(
@@ -289,6 +291,42 @@ fn bind_policies_to_upstreams(
     Ok(())
 }
 
+/// Ping mode needs its notification listener, on an address of its own.
+fn validate_delivery(file: &Path, config: &GatewayConfig) -> Result<(), ConfigError> {
+    let server = &config.authorization_server;
+    match (server.delivery, &server.notification) {
+        (super::Delivery::Ping, None) => Err(invalid(
+            file,
+            "authorization_server.notification",
+            "delivery: ping needs `notification: { listen: ADDRESS }`, where the authorization server posts its notifications".into(),
+        )),
+        (super::Delivery::Poll, Some(_)) => Err(invalid(
+            file,
+            "authorization_server.notification",
+            "a notification endpoint is only used with `delivery: ping`".into(),
+        )),
+        (_, Some(notification)) => {
+            let listen = notification.listen;
+            if listen == config.listen.proxy || Some(listen) == config.listen.admin {
+                return Err(invalid(
+                    file,
+                    "authorization_server.notification.listen",
+                    format!("{listen} is already the proxy or admin listener; the notification endpoint needs a listener of its own"),
+                ));
+            }
+            if !notification.path.starts_with('/') || notification.path.contains(['?', '#', '%']) {
+                return Err(invalid(
+                    file,
+                    "authorization_server.notification.path",
+                    format!("{:?} must be a plain path starting with '/'", notification.path),
+                ));
+            }
+            Ok(())
+        }
+        (super::Delivery::Poll, None) => Ok(()),
+    }
+}
+
 /// Checks that need more than one field.
 fn validate(file: &Path, config: &GatewayConfig) -> Result<(), ConfigError> {
     if config.upstreams.is_empty() {
@@ -323,6 +361,7 @@ fn validate(file: &Path, config: &GatewayConfig) -> Result<(), ConfigError> {
             ));
         }
     }
+    validate_delivery(file, config)?;
     if config.limits.max_body_bytes > MAX_REPLAYABLE_BODY {
         return Err(invalid(
             file,
@@ -371,6 +410,37 @@ default_action: pass
         let config = load_str(Path::new("gateway.yaml"), BASE).unwrap();
         assert_eq!(config.gateway.upstreams["shop"].url.port, 3000);
         assert_eq!(config.gateway.default_action, DefaultAction::Pass);
+    }
+
+    #[test]
+    fn ping_delivery_needs_a_notification_listener_of_its_own() {
+        let with = |extra: &str| {
+            BASE.replace(
+                "client_id: countersign",
+                &format!("client_id: countersign\n  {extra}"),
+            )
+        };
+        let config = load_str(
+            Path::new("gateway.yaml"),
+            &with("delivery: ping\n  notification: { listen: \"127.0.0.1:8443\" }"),
+        )
+        .unwrap();
+        let notification = config.gateway.authorization_server.notification.unwrap();
+        assert_eq!(notification.path, "/ciba/notification");
+        assert_eq!(notification.safety_poll, std::time::Duration::from_secs(60));
+        let error = error_of(&with("delivery: ping"));
+        assert!(
+            error.contains("authorization_server.notification"),
+            "{error}"
+        );
+        let error = error_of(&with("notification: { listen: \"127.0.0.1:8443\" }"));
+        assert!(error.contains("only used with `delivery: ping`"), "{error}");
+        let error = error_of(&with(
+            "delivery: ping\n  notification: { listen: \"127.0.0.1:8080\" }",
+        ));
+        assert!(error.contains("a listener of its own"), "{error}");
+        let error = error_of(&with("delivery: push"));
+        assert!(error.contains("delivery"), "{error}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use serde::{de, Deserialize, Deserializer};
 use url::Url;
 
 pub use env::{SecretText, Text};
+pub(crate) use load::policy_files;
 pub use load::{load, load_embedded, load_str, ConfigError};
 
 use crate::policy::PolicySet;
@@ -28,6 +29,12 @@ pub struct Config {
     pub policies: PolicySet,
     /// Built from `gateway.routes`; policies were checked against it.
     pub routes: Routes,
+    /// The main file's text as loaded: a reload compares the keys that need
+    /// a restart against it.
+    pub text: String,
+    /// Loaded from files only (no embedded policies), so it can be reloaded
+    /// from them.
+    pub reloadable: bool,
 }
 
 /// The main configuration file.
@@ -336,10 +343,65 @@ pub struct AuthorizationServerConfig {
     #[serde(default = "default_as_timeout", with = "humantime_serde")]
     #[schemars(with = "crate::schema::HumanDuration")]
     pub request_timeout: Duration,
+    /// How the gateway learns the person answered: `poll` (default) polls
+    /// the token endpoint at the server's interval; `ping` waits for the
+    /// server's notification (CIBA ping mode, `notification` required) and
+    /// polls only slowly, in case one is lost.
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// The client notification endpoint of ping mode.
+    #[serde(default)]
+    pub notification: Option<NotificationConfig>,
+    /// How long start-up keeps retrying discovery while the authorization
+    /// server cannot be reached (it may be starting beside the gateway).
+    #[serde(default = "default_startup_wait", with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
+    pub startup_wait: Duration,
 }
 
 fn default_as_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+/// CIBA token delivery modes the gateway supports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    #[default]
+    Poll,
+    Ping,
+}
+
+/// Where the authorization server notifies the gateway (ping mode): a
+/// listener of its own, serving only `POST <path>`. Register
+/// `http(s)://<this host>:<port><path>` as the client's
+/// `backchannel_client_notification_endpoint` (behind TLS termination in
+/// production: most servers require https).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NotificationConfig {
+    #[schemars(with = "crate::schema::ListenAddr")]
+    pub listen: SocketAddr,
+    /// The path notifications are posted to.
+    #[serde(default = "default_notification_path")]
+    pub path: String,
+    /// The slow poll kept in case a notification is lost: at most this
+    /// often, and never faster than the server's interval.
+    #[serde(default = "default_safety_poll", with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
+    pub safety_poll: Duration,
+}
+
+fn default_notification_path() -> String {
+    "/ciba/notification".to_owned()
+}
+
+fn default_safety_poll() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_startup_wait() -> Duration {
+    Duration::from_secs(60)
 }
 
 #[derive(Debug, Clone, Deserialize, JsonSchema)]

@@ -86,6 +86,7 @@ pub async fn serve(
         .route("/shop", post(buy))
         .route("/products", get(products))
         .route("/mcp", axum::routing::any(super::mcp::endpoint))
+        .route("/gift-cards", post(send_gift_card))
         .fallback(other)
         .with_state(shop.clone());
     let addr = listener.local_addr()?;
@@ -165,6 +166,40 @@ async fn buy(
         "buyer": claims["sub"],
     }))
     .into_response()
+}
+
+async fn send_gift_card(
+    State(shop): State<Arc<Shop>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(claims) = shop.record(&method, &uri, &headers, &body).await else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "a valid access token for the shop is required",
+        );
+    };
+    let scopes = claims["scope"].as_str().unwrap_or_default();
+    if !scopes.split(' ').any(|s| s == BUY_SCOPE) {
+        return error(StatusCode::FORBIDDEN, "the token lacks scope product:buy");
+    }
+    let Ok(card) = serde_json::from_slice::<Value>(&body) else {
+        return error(StatusCode::BAD_REQUEST, "the body must be JSON");
+    };
+    let count = shop.received.lock().map(|r| r.len()).unwrap_or_default();
+    (
+        StatusCode::CREATED,
+        Json(json!({
+            "gift_card_id": format!("gc-{count}"),
+            "status": "sent",
+            "amount": card["amount"],
+            "to": card["to"],
+            "from": claims["sub"],
+        })),
+    )
+        .into_response()
 }
 
 async fn products(

@@ -260,6 +260,22 @@ fn instructions(
         out,
         "  3. Approve or Deny on the page: curl prints the order, or 403 access_denied."
     );
+    let _ = writeln!(
+        out,
+        "  4. Send bob a gift card without waiting on the line (policy wait: async):\n"
+    );
+    let _ = writeln!(
+        out,
+        "     curl -i -X POST http://{proxy}/gift-cards \\\n       \
+         -H '{USER_HEADER}: {user}' \\\n       \
+         -H 'content-type: application/json' \\\n       \
+         -d '{{\"amount\":25,\"to\":\"bob\"}}'\n"
+    );
+    let _ = writeln!(
+        out,
+        "     It answers 202 Accepted at once (Location, Retry-After). Approve on the page,\n     \
+         then send the same curl again: it answers the shop's 201 with the gift card."
+    );
     let gateway_flag = if proxy.port() == 8080 {
         String::new()
     } else {
@@ -306,7 +322,7 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(loaded.policies.policies().len(), 3);
+        assert_eq!(loaded.policies.policies().len(), 4);
         assert_eq!(loaded.gateway.default_action, config::DefaultAction::Pass);
     }
 }

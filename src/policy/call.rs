@@ -18,6 +18,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 use super::body::{self, fold_case, BodyError};
+use super::shadow::{merge_key, CallParts, Part};
 use super::spec::{BodySpec, McpSpec};
 use super::template::{
     DetailsTemplate, FieldPath, Found, MessageTemplate, RenderError, Section,
@@ -65,14 +66,30 @@ pub enum CallError {
     UnshownField { field: String, allowed: String },
     #[error("The argument '{name}' is not shown to the person who approves this tool call, so it is refused; send only {allowed}.")]
     UnshownArgument { name: String, allowed: String },
-    #[error("The query parameter '{0}' is given more than once (or in another letter case); APIs disagree on which one counts, so send it once.")]
+    #[error("The query parameter '{0}' is given more than once (or in another spelling: letter case, a [] suffix); APIs disagree on which one counts, so send it once.")]
     RepeatedQuery(String),
     #[error("The query contains ';', which some APIs read as a separator between parameters; send parameters separated by '&' only.")]
     QuerySemicolon,
     #[error("The query parameter '{0}' is not valid UTF-8 once percent-decoded.")]
     QueryNotUtf8(String),
+    #[error("'{name}' is shown to the person from {} but also given in {}; APIs that merge a call's parts into one set of parameters disagree on which one counts, so give it once.", .shown.describe(), .other.describe())]
+    GivenTwice {
+        name: String,
+        shown: Part,
+        other: Part,
+    },
+    #[error("'{name}' is what this policy's condition tests in {} but it is also given in {}; APIs that merge a call's parts into one set of parameters disagree on which one counts, so give it once.", .tested.describe(), .other.describe())]
+    TestedTwice {
+        name: String,
+        tested: Part,
+        other: Part,
+    },
     #[error("{}", render_detail(.0))]
     Render(#[from] RenderError),
+    #[error("The {section} key '{key}' is spelled like a name the policy's condition reads, but in another letter case; some APIs read it as that name, so spell it exactly as the condition does.")]
+    Misspelled { section: &'static str, key: String },
+    #[error("The condition of policy '{policy}' could not be evaluated for this call ({reason}); the call was refused, not passed.")]
+    Condition { policy: String, reason: String },
 }
 
 fn render_detail(error: &RenderError) -> String {
@@ -113,6 +130,7 @@ impl CallError {
             Self::RepeatedQuery(_) | Self::QuerySemicolon | Self::QueryNotUtf8(_) => {
                 ProblemCode::InvalidQuery
             }
+            Self::GivenTwice { .. } | Self::TestedTwice { .. } => ProblemCode::AmbiguousParameter,
             Self::Render(RenderError::MissingValue(field)) if field.starts_with("query.") => {
                 ProblemCode::InvalidQuery
             }
@@ -120,6 +138,11 @@ impl CallError {
                 ProblemCode::InvalidBody
             }
             Self::Render(_) => ProblemCode::InvalidBindingMessage,
+            Self::Misspelled {
+                section: "query", ..
+            } => ProblemCode::InvalidQuery,
+            Self::Misspelled { .. } => ProblemCode::InvalidBody,
+            Self::Condition { .. } => ProblemCode::ConditionFailed,
         }
     }
 }
@@ -142,6 +165,9 @@ pub(crate) struct CallShape {
     arguments_only: Option<(HashSet<String>, String)>,
     /// Query parameters the templates read.
     query: Vec<String>,
+    /// Every named value the templates show, with the part it is read
+    /// from; none may be given in another part too ([`super::shadow`]).
+    shown: Vec<(String, Part)>,
 }
 
 /// An `only` list, case-folded, and as text for messages; every field the
@@ -173,16 +199,37 @@ impl CallShape {
         message: &MessageTemplate,
         details: Option<&DetailsTemplate>,
         body: Option<&BodySpec>,
+        path_params: &[String],
         mcp: Option<&McpSpec>,
     ) -> Result<Self, String> {
         let mut reads_body = body.is_some();
         let mut body_fields: Vec<&str> = Vec::new();
         let mut argument_fields: Vec<&str> = Vec::new();
         let mut query: Vec<String> = Vec::new();
+        let mut shown: Vec<(String, Part)> = Vec::new();
         let fields = message
             .fields()
             .chain(details.into_iter().flat_map(DetailsTemplate::fields));
         for field in fields {
+            let named = match field.section() {
+                (Section::Body, [name, ..]) => Some((name, Part::Body)),
+                (Section::Query, [name, ..]) => Some((name, Part::Query)),
+                (Section::Params, [name, ..]) => Some((name, Part::Path)),
+                _ => None,
+            };
+            if let Some((name, part)) = named {
+                if part != Part::Path && path_params.iter().any(|p| merge_key(p) == merge_key(name))
+                {
+                    return Err(format!(
+                        "'{}' is shown from {}, but the path also has a parameter '{name}', which frameworks such as Rails let win; show params.{name} instead",
+                        field.text(),
+                        part.describe()
+                    ));
+                }
+                if !shown.iter().any(|(n, p)| n == name && *p == part) {
+                    shown.push((name.clone(), part));
+                }
+            }
             match field.section() {
                 (Section::Body, rest) => {
                     reads_body = true;
@@ -219,6 +266,7 @@ impl CallShape {
             only,
             arguments_only,
             query,
+            shown,
         })
     }
 
@@ -248,6 +296,16 @@ impl CallShape {
         } else {
             self.read_query(input.query.unwrap_or(""))?
         };
+        let parts = CallParts::new(input.headers, input.query, input.body, input.params);
+        for (name, part) in &self.shown {
+            if let Some(other) = parts.also_given(name, *part) {
+                return Err(CallError::GivenTwice {
+                    name: name.clone(),
+                    shown: *part,
+                    other,
+                });
+            }
+        }
         let values = CallValues {
             body: body.as_ref(),
             params: input.params,
@@ -268,19 +326,7 @@ impl CallShape {
     }
 
     fn read_body(&self, input: &CallInput<'_>) -> Result<Value, CallError> {
-        let bytes = input
-            .body
-            .filter(|b| !b.is_empty())
-            .ok_or(CallError::MissingBody)?;
-        if let Some(encoding) = input.headers.get_all(CONTENT_ENCODING).iter().find(|v| {
-            !v.to_str()
-                .is_ok_and(|v| v.trim().eq_ignore_ascii_case("identity"))
-        }) {
-            let shown = truncated(&String::from_utf8_lossy(encoding.as_bytes()));
-            return Err(CallError::Encoded(shown));
-        }
-        check_json_content_type(input.headers)?;
-        let value = body::parse(bytes)?;
+        let value = read_json_body(input)?;
         if let Some((allowed, listed)) = &self.only {
             let Value::Object(fields) = &value else {
                 return Err(CallError::NotAnObject(listed.clone()));
@@ -298,24 +344,13 @@ impl CallShape {
     /// The query parameters the templates read, each given exactly once
     /// (up to letter case) and spelled as in the template.
     fn read_query(&self, query: &str) -> Result<Vec<(String, String)>, CallError> {
-        if query.contains(';') {
-            return Err(CallError::QuerySemicolon);
-        }
-        let pairs: Vec<(String, &str)> = query
-            .split('&')
-            .filter(|p| !p.is_empty())
-            .map(|pair| {
-                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-                let key = String::from_utf8_lossy(&form_decode(key)).into_owned();
-                (key, value)
-            })
-            .collect();
+        let pairs = query_pairs(query)?;
         let mut found = Vec::new();
         for name in &self.query {
-            let folded = fold_case(name);
+            let folded = merge_key(name);
             let matches: Vec<_> = pairs
                 .iter()
-                .filter(|(key, _)| fold_case(key) == folded)
+                .filter(|(key, _)| merge_key(key) == folded)
                 .collect();
             match matches.as_slice() {
                 // Absent, or only in another spelling: the lookup misses.
@@ -331,6 +366,58 @@ impl CallShape {
         }
         Ok(found)
     }
+}
+
+/// The body as JSON, read the one way every API reads it: no
+/// `Content-Encoding`, a JSON `Content-Type`, parsed strictly.
+pub(crate) fn read_json_body(input: &CallInput<'_>) -> Result<Value, CallError> {
+    let bytes = input
+        .body
+        .filter(|b| !b.is_empty())
+        .ok_or(CallError::MissingBody)?;
+    if let Some(encoding) = input.headers.get_all(CONTENT_ENCODING).iter().find(|v| {
+        !v.to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("identity"))
+    }) {
+        let shown = truncated(&String::from_utf8_lossy(encoding.as_bytes()));
+        return Err(CallError::Encoded(shown));
+    }
+    check_json_content_type(input.headers)?;
+    Ok(body::parse(bytes)?)
+}
+
+/// The query's `name=value` pairs, names decoded, values as sent; a `;`
+/// (a separator to some APIs) is refused.
+fn query_pairs(query: &str) -> Result<Vec<(String, &str)>, CallError> {
+    if query.contains(';') {
+        return Err(CallError::QuerySemicolon);
+    }
+    Ok(query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let key = String::from_utf8_lossy(&form_decode(key)).into_owned();
+            (key, value)
+        })
+        .collect())
+}
+
+/// Every query parameter, decoded, for a condition: each given once (up to
+/// letter case) and UTF-8, so the condition and the API read the same value.
+pub(crate) fn read_whole_query(query: &str) -> Result<Vec<(String, String)>, CallError> {
+    let mut seen = HashSet::new();
+    let mut found = Vec::new();
+    for (key, value) in query_pairs(query)? {
+        // `amount` and `amount[]` are one name to PHP, Rails and qs.
+        if !seen.insert(merge_key(&key)) {
+            return Err(CallError::RepeatedQuery(key));
+        }
+        let value = String::from_utf8(form_decode(value))
+            .map_err(|_| CallError::QueryNotUtf8(key.clone()))?;
+        found.push((key, value));
+    }
+    Ok(found)
 }
 
 /// `application/x-www-form-urlencoded` decoding: `+` is a space.

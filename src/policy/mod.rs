@@ -4,26 +4,35 @@
 
 pub mod body;
 mod call;
+pub mod condition;
 pub mod mcp;
 pub mod path;
+pub mod shadow;
 pub mod spec;
 pub mod template;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
 use thiserror::Error;
 
 pub use call::{CallError, CallInput};
+pub use condition::Condition;
 pub use mcp::{McpEndpoint, ToolMatch};
 pub use path::{normalize, NormalizedPath, PathError};
-pub use spec::{PolicyFile, PolicySpec, WaitMode};
+pub use spec::{Otherwise, PolicyFile, PolicySpec, WaitMode};
 pub use template::RenderError;
 
 use call::CallShape;
+use condition::{CelValues, Reads};
 use template::{DetailsTemplate, MessageTemplate};
+
+/// The policy set in force, swapped whole by a reload: a call reads it once
+/// (`load_full`) and keeps that set to its end.
+pub type LivePolicies = arc_swap::ArcSwap<PolicySet>;
 
 /// A policy as loaded from a file, remembering where it came from.
 #[derive(Debug)]
@@ -66,6 +75,11 @@ pub struct Policy {
     pub wait: WaitMode,
     pub index: usize,
     pub file: PathBuf,
+    /// `when`: the call needs this policy's approval only if it holds.
+    pub condition: Option<Condition>,
+    /// What a call no condition of its route takes gets (set on the last
+    /// policy of a route only).
+    pub otherwise: Otherwise,
     message: MessageTemplate,
     details: Option<DetailsTemplate>,
     /// Which parts of a call the templates show.
@@ -84,6 +98,10 @@ pub struct PolicyError {
     pub reason: String,
 }
 
+/// The router's value: the policies sharing one host, method and path, in
+/// file order.
+type Group = usize;
+
 #[derive(Debug, Default)]
 struct MethodRouters {
     by_method: HashMap<String, matchit::Router<usize>>,
@@ -92,7 +110,7 @@ struct MethodRouters {
 impl MethodRouters {
     /// `HEAD` is looked up as `GET` too: most frameworks run the GET handler
     /// for it.
-    fn lookup<'p>(&self, method: &str, key: &'p str) -> Option<matchit::Match<'_, 'p, &usize>> {
+    fn lookup<'p>(&self, method: &str, key: &'p str) -> Option<matchit::Match<'_, 'p, &Group>> {
         let head_as_get = if method == "HEAD" { "GET" } else { "*" };
         [method, head_as_get, "*"]
             .into_iter()
@@ -108,7 +126,9 @@ impl MethodRouters {
 /// Every policy, indexed for matching.
 #[derive(Debug)]
 pub struct PolicySet {
-    policies: Vec<Policy>,
+    policies: Vec<Arc<Policy>>,
+    /// Indices into `policies`, per route.
+    groups: Vec<Vec<usize>>,
     by_host: HashMap<String, MethodRouters>,
     any_host: MethodRouters,
     mcp: mcp::McpIndex,
@@ -122,12 +142,27 @@ pub struct McpMatch<'a> {
     pub params: Vec<(String, String)>,
 }
 
-/// A call that falls under a policy.
+/// A call that falls under a route of one or more policies.
 #[derive(Debug)]
 pub struct PolicyMatch<'a> {
-    pub policy: &'a Policy,
+    /// The first policy of the route (the only one, unless several share it).
+    pub policy: &'a Arc<Policy>,
+    /// Every policy of the route, in file order.
+    pub candidates: Vec<&'a Arc<Policy>>,
     /// Path parameters, percent-decoded, in their original case.
     pub params: Vec<(String, String)>,
+}
+
+/// What a matched call needs, once the conditions of its route have spoken.
+#[derive(Debug, Clone)]
+pub enum Choice<'a> {
+    /// This policy's approval.
+    Hold(&'a Arc<Policy>),
+    /// No condition took it and the route says `otherwise: pass`: it is
+    /// forwarded as it is, without approval.
+    Pass(&'a Arc<Policy>),
+    /// No condition took it and the route says `otherwise: deny`.
+    Deny(&'a Arc<Policy>),
 }
 
 /// What the person will be asked, rendered from one call.
@@ -137,10 +172,22 @@ pub struct RenderedRequest {
     pub authorization_details: Option<Value>,
 }
 
+/// The parameter names of a path template: `id` of `/orders/{id}`, `rest`
+/// of `/files/{*rest}`.
+fn path_parameters(template: &str) -> Vec<String> {
+    template
+        .split('{')
+        .skip(1)
+        .filter_map(|s| s.split_once('}'))
+        .map(|(name, _)| name.trim_start_matches('*').to_owned())
+        .collect()
+}
+
 impl PolicySet {
     pub fn empty() -> Self {
         Self {
             policies: Vec::new(),
+            groups: Vec::new(),
             by_host: HashMap::new(),
             any_host: MethodRouters::default(),
             mcp: mcp::McpIndex::default(),
@@ -149,7 +196,8 @@ impl PolicySet {
 
     pub fn compile(loaded: Vec<LoadedPolicy>) -> Result<Self, PolicyError> {
         let mut set = Self::empty();
-        let mut routes: HashMap<(Option<String>, String, String), String> = HashMap::new();
+        // (host, method, route) -> group.
+        let mut routes: HashMap<(Option<String>, String, String), Group> = HashMap::new();
         for LoadedPolicy { spec, file, index } in loaded {
             let name = spec.name.0.clone();
             let source_file = file.clone();
@@ -167,6 +215,7 @@ impl PolicySet {
                 &spec.binding_message,
                 spec.authorization_details.as_ref(),
                 spec.body.as_ref(),
+                &path_parameters(&spec.matcher.path.source),
                 spec.matcher.mcp.as_ref(),
             )
             .map_err(|reason| PolicyError {
@@ -175,14 +224,26 @@ impl PolicySet {
                 name: name.clone(),
                 reason,
             })?;
-            let id = set.policies.len();
-            let host = spec.matcher.host.as_ref().map(|h| h.0.clone());
             let fail = |reason: String| PolicyError {
                 file: file.clone(),
                 index,
                 name: name.clone(),
                 reason,
             };
+            if spec.otherwise.is_some() && spec.when.is_none() {
+                return Err(fail(
+                    "`otherwise` needs a `when`: without a condition every call needs this policy's approval".into(),
+                ));
+            }
+            if spec.matcher.mcp.is_some() && spec.when.is_some() {
+                // Not silently ignored: an operator's `otherwise: deny` would
+                // become a question to the person.
+                return Err(fail(
+                    "`when` does not go with match.mcp yet: every call of an MCP policy's tools needs approval".into(),
+                ));
+            }
+            let id = set.policies.len();
+            let host = spec.matcher.host.as_ref().map(|h| h.0.clone());
             let methods = match (&spec.matcher.methods, &spec.matcher.mcp) {
                 (None, Some(_)) => Vec::new(),
                 (Some(methods), None) => methods.0.clone(),
@@ -213,35 +274,41 @@ impl PolicySet {
                     )));
                 }
             }
-            let routers = match &host {
-                Some(h) => set.by_host.entry(h.clone()).or_default(),
-                None => &mut set.any_host,
-            };
             for method in &methods {
-                let router = routers.by_method.entry(method.0.clone()).or_default();
                 let route = spec.matcher.path.route.clone();
-                if let Err(error) = router.insert(route.clone(), id) {
+                let key = (host.clone(), method.0.clone(), route.clone());
+                if let Some(&group) = routes.get(&key) {
+                    set.join_group(group, id, &spec).map_err(|why| {
+                        fail(format!(
+                            "match.path {:?} for {} {why}",
+                            spec.matcher.path.source, method.0
+                        ))
+                    })?;
+                    continue;
+                }
+                let group = set.groups.len();
+                let routers = match &host {
+                    Some(h) => set.by_host.entry(h.clone()).or_default(),
+                    None => &mut set.any_host,
+                };
+                let router = routers.by_method.entry(method.0.clone()).or_default();
+                if let Err(error) = router.insert(route.clone(), group) {
                     let other = match &error {
                         matchit::InsertError::Conflict { with } => routes
                             .get(&(host.clone(), method.0.clone(), with.clone()))
-                            .cloned()
+                            .map(|&g| set.policies[set.groups[g][0]].name.clone())
                             .unwrap_or_else(|| with.clone()),
                         _ => error.to_string(),
                     };
-                    let reason = format!(
-                        "match.path {:?} for {} overlaps policy '{other}'",
+                    return Err(fail(format!(
+                        "match.path {:?} for {} overlaps policy '{other}' (policies may share a route only with the same path, spelled the same)",
                         spec.matcher.path.source, method.0
-                    );
-                    return Err(PolicyError {
-                        file,
-                        index,
-                        name,
-                        reason,
-                    });
+                    )));
                 }
-                routes.insert((host.clone(), method.0.clone(), route), name.clone());
+                set.groups.push(vec![id]);
+                routes.insert(key, group);
             }
-            set.policies.push(Policy {
+            set.policies.push(Arc::new(Policy {
                 name,
                 scopes: spec.require.scopes.0.clone(),
                 audience: spec.require.audience.clone(),
@@ -259,11 +326,13 @@ impl PolicySet {
                 wait: spec.wait,
                 index,
                 file: source_file,
+                condition: spec.when,
+                otherwise: spec.otherwise.unwrap_or_default(),
                 message: spec.binding_message,
                 details: spec.authorization_details,
                 shape,
                 mcp_tool: spec.matcher.mcp.map(|m| m.tool.0),
-            });
+            }));
         }
         set.check_mcp_endpoints()?;
         Ok(set)
@@ -310,15 +379,33 @@ impl PolicySet {
     }
 
     /// The policy at `index` (as [`ToolMatch`] names it).
-    pub fn at(&self, index: usize) -> &Policy {
+    pub fn at(&self, index: usize) -> &Arc<Policy> {
         &self.policies[index]
     }
 
-    pub fn by_name(&self, name: &str) -> Option<&Policy> {
+    /// Adds policy `id` (not yet pushed, described by `spec`) to the route
+    /// `group`: only behind policies that have a condition, and only when
+    /// nothing before it on the route decides what calls no condition takes.
+    fn join_group(&mut self, group: Group, id: usize, spec: &PolicySpec) -> Result<(), String> {
+        let last = &self.policies[*self.groups[group].last().unwrap_or(&0)];
+        let why = if last.condition.is_none() {
+            "which comes first and has no `when`, so this one would never apply"
+        } else if last.otherwise != Otherwise::Pass {
+            "which comes first and sets `otherwise`; only the last policy of a route may set it"
+        } else if last.format_suffix != spec.matcher.format_suffix {
+            "whose `match.format_suffix` differs; policies sharing a route must agree on it"
+        } else {
+            self.groups[group].push(id);
+            return Ok(());
+        };
+        Err(format!("overlaps policy '{}', {why}", last.name))
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Arc<Policy>> {
         self.policies.iter().find(|p| p.name == name)
     }
 
-    pub fn policies(&self) -> &[Policy] {
+    pub fn policies(&self) -> &[Arc<Policy>] {
         &self.policies
     }
 
@@ -349,11 +436,16 @@ impl PolicySet {
         let found = lookup(key).or_else(|| {
             format_suffix_cuts(key)
                 .filter_map(|cut| lookup(&key[..cut]))
-                .find(|m| self.policies[*m.value].format_suffix)
+                .find(|m| self.policies[self.groups[*m.value][0]].format_suffix)
         })?;
         let params = original_params(&found.params, path);
+        let candidates: Vec<&Arc<Policy>> = self.groups[*found.value]
+            .iter()
+            .map(|&id| &self.policies[id])
+            .collect();
         Some(PolicyMatch {
-            policy: &self.policies[*found.value],
+            policy: candidates[0],
+            candidates,
             params,
         })
     }
@@ -376,9 +468,43 @@ impl PolicySet {
     pub fn bind_upstreams(&mut self, default: Option<&str>) {
         for policy in &mut self.policies {
             if policy.upstreams.is_empty() {
-                policy.upstreams.extend(default.map(str::to_owned));
+                if let Some(policy) = Arc::get_mut(policy) {
+                    policy.upstreams.extend(default.map(str::to_owned));
+                }
             }
         }
+    }
+
+    /// Which policy of a matched route applies to this call: the first, in
+    /// file order, whose `when` holds (or that has none); if none does, the
+    /// last policy's `otherwise`. A condition that cannot be evaluated, or a
+    /// call the conditions would read differently from the API, is an error:
+    /// the call is refused, never passed.
+    pub fn choose<'a>(
+        &self,
+        found: &PolicyMatch<'a>,
+        input: &CallInput<'_>,
+    ) -> Result<Choice<'a>, CallError> {
+        let reads = found
+            .candidates
+            .iter()
+            .filter_map(|p| p.condition.as_ref())
+            .fold(Reads::default(), |all, c| all.union(c.reads));
+        let sections = ConditionInput::read(reads, input)?;
+        for policy in &found.candidates {
+            let Some(condition) = &policy.condition else {
+                return Ok(Choice::Hold(policy));
+            };
+            tested_in_one_place(condition, input)?;
+            if sections.holds(policy, condition)? {
+                return Ok(Choice::Hold(policy));
+            }
+        }
+        let last = found.candidates[found.candidates.len() - 1];
+        Ok(match last.otherwise {
+            Otherwise::Pass => Choice::Pass(last),
+            Otherwise::Deny => Choice::Deny(last),
+        })
     }
 
     /// Renders the binding message and authorization details for a call,
@@ -414,6 +540,103 @@ fn original_params(
             (name.to_owned(), decoded)
         })
         .collect()
+}
+
+/// One name, one place ([`shadow`]) for what a condition tests: a name it
+/// uses in a section it reads may be given in no other part of the call. A
+/// name absent from that section counts too: `has(body.amount)` is false
+/// while Rails reads `amount` from the query.
+fn tested_in_one_place(condition: &Condition, input: &CallInput<'_>) -> Result<(), CallError> {
+    let reads = condition.reads;
+    let parts = shadow::CallParts::new(input.headers, input.query, input.body, input.params);
+    for (read, part) in [
+        (reads.body, shadow::Part::Body),
+        (reads.query, shadow::Part::Query),
+        (reads.params, shadow::Part::Path),
+    ] {
+        if !read {
+            continue;
+        }
+        for name in condition.names() {
+            if let Some(other) = parts.also_given(name, part) {
+                return Err(CallError::TestedTwice {
+                    name: name.to_owned(),
+                    tested: part,
+                    other,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The sections of one call that the conditions of its route read, read
+/// once and the way the API reads them.
+struct ConditionInput {
+    /// The strictly parsed body, for the spelling check.
+    body: Option<Value>,
+    /// Query parameter names, for the spelling check.
+    query_keys: Vec<String>,
+    values: CelValues,
+}
+
+impl ConditionInput {
+    fn read(reads: Reads, input: &CallInput<'_>) -> Result<Self, CallError> {
+        let body = reads
+            .body
+            .then(|| call::read_json_body(input))
+            .transpose()?;
+        let query = reads
+            .query
+            .then(|| call::read_whole_query(input.query.unwrap_or("")))
+            .transpose()?;
+        let values = CelValues {
+            body: body.as_ref().map(condition::from_json),
+            params: reads.params.then(|| condition::from_pairs(input.params)),
+            query: query.as_deref().map(condition::from_pairs),
+            user: reads.user.then(|| condition::from_json(input.user)),
+            request: reads.request.then(|| {
+                condition::from_pairs(&[
+                    ("method".to_owned(), input.method.to_owned()),
+                    ("path".to_owned(), input.path.to_owned()),
+                ])
+            }),
+        };
+        Ok(Self {
+            body,
+            query_keys: query
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect(),
+            values,
+        })
+    }
+
+    fn holds(&self, policy: &Policy, condition: &Condition) -> Result<bool, CallError> {
+        if condition.reads.body {
+            if let Some(key) = self.body.as_ref().and_then(|b| condition.misspelled_in(b)) {
+                return Err(CallError::Misspelled {
+                    section: "body",
+                    key: key.to_owned(),
+                });
+            }
+        }
+        if condition.reads.query {
+            if let Some(key) = condition.misspelled(self.query_keys.iter().map(String::as_str)) {
+                return Err(CallError::Misspelled {
+                    section: "query",
+                    key: key.to_owned(),
+                });
+            }
+        }
+        condition
+            .holds(&self.values)
+            .map_err(|reason| CallError::Condition {
+                policy: policy.name.clone(),
+                reason: reason.to_string(),
+            })
+    }
 }
 
 /// Why a host was refused.
@@ -600,6 +823,19 @@ policies:
         let error = PolicySet::compile(loaded).unwrap_err().to_string();
         assert!(error.contains("policies[1] ('b')"), "{error}");
         assert!(error.contains("overlaps policy 'a'"), "{error}");
+    }
+
+    #[test]
+    fn a_value_shown_from_the_body_or_query_that_the_path_also_names_is_refused() {
+        for message in ["Cancel {{body.orderid}}", "Cancel {{query.ORDERID}}"] {
+            let yaml = format!(
+                "policies:\n  - {{ name: a, match: {{ methods: [POST], path: '/orders/{{orderId}}' }}, require: {{ scopes: [x] }}, binding_message: '{message}' }}\n"
+            );
+            let file: PolicyFile = serde_yaml::from_str(&yaml).unwrap();
+            let loaded = file.into_loaded(Path::new("p.yaml")).collect();
+            let error = PolicySet::compile(loaded).unwrap_err().to_string();
+            assert!(error.contains("the path also has a parameter"), "{error}");
+        }
     }
 
     static ALICE: std::sync::LazyLock<Value> =
@@ -935,6 +1171,14 @@ policies:
                 "policies:\n  - {{ name: p, match: {matcher}, require: {{ scopes: [x] }}, binding_message: \"{message}\" }}"
             ))
         };
+        let error = compile_yaml(
+            "policies:\n  - { name: p, match: { path: /mcp, mcp: { tool: t } }, when: 'true', require: { scopes: [x] }, binding_message: a }",
+        )
+        .unwrap_err();
+        assert!(
+            error.contains("`when` does not go with match.mcp"),
+            "{error}"
+        );
         let error = policy("{ path: /mcp }", "a").unwrap_err();
         assert!(error.contains("match needs methods"), "{error}");
         let error = policy("{ methods: [POST], path: /mcp, mcp: { tool: t } }", "a").unwrap_err();
@@ -969,5 +1213,162 @@ policies:
             error.contains("is an MCP endpoint and also the path"),
             "{error}"
         );
+    }
+
+    const TIERS: &str = r#"
+policies:
+  - name: buy-large
+    match: { methods: [POST], path: /shop }
+    when: "body.qty * body.price >= 1000"
+    require: { scopes: [product:buy] }
+    binding_message: "LARGE: buy {{qty}} {{product}}"
+  - name: buy
+    match: { methods: [POST], path: /shop }
+    when: "body.qty > 5"
+    require: { scopes: [product:buy] }
+    binding_message: "Buy {{qty}} {{product}}"
+  - name: search
+    match: { methods: [GET], path: /search }
+    when: "query.page != '1'"
+    otherwise: deny
+    require: { scopes: [search] }
+    binding_message: "Search"
+"#;
+
+    fn choose(
+        set: &PolicySet,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        query: Option<&str>,
+    ) -> Result<String, CallError> {
+        let headers = json_headers("application/json");
+        let found = set.find(method, None, &normalize(path).unwrap()).unwrap();
+        Ok(match set.choose(&found, &call(&headers, body, query))? {
+            Choice::Hold(p) => format!("hold {}", p.name),
+            Choice::Pass(p) => format!("pass {}", p.name),
+            Choice::Deny(p) => format!("deny {}", p.name),
+        })
+    }
+
+    #[test]
+    fn the_first_policy_whose_condition_holds_wins() {
+        let set = policies(TIERS);
+        let buy = |body: &str| choose(&set, "POST", "/shop", Some(body), None);
+        assert_eq!(
+            buy(r#"{"qty": 2, "price": 10, "product": "x"}"#).unwrap(),
+            "pass buy"
+        );
+        assert_eq!(
+            buy(r#"{"qty": 6, "price": 10, "product": "x"}"#).unwrap(),
+            "hold buy"
+        );
+        assert_eq!(
+            buy(r#"{"qty": 2, "price": 500, "product": "x"}"#).unwrap(),
+            "hold buy-large"
+        );
+        assert_eq!(
+            buy(r#"{"qty": 6, "price": 500, "product": "x"}"#).unwrap(),
+            "hold buy-large"
+        );
+        let search = |query: &str| choose(&set, "GET", "/search", None, Some(query));
+        assert_eq!(search("page=2").unwrap(), "hold search");
+        assert_eq!(search("page=1").unwrap(), "deny search");
+    }
+
+    #[test]
+    fn conditions_fail_closed() {
+        let set = policies(TIERS);
+        let buy = |body: &str| choose(&set, "POST", "/shop", Some(body), None).unwrap_err();
+        // A missing value, a string where a number is compared.
+        let error = buy(r#"{"qty": 2}"#);
+        assert_eq!(error.code(), ProblemCode::ConditionFailed, "{error}");
+        assert!(error.to_string().contains("'buy-large'"), "{error}");
+        let error = buy(r#"{"qty": "100", "price": 1}"#);
+        assert_eq!(error.code(), ProblemCode::ConditionFailed, "{error}");
+        // The body is read as the API reads it.
+        let error = buy(r#"{"qty": 1, "price": 1, "qty": 100}"#);
+        assert_eq!(error.code(), ProblemCode::InvalidBody, "{error}");
+        let error = buy(r#"{"QTY": 100, "qty": 1, "price": 1}"#);
+        assert_eq!(error.code(), ProblemCode::InvalidBody, "{error}");
+        let error = buy(r#"{"Qty": 100, "price": 1}"#);
+        assert_eq!(
+            error,
+            CallError::Misspelled {
+                section: "body",
+                key: "Qty".into()
+            }
+        );
+        let headers = json_headers("text/plain");
+        let found = set
+            .find("POST", None, &normalize("/shop").unwrap())
+            .unwrap();
+        let error = set
+            .choose(
+                &found,
+                &call(&headers, Some(r#"{"qty": 100, "price": 1}"#), None),
+            )
+            .unwrap_err();
+        assert!(matches!(error, CallError::NotJson(_)), "{error}");
+        // And the query: repeated, in another case, or absent.
+        let search = |query: &str| choose(&set, "GET", "/search", None, Some(query)).unwrap_err();
+        assert_eq!(
+            search("page=1&page=2"),
+            CallError::RepeatedQuery("page".into())
+        );
+        assert_eq!(
+            search("page=1&PAGE=2"),
+            CallError::RepeatedQuery("PAGE".into())
+        );
+        assert_eq!(
+            search("PAGE=2"),
+            CallError::Misspelled {
+                section: "query",
+                key: "PAGE".into()
+            }
+        );
+        assert_eq!(search("page=1;page=2"), CallError::QuerySemicolon);
+        assert_eq!(search("sort=a").code(), ProblemCode::ConditionFailed);
+    }
+
+    #[test]
+    fn routes_shared_by_policies_are_checked_at_load() {
+        let two = |first: &str, second: &str| {
+            let yaml = format!(
+                "policies:\n  - {{ name: a, match: {{ methods: [POST], path: /p }}, require: {{ scopes: [x] }}, binding_message: A, {first} }}\n  - {{ name: b, match: {{ methods: [POST], path: /p }}, require: {{ scopes: [x] }}, binding_message: B, {second} }}"
+            );
+            let file: PolicyFile = serde_yaml::from_str(&yaml).unwrap();
+            PolicySet::compile(file.into_loaded(Path::new("p.yaml")).collect()).map(|_| ())
+        };
+        assert!(two("when: 'body.a > 1'", "when: 'body.a > 0'").is_ok());
+        assert!(two("when: 'body.a > 1'", "upstreams: []").is_ok());
+        let error = two("upstreams: []", "when: 'body.a > 1'")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("policies[1] ('b')") && error.contains("never apply"),
+            "{error}"
+        );
+        let error = two("when: 'body.a > 1', otherwise: deny", "when: 'true'")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("only the last policy"), "{error}");
+        let error = two("otherwise: deny", "when: 'true'")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("policies[0] ('a')") && error.contains("needs a `when`"),
+            "{error}"
+        );
+        let yaml = "policies:\n  - { name: a, match: { methods: [POST], path: /p }, require: { scopes: [x] }, binding_message: A, when: 'true' }\n  - { name: b, match: { methods: [POST], path: /p, format_suffix: false }, require: { scopes: [x] }, binding_message: B }";
+        let file: PolicyFile = serde_yaml::from_str(yaml).unwrap();
+        let error =
+            PolicySet::compile(file.into_loaded(Path::new("p.yaml")).collect()).unwrap_err();
+        assert!(error.to_string().contains("format_suffix"), "{error}");
+        let yaml = "policies:\n  - { name: a, match: { methods: [POST], path: /p }, require: { scopes: [x] }, binding_message: A, when: 'qty > 1' }";
+        let error = serde_yaml::from_str::<PolicyFile>(yaml)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("reads 'qty'"), "{error}");
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{de, Deserialize, Deserializer};
 
+use super::condition::Condition;
 use super::template::{DetailsTemplate, MessageTemplate};
 
 /// One policy file: `policies: [...]`.
@@ -22,6 +23,18 @@ pub struct PolicySpec {
     pub name: PolicyName,
     #[serde(rename = "match")]
     pub matcher: MatchSpec,
+    /// A CEL condition over the call (`body`, `params`, `query`, `user`,
+    /// `request`): the call needs this policy's approval only when it is
+    /// true. Policies sharing a route are tried in file order; the first
+    /// whose condition is true wins.
+    #[serde(default)]
+    pub when: Option<Condition>,
+    /// What happens to a call whose `when` is false (for policies sharing a
+    /// route: that no policy's `when` took): `pass` (default) forwards it
+    /// without approval, `deny` refuses it with `policy_denied`. Only with
+    /// `when`, and only on the last policy of a route.
+    #[serde(default)]
+    pub otherwise: Option<Otherwise>,
     pub require: RequireSpec,
     pub binding_message: MessageTemplate,
     #[serde(default)]
@@ -41,6 +54,17 @@ pub struct PolicySpec {
     /// `{ hold: 25s }`.
     #[serde(default)]
     pub wait: WaitMode,
+}
+
+/// What happens to a call a policy's condition does not take.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Otherwise {
+    /// Forwarded as it is, without approval.
+    #[default]
+    Pass,
+    /// Refused with `policy_denied`.
+    Deny,
 }
 
 /// How an agent waits for an approval.

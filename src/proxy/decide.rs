@@ -1,6 +1,8 @@
 //! Deciding what a call needs: its canonical request, route and policy,
 //! who must approve it, and what they are asked.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use pingora::proxy::Session;
 
@@ -8,13 +10,14 @@ use super::answer::request_problem;
 use super::{hold, CallCtx, Countersign, Reply};
 use crate::config::DefaultAction;
 use crate::identity::{Identity, IdentityError, IdentitySource};
-use crate::policy::{self, Policy, RenderedRequest};
+use crate::policy::{self, Choice, Policy, PolicyMatch, PolicySet, RenderedRequest};
 use crate::problem::{Problem, ProblemCode};
 use crate::request::{self, CanonicalRequest};
 
-/// A call that must wait for its person's approval.
-pub(super) struct HeldCall<'a> {
-    pub policy: &'a Policy,
+/// A call that must wait for its person's approval, under the policy it
+/// matched (a reload does not change it).
+pub(super) struct HeldCall {
+    pub policy: Arc<Policy>,
     pub identity: Identity,
     pub rendered: RenderedRequest,
     pub body: Option<Bytes>,
@@ -41,7 +44,7 @@ impl Countersign {
         &self,
         session: &mut Session,
         ctx: &mut CallCtx,
-    ) -> Result<Option<HeldCall<'_>>, Reply> {
+    ) -> Result<Option<HeldCall>, Reply> {
         let mut request =
             CanonicalRequest::from_header(session.req_header()).map_err(request_problem)?;
         if let Some(id) = request
@@ -72,41 +75,43 @@ impl Countersign {
             session.req_header_mut().set_uri(uri);
         }
         ctx.upstream = Some(upstream.clone());
-        if let Some(found) = self.policies.find_mcp(Some(&request.host), &request.path) {
+
+        // One policy set for the whole call, however a reload swaps it.
+        let policies = self.policies.load_full();
+        if let Some(found) = policies.find_mcp(Some(&request.host), &request.path) {
             return self
-                .decide_mcp(session, ctx, found, &request, &upstream.name)
+                .decide_mcp(session, ctx, &policies, found, &request, &upstream.name)
                 .await;
         }
-
         let method = session.req_header().method.clone();
-        let body = self.refuse_form_method_field(session, &request).await?;
-        let Some(found) = self
-            .policies
-            .find(method.as_str(), Some(&request.host), &request.path)
-        else {
+        let body = self
+            .refuse_form_method_field(session, &request, &policies)
+            .await?;
+        let Some(found) = policies.find(method.as_str(), Some(&request.host), &request.path) else {
             return match self.default_action {
                 DefaultAction::Pass => Ok(None),
                 DefaultAction::Deny => Err(ProblemCode::NoPolicy.into()),
             };
         };
-        let policy = found.policy;
-        ctx.policy = Some(policy.name.clone());
-        check_upstream(policy, &upstream.name)?;
-
-        let identity = self.identify(session, &policy.name).await?;
+        ctx.policy = Some(found.policy.name.clone());
+        let identity = self.identify(session, &found.policy.name).await?;
         let body = match body {
             Some(body) => body,
             None => hold::read_body(session, self.limits.max_body_bytes).await?,
         };
-        let rendered = self.render(
-            policy,
-            &found.params,
+        let Some((policy, rendered)) = self.choose(
+            &policies,
+            &found,
             body.as_deref(),
             &request,
             &identity,
             session,
-            None,
-        )?;
+            ctx,
+        )?
+        else {
+            return Ok(None);
+        };
+        check_upstream(&policy, &upstream.name)?;
         Ok(Some(HeldCall {
             policy,
             identity,
@@ -124,6 +129,7 @@ impl Countersign {
         &self,
         session: &mut Session,
         request: &CanonicalRequest,
+        policies: &PolicySet,
     ) -> Result<Option<Option<Bytes>>, Reply> {
         let header = session.req_header();
         if header.method != http::Method::POST {
@@ -144,7 +150,7 @@ impl Countersign {
             t if t == "application/json" || t.ends_with("+json") => request::json_has_method_field,
             _ => return Ok(None),
         };
-        if !self.policies.covers(Some(&request.host), &request.path) {
+        if !policies.covers(Some(&request.host), &request.path) {
             return Ok(None);
         }
         let body = hold::read_body(session, self.limits.max_body_bytes).await?;
@@ -187,31 +193,52 @@ impl Countersign {
         }
     }
 
+    /// Which policy of the route applies (its conditions, in file order)
+    /// and what its person is asked. `Ok(None)`: no condition took the call
+    /// and the route lets it pass without approval.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn render(
+    fn choose(
         &self,
-        policy: &Policy,
-        params: &[(String, String)],
+        policies: &PolicySet,
+        found: &PolicyMatch<'_>,
         body: Option<&[u8]>,
         request: &CanonicalRequest,
         identity: &Identity,
         session: &Session,
-        arguments: Option<&serde_json::Value>,
-    ) -> Result<RenderedRequest, Reply> {
+        ctx: &mut CallCtx,
+    ) -> Result<Option<(Arc<Policy>, RenderedRequest)>, Reply> {
         let header = session.req_header();
         let input = policy::CallInput {
             headers: &header.headers,
             body,
-            params,
+            params: &found.params,
             query: request.query.as_deref(),
             user: &identity.claims,
             method: header.method.as_str(),
             path: &request.path.forward,
-            arguments,
+            arguments: None,
         };
-        Ok(self
-            .policies
+        let policy = match policies.choose(found, &input).map_err(Problem::from)? {
+            Choice::Hold(policy) => policy,
+            Choice::Pass(policy) => {
+                ctx.policy = Some(policy.name.clone());
+                ctx.passed_by_condition = true;
+                return Ok(None);
+            }
+            Choice::Deny(policy) => {
+                ctx.policy = Some(policy.name.clone());
+                return Err(Problem::new(ProblemCode::PolicyDenied)
+                    .with_detail(format!(
+                        "Policy '{}' refuses this call: its condition does not allow it, and no approval can.",
+                        policy.name
+                    ))
+                    .into());
+            }
+        };
+        ctx.policy = Some(policy.name.clone());
+        let rendered = policies
             .render_call(policy, &input)
-            .map_err(Problem::from)?)
+            .map_err(Problem::from)?;
+        Ok(Some((policy.clone(), rendered)))
     }
 }

@@ -84,9 +84,10 @@ impl Countersign {
         }
         request.remove_header(&http::header::EXPECT);
         remove_gateway_headers(request, &self.identity);
-        if ctx.policy.is_some() {
+        if ctx.policy.is_some() && !ctx.passed_by_condition {
             // Fail closed: an approved call is forwarded by the approval
-            // engine (src/upstream.rs), never through pingora's upstream path.
+            // engine (src/upstream.rs), never through pingora's upstream path;
+            // only a call its policy's conditions let pass comes here.
             return Err(Error::explain(
                 ErrorType::InternalError,
                 "a policy call reached pingora's upstream path",

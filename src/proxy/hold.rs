@@ -48,7 +48,7 @@ impl Countersign {
         &self,
         session: &mut Session,
         ctx: &mut CallCtx,
-        call: HeldCall<'_>,
+        call: HeldCall,
     ) -> Reply {
         match self.hold_inner(session, ctx, call).await {
             Ok(reply) | Err(reply) => reply,
@@ -59,9 +59,9 @@ impl Countersign {
         &self,
         session: &mut Session,
         ctx: &mut CallCtx,
-        call: HeldCall<'_>,
+        call: HeldCall,
     ) -> Result<Reply, Reply> {
-        let policy = call.policy;
+        let policy = call.policy.clone();
         let store = self.engine.store();
         let new = self.new_approval(session, &call)?;
         let waiting = format!(
@@ -70,20 +70,12 @@ impl Countersign {
         );
 
         // The per-person limit counts other calls: a retry always attaches.
+        // Counted first (cheap); only a person at the limit is listed.
         let pending = store
-            .list(&ListFilter {
-                state: Some(ApprovalState::Pending),
-                subject: Some(new.subject.clone()),
-                limit: Some(self.limits.max_pending_per_user + 1),
-                ..ListFilter::default()
-            })
+            .count_pending(&new.subject)
             .await
             .map_err(store_problem)?;
-        let is_retry = pending.iter().any(|a| {
-            a.fingerprint == new.fingerprint
-                || (new.idempotency_key.is_some() && a.idempotency_key == new.idempotency_key)
-        });
-        if !is_retry && pending.len() >= self.limits.max_pending_per_user {
+        if pending >= self.limits.max_pending_per_user && !self.is_retry(&new).await? {
             return Err(Problem::new(ProblemCode::TooManyPendingForUser)
                 .with_detail(format!(
                     "The user already has {} approval requests waiting, the most this gateway sends at once; wait for them to answer, then try again.",
@@ -100,7 +92,7 @@ impl Countersign {
             Ok(Inserted::Created) => {
                 ctx.approval_id = Some(new.id.clone());
                 tracing::info!(approval_id = %new.id, policy = %policy.name, "call held for approval");
-                match self.engine.start(&new).await {
+                match self.engine.start(&new, policy.clone()).await {
                     Ok(_) => {}
                     Err(StartError::Store(error)) => return Err(store_problem(error)),
                     Err(StartError::Ciba(error)) => {
@@ -153,9 +145,22 @@ impl Countersign {
                 None => tokio::select! {
                     approval = self.engine.wait(&id, until) => Some(approval),
                     () = client_gone(session) => None,
+                    () = self.draining.started() => {
+                        tracing::info!(approval_id = %id, "gateway shutting down during the hold; the approval stays pending for a retry");
+                        return Err(Problem::new(ProblemCode::ShuttingDown).with_retry_after(5).into());
+                    }
                 },
             };
             match waited {
+                Some(approval)
+                    if self.draining.is_draining()
+                        && !approval.as_ref().is_ok_and(|a| a.state.is_final()) =>
+                {
+                    tracing::info!(approval_id = %id, "gateway shutting down during the hold; the approval stays pending for a retry");
+                    return Err(Problem::new(ProblemCode::ShuttingDown)
+                        .with_retry_after(5)
+                        .into());
+                }
                 Some(approval) => Some(approval.map_err(store_problem)?),
                 None => {
                     tracing::info!(approval_id = %id, "agent disconnected during the hold; the approval goes on and a retry gets its answer");
@@ -167,7 +172,26 @@ impl Countersign {
         Ok(self.reply_for(ctx, &approval))
     }
 
-    fn new_approval(&self, session: &Session, call: &HeldCall<'_>) -> Result<NewApproval, Reply> {
+    /// Whether `new` would attach to one of its person's pending approvals.
+    async fn is_retry(&self, new: &NewApproval) -> Result<bool, Reply> {
+        let pending = self
+            .engine
+            .store()
+            .list(&ListFilter {
+                state: Some(ApprovalState::Pending),
+                subject: Some(new.subject.clone()),
+                limit: Some(self.limits.max_pending_per_user + 1),
+                ..ListFilter::default()
+            })
+            .await
+            .map_err(store_problem)?;
+        Ok(pending.iter().any(|a| {
+            a.fingerprint == new.fingerprint
+                || (new.idempotency_key.is_some() && a.idempotency_key == new.idempotency_key)
+        }))
+    }
+
+    fn new_approval(&self, session: &Session, call: &HeldCall) -> Result<NewApproval, Reply> {
         let header = session.req_header();
         let identity_header = match &self.identity {
             IdentitySource::Header(name) => Some(name.as_str()),
@@ -198,9 +222,27 @@ impl Countersign {
         let path_and_query = String::from_utf8_lossy(header.raw_path()).into_owned();
         let body = call.body.as_deref().unwrap_or_default().to_vec();
         let subject = call.identity.subject.clone();
+        // The Host counts only where the upstream receives it.
+        let preserves_host = self
+            .upstreams
+            .get(&call.upstream)
+            .is_some_and(|u| u.config.preserve_host);
+        let host = header
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| header.uri.authority().map(|a| a.as_str()))
+            .filter(|_| preserves_host)
+            .and_then(|h| crate::policy::host_key(h).ok())
+            .unwrap_or_default();
         let fingerprint = fingerprint(
-            &method,
-            &path_and_query,
+            &[
+                &call.upstream,
+                &call.policy.name,
+                &host,
+                &method,
+                &path_and_query,
+            ],
             call.fingerprint_body.as_deref().unwrap_or(&body),
             &subject,
         );
@@ -260,10 +302,18 @@ impl Countersign {
             }
             _ => {
                 ctx.outcome = super::CallOutcome::Accepted;
+                // In ping mode the stored interval is the slow safety poll;
+                // the answer may come any moment, so the agent's hint is the
+                // CIBA default interval at most.
+                let ping_cap = if self.engine.pings().is_some() {
+                    5
+                } else {
+                    u64::MAX
+                };
                 let retry_after = approval
                     .ciba
                     .as_ref()
-                    .map_or(5, |c| c.interval.as_secs().max(1));
+                    .map_or(5, |c| c.interval.as_secs().clamp(1, ping_cap));
                 Reply::Json(Box::new(JsonReply {
                     status: 202,
                     body: pending_body(approval, &self.approvals_path, retry_after),
@@ -290,16 +340,19 @@ fn pending_body(approval: &Approval, approvals_path: &str, retry_after: u64) -> 
     })
 }
 
-/// The identity of a call across retries: method, canonical target, body
-/// and the person. SHA-256, so the body itself is not kept as the key.
-fn fingerprint(method: &str, path_and_query: &str, body: &[u8], subject: &str) -> String {
+/// The identity of a call across retries: upstream, policy, host (where the
+/// upstream receives it), method and canonical target (`target`, in that
+/// order), body and the person. The same path to two upstreams, or to two
+/// virtual hosts, is two calls. SHA-256, so the body itself is not kept as
+/// the key.
+fn fingerprint(target: &[&str; 5], body: &[u8], subject: &str) -> String {
     let mut hash = Sha256::new();
-    for part in [
-        method.as_bytes(),
-        path_and_query.as_bytes(),
-        &Sha256::digest(body)[..],
-        subject.as_bytes(),
-    ] {
+    let digest = Sha256::digest(body);
+    let parts = target
+        .iter()
+        .map(|p| p.as_bytes())
+        .chain([&digest[..], subject.as_bytes()]);
+    for part in parts {
         hash.update((part.len() as u64).to_be_bytes());
         hash.update(part);
     }
@@ -388,5 +441,33 @@ pub(super) async fn client_gone(session: &mut Session) {
             }
             Ok(None) | Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fingerprint;
+
+    #[test]
+    fn a_call_is_one_call_only_on_one_host_and_upstream() {
+        let call =
+            |upstream, host| fingerprint(&[upstream, "buy", host, "POST", "/shop"], b"{}", "alice");
+        assert_eq!(call("shop", "a.example"), call("shop", "a.example"));
+        assert_ne!(call("shop", "a.example"), call("shop", "b.example"));
+        assert_ne!(call("shop", "a.example"), call("other", "a.example"));
+        // Parts are length-prefixed: moving a byte across a boundary differs.
+        assert_ne!(call("shopa", ".example"), call("shop", "a.example"));
+        assert_ne!(
+            call("shop", "a.example"),
+            fingerprint(
+                &["shop", "refund", "a.example", "POST", "/shop"],
+                b"{}",
+                "alice"
+            )
+        );
+        assert_ne!(
+            call("shop", "a.example"),
+            fingerprint(&["shop", "buy", "a.example", "POST", "/shop"], b"{}", "bob")
+        );
     }
 }

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use super::decide::HeldCall;
 use super::{hold, CallCtx, CallOutcome, Countersign, Reply, APPROVAL_ID_HEADER};
 use crate::mcp::{self, jsonrpc, Classified, McpRefusal};
-use crate::policy::McpMatch;
+use crate::policy::{self, McpMatch, PolicySet};
 use crate::problem::{Problem, ProblemCode};
 use crate::request::CanonicalRequest;
 use crate::store::{Approval, ApprovalState, ListFilter, StoreError, StoredResponse};
@@ -77,14 +77,15 @@ pub(super) struct McpReply {
 impl Countersign {
     /// `Ok(None)`: the request passes untouched. `Ok(Some)`: a held
     /// `tools/call`, with `ctx.mcp` set so that every reply is JSON-RPC.
-    pub(super) async fn decide_mcp<'s>(
-        &'s self,
+    pub(super) async fn decide_mcp(
+        &self,
         session: &mut Session,
         ctx: &mut CallCtx,
-        found: McpMatch<'s>,
+        policies: &PolicySet,
+        found: McpMatch<'_>,
         request: &CanonicalRequest,
         upstream: &str,
-    ) -> Result<Option<HeldCall<'s>>, Reply> {
+    ) -> Result<Option<HeldCall>, Reply> {
         // GET opens the server's stream; a POST carries a message. Any
         // other method with a body is read like a POST: a lenient server
         // might take a tools/call from it.
@@ -101,9 +102,9 @@ impl Countersign {
                 return Ok(None);
             }
             Ok(Classified::Held(call)) => call,
-            Err(refusal) => return Err(self.refuse_mcp(ctx, refusal)),
+            Err(refusal) => return Err(refuse_mcp(policies, ctx, refusal)),
         };
-        let policy = self.policies.at(call.policy);
+        let policy = policies.at(call.policy).clone();
         ctx.policy = Some(policy.name.clone());
         ctx.mcp = Some(McpCall {
             id: call.id,
@@ -111,17 +112,22 @@ impl Countersign {
             accepts_stream: mcp::accepts_event_stream(headers),
             streaming: false,
         });
-        super::decide::check_upstream(policy, upstream)?;
+        super::decide::check_upstream(&policy, upstream)?;
         let identity = self.identify(session, &policy.name).await?;
-        let rendered = self.render(
-            policy,
-            &found.params,
-            body.as_deref(),
-            request,
-            &identity,
-            session,
-            Some(&call.arguments),
-        )?;
+        let header = session.req_header();
+        let input = policy::CallInput {
+            headers: &header.headers,
+            body: body.as_deref(),
+            params: &found.params,
+            query: request.query.as_deref(),
+            user: &identity.claims,
+            method: header.method.as_str(),
+            path: &request.path.forward,
+            arguments: Some(&call.arguments),
+        };
+        let rendered = policies
+            .render_call(&policy, &input)
+            .map_err(Problem::from)?;
         Ok(Some(HeldCall {
             policy,
             identity,
@@ -131,32 +137,34 @@ impl Countersign {
             fingerprint_body: Some(call.fingerprint),
         }))
     }
+}
 
-    fn refuse_mcp(&self, ctx: &mut CallCtx, refusal: McpRefusal) -> Reply {
-        if let Some(policy) = refusal.policy() {
-            ctx.policy = Some(self.policies.at(policy).name.clone());
-        }
-        let problem = Problem::new(refusal.code()).with_detail(refusal.to_string());
-        match (refusal.is_tool_error(), refusal.id()) {
-            (true, Some(id)) => {
-                ctx.mcp = Some(McpCall {
-                    id: id.clone(),
-                    progress_token: None,
-                    accepts_stream: false,
-                    streaming: false,
-                });
-                problem.into()
-            }
-            (_, id) => Reply::Mcp(Box::new(McpReply {
-                // No request to answer: as MCP servers answer unreadable
-                // messages.
-                status: if id.is_some() { 200 } else { 400 },
-                body: jsonrpc::rpc_error(id, refusal.rpc_code(), &problem),
-                code: refusal.code(),
-            })),
-        }
+fn refuse_mcp(policies: &PolicySet, ctx: &mut CallCtx, refusal: McpRefusal) -> Reply {
+    if let Some(policy) = refusal.policy() {
+        ctx.policy = Some(policies.at(policy).name.clone());
     }
+    let problem = Problem::new(refusal.code()).with_detail(refusal.to_string());
+    match (refusal.is_tool_error(), refusal.id()) {
+        (true, Some(id)) => {
+            ctx.mcp = Some(McpCall {
+                id: id.clone(),
+                progress_token: None,
+                accepts_stream: false,
+                streaming: false,
+            });
+            problem.into()
+        }
+        (_, id) => Reply::Mcp(Box::new(McpReply {
+            // No request to answer: as MCP servers answer unreadable
+            // messages.
+            status: if id.is_some() { 200 } else { 400 },
+            body: jsonrpc::rpc_error(id, refusal.rpc_code(), &problem),
+            code: refusal.code(),
+        })),
+    }
+}
 
+impl Countersign {
     /// `notifications/cancelled`: the held calls of the same person and
     /// session with these request ids stop waiting and are never forwarded.
     /// The notification itself still goes to the server.
@@ -275,6 +283,10 @@ impl Countersign {
             let waited = tokio::select! {
                 approval = self.engine.wait(id, tick) => approval,
                 () = hold::client_gone(session) => return Some(None),
+                // The hold answers `shutting_down` (see `hold_inner`).
+                () = self.draining.started() => {
+                    return Some(Some(Err(StoreError::Unavailable("shutting down".into()))))
+                }
             };
             match waited {
                 Ok(approval) if !approval.state.is_final() && Instant::now() < until => {}

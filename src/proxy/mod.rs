@@ -29,9 +29,10 @@ use pingora::{Error, ErrorType};
 
 use crate::approval::engine::Engine;
 use crate::config::{DefaultAction, Limits, UpstreamConfig};
+use crate::drain::Draining;
 use crate::identity::IdentitySource;
 use crate::metrics::Metrics;
-use crate::policy::PolicySet;
+use crate::policy::LivePolicies;
 use crate::problem::{Problem, ProblemCode};
 
 pub use crate::route::Routes;
@@ -48,7 +49,8 @@ pub const GATEWAY_HEADER_PREFIX: &str = "x-countersign-";
 /// The gateway's proxy logic.
 #[derive(Debug)]
 pub struct Countersign {
-    pub policies: Arc<PolicySet>,
+    /// The policy set in force; a reload swaps it whole.
+    pub policies: Arc<LivePolicies>,
     pub routes: Routes,
     pub upstreams: HashMap<String, Arc<Upstream>>,
     pub identity: IdentitySource,
@@ -62,12 +64,14 @@ pub struct Countersign {
     /// Held MCP calls waiting in this process, for `notifications/cancelled`
     /// naming a request that attached to an approval made by another.
     mcp_waiting: mcp::Waiting,
+    /// Raised on shutdown: held calls are answered at once.
+    pub draining: Draining,
 }
 
 impl Countersign {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        policies: Arc<PolicySet>,
+        policies: Arc<LivePolicies>,
         routes: Routes,
         upstreams: impl IntoIterator<Item = (String, UpstreamConfig)>,
         identity: IdentitySource,
@@ -92,7 +96,14 @@ impl Countersign {
             engine,
             approvals_path,
             mcp_waiting: mcp::Waiting::default(),
+            draining: Draining::new().1,
         }
+    }
+
+    /// Answer held calls when `draining` is raised (the gateway's shutdown).
+    pub fn with_draining(mut self, draining: Draining) -> Self {
+        self.draining = draining;
+        self
     }
 }
 
@@ -133,6 +144,9 @@ impl CallOutcome {
 pub struct CallCtx {
     upstream: Option<Arc<Upstream>>,
     policy: Option<String>,
+    /// The call matched a policy whose conditions let it pass without
+    /// approval (`otherwise: pass`): the only policy call pingora forwards.
+    passed_by_condition: bool,
     approval_id: Option<String>,
     outcome: CallOutcome,
     upstream_started: Option<Instant>,

@@ -151,6 +151,7 @@ impl ApprovalStore for MemoryStore {
             a.lease_owner = None;
             a.lease_until = None;
             a.request.body = Vec::new();
+            a.request.headers = Vec::new();
         }
         if to == ApprovalState::Failed {
             // Not replayed to retries: they start a new approval.
@@ -172,6 +173,7 @@ impl ApprovalStore for MemoryStore {
         a.state = ApprovalState::Done;
         a.response = Some(response.clone());
         a.request.body = Vec::new();
+        a.request.headers = Vec::new();
         a.updated_at = now;
         a.decided_at.get_or_insert(now);
         a.lease_owner = None;
@@ -228,6 +230,7 @@ impl ApprovalStore for MemoryStore {
                 a.lease_owner = None;
                 a.lease_until = None;
                 a.request.body = Vec::new();
+                a.request.headers = Vec::new();
                 marked += 1;
             }
         }
@@ -251,6 +254,7 @@ impl ApprovalStore for MemoryStore {
             let updated = to_ms(a.updated_at);
             if a.state.is_final() {
                 a.request.body = Vec::new();
+                a.request.headers = Vec::new();
                 if updated <= replay_before {
                     detach.push(id.clone());
                 }
@@ -288,6 +292,15 @@ impl ApprovalStore for MemoryStore {
             found.truncate(limit);
         }
         Ok(found)
+    }
+
+    async fn count_pending(&self, subject: &str) -> Result<usize, StoreError> {
+        Ok(self
+            .lock()
+            .approvals
+            .values()
+            .filter(|r| r.approval.subject == subject && r.approval.state == ApprovalState::Pending)
+            .count())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -80,7 +80,7 @@ const SET_CIBA: &str = "UPDATE approvals SET ciba_auth_req_id = $2, ciba_interva
 const TRANSITION_FINAL: &str = "UPDATE approvals SET state = $3, updated_at = $4, \
      decided_at = COALESCE(decided_at, $4), problem_code = COALESCE($5, problem_code), \
      lease_owner = NULL, lease_until = NULL, request_body = NULL, \
-     attach_key = CASE WHEN $3 = 'failed' THEN NULL ELSE attach_key END \
+     request_headers = substr(request_headers, 1, 0), attach_key = CASE WHEN $3 = 'failed' THEN NULL ELSE attach_key END \
      WHERE id = $1 AND state = $2";
 
 const TRANSITION_APPROVED: &str = "UPDATE approvals SET state = $3, updated_at = $4, \
@@ -92,6 +92,7 @@ const TRANSITION_OTHER: &str = "UPDATE approvals SET state = $3, updated_at = $4
 
 const FINISH: &str = "UPDATE approvals SET state = 'done', response_status = $2, \
      response_headers = $3, response_body = $4, request_body = NULL, updated_at = $5, \
+     request_headers = substr(request_headers, 1, 0), \
      decided_at = COALESCE(decided_at, $5), lease_owner = NULL, lease_until = NULL \
      WHERE id = $1 AND state = 'forwarding'";
 
@@ -111,7 +112,8 @@ const ORPHANS: &str = concat!(
 
 const MARK_UNKNOWN: &str = "UPDATE approvals SET state = 'outcome_unknown', \
      problem_code = 'outcome_unknown', updated_at = $1, decided_at = COALESCE(decided_at, $1), \
-     lease_owner = NULL, lease_until = NULL, request_body = NULL \
+     lease_owner = NULL, lease_until = NULL, request_body = NULL, \
+     request_headers = substr(request_headers, 1, 0) \
      WHERE state = 'forwarding' AND (lease_until IS NULL OR lease_until <= $1)";
 
 const SWEEP_DETACH: &str = concat!(
@@ -127,7 +129,8 @@ const SWEEP_DELETE: &str = concat!(
 );
 
 const SWEEP_BODIES: &str = concat!(
-    "UPDATE approvals SET request_body = NULL WHERE request_body IS NOT NULL AND state IN ",
+    "UPDATE approvals SET request_body = NULL, request_headers = substr(request_headers, 1, 0) \
+     WHERE request_body IS NOT NULL AND state IN ",
     final_states!()
 );
 
@@ -213,6 +216,13 @@ trait Backend: Send + Sync + 'static {
         sql: &str,
         params: &[Param],
     ) -> Result<Vec<Approval>, StoreError>;
+    /// A query returning one integer (a `COUNT(*)`).
+    async fn scalar(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<i64, StoreError>;
 }
 
 /// One writer connection (SQLite has one writer at a time anyway; waiting in
@@ -244,6 +254,19 @@ impl Backend for Sqlite {
             .map_err(|e| db_error(op, &e))?;
         rows.iter().map(decode).collect()
     }
+
+    async fn scalar(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<i64, StoreError> {
+        let row = bind_all!(sqlx::query(sql), params)
+            .fetch_one(&self.reader)
+            .await
+            .map_err(|e| db_error(op, &e))?;
+        row.try_get::<i64, _>(0).map_err(|e| db_error(op, &e))
+    }
 }
 
 struct Postgres {
@@ -271,6 +294,19 @@ impl Backend for Postgres {
             .await
             .map_err(|e| db_error(op, &e))?;
         rows.iter().map(decode).collect()
+    }
+
+    async fn scalar(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<i64, StoreError> {
+        let row = bind_all!(sqlx::query(sql), params)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| db_error(op, &e))?;
+        row.try_get::<i64, _>(0).map_err(|e| db_error(op, &e))
     }
 }
 
@@ -645,6 +681,18 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
             .await
     }
 
+    async fn count_pending(&self, subject: &str) -> Result<usize, StoreError> {
+        let backend = self.backend.clone();
+        let params = [text(subject)];
+        self.driver
+            .run("count_pending", async move {
+                let sql = "SELECT COUNT(*) FROM approvals WHERE subject = $1 AND state = 'pending'";
+                let n = backend.scalar("count_pending", sql, &params).await?;
+                Ok(usize::try_from(n).unwrap_or(0))
+            })
+            .await
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let backend = self.backend.clone();
         self.driver
@@ -684,6 +732,10 @@ fn encode_headers(headers: &[(String, Vec<u8>)]) -> Vec<u8> {
 }
 
 fn decode_headers(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    // Emptied when the approval ended: nothing will be forwarded any more.
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
     let values: Vec<(String, HeaderValue)> = serde_json::from_slice(bytes)
         .map_err(|_| StoreError::Unavailable("unreadable stored headers".into()))?;
     Ok(values

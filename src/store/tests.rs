@@ -153,6 +153,7 @@ macro_rules! cases {
             orphans,
             unknown_outcomes,
             list_filters,
+            count_pending,
             sweep_retention,
             ciba_progress_and_redaction,
             ping,
@@ -468,7 +469,8 @@ async fn transitions(f: Fixture) {
         "the decision's time is kept"
     );
 
-    // A final state ends it: decided, code recorded, body and lease dropped.
+    // A final state ends it: decided, code recorded, body, headers and lease
+    // dropped.
     create(&f.store, &call("t2", "alice", "fp2", None)).await;
     assert!(f.store.lease("t2", "me", t0 + MINUTE).await.unwrap());
     assert!(f
@@ -481,6 +483,7 @@ async fn transitions(f: Fixture) {
     assert_eq!(expired.problem_code.as_deref(), Some("expired_token"));
     assert!(expired.decided_at.is_some());
     assert!(expired.request.body.is_empty());
+    assert!(expired.request.headers.is_empty());
     assert!(expired.lease_owner.is_none() && expired.lease_until.is_none());
     // Final states never change again.
     assert!(!f
@@ -525,7 +528,10 @@ async fn finish_records_the_answer_and_drops_the_body(f: Fixture) {
     assert_eq!(stored.headers, response.headers);
     assert_eq!(stored.body, response.body);
     assert!(done.request.body.is_empty());
-    assert_eq!(done.request.headers.len(), 2);
+    assert!(
+        done.request.headers.is_empty(),
+        "request headers dropped once done"
+    );
     assert!(done.lease_owner.is_none() && done.lease_until.is_none());
     assert!(done.decided_at.is_some());
 
@@ -658,6 +664,26 @@ async fn unknown_outcomes(f: Fixture) {
         1
     );
     assert_eq!(state(&f.store, "u2").await, OutcomeUnknown);
+}
+
+async fn count_pending(f: Fixture) {
+    use ApprovalState::*;
+    for (id, subject) in [
+        ("c1", "alice"),
+        ("c2", "alice"),
+        ("c3", "bob"),
+        ("c4", "alice"),
+    ] {
+        create(&f.store, &call(id, subject, id, None)).await;
+    }
+    assert!(f
+        .store
+        .transition("c2", Pending, Denied, None)
+        .await
+        .unwrap());
+    assert_eq!(f.other.count_pending("alice").await.unwrap(), 2);
+    assert_eq!(f.other.count_pending("bob").await.unwrap(), 1);
+    assert_eq!(f.other.count_pending("carol").await.unwrap(), 0);
 }
 
 async fn list_filters(f: Fixture) {

@@ -47,6 +47,10 @@ const RAR_TYPES = (process.env.PEER_RAR_TYPES
   || 'product_purchase,urn:auth0:schemas:authorization-details:v1:product_purchase')
   .split(',').map((s) => s.trim()).filter(Boolean);
 const CIBA_GRANT = 'urn:openid:params:grant-type:ciba';
+// Ping mode: oidc-provider requires an https notification endpoint, so the ping client registers
+// this placeholder and the peer delivers its pings to PEER_PING_URL (a loopback http URL) instead.
+const PING_ENDPOINT = 'https://countersign-ping.invalid/ciba/notification';
+const PING_URL = process.env.PEER_PING_URL;
 const OIDC_SCOPES = ['openid', 'profile', 'email', 'offline_access'];
 
 let CLIENT_JWKS;
@@ -110,6 +114,8 @@ function toJson(rec) {
     audience: rec.audience,
     authorization_details: rec.authorization_details,
     requested_expiry: rec.requested_expiry,
+    client_notification_token: rec.client_notification_token,
+    pings: rec.pings,
     expires_in: rec.expires_in,
     expires_at_ms: rec.expires_at_ms,
     status: statusOf(rec),
@@ -230,6 +236,15 @@ function buildProvider(issuer) {
       token_endpoint_auth_method: 'client_secret_basic',
     },
   ];
+  // Ping mode (client_secret_post): notifications go to PEER_PING_URL.
+  clients.push({
+    ...cibaClient,
+    client_id: 'countersign-ping',
+    client_secret: 'countersign-secret',
+    token_endpoint_auth_method: 'client_secret_post',
+    backchannel_token_delivery_mode: 'ping',
+    backchannel_client_notification_endpoint: PING_ENDPOINT,
+  });
   if (CLIENT_JWKS) {
     clients.push({
       ...cibaClient,
@@ -278,7 +293,7 @@ function buildProvider(issuer) {
       devInteractions: { enabled: false },
       ciba: {
         enabled: true,
-        deliveryModes: ['poll'],
+        deliveryModes: ['poll', 'ping'],
         async processLoginHint(ctx, loginHint) {
           return processLoginHint(ctx, loginHint);
         },
@@ -389,6 +404,9 @@ function recordRequest(ctx, request, account, client) {
     audience: ctx.state.peerAudience,
     authorization_details: authorizationDetails,
     requested_expiry: params.requested_expiry !== undefined ? +params.requested_expiry : undefined,
+    // Test-only: the bearer token of this request's ping, for forged/replayed notification tests.
+    client_notification_token: params.client_notification_token,
+    pings: [],
     expires_in: advertisedExpiry(params.requested_expiry),
     expires_at_ms: undefined,
     decision: undefined,
@@ -561,7 +579,9 @@ async function tokenMiddleware(ctx, next) {
     return jsonError(ctx, unavailable.status, 'temporarily_unavailable', 'forced by the test control API', headers);
   }
 
-  if (rec && !rec.final && since < requiredGapMs - POLL_TOLERANCE_MS) {
+  // Ping mode: the token request answering a ping is not a poll; it may come at once.
+  const answersPing = rec && rec.decision !== undefined && rec.pings?.length > 0;
+  if (rec && !rec.final && !answersPing && since < requiredGapMs - POLL_TOLERANCE_MS) {
     return slowDown(ctx, rec, `polled ${since} ms after the previous poll, interval is ${requiredGapMs / 1000} s`);
   }
 
@@ -810,6 +830,26 @@ server.listen(PORT, '127.0.0.1', () => {
     return expectedAudience.call(this).add(`${this.issuer}/`);
   };
 
+  // Ping delivery to PEER_PING_URL (see PING_ENDPOINT), recording when and how it was answered.
+  provider.Client.prototype.backchannelPing = async function backchannelPing(request) {
+    const rec = requests.get(request.jti);
+    const token = request.params.client_notification_token;
+    if (!PING_URL || !token) throw new TypeError('no ping target or token');
+    const ping = { sent_at_ms: Date.now(), status: null };
+    rec?.pings.push(ping);
+    const response = await fetch(PING_URL, {
+      method: 'POST',
+      redirect: 'manual',
+      headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ auth_req_id: request.jti }),
+    });
+    ping.status = response.status;
+    log(`ping ${request.jti} -> ${response.status}`);
+    if (response.status !== 204 && response.status !== 200) {
+      throw new Error(`expected 204 No Content from the notification endpoint, got ${response.status}`);
+    }
+  };
+
   provider.on('server_error', (_ctx, err) => log('server_error', err));
   provider.on('grant.error', (_ctx, err) => log(`grant.error ${err.error ?? ''} ${err.error_description ?? err.message}`));
 
@@ -830,5 +870,5 @@ server.listen(PORT, '127.0.0.1', () => {
 
   handler = provider.callback();
   process.stdout.write(`${JSON.stringify({ issuer, port })}\n`);
-  log(`listening on ${issuer} (interval ${INTERVAL}s, clients: countersign-post, countersign-basic${CLIENT_JWKS ? ', countersign-jwt' : ''})`);
+  log(`listening on ${issuer} (interval ${INTERVAL}s, clients: countersign-post, countersign-basic, countersign-ping${CLIENT_JWKS ? ', countersign-jwt' : ''})`);
 });

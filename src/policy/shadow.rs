@@ -1,0 +1,213 @@
+//! One name, one place. Many frameworks read a call's parts as one bag of
+//! parameters: Rails' `params` lets the path win over the query and the
+//! query over the body; Laravel's `input()` lets the body win over the
+//! query; PHP's `$_REQUEST` without a php.ini lets cookies win over both. So
+//! a value the person is shown from one part must not also be given in
+//! another, or the API may act on the other one.
+//!
+//! Names are compared as those frameworks fold them ([`merge_key`]).
+
+use http::header::{CONTENT_TYPE, COOKIE};
+use http::HeaderMap;
+
+use super::body::fold_case;
+
+/// A part of a call a framework may read a named value from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Path,
+    Query,
+    Body,
+    Cookie,
+}
+
+impl Part {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Path => "the path",
+            Self::Query => "the query",
+            Self::Body => "the body",
+            Self::Cookie => "a cookie",
+        }
+    }
+}
+
+/// The name as a merging framework files it: PHP drops leading spaces and
+/// turns `.` and spaces into `_`; `qty[]` and `qty[a]` are `qty` to PHP,
+/// Rails and qs; and letter case is folded (Unicode), as the strict body
+/// parser folds keys.
+pub(crate) fn merge_key(name: &str) -> String {
+    let name = name.trim_start();
+    let name = name.split('[').next().unwrap_or(name);
+    fold_case(&name.replace(['.', ' '], "_"))
+}
+
+/// The merge keys every part of one call gives, read only as far as needed.
+pub(crate) struct CallParts<'a> {
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+    body: Option<&'a [u8]>,
+    path: &'a [(String, String)],
+}
+
+impl<'a> CallParts<'a> {
+    pub(crate) fn new(
+        headers: &'a HeaderMap,
+        query: Option<&'a str>,
+        body: Option<&'a [u8]>,
+        path: &'a [(String, String)],
+    ) -> Self {
+        Self {
+            headers,
+            query,
+            body,
+            path,
+        }
+    }
+
+    /// The first part other than `shown_in` that also gives `name`.
+    pub(crate) fn also_given(&self, name: &str, shown_in: Part) -> Option<Part> {
+        let key = merge_key(name);
+        [Part::Path, Part::Query, Part::Body, Part::Cookie]
+            .into_iter()
+            .filter(|part| *part != shown_in)
+            .find(|part| self.keys(*part).contains(&key))
+    }
+
+    fn keys(&self, part: Part) -> Vec<String> {
+        match part {
+            Part::Path => self.path.iter().map(|(k, _)| merge_key(k)).collect(),
+            Part::Query => form_keys(self.query.unwrap_or("").as_bytes()),
+            Part::Body => self
+                .body
+                .map_or_else(Vec::new, |b| body_keys(self.headers, b)),
+            Part::Cookie => cookie_keys(self.headers),
+        }
+    }
+}
+
+fn form_keys(text: &[u8]) -> Vec<String> {
+    url::form_urlencoded::parse(text)
+        .map(|(name, _)| merge_key(&name))
+        .collect()
+}
+
+/// Field names of a body in the formats frameworks merge into parameters.
+/// Bodies that cannot be read as such give none: the framework would not
+/// read them either.
+fn body_keys(headers: &HeaderMap, body: &[u8]) -> Vec<String> {
+    let media = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    if media == "application/x-www-form-urlencoded" {
+        form_keys(body)
+    } else if media.starts_with("multipart/") {
+        multipart_names(body)
+    } else if media.ends_with("/json") || media.ends_with("+json") {
+        match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(serde_json::Value::Object(fields)) => fields.keys().map(|k| merge_key(k)).collect(),
+            _ => Vec::new(),
+        }
+    } else {
+        Vec::new()
+    }
+}
+
+/// Conservative: every `name=` parameter anywhere in the body counts, quoted
+/// or not, as a part's name.
+fn multipart_names(body: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(body);
+    let lower = text.to_ascii_lowercase();
+    let mut names = Vec::new();
+    let mut rest = 0;
+    while let Some(found) = lower[rest..].find("name=") {
+        let start = rest + found + "name=".len();
+        let value = &text[start..];
+        let name = match value.chars().next() {
+            Some(quote @ ('"' | '\'')) => value[1..].split(quote).next().unwrap_or(""),
+            _ => value
+                .split(|c: char| c == ';' || c.is_whitespace())
+                .next()
+                .unwrap_or(""),
+        };
+        names.push(merge_key(name));
+        rest = start;
+    }
+    names
+}
+
+fn cookie_keys(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.split('=').next())
+        .map(|name| {
+            let decoded = percent_encoding::percent_decode_str(name.trim()).decode_utf8_lossy();
+            merge_key(&decoded)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, value.parse().unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn names_fold_as_merging_frameworks_file_them() {
+        for spelling in ["qty", "QTY", " qty", "qty[]", "qty[a]", "Qty[0]"] {
+            assert_eq!(merge_key(spelling), "qty", "{spelling}");
+        }
+        assert_eq!(merge_key("price.limit"), "price_limit");
+        assert_eq!(merge_key("price limit"), "price_limit");
+    }
+
+    #[test]
+    fn a_name_given_in_another_part_is_found() {
+        let json = headers(&[("content-type", "application/json")]);
+        let parts = CallParts::new(&json, Some("qty[]=100&x=1"), Some(b"{\"qty\":2}"), &[]);
+        assert_eq!(parts.also_given("qty", Part::Body), Some(Part::Query));
+        assert_eq!(parts.also_given("qty", Part::Query), Some(Part::Body));
+        assert_eq!(parts.also_given("product", Part::Body), None);
+
+        let cookie = headers(&[("cookie", "a=1; QTY=100")]);
+        let parts = CallParts::new(&cookie, None, None, &[]);
+        assert_eq!(parts.also_given("qty", Part::Body), Some(Part::Cookie));
+
+        let path = [("orderId".to_owned(), "7".to_owned())];
+        let form = headers(&[("content-type", "application/x-www-form-urlencoded")]);
+        let parts = CallParts::new(&form, None, Some(b"orderid=8"), &path);
+        assert_eq!(parts.also_given("orderId", Part::Path), Some(Part::Body));
+        assert_eq!(parts.also_given("orderId", Part::Body), Some(Part::Path));
+    }
+
+    #[test]
+    fn multipart_part_names_are_found() {
+        let multipart = headers(&[("content-type", "multipart/form-data; boundary=b")]);
+        let body = b"--b\r\nContent-Disposition: form-data; name=\"qty\"\r\n\r\n100\r\n--b--";
+        let parts = CallParts::new(&multipart, None, Some(body), &[]);
+        assert_eq!(parts.also_given("qty", Part::Query), Some(Part::Body));
+        let unquoted = b"--b\r\nContent-Disposition: form-data; name=QTY\r\n\r\n1\r\n--b--";
+        let parts = CallParts::new(&multipart, None, Some(unquoted), &[]);
+        assert_eq!(parts.also_given("qty", Part::Query), Some(Part::Body));
+    }
+
+    #[test]
+    fn bodies_no_framework_merges_give_no_names() {
+        let text = headers(&[("content-type", "text/plain")]);
+        let parts = CallParts::new(&text, None, Some(b"qty=100"), &[]);
+        assert_eq!(parts.also_given("qty", Part::Query), None);
+    }
+}
