@@ -1,6 +1,7 @@
-//! A fast fake CIBA authorization server (poll mode) for the held-call
-//! benchmark: discovery, bc-authorize, a token endpoint that keeps every
-//! request pending and records each poll, and an "approve all" switch.
+//! A fast fake CIBA authorization server (poll and ping modes) for the
+//! held-call benchmark: discovery, bc-authorize, a token endpoint that keeps
+//! every request pending and records each poll, and an "approve all" switch
+//! (which, in ping mode, also notifies the gateway of every request).
 //!
 //! It enforces and measures the polling discipline: a poll sooner than
 //! `interval` after the request was created or last polled is answered
@@ -24,6 +25,10 @@ use serde_json::json;
 pub struct Request {
     pub created: Instant,
     pub polls: Vec<Instant>,
+    /// Ping mode: the bearer the gateway sent for its notification.
+    pub notification_token: Option<String>,
+    /// The binding message the person would see.
+    pub binding_message: String,
 }
 
 #[derive(Debug, Default)]
@@ -63,6 +68,46 @@ impl FakeCiba {
         now
     }
 
+    /// Ping mode: notifies `endpoint` of every request that asked for it,
+    /// 64 at a time; returns when each notification was sent, by the
+    /// request's binding message.
+    pub async fn ping_all(&self, endpoint: &str) -> HashMap<String, Instant> {
+        let targets: Vec<(u64, String, String)> = self
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(id, r)| {
+                let token = r.notification_token.clone()?;
+                Some((*id, token, r.binding_message.clone()))
+            })
+            .collect();
+        let http = reqwest::Client::new();
+        let gate = Arc::new(tokio::sync::Semaphore::new(64));
+        let mut tasks = Vec::new();
+        for (id, token, message) in targets {
+            let permit = gate.clone().acquire_owned().await.unwrap();
+            let request = http
+                .post(endpoint)
+                .bearer_auth(token)
+                .json(&json!({ "auth_req_id": format!("bench-{id}") }));
+            tasks.push(tokio::spawn(async move {
+                let sent = Instant::now();
+                let ok = request.send().await.is_ok_and(|r| r.status().is_success());
+                drop(permit);
+                (message, sent, ok)
+            }));
+        }
+        let mut sent = HashMap::new();
+        for task in tasks {
+            let (message, at, ok) = task.await.unwrap();
+            if ok {
+                sent.insert(message, at);
+            }
+        }
+        sent
+    }
+
     pub fn pending(&self) -> usize {
         self.requests.lock().unwrap().len()
     }
@@ -92,14 +137,14 @@ async fn discovery(State(ciba): Shared) -> Json<serde_json::Value> {
         "issuer": issuer,
         "backchannel_authentication_endpoint": format!("{issuer}/bc-authorize"),
         "token_endpoint": format!("{issuer}/token"),
-        "backchannel_token_delivery_modes_supported": ["poll"],
+        "backchannel_token_delivery_modes_supported": ["poll", "ping"],
         "grant_types_supported": ["urn:openid:params:grant-type:ciba"],
     }))
 }
 
 async fn bc_authorize(
     State(ciba): Shared,
-    Form(_form): Form<HashMap<String, String>>,
+    Form(form): Form<HashMap<String, String>>,
 ) -> Json<serde_json::Value> {
     let id = ciba
         .next_id
@@ -109,6 +154,8 @@ async fn bc_authorize(
         Request {
             created: Instant::now(),
             polls: Vec::new(),
+            notification_token: form.get("client_notification_token").cloned(),
+            binding_message: form.get("binding_message").cloned().unwrap_or_default(),
         },
     );
     Json(json!({
@@ -141,7 +188,10 @@ async fn token(State(ciba): Shared, Form(form): Form<HashMap<String, String>>) -
         };
         let last = request.polls.last().copied().unwrap_or(request.created);
         request.polls.push(now);
-        now.duration_since(last) < ciba.interval
+        // In ping mode the client asks for the token when notified.
+        let notified = request.notification_token.is_some()
+            && ciba.approved_at.lock().unwrap().is_some_and(|at| now >= at);
+        !notified && now.duration_since(last) < ciba.interval
     };
     if too_early {
         ciba.counters.lock().unwrap().too_early += 1;

@@ -1,7 +1,11 @@
 //! Held-call benchmark: N concurrent calls held pending against a fake CIBA
 //! server, measured on a separate gateway process (the release binary).
 //!
-//! `held_calls --gateway target/release/countersign --calls 1000 [--interval 5] [--window 2]`
+//! `held_calls --gateway target/release/countersign --calls 1000 [--interval 5] [--window 2] [--delivery ping]`
+//!
+//! With `--delivery ping` the gateway runs CIBA ping mode: on approval the
+//! fake server notifies it of every request, and the result adds how long
+//! each call took from its notification to the upstream.
 //!
 //! Prints one `RESULT held key=value ...` line (read by `benches/run.sh`) and
 //! a readable summary on stderr. Every wait is bounded.
@@ -33,6 +37,7 @@ struct Args {
     /// New calls opened per second while ramping up; by default the calls are
     /// spread over one interval, so polls (and approval delays) spread evenly.
     ramp: Option<usize>,
+    ping: bool,
 }
 
 fn parse_args() -> Args {
@@ -43,6 +48,7 @@ fn parse_args() -> Args {
         window: 2,
         threads: 2,
         ramp: None,
+        ping: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -59,6 +65,7 @@ fn parse_args() -> Args {
             "--window" => args.window = n(),
             "--threads" => args.threads = n() as usize,
             "--ramp" => args.ramp = Some(n() as usize),
+            "--delivery" => args.ping = value == "ping",
             other => panic!("unknown flag {other}"),
         }
     }
@@ -160,23 +167,36 @@ async fn main() {
     let ciba = fake_ciba::FakeCiba::new(interval, Duration::from_secs(3600));
     let issuer = ciba.serve().await;
 
-    let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    // When each call reached the upstream, by its quantity (its identity).
+    let arrivals: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
     let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream_port = upstream.local_addr().unwrap().port();
     let app = Router::new()
         .route(
             "/shop",
-            post(|State(a): State<Arc<Mutex<Vec<Instant>>>>| async move {
-                a.lock().unwrap().push(Instant::now());
-                "ok"
-            }),
+            post(
+                |State(a): State<Arc<Mutex<Vec<(u64, Instant)>>>>, body: axum::body::Bytes| async move {
+                    let now = Instant::now();
+                    let qty = serde_json::from_slice::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| v["qty"].as_u64())
+                        .unwrap_or(0);
+                    a.lock().unwrap().push((qty, now));
+                    "ok"
+                },
+            ),
         )
         .with_state(arrivals.clone());
     tokio::spawn(async move { axum::serve(upstream, app).await.unwrap() });
 
     let dir = std::env::temp_dir().join(format!("countersign-held-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (proxy_port, admin_port) = (free_port(), free_port());
+    let (proxy_port, admin_port, notify_port) = (free_port(), free_port(), free_port());
+    let delivery = if args.ping {
+        format!("  delivery: ping\n  notification: {{ listen: \"127.0.0.1:{notify_port}\" }}\n")
+    } else {
+        String::new()
+    };
     std::fs::write(
         dir.join("policies.yaml"),
         r#"policies:
@@ -210,7 +230,7 @@ authorization_server:
     method: client_secret_post
     client_secret: bench-secret
   login_hint: subject
-identity:
+{delivery}identity:
   static: {{ subject: bench-user }}
 policies: [policies.yaml]
 default_action: pass
@@ -219,7 +239,7 @@ limits:
   max_pending: 100000
   max_pending_per_user: 100000
 "#,
-            threads = args.threads
+            threads = args.threads,
         ),
     )
     .unwrap();
@@ -316,6 +336,12 @@ limits:
 
     // Approve everything; every call should reach the upstream within an interval.
     let approved_at = ciba.approve_all();
+    let pinged = if args.ping {
+        ciba.ping_all(&format!("http://127.0.0.1:{notify_port}/ciba/notification"))
+            .await
+    } else {
+        Default::default()
+    };
     let finish_deadline = interval * 3 + Duration::from_secs(30);
     let mut ok = 0usize;
     let mut statuses = std::collections::BTreeMap::<String, usize>::new();
@@ -335,9 +361,20 @@ limits:
         .lock()
         .unwrap()
         .iter()
-        .map(|t| t.saturating_duration_since(approved_at))
+        .map(|(_, t)| t.saturating_duration_since(approved_at))
         .collect();
     latencies.sort();
+    // Ping mode: from each call's notification to its arrival upstream.
+    let mut resumes: Vec<Duration> = arrivals
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(qty, t)| {
+            let sent = pinged.get(&format!("Do you want to buy {qty} XYZ phone"))?;
+            Some(t.saturating_duration_since(*sent))
+        })
+        .collect();
+    resumes.sort();
     drop(gateway);
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -356,7 +393,8 @@ limits:
          cpu_us_per_poll={:.1} polls_per_call_interval={polls_per_call_interval:.3} \
          min_gap_s={:.3} too_early={too_early} unknown={unknown} \
          approve_p50_ms={:.0} approve_p99_ms={:.0} approve_max_ms={:.0} forwarded={} ok={ok} \
-         hold_ramp_s={:.1}",
+         hold_ramp_s={:.1} delivery={} pings={} ping_resume_p50_ms={:.1} ping_resume_p99_ms={:.1} \
+         ping_resume_max_ms={:.1}",
         args.interval,
         cpu_secs * 1e6 / polls_in_window.max(1) as f64,
         min_gap.as_secs_f64(),
@@ -365,5 +403,10 @@ limits:
         ms(latencies.last().copied().unwrap_or_default()),
         latencies.len(),
         all_held.as_secs_f64(),
+        if args.ping { "ping" } else { "poll" },
+        pinged.len(),
+        ms(percentile(&resumes, 0.50)),
+        ms(percentile(&resumes, 0.99)),
+        ms(resumes.last().copied().unwrap_or_default()),
     );
 }

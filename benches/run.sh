@@ -260,6 +260,14 @@ for n in $HELD; do
   [[ -n $line ]] || log "held calls $n failed: see $OUT/held.err"
 done
 
+# --- CIBA ping mode: notification -> upstream --------------------------------
+PING_N=$([[ $QUICK == 1 ]] && echo 200 || echo 1000)
+log "held calls in ping mode: $PING_N"
+PINGR=$("$HELDBIN" --gateway "$BIN/countersign" --calls "$PING_N" --interval "$INTERVAL" \
+  --window 1 --delivery ping 2>>"$OUT/held.err" | grep '^RESULT' || true)
+echo "$PINGR" >"$OUT/ping-$PING_N.txt"
+[[ -n $PINGR ]] || log "held calls in ping mode failed: see $OUT/held.err"
+
 # --- durable approvals (wait: async), per store ----------------------------
 ASYNC_N=${BENCH_ASYNC:-$([[ $QUICK == 1 ]] && echo 2000 || echo 10000)}
 PG_SERVER=${BENCH_POSTGRES:-postgres://root@127.0.0.1:5432}
@@ -337,6 +345,13 @@ row() { printf '| %-44s | %-30s | %-22s | %-6s |\n' "$@"; }
     row "held $n: approval -> upstream p50/p99/max" "$(printf '%s / %s / %s ms' "$(field "$l" approve_p50_ms)" "$p99" "$mx")" "<= $((INTERVAL * 1000)) ms" "$(verdict "$mx <= $INTERVAL * 1000")"
     ok=$(field "$l" ok); row "held $n: calls answered 200 after approval" "$ok of $n" "all" "$(verdict "$ok == $n")"
   done
+  if [[ -n $PINGR ]]; then
+    p99=$(field "$PINGR" ping_resume_p99_ms)
+    row "ping $PING_N: notification -> upstream p50/p99/max" "$(printf '%s / %s / %s ms' "$(field "$PINGR" ping_resume_p50_ms)" "$p99" "$(field "$PINGR" ping_resume_max_ms)")" "p99 <= 50 ms" "$(verdict "$p99 <= 50")"
+    ok=$(field "$PINGR" ok); row "ping $PING_N: calls answered 200 after approval" "$ok of $PING_N ($(field "$PINGR" pings) pings)" "all" "$(verdict "$ok == $PING_N")"
+  else
+    row "ping $PING_N" "failed (see held.err)" "" "MISSED"
+  fi
   for store in memory sqlite postgres; do
     l=${ASYNCR[$store]:-}
     if [[ -z $l ]]; then row "async $store" "failed (see async.err)" "" "MISSED"; continue; fi

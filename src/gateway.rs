@@ -118,7 +118,7 @@ fn start_engine(
         .enable_all()
         .build()
         .map_err(|e| GatewayError::Startup(format!("runtime: {e}")))?;
-    let store = ConfiguredStore::new(&gateway.store, config_file);
+    let store = ConfiguredStore::new(&gateway.store, config_file).with_metrics(metrics.clone());
     match runtime.block_on(store.open()) {
         Ok(_) => tracing::info!(store = %store.describe(), "approval store open"),
         Err(error) if store.must_open_at_start() => {

@@ -36,6 +36,11 @@ pub struct Metrics {
     /// Unix time of the last configuration load that took effect (the start,
     /// or the last `ok` reload).
     pub config_last_good_load: IntGauge,
+    /// Seconds per approval-store operation, by operation.
+    pub store_duration: HistogramVec,
+    /// Approval-store operations that failed (unreachable, timed out), by
+    /// operation.
+    pub store_errors: IntCounterVec,
 }
 
 /// Buckets up to ten minutes: people answer in seconds to minutes.
@@ -132,6 +137,25 @@ impl Metrics {
             "Unix time of the last configuration load that took effect (start or reload).",
         )
         .expect("valid metric");
+        let store_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "countersign_store_operation_duration_seconds",
+                "Seconds per approval-store operation, by operation.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["op"],
+        )
+        .expect("valid metric");
+        let store_errors = IntCounterVec::new(
+            Opts::new(
+                "countersign_store_errors_total",
+                "Approval-store operations that failed (unreachable or timed out), by operation.",
+            ),
+            &["op"],
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "countersign_build_info",
@@ -155,6 +179,8 @@ impl Metrics {
             Box::new(ciba_notifications.clone()),
             Box::new(config_reloads.clone()),
             Box::new(config_last_good_load.clone()),
+            Box::new(store_duration.clone()),
+            Box::new(store_errors.clone()),
             Box::new(build_info),
         ] {
             registry.register(collector).expect("unique metric names");
@@ -172,6 +198,8 @@ impl Metrics {
             ciba_notifications,
             config_reloads,
             config_last_good_load,
+            store_duration,
+            store_errors,
         }
     }
 

@@ -266,6 +266,13 @@ async fn an_async_call_is_accepted_at_once_and_the_retry_gets_the_order() {
 
     let replay = answered(send).await;
     let got = order(replay, &first.id).await;
+    let metrics = world.gateway.metrics().await;
+    assert!(
+        metrics.contains(
+            "countersign_store_operation_duration_seconds_count{op=\"insert_or_attach\"}"
+        ),
+        "{metrics}"
+    );
     let again = order(send().send().await.unwrap(), &first.id).await;
     assert_eq!(got, again, "the recorded answer, as often as asked");
     exactly_one_order(&world.shop).await;
@@ -533,6 +540,14 @@ async fn with_the_store_down_policy_calls_fail_closed_and_pass_through_works() {
     let received = world.shop.received();
     assert_eq!(received.len(), 1);
     assert_eq!(received[0].path_and_query, "/products");
+    // Operators see it: failed store operations are counted.
+    let metrics = world.gateway.metrics().await;
+    let errors: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("countersign_store_errors_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(errors >= 2, "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

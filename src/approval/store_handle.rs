@@ -11,6 +11,7 @@ use tokio::sync::{Mutex, OnceCell};
 use tokio::time::Instant;
 
 use crate::config::{StoreBackend, StoreConfig};
+use crate::metrics::Metrics;
 use crate::store::{
     self, Approval, ApprovalState, ApprovalStore, CibaProgress, Inserted, ListFilter, NewApproval,
     StoreError, StoredResponse,
@@ -26,6 +27,7 @@ pub struct ConfiguredStore {
     backend: Backend,
     opened: OnceCell<Arc<dyn ApprovalStore>>,
     last_attempt: Mutex<Option<Instant>>,
+    metrics: Option<Metrics>,
 }
 
 #[derive(Debug)]
@@ -57,7 +59,34 @@ impl ConfiguredStore {
             backend,
             opened: OnceCell::new(),
             last_attempt: Mutex::new(None),
+            metrics: None,
         }
+    }
+
+    /// Times every operation and counts the failed ones
+    /// (`countersign_store_*`).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        work: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let result = work.await;
+        if let Some(metrics) = &self.metrics {
+            metrics
+                .store_duration
+                .with_label_values(&[op])
+                .observe(started.elapsed().as_secs_f64());
+            if matches!(result, Err(StoreError::Unavailable(_))) {
+                metrics.store_errors.with_label_values(&[op]).inc();
+            }
+        }
+        result
     }
 
     /// Whether a failure to open at start is fatal: a local file that cannot
@@ -108,13 +137,20 @@ impl ConfiguredStore {
 #[async_trait::async_trait]
 impl ApprovalStore for ConfiguredStore {
     async fn insert_or_attach(&self, a: &NewApproval, w: Duration) -> Result<Inserted, StoreError> {
-        self.open().await?.insert_or_attach(a, w).await
+        self.timed("insert_or_attach", async {
+            self.open().await?.insert_or_attach(a, w).await
+        })
+        .await
     }
     async fn get(&self, id: &str) -> Result<Option<Approval>, StoreError> {
-        self.open().await?.get(id).await
+        self.timed("get", async { self.open().await?.get(id).await })
+            .await
     }
     async fn set_ciba(&self, id: &str, ciba: &CibaProgress) -> Result<(), StoreError> {
-        self.open().await?.set_ciba(id, ciba).await
+        self.timed("set_ciba", async {
+            self.open().await?.set_ciba(id, ciba).await
+        })
+        .await
     }
     async fn transition(
         &self,
@@ -123,31 +159,52 @@ impl ApprovalStore for ConfiguredStore {
         to: ApprovalState,
         code: Option<&str>,
     ) -> Result<bool, StoreError> {
-        self.open().await?.transition(id, from, to, code).await
+        self.timed("transition", async {
+            self.open().await?.transition(id, from, to, code).await
+        })
+        .await
     }
     async fn finish(&self, id: &str, response: &StoredResponse) -> Result<bool, StoreError> {
-        self.open().await?.finish(id, response).await
+        self.timed("finish", async {
+            self.open().await?.finish(id, response).await
+        })
+        .await
     }
     async fn lease(&self, id: &str, owner: &str, until: SystemTime) -> Result<bool, StoreError> {
-        self.open().await?.lease(id, owner, until).await
+        self.timed("lease", async {
+            self.open().await?.lease(id, owner, until).await
+        })
+        .await
     }
     async fn orphans(&self, now: SystemTime, limit: usize) -> Result<Vec<Approval>, StoreError> {
-        self.open().await?.orphans(now, limit).await
+        self.timed("orphans", async {
+            self.open().await?.orphans(now, limit).await
+        })
+        .await
     }
     async fn mark_unknown_outcomes(&self, now: SystemTime) -> Result<u64, StoreError> {
-        self.open().await?.mark_unknown_outcomes(now).await
+        self.timed("mark_unknown_outcomes", async {
+            self.open().await?.mark_unknown_outcomes(now).await
+        })
+        .await
     }
     async fn sweep(&self, now: SystemTime, w: Duration, r: Duration) -> Result<(), StoreError> {
-        self.open().await?.sweep(now, w, r).await
+        self.timed("sweep", async { self.open().await?.sweep(now, w, r).await })
+            .await
     }
     async fn count_pending(&self, subject: &str) -> Result<usize, StoreError> {
-        self.open().await?.count_pending(subject).await
+        self.timed("count_pending", async {
+            self.open().await?.count_pending(subject).await
+        })
+        .await
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Approval>, StoreError> {
-        self.open().await?.list(filter).await
+        self.timed("list", async { self.open().await?.list(filter).await })
+            .await
     }
     async fn ping(&self) -> Result<(), StoreError> {
-        self.open().await?.ping().await
+        self.timed("ping", async { self.open().await?.ping().await })
+            .await
     }
 }

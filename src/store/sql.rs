@@ -39,6 +39,12 @@ const POSTGRES_CONNECTIONS: u32 = 8;
 /// real workload has.
 const ATTACH_ATTEMPTS: usize = 8;
 
+/// sqlx warns on every acquire that waited over 2 s: under load that is a
+/// line per store operation (700,000 in ten minutes of the SQLite
+/// benchmark). A busy store shows in `countersign_store_duration_seconds`;
+/// an unreachable one in its errors and `/readyz`.
+const QUIET: log::LevelFilter = log::LevelFilter::Debug;
+
 macro_rules! columns {
     () => {
         "id, policy, subject, upstream, fingerprint, idempotency_key, binding_message, \
@@ -392,6 +398,7 @@ pub(super) async fn open_sqlite(path: &Path) -> Result<Arc<dyn ApprovalStore>, S
                 .busy_timeout(BUSY_TIMEOUT);
             let writer = SqlitePoolOptions::new()
                 .max_connections(1)
+                .acquire_slow_level(QUIET)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect_with(
                     options
@@ -409,6 +416,7 @@ pub(super) async fn open_sqlite(path: &Path) -> Result<Arc<dyn ApprovalStore>, S
                 .map_err(migrate_error)?;
             let reader = SqlitePoolOptions::new()
                 .max_connections(SQLITE_READERS)
+                .acquire_slow_level(QUIET)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect_with(options.read_only(true))
                 .await
@@ -432,6 +440,7 @@ pub(super) async fn open_postgres(url: &str) -> Result<Arc<dyn ApprovalStore>, S
     let backend = driver
         .run("open", async move {
             let pool = PgPoolOptions::new()
+                .acquire_slow_level(QUIET)
                 .max_connections(POSTGRES_CONNECTIONS)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect_with(options)
