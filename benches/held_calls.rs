@@ -25,6 +25,9 @@ use axum::Router;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// When each call reached the upstream, with its quantity.
+type Arrivals = Arc<Mutex<Vec<(u64, Instant)>>>;
+
 const BODY: &str = r#"{"product":"XYZ phone","qty":2,"priceLimit":900}"#;
 
 struct Args {
@@ -168,14 +171,14 @@ async fn main() {
     let issuer = ciba.serve().await;
 
     // When each call reached the upstream, by its quantity (its identity).
-    let arrivals: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
+    let arrivals: Arrivals = Arc::default();
     let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream_port = upstream.local_addr().unwrap().port();
     let app = Router::new()
         .route(
             "/shop",
             post(
-                |State(a): State<Arc<Mutex<Vec<(u64, Instant)>>>>, body: axum::body::Bytes| async move {
+                |State(a): State<Arrivals>, body: axum::body::Bytes| async move {
                     let now = Instant::now();
                     let qty = serde_json::from_slice::<serde_json::Value>(&body)
                         .ok()
