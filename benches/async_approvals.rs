@@ -10,7 +10,9 @@
 //! the latency of a retry that gets the recorded answer. Prints one
 //! `RESULT async key=value ...` line (read by `benches/run.sh`).
 
+// Shared with held_calls, which uses its ping mode too.
 #[path = "fake_ciba.rs"]
+#[allow(dead_code)]
 mod fake_ciba;
 
 use std::path::PathBuf;

@@ -317,13 +317,14 @@ impl Engine {
                     }
                 }
             };
-            // Hold the lease until the next poll is done.
-            if !self
-                .take_lease(id, progress.next_poll_at + self.ciba_timeout())
-                .await
-            {
+            // Hold the lease until the next poll is done (and `lease` past
+            // it): one store write per poll, not one before and after the
+            // sleep.
+            let busy_until = progress.next_poll_at + self.ciba_timeout();
+            if !self.take_lease(id, busy_until).await {
                 return;
             }
+            let leased_until = self.lease_until(busy_until);
             let next_poll = to_instant(progress.next_poll_at);
             let deadline = to_instant(progress.deadline);
             if !self.wait_for_poll(id, next_poll, deadline).await {
@@ -338,9 +339,11 @@ impl Engine {
                 Ok(_) => return,
                 Err(_) => {}
             }
-            if !self
-                .take_lease(id, SystemTime::now() + self.ciba_timeout())
-                .await
+            // Woken late (a loaded machine)? Renew unless the lease taken
+            // above still covers this poll with `lease / 2` to spare.
+            let poll_done = SystemTime::now() + self.ciba_timeout();
+            if poll_done + self.config.lease / 2 > leased_until
+                && !self.take_lease(id, poll_done).await
             {
                 return;
             }
