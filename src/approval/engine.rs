@@ -332,7 +332,6 @@ impl Engine {
                     .await;
                 return;
             }
-            tokio::time::sleep_until(next_poll).await;
             // It may have been cancelled meanwhile: no poll for it then.
             match self.store.get(id).await {
                 Ok(Some(now)) if now.state == ApprovalState::Pending => {}
