@@ -133,6 +133,37 @@ impl Shop {
     }
 }
 
+impl Shop {
+    /// Records the call, then checks what a purchase needs: a verified token
+    /// with scope `product:buy`, and a JSON body. Gives the token's claims
+    /// and the body, or the refusal to answer.
+    async fn purchase(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> Result<(Value, Value), Response> {
+        let Some(claims) = self.record(method, uri, headers, body).await else {
+            return Err(error(
+                StatusCode::UNAUTHORIZED,
+                "a valid access token for the shop is required",
+            ));
+        };
+        let scopes = claims["scope"].as_str().unwrap_or_default();
+        if !scopes.split(' ').any(|s| s == BUY_SCOPE) {
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                "the token lacks scope product:buy",
+            ));
+        }
+        let Ok(parsed) = serde_json::from_slice::<Value>(body) else {
+            return Err(error(StatusCode::BAD_REQUEST, "the body must be JSON"));
+        };
+        Ok((claims, parsed))
+    }
+}
+
 fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
@@ -144,18 +175,9 @@ async fn buy(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some(claims) = shop.record(&method, &uri, &headers, &body).await else {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "a valid access token for the shop is required",
-        );
-    };
-    let scopes = claims["scope"].as_str().unwrap_or_default();
-    if !scopes.split(' ').any(|s| s == BUY_SCOPE) {
-        return error(StatusCode::FORBIDDEN, "the token lacks scope product:buy");
-    }
-    let Ok(order) = serde_json::from_slice::<Value>(&body) else {
-        return error(StatusCode::BAD_REQUEST, "the body must be JSON");
+    let (claims, order) = match shop.purchase(&method, &uri, &headers, &body).await {
+        Ok(found) => found,
+        Err(refused) => return refused,
     };
     let count = shop.received.lock().map(|r| r.len()).unwrap_or_default();
     Json(json!({
@@ -175,18 +197,9 @@ async fn send_gift_card(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some(claims) = shop.record(&method, &uri, &headers, &body).await else {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "a valid access token for the shop is required",
-        );
-    };
-    let scopes = claims["scope"].as_str().unwrap_or_default();
-    if !scopes.split(' ').any(|s| s == BUY_SCOPE) {
-        return error(StatusCode::FORBIDDEN, "the token lacks scope product:buy");
-    }
-    let Ok(card) = serde_json::from_slice::<Value>(&body) else {
-        return error(StatusCode::BAD_REQUEST, "the body must be JSON");
+    let (claims, card) = match shop.purchase(&method, &uri, &headers, &body).await {
+        Ok(found) => found,
+        Err(refused) => return refused,
     };
     let count = shop.received.lock().map(|r| r.len()).unwrap_or_default();
     (
