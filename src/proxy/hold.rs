@@ -143,28 +143,22 @@ impl Countersign {
             {
                 Some(waited) => waited,
                 None => tokio::select! {
-                    approval = self.engine.wait(&id, until) => Some(approval),
-                    () = client_gone(session) => None,
-                    () = self.draining.started() => {
-                        tracing::info!(approval_id = %id, "gateway shutting down during the hold; the approval stays pending for a retry");
-                        return Err(Problem::new(ProblemCode::ShuttingDown).with_retry_after(5).into());
-                    }
+                    approval = self.engine.wait(&id, until) => Waited::Answered(Box::new(approval)),
+                    () = client_gone(session) => Waited::Gone,
+                    () = self.draining.started() => Waited::Draining,
                 },
             };
             match waited {
-                Some(approval)
-                    if self.draining.is_draining()
-                        && !approval.as_ref().is_ok_and(|a| a.state.is_final()) =>
-                {
+                Waited::Answered(approval) => Some((*approval).map_err(store_problem)?),
+                Waited::Gone => {
+                    tracing::info!(approval_id = %id, "agent disconnected during the hold; the approval goes on and a retry gets its answer");
+                    return Err(Reply::Disconnected);
+                }
+                Waited::Draining => {
                     tracing::info!(approval_id = %id, "gateway shutting down during the hold; the approval stays pending for a retry");
                     return Err(Problem::new(ProblemCode::ShuttingDown)
                         .with_retry_after(5)
                         .into());
-                }
-                Some(approval) => Some(approval.map_err(store_problem)?),
-                None => {
-                    tracing::info!(approval_id = %id, "agent disconnected during the hold; the approval goes on and a retry gets its answer");
-                    return Err(Reply::Disconnected);
                 }
             }
         };
@@ -432,6 +426,16 @@ pub(super) async fn read_body(
 }
 
 /// Resolves when the agent closes its connection (after the body was read).
+/// How a hold's wait ended.
+pub(super) enum Waited {
+    /// The approval's state when it ended or the hold ran out.
+    Answered(Box<Result<Approval, StoreError>>),
+    /// The agent hung up.
+    Gone,
+    /// The gateway is shutting down.
+    Draining,
+}
+
 pub(super) async fn client_gone(session: &mut Session) {
     loop {
         match session.downstream_session.read_body_or_idle(true).await {

@@ -15,12 +15,13 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::decide::HeldCall;
+use super::hold::Waited;
 use super::{hold, CallCtx, CallOutcome, Countersign, Reply, APPROVAL_ID_HEADER};
 use crate::mcp::{self, jsonrpc, Classified, McpRefusal};
 use crate::policy::{self, McpMatch, PolicySet};
 use crate::problem::{Problem, ProblemCode};
 use crate::request::CanonicalRequest;
-use crate::store::{Approval, ApprovalState, ListFilter, StoreError, StoredResponse};
+use crate::store::{Approval, ApprovalState, ListFilter, StoredResponse};
 
 /// How often a held call with a progress token hears from the gateway.
 pub(super) const PROGRESS_EVERY: Duration = Duration::from_secs(2);
@@ -253,7 +254,7 @@ impl Countersign {
 
     /// Waits for `id` as [`hold`] does, writing `notifications/progress`
     /// into an SSE answer meanwhile, when the call asked for progress and
-    /// accepts SSE. `None`: it did not; `Some(None)`: the agent left.
+    /// accepts SSE. `None`: it did not.
     pub(super) async fn wait_streaming(
         &self,
         session: &mut Session,
@@ -261,11 +262,11 @@ impl Countersign {
         id: &str,
         until: Instant,
         waiting: &str,
-    ) -> Option<Option<Result<Approval, StoreError>>> {
+    ) -> Option<Waited> {
         let mcp = ctx.mcp.as_mut().filter(|m| m.accepts_stream)?;
         let token = mcp.progress_token.clone()?;
         if self.start_stream(session, id).await.is_err() {
-            return Some(None);
+            return Some(Waited::Gone);
         }
         mcp.streaming = true;
         let mut count = 0;
@@ -277,20 +278,17 @@ impl Countersign {
                 .await
                 .is_err()
             {
-                return Some(None);
+                return Some(Waited::Gone);
             }
             let tick = (Instant::now() + PROGRESS_EVERY).min(until);
             let waited = tokio::select! {
                 approval = self.engine.wait(id, tick) => approval,
-                () = hold::client_gone(session) => return Some(None),
-                // The hold answers `shutting_down` (see `hold_inner`).
-                () = self.draining.started() => {
-                    return Some(Some(Err(StoreError::Unavailable("shutting down".into()))))
-                }
+                () = hold::client_gone(session) => return Some(Waited::Gone),
+                () = self.draining.started() => return Some(Waited::Draining),
             };
             match waited {
                 Ok(approval) if !approval.state.is_final() && Instant::now() < until => {}
-                done => return Some(Some(done)),
+                done => return Some(Waited::Answered(Box::new(done))),
             }
         }
     }
