@@ -98,12 +98,9 @@ impl GatewayProcess {
     /// SIGTERM, as an orchestrator stops a pod; waits up to `within` for the
     /// process to exit and returns how it exited (`None`: still running).
     pub async fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        self.child.as_ref()?;
+        self.signal("TERM");
         let child = self.child.as_mut()?;
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -TERM failed");
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = child.try_wait() {
@@ -124,12 +121,17 @@ impl GatewayProcess {
 
     /// Sends SIGHUP (the reload signal).
     pub fn sighup(&self) {
+        self.signal("HUP");
+    }
+
+    /// `kill -<name>` the running gateway.
+    fn signal(&self, name: &str) {
         let pid = self.child.as_ref().expect("running").id();
         let status = Command::new("kill")
-            .args(["-HUP", &pid.to_string()])
+            .args([&format!("-{name}"), &pid.to_string()])
             .status()
             .expect("kill runs");
-        assert!(status.success(), "kill -HUP {pid}");
+        assert!(status.success(), "kill -{name} {pid}");
     }
 
     pub async fn metrics(&self) -> String {
