@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::shop::{Shop, BUY_SCOPE};
+use super::shop::{grants_buy, Shop};
 
 const PROTOCOL_VERSIONS: [&str; 4] = ["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
 
@@ -85,8 +85,7 @@ fn buy(claims: Option<Value>, arguments: &Value) -> Value {
     let Some(claims) = claims else {
         return refused("The shop refused: a valid access token for the shop is required.");
     };
-    let scopes = claims["scope"].as_str().unwrap_or_default();
-    if !scopes.split(' ').any(|s| s == BUY_SCOPE) {
+    if !grants_buy(&claims) {
         return refused("The shop refused: the token lacks scope product:buy.");
     }
     let (Some(product), Some(qty)) = (arguments["product"].as_str(), arguments["qty"].as_u64())

@@ -150,8 +150,7 @@ impl Shop {
                 "a valid access token for the shop is required",
             ));
         };
-        let scopes = claims["scope"].as_str().unwrap_or_default();
-        if !scopes.split(' ').any(|s| s == BUY_SCOPE) {
+        if !grants_buy(&claims) {
             return Err(error(
                 StatusCode::FORBIDDEN,
                 "the token lacks scope product:buy",
@@ -162,6 +161,12 @@ impl Shop {
         };
         Ok((claims, parsed))
     }
+}
+
+/// Whether a verified token's claims carry scope `product:buy`.
+pub(super) fn grants_buy(claims: &Value) -> bool {
+    let scopes = claims["scope"].as_str().unwrap_or_default();
+    scopes.split(' ').any(|s| s == BUY_SCOPE)
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
