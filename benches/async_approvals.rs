@@ -11,14 +11,19 @@
 //! `RESULT async key=value ...` line (read by `benches/run.sh`).
 
 // Shared with held_calls, which uses its ping mode too.
+#[path = "bench_support.rs"]
+mod bench_support;
+
 #[path = "fake_ciba.rs"]
 #[allow(dead_code)]
 mod fake_ciba;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use bench_support::{free_port, percentile, rss_kib, GatewayProcess};
 
 use axum::extract::State;
 use axum::routing::post;
@@ -63,42 +68,6 @@ fn parse_args() -> Args {
         }
     }
     args
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Resident set size of `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
-struct GatewayProcess(Child);
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i]
 }
 
 /// One agent call buying `qty` phones: each quantity is its own approval.

@@ -10,14 +10,18 @@
 //! Prints one `RESULT held key=value ...` line (read by `benches/run.sh`) and
 //! a readable summary on stderr. Every wait is bounded.
 
+#[path = "bench_support.rs"]
+mod bench_support;
+
 #[path = "fake_ciba.rs"]
 mod fake_ciba;
 
-use std::net::TcpListener as StdListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use bench_support::{free_port, percentile, rss_kib, GatewayProcess};
 
 use axum::extract::State;
 use axum::routing::post;
@@ -75,25 +79,6 @@ fn parse_args() -> Args {
     args
 }
 
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Resident set size of `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
 /// utime + stime of `pid`, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -122,15 +107,6 @@ fn open_files_limit() -> String {
         .unwrap_or_default()
 }
 
-struct GatewayProcess(Child);
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// One held call: sends the request, waits for the whole answer; returns the status.
 /// Each call buys a different quantity: identical calls are one approval.
 async fn call(port: u16, qty: usize) -> Option<u16> {
@@ -146,14 +122,6 @@ async fn call(port: u16, qty: usize) -> Option<u16> {
     stream.read_to_end(&mut answer).await.ok()?;
     let head = std::str::from_utf8(&answer[..answer.len().min(12)]).ok()?;
     head.get(9..12)?.parse().ok()
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i]
 }
 
 #[tokio::main]
