@@ -176,6 +176,12 @@ impl ApprovalStore for ConfiguredStore {
         })
         .await
     }
+    async fn heartbeat(&self, owner: &str, alive_until: SystemTime) -> Result<(), StoreError> {
+        self.timed("heartbeat", async {
+            self.open().await?.heartbeat(owner, alive_until).await
+        })
+        .await
+    }
     async fn orphans(&self, now: SystemTime, limit: usize) -> Result<Vec<Approval>, StoreError> {
         self.timed("orphans", async {
             self.open().await?.orphans(now, limit).await

@@ -21,6 +21,8 @@ struct Inner {
     approvals: HashMap<String, Record>,
     /// attach key -> id
     attach: HashMap<String, String>,
+    /// lease owner -> alive until (ms)
+    heartbeats: HashMap<String, i64>,
 }
 
 #[derive(Debug)]
@@ -36,6 +38,15 @@ impl Inner {
                 self.attach.remove(&key);
             }
         }
+    }
+
+    /// As the SQL backends' `holder_gone`.
+    fn holder_gone(heartbeats: &HashMap<String, i64>, a: &Approval, now: i64) -> bool {
+        let Some(holder) = &a.lease_owner else {
+            return true;
+        };
+        a.lease_until.is_none_or(|t| to_ms(t) <= now)
+            && heartbeats.get(holder).is_none_or(|&alive| alive <= now)
     }
 
     fn remove(&mut self, id: &str) {
@@ -183,14 +194,13 @@ impl ApprovalStore for MemoryStore {
 
     async fn lease(&self, id: &str, owner: &str, until: SystemTime) -> Result<bool, StoreError> {
         let mut inner = self.lock();
+        let inner = &mut *inner;
         let Some(record) = inner.approvals.get_mut(id) else {
             return Ok(false);
         };
         let a = &mut record.approval;
-        let free = match (&a.lease_owner, a.lease_until) {
-            (None, _) | (_, None) => true,
-            (Some(holder), Some(lease_until)) => holder == owner || to_ms(lease_until) <= now_ms(),
-        };
+        let free = a.lease_owner.as_deref() == Some(owner)
+            || Inner::holder_gone(&inner.heartbeats, a, now_ms());
         if a.state.is_final() || !free {
             return Ok(false);
         }
@@ -199,15 +209,22 @@ impl ApprovalStore for MemoryStore {
         Ok(true)
     }
 
+    async fn heartbeat(&self, owner: &str, alive_until: SystemTime) -> Result<(), StoreError> {
+        self.lock()
+            .heartbeats
+            .insert(owner.to_owned(), to_ms(alive_until));
+        Ok(())
+    }
+
     async fn orphans(&self, now: SystemTime, limit: usize) -> Result<Vec<Approval>, StoreError> {
         let now = to_ms(now);
-        let mut found: Vec<Approval> = self
-            .lock()
+        let inner = self.lock();
+        let mut found: Vec<Approval> = inner
             .approvals
             .values()
             .map(|r| &r.approval)
             .filter(|a| matches!(a.state, ApprovalState::Pending | ApprovalState::Approved))
-            .filter(|a| a.lease_until.is_none_or(|t| to_ms(t) <= now))
+            .filter(|a| Inner::holder_gone(&inner.heartbeats, a, now))
             .cloned()
             .collect();
         found.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
@@ -218,10 +235,12 @@ impl ApprovalStore for MemoryStore {
     async fn mark_unknown_outcomes(&self, now: SystemTime) -> Result<u64, StoreError> {
         let now_ms = to_ms(now);
         let mut marked = 0;
-        for record in self.lock().approvals.values_mut() {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        for record in inner.approvals.values_mut() {
             let a = &mut record.approval;
             if a.state == ApprovalState::Forwarding
-                && a.lease_until.is_none_or(|t| to_ms(t) <= now_ms)
+                && Inner::holder_gone(&inner.heartbeats, a, now_ms)
             {
                 a.state = ApprovalState::OutcomeUnknown;
                 a.problem_code = Some("outcome_unknown".into());
@@ -247,6 +266,9 @@ impl ApprovalStore for MemoryStore {
         let replay_before = now.saturating_sub(duration_ms(replay_window));
         let retain_after = now.saturating_sub(duration_ms(retention));
         let mut inner = self.lock();
+        inner
+            .heartbeats
+            .retain(|_, alive| *alive > now.saturating_sub(3_600_000));
         let mut detach = Vec::new();
         let mut delete = Vec::new();
         for (id, record) in inner.approvals.iter_mut() {

@@ -235,19 +235,24 @@ pub trait ApprovalStore: Send + Sync + std::fmt::Debug {
     async fn finish(&self, id: &str, response: &StoredResponse) -> Result<bool, StoreError>;
 
     /// Takes or renews the polling lease on a non-final approval if free,
-    /// expired (`lease_until <= now`), or already ours. Returns whether we
-    /// hold it. A forwarder must hold the lease while `Forwarding`: see
-    /// [`ApprovalStore::mark_unknown_outcomes`].
+    /// ours, or its holder is gone (neither `lease_until` nor the holder's
+    /// [heartbeat](ApprovalStore::heartbeat) is later than now). Returns
+    /// whether we hold it. A forwarder must hold the lease while
+    /// `Forwarding`: see [`ApprovalStore::mark_unknown_outcomes`].
     async fn lease(&self, id: &str, owner: &str, until: SystemTime) -> Result<bool, StoreError>;
 
-    /// Pending/Approved approvals whose lease is free or expired (for
-    /// takeover after a crash or by another replica), oldest first, at most
-    /// `limit`.
+    /// Keeps every lease `owner` holds alive until `alive_until`, in one
+    /// write whatever their number: a process polling thousands of
+    /// approvals renews them all with this instead of one write per poll.
+    async fn heartbeat(&self, owner: &str, alive_until: SystemTime) -> Result<(), StoreError>;
+
+    /// Pending/Approved approvals whose holder is gone (for takeover after a
+    /// crash or by another replica), oldest first, at most `limit`.
     async fn orphans(&self, now: SystemTime, limit: usize) -> Result<Vec<Approval>, StoreError>;
 
-    /// Forwarding approvals whose lease expired (or was never taken): the
-    /// forwarder died between claim and answer -> `OutcomeUnknown`
-    /// (problem_code `outcome_unknown`). Returns how many.
+    /// Forwarding approvals whose holder is gone (or that were never
+    /// leased): the forwarder died between claim and answer ->
+    /// `OutcomeUnknown` (problem_code `outcome_unknown`). Returns how many.
     async fn mark_unknown_outcomes(&self, now: SystemTime) -> Result<u64, StoreError>;
 
     /// Housekeeping: clear attach keys of final approvals updated

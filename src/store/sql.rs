@@ -38,6 +38,8 @@ const POSTGRES_CONNECTIONS: u32 = 8;
 /// or stopped being attachable in between; more than this is contention no
 /// real workload has.
 const ATTACH_ATTEMPTS: usize = 8;
+/// A process's heartbeat row is deleted this long after it stopped beating.
+const HEARTBEAT_KEPT_MS: i64 = 3_600_000;
 
 /// sqlx warns on every acquire that waited over 2 s: under load that is a
 /// line per store operation (700,000 in ten minutes of the SQLite
@@ -102,25 +104,53 @@ const FINISH: &str = "UPDATE approvals SET state = 'done', response_status = $2,
      decided_at = COALESCE(decided_at, $5), lease_owner = NULL, lease_until = NULL \
      WHERE id = $1 AND state = 'forwarding'";
 
+/// Whether the lease holder of an approval is gone at `$N`: no holder, or
+/// neither its lease on the approval nor its process's heartbeat is still
+/// running.
+macro_rules! holder_gone {
+    ($now:literal) => {
+        concat!(
+            "(lease_owner IS NULL OR ((lease_until IS NULL OR lease_until <= ",
+            $now,
+            ") AND NOT EXISTS (SELECT 1 FROM gateway_heartbeats h \
+             WHERE h.owner = approvals.lease_owner AND h.alive_until > ",
+            $now,
+            ")))"
+        )
+    };
+}
+
 const LEASE: &str = concat!(
     "UPDATE approvals SET lease_owner = $2, lease_until = $3 WHERE id = $1 \
      AND state NOT IN ",
     final_states!(),
-    " AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until <= $4 OR lease_owner = $2)"
+    " AND (lease_owner = $2 OR ",
+    holder_gone!("$4"),
+    ")"
 );
 
 const ORPHANS: &str = concat!(
     "SELECT ",
     columns!(),
-    " FROM approvals WHERE state IN ('pending', 'approved') \
-     AND (lease_until IS NULL OR lease_until <= $1) ORDER BY created_at, id LIMIT $2"
+    " FROM approvals WHERE state IN ('pending', 'approved') AND ",
+    holder_gone!("$1"),
+    " ORDER BY created_at, id LIMIT $2"
 );
 
-const MARK_UNKNOWN: &str = "UPDATE approvals SET state = 'outcome_unknown', \
+const MARK_UNKNOWN: &str = concat!(
+    "UPDATE approvals SET state = 'outcome_unknown', \
      problem_code = 'outcome_unknown', updated_at = $1, decided_at = COALESCE(decided_at, $1), \
      lease_owner = NULL, lease_until = NULL, request_body = NULL, \
      request_headers = substr(request_headers, 1, 0) \
-     WHERE state = 'forwarding' AND (lease_until IS NULL OR lease_until <= $1)";
+     WHERE state = 'forwarding' AND ",
+    holder_gone!("$1")
+);
+
+const HEARTBEAT: &str = "INSERT INTO gateway_heartbeats (owner, alive_until) VALUES ($1, $2) \
+     ON CONFLICT (owner) DO UPDATE SET alive_until = excluded.alive_until";
+
+/// Heartbeats of processes gone for longer than any lease.
+const SWEEP_HEARTBEATS: &str = "DELETE FROM gateway_heartbeats WHERE alive_until <= $1";
 
 const SWEEP_DETACH: &str = concat!(
     "UPDATE approvals SET attach_key = NULL WHERE attach_key IS NOT NULL AND state IN ",
@@ -140,17 +170,31 @@ const SWEEP_BODIES: &str = concat!(
     final_states!()
 );
 
-const MIGRATIONS_SQLITE: Embedded = Embedded(&[(
-    1,
-    "approvals",
-    include_str!("../../migrations/sqlite/0001_approvals.sql"),
-)]);
+const MIGRATIONS_SQLITE: Embedded = Embedded(&[
+    (
+        1,
+        "approvals",
+        include_str!("../../migrations/sqlite/0001_approvals.sql"),
+    ),
+    (
+        2,
+        "gateway heartbeats",
+        include_str!("../../migrations/sqlite/0002_gateway_heartbeats.sql"),
+    ),
+]);
 
-const MIGRATIONS_POSTGRES: Embedded = Embedded(&[(
-    1,
-    "approvals",
-    include_str!("../../migrations/postgres/0001_approvals.sql"),
-)]);
+const MIGRATIONS_POSTGRES: Embedded = Embedded(&[
+    (
+        1,
+        "approvals",
+        include_str!("../../migrations/postgres/0001_approvals.sql"),
+    ),
+    (
+        2,
+        "gateway heartbeats",
+        include_str!("../../migrations/postgres/0002_gateway_heartbeats.sql"),
+    ),
+]);
 
 /// Migrations shipped in the binary: (version, description, SQL).
 #[derive(Debug)]
@@ -615,6 +659,17 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
             .await
     }
 
+    async fn heartbeat(&self, owner: &str, alive_until: SystemTime) -> Result<(), StoreError> {
+        let backend = self.backend.clone();
+        let params = [text(owner), int(to_ms(alive_until))];
+        self.driver
+            .run("heartbeat", async move {
+                backend.exec("heartbeat", HEARTBEAT, &params).await?;
+                Ok(())
+            })
+            .await
+    }
+
     async fn orphans(&self, now: SystemTime, limit: usize) -> Result<Vec<Approval>, StoreError> {
         let backend = self.backend.clone();
         let params = [int(to_ms(now)), int(limit_param(limit))];
@@ -647,8 +702,12 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
         let now = to_ms(now);
         let replay_before = [int(now.saturating_sub(duration_ms(replay_window)))];
         let retain_after = [int(now.saturating_sub(duration_ms(retention)))];
+        let gone_before = [int(now.saturating_sub(HEARTBEAT_KEPT_MS))];
         self.driver
             .run("sweep", async move {
+                backend
+                    .exec("sweep", SWEEP_HEARTBEATS, &gone_before)
+                    .await?;
                 backend.exec("sweep", SWEEP_DETACH, &replay_before).await?;
                 backend.exec("sweep", SWEEP_DELETE, &retain_after).await?;
                 backend.exec("sweep", SWEEP_BODIES, &[]).await?;

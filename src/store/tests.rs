@@ -150,6 +150,7 @@ macro_rules! cases {
             transitions,
             finish_records_the_answer_and_drops_the_body,
             leases,
+            heartbeats_keep_every_lease_of_a_process,
             orphans,
             unknown_outcomes,
             list_filters,
@@ -583,6 +584,39 @@ async fn leases(f: Fixture) {
         .unwrap());
     assert!(!f.store.lease("l2", "A", t0 + MINUTE).await.unwrap());
     assert!(!f.store.lease("missing", "A", t0 + MINUTE).await.unwrap());
+}
+
+async fn heartbeats_keep_every_lease_of_a_process(f: Fixture) {
+    use ApprovalState::*;
+    let t0 = now();
+    for (i, id) in ["h1", "h2", "h3"].iter().enumerate() {
+        create(&f.store, &call(id, "alice", &format!("fp{i}"), None)).await;
+    }
+    // A leases h1 and h2 briefly (their own leases have run out) and beats;
+    // B leases h3 and does not.
+    assert!(f.store.lease("h1", "A", t0 - MINUTE).await.unwrap());
+    assert!(f.store.lease("h2", "A", t0 - MINUTE).await.unwrap());
+    assert!(f.other.lease("h3", "B", t0 - MINUTE).await.unwrap());
+    f.store.heartbeat("A", t0 + MINUTE).await.unwrap();
+
+    // While A beats, its approvals are nobody else's, whatever their lease.
+    assert!(!f.other.lease("h1", "B", t0 + MINUTE).await.unwrap());
+    assert_eq!(ids(&f.other.orphans(t0, 10).await.unwrap()), ["h3"]);
+    claim(&f.store, "h2").await;
+    assert!(f.store.lease("h2", "A", t0 - MINUTE).await.unwrap());
+    assert_eq!(f.other.mark_unknown_outcomes(t0).await.unwrap(), 0);
+
+    // A stops beating: B takes over h1, and A's forward is unknown.
+    let later = t0 + 2 * MINUTE;
+    assert_eq!(
+        ids(&f.other.orphans(later, 10).await.unwrap()),
+        ["h1", "h3"]
+    );
+    assert_eq!(f.other.mark_unknown_outcomes(later).await.unwrap(), 1);
+    assert_eq!(get(&f.other, "h2").await.state, OutcomeUnknown);
+    f.store.heartbeat("A", t0 - MINUTE).await.unwrap();
+    assert!(f.other.lease("h1", "B", t0 + MINUTE).await.unwrap());
+    assert_eq!(get(&f.store, "h1").await.lease_owner.as_deref(), Some("B"));
 }
 
 async fn orphans(f: Fixture) {
