@@ -2,8 +2,8 @@
 //! policy names and fixed outcome words, never paths or subjects.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// All of the gateway's metrics, in a registry of its own so that several
@@ -20,6 +20,9 @@ pub struct Metrics {
     pub pending_approvals: IntGauge,
     /// Agent connections held open waiting for an approval.
     pub held_calls: IntGauge,
+    /// Approvals this process adopted from a process whose lease ran out
+    /// (it died, or lost the store for longer than a lease).
+    pub lease_takeovers: IntCounter,
     /// Retried calls that attached to the approval already in flight or done.
     pub retries_attached: IntCounterVec,
     /// Seconds from the approval request to its result.
@@ -81,6 +84,11 @@ impl Metrics {
         let held_calls = IntGauge::new(
             "countersign_calls_held",
             "Agent connections held open waiting for an approval.",
+        )
+        .expect("valid metric");
+        let lease_takeovers = IntCounter::new(
+            "countersign_lease_takeovers_total",
+            "Pending approvals this gateway took over from a gateway whose lease ran out.",
         )
         .expect("valid metric");
         let retries_attached = IntCounterVec::new(
@@ -172,6 +180,7 @@ impl Metrics {
             Box::new(approvals.clone()),
             Box::new(pending_approvals.clone()),
             Box::new(held_calls.clone()),
+            Box::new(lease_takeovers.clone()),
             Box::new(retries_attached.clone()),
             Box::new(approval_wait.clone()),
             Box::new(ciba_requests.clone()),
@@ -191,6 +200,7 @@ impl Metrics {
             approvals,
             pending_approvals,
             held_calls,
+            lease_takeovers,
             retries_attached,
             approval_wait,
             ciba_requests,

@@ -57,10 +57,12 @@ pub enum ProblemCode {
     McpToolNameCase,
     /// The client cancelled the held call (`notifications/cancelled`).
     ApprovalCancelled,
+    /// The person approved, but the token lacks a scope the policy needs.
+    ScopeNotGranted,
 }
 
 impl ProblemCode {
-    const ALL: [Self; 34] = [
+    const ALL: [Self; 35] = [
         Self::AccessDenied,
         Self::ApprovalExpired,
         Self::IdentityRequired,
@@ -95,6 +97,7 @@ impl ProblemCode {
         Self::McpHeaderMismatch,
         Self::McpToolNameCase,
         Self::ApprovalCancelled,
+        Self::ScopeNotGranted,
     ];
 
     /// The code whose wire name is `code` (the first, for a shared name).
@@ -137,14 +140,17 @@ impl ProblemCode {
             Self::McpHeaderMismatch => "mcp_header_mismatch",
             Self::McpToolNameCase => "mcp_tool_name_case",
             Self::ApprovalCancelled => "approval_cancelled",
+            Self::ScopeNotGranted => "scope_not_granted",
         }
     }
 
     pub fn status(self) -> u16 {
         match self {
-            Self::AccessDenied | Self::NoPolicy | Self::UpstreamNotAllowed | Self::PolicyDenied => {
-                403
-            }
+            Self::AccessDenied
+            | Self::NoPolicy
+            | Self::UpstreamNotAllowed
+            | Self::PolicyDenied
+            | Self::ScopeNotGranted => 403,
             Self::ApprovalExpired => 408,
             Self::IdentityRequired => 401,
             Self::UnknownUser
@@ -210,6 +216,7 @@ impl ProblemCode {
             Self::McpHeaderMismatch => "MCP headers disagree with the message",
             Self::McpToolNameCase => "MCP tool name in another letter case",
             Self::ApprovalCancelled => "Cancelled by the client",
+            Self::ScopeNotGranted => "Approved without a required permission",
         }
     }
 
@@ -296,6 +303,9 @@ impl ProblemCode {
             }
             Self::McpToolNameCase => {
                 "The tool name differs from a tool that needs approval only in letter case; call the tool by its exact name."
+            }
+            Self::ScopeNotGranted => {
+                "The user approved, but did not grant every permission this call needs, so the request was not made. Ask again and have the user grant all that is asked."
             }
             Self::ApprovalCancelled => {
                 "The call was cancelled before the user approved it; it was not made."

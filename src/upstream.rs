@@ -100,14 +100,15 @@ impl UpstreamClient {
     }
 
     /// Sends `request` with `token` to `upstream`. The answer's body is kept
-    /// up to `max_response_bytes`; beyond it, `body` is `None`.
+    /// up to `max_response_bytes`; a larger one is handed back unread past
+    /// that point, to be streamed to a waiting agent or drained.
     pub async fn send(
         &self,
         upstream: &str,
         approval_id: &str,
         request: &StoredRequest,
         token: &Secret,
-    ) -> Result<StoredResponse, ForwardError> {
+    ) -> Result<Forwarded, ForwardError> {
         let (client, config) = self
             .upstreams
             .get(upstream)
@@ -127,7 +128,7 @@ impl UpstreamClient {
             }
             builder = builder.header(name.as_str(), value.as_slice());
         }
-        let response = builder
+        let mut response = builder
             .header(
                 http::header::AUTHORIZATION,
                 format!("Bearer {}", token.expose()),
@@ -150,31 +151,66 @@ impl UpstreamClient {
             .filter(|(name, _)| !DROPPED_RESPONSE_HEADERS.contains(&name.as_str()))
             .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
             .collect();
-        let body = read_bounded(response, self.max_response_bytes)
-            .await
-            .map_err(ForwardError::AnswerLost)?;
-        Ok(StoredResponse {
-            status,
-            headers,
-            body,
+        let mut body = Vec::new();
+        loop {
+            let chunk = response
+                .chunk()
+                .await
+                .map_err(|e| ForwardError::AnswerLost(e.to_string()))?;
+            let Some(chunk) = chunk else {
+                break;
+            };
+            body.extend_from_slice(&chunk);
+            if body.len() > self.max_response_bytes {
+                return Ok(Forwarded {
+                    recorded: StoredResponse {
+                        status,
+                        headers,
+                        body: None,
+                    },
+                    overflow: Some(Overflow {
+                        read: body,
+                        rest: response,
+                    }),
+                });
+            }
+        }
+        Ok(Forwarded {
+            recorded: StoredResponse {
+                status,
+                headers,
+                body: Some(body),
+            },
+            overflow: None,
         })
     }
 }
 
-async fn read_bounded(
-    mut response: reqwest::Response,
-    limit: usize,
-) -> Result<Option<Vec<u8>>, String> {
-    let mut body = Vec::new();
-    let mut too_large = false;
-    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
-        if too_large || body.len() + chunk.len() > limit {
-            // Keep reading so the upstream is not cut off mid-answer.
-            too_large = true;
-            body.clear();
-            continue;
-        }
-        body.extend_from_slice(&chunk);
+/// The upstream's answer to an approved call.
+#[derive(Debug)]
+pub struct Forwarded {
+    /// What is recorded and replayed (`body: None`: too large to keep).
+    pub recorded: StoredResponse,
+    pub overflow: Option<Overflow>,
+}
+
+/// The body of an answer larger than `max_response_bytes`: what was read so
+/// far, and the rest, still coming from the upstream.
+#[derive(Debug)]
+pub struct Overflow {
+    pub read: Vec<u8>,
+    rest: reqwest::Response,
+}
+
+impl Overflow {
+    /// The next piece of the rest; `None` at the end.
+    pub async fn next_chunk(&mut self) -> Result<Option<bytes::Bytes>, String> {
+        self.rest.chunk().await.map_err(|e| e.to_string())
     }
-    Ok((!too_large).then_some(body))
+
+    /// Reads the rest and drops it, so that the upstream is not cut off
+    /// mid-answer when nobody is waiting for it.
+    pub async fn drain(mut self) {
+        while let Ok(Some(_)) = self.next_chunk().await {}
+    }
 }

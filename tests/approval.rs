@@ -566,8 +566,41 @@ async fn an_approval_without_the_required_scope_is_not_forwarded() {
         )
         .await;
     assert!(status.is_success());
-    problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
+    let body = problem(call.await.unwrap().unwrap(), 403, "scope_not_granted").await;
+    assert!(
+        body["detail"].as_str().unwrap().contains("permission"),
+        "the agent can tell the person what was missing: {body}"
+    );
     assert!(world.shop.received().is_empty());
+}
+
+#[tokio::test]
+async fn an_answer_too_large_to_record_reaches_the_waiting_agent_and_only_once() {
+    // The shop's order confirmation (~90 bytes) is more than this gateway
+    // records: the held agent still gets it whole, a retry learns it was
+    // made and is not sent again.
+    let world = World::start(GatewayOptions {
+        limits: "{ max_body_bytes: 1024, max_hold: 60s, max_response_bytes: 40 }",
+        ..GatewayOptions::default()
+    })
+    .await;
+    let call = tokio::spawn(world.buy("alice", phones()).send());
+    let pending = world.peer.wait_pending(Some("alice"), 1).await;
+    world
+        .peer
+        .approve(pending[0]["auth_req_id"].as_str().unwrap())
+        .await;
+    let answer = call.await.unwrap().unwrap();
+    assert_eq!(answer.status(), 200);
+    assert!(answer.headers().contains_key("x-countersign-approval-id"));
+    let order: Value = answer.json().await.unwrap();
+    assert_eq!(order["status"], "confirmed", "{order}");
+    assert_eq!(order["qty"], 2);
+    assert_eq!(order["buyer"], "alice");
+
+    let retry = world.buy("alice", phones()).send().await.unwrap();
+    problem(retry, 502, "response_not_recorded").await;
+    assert_eq!(world.shop.received().len(), 1, "forwarded once");
 }
 
 #[tokio::test]

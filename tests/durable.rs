@@ -701,6 +701,13 @@ async fn two_gateways_on_one_postgres_lose_nothing_when_one_dies() {
     assert_eq!(peer.requests().await.len(), 1, "asked once");
     let status = wait_state(&agent, b.proxy, &first.location, "done").await;
     assert_eq!(status["approval_id"], first.id.as_str());
+    assert!(
+        b.metrics()
+            .await
+            .lines()
+            .any(|l| l == "countersign_lease_takeovers_total 1"),
+        "the survivor counts the takeover"
+    );
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@ pub mod audit;
 pub mod engine;
 pub mod ping;
 pub mod store_handle;
+mod timetable;
 
 use std::time::Duration;
 

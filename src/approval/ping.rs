@@ -3,18 +3,17 @@
 //! Each bc-authorize carries a fresh `client_notification_token` (256 random
 //! bits); only its SHA-256 digest is kept, under the request's `auth_req_id`.
 //! A notification is accepted once, and only with that token as its bearer
-//! (digests compared in constant time): it wakes the approval's driver, which
-//! fetches the token at once. A forged, replayed or late notification is
-//! refused and wakes nothing. The driver keeps a slow safety poll in case a
+//! (digests compared in constant time): it makes the approval due at once in
+//! the engine's timetable, which fetches the token. A forged, replayed or late
+//! notification is refused and wakes nothing. The engine keeps a slow safety poll in case a
 //! notification is lost (or went to another replica).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
-use tokio::sync::Notify;
 
 use crate::secret::Secret;
 
@@ -48,8 +47,6 @@ pub struct Pings {
     pub safety_poll: Duration,
     /// `auth_req_id` -> who waits for its notification.
     waiting: Mutex<HashMap<String, Waiter>>,
-    /// Approval id -> its driver's wakeup.
-    wakeups: Mutex<HashMap<String, Arc<Notify>>>,
 }
 
 impl std::fmt::Debug for Pings {
@@ -74,7 +71,6 @@ impl Pings {
         Self {
             safety_poll,
             waiting: Mutex::new(HashMap::new()),
-            wakeups: Mutex::new(HashMap::new()),
         }
     }
 
@@ -97,22 +93,8 @@ impl Pings {
             .insert(auth_req_id.expose().to_owned(), waiter);
     }
 
-    /// The wakeup the driver of `approval_id` waits on.
-    pub fn wakeup(&self, approval_id: &str) -> Arc<Notify> {
-        self.wakeups
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(approval_id.to_owned())
-            .or_default()
-            .clone()
-    }
-
     /// The driver of `approval_id` is done: nothing of it is kept.
     pub fn forget(&self, approval_id: &str) {
-        self.wakeups
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(approval_id);
         self.waiting
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -120,7 +102,8 @@ impl Pings {
     }
 
     /// A notification arrived: `bearer` is its `Authorization: Bearer`
-    /// token. Accepted once per request; wakes its driver.
+    /// token. Accepted once per request; returns the approval to poll now
+    /// ([`Engine::notified`](super::engine::Engine::notified)).
     pub fn notify(&self, auth_req_id: &str, bearer: &str) -> Result<String, Refused> {
         let approval_id = {
             let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
@@ -132,7 +115,6 @@ impl Pings {
             waiting.remove(auth_req_id);
             approval_id
         };
-        self.wakeup(&approval_id).notify_one();
         Ok(approval_id)
     }
 }
@@ -166,20 +148,5 @@ mod tests {
         );
         // Replayed: refused.
         assert_eq!(pings.notify("req-1", token.expose()), Err(Refused::Unknown));
-    }
-
-    #[tokio::test]
-    async fn a_notification_wakes_its_driver_even_before_it_waits() {
-        let pings = Pings::new(Duration::from_secs(60));
-        let token = Pings::new_token();
-        pings.expect(&Secret::new("r"), &token, "a");
-        pings.notify("r", token.expose()).unwrap();
-        tokio::time::timeout(Duration::from_secs(1), pings.wakeup("a").notified())
-            .await
-            .expect("the stored permit wakes it");
-        pings.forget("a");
-        pings.expect(&Secret::new("s"), &token, "a");
-        pings.forget("a");
-        assert_eq!(pings.notify("s", token.expose()), Err(Refused::Unknown));
     }
 }

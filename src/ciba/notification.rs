@@ -109,6 +109,7 @@ impl ServeHttp for NotificationApp {
         };
         match pings.notify(&notification.auth_req_id, &token) {
             Ok(approval_id) => {
+                self.engine.notified(&approval_id);
                 self.count("accepted");
                 tracing::info!(approval_id, "ping notification accepted");
                 answer(StatusCode::NO_CONTENT)

@@ -628,7 +628,8 @@ pub struct Limits {
     #[serde(default = "default_max_pending_per_user")]
     pub max_pending_per_user: usize,
     /// Largest upstream answer recorded for replay to retries; a larger one
-    /// is answered to the agent as `response_not_recorded`.
+    /// is streamed to the agent held for it, and retries get
+    /// `response_not_recorded`.
     #[serde(default = "default_max_response")]
     pub max_response_bytes: usize,
 }

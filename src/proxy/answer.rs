@@ -100,6 +100,52 @@ impl Countersign {
         self.write(session, header, body).await
     }
 
+    /// The upstream's answer to the approved call, too large to record,
+    /// streamed as it arrives. Its `Content-Length` (if any) is the
+    /// upstream's; without one pingora frames it.
+    pub(super) async fn answer_stream(
+        &self,
+        session: &mut Session,
+        ctx: &mut CallCtx,
+        answer: engine::LargeAnswer,
+    ) -> Result<()> {
+        let engine::LargeAnswer {
+            status,
+            headers,
+            body: mut rest,
+        } = answer;
+        let mut header = ResponseHeader::build(status, Some(headers.len() + 1))?;
+        for (name, value) in headers {
+            header.append_header(name, value.as_slice())?;
+        }
+        if let Some(id) = &ctx.approval_id {
+            header.insert_header(APPROVAL_ID_HEADER, id.as_str())?;
+        }
+        if !session.is_body_done() {
+            session.set_keepalive(None);
+        }
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        let read = std::mem::take(&mut rest.read);
+        session
+            .write_response_body(Some(Bytes::from(read)), false)
+            .await?;
+        loop {
+            match rest.next_chunk().await {
+                Ok(Some(chunk)) => session.write_response_body(Some(chunk), false).await?,
+                Ok(None) => return session.write_response_body(None, true).await,
+                Err(reason) => {
+                    // Nothing more can be said to the agent mid-body: cut
+                    // the connection so it sees the answer is incomplete.
+                    tracing::warn!(%reason, "the upstream's large answer broke off while streaming");
+                    session.set_keepalive(None);
+                    return Error::e_explain(ErrorType::ReadError, "upstream answer broke off");
+                }
+            }
+        }
+    }
+
     async fn write(
         &self,
         session: &mut Session,

@@ -121,6 +121,9 @@ impl Countersign {
             // (expired) while the agent is still here.
             WaitMode::Hold => self.limits.max_hold + Duration::from_secs(5),
         };
+        // An answer too large to record can still reach the agent that is
+        // here when it comes.
+        let mut large_answer = None;
         let approval = if hold_for.is_zero() {
             store.get(&id).await.map_err(store_problem)?
         } else {
@@ -137,6 +140,9 @@ impl Countersign {
             };
             let _waiting = self.note_waiting(session, ctx, &new.subject, &id);
             let until = Instant::now() + hold_for;
+            if ctx.mcp.is_none() {
+                large_answer = Some(self.engine.watch_large_answer(&id));
+            }
             let waited = match self
                 .wait_streaming(session, ctx, &id, until, &waiting)
                 .await
@@ -163,6 +169,12 @@ impl Countersign {
             }
         };
         let approval = approval.ok_or(ProblemCode::ApprovalStoreUnavailable)?;
+        if approval.state == ApprovalState::Done {
+            if let Some(answer) = large_answer.as_mut().and_then(|w| w.take()) {
+                ctx.outcome = super::CallOutcome::Approved;
+                return Ok(Reply::Stream(Box::new(answer)));
+            }
+        }
         Ok(self.reply_for(ctx, &approval))
     }
 

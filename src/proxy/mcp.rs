@@ -348,6 +348,12 @@ impl Countersign {
             },
             Reply::Mcp(reply) => return self.answer_rpc(session, ctx, *reply).await,
             Reply::Disconnected => return Ok(()),
+            // Not asked for by MCP holds (an answer must be re-addressed).
+            Reply::Stream(_) => {
+                let problem = Problem::new(ProblemCode::ResponseNotRecorded);
+                ctx.outcome = CallOutcome::Refused(problem.kind);
+                vec![self.tool_error(ctx, &id, problem)]
+            }
         };
         self.write_messages(session, ctx, &messages, streaming, accepts_stream)
             .await

@@ -162,6 +162,9 @@ enum Reply {
     Json(Box<JsonReply>),
     /// The recorded answer of the upstream to the approved call.
     Replay(Box<crate::store::StoredResponse>),
+    /// The upstream's answer to the approved call, too large to record,
+    /// streamed to the agent that waited for it.
+    Stream(Box<crate::approval::engine::LargeAnswer>),
     /// The agent went away; it is not answered (the approval goes on).
     Disconnected,
     /// A JSON-RPC error for an MCP message refused as a whole.
@@ -226,6 +229,10 @@ impl ProxyHttp for Countersign {
             }
             Err(Reply::Replay(response)) => {
                 self.answer_replay(session, ctx, *response).await?;
+                Ok(true)
+            }
+            Err(Reply::Stream(answer)) => {
+                self.answer_stream(session, ctx, *answer).await?;
                 Ok(true)
             }
             Err(Reply::Disconnected) => {
