@@ -674,6 +674,34 @@ async fn mcp_param_headers_that_disagree_with_the_arguments_are_refused() {
     assert_eq!(world.server.bought().await.len(), 1);
 }
 
+/// A server with one handler for every method (Express's `app.all`, a Go
+/// handler that never looks at the method) runs a tools/call sent as the
+/// body of a GET: such a GET is read like a POST and held.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tool_call_in_the_body_of_a_get_is_held_too() {
+    let world = McpWorld::start().await;
+    let buy = r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"buy_product","arguments":{"product":"XYZ phone","qty":2}}}"#;
+    let call = tokio::spawn(
+        reqwest::Client::new()
+            .get(world.gateway.url("/mcp"))
+            .header(USER_HEADER, "alice")
+            .header("content-type", "application/json")
+            .header("accept", "application/json")
+            .body(buy)
+            .send(),
+    );
+    let request = world.pending("alice").await;
+    assert_eq!(request["binding_message"], MESSAGE);
+    world
+        .peer
+        .deny(request["auth_req_id"].as_str().unwrap())
+        .await;
+    let answer: Value = call.await.unwrap().unwrap().json().await.unwrap();
+    assert_eq!(answer["id"], 3, "{answer}");
+    assert_eq!(answer["result"]["isError"], true, "{answer}");
+    assert!(world.server.bought().await.is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_example_shop_serves_buy_product_over_mcp() {
     let world = World::start(GatewayOptions::default()).await;

@@ -463,6 +463,19 @@ fn one(
     }))
 }
 
+/// Whether a request on an MCP endpoint passes without being read: a GET,
+/// HEAD or OPTIONS that announces no body (no `Transfer-Encoding`, no
+/// `Content-Length` but `0`). One with a body is read like a POST.
+pub fn is_bodiless_stream_request(header: &http::request::Parts) -> bool {
+    let headers = &header.headers;
+    [http::Method::GET, http::Method::HEAD, http::Method::OPTIONS].contains(&header.method)
+        && !headers.contains_key(http::header::TRANSFER_ENCODING)
+        && headers
+            .get_all(http::header::CONTENT_LENGTH)
+            .iter()
+            .all(|v| v.as_bytes().trim_ascii() == b"0")
+}
+
 /// Whether a client accepts an SSE answer (`Accept` names
 /// `text/event-stream`).
 pub fn accepts_event_stream(headers: &HeaderMap) -> bool {
