@@ -22,12 +22,17 @@ const HELD: &[(&str, Option<&str>, &str)] = &[
     ("POST", None, "/shop"),
     ("DELETE", None, "/orders/{orderId}"),
     ("GET", Some("admin.example"), "/admin/{*rest}"),
+    ("PUT", None, "/carts/{cartId}"),
 ];
 
 const ADMIN_POLICY: &str = r#"  - name: admin
     match: { methods: [GET], path: "/admin/{*rest}", host: admin.example }
     require: { scopes: [product:read], audience: "https://shop.example/api" }
     binding_message: "Admin call"
+  - name: replace-cart
+    match: { methods: [PUT], path: "/carts/{cartId}" }
+    require: { scopes: [product:buy], audience: "https://shop.example/api" }
+    binding_message: "Replace cart {{params.cartId}}"
 "#;
 
 const BODY: &str = r#"{"product":"XYZ phone","qty":2,"priceLimit":900}"#;
@@ -345,6 +350,10 @@ fn spellings() -> Vec<Spelling> {
             "POST /admin/x?_method=GET",
             json("POST /admin/x?_method=GET", &[ADMIN]),
         ),
+        // ---- PUT /carts/{cartId} ----
+        // Rails' `resources` and Laravel's `Route::resource` route PATCH and
+        // PUT alike to `update`.
+        spelling("PATCH /carts/1", json("PATCH /carts/1", &[SHOP])),
         // ---- no route at all ----
         // The server-wide OPTIONS: nothing may be routed for it.
         spelling("OPTIONS *", bare("OPTIONS *", &[SHOP])).no_route(),

@@ -27,7 +27,8 @@
 //!   Unicode case folding (`ſ` upper-cases to `S`: Java's
 //!   `equalsIgnoreCase`, .NET's ignore-case comparisons).
 //! - method: as sent, upper-cased; `HEAD` is served by the `GET` handler
-//!   (Express, Rails, Go, Flask, Spring); `X-HTTP-Method-Override`,
+//!   (Express, Rails, Go, Flask, Spring); `PATCH` and `PUT` by one `update`
+//!   (Rails' `resources`, Laravel's `Route::resource`); `X-HTTP-Method-Override`,
 //!   `X-HTTP-Method`, `X-Method-Override`; a `_method` query parameter
 //!   (Express's method-override, Laravel, Symfony); a `_method` field of an
 //!   urlencoded or multipart body (Rails/Rack, Laravel, Symfony) or of a JSON
@@ -438,6 +439,13 @@ pub fn readings(
     methods.insert(method.to_ascii_uppercase());
     if method.eq_ignore_ascii_case("HEAD") {
         methods.insert("GET".into());
+    }
+    // Rails' `resources`, Laravel's `Route::resource`: both are `update`.
+    if method.eq_ignore_ascii_case("PATCH") {
+        methods.insert("PUT".into());
+    }
+    if method.eq_ignore_ascii_case("PUT") {
+        methods.insert("PATCH".into());
     }
     for name in METHOD_OVERRIDE_HEADERS {
         methods.extend(values(name).map(|v| v.trim().to_ascii_uppercase()));
