@@ -300,6 +300,32 @@ fn spellings() -> Vec<Spelling> {
                 Some(("application/json", r#"{"_method":"DELETE"}"#)),
             ),
         ),
+        // Rack's form_data?: a POST without a Content-Type is read as a
+        // form, so Rack::MethodOverride finds `_method` in it.
+        spelling(
+            "POST /orders/7, no Content-Type, _method=DELETE",
+            format!(
+                "POST /orders/7 HTTP/1.1\r\n{SHOP}\r\n{USER_HEADER}: alice\r\n{PROBE}\r\nconnection: close\r\ncontent-length: 14\r\n\r\n_method=DELETE"
+            ),
+        ),
+        // Laravel's isJson: a Content-Type that merely contains `/json`
+        // (`text/json`, or in a parameter) is JSON input, `_method` included.
+        spelling(
+            "POST /orders/7, Content-Type: text/plain; v=/json, JSON _method: DELETE",
+            request(
+                "POST /orders/7",
+                &[SHOP],
+                Some(("text/plain; v=/json", r#"{"_method":"DELETE"}"#)),
+            ),
+        ),
+        spelling(
+            "POST /orders/7, Content-Type: text/json, JSON _method: DELETE",
+            request(
+                "POST /orders/7",
+                &[SHOP],
+                Some(("text/json", r#"{"_method":"DELETE"}"#)),
+            ),
+        ),
         // ---- GET admin.example /admin/{*rest} ----
         // HEAD is served by the GET handler (Express, Rails, Go, Flask,
         // Spring).
