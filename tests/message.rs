@@ -13,6 +13,10 @@ const REFUND: &str = r#"  - name: refund
     match: { methods: [POST], path: /refunds }
     require: { scopes: [product:buy], audience: https://shop.example/api }
     binding_message: "Refund {{query.amount}} EUR"
+  - name: report
+    match: { methods: [GET], path: /reports }
+    require: { scopes: [product:buy], audience: https://shop.example/api }
+    binding_message: "Send the report of {{query.year}}"
 "#;
 
 async fn world() -> World {
@@ -373,4 +377,49 @@ async fn a_shown_value_given_again_in_another_part_is_refused() {
         .deny(pending[0]["auth_req_id"].as_str().unwrap())
         .await;
     assert_eq!(call.await.unwrap().unwrap().status(), 403);
+}
+
+#[tokio::test]
+async fn a_shown_query_value_given_again_in_a_body_of_any_type_is_refused() {
+    let world = world().await;
+    // Laravel reads JSON when the Content-Type merely contains `/json`,
+    // Express's json({ type: '*/*' }) and FastAPI (no Content-Type) read any
+    // JSON body, and Rack reads a POST body without a Content-Type as a
+    // form: each could refund 5000 while the person approved 5.
+    for (content_type, body) in [
+        (Some("text/plain"), r#"{"amount":5000}"#),
+        (Some("text/plain; v=/json"), r#"{"amount":5000}"#),
+        (Some("text/json"), r#"{"AMOUNT":5000}"#),
+        (None, r#"{"amount":5000}"#),
+        (None, "amount=5000"),
+    ] {
+        let response = post(&world, "/refunds?amount=5", content_type, body).await;
+        refused(
+            &world,
+            response,
+            "ambiguous_parameter",
+            &["from the query", "the body"],
+        )
+        .await;
+    }
+    // A GET carries a body too, which Laravel's input() and Rails' params
+    // read: declared JSON or not.
+    for content_type in [Some("application/json"), Some("text/plain"), None] {
+        let mut request = world
+            .agent
+            .get(world.gateway.url("/reports?year=2026"))
+            .header(USER_HEADER, "alice")
+            .body(r#"{"year":1999}"#);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let response = request.send().await.unwrap();
+        refused(
+            &world,
+            response,
+            "ambiguous_parameter",
+            &["'year' is shown to the person from the query", "the body"],
+        )
+        .await;
+    }
 }

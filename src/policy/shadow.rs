@@ -92,28 +92,35 @@ fn form_keys(text: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// Field names of a body in the formats frameworks merge into parameters.
-/// Bodies that cannot be read as such give none: the framework would not
-/// read them either.
+/// Field names of a body in every format some framework merges into
+/// parameters for its headers: the members of a body that is a JSON object,
+/// whatever its Content-Type (Laravel reads JSON when the Content-Type
+/// merely contains `/json` or `+json`, Express's `json({ type: '*/*' })`
+/// and FastAPI without a Content-Type read any); the fields of an
+/// urlencoded form, also without a Content-Type (Rack reads a POST body so);
+/// the parts of a multipart body. Every Content-Type header counts.
+/// Bodies none of them reads give none.
 fn body_keys(headers: &HeaderMap, body: &[u8]) -> Vec<String> {
-    let media = headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(|v| v.trim().to_ascii_lowercase())
-        .unwrap_or_default();
-    if media == "application/x-www-form-urlencoded" {
-        form_keys(body)
-    } else if media.starts_with("multipart/") {
-        multipart_names(body)
-    } else if media.ends_with("/json") || media.ends_with("+json") {
-        match serde_json::from_slice::<serde_json::Value>(body) {
-            Ok(serde_json::Value::Object(fields)) => fields.keys().map(|k| merge_key(k)).collect(),
-            _ => Vec::new(),
-        }
-    } else {
-        Vec::new()
+    let mut keys = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(fields)) => fields.keys().map(|k| merge_key(k)).collect(),
+        _ => Vec::new(),
+    };
+    let types = headers.get_all(CONTENT_TYPE);
+    let mut form = types.iter().next().is_none();
+    let mut multipart = false;
+    for value in types {
+        let value = String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase();
+        let media = value.split(';').next().unwrap_or_default().trim();
+        form |= media.is_empty() || media == "application/x-www-form-urlencoded";
+        multipart |= media.starts_with("multipart/");
     }
+    if form {
+        keys.extend(form_keys(body));
+    }
+    if multipart {
+        keys.extend(multipart_names(body));
+    }
+    keys
 }
 
 /// Conservative: every `name=` parameter anywhere in the body counts, quoted
@@ -209,5 +216,43 @@ mod tests {
         let text = headers(&[("content-type", "text/plain")]);
         let parts = CallParts::new(&text, None, Some(b"qty=100"), &[]);
         assert_eq!(parts.also_given("qty", Part::Query), None);
+        let json = headers(&[("content-type", "application/json")]);
+        let parts = CallParts::new(&json, None, Some(b"{\"a\":\"&qty=100\"}"), &[]);
+        assert_eq!(parts.also_given("qty", Part::Query), None);
+    }
+
+    #[test]
+    fn json_and_forms_are_read_whatever_the_content_type_says() {
+        // Laravel (`/json` anywhere in the header), Express's
+        // json({ type: '*/*' }), FastAPI without a Content-Type.
+        for content_type in [
+            Some("text/plain"),
+            Some("text/plain; x=/json"),
+            Some("text/json"),
+            Some("application/octet-stream"),
+            None,
+        ] {
+            let map = match content_type {
+                Some(t) => headers(&[("content-type", t)]),
+                None => HeaderMap::new(),
+            };
+            let parts = CallParts::new(&map, None, Some(b"{\"qty\":100}"), &[]);
+            assert_eq!(
+                parts.also_given("qty", Part::Query),
+                Some(Part::Body),
+                "{content_type:?}"
+            );
+        }
+        // Rack reads a body without a Content-Type as a form.
+        let none = HeaderMap::new();
+        let parts = CallParts::new(&none, None, Some(b"qty=100"), &[]);
+        assert_eq!(parts.also_given("qty", Part::Query), Some(Part::Body));
+        // Of two Content-Types, either may be the one read.
+        let two = headers(&[
+            ("content-type", "application/json"),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ]);
+        let parts = CallParts::new(&two, None, Some(b"qty=100"), &[]);
+        assert_eq!(parts.also_given("qty", Part::Query), Some(Part::Body));
     }
 }
