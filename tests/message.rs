@@ -423,3 +423,19 @@ async fn a_shown_query_value_given_again_in_a_body_of_any_type_is_refused() {
         .await;
     }
 }
+
+#[tokio::test]
+async fn a_decimal_shown_rounded_is_refused() {
+    let world = world().await;
+    // serde_json reads the nearest double (3.0); a BigDecimal or Python
+    // Decimal API reads 2.9999999999999999 and may truncate it to 2.
+    let body = r#"{"product":"XYZ phone","qty":2.9999999999999999,"priceLimit":900}"#;
+    let response = buy_raw(&world, "application/json", body).await;
+    refused(
+        &world,
+        response,
+        "invalid_body",
+        &["2.9999999999999999", "3.0", "nearest double"],
+    )
+    .await;
+}
