@@ -227,6 +227,38 @@ fn spellings() -> Vec<Spelling> {
             "POST /products, CL + TE: xchunked, POST /shop smuggled",
             smuggle("xchunked"),
         ),
+        // A chunked Transfer-Encoding that is not the last coding, or is
+        // preceded by another: read as chunked by servers that search the
+        // value (Node's llhttp reads `identity, chunked` as chunked).
+        spelling(
+            "POST /products, CL + TE: chunked, identity, POST /shop smuggled",
+            smuggle("chunked, identity"),
+        ),
+        spelling(
+            "POST /products, CL + TE: identity, chunked, POST /shop smuggled",
+            smuggle("identity, chunked"),
+        ),
+        // Two Content-Lengths: whoever reads the first (0) sees the body as
+        // a second request.
+        spelling(
+            "POST /products, CL: 0 + CL: n, POST /shop as the body",
+            {
+                let body = json("POST /shop", &[SHOP]);
+                format!(
+                    "POST /products HTTP/1.1\r\n{SHOP}\r\n{USER_HEADER}: alice\r\n{PROBE}\r\ncontent-type: application/json\r\ncontent-length: 0\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+            },
+        ),
+        // Pipelining: an HTTP/1.0 keep-alive pass-through call and a POST
+        // /shop behind it in the same write; the second is a call of its own.
+        spelling(
+            "GET /products HTTP/1.0 keep-alive + POST /shop in one write",
+            format!(
+                "GET /products HTTP/1.0\r\n{SHOP}\r\n{USER_HEADER}: alice\r\n{PROBE}\r\nconnection: keep-alive\r\n\r\n{}",
+                json("POST /shop", &[SHOP])
+            ),
+        ),
         // A WebSocket upgrade on a pass-through route: once the upstream
         // answers 101 the gateway relays bytes, and the tunnel carries a
         // POST /shop the gateway never reads.
