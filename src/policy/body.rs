@@ -63,6 +63,20 @@ pub fn fold_case(key: &str) -> String {
     key.to_uppercase().to_lowercase()
 }
 
+/// The request's `Content-Encoding`, when it is other than `identity`: a
+/// body so encoded cannot be read by the gateway, while some APIs inflate it
+/// (Express's body parsers inflate gzip and deflate).
+pub fn content_encoding(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get_all(http::header::CONTENT_ENCODING)
+        .iter()
+        .find(|v| {
+            !v.to_str()
+                .is_ok_and(|v| v.trim().eq_ignore_ascii_case("identity"))
+        })
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
 /// Parses a JSON body strictly (see the module documentation).
 pub fn parse(bytes: &[u8]) -> Result<Value, BodyError> {
     let state = State::default();

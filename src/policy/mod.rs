@@ -555,6 +555,11 @@ fn original_params(
 fn tested_in_one_place(condition: &Condition, input: &CallInput<'_>) -> Result<(), CallError> {
     let reads = condition.reads;
     let parts = shadow::CallParts::new(input.headers, input.query, input.body, input.params);
+    if reads.body || reads.query || reads.params {
+        if let Some(encoding) = parts.encoding() {
+            return Err(CallError::Encoded(encoding));
+        }
+    }
     for (read, part) in [
         (reads.body, shadow::Part::Body),
         (reads.query, shadow::Part::Query),

@@ -65,6 +65,14 @@ impl<'a> CallParts<'a> {
         }
     }
 
+    /// The `Content-Encoding` of a body that has one (other than
+    /// `identity`): its names cannot be read here, while Express's body
+    /// parsers inflate gzip and deflate and read them.
+    pub(crate) fn encoding(&self) -> Option<String> {
+        self.body.filter(|b| !b.is_empty())?;
+        super::body::content_encoding(self.headers)
+    }
+
     /// The first part other than `shown_in` that also gives `name`.
     pub(crate) fn also_given(&self, name: &str, shown_in: Part) -> Option<Part> {
         let key = merge_key(name);

@@ -146,6 +146,16 @@ impl Countersign {
         }
         let body = hold::read_body(session, self.limits.max_body_bytes).await?;
         let bytes = body.as_deref().unwrap_or_default();
+        if !bytes.is_empty()
+            && policy::body::content_encoding(&session.req_header().headers).is_some()
+        {
+            // Express's body parsers inflate it and find a `_method` there.
+            return Err(Problem::new(ProblemCode::InvalidBody)
+                .with_detail(
+                    "A POST body to this path must be sent without Content-Encoding, so that the gateway can see it names no _method field.",
+                )
+                .into());
+        }
         let overrides = checks.iter().any(|check| check(bytes));
         if overrides {
             return Err(Problem::new(ProblemCode::MethodOverrideRefused)
