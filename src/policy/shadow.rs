@@ -85,7 +85,9 @@ impl<'a> CallParts<'a> {
     fn keys(&self, part: Part) -> Vec<String> {
         match part {
             Part::Path => self.path.iter().map(|(k, _)| merge_key(k)).collect(),
-            Part::Query => form_keys(self.query.unwrap_or("").as_bytes()),
+            // Rack 2 (Rails 7.0 and older) and Go before 1.17 also split a
+            // query at `;`.
+            Part::Query => form_keys(self.query.unwrap_or("").replace(';', "&").as_bytes()),
             Part::Body => self
                 .body
                 .map_or_else(Vec::new, |b| body_keys(self.headers, b)),
@@ -196,6 +198,9 @@ mod tests {
         assert_eq!(parts.also_given("qty", Part::Body), Some(Part::Query));
         assert_eq!(parts.also_given("qty", Part::Query), Some(Part::Body));
         assert_eq!(parts.also_given("product", Part::Body), None);
+
+        let parts = CallParts::new(&json, Some("x=1;qty=100"), None, &[]);
+        assert_eq!(parts.also_given("qty", Part::Body), Some(Part::Query));
 
         let cookie = headers(&[("cookie", "a=1; QTY=100")]);
         let parts = CallParts::new(&cookie, None, None, &[]);
