@@ -469,3 +469,42 @@ async fn an_encoded_body_beside_a_shown_value_is_refused() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_body_on_a_delete_whose_approval_shows_none_is_refused() {
+    let world = world().await;
+    // "Cancel order 7" is what the person sees; Laravel and Rails read the
+    // body of a DELETE too, and this one asks for more than a cancel.
+    let response = post_json(
+        &world,
+        reqwest::Method::DELETE,
+        "/orders/7",
+        &[],
+        json!({"refund_to": "IBAN DE00 0000"}),
+    )
+    .await;
+    refused(
+        &world,
+        response,
+        "invalid_body",
+        &["DELETE call carries a body"],
+    )
+    .await;
+    // Nor on a GET whose approval shows only the query.
+    let response = world
+        .agent
+        .get(world.gateway.url("/reports?year=2026"))
+        .header(USER_HEADER, "alice")
+        .header("content-type", "application/json")
+        .body(r#"{"format":"all-customers"}"#)
+        .send()
+        .await
+        .unwrap();
+    refused(
+        &world,
+        response,
+        "invalid_body",
+        &["GET call carries a body"],
+    )
+    .await;
+}

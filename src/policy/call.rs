@@ -66,6 +66,8 @@ pub enum CallError {
     UnshownField { field: String, allowed: String },
     #[error("The argument '{name}' is not shown to the person who approves this tool call, so it is refused; send only {allowed}.")]
     UnshownArgument { name: String, allowed: String },
+    #[error("This {0} call carries a body, which the person who approves it is not shown (the approval shows no body field) but which APIs such as Laravel and Rails read; send it without a body.")]
+    UnshownBody(String),
     #[error("The query parameter '{0}' is given more than once (or in another spelling: letter case, a [] suffix); APIs disagree on which one counts, so send it once.")]
     RepeatedQuery(String),
     #[error("The query contains ';', which some APIs read as a separator between parameters; send parameters separated by '&' only.")]
@@ -126,7 +128,8 @@ impl CallError {
             | Self::Body(_)
             | Self::NotAnObject(_)
             | Self::UnshownField { .. }
-            | Self::UnshownArgument { .. } => ProblemCode::InvalidBody,
+            | Self::UnshownArgument { .. }
+            | Self::UnshownBody(_) => ProblemCode::InvalidBody,
             Self::RepeatedQuery(_) | Self::QuerySemicolon | Self::QueryNotUtf8(_) => {
                 ProblemCode::InvalidQuery
             }
@@ -312,6 +315,17 @@ impl CallShape {
                 });
             }
         }
+        // RFC 9110 gives a body of GET, HEAD or DELETE no meaning, yet
+        // Laravel and Rails read one: where the approval shows none of it,
+        // it is refused rather than sent unseen. (`{}` carries nothing; an
+        // MCP message's body is the tool call whose arguments are shown.)
+        if !self.reads_body
+            && input.arguments.is_none()
+            && ["GET", "HEAD", "DELETE"].contains(&input.method)
+            && input.body.is_some_and(carries_something)
+        {
+            return Err(CallError::UnshownBody(input.method.to_owned()));
+        }
         let values = CallValues {
             body: body.as_ref(),
             params: input.params,
@@ -372,6 +386,13 @@ impl CallShape {
         }
         Ok(found)
     }
+}
+
+/// Whether a body gives anything at all: not blank, not an empty JSON
+/// object.
+fn carries_something(body: &[u8]) -> bool {
+    body.iter().any(|b| !b.is_ascii_whitespace())
+        && !matches!(serde_json::from_slice::<Value>(body), Ok(Value::Object(fields)) if fields.is_empty())
 }
 
 /// The body as JSON, read the one way every API reads it: no
