@@ -161,6 +161,11 @@ async fn a_repeated_query_parameter_is_refused() {
         ("amount=1&AMOUNT=100", "'amount' is given more than once"),
         ("amount=1&amoun%74=100", "'amount' is given more than once"),
         ("amount=1;amount=100", "';'"),
+        // PHP ends a parameter name at a NUL: `amount%00x` is `amount`.
+        (
+            "amount=1&amount%00x=100",
+            "'amount' is given more than once",
+        ),
     ] {
         let response = post(&world, &format!("/refunds?{query}"), None, "").await;
         refused(&world, response, "invalid_query", &[word]).await;
@@ -404,6 +409,21 @@ async fn a_shown_query_value_given_again_in_a_body_of_any_type_is_refused() {
         )
         .await;
     }
+    // PHP ends a name at a NUL, and Laravel's input() lets the body win.
+    let response = post(
+        &world,
+        "/refunds?amount=5",
+        Some("application/x-www-form-urlencoded"),
+        "amount%00x=5000",
+    )
+    .await;
+    refused(
+        &world,
+        response,
+        "ambiguous_parameter",
+        &["from the query", "the body"],
+    )
+    .await;
     // A GET carries a body too, which Laravel's input() and Rails' params
     // read: declared JSON or not.
     for content_type in [Some("application/json"), Some("text/plain"), None] {

@@ -32,11 +32,13 @@ impl Part {
     }
 }
 
-/// The name as a merging framework files it: PHP drops leading spaces and
-/// turns `.` and spaces into `_`; `qty[]` and `qty[a]` are `qty` to PHP,
-/// Rails and qs; and letter case is folded (Unicode), as the strict body
-/// parser folds keys.
+/// The name as a merging framework files it: PHP ends a name at a NUL
+/// (`qty%00x` is `qty`: it registers names as C strings), drops leading
+/// spaces and turns `.` and spaces into `_`; `qty[]` and `qty[a]` are `qty`
+/// to PHP, Rails and qs; and letter case is folded (Unicode), as the strict
+/// body parser folds keys.
 pub(crate) fn merge_key(name: &str) -> String {
+    let name = name.split('\0').next().unwrap_or(name);
     let name = name.trim_start();
     let name = name.split('[').next().unwrap_or(name);
     fold_case(&name.replace(['.', ' '], "_"))
@@ -184,7 +186,7 @@ mod tests {
 
     #[test]
     fn names_fold_as_merging_frameworks_file_them() {
-        for spelling in ["qty", "QTY", " qty", "qty[]", "qty[a]", "Qty[0]"] {
+        for spelling in ["qty", "QTY", " qty", "qty[]", "qty[a]", "Qty[0]", "qty\0x"] {
             assert_eq!(merge_key(spelling), "qty", "{spelling}");
         }
         assert_eq!(merge_key("price.limit"), "price_limit");
