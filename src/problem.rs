@@ -299,7 +299,7 @@ impl ProblemCode {
                 "A JSON-RPC batch that calls a tool needing approval is refused; send each tools/call on its own."
             }
             Self::McpHeaderMismatch => {
-                "The Mcp-Method or Mcp-Name header disagrees with the message, so the call was refused."
+                "An Mcp-Method, Mcp-Name or Mcp-Param-* header disagrees with the message, so the call was refused."
             }
             Self::McpToolNameCase => {
                 "The tool name differs from a tool that needs approval only in letter case; call the tool by its exact name."

@@ -285,6 +285,42 @@ pub fn has_method_parameter(query: &str) -> bool {
             .any(|(name, _)| name.trim().eq_ignore_ascii_case(METHOD_PARAMETER))
 }
 
+/// A reader of a POST body that answers whether it names `_method`.
+pub type MethodFieldCheck = fn(&[u8]) -> bool;
+
+/// The ways frameworks read a POST body with these headers for a `_method`
+/// field, one per format (empty: none reads one): a form for
+/// `application/x-www-form-urlencoded` or no Content-Type at all (Rack's
+/// `form_data?`), multipart for `multipart/*`, JSON for any Content-Type
+/// that contains `/json` or `+json` (Laravel's `isJson`, which reads the
+/// whole header: `text/plain; x=/json` is JSON to it). Every Content-Type
+/// header counts, as servers disagree on which of several wins.
+pub fn method_field_readers(headers: &HeaderMap) -> Vec<MethodFieldCheck> {
+    let types = headers.get_all(http::header::CONTENT_TYPE);
+    let (mut form, mut multipart, mut json) = (types.iter().next().is_none(), false, false);
+    for value in types {
+        let value = String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase();
+        let media = value.split(';').next().unwrap_or_default().trim();
+        form |= media.is_empty() || media == "application/x-www-form-urlencoded";
+        multipart |= media.starts_with("multipart/");
+        json |= value.contains("/json") || value.contains("+json");
+    }
+    let readers: [(bool, MethodFieldCheck); 3] = [
+        (form, form_has_method_field),
+        (multipart, multipart_has_method_field),
+        (json, json_has_method_field),
+    ];
+    readers
+        .into_iter()
+        .filter_map(|(read, check)| read.then_some(check))
+        .collect()
+}
+
+/// Whether an urlencoded form body names `_method` in any spelling.
+pub fn form_has_method_field(body: &[u8]) -> bool {
+    has_method_parameter(&String::from_utf8_lossy(body))
+}
+
 /// Whether a JSON body is an object with a `_method` member (Laravel reads
 /// it from JSON input too).
 pub fn json_has_method_field(body: &[u8]) -> bool {

@@ -22,12 +22,17 @@ const HELD: &[(&str, Option<&str>, &str)] = &[
     ("POST", None, "/shop"),
     ("DELETE", None, "/orders/{orderId}"),
     ("GET", Some("admin.example"), "/admin/{*rest}"),
+    ("PUT", None, "/carts/{cartId}"),
 ];
 
 const ADMIN_POLICY: &str = r#"  - name: admin
     match: { methods: [GET], path: "/admin/{*rest}", host: admin.example }
     require: { scopes: [product:read], audience: "https://shop.example/api" }
     binding_message: "Admin call"
+  - name: replace-cart
+    match: { methods: [PUT], path: "/carts/{cartId}" }
+    require: { scopes: [product:buy], audience: "https://shop.example/api" }
+    binding_message: "Replace cart {{params.cartId}}"
 "#;
 
 const BODY: &str = r#"{"product":"XYZ phone","qty":2,"priceLimit":900}"#;
@@ -222,6 +227,38 @@ fn spellings() -> Vec<Spelling> {
             "POST /products, CL + TE: xchunked, POST /shop smuggled",
             smuggle("xchunked"),
         ),
+        // A chunked Transfer-Encoding that is not the last coding, or is
+        // preceded by another: read as chunked by servers that search the
+        // value (Node's llhttp reads `identity, chunked` as chunked).
+        spelling(
+            "POST /products, CL + TE: chunked, identity, POST /shop smuggled",
+            smuggle("chunked, identity"),
+        ),
+        spelling(
+            "POST /products, CL + TE: identity, chunked, POST /shop smuggled",
+            smuggle("identity, chunked"),
+        ),
+        // Two Content-Lengths: whoever reads the first (0) sees the body as
+        // a second request.
+        spelling(
+            "POST /products, CL: 0 + CL: n, POST /shop as the body",
+            {
+                let body = json("POST /shop", &[SHOP]);
+                format!(
+                    "POST /products HTTP/1.1\r\n{SHOP}\r\n{USER_HEADER}: alice\r\n{PROBE}\r\ncontent-type: application/json\r\ncontent-length: 0\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+            },
+        ),
+        // Pipelining: an HTTP/1.0 keep-alive pass-through call and a POST
+        // /shop behind it in the same write; the second is a call of its own.
+        spelling(
+            "GET /products HTTP/1.0 keep-alive + POST /shop in one write",
+            format!(
+                "GET /products HTTP/1.0\r\n{SHOP}\r\n{USER_HEADER}: alice\r\n{PROBE}\r\nconnection: keep-alive\r\n\r\n{}",
+                json("POST /shop", &[SHOP])
+            ),
+        ),
         // A WebSocket upgrade on a pass-through route: once the upstream
         // answers 101 the gateway relays bytes, and the tunnel carries a
         // POST /shop the gateway never reads.
@@ -295,6 +332,32 @@ fn spellings() -> Vec<Spelling> {
                 Some(("application/json", r#"{"_method":"DELETE"}"#)),
             ),
         ),
+        // Rack's form_data?: a POST without a Content-Type is read as a
+        // form, so Rack::MethodOverride finds `_method` in it.
+        spelling(
+            "POST /orders/7, no Content-Type, _method=DELETE",
+            format!(
+                "POST /orders/7 HTTP/1.1\r\n{SHOP}\r\n{USER_HEADER}: alice\r\n{PROBE}\r\nconnection: close\r\ncontent-length: 14\r\n\r\n_method=DELETE"
+            ),
+        ),
+        // Laravel's isJson: a Content-Type that merely contains `/json`
+        // (`text/json`, or in a parameter) is JSON input, `_method` included.
+        spelling(
+            "POST /orders/7, Content-Type: text/plain; v=/json, JSON _method: DELETE",
+            request(
+                "POST /orders/7",
+                &[SHOP],
+                Some(("text/plain; v=/json", r#"{"_method":"DELETE"}"#)),
+            ),
+        ),
+        spelling(
+            "POST /orders/7, Content-Type: text/json, JSON _method: DELETE",
+            request(
+                "POST /orders/7",
+                &[SHOP],
+                Some(("text/json", r#"{"_method":"DELETE"}"#)),
+            ),
+        ),
         // ---- GET admin.example /admin/{*rest} ----
         // HEAD is served by the GET handler (Express, Rails, Go, Flask,
         // Spring).
@@ -345,6 +408,10 @@ fn spellings() -> Vec<Spelling> {
             "POST /admin/x?_method=GET",
             json("POST /admin/x?_method=GET", &[ADMIN]),
         ),
+        // ---- PUT /carts/{cartId} ----
+        // Rails' `resources` and Laravel's `Route::resource` route PATCH and
+        // PUT alike to `update`.
+        spelling("PATCH /carts/1", json("PATCH /carts/1", &[SHOP])),
         // ---- no route at all ----
         // The server-wide OPTIONS: nothing may be routed for it.
         spelling("OPTIONS *", bare("OPTIONS *", &[SHOP])).no_route(),
@@ -573,4 +640,33 @@ async fn pass_through_calls_carry_no_forged_approval_id_or_identity_header() {
         })
         .collect();
     assert!(leaks.is_empty(), "{leaks:#?}");
+}
+
+/// `_method=DELETE` in a gzipped form: Express's body parsers inflate it
+/// before method-override reads `req.body._method`, while the gateway would
+/// see no field at all. Refused on a path a policy covers.
+#[tokio::test]
+async fn an_encoded_post_body_on_a_covered_path_is_refused() {
+    let world = BypassWorld::start().await;
+    const GZIPPED: [u8; 34] = [
+        31, 139, 8, 0, 0, 0, 0, 0, 2, 3, 139, 207, 77, 45, 201, 200, 79, 177, 117, 113, 245, 113,
+        13, 113, 5, 0, 101, 252, 38, 176, 14, 0, 0, 0,
+    ];
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/orders/7", world.gateway.proxy))
+        .header("host", "shop.example")
+        .header(USER_HEADER, "alice")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("content-encoding", "gzip")
+        .body(GZIPPED.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "invalid_body", "{body}");
+    assert!(
+        world.upstream.received().is_empty(),
+        "it reached the upstream"
+    );
 }

@@ -195,7 +195,11 @@ fn run_client(
     user: Option<&str>,
     steps: Value,
 ) -> tokio::task::JoinHandle<Vec<Value>> {
-    let scenario = json!({ "url": url, "user": user, "steps": steps });
+    run_scenario(json!({ "url": url, "user": user, "steps": steps }))
+}
+
+/// Runs the SDK client on a whole scenario (see tests/mcp/client.mjs).
+fn run_scenario(scenario: Value) -> tokio::task::JoinHandle<Vec<Value>> {
     tokio::task::spawn_blocking(move || {
         let output = Command::new("node")
             .arg(Path::new(REPO).join("tests/mcp/client.mjs"))
@@ -602,6 +606,102 @@ async fn messages_that_could_be_read_another_way_are_refused() {
 
 /// The example shop's own MCP endpoint (`countersign dev` serves it), with
 /// the SDK client, through the gateway.
+/// Revision 2026-07-28 lets a client mirror arguments a tool marks into
+/// `Mcp-Param-<Name>` headers, and a server or intermediary may read the
+/// argument from there: a header that disagrees with the body would have
+/// the person approve 2 while 100 are bought.
+#[tokio::test(flavor = "multi_thread")]
+async fn mcp_param_headers_that_disagree_with_the_arguments_are_refused() {
+    let world = McpWorld::start().await;
+    let url = world.gateway.url("/mcp");
+    // The SDK client, sending the header on its requests.
+    let out = run_scenario(json!({
+        "url": url,
+        "user": "alice",
+        "headers": { "Mcp-Param-Qty": "100" },
+        "steps": [buy("XYZ phone", 2)],
+    }))
+    .await
+    .unwrap();
+    let result = &out[0]["results"][0];
+    assert_eq!(result["error"]["code"], -32600, "{result}");
+    let message = result["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("mcp-param-qty") && message.contains("'100'"),
+        "{message}"
+    );
+
+    let raw = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"buy_product","arguments":{"product":"XYZ phone","qty":2}}}"#;
+    for headers in [
+        &[("mcp-param-qty", "=?base64?MTAw?=")][..],
+        &[("mcp-param-qty", "2.0")],
+        &[("mcp-param-qty", "2"), ("mcp-param-qty", "100")],
+        &[("mcp-param-product", "ABC laptop")],
+        // No argument of that name: which one it stands for is unknown.
+        &[("mcp-param-quantity", "100")],
+    ] {
+        let (status, answer) = world.post(headers, raw).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["id"], 1, "{answer}");
+        assert_eq!(
+            answer["error"]["data"]["code"], "mcp_header_mismatch",
+            "{headers:?}: {answer}"
+        );
+    }
+    assert!(
+        world.peer.requests().await.is_empty(),
+        "the person was asked"
+    );
+    assert!(world.server.bought().await.is_empty());
+
+    // Headers that agree (the name in any case, the value as the SDKs
+    // encode it) are held and forwarded as they are.
+    let client = run_scenario(json!({
+        "url": url,
+        "user": "alice",
+        "headers": { "Mcp-Param-QTY": "2", "Mcp-Param-Product": "=?base64?WFlaIHBob25l?=" },
+        "steps": [buy("XYZ phone", 2)],
+    }));
+    let request = world.pending("alice").await;
+    assert_eq!(request["binding_message"], MESSAGE);
+    world
+        .peer
+        .approve(request["auth_req_id"].as_str().unwrap())
+        .await;
+    let out = client.await.unwrap();
+    let bought = &out[0]["results"][0];
+    assert_eq!(bought["structuredContent"]["qty"], 2, "{bought}");
+    assert_eq!(world.server.bought().await.len(), 1);
+}
+
+/// A server with one handler for every method (Express's `app.all`, a Go
+/// handler that never looks at the method) runs a tools/call sent as the
+/// body of a GET: such a GET is read like a POST and held.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tool_call_in_the_body_of_a_get_is_held_too() {
+    let world = McpWorld::start().await;
+    let buy = r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"buy_product","arguments":{"product":"XYZ phone","qty":2}}}"#;
+    let call = tokio::spawn(
+        reqwest::Client::new()
+            .get(world.gateway.url("/mcp"))
+            .header(USER_HEADER, "alice")
+            .header("content-type", "application/json")
+            .header("accept", "application/json")
+            .body(buy)
+            .send(),
+    );
+    let request = world.pending("alice").await;
+    assert_eq!(request["binding_message"], MESSAGE);
+    world
+        .peer
+        .deny(request["auth_req_id"].as_str().unwrap())
+        .await;
+    let answer: Value = call.await.unwrap().unwrap().json().await.unwrap();
+    assert_eq!(answer["id"], 3, "{answer}");
+    assert_eq!(answer["result"]["isError"], true, "{answer}");
+    assert!(world.server.bought().await.is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_example_shop_serves_buy_product_over_mcp() {
     let world = World::start(GatewayOptions::default()).await;

@@ -13,6 +13,10 @@ const REFUND: &str = r#"  - name: refund
     match: { methods: [POST], path: /refunds }
     require: { scopes: [product:buy], audience: https://shop.example/api }
     binding_message: "Refund {{query.amount}} EUR"
+  - name: report
+    match: { methods: [GET], path: /reports }
+    require: { scopes: [product:buy], audience: https://shop.example/api }
+    binding_message: "Send the report of {{query.year}}"
 "#;
 
 async fn world() -> World {
@@ -157,6 +161,11 @@ async fn a_repeated_query_parameter_is_refused() {
         ("amount=1&AMOUNT=100", "'amount' is given more than once"),
         ("amount=1&amoun%74=100", "'amount' is given more than once"),
         ("amount=1;amount=100", "';'"),
+        // PHP ends a parameter name at a NUL: `amount%00x` is `amount`.
+        (
+            "amount=1&amount%00x=100",
+            "'amount' is given more than once",
+        ),
     ] {
         let response = post(&world, &format!("/refunds?{query}"), None, "").await;
         refused(&world, response, "invalid_query", &[word]).await;
@@ -304,6 +313,8 @@ async fn a_shown_value_given_again_in_another_part_is_refused() {
         ("/shop?QTY=100", &[], "the query"),
         ("/shop?qty[]=100", &[], "the query"),
         ("/shop?%20qty=100", &[], "the query"),
+        // Rack 2 (Rails 7.0) and Go before 1.17 split a query at `;` too.
+        ("/shop?ref=1;qty=100", &[], "the query"),
         ("/shop?product=ABC%20tablet", &[], "the query"),
         ("/shop", &[("cookie", "session=1; qty=100")], "a cookie"),
     ] {
@@ -373,4 +384,147 @@ async fn a_shown_value_given_again_in_another_part_is_refused() {
         .deny(pending[0]["auth_req_id"].as_str().unwrap())
         .await;
     assert_eq!(call.await.unwrap().unwrap().status(), 403);
+}
+
+#[tokio::test]
+async fn a_shown_query_value_given_again_in_a_body_of_any_type_is_refused() {
+    let world = world().await;
+    // Laravel reads JSON when the Content-Type merely contains `/json`,
+    // Express's json({ type: '*/*' }) and FastAPI (no Content-Type) read any
+    // JSON body, and Rack reads a POST body without a Content-Type as a
+    // form: each could refund 5000 while the person approved 5.
+    for (content_type, body) in [
+        (Some("text/plain"), r#"{"amount":5000}"#),
+        (Some("text/plain; v=/json"), r#"{"amount":5000}"#),
+        (Some("text/json"), r#"{"AMOUNT":5000}"#),
+        (None, r#"{"amount":5000}"#),
+        (None, "amount=5000"),
+    ] {
+        let response = post(&world, "/refunds?amount=5", content_type, body).await;
+        refused(
+            &world,
+            response,
+            "ambiguous_parameter",
+            &["from the query", "the body"],
+        )
+        .await;
+    }
+    // PHP ends a name at a NUL, and Laravel's input() lets the body win.
+    let response = post(
+        &world,
+        "/refunds?amount=5",
+        Some("application/x-www-form-urlencoded"),
+        "amount%00x=5000",
+    )
+    .await;
+    refused(
+        &world,
+        response,
+        "ambiguous_parameter",
+        &["from the query", "the body"],
+    )
+    .await;
+    // A GET carries a body too, which Laravel's input() and Rails' params
+    // read: declared JSON or not.
+    for content_type in [Some("application/json"), Some("text/plain"), None] {
+        let mut request = world
+            .agent
+            .get(world.gateway.url("/reports?year=2026"))
+            .header(USER_HEADER, "alice")
+            .body(r#"{"year":1999}"#);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let response = request.send().await.unwrap();
+        refused(
+            &world,
+            response,
+            "ambiguous_parameter",
+            &["'year' is shown to the person from the query", "the body"],
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_decimal_shown_rounded_is_refused() {
+    let world = world().await;
+    // serde_json reads the nearest double (3.0); a BigDecimal or Python
+    // Decimal API reads 2.9999999999999999 and may truncate it to 2.
+    let body = r#"{"product":"XYZ phone","qty":2.9999999999999999,"priceLimit":900}"#;
+    let response = buy_raw(&world, "application/json", body).await;
+    refused(
+        &world,
+        response,
+        "invalid_body",
+        &["2.9999999999999999", "3.0", "nearest double"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_encoded_body_beside_a_shown_value_is_refused() {
+    let world = world().await;
+    // {"year":1999}, gzipped: Express's body parsers inflate it, so an API
+    // there reads year 1999 where the gateway sees no names at all.
+    const GZIPPED: [u8; 33] = [
+        31, 139, 8, 0, 0, 0, 0, 0, 2, 3, 171, 86, 170, 76, 77, 44, 82, 178, 50, 180, 180, 180, 172,
+        5, 0, 205, 20, 164, 86, 13, 0, 0, 0,
+    ];
+    let response = world
+        .agent
+        .get(world.gateway.url("/reports?year=2026"))
+        .header(USER_HEADER, "alice")
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(GZIPPED.to_vec())
+        .send()
+        .await
+        .unwrap();
+    refused(
+        &world,
+        response,
+        "invalid_body",
+        &["Content-Encoding", "'gzip'"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_body_on_a_delete_whose_approval_shows_none_is_refused() {
+    let world = world().await;
+    // "Cancel order 7" is what the person sees; Laravel and Rails read the
+    // body of a DELETE too, and this one asks for more than a cancel.
+    let response = post_json(
+        &world,
+        reqwest::Method::DELETE,
+        "/orders/7",
+        &[],
+        json!({"refund_to": "IBAN DE00 0000"}),
+    )
+    .await;
+    refused(
+        &world,
+        response,
+        "invalid_body",
+        &["DELETE call carries a body"],
+    )
+    .await;
+    // Nor on a GET whose approval shows only the query.
+    let response = world
+        .agent
+        .get(world.gateway.url("/reports?year=2026"))
+        .header(USER_HEADER, "alice")
+        .header("content-type", "application/json")
+        .body(r#"{"format":"all-customers"}"#)
+        .send()
+        .await
+        .unwrap();
+    refused(
+        &world,
+        response,
+        "invalid_body",
+        &["GET call carries a body"],
+    )
+    .await;
 }

@@ -8,11 +8,14 @@
 //! lenient server finds no `Method` the gateway missed), tool names compared
 //! exactly (a name that equals a held tool only ignoring case is refused),
 //! batches holding a held call refused, and the `Mcp-Method` / `Mcp-Name`
-//! headers of newer clients checked against the body. Everything it does not
-//! hold or refuse passes untouched. [`jsonrpc`] shapes the answers.
+//! headers of newer clients checked against the body, and so is every
+//! `Mcp-Param-<Name>` header of a held call ([`check_param_headers`]).
+//! Everything it does not hold or refuse passes untouched. [`jsonrpc`]
+//! shapes the answers.
 
 pub mod jsonrpc;
 
+use base64::Engine as _;
 use http::header::CONTENT_ENCODING;
 use http::HeaderMap;
 use serde_json::{Map, Value};
@@ -27,6 +30,9 @@ pub const CANCELLED: &str = "notifications/cancelled";
 pub const METHOD_HEADER: &str = "mcp-method";
 pub const NAME_HEADER: &str = "mcp-name";
 pub const SESSION_HEADER: &str = "mcp-session-id";
+/// `Mcp-Param-<Name>`: an argument a tool marks (`x-mcp-header`) mirrored
+/// into a header (revision 2026-07-28), lower case as `http` keeps names.
+pub const PARAM_HEADER_PREFIX: &str = "mcp-param-";
 
 /// What the gateway does with one POST on an MCP endpoint.
 #[derive(Debug, PartialEq)]
@@ -72,7 +78,7 @@ pub enum McpRefusal {
     #[error("The {header} header says '{sent}' but the message says '{body}'; they must agree, so the call was refused.")]
     HeaderMismatch {
         id: Option<Value>,
-        header: &'static str,
+        header: String,
         sent: String,
         body: String,
     },
@@ -159,7 +165,7 @@ pub fn classify(
         return match method_header.or(name_header) {
             Some((header, sent)) => Err(McpRefusal::HeaderMismatch {
                 id: None,
-                header,
+                header: header.to_owned(),
                 sent,
                 body: "nothing".to_owned(),
             }),
@@ -172,7 +178,7 @@ pub fn classify(
             if let Some((header, sent)) = method_header.or(name_header) {
                 return Err(McpRefusal::HeaderMismatch {
                     id: None,
-                    header,
+                    header: header.to_owned(),
                     sent,
                     body: "a batch".to_owned(),
                 });
@@ -194,8 +200,104 @@ pub fn classify(
                 false => Classified::Cancel(cancelled),
             })
         }
-        value => one(endpoint, &value, method_header, name_header),
+        value => match one(endpoint, &value, method_header, name_header)? {
+            Classified::Held(call) => {
+                check_param_headers(headers, &call)?;
+                Ok(Classified::Held(call))
+            }
+            other => Ok(other),
+        },
     }
+}
+
+/// Every `Mcp-Param-<Name>` header of a held call must agree with the
+/// argument `<Name>` of its body, or the call is refused: a server (or an
+/// intermediary before it) may read the argument from the header, while the
+/// person is shown the body's.
+///
+/// - Names: the header's `<Name>` is compared with the argument names
+///   ignoring letter case (header names have no case; strict parsing leaves
+///   no two arguments equal ignoring case). A header naming no argument is
+///   refused: the gateway does not know the tool's `x-mcp-header` mapping,
+///   so it cannot tell which argument it stands for. So is `Mcp-Param-`
+///   with no name, and a header sent twice.
+/// - Values: the header's text (surrounding spaces trimmed, as HTTP does),
+///   decoded first when it is exactly `=?base64?<standard Base64>?=` (UTF-8;
+///   an undecodable one is refused, and so is the wrapper in any other
+///   letter case, which a lenient server might decode too), must equal the
+///   argument written the way clients write it: a string as it is, `true` /
+///   `false`, an integer in plain decimal (`2`, not `02`, `2.0` or `2e0`).
+///   A null, object, array or non-integer argument, or a missing one, agrees
+///   with no header.
+pub fn check_param_headers(headers: &HeaderMap, call: &ToolCall) -> Result<(), McpRefusal> {
+    let Value::Object(arguments) = &call.arguments else {
+        return Ok(());
+    };
+    for name in headers.keys() {
+        let Some(param) = name.as_str().strip_prefix(PARAM_HEADER_PREFIX) else {
+            continue;
+        };
+        let refuse = |sent: String, body: &str| McpRefusal::HeaderMismatch {
+            id: Some(call.id.clone()),
+            header: name.as_str().to_owned(),
+            sent,
+            body: body.to_owned(),
+        };
+        let mut values = headers.get_all(name).iter();
+        let (Some(value), None) = (values.next(), values.next()) else {
+            return Err(refuse("several values".to_owned(), "one"));
+        };
+        let Ok(text) = value.to_str() else {
+            return Err(refuse(
+                String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                "plain text",
+            ));
+        };
+        let sent = decode_param(text.trim_matches([' ', '\t']))
+            .ok_or_else(|| refuse(text.to_owned(), "a value that decodes one way only"))?;
+        let argument = match param.is_empty() {
+            true => None,
+            false => arguments
+                .iter()
+                .find(|(key, _)| fold_case(key) == param)
+                .map(|(_, value)| value),
+        };
+        let body = match argument {
+            None => return Err(refuse(sent, "no argument of that name")),
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Bool(b)) => b.to_string(),
+            Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
+            Some(Value::Null) => return Err(refuse(sent, "null")),
+            Some(_) => return Err(refuse(sent, "a value no header can carry")),
+        };
+        if sent != body {
+            return Err(refuse(sent, &body));
+        }
+    }
+    Ok(())
+}
+
+/// An `Mcp-Param-*` value as the specification has clients write it: the
+/// text, or `=?base64?...?=` around the UTF-8 of a value that cannot travel
+/// as plain ASCII. `None`: it cannot be read one way only.
+fn decode_param(text: &str) -> Option<String> {
+    const OPEN: &str = "=?base64?";
+    const CLOSE: &str = "?=";
+    let wrapped = text.len() >= OPEN.len() + CLOSE.len()
+        && text.is_char_boundary(OPEN.len())
+        && text[..OPEN.len()].eq_ignore_ascii_case(OPEN)
+        && text.ends_with(CLOSE);
+    if !wrapped {
+        return Some(text.to_owned());
+    }
+    if !text.starts_with(OPEN) {
+        return None;
+    }
+    let payload = &text[OPEN.len()..text.len() - CLOSE.len()];
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(payload)
+        .ok()?;
+    String::from_utf8(bytes).ok()
 }
 
 /// A header sent at most once, as text.
@@ -210,14 +312,14 @@ fn one_header(
             Ok(text) => Ok(Some((name, text.trim().to_owned()))),
             Err(_) => Err(McpRefusal::HeaderMismatch {
                 id: None,
-                header: name,
+                header: name.to_owned(),
                 sent: String::from_utf8_lossy(value.as_bytes()).into_owned(),
                 body: "plain text".to_owned(),
             }),
         },
         (Some(_), Some(_)) => Err(McpRefusal::HeaderMismatch {
             id: None,
-            header: name,
+            header: name.to_owned(),
             sent: "several values".to_owned(),
             body: "one".to_owned(),
         }),
@@ -245,7 +347,7 @@ fn one(
         return match method_header.or(name_header) {
             Some((header, sent)) => Err(McpRefusal::HeaderMismatch {
                 id: None,
-                header,
+                header: header.to_owned(),
                 sent,
                 body: "no JSON-RPC message".to_owned(),
             }),
@@ -255,9 +357,9 @@ fn one(
     let id = member(message, "id").filter(|id| !id.is_null()).cloned();
     let method = member(message, "method").and_then(Value::as_str);
     let params = member(message, "params");
-    let mismatch = |header, sent: String, body: &str| McpRefusal::HeaderMismatch {
+    let mismatch = |header: &str, sent: String, body: &str| McpRefusal::HeaderMismatch {
         id: id.clone(),
-        header,
+        header: header.to_owned(),
         sent,
         body: body.to_owned(),
     };
@@ -359,6 +461,19 @@ fn one(
         progress_token,
         fingerprint,
     }))
+}
+
+/// Whether a request on an MCP endpoint passes without being read: a GET,
+/// HEAD or OPTIONS that announces no body (no `Transfer-Encoding`, no
+/// `Content-Length` but `0`). One with a body is read like a POST.
+pub fn is_bodiless_stream_request(header: &http::request::Parts) -> bool {
+    let headers = &header.headers;
+    [http::Method::GET, http::Method::HEAD, http::Method::OPTIONS].contains(&header.method)
+        && !headers.contains_key(http::header::TRANSFER_ENCODING)
+        && headers
+            .get_all(http::header::CONTENT_LENGTH)
+            .iter()
+            .all(|v| v.as_bytes().trim_ascii() == b"0")
 }
 
 /// Whether a client accepts an SSE answer (`Accept` names

@@ -202,6 +202,86 @@ fn mcp_headers_must_agree_with_the_body() {
 }
 
 #[test]
+fn mcp_param_headers_must_agree_with_the_arguments() {
+    let call = |arguments: &str| {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{{"name":"buy_product","arguments":{arguments}}}}}"#
+        )
+    };
+    let with = |pairs: &[(&str, &str)], arguments: &str| {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(value.as_bytes()).unwrap(),
+            );
+        }
+        classify_with(&h, &call(arguments))
+    };
+    let args = r#"{"product":"XYZ phone","qty":2,"gift":true,"Region":"eu west"}"#;
+    for agreeing in [
+        vec![("mcp-param-qty", "2")],
+        vec![("Mcp-Param-QTY", " 2 ")],
+        vec![
+            ("mcp-param-product", "XYZ phone"),
+            ("mcp-param-gift", "true"),
+        ],
+        vec![("mcp-param-region", "eu west")],
+        // "XYZ phone" in Base64.
+        vec![("mcp-param-product", "=?base64?WFlaIHBob25l?=")],
+    ] {
+        assert!(
+            matches!(with(&agreeing, args), Ok(Classified::Held(_))),
+            "{agreeing:?}"
+        );
+    }
+    for refused in [
+        vec![("mcp-param-qty", "100")],
+        vec![("mcp-param-qty", "02")],
+        vec![("mcp-param-qty", "2.0")],
+        vec![("mcp-param-qty", "2e0")],
+        vec![("mcp-param-qty", "=?base64?MTAw?=")],
+        // Not Base64, and the wrapper in another case (a lenient decoder's).
+        vec![("mcp-param-qty", "=?base64?!!?=")],
+        vec![("mcp-param-qty", "=?BASE64?Mg==?=")],
+        vec![("mcp-param-qty", "2"), ("mcp-param-qty", "2")],
+        vec![("mcp-param-gift", "True")],
+        vec![("mcp-param-product", "xyz phone")],
+        // A header naming no argument: the gateway cannot tell what it is.
+        vec![("mcp-param-quantity", "2")],
+        vec![("mcp-param-", "2")],
+        vec![("mcp-param-qty", "2"), ("mcp-param-price", "1")],
+    ] {
+        let answer = with(&refused, args);
+        assert!(
+            matches!(&answer, Err(r @ McpRefusal::HeaderMismatch { id: Some(id), .. })
+                if *id == json!(7) && r.code() == ProblemCode::McpHeaderMismatch),
+            "{refused:?}: {answer:?}"
+        );
+    }
+    for (arguments, value) in [
+        (r#"{"qty":null}"#, "null"),
+        (r#"{"qty":[2]}"#, "2"),
+        (r#"{"qty":{"n":2}}"#, "2"),
+        (r#"{"qty":2.5}"#, "2.5"),
+        (r#"{}"#, "2"),
+    ] {
+        assert!(
+            matches!(
+                with(&[("mcp-param-qty", value)], arguments),
+                Err(McpRefusal::HeaderMismatch { .. })
+            ),
+            "{arguments} {value}"
+        );
+    }
+    // Calls the gateway does not hold keep their headers unread.
+    let free = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"list_products","arguments":{"qty":2}}}"#;
+    let mut h = HeaderMap::new();
+    h.insert("mcp-param-qty", HeaderValue::from_static("100"));
+    assert_eq!(classify_with(&h, free), Ok(Classified::Pass));
+}
+
+#[test]
 fn event_stream_acceptance_is_read_from_accept() {
     let mut h = HeaderMap::new();
     assert!(!accepts_event_stream(&h));

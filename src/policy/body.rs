@@ -6,8 +6,10 @@
 //! keys case-insensitively and other parsers keep the first duplicate. The
 //! person would approve one value while the API acts on another. This parser
 //! builds the same [`Value`] but refuses, at every nesting level, duplicate
-//! keys and keys equal up to Unicode case folding, and integers too large to
-//! be read exactly everywhere.
+//! keys and keys equal up to Unicode case folding, integers too large to
+//! be read exactly everywhere, and decimals a double rounds (`2.9999999999999999`
+//! is shown as `3.0`, the double serde_json reads, while a BigDecimal reads
+//! it as written).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -36,6 +38,8 @@ pub enum BodyError {
     },
     #[error("the number {number} in {place} is beyond 2^53, where APIs round numbers differently; it cannot be shown exactly")]
     InexactNumber { number: String, place: Place },
+    #[error("the number {number} would be shown as {shown}, the nearest double, while APIs that read decimals exactly (BigDecimal, Python's Decimal) read {number}; send it with at most 15 significant digits")]
+    RoundedNumber { number: String, shown: String },
 }
 
 /// Where in the body an error is: the object or array holding it.
@@ -59,6 +63,20 @@ pub fn fold_case(key: &str) -> String {
     key.to_uppercase().to_lowercase()
 }
 
+/// The request's `Content-Encoding`, when it is other than `identity`: a
+/// body so encoded cannot be read by the gateway, while some APIs inflate it
+/// (Express's body parsers inflate gzip and deflate).
+pub fn content_encoding(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get_all(http::header::CONTENT_ENCODING)
+        .iter()
+        .find(|v| {
+            !v.to_str()
+                .is_ok_and(|v| v.trim().eq_ignore_ascii_case("identity"))
+        })
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
 /// Parses a JSON body strictly (see the module documentation).
 pub fn parse(bytes: &[u8]) -> Result<Value, BodyError> {
     let state = State::default();
@@ -67,12 +85,86 @@ pub fn parse(bytes: &[u8]) -> Result<Value, BodyError> {
         .deserialize(&mut deserializer)
         .and_then(|value| deserializer.end().map(|()| value));
     match parsed {
-        Ok(value) => Ok(value),
+        Ok(value) => {
+            check_decimals(bytes)?;
+            Ok(value)
+        }
         Err(error) => Err(state
             .error
             .into_inner()
             .unwrap_or_else(|| BodyError::Syntax(error.to_string()))),
     }
+}
+
+/// Every number written with a fraction or an exponent must be exactly the
+/// number shown for it (the shortest text of its nearest double): as a
+/// decimal, `2.50` and `25e-1` are `2.5`, but `2.9999999999999999` is not
+/// `3.0`. Runs on bytes already parsed as JSON, so only strings need care.
+fn check_decimals(bytes: &[u8]) -> Result<(), BodyError> {
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < bytes.len()
+                    && matches!(bytes[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                {
+                    i += 1;
+                }
+                let literal = std::str::from_utf8(&bytes[start..i]).unwrap_or_default();
+                if !literal.contains(['.', 'e', 'E']) {
+                    continue;
+                }
+                let shown = literal
+                    .parse::<f64>()
+                    .ok()
+                    .and_then(Number::from_f64)
+                    .map(|n| n.to_string());
+                let faithful = shown.as_deref().is_some_and(|shown| {
+                    decimal(shown).is_some() && decimal(shown) == decimal(literal)
+                });
+                if !faithful {
+                    return Err(BodyError::RoundedNumber {
+                        number: literal.to_owned(),
+                        shown: shown.unwrap_or_else(|| "no number".to_owned()),
+                    });
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    Ok(())
+}
+
+/// A JSON number as an exact decimal: (negative, significant digits without
+/// leading or trailing zeros, power of ten of the last digit); zero is
+/// `(_, "", 0)`.
+fn decimal(text: &str) -> Option<(bool, String, i64)> {
+    let (negative, text) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (mantissa, exponent) = match text.find(['e', 'E']) {
+        Some(at) => (&text[..at], text[at + 1..].parse::<i64>().ok()?),
+        None => (text, 0),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = format!("{whole}{fraction}");
+    let mut exponent = exponent.checked_sub(i64::try_from(fraction.len()).ok()?)?;
+    let trimmed = digits.trim_start_matches('0');
+    let significant = trimmed.trim_end_matches('0');
+    if significant.is_empty() {
+        return Some((negative, String::new(), 0));
+    }
+    exponent = exponent.checked_add(i64::try_from(trimmed.len() - significant.len()).ok()?)?;
+    Some((negative, significant.to_owned(), exponent))
 }
 
 #[derive(Default)]
@@ -269,6 +361,26 @@ mod tests {
             let error = refused(&format!(r#"{{"qty":{text}}}"#));
             assert!(error.contains("beyond 2^53"), "{text}: {error}");
             assert!(error.contains("'qty'"), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn decimals_a_double_would_round_are_refused() {
+        for text in [
+            "2.9999999999999999",
+            "1.0000000000000001",
+            "0.30000000000000001e1",
+        ] {
+            let error = refused(&format!(r#"{{"qty":{text}}}"#));
+            assert!(error.contains("nearest double"), "{text}: {error}");
+            assert!(error.contains(text), "{text}: {error}");
+        }
+        // Written another way, but exactly the number shown.
+        for text in [
+            "2.0", "2.50", "25e-1", "2E0", "1e2", "-0.0", "0.1", "1e-7", "-1.5",
+        ] {
+            let body = format!(r#"{{"a":"1.00000000000000001","qty":[{text}]}}"#);
+            assert!(parse(body.as_bytes()).is_ok(), "{text}");
         }
     }
 

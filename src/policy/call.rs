@@ -11,7 +11,7 @@
 
 use std::collections::HashSet;
 
-use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
+use http::header::CONTENT_TYPE;
 use http::HeaderMap;
 use percent_encoding::percent_decode;
 use serde_json::Value;
@@ -66,6 +66,8 @@ pub enum CallError {
     UnshownField { field: String, allowed: String },
     #[error("The argument '{name}' is not shown to the person who approves this tool call, so it is refused; send only {allowed}.")]
     UnshownArgument { name: String, allowed: String },
+    #[error("This {0} call carries a body, which the person who approves it is not shown (the approval shows no body field) but which APIs such as Laravel and Rails read; send it without a body.")]
+    UnshownBody(String),
     #[error("The query parameter '{0}' is given more than once (or in another spelling: letter case, a [] suffix); APIs disagree on which one counts, so send it once.")]
     RepeatedQuery(String),
     #[error("The query contains ';', which some APIs read as a separator between parameters; send parameters separated by '&' only.")]
@@ -126,7 +128,8 @@ impl CallError {
             | Self::Body(_)
             | Self::NotAnObject(_)
             | Self::UnshownField { .. }
-            | Self::UnshownArgument { .. } => ProblemCode::InvalidBody,
+            | Self::UnshownArgument { .. }
+            | Self::UnshownBody(_) => ProblemCode::InvalidBody,
             Self::RepeatedQuery(_) | Self::QuerySemicolon | Self::QueryNotUtf8(_) => {
                 ProblemCode::InvalidQuery
             }
@@ -297,6 +300,12 @@ impl CallShape {
             self.read_query(input.query.unwrap_or(""))?
         };
         let parts = CallParts::new(input.headers, input.query, input.body, input.params);
+        if !self.shown.is_empty() {
+            // Its names cannot be read, but an API that inflates it reads them.
+            if let Some(encoding) = parts.encoding() {
+                return Err(CallError::Encoded(truncated(&encoding)));
+            }
+        }
         for (name, part) in &self.shown {
             if let Some(other) = parts.also_given(name, *part) {
                 return Err(CallError::GivenTwice {
@@ -305,6 +314,17 @@ impl CallShape {
                     other,
                 });
             }
+        }
+        // RFC 9110 gives a body of GET, HEAD or DELETE no meaning, yet
+        // Laravel and Rails read one: where the approval shows none of it,
+        // it is refused rather than sent unseen. (`{}` carries nothing; an
+        // MCP message's body is the tool call whose arguments are shown.)
+        if !self.reads_body
+            && input.arguments.is_none()
+            && ["GET", "HEAD", "DELETE"].contains(&input.method)
+            && input.body.is_some_and(carries_something)
+        {
+            return Err(CallError::UnshownBody(input.method.to_owned()));
         }
         let values = CallValues {
             body: body.as_ref(),
@@ -368,6 +388,13 @@ impl CallShape {
     }
 }
 
+/// Whether a body gives anything at all: not blank, not an empty JSON
+/// object.
+fn carries_something(body: &[u8]) -> bool {
+    body.iter().any(|b| !b.is_ascii_whitespace())
+        && !matches!(serde_json::from_slice::<Value>(body), Ok(Value::Object(fields)) if fields.is_empty())
+}
+
 /// The body as JSON, read the one way every API reads it: no
 /// `Content-Encoding`, a JSON `Content-Type`, parsed strictly.
 pub(crate) fn read_json_body(input: &CallInput<'_>) -> Result<Value, CallError> {
@@ -375,12 +402,8 @@ pub(crate) fn read_json_body(input: &CallInput<'_>) -> Result<Value, CallError> 
         .body
         .filter(|b| !b.is_empty())
         .ok_or(CallError::MissingBody)?;
-    if let Some(encoding) = input.headers.get_all(CONTENT_ENCODING).iter().find(|v| {
-        !v.to_str()
-            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("identity"))
-    }) {
-        let shown = truncated(&String::from_utf8_lossy(encoding.as_bytes()));
-        return Err(CallError::Encoded(shown));
+    if let Some(encoding) = body::content_encoding(input.headers) {
+        return Err(CallError::Encoded(truncated(&encoding)));
     }
     check_json_content_type(input.headers)?;
     Ok(body::parse(bytes)?)

@@ -109,10 +109,16 @@ struct MethodRouters {
 
 impl MethodRouters {
     /// `HEAD` is looked up as `GET` too: most frameworks run the GET handler
-    /// for it.
+    /// for it. `PUT` and `PATCH` are looked up as each other: Rails'
+    /// `resources` and Laravel's `Route::resource` route both to `update`.
     fn lookup<'p>(&self, method: &str, key: &'p str) -> Option<matchit::Match<'_, 'p, &Group>> {
-        let head_as_get = if method == "HEAD" { "GET" } else { "*" };
-        [method, head_as_get, "*"]
+        let twin = match method {
+            "HEAD" => "GET",
+            "PUT" => "PATCH",
+            "PATCH" => "PUT",
+            _ => "*",
+        };
+        [method, twin, "*"]
             .into_iter()
             .filter_map(|m| self.by_method.get(m))
             .find_map(|router| router.at(key).ok())
@@ -410,7 +416,7 @@ impl PolicySet {
     }
 
     /// Finds the policy for a call. `method` is matched case-insensitively
-    /// (`HEAD` also as `GET`); `host` is a [`host_key`]. Host-specific
+    /// (`HEAD` also as `GET`, `PUT` and `PATCH` as each other); `host` is a [`host_key`]. Host-specific
     /// policies win over host-less ones. A path that matches nothing is tried
     /// again without a format suffix (`/shop.json` as `/shop`) for policies
     /// that cover those spellings.
@@ -549,6 +555,11 @@ fn original_params(
 fn tested_in_one_place(condition: &Condition, input: &CallInput<'_>) -> Result<(), CallError> {
     let reads = condition.reads;
     let parts = shadow::CallParts::new(input.headers, input.query, input.body, input.params);
+    if reads.body || reads.query || reads.params {
+        if let Some(encoding) = parts.encoding() {
+            return Err(CallError::Encoded(encoding));
+        }
+    }
     for (read, part) in [
         (reads.body, shadow::Part::Body),
         (reads.query, shadow::Part::Query),
@@ -771,6 +782,25 @@ policies:
         );
         assert_eq!(find(&set, "HEAD", None, "/secrets"), Some("read"));
         assert_eq!(find(&set, "head", None, "/secrets"), Some("read"));
+    }
+
+    #[test]
+    fn put_and_patch_cover_each_other() {
+        let set = policies(
+            r#"
+policies:
+  - { name: replace, match: { methods: [PUT], path: "/carts/{id}" }, require: { scopes: [x] }, binding_message: a }
+  - { name: edit, match: { methods: [PATCH], path: "/notes/{id}" }, require: { scopes: [x] }, binding_message: b }
+  - { name: exact, match: { methods: [PUT], path: /both }, require: { scopes: [x] }, binding_message: c }
+  - { name: other, match: { methods: [PATCH], path: /both }, require: { scopes: [x] }, binding_message: d }
+"#,
+        );
+        assert_eq!(find(&set, "PATCH", None, "/carts/1"), Some("replace"));
+        assert_eq!(find(&set, "PUT", None, "/notes/1"), Some("edit"));
+        // A policy for the method itself comes first.
+        assert_eq!(find(&set, "PUT", None, "/both"), Some("exact"));
+        assert_eq!(find(&set, "PATCH", None, "/both"), Some("other"));
+        assert_eq!(find(&set, "POST", None, "/carts/1"), None);
     }
 
     #[test]

@@ -32,11 +32,13 @@ impl Part {
     }
 }
 
-/// The name as a merging framework files it: PHP drops leading spaces and
-/// turns `.` and spaces into `_`; `qty[]` and `qty[a]` are `qty` to PHP,
-/// Rails and qs; and letter case is folded (Unicode), as the strict body
-/// parser folds keys.
+/// The name as a merging framework files it: PHP ends a name at a NUL
+/// (`qty%00x` is `qty`: it registers names as C strings), drops leading
+/// spaces and turns `.` and spaces into `_`; `qty[]` and `qty[a]` are `qty`
+/// to PHP, Rails and qs; and letter case is folded (Unicode), as the strict
+/// body parser folds keys.
 pub(crate) fn merge_key(name: &str) -> String {
+    let name = name.split('\0').next().unwrap_or(name);
     let name = name.trim_start();
     let name = name.split('[').next().unwrap_or(name);
     fold_case(&name.replace(['.', ' '], "_"))
@@ -65,6 +67,14 @@ impl<'a> CallParts<'a> {
         }
     }
 
+    /// The `Content-Encoding` of a body that has one (other than
+    /// `identity`): its names cannot be read here, while Express's body
+    /// parsers inflate gzip and deflate and read them.
+    pub(crate) fn encoding(&self) -> Option<String> {
+        self.body.filter(|b| !b.is_empty())?;
+        super::body::content_encoding(self.headers)
+    }
+
     /// The first part other than `shown_in` that also gives `name`.
     pub(crate) fn also_given(&self, name: &str, shown_in: Part) -> Option<Part> {
         let key = merge_key(name);
@@ -77,7 +87,9 @@ impl<'a> CallParts<'a> {
     fn keys(&self, part: Part) -> Vec<String> {
         match part {
             Part::Path => self.path.iter().map(|(k, _)| merge_key(k)).collect(),
-            Part::Query => form_keys(self.query.unwrap_or("").as_bytes()),
+            // Rack 2 (Rails 7.0 and older) and Go before 1.17 also split a
+            // query at `;`.
+            Part::Query => form_keys(self.query.unwrap_or("").replace(';', "&").as_bytes()),
             Part::Body => self
                 .body
                 .map_or_else(Vec::new, |b| body_keys(self.headers, b)),
@@ -92,28 +104,35 @@ fn form_keys(text: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// Field names of a body in the formats frameworks merge into parameters.
-/// Bodies that cannot be read as such give none: the framework would not
-/// read them either.
+/// Field names of a body in every format some framework merges into
+/// parameters for its headers: the members of a body that is a JSON object,
+/// whatever its Content-Type (Laravel reads JSON when the Content-Type
+/// merely contains `/json` or `+json`, Express's `json({ type: '*/*' })`
+/// and FastAPI without a Content-Type read any); the fields of an
+/// urlencoded form, also without a Content-Type (Rack reads a POST body so);
+/// the parts of a multipart body. Every Content-Type header counts.
+/// Bodies none of them reads give none.
 fn body_keys(headers: &HeaderMap, body: &[u8]) -> Vec<String> {
-    let media = headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(|v| v.trim().to_ascii_lowercase())
-        .unwrap_or_default();
-    if media == "application/x-www-form-urlencoded" {
-        form_keys(body)
-    } else if media.starts_with("multipart/") {
-        multipart_names(body)
-    } else if media.ends_with("/json") || media.ends_with("+json") {
-        match serde_json::from_slice::<serde_json::Value>(body) {
-            Ok(serde_json::Value::Object(fields)) => fields.keys().map(|k| merge_key(k)).collect(),
-            _ => Vec::new(),
-        }
-    } else {
-        Vec::new()
+    let mut keys = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(fields)) => fields.keys().map(|k| merge_key(k)).collect(),
+        _ => Vec::new(),
+    };
+    let types = headers.get_all(CONTENT_TYPE);
+    let mut form = types.iter().next().is_none();
+    let mut multipart = false;
+    for value in types {
+        let value = String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase();
+        let media = value.split(';').next().unwrap_or_default().trim();
+        form |= media.is_empty() || media == "application/x-www-form-urlencoded";
+        multipart |= media.starts_with("multipart/");
     }
+    if form {
+        keys.extend(form_keys(body));
+    }
+    if multipart {
+        keys.extend(multipart_names(body));
+    }
+    keys
 }
 
 /// Conservative: every `name=` parameter anywhere in the body counts, quoted
@@ -167,7 +186,7 @@ mod tests {
 
     #[test]
     fn names_fold_as_merging_frameworks_file_them() {
-        for spelling in ["qty", "QTY", " qty", "qty[]", "qty[a]", "Qty[0]"] {
+        for spelling in ["qty", "QTY", " qty", "qty[]", "qty[a]", "Qty[0]", "qty\0x"] {
             assert_eq!(merge_key(spelling), "qty", "{spelling}");
         }
         assert_eq!(merge_key("price.limit"), "price_limit");
@@ -181,6 +200,9 @@ mod tests {
         assert_eq!(parts.also_given("qty", Part::Body), Some(Part::Query));
         assert_eq!(parts.also_given("qty", Part::Query), Some(Part::Body));
         assert_eq!(parts.also_given("product", Part::Body), None);
+
+        let parts = CallParts::new(&json, Some("x=1;qty=100"), None, &[]);
+        assert_eq!(parts.also_given("qty", Part::Body), Some(Part::Query));
 
         let cookie = headers(&[("cookie", "a=1; QTY=100")]);
         let parts = CallParts::new(&cookie, None, None, &[]);
@@ -209,5 +231,43 @@ mod tests {
         let text = headers(&[("content-type", "text/plain")]);
         let parts = CallParts::new(&text, None, Some(b"qty=100"), &[]);
         assert_eq!(parts.also_given("qty", Part::Query), None);
+        let json = headers(&[("content-type", "application/json")]);
+        let parts = CallParts::new(&json, None, Some(b"{\"a\":\"&qty=100\"}"), &[]);
+        assert_eq!(parts.also_given("qty", Part::Query), None);
+    }
+
+    #[test]
+    fn json_and_forms_are_read_whatever_the_content_type_says() {
+        // Laravel (`/json` anywhere in the header), Express's
+        // json({ type: '*/*' }), FastAPI without a Content-Type.
+        for content_type in [
+            Some("text/plain"),
+            Some("text/plain; x=/json"),
+            Some("text/json"),
+            Some("application/octet-stream"),
+            None,
+        ] {
+            let map = match content_type {
+                Some(t) => headers(&[("content-type", t)]),
+                None => HeaderMap::new(),
+            };
+            let parts = CallParts::new(&map, None, Some(b"{\"qty\":100}"), &[]);
+            assert_eq!(
+                parts.also_given("qty", Part::Query),
+                Some(Part::Body),
+                "{content_type:?}"
+            );
+        }
+        // Rack reads a body without a Content-Type as a form.
+        let none = HeaderMap::new();
+        let parts = CallParts::new(&none, None, Some(b"qty=100"), &[]);
+        assert_eq!(parts.also_given("qty", Part::Query), Some(Part::Body));
+        // Of two Content-Types, either may be the one read.
+        let two = headers(&[
+            ("content-type", "application/json"),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ]);
+        let parts = CallParts::new(&two, None, Some(b"qty=100"), &[]);
+        assert_eq!(parts.also_given("qty", Part::Query), Some(Part::Body));
     }
 }

@@ -122,9 +122,11 @@ impl Countersign {
         }))
     }
 
-    /// Rails and Rack take the method from a `_method` field of a form POST,
-    /// Laravel also from a JSON one: on a path some policy covers, such a
-    /// body is read and refused. Returns the body when it was read.
+    /// Rails and Rack take the method from a `_method` field of a form POST
+    /// (Rack reads a POST without a Content-Type as a form too), Laravel
+    /// also from a JSON one (any Content-Type containing `/json` or `+json`):
+    /// on a path some policy covers, such a body is read and refused. Every
+    /// Content-Type header counts. Returns the body when it was read.
     async fn refuse_form_method_field(
         &self,
         session: &mut Session,
@@ -135,26 +137,26 @@ impl Countersign {
         if header.method != http::Method::POST {
             return Ok(None);
         }
-        let content_type = header
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.trim().to_ascii_lowercase())
-            .unwrap_or_default();
-        let media_type = content_type.split(';').next().unwrap_or_default().trim();
-        let check: fn(&[u8]) -> bool = match media_type {
-            "application/x-www-form-urlencoded" => {
-                |bytes| request::has_method_parameter(&String::from_utf8_lossy(bytes))
-            }
-            t if t.starts_with("multipart/") => request::multipart_has_method_field,
-            t if t == "application/json" || t.ends_with("+json") => request::json_has_method_field,
-            _ => return Ok(None),
-        };
+        let checks = request::method_field_readers(&header.headers);
+        if checks.is_empty() {
+            return Ok(None);
+        }
         if !policies.covers(Some(&request.host), &request.path) {
             return Ok(None);
         }
         let body = hold::read_body(session, self.limits.max_body_bytes).await?;
-        let overrides = check(body.as_deref().unwrap_or_default());
+        let bytes = body.as_deref().unwrap_or_default();
+        if !bytes.is_empty()
+            && policy::body::content_encoding(&session.req_header().headers).is_some()
+        {
+            // Express's body parsers inflate it and find a `_method` there.
+            return Err(Problem::new(ProblemCode::InvalidBody)
+                .with_detail(
+                    "A POST body to this path must be sent without Content-Encoding, so that the gateway can see it names no _method field.",
+                )
+                .into());
+        }
+        let overrides = checks.iter().any(|check| check(bytes));
         if overrides {
             return Err(Problem::new(ProblemCode::MethodOverrideRefused)
                 .with_detail(format!(

@@ -88,10 +88,10 @@ impl Countersign {
         upstream: &str,
     ) -> Result<Option<HeldCall>, Reply> {
         // GET opens the server's stream; a POST carries a message. Any
-        // other method with a body is read like a POST: a lenient server
-        // might take a tools/call from it.
-        let method = &session.req_header().method;
-        if [http::Method::GET, http::Method::HEAD, http::Method::OPTIONS].contains(method) {
+        // other method with a body, GET included, is read like a POST: a
+        // lenient server (one handler for every method) might take a
+        // tools/call from it.
+        if mcp::is_bodiless_stream_request(session.req_header()) {
             return Ok(None);
         }
         let body = hold::read_body(session, self.limits.max_body_bytes).await?;

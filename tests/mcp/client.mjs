@@ -4,7 +4,7 @@
 //   node tests/mcp/client.mjs '<scenario JSON>'
 //
 // The scenario: { "url", "user" (sent as x-countersign-user; null: none),
-// "steps": [...] }
+// "headers" (optional: more headers on every request), "steps": [...] }
 // where each step is { "list": true } (tools/list), or { "call": <tool>,
 // "arguments": {...}, "timeout": ms, "progress": true (send a progressToken
 // and reset the timeout on progress), "parallel": n (send it n times at once) }.
@@ -19,8 +19,10 @@ import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/
 import { LoggingMessageNotificationSchema } from '@modelcontextprotocol/sdk/types.js';
 
 const scenario = JSON.parse(process.argv[2]);
+const headers = { ...(scenario.headers ?? {}) };
+if (scenario.user !== null) headers['x-countersign-user'] = scenario.user;
 const transport = new StreamableHTTPClientTransport(new URL(scenario.url), {
-  requestInit: { headers: scenario.user === null ? {} : { 'x-countersign-user': scenario.user } },
+  requestInit: { headers },
 });
 const client = new Client({ name: 'countersign-test-client', version: '1.0.0' });
 const errors = [];

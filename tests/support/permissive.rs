@@ -27,11 +27,14 @@
 //!   Unicode case folding (`ſ` upper-cases to `S`: Java's
 //!   `equalsIgnoreCase`, .NET's ignore-case comparisons).
 //! - method: as sent, upper-cased; `HEAD` is served by the `GET` handler
-//!   (Express, Rails, Go, Flask, Spring); `X-HTTP-Method-Override`,
+//!   (Express, Rails, Go, Flask, Spring); `PATCH` and `PUT` by one `update`
+//!   (Rails' `resources`, Laravel's `Route::resource`); `X-HTTP-Method-Override`,
 //!   `X-HTTP-Method`, `X-Method-Override`; a `_method` query parameter
 //!   (Express's method-override, Laravel, Symfony); a `_method` field of an
-//!   urlencoded or multipart body (Rails/Rack, Laravel, Symfony) or of a JSON
-//!   body (method-override with a `req.body` getter, as in its README).
+//!   urlencoded or multipart body (Rails/Rack, Laravel, Symfony; Rack reads
+//!   a POST without a Content-Type as a form) or of a JSON body, for any
+//!   Content-Type containing `json` (method-override with a `req.body`
+//!   getter, as in its README; Laravel's `isJson`).
 //! - host: every `Host` header, the authority of an absolute-form target,
 //!   `X-Forwarded-Host` (Express with `trust proxy`, Symfony and Laravel
 //!   behind trusted proxies, Django's `USE_X_FORWARDED_HOST`), `Forwarded:
@@ -439,6 +442,13 @@ pub fn readings(
     if method.eq_ignore_ascii_case("HEAD") {
         methods.insert("GET".into());
     }
+    // Rails' `resources`, Laravel's `Route::resource`: both are `update`.
+    if method.eq_ignore_ascii_case("PATCH") {
+        methods.insert("PUT".into());
+    }
+    if method.eq_ignore_ascii_case("PUT") {
+        methods.insert("PATCH".into());
+    }
     for name in METHOD_OVERRIDE_HEADERS {
         methods.extend(values(name).map(|v| v.trim().to_ascii_uppercase()));
     }
@@ -447,7 +457,9 @@ pub fn readings(
     }
     let content_type = values("content-type").next().unwrap_or_default();
     let media_type = content_type.to_ascii_lowercase();
-    if media_type.starts_with("application/x-www-form-urlencoded") {
+    // Rack's form_data?: a POST without a Content-Type is a form.
+    let no_type = values("content-type").next().is_none() && method.eq_ignore_ascii_case("POST");
+    if media_type.starts_with("application/x-www-form-urlencoded") || no_type {
         methods.extend(form_field(body, "_method"));
     } else if media_type.starts_with("multipart/form-data") {
         methods.extend(multipart_field(content_type, body, "_method"));
