@@ -5,3 +5,7 @@ CREATE TABLE gateway_heartbeats (
     owner       TEXT   PRIMARY KEY,
     alive_until BIGINT NOT NULL
 );
+
+-- The per-person limit counts one person's pending approvals on every policy
+-- call: by (subject, state), not by scanning all of that person's history.
+CREATE INDEX approvals_subject_state ON approvals (subject, state);

@@ -477,14 +477,12 @@ impl Engine {
         let deadline = polled.schedule.deadline();
         if due == Due::Timer && Instant::now() >= deadline {
             // No poll may be made past the deadline.
-            drop(permit);
             return self.conclude(&id, polled, Outcome::Expired).await;
         }
         if !self.alive() || !self.still_pending(&id, &polled).await {
             return self.stop_driving(&id);
         }
         let answer = self.ciba.poll(&polled.auth_req_id).await;
-        drop(permit);
         match &answer {
             PollAnswer::SlowDown => {
                 tracing::warn!(approval_id = id, "authorization server asked to slow down")
@@ -500,8 +498,11 @@ impl Engine {
             // notification may still come; it is awaited until then.
             Step::Finish(Outcome::Expired) if self.pings.is_some() && !server_expired => deadline,
             Step::PollAt(at) => at,
+            // Forwards hold their permit too: the store writes of a wave of
+            // approvals stay bounded, and so does how long each waits.
             Step::Finish(outcome) => return self.conclude(&id, polled, outcome).await,
         };
+        drop(permit);
         if polled.schedule.interval() != polled.stored_interval {
             self.record_interval(&id, &mut polled, next).await;
         }

@@ -266,6 +266,15 @@ trait Backend: Send + Sync + 'static {
         sql: &str,
         params: &[Param],
     ) -> Result<Vec<Approval>, StoreError>;
+    /// A statement on a connection of its own, so that it never waits
+    /// behind the work queued in the pool: the heartbeat must arrive while
+    /// the store is busiest, or others take over work that is going on.
+    async fn exec_apart(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<u64, StoreError>;
     /// A query returning one integer (a `COUNT(*)`).
     async fn scalar(
         &self,
@@ -280,6 +289,8 @@ trait Backend: Send + Sync + 'static {
 struct Sqlite {
     writer: SqlitePool,
     reader: SqlitePool,
+    /// For [`Backend::exec_apart`]: waits on SQLite's lock, not the pool.
+    apart: SqlitePool,
 }
 
 #[async_trait::async_trait]
@@ -287,6 +298,19 @@ impl Backend for Sqlite {
     async fn exec(&self, op: &'static str, sql: &str, params: &[Param]) -> Result<u64, StoreError> {
         let done = bind_all!(sqlx::query(sql), params)
             .execute(&self.writer)
+            .await
+            .map_err(|e| db_error(op, &e))?;
+        Ok(done.rows_affected())
+    }
+
+    async fn exec_apart(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<u64, StoreError> {
+        let done = bind_all!(sqlx::query(sql), params)
+            .execute(&self.apart)
             .await
             .map_err(|e| db_error(op, &e))?;
         Ok(done.rows_affected())
@@ -321,6 +345,8 @@ impl Backend for Sqlite {
 
 struct Postgres {
     pool: PgPool,
+    /// For [`Backend::exec_apart`].
+    apart: PgPool,
 }
 
 #[async_trait::async_trait]
@@ -328,6 +354,19 @@ impl Backend for Postgres {
     async fn exec(&self, op: &'static str, sql: &str, params: &[Param]) -> Result<u64, StoreError> {
         let done = bind_all!(sqlx::query(sql), params)
             .execute(&self.pool)
+            .await
+            .map_err(|e| db_error(op, &e))?;
+        Ok(done.rows_affected())
+    }
+
+    async fn exec_apart(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<u64, StoreError> {
+        let done = bind_all!(sqlx::query(sql), params)
+            .execute(&self.apart)
             .await
             .map_err(|e| db_error(op, &e))?;
         Ok(done.rows_affected())
@@ -458,6 +497,13 @@ pub(super) async fn open_sqlite(path: &Path) -> Result<Arc<dyn ApprovalStore>, S
                 .run(&writer)
                 .await
                 .map_err(migrate_error)?;
+            let apart = SqlitePoolOptions::new()
+                .max_connections(1)
+                .acquire_slow_level(QUIET)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_with(options.clone().synchronous(SqliteSynchronous::Full))
+                .await
+                .map_err(cannot)?;
             let reader = SqlitePoolOptions::new()
                 .max_connections(SQLITE_READERS)
                 .acquire_slow_level(QUIET)
@@ -465,7 +511,11 @@ pub(super) async fn open_sqlite(path: &Path) -> Result<Arc<dyn ApprovalStore>, S
                 .connect_with(options.read_only(true))
                 .await
                 .map_err(cannot)?;
-            Ok(Sqlite { writer, reader })
+            Ok(Sqlite {
+                writer,
+                reader,
+                apart,
+            })
         })
         .await?;
     Ok(Arc::new(SqlStore {
@@ -483,24 +533,24 @@ pub(super) async fn open_postgres(url: &str) -> Result<Arc<dyn ApprovalStore>, S
     let driver = Driver::new()?;
     let backend = driver
         .run("open", async move {
-            let pool = PgPoolOptions::new()
-                .acquire_slow_level(QUIET)
-                .max_connections(POSTGRES_CONNECTIONS)
-                .acquire_timeout(ACQUIRE_TIMEOUT)
-                .connect_with(options)
-                .await
-                .map_err(|e| {
-                    StoreError::Unavailable(format!(
-                        "cannot connect to PostgreSQL: {}",
-                        describe(&e)
-                    ))
-                })?;
+            let connect = |connections: u32| {
+                PgPoolOptions::new()
+                    .acquire_slow_level(QUIET)
+                    .max_connections(connections)
+                    .acquire_timeout(ACQUIRE_TIMEOUT)
+                    .connect_with(options.clone())
+            };
+            let cannot = |e: sqlx::Error| {
+                StoreError::Unavailable(format!("cannot connect to PostgreSQL: {}", describe(&e)))
+            };
+            let pool = connect(POSTGRES_CONNECTIONS).await.map_err(cannot)?;
             migrator(MIGRATIONS_POSTGRES)
                 .await?
                 .run(&pool)
                 .await
                 .map_err(migrate_error)?;
-            Ok(Postgres { pool })
+            let apart = connect(1).await.map_err(cannot)?;
+            Ok(Postgres { pool, apart })
         })
         .await?;
     Ok(Arc::new(SqlStore {
@@ -664,7 +714,7 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
         let params = [text(owner), int(to_ms(alive_until))];
         self.driver
             .run("heartbeat", async move {
-                backend.exec("heartbeat", HEARTBEAT, &params).await?;
+                backend.exec_apart("heartbeat", HEARTBEAT, &params).await?;
                 Ok(())
             })
             .await
