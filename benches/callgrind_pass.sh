@@ -10,15 +10,22 @@
 # nginx `return 200 'ok'`). benches/pass_client.py warms it up (CG_WARMUP
 # requests over CG_CONNS keep-alive connections, which fills the upstream pool),
 # then callgrind's counters are zeroed and dumped around an idle interval (0
-# requests) and around exactly CG_N requests on the same connections:
+# requests, CG_IDLE s) and around exactly CG_N requests on CG_CONNS new
+# connections:
 #
-#   instructions/request = (Ir(N requests) - Ir(0 requests)) / N
+#   instructions/request = (Ir(N requests) - Ir(0 requests) * t_busy / t_idle) / N
+#
+# where both Ir leave out the policy-file watcher (reload.rs hashes the policy
+# files every 0.5 s: clock-driven, and under valgrind the N requests take
+# minutes), and the idle Ir is scaled by the intervals' lengths.
 #
 # Countersign loads policies/ plus 1,000 generated policies (gen_policies.sh)
 # with default_action: pass; GET / matches none of them.
 #
 # Knobs: CG_N (20000), CG_CONNS (10), CG_WARMUP (500), CG_TARGETS ("bare
-# countersign"), CG_BUILD (1: cargo build --release first), CG_OUT (callgrind
+# countersign"), CG_BUILD (1: cargo build --release first), CG_BIN (the release
+# directory holding the binaries, to compare builds), CG_PORT (first port
+# tried, 18280), CG_OUT (callgrind
 # files and logs; default a fresh temp dir, kept). Prints one RESULT line per
 # proxy; `callgrind_annotate $CG_OUT/cg-countersign.2` shows where it goes.
 set -euo pipefail
@@ -31,7 +38,7 @@ TARGETS=${CG_TARGETS:-bare countersign}
 OUT=${CG_OUT:-$(mktemp -d /tmp/countersign-callgrind.XXXXXX)}
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/countersign-callgrind-work.XXXXXX)
-BIN=${CARGO_TARGET_DIR:-$REPO/target}/release
+BIN=${CG_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release}
 CLIENT=$REPO/benches/pass_client.py
 
 log() { printf '[callgrind %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -40,7 +47,9 @@ command -v nginx >/dev/null || { log "nginx is needed (apt-get install nginx-lig
 
 PIDS=()
 cleanup() {
-  for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  # TERM, not KILL: nginx's master then stops its worker (which would keep
+  # our stdout open); the proxies under valgrind are killed in measure().
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
   rm -rf "$WORK"
 }
@@ -58,7 +67,7 @@ if [[ ${CG_BUILD:-1} == 1 ]]; then
   cargo build --release --quiet --bin countersign --example bare_pingora
 fi
 
-UP_PORT=$(pick_port 18280)
+UP_PORT=$(pick_port "${CG_PORT:-18280}")
 mkdir -p "$WORK/upstream/logs"
 cat >"$WORK/upstream/nginx.conf" <<EOF
 worker_processes 1;
@@ -107,6 +116,12 @@ total_ir() { # total_ir <callgrind file>: the Ir of that dump
   awk '/^(summary|totals):/ { print $2; exit }' "$1"
 }
 
+watcher_ir() { # watcher_ir <callgrind file>: inclusive Ir of the policy-file watcher
+  callgrind_annotate --inclusive=yes "$1" 2>/dev/null |
+    awk '/countersign::reload::Reloader::fingerprint/ { gsub(",", "", $1); print $1; found = 1; exit }
+         END { if (!found) print 0 }'
+}
+
 measure() { # measure <name> <command...>
   local name=$1; shift
   local file="$OUT/cg-$name"
@@ -117,16 +132,27 @@ measure() { # measure <name> <command...>
   wait_port "$PROXY_PORT"
   python3 "$CLIENT" "$PROXY_PORT" "$WARMUP" "$CONNS" # warm-up, fills the pool
   callgrind_control -z "$pid" >/dev/null
-  sleep 1
+  local t0 t1 t2
+  t0=$(date +%s.%N)
+  sleep "${CG_IDLE:-5}"
   callgrind_control -d "$pid" >/dev/null # dump 1: 0 requests
+  t1=$(date +%s.%N)
   python3 "$CLIENT" "$PROXY_PORT" "$N" "$CONNS" # same connection count, new sockets
   callgrind_control -d "$pid" >/dev/null # dump 2: N requests
+  t2=$(date +%s.%N)
   kill -9 "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
+  # Work that runs by the clock is not per request: Countersign's policy-file
+  # watcher (reads and hashes the policy files every 0.5 s) is taken off by
+  # its inclusive cost; the rest of the idle Ir is scaled by time.
   local idle busy
-  idle=$(total_ir "$file.1")
-  busy=$(total_ir "$file.2")
-  echo "RESULT $name requests=$N idle_ir=$idle busy_ir=$busy ir_per_request=$(((busy - idle) / N))"
+  idle=$(($(total_ir "$file.1") - $(watcher_ir "$file.1")))
+  busy=$(($(total_ir "$file.2") - $(watcher_ir "$file.2")))
+  awk -v name="$name" -v n="$N" -v idle="$idle" -v busy="$busy" \
+    -v ti="$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" \
+    -v tb="$(awk -v a="$t1" -v b="$t2" 'BEGIN { print b - a }')" 'BEGIN {
+      printf "RESULT %s requests=%d idle_ir=%d idle_s=%.1f busy_ir=%d busy_s=%.1f ir_per_request=%d\n",
+        name, n, idle, ti, busy, tb, (busy - idle * tb / ti) / n }'
 }
 
 for t in $TARGETS; do
