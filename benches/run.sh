@@ -140,8 +140,12 @@ start_nginx "$WORK/proxy"
 PIDS+=($!)
 BARE_PID=$!
 
-# (d) Countersign on a pass route: the example shop policies are loaded, the
-# benchmark's GET / matches none of them and default_action is pass.
+# (d) Countersign on a pass route: the example shop policies and 1,000
+# generated ones are loaded, the benchmark's GET / matches none of them and
+# default_action is pass.
+# Plus 1,000 generated policies (benches/gen_policies.sh), so matching costs
+# what it costs with a real table (issue 11).
+"$REPO/benches/gen_policies.sh" 1000 >"$WORK/generated-policies.yaml"
 countersign_conf() { # countersign_conf <file> <proxy port>
   cat >"$1" <<EOF
 listen:
@@ -159,7 +163,7 @@ authorization_server:
   client_auth: { method: client_secret_post, client_secret: bench }
 identity:
   header: { name: x-countersign-user }
-policies: [$REPO/policies]
+policies: [$REPO/policies, $WORK/generated-policies.yaml]
 default_action: pass
 store: memory   # nothing is held in this part; two gateways share this directory
 EOF

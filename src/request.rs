@@ -222,18 +222,36 @@ fn request_host(header: &RequestHeader, target: Option<&str>) -> Result<String, 
     }
 }
 
+/// [`METHOD_OVERRIDE_HEADERS`] as header names: a `&str` key is parsed and
+/// validated again on every lookup, a `HeaderName` is not.
+const METHOD_OVERRIDE_NAMES: [HeaderName; 3] = [
+    HeaderName::from_static(METHOD_OVERRIDE_HEADERS[0]),
+    HeaderName::from_static(METHOD_OVERRIDE_HEADERS[1]),
+    HeaderName::from_static(METHOD_OVERRIDE_HEADERS[2]),
+];
+
+/// [`PATH_OVERRIDE_HEADERS`] as header names.
+const PATH_OVERRIDE_NAMES: [HeaderName; 4] = [
+    HeaderName::from_static(PATH_OVERRIDE_HEADERS[0]),
+    HeaderName::from_static(PATH_OVERRIDE_HEADERS[1]),
+    HeaderName::from_static(PATH_OVERRIDE_HEADERS[2]),
+    HeaderName::from_static(PATH_OVERRIDE_HEADERS[3]),
+];
+
 fn refuse_override_headers(headers: &HeaderMap) -> Result<(), RequestError> {
-    if let Some(name) = METHOD_OVERRIDE_HEADERS
-        .into_iter()
-        .find(|h| headers.contains_key(*h))
+    if let Some(i) = METHOD_OVERRIDE_NAMES
+        .iter()
+        .position(|h| headers.contains_key(h))
     {
-        return Err(RequestError::MethodOverrideHeader(name));
+        return Err(RequestError::MethodOverrideHeader(
+            METHOD_OVERRIDE_HEADERS[i],
+        ));
     }
-    if let Some(name) = PATH_OVERRIDE_HEADERS
-        .into_iter()
-        .find(|h| headers.contains_key(*h))
+    if let Some(i) = PATH_OVERRIDE_NAMES
+        .iter()
+        .position(|h| headers.contains_key(h))
     {
-        return Err(RequestError::PathOverrideHeader(name));
+        return Err(RequestError::PathOverrideHeader(PATH_OVERRIDE_HEADERS[i]));
     }
     Ok(())
 }

@@ -50,6 +50,14 @@ pub fn normalize(raw: &str) -> Result<NormalizedPath, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::NotAbsolute);
     }
+    match already_normal(raw) {
+        Some(path) => Ok(path),
+        None => normalize_general(raw),
+    }
+}
+
+/// Every path, segment by segment.
+fn normalize_general(raw: &str) -> Result<NormalizedPath, PathError> {
     let trailing_slash = raw.len() > 1 && raw.ends_with('/');
 
     let mut segments: Vec<String> = Vec::new();
@@ -77,6 +85,30 @@ pub fn normalize(raw: &str) -> Result<NormalizedPath, PathError> {
         forward,
         match_key,
         key_original,
+    })
+}
+
+/// The common case without the per-segment work: a path of plain
+/// characters (unreserved or sub-delims, no `%`, `;` or backslash), without empty,
+/// `.` or `..` segments, is its own forwarded form, and its key is itself
+/// without a trailing slash. Exactly what the general path computes for it
+/// (`fast_path_agrees_with_the_general_one`).
+fn already_normal(raw: &str) -> Option<NormalizedPath> {
+    let plain = raw
+        .bytes()
+        .all(|b| b == b'/' || (b != b';' && (is_unreserved(b) || is_path_char(b))));
+    if !plain || raw.contains("//") {
+        return None;
+    }
+    let body = raw.strip_suffix('/').unwrap_or(raw);
+    if body.split('/').skip(1).any(|s| s == "." || s == "..") {
+        return None;
+    }
+    let key_original = if body.is_empty() { "/" } else { body };
+    Some(NormalizedPath {
+        forward: raw.to_owned(),
+        match_key: key_original.to_ascii_lowercase(),
+        key_original: key_original.to_owned(),
     })
 }
 
@@ -224,6 +256,36 @@ mod tests {
             );
         }
         assert!(normalize("/caf%C3%A9").is_ok());
+    }
+
+    #[test]
+    fn fast_path_agrees_with_the_general_one() {
+        for raw in [
+            "/",
+            "/shop",
+            "/Shop/",
+            "/a/b/c",
+            "/a/b/",
+            "/a.b/c.json",
+            "/x/..",
+            "/x/.",
+            "/.",
+            "/..",
+            "/a//b",
+            "//",
+            "/a;b",
+            "/~u/x-y_z",
+            "/a:b@c!$&'()*+,=",
+            "/.a/..b/",
+        ] {
+            if let Some(fast) = already_normal(raw) {
+                assert_eq!(Ok(fast), normalize_general(raw), "{raw}");
+            }
+        }
+        assert!(already_normal("/shop/orders").is_some());
+        for not_plain in ["/x/..", "/.", "/a//b", "/a;b", "/%73hop", "/a\\b"] {
+            assert!(already_normal(not_plain).is_none(), "{not_plain}");
+        }
     }
 
     #[test]

@@ -64,6 +64,9 @@ impl Countersign {
         let policy = call.policy.clone();
         let store = self.engine.store();
         let new = self.new_approval(session, &call)?;
+        // Everything of the call the approval needs is in `new`: the body,
+        // rendering and identity are not kept for the whole hold.
+        drop(call);
         let waiting = format!(
             "Waiting for {} to approve '{}'",
             new.subject, new.binding_message
@@ -99,7 +102,7 @@ impl Countersign {
                         return Err(super::answer::failed_approval(error).into())
                     }
                 }
-                new.id
+                new.id.clone()
             }
             Ok(Inserted::Existing(existing)) => {
                 tracing::info!(approval_id = %existing.id, policy = %policy.name, "retry attached to its approval");
@@ -113,6 +116,10 @@ impl Countersign {
             Err(StoreError::KeyReuse) => return Err(ProblemCode::IdempotencyKeyReused.into()),
             Err(error) => return Err(store_problem(error)),
         };
+        // Stored now; a held call keeps only who approves (the copy of the
+        // request's headers and body in `new` would live as long as the hold).
+        let subject = new.subject.clone();
+        drop(new);
 
         let hold_for = match policy.wait {
             WaitMode::Async => Duration::ZERO,
@@ -138,7 +145,7 @@ impl Countersign {
                 held: self.held.clone(),
                 metrics: self.metrics.clone(),
             };
-            let _waiting = self.note_waiting(session, ctx, &new.subject, &id);
+            let _waiting = self.note_waiting(session, ctx, &subject, &id);
             let until = Instant::now() + hold_for;
             if ctx.mcp.is_none() {
                 large_answer = Some(self.engine.watch_large_answer(&id));
