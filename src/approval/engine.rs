@@ -168,13 +168,11 @@ impl Engine {
         self.begin_driving(id);
         // Leased before the person is asked: nobody else may adopt it and
         // ask a second time while the authorization request is in flight.
+        // The heartbeat keeps the lease from then on; should this process
+        // die, another takes over one lease later.
         let leased = self
             .store
-            .lease(
-                id,
-                &self.owner(),
-                self.lease_until(SystemTime::now() + self.ciba_timeout()),
-            )
+            .lease(id, &self.owner(), self.lease_until(SystemTime::now()))
             .await;
         if !matches!(leased, Ok(true)) {
             self.stop_driving(id);
@@ -390,11 +388,7 @@ impl Engine {
         let now = SystemTime::now();
         let leased = self
             .store
-            .lease(
-                id,
-                &self.owner(),
-                self.lease_until(now + self.ciba_timeout()),
-            )
+            .lease(id, &self.owner(), self.lease_until(now))
             .await;
         if !matches!(leased, Ok(true)) {
             return None;
@@ -572,10 +566,6 @@ impl Engine {
 
     fn lease_until(&self, after: SystemTime) -> SystemTime {
         after + self.config.lease
-    }
-
-    fn ciba_timeout(&self) -> Duration {
-        self.config.lease + Duration::from_secs(10)
     }
 
     async fn take_lease(&self, id: &str, busy_until: SystemTime) -> bool {
