@@ -385,12 +385,7 @@ impl Engine {
     /// now, since the last poll (not recorded: it cost a write) may have
     /// been made by the process that died a moment ago.
     async fn resume(&self, id: &str) -> Option<(Polled, Instant)> {
-        let now = SystemTime::now();
-        let leased = self
-            .store
-            .lease(id, &self.owner(), self.lease_until(now))
-            .await;
-        if !matches!(leased, Ok(true)) {
+        if !self.take_lease(id, SystemTime::now()).await {
             return None;
         }
         let approval = self.store.get(id).await.ok()??;

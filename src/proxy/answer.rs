@@ -86,17 +86,7 @@ impl Countersign {
         response: StoredResponse,
     ) -> Result<()> {
         let body = Bytes::from(response.body.unwrap_or_default());
-        let mut header = ResponseHeader::build(response.status, Some(response.headers.len() + 2))?;
-        for (name, value) in response.headers {
-            if name == "content-length" {
-                continue;
-            }
-            header.append_header(name, value.as_slice())?;
-        }
-        header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-        if let Some(id) = &ctx.approval_id {
-            header.insert_header(APPROVAL_ID_HEADER, id.as_str())?;
-        }
+        let header = upstream_header(ctx, response.status, response.headers, Some(body.len()))?;
         self.write(session, header, body).await
     }
 
@@ -114,19 +104,8 @@ impl Countersign {
             headers,
             body: mut rest,
         } = answer;
-        let mut header = ResponseHeader::build(status, Some(headers.len() + 1))?;
-        for (name, value) in headers {
-            header.append_header(name, value.as_slice())?;
-        }
-        if let Some(id) = &ctx.approval_id {
-            header.insert_header(APPROVAL_ID_HEADER, id.as_str())?;
-        }
-        if !session.is_body_done() {
-            session.set_keepalive(None);
-        }
-        session
-            .write_response_header(Box::new(header), false)
-            .await?;
+        let header = upstream_header(ctx, status, headers, None)?;
+        begin(session, header).await?;
         let read = std::mem::take(&mut rest.read);
         session
             .write_response_body(Some(Bytes::from(read)), false)
@@ -152,13 +131,7 @@ impl Countersign {
         header: ResponseHeader,
         body: Bytes,
     ) -> Result<()> {
-        // A body we did not read would be parsed as the next request.
-        if !session.is_body_done() {
-            session.set_keepalive(None);
-        }
-        session
-            .write_response_header(Box::new(header), false)
-            .await?;
+        begin(session, header).await?;
         session.write_response_body(Some(body), true).await
     }
 
@@ -269,4 +242,38 @@ pub(super) fn failed_approval(error: CibaError) -> Problem {
             Problem::new(code)
         }
     }
+}
+
+/// The upstream's status and headers on the approved call's answer, with
+/// its approval id. `content_length`: the body's, replacing the upstream's
+/// (a recorded body); `None` keeps the upstream's framing (a stream).
+fn upstream_header(
+    ctx: &CallCtx,
+    status: u16,
+    headers: Vec<(String, Vec<u8>)>,
+    content_length: Option<usize>,
+) -> Result<ResponseHeader> {
+    let mut header = ResponseHeader::build(status, Some(headers.len() + 2))?;
+    for (name, value) in headers {
+        if content_length.is_some() && name == "content-length" {
+            continue;
+        }
+        header.append_header(name, value.as_slice())?;
+    }
+    if let Some(length) = content_length {
+        header.insert_header(http::header::CONTENT_LENGTH, length.to_string())?;
+    }
+    if let Some(id) = &ctx.approval_id {
+        header.insert_header(APPROVAL_ID_HEADER, id.as_str())?;
+    }
+    Ok(header)
+}
+
+/// Writes the header of an answer of the gateway's own.
+async fn begin(session: &mut Session, header: ResponseHeader) -> Result<()> {
+    // A body we did not read would be parsed as the next request.
+    if !session.is_body_done() {
+        session.set_keepalive(None);
+    }
+    session.write_response_header(Box::new(header), false).await
 }

@@ -256,6 +256,17 @@ macro_rules! bind_all {
     }};
 }
 
+/// Runs a statement on `$pool`; the number of rows it changed.
+macro_rules! execute {
+    ($pool:expr, $op:expr, $sql:expr, $params:expr) => {
+        bind_all!(sqlx::query($sql), $params)
+            .execute($pool)
+            .await
+            .map(|done| done.rows_affected())
+            .map_err(|e| db_error($op, &e))
+    };
+}
+
 /// One database: runs a statement, or a query returning approvals.
 #[async_trait::async_trait]
 trait Backend: Send + Sync + 'static {
@@ -296,11 +307,7 @@ struct Sqlite {
 #[async_trait::async_trait]
 impl Backend for Sqlite {
     async fn exec(&self, op: &'static str, sql: &str, params: &[Param]) -> Result<u64, StoreError> {
-        let done = bind_all!(sqlx::query(sql), params)
-            .execute(&self.writer)
-            .await
-            .map_err(|e| db_error(op, &e))?;
-        Ok(done.rows_affected())
+        execute!(&self.writer, op, sql, params)
     }
 
     async fn exec_apart(
@@ -309,11 +316,7 @@ impl Backend for Sqlite {
         sql: &str,
         params: &[Param],
     ) -> Result<u64, StoreError> {
-        let done = bind_all!(sqlx::query(sql), params)
-            .execute(&self.apart)
-            .await
-            .map_err(|e| db_error(op, &e))?;
-        Ok(done.rows_affected())
+        execute!(&self.apart, op, sql, params)
     }
 
     async fn fetch(
@@ -352,11 +355,7 @@ struct Postgres {
 #[async_trait::async_trait]
 impl Backend for Postgres {
     async fn exec(&self, op: &'static str, sql: &str, params: &[Param]) -> Result<u64, StoreError> {
-        let done = bind_all!(sqlx::query(sql), params)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| db_error(op, &e))?;
-        Ok(done.rows_affected())
+        execute!(&self.pool, op, sql, params)
     }
 
     async fn exec_apart(
@@ -365,11 +364,7 @@ impl Backend for Postgres {
         sql: &str,
         params: &[Param],
     ) -> Result<u64, StoreError> {
-        let done = bind_all!(sqlx::query(sql), params)
-            .execute(&self.apart)
-            .await
-            .map_err(|e| db_error(op, &e))?;
-        Ok(done.rows_affected())
+        execute!(&self.apart, op, sql, params)
     }
 
     async fn fetch(
