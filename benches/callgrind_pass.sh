@@ -23,7 +23,8 @@
 # with default_action: pass; GET / matches none of them.
 #
 # Knobs: CG_N (20000), CG_CONNS (10), CG_WARMUP (500), CG_TARGETS ("bare
-# countersign"), CG_BUILD (1: cargo build --release first), CG_BIN (the release
+# countersign"), CG_PRELOAD (a malloc to LD_PRELOAD into the proxy, such as
+# /usr/lib/x86_64-linux-gnu/libmimalloc.so.2), CG_BUILD (1: cargo build --release first), CG_BIN (the release
 # directory holding the binaries, to compare builds), CG_PORT (first port
 # tried, 18280), CG_OUT (callgrind
 # files and logs; default a fresh temp dir, kept). Prints one RESULT line per
@@ -118,15 +119,16 @@ total_ir() { # total_ir <callgrind file>: the Ir of that dump
 
 watcher_ir() { # watcher_ir <callgrind file>: inclusive Ir of the policy-file watcher
   callgrind_annotate --inclusive=yes "$1" 2>/dev/null |
-    awk '/countersign::reload::Reloader::fingerprint/ { gsub(",", "", $1); print $1; found = 1; exit }
-         END { if (!found) print 0 }'
+    awk '!found && /countersign::reload::Reloader::fingerprint/ { gsub(",", "", $1); ir = $1; found = 1 }
+         END { print found ? ir : 0 }' # reads to the end: an early exit fails the pipe
 }
 
 measure() { # measure <name> <command...>
   local name=$1; shift
   local file="$OUT/cg-$name"
   rm -f "$file" "$file".*
-  valgrind --tool=callgrind --callgrind-out-file="$file" "$@" >"$OUT/$name.out" 2>"$OUT/$name.err" &
+  LD_PRELOAD=${CG_PRELOAD:-} valgrind --tool=callgrind --callgrind-out-file="$file" "$@" \
+    >"$OUT/$name.out" 2>"$OUT/$name.err" &
   local pid=$!
   PIDS+=("$pid")
   wait_port "$PROXY_PORT"

@@ -11,6 +11,12 @@ use countersign::config;
 use countersign::gateway::Gateway;
 use countersign::store::{ApprovalState, ListFilter};
 
+/// pingora allocates and frees several times per request; with glibc's
+/// malloc that was a fifth of a pass-through call's instructions
+/// (docs/BENCHMARKS.md, "Allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "countersign",

@@ -226,6 +226,12 @@ impl ProxyHttp for Countersign {
         CallCtx::default()
     }
 
+    /// No downstream modules. pingora's default adds a response-compression
+    /// module at level 0 (disabled); it still costs an allocation and a
+    /// filter call per phase on every call. Answers pass as the upstream
+    /// encoded them.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         match self.admit(session, ctx).await {
             Ok(()) => Ok(false),
