@@ -238,6 +238,40 @@ fn spellings() -> Vec<Spelling> {
             "POST /products, CL + TE: identity, chunked, POST /shop smuggled",
             smuggle("identity, chunked"),
         ),
+        // Bare LF line endings: Node's insecureHTTPParser, Python's
+        // http.server and httparse (so pingora) end a line at LF alone.
+        spelling(
+            "POST /shop, bare LF line endings",
+            json("POST /shop", &[SHOP]).replace("\r\n", "\n"),
+        ),
+        // A Transfer-Encoding ended by a bare LF inside a CRLF head: a
+        // CRLF-only parser reads it as part of the header before it and
+        // frames by Content-Length; an LF-accepting one reads it as chunked,
+        // and a POST /shop follows.
+        spelling("POST /products, TE after a bare LF, POST /shop smuggled", {
+            let body = format!("0\r\n\r\n{}", json("POST /shop", &[SHOP]));
+            format!(
+                "POST /products HTTP/1.1\r\n{SHOP}\r\n{USER_HEADER}: alice\r\n{PROBE}\r\ncontent-type: application/json\ntransfer-encoding: chunked\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        }),
+        // obs-fold: a line starting with a space continues the header before
+        // it. Unfolded (Node's insecureHTTPParser, Python's email parser),
+        // `transfer-encoding:` + ` chunked` is chunked.
+        spelling(
+            "POST /products, CL + TE folded onto a continuation line, POST /shop smuggled",
+            smuggle("\r\n chunked"),
+        ),
+        // A folded override header: GET /shop read as POST.
+        spelling(
+            "GET /shop, X-HTTP-Method-Override folded",
+            bare("GET /shop", &[SHOP, "X-HTTP-Method-Override:\r\n\tPOST"]),
+        ),
+        // A folded Host: the held host on a continuation line.
+        spelling(
+            "GET /admin/x, Host folded",
+            bare("GET /admin/x", &["Host:\r\n admin.example"]),
+        ),
         // Two Content-Lengths: whoever reads the first (0) sees the body as
         // a second request.
         spelling(
