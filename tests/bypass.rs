@@ -272,6 +272,27 @@ fn spellings() -> Vec<Spelling> {
             "GET /admin/x, Host folded",
             bare("GET /admin/x", &["Host:\r\n admin.example"]),
         ),
+        // `_` for `-`: Puma, PHP and CGI file `Transfer_Encoding` as
+        // `HTTP_TRANSFER_ENCODING`, so they read the body as chunked.
+        spelling(
+            "POST /products, CL + Transfer_Encoding: chunked, POST /shop smuggled",
+            smuggle("chunked").replace("transfer-encoding:", "Transfer_Encoding:"),
+        ),
+        // Rack::MethodOverride under Puma reads HTTP_X_HTTP_METHOD_OVERRIDE.
+        spelling(
+            "POST /orders/7, X_HTTP_Method_Override: DELETE",
+            json("POST /orders/7", &[SHOP, "X_HTTP_Method_Override: DELETE"]),
+        ),
+        // Symfony under PHP reads HTTP_X_ORIGINAL_URL (IIS).
+        spelling(
+            "POST /other, X_Original_URL: /shop",
+            json("POST /other", &[SHOP, "X_Original_URL: /shop"]),
+        ),
+        // Rails behind a trusted proxy, under Puma.
+        spelling(
+            "GET /admin/x, Host: other.example, X_Forwarded_Host: admin.example",
+            bare("GET /admin/x", &[OTHER, "X_Forwarded_Host: admin.example"]),
+        ),
         // Two Content-Lengths: whoever reads the first (0) sees the body as
         // a second request.
         spelling(
@@ -652,7 +673,13 @@ async fn no_spelling_of_a_held_route_reaches_the_upstream_unapproved() {
 async fn pass_through_calls_carry_no_forged_approval_id_or_identity_header() {
     let world = BypassWorld::start().await;
     // `request` adds the identity header.
-    let forged = ["x-countersign-approval-id: forged", SHOP];
+    let forged = [
+        "x-countersign-approval-id: forged",
+        // Read as the same headers by CGI-style servers (Puma, PHP).
+        "x_countersign_approval_id: forged",
+        "X_Countersign_User: eve",
+        SHOP,
+    ];
     let calls = [bare("GET /products", &forged), json("POST /cart", &forged)];
     for call in calls {
         let call = call.replace(PROBE, "x-probe: pass");
@@ -667,9 +694,14 @@ async fn pass_through_calls_carry_no_forged_approval_id_or_identity_header() {
     let leaks: Vec<String> = received
         .iter()
         .flat_map(|arrival| {
-            ["x-countersign-approval-id", USER_HEADER]
-                .into_iter()
-                .filter(|name| arrival.header(name).is_some())
+            arrival
+                .headers
+                .iter()
+                .map(|(name, _)| name)
+                .filter(|name| {
+                    let name = support::permissive::dashed(name);
+                    name == "x-countersign-approval-id" || name == USER_HEADER
+                })
                 .map(|name| format!("{name} reached the upstream on {:?}", arrival.request_line))
         })
         .collect();

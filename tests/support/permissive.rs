@@ -35,6 +35,9 @@
 //!   a POST without a Content-Type as a form) or of a JSON body, for any
 //!   Content-Type containing `json` (method-override with a `req.body`
 //!   getter, as in its README; Laravel's `isJson`).
+//! - headers: a name with `_` is the name with `-` (Puma, PHP's SAPIs and
+//!   CGI file both as `HTTP_X_FOO`; Symfony's `HeaderBag` reads `_` as
+//!   `-`), for every header below and for framing.
 //! - host: every `Host` header, the authority of an absolute-form target,
 //!   `X-Forwarded-Host` (Express with `trust proxy`, Symfony and Laravel
 //!   behind trusted proxies, Django's `USE_X_FORWARDED_HOST`), `Forwarded:
@@ -244,7 +247,7 @@ async fn serve_connection(mut stream: TcpStream, state: Arc<State>) {
         let header = |name: &str| {
             headers
                 .iter()
-                .find(|(n, _)| n == name)
+                .find(|(n, _)| dashed(n) == name)
                 .map(|(_, v)| v.as_str())
         };
         let chunked = header("transfer-encoding").is_some_and(|v| v.contains("chunked"));
@@ -308,6 +311,12 @@ async fn serve_connection(mut stream: TcpStream, state: Arc<State>) {
             return;
         }
     }
+}
+
+/// A header name as CGI-style servers file it (Puma, PHP, CGI: `X_Foo` and
+/// `X-Foo` are both `HTTP_X_FOO`), in the `-` spelling.
+pub fn dashed(name: &str) -> String {
+    name.replace('_', "-")
 }
 
 fn bearer(value: &str) -> Option<&str> {
@@ -434,7 +443,7 @@ pub fn readings(
     let values = |name: &'static str| {
         headers
             .iter()
-            .filter(move |(n, _)| n == name)
+            .filter(move |(n, _)| dashed(n) == name)
             .map(|(_, v)| v.as_str())
     };
 
