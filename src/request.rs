@@ -364,7 +364,8 @@ fn refuse_forwarded_host(headers: &HeaderMap, host: &str) -> Result<(), RequestE
 }
 
 /// Whether a query or urlencoded form names `_method` in any spelling
-/// (`_METHOD`, `%5Fmethod`).
+/// (`_METHOD`, `%5Fmethod`, and `_method%00x`, which PHP, so Laravel and
+/// Symfony, reads as `_method`: it ends names at a NUL).
 pub fn has_method_parameter(query: &str) -> bool {
     // Cheap test first: every spelling contains "method" or an escape.
     let may_contain = query.contains('%')
@@ -373,8 +374,10 @@ pub fn has_method_parameter(query: &str) -> bool {
             .windows(6)
             .any(|w| w.eq_ignore_ascii_case(b"method"));
     may_contain
-        && url::form_urlencoded::parse(query.as_bytes())
-            .any(|(name, _)| name.trim().eq_ignore_ascii_case(METHOD_PARAMETER))
+        && url::form_urlencoded::parse(query.as_bytes()).any(|(name, _)| {
+            name.trim().eq_ignore_ascii_case(METHOD_PARAMETER)
+                || crate::policy::shadow::merge_key(&name) == METHOD_PARAMETER
+        })
 }
 
 /// A reader of a POST body that answers whether it names `_method`.
@@ -550,6 +553,8 @@ mod tests {
             "a=1&_METHOD=post",
             "%5Fmethod=POST",
             "_m%65thod=POST",
+            "_method%00x=POST",
+            "%20_method[]=POST",
         ] {
             let target = format!("/shop?{query}");
             assert_eq!(

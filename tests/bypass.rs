@@ -377,6 +377,16 @@ fn spellings() -> Vec<Spelling> {
             "POST /orders/7?_method=DELETE",
             json("POST /orders/7?_method=DELETE", &[SHOP]),
         ),
+        // PHP registers names as C strings: `_method%00x` is `_method` to
+        // Laravel and Symfony, in the query and in a form body.
+        spelling(
+            "POST /orders/7?_method%00x=DELETE",
+            json("POST /orders/7?_method%00x=DELETE", &[SHOP]),
+        ),
+        spelling(
+            "POST /orders/7, form _method%00x=DELETE",
+            form("POST /orders/7", &[SHOP], "_method%00x=DELETE"),
+        ),
         // method-override with a req.body getter (its README's example),
         // behind a JSON body parser.
         spelling(

@@ -30,7 +30,8 @@
 //!   (Express, Rails, Go, Flask, Spring); `PATCH` and `PUT` by one `update`
 //!   (Rails' `resources`, Laravel's `Route::resource`); `X-HTTP-Method-Override`,
 //!   `X-HTTP-Method`, `X-Method-Override`; a `_method` query parameter
-//!   (Express's method-override, Laravel, Symfony); a `_method` field of an
+//!   (Express's method-override, Laravel, Symfony; PHP ends a name at a NUL,
+//!   so `_method%00x` counts); a `_method` field of an
 //!   urlencoded or multipart body (Rails/Rack, Laravel, Symfony; Rack reads
 //!   a POST without a Content-Type as a form) or of a JSON body, for any
 //!   Content-Type containing `json` (method-override with a `req.body`
@@ -714,10 +715,12 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The values of `name` in an urlencoded form (or query string), upper-cased.
+/// The values of `name` in an urlencoded form (or query string), upper-cased;
+/// a name ends at a NUL, as PHP registers names as C strings (`_method%00x`
+/// is `_method` to Laravel and Symfony).
 fn form_field(form: &[u8], name: &str) -> Vec<String> {
     url::form_urlencoded::parse(form)
-        .filter(|(k, _)| k == name)
+        .filter(|(k, _)| k.split('\0').next() == Some(name))
         .map(|(_, v)| v.trim().to_ascii_uppercase())
         .collect()
 }
