@@ -67,6 +67,11 @@ pub enum RequestError {
     PathOverrideHeader(&'static str),
     #[error("protocol upgrades (Upgrade header) are not accepted by this upstream: the tunnelled bytes would not be checked")]
     Upgrade,
+    #[error("the {sent} header is read as {reads_as} by servers that take '_' (or other punctuation) for '-' in header names (Puma, PHP, CGI); send {reads_as} itself, or rename the header")]
+    HeaderTwin {
+        sent: String,
+        reads_as: &'static str,
+    },
 }
 
 /// A request as the gateway matches and forwards it.
@@ -88,6 +93,7 @@ impl CanonicalRequest {
     /// Reads the canonical request out of `header`, or says why it is refused.
     pub fn from_header(header: &RequestHeader) -> Result<Self, RequestError> {
         refuse_override_headers(&header.headers)?;
+        refuse_header_twins(&header.headers)?;
         if !header.raw_path_is_utf8() {
             return Err(RequestError::NotUtf8);
         }
@@ -256,6 +262,74 @@ fn refuse_override_headers(headers: &HeaderMap) -> Result<(), RequestError> {
     Ok(())
 }
 
+/// Headers the gateway frames, reads or refuses a call by. CGI-style
+/// servers (Puma, PHP's SAPIs, CGI and some WSGI servers) file `X_Foo` and
+/// `X-Foo` alike as `HTTP_X_FOO`, and Symfony's `HeaderBag` reads `_` as
+/// `-`: behind them `Transfer_Encoding: chunked` frames the body (a smuggled
+/// request) and `X_HTTP_Method_Override: DELETE` changes the method, while
+/// the gateway sees a header of no meaning. Such a twin is refused.
+pub const TWINNED_HEADERS: [&str; 12] = [
+    "content-length",
+    "transfer-encoding",
+    "content-type",
+    "content-encoding",
+    "x-forwarded-host",
+    METHOD_OVERRIDE_HEADERS[0],
+    METHOD_OVERRIDE_HEADERS[1],
+    METHOD_OVERRIDE_HEADERS[2],
+    PATH_OVERRIDE_HEADERS[0],
+    PATH_OVERRIDE_HEADERS[1],
+    PATH_OVERRIDE_HEADERS[2],
+    PATH_OVERRIDE_HEADERS[3],
+];
+
+/// Families of headers refused as twins too: the MCP headers checked
+/// against the message (`Mcp-Method`, `Mcp-Name`, `Mcp-Param-*`).
+const TWINNED_PREFIXES: [&str; 1] = ["mcp-"];
+
+/// A header name as CGI-style servers read it: every `_` a `-`, and so is
+/// any other punctuation (Apache 2.2 filed every byte that is not a letter
+/// or digit as `_`; PHP turns `.` in a variable name into `_`).
+pub fn dashed(name: &str) -> std::borrow::Cow<'_, str> {
+    if !has_twin_punctuation(name) {
+        return name.into();
+    }
+    name.chars()
+        .map(|c| match c.is_ascii_alphanumeric() {
+            true => c,
+            false => '-',
+        })
+        .collect::<String>()
+        .into()
+}
+
+fn has_twin_punctuation(name: &str) -> bool {
+    name.bytes()
+        .any(|b| !b.is_ascii_alphanumeric() && b != b'-')
+}
+
+fn refuse_header_twins(headers: &HeaderMap) -> Result<(), RequestError> {
+    for name in headers.keys() {
+        let name = name.as_str();
+        if !has_twin_punctuation(name) {
+            continue;
+        }
+        let dashed = dashed(name);
+        let reads_as = TWINNED_HEADERS
+            .iter()
+            .find(|h| **h == dashed)
+            .or_else(|| TWINNED_PREFIXES.iter().find(|p| dashed.starts_with(**p)))
+            .copied();
+        if let Some(reads_as) = reads_as {
+            return Err(RequestError::HeaderTwin {
+                sent: name.to_owned(),
+                reads_as,
+            });
+        }
+    }
+    Ok(())
+}
+
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Frameworks behind a trusted proxy (Rails, Symfony, Express with
@@ -290,7 +364,8 @@ fn refuse_forwarded_host(headers: &HeaderMap, host: &str) -> Result<(), RequestE
 }
 
 /// Whether a query or urlencoded form names `_method` in any spelling
-/// (`_METHOD`, `%5Fmethod`).
+/// (`_METHOD`, `%5Fmethod`, and `_method%00x`, which PHP, so Laravel and
+/// Symfony, reads as `_method`: it ends names at a NUL).
 pub fn has_method_parameter(query: &str) -> bool {
     // Cheap test first: every spelling contains "method" or an escape.
     let may_contain = query.contains('%')
@@ -299,8 +374,10 @@ pub fn has_method_parameter(query: &str) -> bool {
             .windows(6)
             .any(|w| w.eq_ignore_ascii_case(b"method"));
     may_contain
-        && url::form_urlencoded::parse(query.as_bytes())
-            .any(|(name, _)| name.trim().eq_ignore_ascii_case(METHOD_PARAMETER))
+        && url::form_urlencoded::parse(query.as_bytes()).any(|(name, _)| {
+            name.trim().eq_ignore_ascii_case(METHOD_PARAMETER)
+                || crate::policy::shadow::merge_key(&name) == METHOD_PARAMETER
+        })
 }
 
 /// A reader of a POST body that answers whether it names `_method`.
@@ -476,6 +553,8 @@ mod tests {
             "a=1&_METHOD=post",
             "%5Fmethod=POST",
             "_m%65thod=POST",
+            "_method%00x=POST",
+            "%20_method[]=POST",
         ] {
             let target = format!("/shop?{query}");
             assert_eq!(
@@ -485,6 +564,29 @@ mod tests {
             );
         }
         assert!(canonical(b"/shop?method=card&payment_method=x", &[HOST]).is_ok());
+    }
+
+    #[test]
+    fn underscore_twins_of_headers_that_matter_are_refused() {
+        for (name, reads_as) in [
+            ("X_HTTP_Method_Override", "x-http-method-override"),
+            ("transfer_encoding", "transfer-encoding"),
+            ("Content_Length", "content-length"),
+            ("x_forwarded-host", "x-forwarded-host"),
+            ("X_Original_URL", "x-original-url"),
+            ("Mcp_Param_Qty", "mcp-"),
+            ("X.HTTP.Method.Override", "x-http-method-override"),
+        ] {
+            assert_eq!(
+                canonical(b"/shop", &[HOST, (name, "1")]).unwrap_err(),
+                RequestError::HeaderTwin {
+                    sent: name.to_ascii_lowercase(),
+                    reads_as
+                },
+                "{name}"
+            );
+        }
+        assert!(canonical(b"/shop", &[HOST, ("x_api_key", "k")]).is_ok());
     }
 
     #[test]

@@ -42,9 +42,12 @@ const DROPPED_RESPONSE_HEADERS: [&str; 7] = [
 
 /// Whether a header of the agent's call is kept in the stored request.
 pub fn keeps_request_header(name: &str, identity_header: Option<&str>) -> bool {
+    // `_` spellings too: CGI-style servers read `x_countersign_user` as
+    // `x-countersign-user`.
+    let dashed = crate::request::dashed(name);
     !DROPPED_REQUEST_HEADERS.contains(&name)
-        && !name.starts_with(GATEWAY_HEADER_PREFIX)
-        && identity_header.is_none_or(|h| !h.eq_ignore_ascii_case(name))
+        && !dashed.starts_with(GATEWAY_HEADER_PREFIX)
+        && identity_header.is_none_or(|h| !crate::request::dashed(h).eq_ignore_ascii_case(&dashed))
 }
 
 #[derive(Debug, Error)]

@@ -238,6 +238,61 @@ fn spellings() -> Vec<Spelling> {
             "POST /products, CL + TE: identity, chunked, POST /shop smuggled",
             smuggle("identity, chunked"),
         ),
+        // Bare LF line endings: Node's insecureHTTPParser, Python's
+        // http.server and httparse (so pingora) end a line at LF alone.
+        spelling(
+            "POST /shop, bare LF line endings",
+            json("POST /shop", &[SHOP]).replace("\r\n", "\n"),
+        ),
+        // A Transfer-Encoding ended by a bare LF inside a CRLF head: a
+        // CRLF-only parser reads it as part of the header before it and
+        // frames by Content-Length; an LF-accepting one reads it as chunked,
+        // and a POST /shop follows.
+        spelling("POST /products, TE after a bare LF, POST /shop smuggled", {
+            let body = format!("0\r\n\r\n{}", json("POST /shop", &[SHOP]));
+            format!(
+                "POST /products HTTP/1.1\r\n{SHOP}\r\n{USER_HEADER}: alice\r\n{PROBE}\r\ncontent-type: application/json\ntransfer-encoding: chunked\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        }),
+        // obs-fold: a line starting with a space continues the header before
+        // it. Unfolded (Node's insecureHTTPParser, Python's email parser),
+        // `transfer-encoding:` + ` chunked` is chunked.
+        spelling(
+            "POST /products, CL + TE folded onto a continuation line, POST /shop smuggled",
+            smuggle("\r\n chunked"),
+        ),
+        // A folded override header: GET /shop read as POST.
+        spelling(
+            "GET /shop, X-HTTP-Method-Override folded",
+            bare("GET /shop", &[SHOP, "X-HTTP-Method-Override:\r\n\tPOST"]),
+        ),
+        // A folded Host: the held host on a continuation line.
+        spelling(
+            "GET /admin/x, Host folded",
+            bare("GET /admin/x", &["Host:\r\n admin.example"]),
+        ),
+        // `_` for `-`: Puma, PHP and CGI file `Transfer_Encoding` as
+        // `HTTP_TRANSFER_ENCODING`, so they read the body as chunked.
+        spelling(
+            "POST /products, CL + Transfer_Encoding: chunked, POST /shop smuggled",
+            smuggle("chunked").replace("transfer-encoding:", "Transfer_Encoding:"),
+        ),
+        // Rack::MethodOverride under Puma reads HTTP_X_HTTP_METHOD_OVERRIDE.
+        spelling(
+            "POST /orders/7, X_HTTP_Method_Override: DELETE",
+            json("POST /orders/7", &[SHOP, "X_HTTP_Method_Override: DELETE"]),
+        ),
+        // Symfony under PHP reads HTTP_X_ORIGINAL_URL (IIS).
+        spelling(
+            "POST /other, X_Original_URL: /shop",
+            json("POST /other", &[SHOP, "X_Original_URL: /shop"]),
+        ),
+        // Rails behind a trusted proxy, under Puma.
+        spelling(
+            "GET /admin/x, Host: other.example, X_Forwarded_Host: admin.example",
+            bare("GET /admin/x", &[OTHER, "X_Forwarded_Host: admin.example"]),
+        ),
         // Two Content-Lengths: whoever reads the first (0) sees the body as
         // a second request.
         spelling(
@@ -321,6 +376,16 @@ fn spellings() -> Vec<Spelling> {
         spelling(
             "POST /orders/7?_method=DELETE",
             json("POST /orders/7?_method=DELETE", &[SHOP]),
+        ),
+        // PHP registers names as C strings: `_method%00x` is `_method` to
+        // Laravel and Symfony, in the query and in a form body.
+        spelling(
+            "POST /orders/7?_method%00x=DELETE",
+            json("POST /orders/7?_method%00x=DELETE", &[SHOP]),
+        ),
+        spelling(
+            "POST /orders/7, form _method%00x=DELETE",
+            form("POST /orders/7", &[SHOP], "_method%00x=DELETE"),
         ),
         // method-override with a req.body getter (its README's example),
         // behind a JSON body parser.
@@ -618,7 +683,13 @@ async fn no_spelling_of_a_held_route_reaches_the_upstream_unapproved() {
 async fn pass_through_calls_carry_no_forged_approval_id_or_identity_header() {
     let world = BypassWorld::start().await;
     // `request` adds the identity header.
-    let forged = ["x-countersign-approval-id: forged", SHOP];
+    let forged = [
+        "x-countersign-approval-id: forged",
+        // Read as the same headers by CGI-style servers (Puma, PHP).
+        "x_countersign_approval_id: forged",
+        "X_Countersign_User: eve",
+        SHOP,
+    ];
     let calls = [bare("GET /products", &forged), json("POST /cart", &forged)];
     for call in calls {
         let call = call.replace(PROBE, "x-probe: pass");
@@ -633,9 +704,14 @@ async fn pass_through_calls_carry_no_forged_approval_id_or_identity_header() {
     let leaks: Vec<String> = received
         .iter()
         .flat_map(|arrival| {
-            ["x-countersign-approval-id", USER_HEADER]
-                .into_iter()
-                .filter(|name| arrival.header(name).is_some())
+            arrival
+                .headers
+                .iter()
+                .map(|(name, _)| name)
+                .filter(|name| {
+                    let name = support::permissive::dashed(name);
+                    name == "x-countersign-approval-id" || name == USER_HEADER
+                })
                 .map(|name| format!("{name} reached the upstream on {:?}", arrival.request_line))
         })
         .collect();

@@ -674,6 +674,59 @@ async fn mcp_param_headers_that_disagree_with_the_arguments_are_refused() {
     assert_eq!(world.server.bought().await.len(), 1);
 }
 
+/// Revision 2026-07-28 has clients send an `Mcp-Name` that cannot travel
+/// as plain ASCII as `=?base64?…?=`, and servers decode it: the gateway
+/// compares the decoded name with the body's, so such a call of a held tool
+/// is held (not refused), and one whose decoded name is another tool's is
+/// refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_encoded_mcp_name_is_decoded_before_it_is_compared() {
+    let world = McpWorld::start().await;
+    let buy = r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"buy_product","arguments":{"product":"XYZ phone","qty":2}}}"#;
+    for name in [
+        // "list_products": the server would be told another tool.
+        "=?base64?bGlzdF9wcm9kdWN0cw==?=",
+        // The wrapper in another letter case is not the encoding.
+        "=?BASE64?YnV5X3Byb2R1Y3Q=?=",
+    ] {
+        let (status, answer) = world
+            .post(&[("mcp-method", "tools/call"), ("mcp-name", name)], buy)
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(
+            answer["error"]["data"]["code"], "mcp_header_mismatch",
+            "{name}: {answer}"
+        );
+    }
+    assert!(
+        world.peer.requests().await.is_empty(),
+        "the person was asked"
+    );
+
+    // "buy_product" in Base64: the held call it names.
+    let call = tokio::spawn(
+        reqwest::Client::new()
+            .post(world.gateway.url("/mcp"))
+            .header(USER_HEADER, "alice")
+            .header("content-type", "application/json")
+            .header("accept", "application/json")
+            .header("mcp-method", "tools/call")
+            .header("mcp-name", "=?base64?YnV5X3Byb2R1Y3Q=?=")
+            .body(buy)
+            .send(),
+    );
+    let request = world.pending("alice").await;
+    assert_eq!(request["binding_message"], MESSAGE);
+    world
+        .peer
+        .deny(request["auth_req_id"].as_str().unwrap())
+        .await;
+    let answer: Value = call.await.unwrap().unwrap().json().await.unwrap();
+    assert_eq!(answer["id"], 4, "{answer}");
+    assert_eq!(answer["result"]["isError"], true, "{answer}");
+    assert!(world.server.bought().await.is_empty());
+}
+
 /// A server with one handler for every method (Express's `app.all`, a Go
 /// handler that never looks at the method) runs a tools/call sent as the
 /// body of a GET: such a GET is read like a POST and held.

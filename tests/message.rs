@@ -446,6 +446,35 @@ async fn a_shown_query_value_given_again_in_a_body_of_any_type_is_refused() {
     }
 }
 
+/// httparse accepts `#` in a request target, and Express and WHATWG URL
+/// parsers end the query there. Pingora's `http::Uri` drops the fragment
+/// before anything reads the target, so the gateway matches, shows and
+/// forwards the same `/refunds?note=x`: the amount after `#` is neither
+/// shown nor sent, and the call is refused for want of one.
+#[tokio::test]
+async fn an_amount_after_a_fragment_is_neither_shown_nor_sent() {
+    let world = world().await;
+    let proxy = world.gateway.proxy;
+    for target in ["/refunds?note=x#&amount=5", "/refunds#?amount=5"] {
+        let request = format!(
+            "POST {target} HTTP/1.1\r\nHost: shop.example\r\n{USER_HEADER}: alice\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        );
+        let (status, response) = tokio::task::spawn_blocking(move || raw_request(proxy, &request))
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{target}: {response}");
+        assert!(
+            response.contains("\"code\":\"invalid_query\"") && response.contains("'amount'"),
+            "{target}: {response}"
+        );
+    }
+    assert!(
+        world.peer.requests().await.is_empty(),
+        "the person was asked"
+    );
+    assert!(world.shop.received().is_empty(), "the shop received a call");
+}
+
 #[tokio::test]
 async fn a_decimal_shown_rounded_is_refused() {
     let world = world().await;

@@ -8,7 +8,8 @@
 //! lenient server finds no `Method` the gateway missed), tool names compared
 //! exactly (a name that equals a held tool only ignoring case is refused),
 //! batches holding a held call refused, and the `Mcp-Method` / `Mcp-Name`
-//! headers of newer clients checked against the body, and so is every
+//! headers of newer clients checked against the body (`Mcp-Name` decoded
+//! from `=?base64?…?=` first), and so is every
 //! `Mcp-Param-<Name>` header of a held call ([`check_param_headers`]).
 //! Everything it does not hold or refuse passes untouched. [`jsonrpc`]
 //! shapes the answers.
@@ -277,7 +278,7 @@ pub fn check_param_headers(headers: &HeaderMap, call: &ToolCall) -> Result<(), M
     Ok(())
 }
 
-/// An `Mcp-Param-*` value as the specification has clients write it: the
+/// An `Mcp-Name` or `Mcp-Param-*` value as the specification has clients write it: the
 /// text, or `=?base64?...?=` around the UTF-8 of a value that cannot travel
 /// as plain ASCII. `None`: it cannot be read one way only.
 fn decode_param(text: &str) -> Option<String> {
@@ -375,7 +376,11 @@ fn one(
             .and_then(|p| member(p, "name").or_else(|| member(p, "uri")))
             .and_then(Value::as_str)
             .unwrap_or("no name");
-        if sent != body {
+        // A name that cannot travel as plain ASCII is sent as `=?base64?…?=`
+        // (revision 2026-07-28), and servers decode it before comparing: so
+        // does the gateway, with the rules of `Mcp-Param-*` values. A name
+        // only spelled like the wrapper is no name a client sends as it is.
+        if decode_param(&sent).as_deref() != Some(body) {
             return Err(mismatch(header, sent, body));
         }
     }

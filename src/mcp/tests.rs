@@ -193,6 +193,28 @@ fn mcp_headers_must_agree_with_the_body() {
         classify_with(&headers("tools/call", Some("buy_product")), list),
         Err(McpRefusal::HeaderMismatch { .. })
     ));
+    // A name sent as the specification has clients encode it: decoded
+    // ("buy_product", "list_products" in Base64); the wrapper in another
+    // case, or Base64 that is no UTF-8, is refused.
+    assert!(matches!(
+        classify_with(
+            &headers("tools/call", Some("=?base64?YnV5X3Byb2R1Y3Q=?=")),
+            BUY
+        ),
+        Ok(Classified::Held(_))
+    ));
+    for name in [
+        "=?base64?bGlzdF9wcm9kdWN0cw==?=",
+        "=?BASE64?YnV5X3Byb2R1Y3Q=?=",
+        "=?base64?/w==?=",
+        "=?base64?not base64?=",
+    ] {
+        let refused = classify_with(&headers("tools/call", Some(name)), BUY);
+        assert!(
+            matches!(refused, Err(McpRefusal::HeaderMismatch { .. })),
+            "{name}: {refused:?}"
+        );
+    }
     let mut twice = headers("tools/call", None);
     twice.append(METHOD_HEADER, HeaderValue::from_static("tools/call"));
     assert!(matches!(

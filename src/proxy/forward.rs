@@ -123,18 +123,29 @@ impl Countersign {
 }
 
 /// Upstreams may trust `x-countersign-*` and the identity header (in header
-/// mode), so an agent's own copies never reach them, on any call.
+/// mode), so an agent's own copies never reach them, on any call; nor do
+/// their `_` spellings, which CGI-style servers read as the same header
+/// ([`crate::request::dashed`]).
 fn remove_gateway_headers(request: &mut RequestHeader, identity: &IdentitySource) {
+    let identity = match identity {
+        IdentitySource::Header(name) => Some(name.as_str()),
+        _ => None,
+    };
     let forged: Vec<http::HeaderName> = request
         .headers
         .keys()
-        .filter(|name| name.as_str().starts_with(GATEWAY_HEADER_PREFIX))
+        .filter(|name| is_gateway_header(name.as_str(), identity))
         .cloned()
         .collect();
     for name in &forged {
         request.remove_header(name);
     }
-    if let IdentitySource::Header(name) = identity {
-        request.remove_header(name);
-    }
+}
+
+/// Whether `name` (lower case) is, or is read by CGI-style servers as, a
+/// header only the gateway sets.
+fn is_gateway_header(name: &str, identity_header: Option<&str>) -> bool {
+    let name = crate::request::dashed(name);
+    name.starts_with(GATEWAY_HEADER_PREFIX)
+        || identity_header.is_some_and(|h| crate::request::dashed(h).eq_ignore_ascii_case(&name))
 }

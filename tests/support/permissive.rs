@@ -30,11 +30,15 @@
 //!   (Express, Rails, Go, Flask, Spring); `PATCH` and `PUT` by one `update`
 //!   (Rails' `resources`, Laravel's `Route::resource`); `X-HTTP-Method-Override`,
 //!   `X-HTTP-Method`, `X-Method-Override`; a `_method` query parameter
-//!   (Express's method-override, Laravel, Symfony); a `_method` field of an
+//!   (Express's method-override, Laravel, Symfony; PHP ends a name at a NUL,
+//!   so `_method%00x` counts); a `_method` field of an
 //!   urlencoded or multipart body (Rails/Rack, Laravel, Symfony; Rack reads
 //!   a POST without a Content-Type as a form) or of a JSON body, for any
 //!   Content-Type containing `json` (method-override with a `req.body`
 //!   getter, as in its README; Laravel's `isJson`).
+//! - headers: a name with `_` is the name with `-` (Puma, PHP's SAPIs and
+//!   CGI file both as `HTTP_X_FOO`; Symfony's `HeaderBag` reads `_` as
+//!   `-`), for every header below and for framing.
 //! - host: every `Host` header, the authority of an absolute-form target,
 //!   `X-Forwarded-Host` (Express with `trust proxy`, Symfony and Laravel
 //!   behind trusted proxies, Django's `USE_X_FORWARDED_HOST`), `Forwarded:
@@ -42,7 +46,9 @@
 //!   without a trailing dot.
 //!
 //! Framing is lenient too: a `Transfer-Encoding` that merely contains
-//! `chunked` is chunked, and it wins over `Content-Length`.
+//! `chunked` is chunked, and it wins over `Content-Length`; head lines may
+//! end in a bare LF, and a line starting with a space or tab continues the
+//! header before it (obs-fold), as with Node's `insecureHTTPParser`.
 //!
 //! It answers `200` with a small JSON body; a request asking for an
 //! `Upgrade` gets `101`, after which the connection keeps being read as
@@ -234,21 +240,15 @@ fn path_matches(template: &str, path: &str) -> bool {
 async fn serve_connection(mut stream: TcpStream, state: Arc<State>) {
     let mut buf = Vec::new();
     loop {
-        let Some(head_len) = fill_until(&mut stream, &mut buf, b"\r\n\r\n").await else {
+        let Some((head, head_len)) = read_head(&mut stream, &mut buf).await else {
             return;
         };
-        let head = String::from_utf8_lossy(&buf[..head_len - 4]).into_owned();
         buf.drain(..head_len);
-        let mut lines = head.split("\r\n");
-        let request_line = lines.next().unwrap_or_default().to_owned();
-        let headers: Vec<(String, String)> = lines
-            .filter_map(|line| line.split_once(':'))
-            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-            .collect();
+        let (request_line, headers) = parse_head(&head);
         let header = |name: &str| {
             headers
                 .iter()
-                .find(|(n, _)| n == name)
+                .find(|(n, _)| dashed(n) == name)
                 .map(|(_, v)| v.as_str())
         };
         let chunked = header("transfer-encoding").is_some_and(|v| v.contains("chunked"));
@@ -314,9 +314,65 @@ async fn serve_connection(mut stream: TcpStream, state: Arc<State>) {
     }
 }
 
+/// A header name as CGI-style servers file it (Puma, PHP, CGI: `X_Foo` and
+/// `X-Foo` are both `HTTP_X_FOO`), in the `-` spelling.
+pub fn dashed(name: &str) -> String {
+    name.replace('_', "-")
+}
+
 fn bearer(value: &str) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Reads a request head: up to the first empty line, where a line ends at
+/// LF with or without a CR before it (Node's `insecureHTTPParser`, Python's
+/// `http.server`). The head without its blank line, and the bytes it took.
+async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, usize)> {
+    loop {
+        let end = buf.iter().enumerate().find_map(|(i, &b)| {
+            (b == b'\n').then_some(())?;
+            match (buf.get(i + 1), buf.get(i + 2)) {
+                (Some(b'\n'), _) => Some((i, i + 2)),
+                (Some(b'\r'), Some(b'\n')) => Some((i, i + 3)),
+                _ => None,
+            }
+        });
+        if let Some((head_end, len)) = end {
+            let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+            return Some((head, len));
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// The request line and the headers (names lower-cased) of a head, read
+/// leniently: lines end at LF, a trailing CR is dropped, and a line that
+/// starts with a space or tab continues the header before it (obs-fold,
+/// unfolded as Node's `insecureHTTPParser` and Python's `email` parser do).
+pub fn parse_head(head: &str) -> (String, Vec<(String, String)>) {
+    let mut lines = head.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+    let request_line = lines.next().unwrap_or_default().to_owned();
+    let mut headers: Vec<(String, String)> = Vec::new();
+    for line in lines {
+        if line.starts_with([' ', '\t']) {
+            if let Some((_, value)) = headers.last_mut() {
+                if !value.is_empty() {
+                    value.push(' ');
+                }
+                value.push_str(line.trim());
+            }
+            continue;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+        }
+    }
+    (request_line, headers)
 }
 
 /// Reads until `buf` holds `needle`; the offset just past its first occurrence.
@@ -388,7 +444,7 @@ pub fn readings(
     let values = |name: &'static str| {
         headers
             .iter()
-            .filter(move |(n, _)| n == name)
+            .filter(move |(n, _)| dashed(n) == name)
             .map(|(_, v)| v.as_str())
     };
 
@@ -659,10 +715,12 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The values of `name` in an urlencoded form (or query string), upper-cased.
+/// The values of `name` in an urlencoded form (or query string), upper-cased;
+/// a name ends at a NUL, as PHP registers names as C strings (`_method%00x`
+/// is `_method` to Laravel and Symfony).
 fn form_field(form: &[u8], name: &str) -> Vec<String> {
     url::form_urlencoded::parse(form)
-        .filter(|(k, _)| k == name)
+        .filter(|(k, _)| k.split('\0').next() == Some(name))
         .map(|(_, v)| v.trim().to_ascii_uppercase())
         .collect()
 }
