@@ -4,10 +4,14 @@
 //! `bare_pingora <listen> <upstream host:port> [threads] [work_stealing 0|1] [keepalive_pool] [l4_read_buf] [l4_write_buf]`
 //!
 //! Without the optional arguments every setting is pingora's default (the
-//! downstream L4 buffers included: 64 KiB read, 1460 B write).
+//! downstream L4 buffers included: 64 KiB read, 1460 B write, and the
+//! disabled compression module pingora adds; `BARE_NO_MODULES=1` leaves it
+//! out, as Countersign does).
 
 use async_trait::async_trait;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::modules::http::compression::ResponseCompressionBuilder;
+use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::server::configuration::ServerConf;
@@ -15,6 +19,8 @@ use pingora::upstreams::peer::HttpPeer;
 
 struct Bare {
     upstream: (String, u16),
+    /// `BARE_NO_MODULES=1`: no downstream modules, as Countersign runs.
+    no_modules: bool,
 }
 
 #[async_trait]
@@ -22,6 +28,13 @@ impl ProxyHttp for Bare {
     type CTX = ();
 
     fn new_ctx(&self) -> Self::CTX {}
+
+    /// pingora's default, unless `BARE_NO_MODULES=1`.
+    fn init_downstream_modules(&self, modules: &mut HttpModules) {
+        if !self.no_modules {
+            modules.add_module(ResponseCompressionBuilder::enable(0));
+        }
+    }
 
     async fn upstream_peer(&self, _: &mut Session, _: &mut ()) -> Result<Box<HttpPeer>> {
         let (host, port) = &self.upstream;
@@ -57,6 +70,7 @@ fn main() {
     server.bootstrap();
     let bare = Bare {
         upstream: (host.to_owned(), port.parse().expect(usage)),
+        no_modules: std::env::var("BARE_NO_MODULES").is_ok_and(|v| v == "1"),
     };
     let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, bare);
     match (args.get(6), args.get(7)) {

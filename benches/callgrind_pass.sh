@@ -42,26 +42,11 @@ WORK=$(mktemp -d /tmp/countersign-callgrind-work.XXXXXX)
 BIN=${CG_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release}
 CLIENT=$REPO/benches/pass_client.py
 
-log() { printf '[callgrind %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-command -v valgrind >/dev/null || { log "valgrind is needed (apt-get install valgrind)"; exit 1; }
-command -v nginx >/dev/null || { log "nginx is needed (apt-get install nginx-light)"; exit 1; }
-
-PIDS=()
-cleanup() {
-  # TERM, not KILL: nginx's master then stops its worker (which would keep
-  # our stdout open); the proxies under valgrind are killed in measure().
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-pick_port() { local p=$1; while ! port_free "$p"; do p=$((p + 1)); done; echo "$p"; }
-wait_port() { # up to 180 s: valgrind starts slowly on a loaded machine
-  for _ in $(seq 1800); do port_free "$1" || return 0; sleep 0.1; done
-  log "nothing listens on :$1"; return 1
-}
+LOG_TAG=callgrind
+# shellcheck source=benches/lib.sh
+source "$REPO/benches/lib.sh"
+need valgrind valgrind
+need nginx nginx-light
 
 if [[ ${CG_BUILD:-1} == 1 ]]; then
   log "building (release)"
@@ -69,25 +54,7 @@ if [[ ${CG_BUILD:-1} == 1 ]]; then
 fi
 
 UP_PORT=$(pick_port "${CG_PORT:-18280}")
-mkdir -p "$WORK/upstream/logs"
-cat >"$WORK/upstream/nginx.conf" <<EOF
-worker_processes 1;
-pid $WORK/upstream/nginx.pid;
-error_log $WORK/upstream/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path $WORK/upstream/body;
-  proxy_temp_path $WORK/upstream/proxy;
-  fastcgi_temp_path $WORK/upstream/fastcgi;
-  uwsgi_temp_path $WORK/upstream/uwsgi;
-  scgi_temp_path $WORK/upstream/scgi;
-  server { listen 127.0.0.1:$UP_PORT; location / { default_type text/plain; return 200 'ok'; } }
-}
-EOF
-nginx -p "$WORK/upstream" -c "$WORK/upstream/nginx.conf" -g 'daemon off;' 2>>"$OUT/nginx.err" &
-PIDS+=($!)
+upstream_nginx "$WORK/upstream" "$UP_PORT"
 wait_port "$UP_PORT"
 
 "$REPO/benches/gen_policies.sh" 1000 >"$WORK/generated.yaml"
@@ -131,7 +98,7 @@ measure() { # measure <name> <command...>
     >"$OUT/$name.out" 2>"$OUT/$name.err" &
   local pid=$!
   PIDS+=("$pid")
-  wait_port "$PROXY_PORT"
+  wait_port "$PROXY_PORT" 180 # valgrind starts slowly on a loaded machine
   python3 "$CLIENT" "$PROXY_PORT" "$WARMUP" "$CONNS" # warm-up, fills the pool
   callgrind_control -z "$pid" >/dev/null
   local t0 t1 t2

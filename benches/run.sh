@@ -11,6 +11,8 @@
 #   BENCH_ROUNDS=3         wrk rounds (targets interleaved; the median round is reported)
 #   BENCH_CONNECTIONS=50   wrk connections (wrk always uses 1 thread)
 #   BENCH_THREADS=1        worker threads/processes of every proxy (nginx, bare pingora, Countersign)
+#                          (bare pingora runs twice: as built, and with mimalloc LD_PRELOADed,
+#                          the allocator Countersign is built with)
 #   BENCH_HELD="1000 10000" held-call counts
 #   BENCH_INTERVAL=5       CIBA polling interval the fake server asks for, in seconds
 #   BENCH_ASYNC=10000      pending approvals in the async (durable) runs, one per store
@@ -45,40 +47,14 @@ OUT=${BENCH_OUT:-$(mktemp -d /tmp/countersign-bench.XXXXXX)}
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/countersign-bench-work.XXXXXX)
 
-log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-
-# --- tools (Debian packages, installed when missing) ---------------------
-apt_updated=0
-need() { # need <command> <debian package>
-  command -v "$1" >/dev/null && return
-  log "installing $2"
-  if [[ $apt_updated == 0 ]]; then apt-get update -qq >/dev/null; apt_updated=1; fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
-}
+LOG_TAG=bench
+# shellcheck source=benches/lib.sh
+source "$REPO/benches/lib.sh"
 need wrk wrk
 need nginx nginx-light
 need jq jq
+need "$MIMALLOC_SO" libmimalloc2.0
 if [[ $PROFILE == 1 ]]; then need perf linux-perf; fi
-
-# --- processes we start, stopped on exit --------------------------------
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-pick_port() { # a free port at or above $1
-  local p=$1
-  while ! port_free "$p"; do p=$((p + 1)); done
-  echo "$p"
-}
-wait_port() { # wait_port <port>: up to 15 s
-  for _ in $(seq 150); do port_free "$1" || return 0; sleep 0.1; done
-  log "nothing listens on :$1"; return 1
-}
 
 # Raising the open-file limit: each held call is one socket in the gateway and
 # one in the load generator. The hard limit on this machine may be lower.
@@ -103,34 +79,10 @@ NGINX_PORT=$(pick_port $((UP_PORT + 1)))
 BARE_PORT=$(pick_port $((NGINX_PORT + 1)))
 CS_PORT=$(pick_port $((BARE_PORT + 1)))
 CSLOG_PORT=$(pick_port $((CS_PORT + 1)))
-
-nginx_conf() { # nginx_conf <dir> <workers> <server block>
-  mkdir -p "$1/logs"
-  cat >"$1/nginx.conf" <<EOF
-worker_processes $2;
-pid $1/nginx.pid;
-error_log $1/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path $1/body;
-  proxy_temp_path $1/proxy;
-  fastcgi_temp_path $1/fastcgi;
-  uwsgi_temp_path $1/uwsgi;
-  scgi_temp_path $1/scgi;
-  $3
-}
-EOF
-}
-start_nginx() { # start_nginx <dir>
-  nginx -p "$1" -c "$1/nginx.conf" -g 'daemon off;' 2>>"$OUT/nginx.err" &
-  PIDS+=($!)
-}
+BAREMI_PORT=$(pick_port $((CSLOG_PORT + 1)))
 
 # (a) the upstream: nginx answering 200 "ok" itself, one worker.
-nginx_conf "$WORK/upstream" 1 "server { listen 127.0.0.1:$UP_PORT; location / { default_type text/plain; return 200 'ok'; } }"
-start_nginx "$WORK/upstream"
+upstream_nginx "$WORK/upstream" "$UP_PORT"
 # (b) nginx as a reverse proxy with upstream keepalive.
 nginx_conf "$WORK/proxy" "$THREADS" "upstream up { server 127.0.0.1:$UP_PORT; keepalive 128; keepalive_requests 1000000; }
   server { listen 127.0.0.1:$NGINX_PORT; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
@@ -139,6 +91,10 @@ start_nginx "$WORK/proxy"
 "$BARE" "127.0.0.1:$BARE_PORT" "127.0.0.1:$UP_PORT" "$THREADS" >/dev/null 2>"$OUT/bare_pingora.err" &
 PIDS+=($!)
 BARE_PID=$!
+# (c') bare pingora on Countersign's allocator (mimalloc), LD_PRELOADed:
+# what Countersign's own per-call work costs, without the allocator's gain.
+LD_PRELOAD=$MIMALLOC_SO "$BARE" "127.0.0.1:$BAREMI_PORT" "127.0.0.1:$UP_PORT" "$THREADS" >/dev/null 2>"$OUT/bare_pingora_mimalloc.err" &
+PIDS+=($!)
 
 # (d) Countersign on a pass route: the example shop policies and 1,000
 # generated ones are loaded, the benchmark's GET / matches none of them and
@@ -179,27 +135,19 @@ CS_PID=$!
 PIDS+=($!)
 CSLOG_PID=$!
 
-for p in "$UP_PORT" "$NGINX_PORT" "$BARE_PORT" "$CS_PORT" "$CSLOG_PORT"; do wait_port "$p"; done
+for p in "$UP_PORT" "$NGINX_PORT" "$BARE_PORT" "$BAREMI_PORT" "$CS_PORT" "$CSLOG_PORT"; do wait_port "$p"; done
 NGINX_PID=$(pgrep -P "$(cat "$WORK/proxy/nginx.pid")" | head -1) # the worker
-for p in "$UP_PORT" "$NGINX_PORT" "$BARE_PORT" "$CS_PORT" "$CSLOG_PORT"; do
+for p in "$UP_PORT" "$NGINX_PORT" "$BARE_PORT" "$BAREMI_PORT" "$CS_PORT" "$CSLOG_PORT"; do
   [[ $(curl -s "http://127.0.0.1:$p/") == ok ]] || { log "port $p does not answer ok"; exit 1; }
 done
 
-TARGETS=(direct nginx bare countersign countersign_info)
-declare -A PORT=([direct]=$UP_PORT [nginx]=$NGINX_PORT [bare]=$BARE_PORT [countersign]=$CS_PORT [countersign_info]=$CSLOG_PORT)
+TARGETS=(direct nginx bare bare_mimalloc countersign countersign_info)
+declare -A PORT=([direct]=$UP_PORT [nginx]=$NGINX_PORT [bare]=$BARE_PORT [bare_mimalloc]=$BAREMI_PORT [countersign]=$CS_PORT [countersign_info]=$CSLOG_PORT)
 
-to_ms() { # wrk latency ("812.00us", "1.23ms", "1.02s") -> ms
-  awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n = n; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'
-}
 run_wrk() { # run_wrk <target> <round>: prints "rps p50_ms p99_ms errors"
   local file="$OUT/wrk-$1-$2.txt"
   wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:${PORT[$1]}/" >"$file"
-  local rps p50 p99 errors
-  rps=$(awk '/^Requests\/sec/ { print $2 }' "$file")
-  p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$file")")
-  p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' "$file")")
-  errors=$(awk '/Non-2xx|Socket errors/ { s = s $0 "; " } END { print (s == "" ? "0" : s) }' "$file")
-  echo "$rps $p50 $p99 $errors"
+  wrk_summary "$file"
 }
 
 log "pass-through: wrk -t1 -c$CONNS -d${DURATION}s, proxies with $THREADS thread(s), $ROUNDS round(s)"
@@ -315,6 +263,7 @@ row() { printf '| %-44s | %-30s | %-22s | %-6s |\n' "$@"; }
       direct) name="(a) upstream directly" ;;
       nginx) name="(b) nginx reverse proxy (keepalive)" ;;
       bare) name="(c) bare pingora proxy" ;;
+      bare_mimalloc) name="(c') bare pingora, mimalloc preloaded" ;;
       countersign) name="(d) Countersign pass route" ;;
       countersign_info) name="(d') Countersign, RUST_LOG=info (default)" ;;
     esac
@@ -322,8 +271,10 @@ row() { printf '| %-44s | %-30s | %-22s | %-6s |\n' "$@"; }
   done
   row "Countersign / nginx, req/s" "$(calc "${RPS[countersign]} / ${RPS[nginx]}")" ">= 1.00" "$(verdict "${RPS[countersign]} >= ${RPS[nginx]}")"
   row "Countersign / nginx, p99 (lower is better)" "$(calc "${P99[countersign]} / ${P99[nginx]}")" "<= 1.00" "$(verdict "${P99[countersign]} <= ${P99[nginx]}")"
-  row "Countersign / bare pingora, req/s" "$(calc "${RPS[countersign]} / ${RPS[bare]}")" ">= 0.95" "$(verdict "${RPS[countersign]} >= 0.95 * ${RPS[bare]}")"
-  row "Countersign / bare pingora, p99" "$(calc "${P99[countersign]} / ${P99[bare]}")" "<= 1.05" "$(verdict "${P99[countersign]} <= 1.05 * ${P99[bare]}")"
+  row "Countersign / bare pingora, req/s" "$(calc "${RPS[countersign]} / ${RPS[bare]}")" ">= 0.97" "$(verdict "${RPS[countersign]} >= 0.97 * ${RPS[bare]}")"
+  row "Countersign / bare pingora, p99" "$(calc "${P99[countersign]} / ${P99[bare]}")" "<= 1.03" "$(verdict "${P99[countersign]} <= 1.03 * ${P99[bare]}")"
+  row "Countersign / bare on mimalloc, req/s" "$(calc "${RPS[countersign]} / ${RPS[bare_mimalloc]}")" "" ""
+  row "Countersign / bare on mimalloc, p99" "$(calc "${P99[countersign]} / ${P99[bare_mimalloc]}")" "" ""
   row "Countersign / direct, req/s" "$(calc "${RPS[countersign]} / ${RPS[direct]}")" "" ""
   row "bare pingora / nginx, req/s" "$(calc "${RPS[bare]} / ${RPS[nginx]}")" "" ""
   row "Countersign info logs / warn, req/s" "$(calc "${RPS[countersign_info]} / ${RPS[countersign]}")" "" ""

@@ -36,3 +36,8 @@ pub mod secret;
 pub mod store;
 pub mod telemetry;
 pub mod upstream;
+
+/// A map looked up on every call and filled only from the configuration:
+/// foldhash instead of SipHash, whose resistance to hostile keys guards
+/// insertions, which never come from a request here.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

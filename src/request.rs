@@ -92,15 +92,16 @@ pub struct CanonicalRequest {
 impl CanonicalRequest {
     /// Reads the canonical request out of `header`, or says why it is refused.
     pub fn from_header(header: &RequestHeader) -> Result<Self, RequestError> {
-        refuse_override_headers(&header.headers)?;
-        refuse_header_twins(&header.headers)?;
+        let names = scan_header_names(&header.headers)?;
         if !header.raw_path_is_utf8() {
             return Err(RequestError::NotUtf8);
         }
         let raw = std::str::from_utf8(header.raw_path()).map_err(|_| RequestError::NotUtf8)?;
         let target = Target::parse(raw)?;
         let host = request_host(header, target.authority)?;
-        refuse_forwarded_host(&header.headers, &host)?;
+        if names.forwarded_host {
+            refuse_forwarded_host(&header.headers, &host)?;
+        }
 
         let (raw_path, query) = match target.path_and_query.split_once('?') {
             Some((path, query)) => (path, Some(query)),
@@ -135,7 +136,7 @@ impl CanonicalRequest {
             path,
             query: query.map(str::to_owned),
             rewrite,
-            upgrade: header.headers.contains_key(http::header::UPGRADE),
+            upgrade: names.upgrade,
         })
     }
 
@@ -228,38 +229,44 @@ fn request_host(header: &RequestHeader, target: Option<&str>) -> Result<String, 
     }
 }
 
-/// [`METHOD_OVERRIDE_HEADERS`] as header names: a `&str` key is parsed and
-/// validated again on every lookup, a `HeaderName` is not.
-const METHOD_OVERRIDE_NAMES: [HeaderName; 3] = [
-    HeaderName::from_static(METHOD_OVERRIDE_HEADERS[0]),
-    HeaderName::from_static(METHOD_OVERRIDE_HEADERS[1]),
-    HeaderName::from_static(METHOD_OVERRIDE_HEADERS[2]),
-];
+/// What one pass over the request's header names found: the checks below
+/// look names up in a map that usually holds a handful of headers, so one
+/// walk over them is cheaper than a hashed lookup per name (eight per call).
+#[derive(Default)]
+struct HeaderNames {
+    forwarded_host: bool,
+    upgrade: bool,
+}
 
-/// [`PATH_OVERRIDE_HEADERS`] as header names.
-const PATH_OVERRIDE_NAMES: [HeaderName; 4] = [
-    HeaderName::from_static(PATH_OVERRIDE_HEADERS[0]),
-    HeaderName::from_static(PATH_OVERRIDE_HEADERS[1]),
-    HeaderName::from_static(PATH_OVERRIDE_HEADERS[2]),
-    HeaderName::from_static(PATH_OVERRIDE_HEADERS[3]),
-];
-
-fn refuse_override_headers(headers: &HeaderMap) -> Result<(), RequestError> {
-    if let Some(i) = METHOD_OVERRIDE_NAMES
-        .iter()
-        .position(|h| headers.contains_key(h))
-    {
-        return Err(RequestError::MethodOverrideHeader(
-            METHOD_OVERRIDE_HEADERS[i],
-        ));
+/// Refuses a method or path override header, or a twin of a header that
+/// matters (in that order of precedence); notes the headers read later.
+fn scan_header_names(headers: &HeaderMap) -> Result<HeaderNames, RequestError> {
+    let mut found = HeaderNames::default();
+    let (mut method, mut path, mut twin) = (None, None, None);
+    for name in headers.keys() {
+        let name = name.as_str();
+        if let Some(h) = METHOD_OVERRIDE_HEADERS.iter().find(|h| **h == name) {
+            method = method.or(Some(*h));
+        } else if let Some(h) = PATH_OVERRIDE_HEADERS.iter().find(|h| **h == name) {
+            path = path.or(Some(*h));
+        } else if name == "x-forwarded-host" || name == "forwarded" {
+            found.forwarded_host = true;
+        } else if name == "upgrade" {
+            found.upgrade = true;
+        } else if twin.is_none() && has_twin_punctuation(name) {
+            twin = header_twin(name);
+        }
     }
-    if let Some(i) = PATH_OVERRIDE_NAMES
-        .iter()
-        .position(|h| headers.contains_key(h))
-    {
-        return Err(RequestError::PathOverrideHeader(PATH_OVERRIDE_HEADERS[i]));
+    if let Some(h) = method {
+        return Err(RequestError::MethodOverrideHeader(h));
     }
-    Ok(())
+    if let Some(h) = path {
+        return Err(RequestError::PathOverrideHeader(h));
+    }
+    if let Some(twin) = twin {
+        return Err(twin);
+    }
+    Ok(found)
 }
 
 /// Headers the gateway frames, reads or refuses a call by. CGI-style
@@ -308,26 +315,19 @@ fn has_twin_punctuation(name: &str) -> bool {
         .any(|b| !b.is_ascii_alphanumeric() && b != b'-')
 }
 
-fn refuse_header_twins(headers: &HeaderMap) -> Result<(), RequestError> {
-    for name in headers.keys() {
-        let name = name.as_str();
-        if !has_twin_punctuation(name) {
-            continue;
-        }
-        let dashed = dashed(name);
-        let reads_as = TWINNED_HEADERS
-            .iter()
-            .find(|h| **h == dashed)
-            .or_else(|| TWINNED_PREFIXES.iter().find(|p| dashed.starts_with(**p)))
-            .copied();
-        if let Some(reads_as) = reads_as {
-            return Err(RequestError::HeaderTwin {
-                sent: name.to_owned(),
-                reads_as,
-            });
-        }
-    }
-    Ok(())
+/// The refusal of `name` (with punctuation other than `-`) when CGI-style
+/// servers read it as a header that matters.
+fn header_twin(name: &str) -> Option<RequestError> {
+    let dashed = dashed(name);
+    let reads_as = TWINNED_HEADERS
+        .iter()
+        .find(|h| **h == dashed)
+        .or_else(|| TWINNED_PREFIXES.iter().find(|p| dashed.starts_with(**p)))
+        .copied()?;
+    Some(RequestError::HeaderTwin {
+        sent: name.to_owned(),
+        reads_as,
+    })
 }
 
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");

@@ -118,7 +118,7 @@ fn glob(pattern: &str, name: &str) -> bool {
 #[derive(Debug, Default)]
 pub(super) struct McpIndex {
     pub(super) endpoints: Vec<McpEndpoint>,
-    by_host: HashMap<String, matchit::Router<usize>>,
+    by_host: crate::FastMap<String, matchit::Router<usize>>,
     any_host: matchit::Router<usize>,
     /// `(host, route)` to endpoint index.
     keys: HashMap<(Option<String>, String), usize>,

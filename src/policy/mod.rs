@@ -104,7 +104,7 @@ type Group = usize;
 
 #[derive(Debug, Default)]
 struct MethodRouters {
-    by_method: HashMap<String, matchit::Router<usize>>,
+    by_method: crate::FastMap<String, matchit::Router<usize>>,
 }
 
 impl MethodRouters {
@@ -135,7 +135,7 @@ pub struct PolicySet {
     policies: Vec<Arc<Policy>>,
     /// Indices into `policies`, per route.
     groups: Vec<Vec<usize>>,
-    by_host: HashMap<String, MethodRouters>,
+    by_host: crate::FastMap<String, MethodRouters>,
     any_host: MethodRouters,
     mcp: mcp::McpIndex,
 }
@@ -194,7 +194,7 @@ impl PolicySet {
         Self {
             policies: Vec::new(),
             groups: Vec::new(),
-            by_host: HashMap::new(),
+            by_host: crate::FastMap::default(),
             any_host: MethodRouters::default(),
             mcp: mcp::McpIndex::default(),
         }
@@ -687,14 +687,18 @@ pub fn host_key(raw: &str) -> Result<String, HostError> {
         return Ok(host.to_ascii_lowercase());
     }
     let host = host.strip_suffix('.').unwrap_or(host);
-    let valid = !host.is_empty()
-        && host.split('.').all(|label| {
-            !label.is_empty()
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        });
-    if !valid {
+    // Labels of letters, digits, '-' and '_', none empty: one pass, as this
+    // runs on every call.
+    let mut after_dot = true;
+    for b in host.bytes() {
+        match b {
+            b'.' if after_dot => return Err(HostError::Malformed),
+            b'.' => after_dot = true,
+            b if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' => after_dot = false,
+            _ => return Err(HostError::Malformed),
+        }
+    }
+    if after_dot {
         return Err(HostError::Malformed);
     }
     Ok(host.to_ascii_lowercase())
@@ -1400,5 +1404,33 @@ policies:
             .unwrap_err()
             .to_string();
         assert!(error.contains("reads 'qty'"), "{error}");
+    }
+
+    #[test]
+    fn host_keys_are_lower_case_without_port_or_final_dot() {
+        for (raw, key) in [
+            ("Shop.Example", "shop.example"),
+            ("shop.example.:8443", "shop.example"),
+            ("127.0.0.1:18281", "127.0.0.1"),
+            ("a_b-c", "a_b-c"),
+            ("[::1]:80", "[::1]"),
+        ] {
+            assert_eq!(host_key(raw).as_deref(), Ok(key), "{raw}");
+        }
+        for raw in [
+            "",
+            ".",
+            "a..b",
+            ".a",
+            "a..",
+            "a b",
+            "a@b",
+            "a:",
+            "a:123456",
+            "a:x",
+            "é.example",
+        ] {
+            assert_eq!(host_key(raw), Err(HostError::Malformed), "{raw:?}");
+        }
     }
 }

@@ -15,7 +15,6 @@ mod hold;
 mod mcp;
 mod status;
 
-use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Instant;
@@ -53,7 +52,7 @@ pub struct Countersign {
     /// The policy set in force; a reload swaps it whole.
     pub policies: Arc<LivePolicies>,
     pub routes: Routes,
-    pub upstreams: HashMap<String, Arc<Upstream>>,
+    pub upstreams: crate::FastMap<String, Arc<Upstream>>,
     pub identity: IdentitySource,
     pub limits: Limits,
     pub default_action: DefaultAction,
