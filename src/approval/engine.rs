@@ -872,6 +872,10 @@ impl Engine {
             if approval.state.is_final() || now >= until {
                 return Ok(approval);
             }
+            // Not kept across the wait: a decoded approval (its request's
+            // headers and body, the details JSON) is ~1.4 KiB per held call
+            // (docs/BENCHMARKS.md, issue 11).
+            drop(approval);
             // Driven here, its end wakes this waiter; the slow re-read is
             // only a safety net then.
             let recheck = if lock(&self.driving).contains(id) {
