@@ -5,6 +5,7 @@
 #
 #   benches/pingora_settings.sh
 #   SET_DURATION=5 SET_ROUNDS=3 SET_CONNECTIONS=50 benches/pingora_settings.sh
+#   SET_ONLY="bare-defaults countersign-1-thread" SET_ROUNDS=10 benches/pingora_settings.sh
 #
 # Every variant runs at once against one upstream (nginx `return 200 'ok'`,
 # one worker); rounds interleave the variants and the median round by req/s
@@ -52,6 +53,14 @@ VARIANTS=(
   "countersign-1-thread||countersign 1"
   "countersign-2-threads||countersign 2"
 )
+
+# SET_ONLY="bare-defaults countersign-1-thread": just these variants (more
+# rounds of fewer variants narrow a ratio).
+if [[ -n ${SET_ONLY:-} ]]; then
+  kept=()
+  for v in "${VARIANTS[@]}"; do [[ " $SET_ONLY " == *" ${v%%|*} "* ]] && kept+=("$v"); done
+  VARIANTS=("${kept[@]}")
+fi
 
 "$REPO/benches/gen_policies.sh" 1000 >"$WORK/generated.yaml"
 countersign_conf() { # countersign_conf <file> <port> <threads>

@@ -40,9 +40,12 @@ use crate::upstream::{ForwardError, Forwarded, Overflow, UpstreamClient};
 /// How often a waiting agent re-reads the store when no in-process wakeup
 /// comes (the approval may be driven by another replica).
 const STORE_RECHECK: Duration = Duration::from_millis(500);
-/// How often it does so when this process drives the approval (its end
-/// wakes the agent at once).
-const LOCAL_RECHECK: Duration = Duration::from_secs(5);
+/// How often it does so when this process drives the approval: a safety
+/// net only, as every end of driving here (`stop_driving`) wakes the agent
+/// at once. Each re-read decodes the whole row on the store's threads: at
+/// 5 s, 1,000 held calls made 200 reads a second, the largest part of the
+/// gateway's CPU while holding (docs/BENCHMARKS.md, issue 11).
+const LOCAL_RECHECK: Duration = Duration::from_secs(30);
 /// Polls in flight at once. More due polls wait their turn in the
 /// timetable (later, never sooner).
 const POLLERS: usize = 128;
