@@ -2,7 +2,7 @@
 # The whole benchmark suite (issue 4) on this machine, in one run, printed as
 # one table with ratios taken from the same run. See docs/BENCHMARKS.md.
 #
-#   benches/run.sh                 # full run, about 6-8 minutes after the build
+#   benches/run.sh                 # full run, about 15 minutes after the build
 #   BENCH_QUICK=1 benches/run.sh   # quick run, about 2 minutes
 #
 # Knobs (environment):
