@@ -245,7 +245,10 @@ impl Engine {
             .min(remaining)
             .max(Duration::from_secs(1));
         let notification_token = self.pings.as_ref().map(|_| Pings::new_token());
-        let authorization = self
+        if let (Some(pings), Some(token)) = (&self.pings, &notification_token) {
+            pings.expect_token(token, id);
+        }
+        let authorized = self
             .ciba
             .authorize(&AuthorizeRequest {
                 client_notification_token: notification_token.as_ref(),
@@ -256,13 +259,22 @@ impl Engine {
                 authorization_details: details,
                 requested_expiry: Some(requested_expiry),
             })
-            .await?;
+            .await;
+        let authorization = match authorized {
+            Ok(authorization) => authorization,
+            Err(error) => {
+                if let Some(pings) = &self.pings {
+                    pings.forget(id);
+                }
+                return Err(error);
+            }
+        };
         let now = Instant::now();
         // Ping mode polls only as a safety net, slowly, never faster than
         // the server's interval.
         let interval = match (&self.pings, &notification_token) {
             (Some(pings), Some(token)) => {
-                pings.expect(&authorization.auth_req_id, token, id);
+                pings.expect(&authorization.auth_req_id, token);
                 let server = authorization.interval.unwrap_or(super::DEFAULT_INTERVAL);
                 Some(server.max(pings.safety_poll))
             }
