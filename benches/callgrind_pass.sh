@@ -59,26 +59,7 @@ wait_port "$UP_PORT"
 
 "$REPO/benches/gen_policies.sh" 1000 >"$WORK/generated.yaml"
 PROXY_PORT=$(pick_port $((UP_PORT + 1)))
-cat >"$WORK/countersign.yaml" <<EOF
-listen:
-  proxy: 127.0.0.1:$PROXY_PORT
-  threads: 1
-upstreams:
-  api:
-    url: http://127.0.0.1:$UP_PORT
-authorization_server:
-  issuer: http://127.0.0.1:9/
-  endpoints:   # never contacted: nothing is held
-    backchannel_authentication: http://127.0.0.1:9/bc-authorize
-    token: http://127.0.0.1:9/token
-  client_id: bench
-  client_auth: { method: client_secret_post, client_secret: bench }
-identity:
-  header: { name: x-countersign-user }
-policies: [$REPO/policies, $WORK/generated.yaml]
-default_action: pass
-store: memory
-EOF
+pass_route_conf "$WORK/countersign.yaml" "$PROXY_PORT" 1 "$UP_PORT" "$REPO/policies, $WORK/generated.yaml"
 
 total_ir() { # total_ir <callgrind file>: the Ir of that dump
   awk '/^(summary|totals):/ { print $2; exit }' "$1"

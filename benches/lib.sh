@@ -81,3 +81,30 @@ wrk_summary() { # wrk_summary <wrk --latency output>: "rps p50_ms p99_ms errors"
 # The mimalloc shared library (Debian libmimalloc2.0), LD_PRELOADed into bare
 # pingora to compare it with Countersign on the same allocator.
 MIMALLOC_SO=/usr/lib/x86_64-linux-gnu/libmimalloc.so.2
+
+# --- Countersign on a pass route ---------------------------------------------
+# pass_route_conf <file> <proxy port> <threads> <upstream port> <policies yaml list>:
+# a gateway whose calls match no policy and pass (default_action: pass), with
+# an authorization server that is never contacted and the memory store.
+pass_route_conf() {
+  cat >"$1" <<EOF2
+listen:
+  proxy: 127.0.0.1:$2
+  threads: $3
+upstreams:
+  api:
+    url: http://127.0.0.1:$4
+authorization_server:
+  issuer: http://127.0.0.1:9/
+  endpoints:   # never contacted: nothing is held
+    backchannel_authentication: http://127.0.0.1:9/bc-authorize
+    token: http://127.0.0.1:9/token
+  client_id: bench
+  client_auth: { method: client_secret_post, client_secret: bench }
+identity:
+  header: { name: x-countersign-user }
+policies: [$5]
+default_action: pass
+store: memory
+EOF2
+}

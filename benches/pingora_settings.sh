@@ -63,28 +63,6 @@ if [[ -n ${SET_ONLY:-} ]]; then
 fi
 
 "$REPO/benches/gen_policies.sh" 1000 >"$WORK/generated.yaml"
-countersign_conf() { # countersign_conf <file> <port> <threads>
-  cat >"$1" <<EOF
-listen:
-  proxy: 127.0.0.1:$2
-  threads: $3
-upstreams:
-  api:
-    url: http://127.0.0.1:$UP_PORT
-authorization_server:
-  issuer: http://127.0.0.1:9/
-  endpoints:   # never contacted: nothing is held
-    backchannel_authentication: http://127.0.0.1:9/bc-authorize
-    token: http://127.0.0.1:9/token
-  client_id: bench
-  client_auth: { method: client_secret_post, client_secret: bench }
-identity:
-  header: { name: x-countersign-user }
-policies: [$REPO/policies, $WORK/generated.yaml]
-default_action: pass
-store: memory
-EOF
-}
 
 declare -A PORT
 next=$((UP_PORT + 1))
@@ -95,7 +73,7 @@ for v in "${VARIANTS[@]}"; do
   PORT[$name]=$port
   read -ra argv <<<"$args"
   if [[ ${argv[0]} == countersign ]]; then
-    countersign_conf "$WORK/$name.yaml" "$port" "${argv[1]}"
+    pass_route_conf "$WORK/$name.yaml" "$port" "${argv[1]}" "$UP_PORT" "$REPO/policies, $WORK/generated.yaml"
     RUST_LOG=warn "$BIN/countersign" run --config "$WORK/$name.yaml" 2>"$OUT/$name.err" &
   else
     # shellcheck disable=SC2086 # envs is a list of NAME=value words

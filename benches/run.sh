@@ -102,30 +102,8 @@ PIDS+=($!)
 # Plus 1,000 generated policies (benches/gen_policies.sh), so matching costs
 # what it costs with a real table (issue 11).
 "$REPO/benches/gen_policies.sh" 1000 >"$WORK/generated-policies.yaml"
-countersign_conf() { # countersign_conf <file> <proxy port>
-  cat >"$1" <<EOF
-listen:
-  proxy: 127.0.0.1:$2
-  threads: $THREADS
-upstreams:
-  api:
-    url: http://127.0.0.1:$UP_PORT
-authorization_server:
-  issuer: http://127.0.0.1:9/
-  endpoints:   # never contacted: no call is held in this part
-    backchannel_authentication: http://127.0.0.1:9/bc-authorize
-    token: http://127.0.0.1:9/token
-  client_id: bench
-  client_auth: { method: client_secret_post, client_secret: bench }
-identity:
-  header: { name: x-countersign-user }
-policies: [$REPO/policies, $WORK/generated-policies.yaml]
-default_action: pass
-store: memory   # nothing is held in this part; two gateways share this directory
-EOF
-}
-countersign_conf "$WORK/countersign.yaml" "$CS_PORT"
-countersign_conf "$WORK/countersign-log.yaml" "$CSLOG_PORT"
+pass_route_conf "$WORK/countersign.yaml" "$CS_PORT" "$THREADS" "$UP_PORT" "$REPO/policies, $WORK/generated-policies.yaml"
+pass_route_conf "$WORK/countersign-log.yaml" "$CSLOG_PORT" "$THREADS" "$UP_PORT" "$REPO/policies, $WORK/generated-policies.yaml"
 # Like the other proxies, no per-request log line ...
 RUST_LOG=warn "$BIN/countersign" run --config "$WORK/countersign.yaml" 2>"$OUT/countersign.err" &
 PIDS+=($!)
