@@ -130,6 +130,41 @@ async fn the_answer_resumes_the_call_well_before_the_polling_interval() {
     );
 }
 
+/// A server may ping before its token endpoint agrees (a replicated store):
+/// the gateway then asks again after the server's own interval, not the
+/// 60 s safety poll, and the person's approval is not lost to an expiry.
+#[tokio::test]
+async fn a_ping_the_token_endpoint_does_not_agree_with_yet_is_polled_again_at_the_server_interval()
+{
+    let PingWorld { world, .. } = ping_world(2, "60s", true).await;
+    let call = tokio::spawn(world.buy("alice", phones()).send());
+    let pending = world.peer.wait_pending(Some("alice"), 1).await;
+    let id = pending[0]["auth_req_id"].as_str().unwrap().to_owned();
+    // The token request that answers the ping gets slow_down (interval 2 -> 7 s).
+    let status = world
+        .peer
+        .control(&format!("requests/{id}/slow-down"), Value::Null)
+        .await;
+    assert!(status.is_success(), "slow-down: {status}");
+    let answered = Instant::now();
+    world.peer.approve(&id).await;
+    let response = tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .expect("answered well before the 60 s deadline")
+        .unwrap()
+        .unwrap();
+    let resumed = answered.elapsed();
+    assert_eq!(response.status(), 200);
+    assert!(
+        resumed >= Duration::from_secs(6) && resumed < Duration::from_secs(20),
+        "asked again after the server's 7 s, not at once nor at the safety poll: {resumed:?}"
+    );
+    let request = world.peer.request(&id).await;
+    assert_eq!(request["poll_results"][0], "slow_down", "{request}");
+    assert_eq!(request["polls"], 2, "{request}");
+    assert_eq!(world.shop.received().len(), 1);
+}
+
 #[tokio::test]
 async fn forged_and_replayed_notifications_are_refused() {
     let PingWorld { world, notify_url } = ping_world(5, "60s", true).await;

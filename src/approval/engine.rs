@@ -100,6 +100,13 @@ struct Polled {
     schedule: PollSchedule,
     /// The interval last written to the store.
     stored_interval: Duration,
+    /// Ping mode: the authorization server's own interval (`slow_down`
+    /// growth included), for the poll that follows a notified poll the
+    /// token endpoint did not answer yet.
+    server_interval: Duration,
+    /// Ping mode: a notification came; from then on polled at
+    /// `server_interval` until the token endpoint agrees.
+    notified: bool,
 }
 
 /// Why a new approval could not be started.
@@ -272,11 +279,11 @@ impl Engine {
         let now = Instant::now();
         // Ping mode polls only as a safety net, slowly, never faster than
         // the server's interval.
+        let server_interval = authorization.interval.unwrap_or(super::DEFAULT_INTERVAL);
         let interval = match (&self.pings, &notification_token) {
             (Some(pings), Some(token)) => {
                 pings.expect(&authorization.auth_req_id, token);
-                let server = authorization.interval.unwrap_or(super::DEFAULT_INTERVAL);
-                Some(server.max(pings.safety_poll))
+                Some(server_interval.max(pings.safety_poll))
             }
             _ => authorization.interval,
         };
@@ -313,6 +320,8 @@ impl Engine {
                 policy: None,
                 auth_req_id: progress.auth_req_id,
                 stored_interval: schedule.interval(),
+                server_interval,
+                notified: false,
                 schedule,
             },
         })
@@ -444,6 +453,8 @@ impl Engine {
             auth_req_id: progress.auth_req_id.clone(),
             schedule: PollSchedule::resume(next, progress.interval, deadline),
             stored_interval: progress.interval,
+            server_interval: progress.interval,
+            notified: false,
         };
         Some((polled, next.min(deadline)))
     }
@@ -497,7 +508,20 @@ impl Engine {
             _ => {}
         }
         let server_expired = matches!(answer, PollAnswer::Expired);
-        let next = match polled.schedule.on_answer(Instant::now(), answer) {
+        // A notification says the person answered, but a token endpoint
+        // may lag its own ping (a replicated store, or a server that pings
+        // before it has recorded the answer): ask again after the server's
+        // interval (until it agrees), not the safety poll's, or a person
+        // who approved would get an expiry.
+        polled.notified |= due == Due::Notified;
+        let unsettled_notification = polled.notified
+            && self.pings.is_some()
+            && matches!(answer, PollAnswer::Pending | PollAnswer::SlowDown);
+        if matches!(answer, PollAnswer::SlowDown) {
+            polled.server_interval = polled.server_interval.saturating_add(super::SLOW_DOWN_STEP);
+        }
+        let now = Instant::now();
+        let next = match polled.schedule.on_answer(now, answer) {
             // Ping mode: no poll fits before the deadline, but the
             // notification may still come; it is awaited until then.
             Step::Finish(Outcome::Expired) if self.pings.is_some() && !server_expired => deadline,
@@ -505,6 +529,11 @@ impl Engine {
             // Forwards hold their permit too: the store writes of a wave of
             // approvals stay bounded, and so does how long each waits.
             Step::Finish(outcome) => return self.conclude(&id, polled, outcome).await,
+        };
+        let next = if unsettled_notification {
+            next.min(now + polled.server_interval)
+        } else {
+            next
         };
         drop(permit);
         if polled.schedule.interval() != polled.stored_interval {

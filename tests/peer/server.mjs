@@ -673,16 +673,16 @@ async function controlMiddleware(provider, ctx) {
       const request = await findBackchannelRequest(provider, id);
       if (!request) return jsonError(ctx, 404, 'not_found', 'request no longer stored');
 
+      // Recorded before backchannelResult: in ping mode it sends the ping and awaits its answer,
+      // and the client's token request answering that ping may arrive before it resolves (it must
+      // then be read as answering the ping, not as a poll faster than the interval).
+      rec.decision = action === 'deny' ? 'denied' : 'approved';
       if (action === 'deny') {
         const description = 'end-user denied the authorization request';
+        // oidc-provider 9 stores `error_description` but reads back `errorDescription`: set it
+        // here, so that the one save in backchannelResult (before its ping) stores both.
+        request.errorDescription = description;
         await provider.backchannelResult(request, new errors.AccessDenied(description));
-        // oidc-provider 9 stores `error_description` but reads back `errorDescription`
-        const denied = await findBackchannelRequest(provider, id);
-        if (denied && !denied.errorDescription) {
-          denied.errorDescription = description;
-          await denied.save();
-        }
-        rec.decision = 'denied';
         log(`control: denied ${id}`);
         ctx.body = toJson(rec);
         return undefined;
@@ -712,7 +712,6 @@ async function controlMiddleware(provider, ctx) {
         authTime: nowSec(),
         rar: rec.authorization_details,
       });
-      rec.decision = 'approved';
       rec.granted_scope = [...oidcScopes, ...apiScopes].join(' ');
       log(`control: approved ${id} scope="${rec.granted_scope}"`);
       ctx.body = toJson(rec);
