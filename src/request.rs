@@ -374,10 +374,15 @@ pub fn has_method_parameter(query: &str) -> bool {
             .windows(6)
             .any(|w| w.eq_ignore_ascii_case(b"method"));
     may_contain
-        && url::form_urlencoded::parse(query.as_bytes()).any(|(name, _)| {
-            name.trim().eq_ignore_ascii_case(METHOD_PARAMETER)
-                || crate::policy::shadow::merge_key(&name) == METHOD_PARAMETER
-        })
+        && url::form_urlencoded::parse(query.as_bytes()).any(|(name, _)| is_method_name(&name))
+}
+
+/// Whether some framework reads a field `name` as `_method`: in any case,
+/// with spaces around it, or as PHP files it (cut at a NUL or `[`, leading
+/// spaces dropped).
+fn is_method_name(name: &str) -> bool {
+    name.trim().eq_ignore_ascii_case(METHOD_PARAMETER)
+        || crate::policy::shadow::merge_key(name) == METHOD_PARAMETER
 }
 
 /// A reader of a POST body that answers whether it names `_method`.
@@ -420,20 +425,18 @@ pub fn form_has_method_field(body: &[u8]) -> bool {
 /// it from JSON input too).
 pub fn json_has_method_field(body: &[u8]) -> bool {
     match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(serde_json::Value::Object(fields)) => fields
-            .keys()
-            .any(|k| k.trim().eq_ignore_ascii_case(METHOD_PARAMETER)),
+        Ok(serde_json::Value::Object(fields)) => fields.keys().any(|k| is_method_name(k)),
         _ => false,
     }
 }
 
-/// Whether a `multipart/form-data` body has a `_method` part. Conservative:
-/// any `name="_method"` (or unquoted) in the body counts.
+/// Whether a `multipart/form-data` body has a `_method` part, in any
+/// spelling some reader takes for it (`name="_method\0x"` is `_method` to
+/// PHP). Conservative: any `name=` in the body counts.
 pub fn multipart_has_method_field(body: &[u8]) -> bool {
-    let lower = body.to_ascii_lowercase();
-    [&b"name=\"_method\""[..], b"name=_method", b"name='_method'"]
+    crate::policy::shadow::multipart_raw_names(body)
         .iter()
-        .any(|needle| lower.windows(needle.len()).any(|w| w == *needle))
+        .any(|name| is_method_name(name))
 }
 
 #[cfg(test)]
@@ -606,6 +609,23 @@ mod tests {
         assert!(multipart_has_method_field(body));
         assert!(!multipart_has_method_field(
             b"--b\r\nContent-Disposition: form-data; name=\"method\"\r\n\r\nx"
+        ));
+        for name in [
+            "\"_method\0x\"",
+            "\" _method\"",
+            "\"_method[]\"",
+            "_METHOD",
+            "'_method'",
+        ] {
+            let body = format!("--b\r\nContent-Disposition: form-data; name={name}\r\n\r\nDELETE");
+            assert!(multipart_has_method_field(body.as_bytes()), "{name}");
+        }
+        let extended =
+            b"--b\r\nContent-Disposition: form-data; name*=utf-8''%5Fmethod\r\n\r\nDELETE";
+        assert!(multipart_has_method_field(extended));
+        // A file part named otherwise is not a method field.
+        assert!(!multipart_has_method_field(
+            b"--b\r\nContent-Disposition: form-data; name=\"doc\"; filename=\"_method.txt\"\r\n\r\nx"
         ));
     }
 }

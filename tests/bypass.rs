@@ -371,6 +371,18 @@ fn spellings() -> Vec<Spelling> {
                 Some(("multipart/form-data; boundary=XyZ", multipart)),
             ),
         ),
+        // PHP ends a multipart part's name at a NUL too.
+        spelling(
+            "POST /orders/7, multipart _method\\0x=DELETE",
+            request(
+                "POST /orders/7",
+                &[SHOP],
+                Some((
+                    "multipart/form-data; boundary=XyZ",
+                    "--XyZ\r\ncontent-disposition: form-data; name=\"_method\0x\"\r\n\r\nDELETE\r\n--XyZ--\r\n",
+                )),
+            ),
+        ),
         // Express's method-override('_method') (POST only, its default),
         // Laravel, Symfony: `_method` in the query.
         spelling(

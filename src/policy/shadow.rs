@@ -135,15 +135,33 @@ fn body_keys(headers: &HeaderMap, body: &[u8]) -> Vec<String> {
     keys
 }
 
-/// Conservative: every `name=` parameter anywhere in the body counts, quoted
-/// or not, as a part's name.
 fn multipart_names(body: &[u8]) -> Vec<String> {
+    multipart_raw_names(body)
+        .iter()
+        .map(|name| merge_key(name))
+        .collect()
+}
+
+/// The part names of a multipart body, as sent. Conservative: every `name=`
+/// parameter anywhere in the body counts, quoted or not, as a part's name
+/// (a NUL or `[` in it included: readers differ on where a name ends), and
+/// so does RFC 8187's `name*=utf-8''…`, percent-decoded.
+pub(crate) fn multipart_raw_names(body: &[u8]) -> Vec<String> {
     let text = String::from_utf8_lossy(body);
     let lower = text.to_ascii_lowercase();
     let mut names = Vec::new();
     let mut rest = 0;
-    while let Some(found) = lower[rest..].find("name=") {
-        let start = rest + found + "name=".len();
+    while let Some(found) = lower[rest..].find("name") {
+        let mut start = rest + found + "name".len();
+        rest = start;
+        let extended = lower[start..].starts_with('*');
+        if extended {
+            start += 1;
+        }
+        if !lower[start..].starts_with('=') {
+            continue;
+        }
+        start += 1;
         let value = &text[start..];
         let name = match value.chars().next() {
             Some(quote @ ('"' | '\'')) => value[1..].split(quote).next().unwrap_or(""),
@@ -152,8 +170,15 @@ fn multipart_names(body: &[u8]) -> Vec<String> {
                 .next()
                 .unwrap_or(""),
         };
-        names.push(merge_key(name));
-        rest = start;
+        let name = if extended {
+            let encoded = name.rsplit("''").next().unwrap_or(name);
+            percent_encoding::percent_decode_str(encoded)
+                .decode_utf8_lossy()
+                .into_owned()
+        } else {
+            name.to_owned()
+        };
+        names.push(name);
     }
     names
 }

@@ -725,7 +725,9 @@ fn form_field(form: &[u8], name: &str) -> Vec<String> {
         .collect()
 }
 
-/// The values of field `name` in a multipart body, upper-cased.
+/// The values of field `name` in a multipart body, upper-cased; a part's
+/// name ends at a NUL and loses its leading spaces, as PHP registers it
+/// (`name="_method\0x"` is `_method` to Laravel and Symfony).
 fn multipart_field(content_type: &str, body: &[u8], name: &str) -> Vec<String> {
     let Some(boundary) = content_type
         .split(';')
@@ -741,10 +743,14 @@ fn multipart_field(content_type: &str, body: &[u8], name: &str) -> Vec<String> {
     let delimiter = format!("--{}", boundary.trim_matches('"'));
     body.split(delimiter.as_str())
         .filter_map(|part| part.split_once("\r\n\r\n"))
-        .filter(|(head, _)| {
-            head.to_ascii_lowercase()
-                .contains(&format!("name=\"{name}\""))
-        })
+        .filter(|(head, _)| part_name(head).is_some_and(|n| n == name))
         .map(|(_, value)| value.trim_end_matches("\r\n").trim().to_ascii_uppercase())
         .collect()
+}
+
+/// The `name` parameter of a part's Content-Disposition, as PHP files it.
+fn part_name(head: &str) -> Option<&str> {
+    let at = head.to_ascii_lowercase().find("; name=\"")? + "; name=\"".len();
+    let quoted = head[at..].split('"').next()?;
+    Some(quoted.split('\0').next()?.trim_start())
 }
