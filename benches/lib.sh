@@ -78,6 +78,12 @@ wrk_summary() { # wrk_summary <wrk --latency output>: "rps p50_ms p99_ms errors"
   echo "$rps $p50 $p99 $errors"
 }
 
+# cpu_ticks <pid>: user + system CPU of a whole process (all its threads), in
+# clock ticks (getconf CLK_TCK, 100 on Linux).
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# wrk_requests <wrk output>: how many requests completed.
+wrk_requests() { awk '/ requests in / { print $1 }' "$1"; }
+
 # The mimalloc shared library (Debian libmimalloc2.0), LD_PRELOADed into bare
 # pingora to compare it with Countersign on the same allocator.
 MIMALLOC_SO=/usr/lib/x86_64-linux-gnu/libmimalloc.so.2

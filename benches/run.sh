@@ -95,6 +95,7 @@ BARE_PID=$!
 # what Countersign's own per-call work costs, without the allocator's gain.
 LD_PRELOAD=$MIMALLOC_SO "$BARE" "127.0.0.1:$BAREMI_PORT" "127.0.0.1:$UP_PORT" "$THREADS" >/dev/null 2>"$OUT/bare_pingora_mimalloc.err" &
 PIDS+=($!)
+BAREMI_PID=$!
 
 # (d) Countersign on a pass route: the example shop policies and 1,000
 # generated ones are loaded, the benchmark's GET / matches none of them and
@@ -121,11 +122,23 @@ done
 
 TARGETS=(direct nginx bare bare_mimalloc countersign countersign_info)
 declare -A PORT=([direct]=$UP_PORT [nginx]=$NGINX_PORT [bare]=$BARE_PORT [bare_mimalloc]=$BAREMI_PORT [countersign]=$CS_PORT [countersign_info]=$CSLOG_PORT)
+# The process whose CPU a target's calls cost (direct: the upstream's worker).
+UP_WORKER_PID=$(pgrep -P "$(cat "$WORK/upstream/nginx.pid")" | head -1)
+declare -A PROC=([direct]=$UP_WORKER_PID [nginx]=$NGINX_PID [bare]=$BARE_PID [bare_mimalloc]=$BAREMI_PID [countersign]=$CS_PID [countersign_info]=$CSLOG_PID)
+CLK_TCK=$(getconf CLK_TCK)
 
-run_wrk() { # run_wrk <target> <round>: prints "rps p50_ms p99_ms errors"
-  local file="$OUT/wrk-$1-$2.txt"
+# The proxy's CPU time per call (user + system, all threads), from the same
+# wrk run: on this shared 2-core machine req/s swings +-10-25% between rounds
+# with what else gets scheduled, while the CPU a call costs the proxy holds
+# within a few per cent. On dedicated cores, req/s follows it.
+declare -A CPU_US
+run_wrk() { # run_wrk <target> <round>: prints "rps p50_ms p99_ms errors"; sets CPU_US[target.round]
+  local file="$OUT/wrk-$1-$2.txt" before after
+  before=$(cpu_ticks "${PROC[$1]}")
   wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:${PORT[$1]}/" >"$file"
-  wrk_summary "$file"
+  after=$(cpu_ticks "${PROC[$1]}")
+  CPU_US[$1.$2]=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$(wrk_requests "$file")" \
+    'BEGIN { printf "%.2f", n > 0 ? t / hz * 1e6 / n : 0 }')
 }
 
 log "pass-through: wrk -t1 -c$CONNS -d${DURATION}s, proxies with $THREADS thread(s), $ROUNDS round(s)"
@@ -133,15 +146,18 @@ for t in "${TARGETS[@]}"; do wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:${PORT[$t
 declare -A RESULTS
 for r in $(seq "$ROUNDS"); do
   for t in "${TARGETS[@]}"; do
-    RESULTS[$t.$r]=$(run_wrk "$t" "$r")
-    log "  round $r $t: ${RESULTS[$t.$r]}"
+    run_wrk "$t" "$r"
+    RESULTS[$t.$r]=$(wrk_summary "$OUT/wrk-$t-$r.txt")
+    log "  round $r $t: ${RESULTS[$t.$r]}; ${CPU_US[$t.$r]} us CPU per call"
   done
 done
 # The median round by req/s, per target.
-declare -A RPS P50 P99
+declare -A RPS P50 P99 CPU
 for t in "${TARGETS[@]}"; do
   line=$(for r in $(seq "$ROUNDS"); do echo "${RESULTS[$t.$r]}"; done | sort -n -k1,1 | sed -n "$(((ROUNDS + 1) / 2))p")
   read -r RPS[$t] P50[$t] P99[$t] _ <<<"$line"
+  # The median round by CPU per call, on its own.
+  CPU[$t]=$(for r in $(seq "$ROUNDS"); do echo "${CPU_US[$t.$r]}"; done | sort -n | sed -n "$(((ROUNDS + 1) / 2))p")
 done
 ERRORS=$(grep -l 'Non-2xx\|Socket errors' "$OUT"/wrk-*.txt 2>/dev/null | xargs -r -n1 basename | tr '\n' ' ' || true)
 LOAD_PASS=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -247,6 +263,13 @@ row() { printf '| %-44s | %-30s | %-22s | %-6s |\n' "$@"; }
     esac
     row "$name" "$(printf '%8.0f req/s p50 %.2f p99 %.2f ms' "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}")" "" ""
   done
+  for t in "${TARGETS[@]}"; do
+    [[ $t == direct ]] && who="upstream nginx worker" || who="proxy"
+    row "$t: $who CPU per call" "$(printf '%s us (user + system)' "${CPU[$t]}")" "" ""
+  done
+  row "Countersign / bare pingora, CPU per call" "$(calc "${CPU[countersign]} / ${CPU[bare]}")" "(req/s >= 0.97: <= 1.03)" ""
+  row "Countersign / bare on mimalloc, CPU per call" "$(calc "${CPU[countersign]} / ${CPU[bare_mimalloc]}")" "" ""
+  row "Countersign / nginx, CPU per call" "$(calc "${CPU[countersign]} / ${CPU[nginx]}")" "" ""
   row "Countersign / nginx, req/s" "$(calc "${RPS[countersign]} / ${RPS[nginx]}")" ">= 1.00" "$(verdict "${RPS[countersign]} >= ${RPS[nginx]}")"
   row "Countersign / nginx, p99 (lower is better)" "$(calc "${P99[countersign]} / ${P99[nginx]}")" "<= 1.00" "$(verdict "${P99[countersign]} <= ${P99[nginx]}")"
   row "Countersign / bare pingora, req/s" "$(calc "${RPS[countersign]} / ${RPS[bare]}")" ">= 0.97" "$(verdict "${RPS[countersign]} >= 0.97 * ${RPS[bare]}")"
