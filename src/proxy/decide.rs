@@ -53,9 +53,12 @@ impl Countersign {
             .strip_prefix(self.approvals_path.as_str())
         {
             if id.is_empty() || id.starts_with('/') {
-                return Err(self
-                    .approval_status(session, ctx, id.trim_start_matches('/'))
-                    .await);
+                return Err(Box::pin(self.approval_status(
+                    session,
+                    ctx,
+                    id.trim_start_matches('/'),
+                ))
+                .await);
             }
         }
         let upstream_name = self
@@ -79,9 +82,17 @@ impl Countersign {
         // One policy set for the whole call, however a reload swaps it.
         let policies = self.policies.load_full();
         if let Some(found) = policies.find_mcp(Some(&request.host), &request.path) {
-            return self
-                .decide_mcp(session, ctx, &policies, found, &request, &upstream.name)
-                .await;
+            // Boxed, like every step only policy calls take: their states
+            // would otherwise size every pass-through call's future.
+            return Box::pin(self.decide_mcp(
+                session,
+                ctx,
+                &policies,
+                found,
+                &request,
+                &upstream.name,
+            ))
+            .await;
         }
         let method = session.req_header().method.clone();
         let body = self
@@ -94,10 +105,10 @@ impl Countersign {
             };
         };
         ctx.policy = Some(found.policy.name.clone());
-        let identity = self.identify(session, &found.policy.name).await?;
+        let identity = Box::pin(self.identify(session, &found.policy.name)).await?;
         let body = match body {
             Some(body) => body,
-            None => hold::read_body(session, self.limits.max_body_bytes).await?,
+            None => Box::pin(hold::read_body(session, self.limits.max_body_bytes)).await?,
         };
         let Some((policy, rendered)) = self.choose(
             &policies,
@@ -144,7 +155,7 @@ impl Countersign {
         if !policies.covers(Some(&request.host), &request.path) {
             return Ok(None);
         }
-        let body = hold::read_body(session, self.limits.max_body_bytes).await?;
+        let body = Box::pin(hold::read_body(session, self.limits.max_body_bytes)).await?;
         let bytes = body.as_deref().unwrap_or_default();
         if !bytes.is_empty()
             && policy::body::content_encoding(&session.req_header().headers).is_some()

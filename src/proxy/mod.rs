@@ -209,11 +209,39 @@ impl Countersign {
     }
 
     /// `Ok` passes the call through; every policy call ends in a `Reply`.
+    ///
+    /// The hold is boxed: its state (the held call, the wait) is the
+    /// largest of any phase, and unboxed it would size, and be moved with,
+    /// the future of every pass-through call too (docs/BENCHMARKS.md).
     async fn admit(&self, session: &mut Session, ctx: &mut CallCtx) -> Result<(), Reply> {
         match self.decide(session, ctx).await? {
             None => Ok(()),
-            Some(call) => Err(self.hold(session, ctx, call).await),
+            Some(call) => Err(Box::pin(self.hold(session, ctx, call)).await),
         }
+    }
+
+    /// Writes the answer of a call the gateway ended itself. `Ok(true)`:
+    /// answered, nothing goes upstream.
+    async fn reply(&self, session: &mut Session, ctx: &mut CallCtx, reply: Reply) -> Result<bool> {
+        match reply {
+            Reply::Mcp(reply) => self.answer_rpc(session, ctx, *reply).await?,
+            reply if ctx.mcp.is_some() && !matches!(reply, Reply::Disconnected) => {
+                self.answer_mcp(session, ctx, reply).await?
+            }
+            Reply::Problem(problem) => self.answer(session, ctx, *problem).await?,
+            Reply::Json(reply) => self.answer_json(session, ctx, *reply).await?,
+            Reply::Replay(response) => self.answer_replay(session, ctx, *response).await?,
+            Reply::Stream(answer) => self.answer_stream(session, ctx, *answer).await?,
+            Reply::Disconnected => {
+                ctx.outcome = CallOutcome::ClientDisconnected;
+                return Err(Error::explain(
+                    ErrorType::ConnectionClosed,
+                    "agent disconnected during the hold",
+                )
+                .into_down());
+            }
+        }
+        Ok(true)
     }
 }
 
@@ -234,38 +262,8 @@ impl ProxyHttp for Countersign {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         match self.admit(session, ctx).await {
             Ok(()) => Ok(false),
-            Err(Reply::Mcp(reply)) => {
-                self.answer_rpc(session, ctx, *reply).await?;
-                Ok(true)
-            }
-            Err(reply) if ctx.mcp.is_some() && !matches!(reply, Reply::Disconnected) => {
-                self.answer_mcp(session, ctx, reply).await?;
-                Ok(true)
-            }
-            Err(Reply::Problem(problem)) => {
-                self.answer(session, ctx, *problem).await?;
-                Ok(true)
-            }
-            Err(Reply::Json(reply)) => {
-                self.answer_json(session, ctx, *reply).await?;
-                Ok(true)
-            }
-            Err(Reply::Replay(response)) => {
-                self.answer_replay(session, ctx, *response).await?;
-                Ok(true)
-            }
-            Err(Reply::Stream(answer)) => {
-                self.answer_stream(session, ctx, *answer).await?;
-                Ok(true)
-            }
-            Err(Reply::Disconnected) => {
-                ctx.outcome = CallOutcome::ClientDisconnected;
-                Err(Error::explain(
-                    ErrorType::ConnectionClosed,
-                    "agent disconnected during the hold",
-                )
-                .into_down())
-            }
+            // Boxed, like the hold: answers are off the pass path.
+            Err(reply) => Box::pin(self.reply(session, ctx, reply)).await,
         }
     }
 
