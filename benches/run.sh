@@ -138,7 +138,7 @@ run_wrk() { # run_wrk <target> <round>: prints "rps p50_ms p99_ms errors"; sets 
   wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:${PORT[$1]}/" >"$file"
   after=$(cpu_ticks "${PROC[$1]}")
   CPU_US[$1.$2]=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$(wrk_requests "$file")" \
-    'BEGIN { printf "%.2f", n > 0 ? t / hz * 1e6 / n : 0 }')
+    'BEGIN { printf "%.2f", (n > 0 ? t / hz * 1e6 / n : 0) }')
 }
 
 log "pass-through: wrk -t1 -c$CONNS -d${DURATION}s, proxies with $THREADS thread(s), $ROUNDS round(s)"
