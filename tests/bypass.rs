@@ -435,6 +435,32 @@ fn spellings() -> Vec<Spelling> {
                 Some(("text/json", r#"{"_method":"DELETE"}"#)),
             ),
         ),
+        // body-parser decodes a JSON body through iconv-lite, which drops a
+        // UTF-8 BOM, so method-override reads `_method` behind it.
+        spelling(
+            "POST /orders/7, JSON _method: DELETE after a UTF-8 BOM",
+            request(
+                "POST /orders/7",
+                &[SHOP],
+                Some(("application/json", "\u{feff}{\"_method\":\"DELETE\"}")),
+            ),
+        ),
+        // Express's json({ type: '*/*' }) reads JSON whatever the
+        // Content-Type says, or without one.
+        spelling(
+            "POST /orders/7, Content-Type: text/plain, JSON _method: DELETE",
+            request(
+                "POST /orders/7",
+                &[SHOP],
+                Some(("text/plain", r#"{"_method":"DELETE"}"#)),
+            ),
+        ),
+        spelling(
+            "POST /orders/7, no Content-Type, JSON _method: DELETE",
+            format!(
+                "POST /orders/7 HTTP/1.1\r\n{SHOP}\r\n{USER_HEADER}: alice\r\n{PROBE}\r\nconnection: close\r\ncontent-length: 20\r\n\r\n{{\"_method\":\"DELETE\"}}"
+            ),
+        ),
         // ---- GET admin.example /admin/{*rest} ----
         // HEAD is served by the GET handler (Express, Rails, Go, Flask,
         // Spring).

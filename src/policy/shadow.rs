@@ -135,6 +135,55 @@ fn body_keys(headers: &HeaderMap, body: &[u8]) -> Vec<String> {
     keys
 }
 
+/// The member names of a body some JSON reader takes for an object, as
+/// sent. A UTF-8 BOM before it is dropped (Express's body-parser decodes
+/// through iconv-lite, which drops one; .NET's readers skip it). A body
+/// serde_json reads as an object gives its top-level members; one it cannot
+/// read but that looks like an object (`{` first) is read as lenient parsers
+/// read JSON (Python's `NaN`, comments, trailing commas): every string
+/// followed by `:` counts, at any depth. Conservative: more names, never
+/// fewer.
+pub(crate) fn json_member_names(body: &[u8]) -> Vec<String> {
+    let body = body.strip_prefix("\u{feff}".as_bytes()).unwrap_or(body);
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(fields)) => return fields.keys().cloned().collect(),
+        Ok(_) => return Vec::new(),
+        Err(_) => {}
+    }
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Vec::new();
+    }
+    let mut names = Vec::new();
+    let mut i = 0;
+    while i < body.len() {
+        if body[i] != b'"' {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        i += 1;
+        while i < body.len() && body[i] != b'"' {
+            i += if body[i] == b'\\' { 2 } else { 1 };
+        }
+        let end = (i + 1).min(body.len());
+        i = end;
+        let after = body[end..].trim_ascii_start();
+        if after.first() == Some(&b':') {
+            let literal = &body[start..end];
+            let name = serde_json::from_slice::<String>(literal).unwrap_or_else(|_| {
+                String::from_utf8_lossy(
+                    literal
+                        .get(1..literal.len().saturating_sub(1))
+                        .unwrap_or_default(),
+                )
+                .into_owned()
+            });
+            names.push(name);
+        }
+    }
+    names
+}
+
 fn multipart_names(body: &[u8]) -> Vec<String> {
     multipart_raw_names(body)
         .iter()
