@@ -113,10 +113,10 @@ fn form_keys(text: &[u8]) -> Vec<String> {
 /// the parts of a multipart body. Every Content-Type header counts.
 /// Bodies none of them reads give none.
 fn body_keys(headers: &HeaderMap, body: &[u8]) -> Vec<String> {
-    let mut keys = match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(serde_json::Value::Object(fields)) => fields.keys().map(|k| merge_key(k)).collect(),
-        _ => Vec::new(),
-    };
+    let mut keys: Vec<String> = json_member_names(body)
+        .iter()
+        .map(|k| merge_key(k))
+        .collect();
     let types = headers.get_all(CONTENT_TYPE);
     let mut form = types.iter().next().is_none();
     let mut multipart = false;
