@@ -563,3 +563,27 @@ async fn a_body_on_a_delete_whose_approval_shows_none_is_refused() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_shown_path_parameter_with_a_format_suffix_is_refused() {
+    let world = world().await;
+    // Rails' `:id` takes no '.' and `(.:format)` the rest, Spring's suffix
+    // pattern matching and Django REST framework's format suffixes cut it
+    // too: they cancel order 7 while the person is asked about "7.5".
+    for path in ["/orders/7.5", "/orders/7.json", "/orders/7%2Ejson"] {
+        let response = world
+            .agent
+            .delete(world.gateway.url(path))
+            .header(USER_HEADER, "alice")
+            .send()
+            .await
+            .unwrap();
+        refused(
+            &world,
+            response,
+            "ambiguous_parameter",
+            &["'orderId'", "format suffix"],
+        )
+        .await;
+    }
+}

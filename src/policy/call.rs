@@ -86,6 +86,8 @@ pub enum CallError {
         tested: Part,
         other: Part,
     },
+    #[error("The path parameter '{name}' ends the path and contains '.' ('{value}'): APIs that route format suffixes (Rails, Spring, Django REST framework) read what follows the '.' as a format and act on a shorter value than the person would be shown. Send it without '.', or, if this API reads no format suffix, turn off the policy's match.format_suffix.", value = truncated(.value))]
+    FormatSuffixParam { name: String, value: String },
     #[error("{}", render_detail(.0))]
     Render(#[from] RenderError),
     #[error("The {section} key '{key}' is spelled like a name the policy's condition reads, but in another letter case; some APIs read it as that name, so spell it exactly as the condition does.")]
@@ -133,7 +135,9 @@ impl CallError {
             Self::RepeatedQuery(_) | Self::QuerySemicolon | Self::QueryNotUtf8(_) => {
                 ProblemCode::InvalidQuery
             }
-            Self::GivenTwice { .. } | Self::TestedTwice { .. } => ProblemCode::AmbiguousParameter,
+            Self::GivenTwice { .. } | Self::TestedTwice { .. } | Self::FormatSuffixParam { .. } => {
+                ProblemCode::AmbiguousParameter
+            }
             Self::Render(RenderError::MissingValue(field)) if field.starts_with("query.") => {
                 ProblemCode::InvalidQuery
             }
@@ -343,6 +347,11 @@ impl CallShape {
             binding_message,
             authorization_details,
         })
+    }
+
+    /// Whether the templates show `name` from `part`.
+    pub(crate) fn shows(&self, name: &str, part: Part) -> bool {
+        self.shown.iter().any(|(n, p)| n == name && *p == part)
     }
 
     fn read_body(&self, input: &CallInput<'_>) -> Result<Value, CallError> {
