@@ -461,6 +461,24 @@ fn spellings() -> Vec<Spelling> {
                 "POST /orders/7 HTTP/1.1\r\n{SHOP}\r\n{USER_HEADER}: alice\r\n{PROBE}\r\nconnection: close\r\ncontent-length: 20\r\n\r\n{{\"_method\":\"DELETE\"}}"
             ),
         ),
+        // Express's method-override with `methods: null` (as in the query
+        // row above) takes a body's `_method` on any method, not only POST.
+        spelling(
+            "PUT /orders/7, form _method=DELETE",
+            form("PUT /orders/7", &[SHOP], "_method=DELETE"),
+        ),
+        spelling(
+            "PATCH /orders/7, JSON _method: DELETE",
+            request(
+                "PATCH /orders/7",
+                &[SHOP],
+                Some(("application/json", r#"{"_method":"DELETE"}"#)),
+            ),
+        ),
+        spelling(
+            "GET /shop, form _method=POST",
+            form("GET /shop", &[SHOP], "_method=POST"),
+        ),
         // ---- GET admin.example /admin/{*rest} ----
         // HEAD is served by the GET handler (Express, Rails, Go, Flask,
         // Spring).

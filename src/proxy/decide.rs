@@ -124,9 +124,11 @@ impl Countersign {
 
     /// Rails and Rack take the method from a `_method` field of a form POST
     /// (Rack reads a POST without a Content-Type as a form too), Laravel
-    /// also from a JSON one (any Content-Type containing `/json` or `+json`):
-    /// on a path some policy covers, such a body is read and refused. Every
-    /// Content-Type header counts. Returns the body when it was read.
+    /// also from a JSON one (any Content-Type containing `/json` or `+json`),
+    /// and Express's method-override with `methods: null` from the body of
+    /// a call of any method: on a path some policy covers, such a body is
+    /// read and refused, whatever the method. Every Content-Type header
+    /// counts. Returns the body when it was read.
     async fn refuse_form_method_field(
         &self,
         session: &mut Session,
@@ -134,9 +136,6 @@ impl Countersign {
         policies: &PolicySet,
     ) -> Result<Option<Option<Bytes>>, Reply> {
         let header = session.req_header();
-        if header.method != http::Method::POST {
-            return Ok(None);
-        }
         let checks = request::method_field_readers(&header.headers);
         if checks.is_empty() {
             return Ok(None);
@@ -146,14 +145,14 @@ impl Countersign {
         }
         let body = hold::read_body(session, self.limits.max_body_bytes).await?;
         let bytes = body.as_deref().unwrap_or_default();
-        if !bytes.is_empty()
-            && policy::body::content_encoding(&session.req_header().headers).is_some()
-        {
+        let encoding = policy::body::content_encoding(&session.req_header().headers);
+        if let Some(encoding) = encoding.filter(|_| !bytes.is_empty()) {
             // Express's body parsers inflate it and find a `_method` there.
+            let encoding: String = encoding.chars().take(64).collect();
             return Err(Problem::new(ProblemCode::InvalidBody)
-                .with_detail(
-                    "A POST body to this path must be sent without Content-Encoding, so that the gateway can see it names no _method field.",
-                )
+                .with_detail(format!(
+                    "A body sent to this path must be sent without Content-Encoding (it was sent with '{encoding}'), so that the gateway can see it names no _method field."
+                ))
                 .into());
         }
         let overrides = checks.iter().any(|check| check(bytes));
