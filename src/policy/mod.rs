@@ -388,6 +388,22 @@ impl PolicySet {
         })
     }
 
+    /// The MCP endpoints on `host` (or on any host) holding a tool whose
+    /// policy sends its calls to `upstream`: a held tool's call sent to
+    /// another path of that upstream is refused ([`crate::mcp::stray_tool_call`]).
+    pub fn mcp_endpoints_to(&self, host: Option<&str>, upstream: &str) -> Vec<&McpEndpoint> {
+        self.mcp
+            .routes()
+            .filter(|(h, _, _)| h.is_none() || h.as_deref() == host)
+            .map(|(_, _, id)| &self.mcp.endpoints[id])
+            .filter(|endpoint| {
+                endpoint
+                    .policies()
+                    .any(|p| self.policies[p].upstreams.iter().any(|u| u == upstream))
+            })
+            .collect()
+    }
+
     /// The policy at `index` (as [`ToolMatch`] names it).
     pub fn at(&self, index: usize) -> &Arc<Policy> {
         &self.policies[index]

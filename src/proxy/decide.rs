@@ -87,6 +87,9 @@ impl Countersign {
         let body = self
             .refuse_form_method_field(session, &request, &policies)
             .await?;
+        let body = self
+            .refuse_stray_tool_call(session, &request, &policies, &upstream.name, body)
+            .await?;
         let Some(found) = policies.find(method.as_str(), Some(&request.host), &request.path) else {
             return match self.default_action {
                 DefaultAction::Pass => Ok(None),
@@ -161,6 +164,41 @@ impl Countersign {
                 .with_detail(format!(
                     "The request was refused: the {} form field is not accepted; send the real HTTP method.",
                     request::METHOD_PARAMETER
+                ))
+                .into());
+        }
+        Ok(Some(body))
+    }
+
+    /// A held tool's `tools/call` sent to another path of its upstream than
+    /// the MCP endpoint (the deprecated HTTP+SSE transport's
+    /// `/messages?sessionId=...`, which servers keep beside Streamable
+    /// HTTP) would run unapproved: on a host and upstream behind an MCP
+    /// endpoint, every body is read and such a call refused. Returns the
+    /// body when it was read.
+    async fn refuse_stray_tool_call(
+        &self,
+        session: &mut Session,
+        request: &CanonicalRequest,
+        policies: &PolicySet,
+        upstream: &str,
+        body: Option<Option<Bytes>>,
+    ) -> Result<Option<Option<Bytes>>, Reply> {
+        let endpoints = policies.mcp_endpoints_to(Some(&request.host), upstream);
+        if endpoints.is_empty() {
+            return Ok(body);
+        }
+        let body = match body {
+            Some(body) => body,
+            None => hold::read_body(session, self.limits.max_body_bytes).await?,
+        };
+        if let Some((tool, endpoint)) = body
+            .as_deref()
+            .and_then(|bytes| crate::mcp::stray_tool_call(&endpoints, bytes))
+        {
+            return Err(Problem::new(ProblemCode::InvalidMcpMessage)
+                .with_detail(format!(
+                    "This request carries a tools/call of the tool '{tool}', which needs a person's approval, but was sent to another path than the MCP endpoint {endpoint}; send it there (Streamable HTTP), where the gateway holds it."
                 ))
                 .into());
         }
