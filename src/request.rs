@@ -391,20 +391,14 @@ pub type MethodFieldCheck = fn(&[u8]) -> bool;
 /// The ways frameworks read a POST body with these headers for a `_method`
 /// field, one per format: a form for `application/x-www-form-urlencoded` or
 /// no Content-Type at all (Rack's `form_data?`), multipart for
-/// `multipart/*`, and JSON whatever the Content-Type says or without one
+/// `multipart/*` (a media type ends at ',' too, as Rack reads it), and
+/// JSON whatever the Content-Type says or without one
 /// (Laravel's `isJson` reads the whole header, so `text/plain; x=/json` is
 /// JSON to it; Express's `json({ type: '*/*' })` reads any body, and
 /// method-override then takes `req.body._method`). Every Content-Type
 /// header counts, as servers disagree on which of several wins.
 pub fn method_field_readers(headers: &HeaderMap) -> Vec<MethodFieldCheck> {
-    let types = headers.get_all(http::header::CONTENT_TYPE);
-    let (mut form, mut multipart) = (types.iter().next().is_none(), false);
-    for value in types {
-        let value = String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase();
-        let media = value.split(';').next().unwrap_or_default().trim();
-        form |= media.is_empty() || media == "application/x-www-form-urlencoded";
-        multipart |= media.starts_with("multipart/");
-    }
+    let (form, multipart) = crate::policy::shadow::form_formats(headers);
     let readers: [(bool, MethodFieldCheck); 3] = [
         (form, form_has_method_field),
         (multipart, multipart_has_method_field),

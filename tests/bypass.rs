@@ -461,6 +461,19 @@ fn spellings() -> Vec<Spelling> {
                 "POST /orders/7 HTTP/1.1\r\n{SHOP}\r\n{USER_HEADER}: alice\r\n{PROBE}\r\nconnection: close\r\ncontent-length: 20\r\n\r\n{{\"_method\":\"DELETE\"}}"
             ),
         ),
+        // Rack's media type ends at ',' as well as ';' (Rack 2's
+        // `\s*[;,]\s*`), so this is a form to Rack::MethodOverride.
+        spelling(
+            "POST /orders/7, Content-Type: application/x-www-form-urlencoded, text/plain",
+            request(
+                "POST /orders/7",
+                &[SHOP],
+                Some((
+                    "application/x-www-form-urlencoded, text/plain",
+                    "_method=DELETE",
+                )),
+            ),
+        ),
         // Express's method-override with `methods: null` (as in the query
         // row above) takes a body's `_method` on any method, not only POST.
         spelling(

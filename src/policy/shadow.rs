@@ -117,15 +117,7 @@ fn body_keys(headers: &HeaderMap, body: &[u8]) -> Vec<String> {
         .iter()
         .map(|k| merge_key(k))
         .collect();
-    let types = headers.get_all(CONTENT_TYPE);
-    let mut form = types.iter().next().is_none();
-    let mut multipart = false;
-    for value in types {
-        let value = String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase();
-        let media = value.split(';').next().unwrap_or_default().trim();
-        form |= media.is_empty() || media == "application/x-www-form-urlencoded";
-        multipart |= media.starts_with("multipart/");
-    }
+    let (form, multipart) = form_formats(headers);
     if form {
         keys.extend(form_keys(body));
     }
@@ -182,6 +174,24 @@ pub(crate) fn json_member_names(body: &[u8]) -> Vec<String> {
         }
     }
     names
+}
+
+/// Whether some framework reads a body with these headers as an urlencoded
+/// form (also without a Content-Type: Rack reads a POST so), and whether
+/// as multipart. Every Content-Type header counts, and a media type ends at
+/// ',' as well as ';' (Rack 2 splits at `\s*[;,]\s*`, so
+/// `application/x-www-form-urlencoded, text/plain` is a form to Rails).
+pub(crate) fn form_formats(headers: &HeaderMap) -> (bool, bool) {
+    let types = headers.get_all(CONTENT_TYPE);
+    let mut form = types.iter().next().is_none();
+    let mut multipart = false;
+    for value in types {
+        let value = String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase();
+        let media = value.split([';', ',']).next().unwrap_or_default().trim();
+        form |= media.is_empty() || media == "application/x-www-form-urlencoded";
+        multipart |= media.starts_with("multipart/");
+    }
+    (form, multipart)
 }
 
 fn multipart_names(body: &[u8]) -> Vec<String> {
