@@ -474,6 +474,19 @@ fn spellings() -> Vec<Spelling> {
                 )),
             ),
         ),
+        // PHP ends the media type at a space too (SAPI's content type
+        // scan), so Laravel and Symfony read this body as $_POST.
+        spelling(
+            "POST /orders/7, Content-Type: application/x-www-form-urlencoded text/plain",
+            request(
+                "POST /orders/7",
+                &[SHOP],
+                Some((
+                    "application/x-www-form-urlencoded text/plain",
+                    "_method=DELETE",
+                )),
+            ),
+        ),
         // Express's method-override with `methods: null` (as in the query
         // row above) takes a body's `_method` on any method, not only POST.
         spelling(

@@ -404,6 +404,11 @@ async fn a_shown_query_value_given_again_in_a_body_of_any_type_is_refused() {
             Some("application/x-www-form-urlencoded, text/plain"),
             "amount=5000",
         ),
+        // PHP's at a space: a form to Laravel.
+        (
+            Some("application/x-www-form-urlencoded text/plain"),
+            "amount=5000",
+        ),
         // body-parser (iconv-lite) drops a UTF-8 BOM, .NET's readers skip
         // one; Python's json reads NaN, others comments and trailing commas.
         (Some("application/json"), "\u{feff}{\"amount\":5000}"),

@@ -180,14 +180,20 @@ pub(crate) fn json_member_names(body: &[u8]) -> Vec<String> {
 /// form (also without a Content-Type: Rack reads a POST so), and whether
 /// as multipart. Every Content-Type header counts, and a media type ends at
 /// ',' as well as ';' (Rack 2 splits at `\s*[;,]\s*`, so
-/// `application/x-www-form-urlencoded, text/plain` is a form to Rails).
+/// `application/x-www-form-urlencoded, text/plain` is a form to Rails), and
+/// at a space or tab (PHP's SAPI cuts it at ';', ',' or ' ', so Laravel
+/// fills `$_POST` from `application/x-www-form-urlencoded text/plain`).
 pub(crate) fn form_formats(headers: &HeaderMap) -> (bool, bool) {
     let types = headers.get_all(CONTENT_TYPE);
     let mut form = types.iter().next().is_none();
     let mut multipart = false;
     for value in types {
         let value = String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase();
-        let media = value.split([';', ',']).next().unwrap_or_default().trim();
+        let media = value
+            .trim()
+            .split([';', ',', ' ', '\t'])
+            .next()
+            .unwrap_or_default();
         form |= media.is_empty() || media == "application/x-www-form-urlencoded";
         multipart |= media.starts_with("multipart/");
     }
