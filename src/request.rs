@@ -365,7 +365,9 @@ fn refuse_forwarded_host(headers: &HeaderMap, host: &str) -> Result<(), RequestE
 
 /// Whether a query or urlencoded form names `_method` in any spelling
 /// (`_METHOD`, `%5Fmethod`, and `_method%00x`, which PHP, so Laravel and
-/// Symfony, reads as `_method`: it ends names at a NUL).
+/// Symfony, reads as `_method`: it ends names at a NUL), also after a `;`
+/// (Go before 1.17 and Rack 2 split at `;` as well as `&`, and
+/// gorilla/handlers' method override reads `r.FormValue("_method")`).
 pub fn has_method_parameter(query: &str) -> bool {
     // Cheap test first: every spelling contains "method" or an escape.
     let may_contain = query.contains('%')
@@ -374,7 +376,9 @@ pub fn has_method_parameter(query: &str) -> bool {
             .windows(6)
             .any(|w| w.eq_ignore_ascii_case(b"method"));
     may_contain
-        && url::form_urlencoded::parse(query.as_bytes()).any(|(name, _)| is_method_name(&name))
+        && query.split(';').any(|part| {
+            url::form_urlencoded::parse(part.as_bytes()).any(|(name, _)| is_method_name(&name))
+        })
 }
 
 /// Whether some framework reads a field `name` as `_method`: in any case,
@@ -553,6 +557,7 @@ mod tests {
             "_m%65thod=POST",
             "_method%00x=POST",
             "%20_method[]=POST",
+            "a=1;_method=POST",
         ] {
             let target = format!("/shop?{query}");
             assert_eq!(

@@ -487,6 +487,17 @@ fn spellings() -> Vec<Spelling> {
                 )),
             ),
         ),
+        // Go before 1.17 splits a query and a form at ';' too, and
+        // gorilla/handlers' HTTPMethodOverrideHandler reads
+        // r.FormValue("_method").
+        spelling(
+            "POST /orders/7?a=1;_method=DELETE",
+            json("POST /orders/7?a=1;_method=DELETE", &[SHOP]),
+        ),
+        spelling(
+            "POST /orders/7, form a=1;_method=DELETE",
+            form("POST /orders/7", &[SHOP], "a=1;_method=DELETE"),
+        ),
         // Express's method-override with `methods: null` (as in the query
         // row above) takes a body's `_method` on any method, not only POST.
         spelling(

@@ -720,11 +720,14 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The values of `name` in an urlencoded form (or query string), upper-cased;
-/// a name ends at a NUL, as PHP registers names as C strings (`_method%00x`
+/// The values of `name` in an urlencoded form (or query string), upper-cased,
+/// split at '&' or ';'; a name ends at a NUL, as PHP registers names as C strings (`_method%00x`
 /// is `_method` to Laravel and Symfony).
 fn form_field(form: &[u8], name: &str) -> Vec<String> {
-    url::form_urlencoded::parse(form)
+    // Go before 1.17 splits at ';' as well as '&' (gorilla/handlers'
+    // HTTPMethodOverrideHandler reads r.FormValue("_method")).
+    let form = String::from_utf8_lossy(form).replace(';', "&");
+    url::form_urlencoded::parse(form.as_bytes())
         .filter(|(k, _)| k.split('\0').next() == Some(name))
         .map(|(_, v)| v.trim().to_ascii_uppercase())
         .collect()
