@@ -119,7 +119,10 @@ fn body_keys(headers: &HeaderMap, body: &[u8]) -> Vec<String> {
         .collect();
     let (form, multipart) = form_formats(headers);
     if form {
-        keys.extend(form_keys(body));
+        // Go before 1.17 splits a form at ';' too (and its r.FormValue
+        // lets the body win over the query).
+        let body = String::from_utf8_lossy(body).replace(';', "&");
+        keys.extend(form_keys(body.as_bytes()));
     }
     if multipart {
         keys.extend(multipart_names(body));
