@@ -600,3 +600,27 @@ async fn a_shown_path_parameter_with_a_format_suffix_is_refused() {
         .await;
     }
 }
+
+#[tokio::test]
+async fn a_shown_path_parameter_with_matrix_parameters_is_refused() {
+    let world = world().await;
+    // Tomcat, Spring and Jetty drop `;8` and cancel order 7, which the
+    // person is shown; Express, Rails and Go keep it: their orderId is
+    // "7;8", another order.
+    for path in ["/orders/7;8", "/orders/7;jsessionid=x", "/orders/7;/"] {
+        let response = world
+            .agent
+            .delete(world.gateway.url(path))
+            .header(USER_HEADER, "alice")
+            .send()
+            .await
+            .unwrap();
+        refused(
+            &world,
+            response,
+            "ambiguous_parameter",
+            &["'orderId'", "';'"],
+        )
+        .await;
+    }
+}

@@ -88,6 +88,8 @@ pub enum CallError {
     },
     #[error("The path parameter '{name}' ends the path and contains '.' ('{value}'): APIs that route format suffixes (Rails, Spring, Django REST framework) read what follows the '.' as a format and act on a shorter value than the person would be shown. Send it without '.', or, if this API reads no format suffix, turn off the policy's match.format_suffix.", value = truncated(.value))]
     FormatSuffixParam { name: String, value: String },
+    #[error("The path carries ';' parameters, which Tomcat, Spring and Jetty drop from the path parameter '{name}' (the person would be shown '{value}') while Express, Rails and Go keep them in it and act on another value. Send the path without ';'.", value = truncated(.value))]
+    MatrixParam { name: String, value: String },
     #[error("{}", render_detail(.0))]
     Render(#[from] RenderError),
     #[error("The {section} key '{key}' is spelled like a name the policy's condition reads, but in another letter case; some APIs read it as that name, so spell it exactly as the condition does.")]
@@ -135,9 +137,10 @@ impl CallError {
             Self::RepeatedQuery(_) | Self::QuerySemicolon | Self::QueryNotUtf8(_) => {
                 ProblemCode::InvalidQuery
             }
-            Self::GivenTwice { .. } | Self::TestedTwice { .. } | Self::FormatSuffixParam { .. } => {
-                ProblemCode::AmbiguousParameter
-            }
+            Self::GivenTwice { .. }
+            | Self::TestedTwice { .. }
+            | Self::FormatSuffixParam { .. }
+            | Self::MatrixParam { .. } => ProblemCode::AmbiguousParameter,
             Self::Render(RenderError::MissingValue(field)) if field.starts_with("query.") => {
                 ProblemCode::InvalidQuery
             }

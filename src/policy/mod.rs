@@ -161,6 +161,9 @@ pub struct PolicyMatch<'a> {
     /// ends the path with a '.' in its last segment: APIs that route
     /// suffixes read a shorter value than the gateway ([`suffixed_param`]).
     pub suffixed: Option<String>,
+    /// The path carries `;params`, which the match (like Tomcat, Spring and
+    /// Jetty) drops but Express, Rails and Go keep in a path parameter.
+    pub matrix: bool,
 }
 
 /// What a matched call needs, once the conditions of its route have spoken.
@@ -473,11 +476,13 @@ impl PolicySet {
             .format_suffix
             .then(|| suffixed_param(&found.params, key, &params))
             .flatten();
+        let matrix = !params.is_empty() && path.forward.contains(';');
         Some(PolicyMatch {
             policy: candidates[0],
             candidates,
             params,
             suffixed,
+            matrix,
         })
     }
 
@@ -521,23 +526,33 @@ impl PolicySet {
             .iter()
             .filter_map(|p| p.condition.as_ref())
             .fold(Reads::default(), |all, c| all.union(c.reads));
-        if let Some(name) = &found.suffixed {
+        // Path parameters some APIs read otherwise than the match: refused
+        // where the approval shows one or a condition tests params.
+        let suffixed = found.suffixed.iter().map(|name| (name.as_str(), true));
+        let matrix = found
+            .params
+            .iter()
+            .filter(|_| found.matrix)
+            .map(|(name, _)| (name.as_str(), false));
+        for (name, suffix) in suffixed.chain(matrix) {
             let shown = found
                 .candidates
                 .iter()
                 .any(|p| p.shape.shows(name, shadow::Part::Path));
-            if shown || reads.params {
-                let value = input
-                    .params
-                    .iter()
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| v.clone())
-                    .unwrap_or_default();
-                return Err(CallError::FormatSuffixParam {
-                    name: name.clone(),
-                    value,
-                });
+            if !shown && !reads.params {
+                continue;
             }
+            let value = input
+                .params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default();
+            let name = name.to_owned();
+            return Err(match suffix {
+                true => CallError::FormatSuffixParam { name, value },
+                false => CallError::MatrixParam { name, value },
+            });
         }
         let sections = ConditionInput::read(reads, input)?;
         for policy in &found.candidates {
@@ -907,6 +922,13 @@ policies:
             Some("orderId".to_owned())
         );
         assert_eq!(suffixed(&set, "DELETE", "/orders/7"), None);
+        let matrix = |path| {
+            set.find("DELETE", None, &normalize(path).unwrap())
+                .unwrap()
+                .matrix
+        };
+        assert!(matrix("/orders/7;8"));
+        assert!(!matrix("/orders/7"));
         let strict = policies(
             r#"
 policies:
