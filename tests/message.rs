@@ -624,3 +624,40 @@ async fn a_shown_path_parameter_with_matrix_parameters_is_refused() {
         .await;
     }
 }
+
+#[tokio::test]
+async fn a_number_in_the_query_or_path_that_a_double_rounds_is_refused() {
+    let world = world().await;
+    // Text to the gateway, but a JavaScript API's Number() reads
+    // 9007199254740992 (and 3 for 2.9999999999999999): the person would
+    // approve one amount, or order, and the API act on its neighbour.
+    for amount in [
+        "9007199254740993",
+        "+9007199254740993",
+        "2.9999999999999999",
+    ] {
+        let path = format!("/refunds?amount={}", amount.replace('+', "%2B"));
+        let response = post(&world, &path, None, "").await;
+        refused(
+            &world,
+            response,
+            "invalid_query",
+            &["'query.amount'", amount],
+        )
+        .await;
+    }
+    let response = world
+        .agent
+        .delete(world.gateway.url("/orders/9007199254740993"))
+        .header(USER_HEADER, "alice")
+        .send()
+        .await
+        .unwrap();
+    refused(
+        &world,
+        response,
+        "invalid_path",
+        &["'params.orderId'", "9007199254740993"],
+    )
+    .await;
+}

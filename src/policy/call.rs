@@ -120,6 +120,9 @@ fn render_detail(error: &RenderError) -> String {
             "The approval message for this call would be {length} characters; at most {BINDING_MESSAGE_MAX_CHARS} are allowed."
         ),
         RenderError::EmptyMessage => "The approval message for this call would be empty.".to_owned(),
+        RenderError::InexactNumber { field, number } => format!(
+            "The value of '{field}' is the number {number}, which APIs that read numbers as doubles (JavaScript's Number(), PHP) round to another: it cannot be shown exactly; send an integer of at most 2^53, or a decimal of at most 15 significant digits."
+        ),
     }
 }
 
@@ -144,6 +147,12 @@ impl CallError {
             Self::Render(RenderError::MissingValue(field)) if field.starts_with("query.") => {
                 ProblemCode::InvalidQuery
             }
+            Self::Render(RenderError::InexactNumber { field, .. }) => match field.split('.').next()
+            {
+                Some("query") => ProblemCode::InvalidQuery,
+                Some("params") => ProblemCode::InvalidPath,
+                _ => ProblemCode::InvalidBindingMessage,
+            },
             Self::Render(RenderError::MissingValue(_) | RenderError::NotShowable { .. }) => {
                 ProblemCode::InvalidBody
             }

@@ -103,6 +103,8 @@ pub enum RenderError {
     NotShowable { field: String, what: &'static str },
     #[error("the value of '{field}' contains {}, which a binding message cannot show", describe(*character))]
     Character { field: String, character: char },
+    #[error("the value of '{field}' is the number {number}, which APIs that read numbers as doubles round")]
+    InexactNumber { field: String, number: String },
     #[error("the binding message would be {0} characters; at most {BINDING_MESSAGE_MAX_CHARS} are allowed")]
     MessageTooLong(usize),
     #[error("the binding message is empty")]
@@ -238,7 +240,17 @@ pub fn append_message_value(
 ) -> Result<(), RenderError> {
     let number;
     let text: &str = match found {
-        Found::Text(text) => text,
+        Found::Text(text) => {
+            // A query or path value is text here, but a number to an API
+            // that converts it: it must be one no double rounds.
+            if !super::body::text_number_is_exact(text.trim()) {
+                return Err(RenderError::InexactNumber {
+                    field: field.to_owned(),
+                    number: text.chars().take(64).collect(),
+                });
+            }
+            text
+        }
         Found::Json(Value::String(text)) => text,
         Found::Json(Value::Number(n)) => {
             number = n.to_string();
