@@ -305,6 +305,24 @@ fn spellings() -> Vec<Spelling> {
                 )
             },
         ),
+        // The same smuggling over HTTP/1.0, where Transfer-Encoding has no
+        // meaning to RFC 9112 but some servers still honour it.
+        spelling(
+            "POST /products HTTP/1.0, CL + TE: chunked, POST /shop smuggled",
+            smuggle("chunked").replacen("HTTP/1.1", "HTTP/1.0", 1),
+        ),
+        // One Content-Length line listing two values: a server that takes
+        // the first (0) sees the body as a second request.
+        spelling(
+            "POST /products, CL: 0, n in one line, POST /shop as the body",
+            {
+                let body = json("POST /shop", &[SHOP]);
+                format!(
+                    "POST /products HTTP/1.1\r\n{SHOP}\r\n{USER_HEADER}: alice\r\n{PROBE}\r\ncontent-type: application/json\r\ncontent-length: 0, {}\r\n\r\n{body}",
+                    body.len()
+                )
+            },
+        ),
         // Pipelining: an HTTP/1.0 keep-alive pass-through call and a POST
         // /shop behind it in the same write; the second is a call of its own.
         spelling(
