@@ -174,8 +174,9 @@ impl Countersign {
     /// the MCP endpoint (the deprecated HTTP+SSE transport's
     /// `/messages?sessionId=...`, which servers keep beside Streamable
     /// HTTP) would run unapproved: on a host and upstream behind an MCP
-    /// endpoint, every body is read and such a call refused. Returns the
-    /// body when it was read.
+    /// endpoint, every body is read and such a call refused, and so is a
+    /// body with a Content-Encoding, which the gateway cannot read. Returns
+    /// the body when it was read.
     async fn refuse_stray_tool_call(
         &self,
         session: &mut Session,
@@ -192,10 +193,18 @@ impl Countersign {
             Some(body) => body,
             None => hold::read_body(session, self.limits.max_body_bytes).await?,
         };
-        if let Some((tool, endpoint)) = body
-            .as_deref()
-            .and_then(|bytes| crate::mcp::stray_tool_call(&endpoints, bytes))
+        let bytes = body.as_deref().unwrap_or_default();
+        if !bytes.is_empty()
+            && policy::body::content_encoding(&session.req_header().headers).is_some()
         {
+            // Express's json() inflates it for a legacy transport's handler.
+            return Err(Problem::new(ProblemCode::InvalidMcpMessage)
+                .with_detail(
+                    "A body sent to this upstream, which serves an MCP endpoint, must be sent without Content-Encoding, so that the gateway can see it calls no tool that needs a person's approval.",
+                )
+                .into());
+        }
+        if let Some((tool, endpoint)) = crate::mcp::stray_tool_call(&endpoints, bytes) {
             return Err(Problem::new(ProblemCode::InvalidMcpMessage)
                 .with_detail(format!(
                     "This request carries a tools/call of the tool '{tool}', which needs a person's approval, but was sent to another path than the MCP endpoint {endpoint}; send it there (Streamable HTTP), where the gateway holds it."
