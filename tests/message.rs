@@ -214,6 +214,12 @@ async fn values_the_message_cannot_show_are_refused_not_blanked() {
         ("XYZ phone\u{202E}", "U+202E"), // right-to-left override
         ("XYZ\u{00A0}phone", "U+00A0"),  // no-break space
         ("phone!", "U+0021"),
+        // Look-alikes by compatibility only: shown as "XYZ phone", they
+        // name another product to the API (one an attacker may list).
+        ("\u{FF38}YZ phone", "U+FF38"),   // fullwidth X
+        ("\u{1D417}YZ phone", "U+1D417"), // mathematical bold X
+        ("\u{24CD}YZ phone", "U+24CD"),   // circled X
+        ("XYZ pho\u{FB00}", "U+FB00"),    // the ligature ff
     ] {
         let response = buy(json!(2), product).await.unwrap();
         refused(
