@@ -365,7 +365,9 @@ fn refuse_forwarded_host(headers: &HeaderMap, host: &str) -> Result<(), RequestE
 
 /// Whether a query or urlencoded form names `_method` in any spelling
 /// (`_METHOD`, `%5Fmethod`, and `_method%00x`, which PHP, so Laravel and
-/// Symfony, reads as `_method`: it ends names at a NUL).
+/// Symfony, reads as `_method`: it ends names at a NUL), also after a `;`
+/// (Go before 1.17 and Rack 2 split at `;` as well as `&`, and
+/// gorilla/handlers' method override reads `r.FormValue("_method")`).
 pub fn has_method_parameter(query: &str) -> bool {
     // Cheap test first: every spelling contains "method" or an escape.
     let may_contain = query.contains('%')
@@ -374,7 +376,9 @@ pub fn has_method_parameter(query: &str) -> bool {
             .windows(6)
             .any(|w| w.eq_ignore_ascii_case(b"method"));
     may_contain
-        && url::form_urlencoded::parse(query.as_bytes()).any(|(name, _)| is_method_name(&name))
+        && query.split(';').any(|part| {
+            url::form_urlencoded::parse(part.as_bytes()).any(|(name, _)| is_method_name(&name))
+        })
 }
 
 /// Whether some framework reads a field `name` as `_method`: in any case,
@@ -389,26 +393,20 @@ fn is_method_name(name: &str) -> bool {
 pub type MethodFieldCheck = fn(&[u8]) -> bool;
 
 /// The ways frameworks read a POST body with these headers for a `_method`
-/// field, one per format (empty: none reads one): a form for
-/// `application/x-www-form-urlencoded` or no Content-Type at all (Rack's
-/// `form_data?`), multipart for `multipart/*`, JSON for any Content-Type
-/// that contains `/json` or `+json` (Laravel's `isJson`, which reads the
-/// whole header: `text/plain; x=/json` is JSON to it). Every Content-Type
+/// field, one per format: a form for `application/x-www-form-urlencoded` or
+/// no Content-Type at all (Rack's `form_data?`), multipart for
+/// `multipart/*` (a media type ends at ',' too, as Rack reads it), and
+/// JSON whatever the Content-Type says or without one
+/// (Laravel's `isJson` reads the whole header, so `text/plain; x=/json` is
+/// JSON to it; Express's `json({ type: '*/*' })` reads any body, and
+/// method-override then takes `req.body._method`). Every Content-Type
 /// header counts, as servers disagree on which of several wins.
 pub fn method_field_readers(headers: &HeaderMap) -> Vec<MethodFieldCheck> {
-    let types = headers.get_all(http::header::CONTENT_TYPE);
-    let (mut form, mut multipart, mut json) = (types.iter().next().is_none(), false, false);
-    for value in types {
-        let value = String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase();
-        let media = value.split(';').next().unwrap_or_default().trim();
-        form |= media.is_empty() || media == "application/x-www-form-urlencoded";
-        multipart |= media.starts_with("multipart/");
-        json |= value.contains("/json") || value.contains("+json");
-    }
+    let (form, multipart) = crate::policy::shadow::form_formats(headers);
     let readers: [(bool, MethodFieldCheck); 3] = [
         (form, form_has_method_field),
         (multipart, multipart_has_method_field),
-        (json, json_has_method_field),
+        (true, json_has_method_field),
     ];
     readers
         .into_iter()
@@ -421,13 +419,14 @@ pub fn form_has_method_field(body: &[u8]) -> bool {
     has_method_parameter(&String::from_utf8_lossy(body))
 }
 
-/// Whether a JSON body is an object with a `_method` member (Laravel reads
-/// it from JSON input too).
+/// Whether a body some JSON reader takes for an object has a `_method`
+/// member (Laravel reads it from JSON input too), after a UTF-8 BOM or in
+/// JSON only a lenient parser reads
+/// ([`crate::policy::shadow::json_member_names`]).
 pub fn json_has_method_field(body: &[u8]) -> bool {
-    match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(serde_json::Value::Object(fields)) => fields.keys().any(|k| is_method_name(k)),
-        _ => false,
-    }
+    crate::policy::shadow::json_member_names(body)
+        .iter()
+        .any(|k| is_method_name(k))
 }
 
 /// Whether a `multipart/form-data` body has a `_method` part, in any
@@ -558,6 +557,7 @@ mod tests {
             "_m%65thod=POST",
             "_method%00x=POST",
             "%20_method[]=POST",
+            "a=1;_method=POST",
         ] {
             let target = format!("/shop?{query}");
             assert_eq!(
@@ -600,6 +600,34 @@ mod tests {
             Err(RequestError::EncodedPercent)
         );
         assert_eq!(c.check_encoded_percent(true), Ok(()));
+    }
+
+    #[test]
+    fn json_method_fields_are_found_after_a_bom_and_in_lenient_json() {
+        for body in [
+            &br#"{"_method":"DELETE"}"#[..],
+            "\u{feff}{\"_method\":\"DELETE\"}".as_bytes(),
+            br#"{"a": NaN, "_method": "DELETE"}"#,
+            br#"{"a": 1, /* c */ "\u005fmethod" : "DELETE",}"#,
+        ] {
+            assert!(
+                json_has_method_field(body),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert!(!json_has_method_field(
+            br#"{"method":"card","a":"_method"}"#
+        ));
+        assert!(!json_has_method_field(br#"["_method"]"#));
+        // Any Content-Type, or none, is read as JSON too.
+        let mut headers = HeaderMap::new();
+        assert!(method_field_readers(&headers).len() == 2);
+        headers.insert("content-type", "text/plain".parse().unwrap());
+        let readers = method_field_readers(&headers);
+        assert!(readers
+            .iter()
+            .any(|check| check(br#"{"_method":"DELETE"}"#)));
     }
 
     #[test]

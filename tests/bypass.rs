@@ -305,6 +305,24 @@ fn spellings() -> Vec<Spelling> {
                 )
             },
         ),
+        // The same smuggling over HTTP/1.0, where Transfer-Encoding has no
+        // meaning to RFC 9112 but some servers still honour it.
+        spelling(
+            "POST /products HTTP/1.0, CL + TE: chunked, POST /shop smuggled",
+            smuggle("chunked").replacen("HTTP/1.1", "HTTP/1.0", 1),
+        ),
+        // One Content-Length line listing two values: a server that takes
+        // the first (0) sees the body as a second request.
+        spelling(
+            "POST /products, CL: 0, n in one line, POST /shop as the body",
+            {
+                let body = json("POST /shop", &[SHOP]);
+                format!(
+                    "POST /products HTTP/1.1\r\n{SHOP}\r\n{USER_HEADER}: alice\r\n{PROBE}\r\ncontent-type: application/json\r\ncontent-length: 0, {}\r\n\r\n{body}",
+                    body.len()
+                )
+            },
+        ),
         // Pipelining: an HTTP/1.0 keep-alive pass-through call and a POST
         // /shop behind it in the same write; the second is a call of its own.
         spelling(
@@ -434,6 +452,87 @@ fn spellings() -> Vec<Spelling> {
                 &[SHOP],
                 Some(("text/json", r#"{"_method":"DELETE"}"#)),
             ),
+        ),
+        // body-parser decodes a JSON body through iconv-lite, which drops a
+        // UTF-8 BOM, so method-override reads `_method` behind it.
+        spelling(
+            "POST /orders/7, JSON _method: DELETE after a UTF-8 BOM",
+            request(
+                "POST /orders/7",
+                &[SHOP],
+                Some(("application/json", "\u{feff}{\"_method\":\"DELETE\"}")),
+            ),
+        ),
+        // Express's json({ type: '*/*' }) reads JSON whatever the
+        // Content-Type says, or without one.
+        spelling(
+            "POST /orders/7, Content-Type: text/plain, JSON _method: DELETE",
+            request(
+                "POST /orders/7",
+                &[SHOP],
+                Some(("text/plain", r#"{"_method":"DELETE"}"#)),
+            ),
+        ),
+        spelling(
+            "POST /orders/7, no Content-Type, JSON _method: DELETE",
+            format!(
+                "POST /orders/7 HTTP/1.1\r\n{SHOP}\r\n{USER_HEADER}: alice\r\n{PROBE}\r\nconnection: close\r\ncontent-length: 20\r\n\r\n{{\"_method\":\"DELETE\"}}"
+            ),
+        ),
+        // Rack's media type ends at ',' as well as ';' (Rack 2's
+        // `\s*[;,]\s*`), so this is a form to Rack::MethodOverride.
+        spelling(
+            "POST /orders/7, Content-Type: application/x-www-form-urlencoded, text/plain",
+            request(
+                "POST /orders/7",
+                &[SHOP],
+                Some((
+                    "application/x-www-form-urlencoded, text/plain",
+                    "_method=DELETE",
+                )),
+            ),
+        ),
+        // PHP ends the media type at a space too (SAPI's content type
+        // scan), so Laravel and Symfony read this body as $_POST.
+        spelling(
+            "POST /orders/7, Content-Type: application/x-www-form-urlencoded text/plain",
+            request(
+                "POST /orders/7",
+                &[SHOP],
+                Some((
+                    "application/x-www-form-urlencoded text/plain",
+                    "_method=DELETE",
+                )),
+            ),
+        ),
+        // Go before 1.17 splits a query and a form at ';' too, and
+        // gorilla/handlers' HTTPMethodOverrideHandler reads
+        // r.FormValue("_method").
+        spelling(
+            "POST /orders/7?a=1;_method=DELETE",
+            json("POST /orders/7?a=1;_method=DELETE", &[SHOP]),
+        ),
+        spelling(
+            "POST /orders/7, form a=1;_method=DELETE",
+            form("POST /orders/7", &[SHOP], "a=1;_method=DELETE"),
+        ),
+        // Express's method-override with `methods: null` (as in the query
+        // row above) takes a body's `_method` on any method, not only POST.
+        spelling(
+            "PUT /orders/7, form _method=DELETE",
+            form("PUT /orders/7", &[SHOP], "_method=DELETE"),
+        ),
+        spelling(
+            "PATCH /orders/7, JSON _method: DELETE",
+            request(
+                "PATCH /orders/7",
+                &[SHOP],
+                Some(("application/json", r#"{"_method":"DELETE"}"#)),
+            ),
+        ),
+        spelling(
+            "GET /shop, form _method=POST",
+            form("GET /shop", &[SHOP], "_method=POST"),
         ),
         // ---- GET admin.example /admin/{*rest} ----
         // HEAD is served by the GET handler (Express, Rails, Go, Flask,

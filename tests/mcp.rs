@@ -779,3 +779,122 @@ async fn the_example_shop_serves_buy_product_over_mcp() {
     assert_eq!(received.len(), 1, "{received:?}");
     assert_eq!(received[0].claims.as_ref().unwrap()["sub"], "alice");
 }
+
+/// The deprecated HTTP+SSE transport (revision 2024-11-05), which servers
+/// keep beside Streamable HTTP for older clients (the SDK's
+/// backwards-compatible example, FastMCP): GET /sse names another endpoint,
+/// /messages?sessionId=..., and the same server runs a tools/call POSTed
+/// there. A held tool's call sent to any path of an upstream behind an MCP
+/// endpoint is refused: the person is never asked, and the tool never runs.
+#[tokio::test]
+async fn a_held_tool_called_over_the_legacy_sse_transport_is_refused() {
+    let world = McpWorld::start().await;
+    let proxy = world.gateway.proxy;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    // The SSE stream stays open (and read) while the messages are sent.
+    let stream = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(proxy).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(8)))
+            .unwrap();
+        write!(
+            stream,
+            "GET /sse HTTP/1.1\r\nHost: shop.example\r\n{USER_HEADER}: alice\r\naccept: text/event-stream\r\n\r\n"
+        )
+        .unwrap();
+        let mut seen = String::new();
+        let mut chunk = [0u8; 4096];
+        let mut sent = false;
+        while let Ok(n) = stream.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            seen.push_str(&String::from_utf8_lossy(&chunk[..n]));
+            if !sent {
+                if let Some(at) = seen.find("data: /messages") {
+                    let line = seen[at + "data: ".len()..]
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
+                    tx.send(line).unwrap();
+                    sent = true;
+                }
+            }
+        }
+        seen
+    });
+    let endpoint = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .expect("the server named its message endpoint through the gateway");
+    let send = |body: Value| {
+        reqwest::Client::new()
+            .post(world.gateway.url(&endpoint))
+            .header(USER_HEADER, "alice")
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    let init = send(
+        json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2024-11-05", "capabilities": {},
+        "clientInfo": {"name": "legacy", "version": "1"}}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(init.status(), 202, "initialize passes untouched");
+    send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        .await
+        .unwrap();
+    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "buy_product", "arguments": {"product": "XYZ phone", "qty": 2}}});
+    let response = send(call.clone()).await.unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "invalid_mcp_message", "{body}");
+    // The tool's name in another case, and in a batch, too.
+    let mut other = call.clone();
+    other["params"]["name"] = json!("BUY_PRODUCT");
+    for body in [other, json!([call])] {
+        let response = send(body).await.unwrap();
+        assert_eq!(response.status(), 400);
+    }
+    // A compressed body cannot be read, while Express's json() in front
+    // of a legacy handler inflates it (this server does not): refused.
+    let encoded = reqwest::Client::new()
+        .post(world.gateway.url(&endpoint))
+        .header(USER_HEADER, "alice")
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(vec![31u8, 139, 8, 0, 0, 0, 0, 0, 0, 3])
+        .send()
+        .await
+        .unwrap();
+    let problem: Value = encoded.json().await.unwrap_or(Value::Null);
+    assert_eq!(problem["code"], "invalid_mcp_message", "{problem}");
+    // A call of a tool no policy holds passes.
+    let free = send(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "list_products", "arguments": {}}}))
+    .await
+    .unwrap();
+    assert_eq!(free.status(), 202);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        world.server.bought().await.is_empty(),
+        "buy_product ran unapproved"
+    );
+    assert!(
+        world.peer.requests().await.is_empty(),
+        "the person was asked"
+    );
+    let listed = world.server.calls().await;
+    assert!(
+        listed.iter().any(|c| c["tool"] == "list_products"),
+        "the legacy transport works through the gateway: {listed:?}"
+    );
+    drop(world);
+    let _ = tokio::task::spawn_blocking(move || stream.join()).await;
+}

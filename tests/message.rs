@@ -214,6 +214,12 @@ async fn values_the_message_cannot_show_are_refused_not_blanked() {
         ("XYZ phone\u{202E}", "U+202E"), // right-to-left override
         ("XYZ\u{00A0}phone", "U+00A0"),  // no-break space
         ("phone!", "U+0021"),
+        // Look-alikes by compatibility only: shown as "XYZ phone", they
+        // name another product to the API (one an attacker may list).
+        ("\u{FF38}YZ phone", "U+FF38"),   // fullwidth X
+        ("\u{1D417}YZ phone", "U+1D417"), // mathematical bold X
+        ("\u{24CD}YZ phone", "U+24CD"),   // circled X
+        ("XYZ pho\u{FB00}", "U+FB00"),    // the ligature ff
     ] {
         let response = buy(json!(2), product).await.unwrap();
         refused(
@@ -399,6 +405,25 @@ async fn a_shown_query_value_given_again_in_a_body_of_any_type_is_refused() {
         (Some("text/json"), r#"{"AMOUNT":5000}"#),
         (None, r#"{"amount":5000}"#),
         (None, "amount=5000"),
+        // Rack's media type ends at ',' too: a form to Rails.
+        (
+            Some("application/x-www-form-urlencoded, text/plain"),
+            "amount=5000",
+        ),
+        // Go before 1.17 splits a form at ';' too, and r.FormValue lets
+        // the body win over the query.
+        (Some("application/x-www-form-urlencoded"), "x=1;amount=5000"),
+        // PHP's at a space: a form to Laravel.
+        (
+            Some("application/x-www-form-urlencoded text/plain"),
+            "amount=5000",
+        ),
+        // body-parser (iconv-lite) drops a UTF-8 BOM, .NET's readers skip
+        // one; Python's json reads NaN, others comments and trailing commas.
+        (Some("application/json"), "\u{feff}{\"amount\":5000}"),
+        (None, "\u{feff}{\"amount\":5000}"),
+        (Some("text/plain"), r#"{"note": NaN, "amount": 5000}"#),
+        (Some("text/plain"), r#"{"amount": 5000, /* x */}"#),
     ] {
         let response = post(&world, "/refunds?amount=5", content_type, body).await;
         refused(
@@ -554,6 +579,91 @@ async fn a_body_on_a_delete_whose_approval_shows_none_is_refused() {
         response,
         "invalid_body",
         &["GET call carries a body"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_shown_path_parameter_with_a_format_suffix_is_refused() {
+    let world = world().await;
+    // Rails' `:id` takes no '.' and `(.:format)` the rest, Spring's suffix
+    // pattern matching and Django REST framework's format suffixes cut it
+    // too: they cancel order 7 while the person is asked about "7.5".
+    for path in ["/orders/7.5", "/orders/7.json", "/orders/7%2Ejson"] {
+        let response = world
+            .agent
+            .delete(world.gateway.url(path))
+            .header(USER_HEADER, "alice")
+            .send()
+            .await
+            .unwrap();
+        refused(
+            &world,
+            response,
+            "ambiguous_parameter",
+            &["'orderId'", "format suffix"],
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_shown_path_parameter_with_matrix_parameters_is_refused() {
+    let world = world().await;
+    // Tomcat, Spring and Jetty drop `;8` and cancel order 7, which the
+    // person is shown; Express, Rails and Go keep it: their orderId is
+    // "7;8", another order.
+    for path in ["/orders/7;8", "/orders/7;jsessionid=x", "/orders/7;/"] {
+        let response = world
+            .agent
+            .delete(world.gateway.url(path))
+            .header(USER_HEADER, "alice")
+            .send()
+            .await
+            .unwrap();
+        refused(
+            &world,
+            response,
+            "ambiguous_parameter",
+            &["'orderId'", "';'"],
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_number_in_the_query_or_path_that_a_double_rounds_is_refused() {
+    let world = world().await;
+    // Text to the gateway, but a JavaScript API's Number() reads
+    // 9007199254740992 (and 3 for 2.9999999999999999): the person would
+    // approve one amount, or order, and the API act on its neighbour.
+    for amount in [
+        "9007199254740993",
+        "+9007199254740993",
+        "2.9999999999999999",
+    ] {
+        let path = format!("/refunds?amount={}", amount.replace('+', "%2B"));
+        let response = post(&world, &path, None, "").await;
+        refused(
+            &world,
+            response,
+            "invalid_query",
+            &["'query.amount'", amount],
+        )
+        .await;
+    }
+    let response = world
+        .agent
+        .delete(world.gateway.url("/orders/9007199254740993"))
+        .header(USER_HEADER, "alice")
+        .send()
+        .await
+        .unwrap();
+    refused(
+        &world,
+        response,
+        "invalid_path",
+        &["'params.orderId'", "9007199254740993"],
     )
     .await;
 }

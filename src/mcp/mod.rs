@@ -468,6 +468,106 @@ fn one(
     }))
 }
 
+/// The held tool a body calls, if it carries a JSON-RPC `tools/call` (or a
+/// batch holding one) of a tool one of `endpoints` holds, in any letter
+/// case: `(tool name as sent, endpoint path)`. For a call sent to another
+/// path than the endpoint: servers that keep the deprecated HTTP+SSE
+/// transport (revision 2024-11-05) beside Streamable HTTP run a tools/call
+/// POSTed to `/messages?sessionId=...` as well. Read as leniently as any
+/// server might: a UTF-8 BOM dropped, member names in any case, and a body
+/// that looks like JSON but is not strict JSON counts when any of its
+/// strings is `tools/call` (in any case) and any other names a held tool.
+pub fn stray_tool_call<'e>(
+    endpoints: &[&'e McpEndpoint],
+    body: &[u8],
+) -> Option<(String, &'e str)> {
+    if endpoints.is_empty() {
+        return None;
+    }
+    let body = body.strip_prefix("\u{feff}".as_bytes()).unwrap_or(body);
+    let held = |name: &str| {
+        endpoints
+            .iter()
+            .find(|e| e.tool(name) != ToolMatch::Free)
+            .map(|e| (name.chars().take(64).collect(), e.path_template.as_str()))
+    };
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Array(items)) => items.iter().find_map(|item| stray_call(item, &held)),
+        Ok(value) => stray_call(&value, &held),
+        Err(_) => {
+            if !matches!(body.trim_ascii_start().first(), Some(b'{' | b'[')) {
+                return None;
+            }
+            let strings = json_string_literals(body);
+            strings
+                .iter()
+                .any(|s| fold_case(s) == TOOLS_CALL)
+                .then(|| strings.iter().find_map(|s| held(s)))
+                .flatten()
+        }
+    }
+}
+
+fn stray_call<'e>(
+    message: &Value,
+    held: &impl Fn(&str) -> Option<(String, &'e str)>,
+) -> Option<(String, &'e str)> {
+    let message = message.as_object()?;
+    let method = message
+        .iter()
+        .find(|(k, _)| fold_case(k) == "method")
+        .and_then(|(_, v)| v.as_str())?;
+    if fold_case(method) != TOOLS_CALL {
+        return None;
+    }
+    let params = message
+        .iter()
+        .find(|(k, _)| fold_case(k) == "params")
+        .map(|(_, v)| v)?;
+    match params {
+        Value::Object(params) => params
+            .iter()
+            .filter(|(k, _)| fold_case(k) == "name")
+            .filter_map(|(_, v)| v.as_str())
+            .find_map(held),
+        // Positional params: any string in them may be the name.
+        Value::Array(items) => items.iter().filter_map(Value::as_str).find_map(held),
+        _ => None,
+    }
+}
+
+/// Every string literal of a JSON-like text, decoded (escapes resolved
+/// where they can be).
+fn json_string_literals(body: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < body.len() {
+        if body[i] != b'"' {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        i += 1;
+        while i < body.len() && body[i] != b'"' {
+            i += if body[i] == b'\\' { 2 } else { 1 };
+        }
+        let end = (i + 1).min(body.len());
+        i = end;
+        let literal = &body[start..end];
+        out.push(
+            serde_json::from_slice::<String>(literal).unwrap_or_else(|_| {
+                String::from_utf8_lossy(
+                    literal
+                        .get(1..literal.len().saturating_sub(1))
+                        .unwrap_or_default(),
+                )
+                .into_owned()
+            }),
+        );
+    }
+    out
+}
+
 /// Whether a request on an MCP endpoint passes without being read: a GET,
 /// HEAD or OPTIONS that announces no body (no `Transfer-Encoding`, no
 /// `Content-Length` but `0`). One with a body is read like a POST.

@@ -313,3 +313,34 @@ fn event_stream_acceptance_is_read_from_accept() {
     );
     assert!(accepts_event_stream(&h));
 }
+
+#[test]
+fn a_held_tool_call_on_another_path_is_found_however_it_is_spelled() {
+    let set = policies();
+    let path = crate::policy::normalize("/mcp").unwrap();
+    let endpoint = set.find_mcp(None, &path).unwrap().endpoint;
+    let found = |body: &str| stray_tool_call(&[endpoint], body.as_bytes()).map(|(name, _)| name);
+    assert_eq!(found(BUY).as_deref(), Some("buy_product"));
+    for body in [
+        format!("[{BUY}]"),
+        format!("\u{feff}{BUY}"),
+        BUY.replace("buy_product", "BUY_PRODUCT"),
+        BUY.replace("\"method\"", "\"Method\"")
+            .replace("tools/call", "Tools/Call"),
+        BUY.replace("tools/call", "tools\\/call"),
+        r#"{"method":"tools/call","params":["admin_drop",{}]}"#.to_owned(),
+        // Not strict JSON: a trailing comma, which a lenient parser takes.
+        BUY.replace("}}}", "}},}"),
+    ] {
+        assert!(found(&body).is_some(), "{body}");
+    }
+    for body in [
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"list_products"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"name":"buy_product"}}"#,
+        r#"{"product":"buy_product","note":"tools/call"}"#,
+        "product=buy_product&method=tools/call",
+    ] {
+        assert_eq!(found(body), None, "{body}");
+    }
+    assert_eq!(stray_tool_call(&[], BUY.as_bytes()), None);
+}

@@ -143,6 +143,62 @@ fn check_decimals(bytes: &[u8]) -> Result<(), BodyError> {
     Ok(())
 }
 
+/// Whether `text` (a query or path value), read as a number the way
+/// JavaScript's `Number()`, PHP and Python's `float()` read text (an
+/// optional sign, digits, an optional fraction and exponent, leading zeros
+/// allowed), is a number every parser reads the same: `false` for an
+/// integer beyond 2^53 or a decimal its nearest double does not show as
+/// written (`9007199254740993` is 9007199254740992 to `Number()`). Text
+/// that is no such number is `true`: there is nothing to round.
+pub fn text_number_is_exact(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let mut i = usize::from(matches!(bytes.first(), Some(b'+' | b'-')));
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while bytes.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i - start
+    };
+    let whole = digits(&mut i);
+    let mut fraction = 0;
+    if bytes.get(i) == Some(&b'.') {
+        i += 1;
+        fraction = digits(&mut i);
+    }
+    if whole + fraction == 0 {
+        return true;
+    }
+    if matches!(bytes.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        i += usize::from(matches!(bytes.get(i), Some(b'+' | b'-')));
+        if digits(&mut i) == 0 {
+            return true;
+        }
+    }
+    if i != bytes.len() {
+        return true;
+    }
+    let literal = text.trim_start_matches('+');
+    let Ok(value) = literal.parse::<f64>() else {
+        return false;
+    };
+    if value.abs() > MAX_EXACT_INTEGER as f64 {
+        return false;
+    }
+    if !literal.contains(['.', 'e', 'E']) {
+        // An integer of at most 2^53 (as its double says) is exact, unless
+        // the double rounded it down to 2^53.
+        let magnitude = literal.trim_start_matches('-').trim_start_matches('0');
+        return magnitude.len() < 16
+            || magnitude
+                .parse::<u64>()
+                .is_ok_and(|m| m <= MAX_EXACT_INTEGER);
+    }
+    let shown = Number::from_f64(value).map(|n| n.to_string());
+    shown.is_some_and(|shown| decimal(&shown).is_some() && decimal(&shown) == decimal(literal))
+}
+
 /// A JSON number as an exact decimal: (negative, significant digits without
 /// leading or trailing zeros, power of ten of the last digit); zero is
 /// `(_, "", 0)`.
@@ -381,6 +437,40 @@ mod tests {
         ] {
             let body = format!(r#"{{"a":"1.00000000000000001","qty":[{text}]}}"#);
             assert!(parse(body.as_bytes()).is_ok(), "{text}");
+        }
+    }
+
+    #[test]
+    fn numbers_written_as_text_are_exact_or_not() {
+        for exact in [
+            "2",
+            "-2",
+            "+2",
+            "007",
+            "9007199254740992",
+            "2.5",
+            "25e-1",
+            "0.1",
+            "XYZ",
+            "1e",
+            "",
+            "-",
+            ".",
+            "2 000",
+            "1_000",
+        ] {
+            assert!(text_number_is_exact(exact), "{exact}");
+        }
+        for inexact in [
+            "9007199254740993",
+            "+9007199254740993",
+            "-9007199254740993",
+            "0009007199254740993",
+            "18446744073709551616",
+            "2.9999999999999999",
+            "1e300",
+        ] {
+            assert!(!text_number_is_exact(inexact), "{inexact}");
         }
     }
 

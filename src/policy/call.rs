@@ -86,6 +86,10 @@ pub enum CallError {
         tested: Part,
         other: Part,
     },
+    #[error("The path parameter '{name}' ends the path and contains '.' ('{value}'): APIs that route format suffixes (Rails, Spring, Django REST framework) read what follows the '.' as a format and act on a shorter value than the person would be shown. Send it without '.', or, if this API reads no format suffix, turn off the policy's match.format_suffix.", value = truncated(.value))]
+    FormatSuffixParam { name: String, value: String },
+    #[error("The path carries ';' parameters, which Tomcat, Spring and Jetty drop from the path parameter '{name}' (the person would be shown '{value}') while Express, Rails and Go keep them in it and act on another value. Send the path without ';'.", value = truncated(.value))]
+    MatrixParam { name: String, value: String },
     #[error("{}", render_detail(.0))]
     Render(#[from] RenderError),
     #[error("The {section} key '{key}' is spelled like a name the policy's condition reads, but in another letter case; some APIs read it as that name, so spell it exactly as the condition does.")]
@@ -116,6 +120,9 @@ fn render_detail(error: &RenderError) -> String {
             "The approval message for this call would be {length} characters; at most {BINDING_MESSAGE_MAX_CHARS} are allowed."
         ),
         RenderError::EmptyMessage => "The approval message for this call would be empty.".to_owned(),
+        RenderError::InexactNumber { field, number } => format!(
+            "The value of '{field}' is the number {number}, which APIs that read numbers as doubles (JavaScript's Number(), PHP) round to another: it cannot be shown exactly; send an integer of at most 2^53, or a decimal of at most 15 significant digits."
+        ),
     }
 }
 
@@ -133,10 +140,19 @@ impl CallError {
             Self::RepeatedQuery(_) | Self::QuerySemicolon | Self::QueryNotUtf8(_) => {
                 ProblemCode::InvalidQuery
             }
-            Self::GivenTwice { .. } | Self::TestedTwice { .. } => ProblemCode::AmbiguousParameter,
+            Self::GivenTwice { .. }
+            | Self::TestedTwice { .. }
+            | Self::FormatSuffixParam { .. }
+            | Self::MatrixParam { .. } => ProblemCode::AmbiguousParameter,
             Self::Render(RenderError::MissingValue(field)) if field.starts_with("query.") => {
                 ProblemCode::InvalidQuery
             }
+            Self::Render(RenderError::InexactNumber { field, .. }) => match field.split('.').next()
+            {
+                Some("query") => ProblemCode::InvalidQuery,
+                Some("params") => ProblemCode::InvalidPath,
+                _ => ProblemCode::InvalidBindingMessage,
+            },
             Self::Render(RenderError::MissingValue(_) | RenderError::NotShowable { .. }) => {
                 ProblemCode::InvalidBody
             }
@@ -343,6 +359,11 @@ impl CallShape {
             binding_message,
             authorization_details,
         })
+    }
+
+    /// Whether the templates show `name` from `part`.
+    pub(crate) fn shows(&self, name: &str, part: Part) -> bool {
+        self.shown.iter().any(|(n, p)| n == name && *p == part)
     }
 
     fn read_body(&self, input: &CallInput<'_>) -> Result<Value, CallError> {

@@ -86,6 +86,11 @@ impl McpEndpoint {
     }
 
     /// The tool name (or glob) the policy at `policy` holds here.
+    /// The policies holding this endpoint's tools.
+    pub fn policies(&self) -> impl Iterator<Item = usize> + '_ {
+        self.tools.iter().map(|(_, policy)| *policy)
+    }
+
     pub fn pattern(&self, policy: usize) -> &str {
         self.tools
             .iter()

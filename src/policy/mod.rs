@@ -157,6 +157,13 @@ pub struct PolicyMatch<'a> {
     pub candidates: Vec<&'a Arc<Policy>>,
     /// Path parameters, percent-decoded, in their original case.
     pub params: Vec<(String, String)>,
+    /// On a route that covers format suffixes, the path parameter that
+    /// ends the path with a '.' in its last segment: APIs that route
+    /// suffixes read a shorter value than the gateway ([`suffixed_param`]).
+    pub suffixed: Option<String>,
+    /// The path carries `;params`, which the match (like Tomcat, Spring and
+    /// Jetty) drops but Express, Rails and Go keep in a path parameter.
+    pub matrix: bool,
 }
 
 /// What a matched call needs, once the conditions of its route have spoken.
@@ -384,6 +391,22 @@ impl PolicySet {
         })
     }
 
+    /// The MCP endpoints on `host` (or on any host) holding a tool whose
+    /// policy sends its calls to `upstream`: a held tool's call sent to
+    /// another path of that upstream is refused ([`crate::mcp::stray_tool_call`]).
+    pub fn mcp_endpoints_to(&self, host: Option<&str>, upstream: &str) -> Vec<&McpEndpoint> {
+        self.mcp
+            .routes()
+            .filter(|(h, _, _)| h.is_none() || h.as_deref() == host)
+            .map(|(_, _, id)| &self.mcp.endpoints[id])
+            .filter(|endpoint| {
+                endpoint
+                    .policies()
+                    .any(|p| self.policies[p].upstreams.iter().any(|u| u == upstream))
+            })
+            .collect()
+    }
+
     /// The policy at `index` (as [`ToolMatch`] names it).
     pub fn at(&self, index: usize) -> &Arc<Policy> {
         &self.policies[index]
@@ -449,10 +472,17 @@ impl PolicySet {
             .iter()
             .map(|&id| &self.policies[id])
             .collect();
+        let suffixed = candidates[0]
+            .format_suffix
+            .then(|| suffixed_param(&found.params, key, &params))
+            .flatten();
+        let matrix = !params.is_empty() && path.forward.contains(';');
         Some(PolicyMatch {
             policy: candidates[0],
             candidates,
             params,
+            suffixed,
+            matrix,
         })
     }
 
@@ -496,6 +526,34 @@ impl PolicySet {
             .iter()
             .filter_map(|p| p.condition.as_ref())
             .fold(Reads::default(), |all, c| all.union(c.reads));
+        // Path parameters some APIs read otherwise than the match: refused
+        // where the approval shows one or a condition tests params.
+        let suffixed = found.suffixed.iter().map(|name| (name.as_str(), true));
+        let matrix = found
+            .params
+            .iter()
+            .filter(|_| found.matrix)
+            .map(|(name, _)| (name.as_str(), false));
+        for (name, suffix) in suffixed.chain(matrix) {
+            let shown = found
+                .candidates
+                .iter()
+                .any(|p| p.shape.shows(name, shadow::Part::Path));
+            if !shown && !reads.params {
+                continue;
+            }
+            let value = input
+                .params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default();
+            let name = name.to_owned();
+            return Err(match suffix {
+                true => CallError::FormatSuffixParam { name, value },
+                false => CallError::MatrixParam { name, value },
+            });
+        }
         let sections = ConditionInput::read(reads, input)?;
         for policy in &found.candidates {
             let Some(condition) = &policy.condition else {
@@ -546,6 +604,26 @@ fn original_params(
             (name.to_owned(), decoded)
         })
         .collect()
+}
+
+/// The path parameter, if any, that ends the matched path and has a '.' in
+/// its last segment (percent-decoded). Rails' dynamic segments take no '.'
+/// and its `(.:format)` the rest, Spring's suffix pattern matching cuts at
+/// the last '.', Django REST framework's format suffixes likewise: to them
+/// `/orders/7.5` is order 7, while the gateway (and the message) read 7.5.
+fn suffixed_param(
+    found: &matchit::Params<'_, '_>,
+    key: &str,
+    decoded: &[(String, String)],
+) -> Option<String> {
+    found
+        .iter()
+        .zip(decoded)
+        .find(|((_, value), (_, decoded))| {
+            let end = value.as_ptr() as usize - key.as_ptr() as usize + value.len();
+            end == key.len() && decoded.rsplit('/').next().is_some_and(|s| s.contains('.'))
+        })
+        .map(|((name, _), _)| name.to_owned())
 }
 
 /// One name, one place ([`shadow`]) for what a condition tests: a name it
@@ -825,6 +903,45 @@ policies:
         assert!(set.covers(None, &normalize("/orders/7").unwrap()));
         assert!(set.covers(None, &normalize("/shop.xml").unwrap()));
         assert!(!set.covers(None, &normalize("/products").unwrap()));
+    }
+
+    #[test]
+    fn a_path_parameter_ending_in_a_suffix_is_noted_unless_suffixes_are_off() {
+        let set = policies(SHOP);
+        let suffixed = |set: &PolicySet, method, path| {
+            set.find(method, None, &normalize(path).unwrap())
+                .unwrap()
+                .suffixed
+        };
+        assert_eq!(
+            suffixed(&set, "DELETE", "/orders/7.5"),
+            Some("orderId".to_owned())
+        );
+        assert_eq!(
+            suffixed(&set, "DELETE", "/orders/7%2Ejson"),
+            Some("orderId".to_owned())
+        );
+        assert_eq!(suffixed(&set, "DELETE", "/orders/7"), None);
+        let matrix = |path| {
+            set.find("DELETE", None, &normalize(path).unwrap())
+                .unwrap()
+                .matrix
+        };
+        assert!(matrix("/orders/7;8"));
+        assert!(!matrix("/orders/7"));
+        let strict = policies(
+            r#"
+policies:
+  - { name: a, match: { methods: [GET], path: "/files/{*rest}" }, require: { scopes: [x] }, binding_message: a }
+  - { name: b, match: { methods: [GET], path: "/docs/{name}", format_suffix: false }, require: { scopes: [x] }, binding_message: b }
+"#,
+        );
+        assert_eq!(suffixed(&strict, "GET", "/files/a.b/c"), None);
+        assert_eq!(
+            suffixed(&strict, "GET", "/files/a/c.pdf"),
+            Some("rest".to_owned())
+        );
+        assert_eq!(suffixed(&strict, "GET", "/docs/v1.2"), None);
     }
 
     #[test]

@@ -113,26 +113,94 @@ fn form_keys(text: &[u8]) -> Vec<String> {
 /// the parts of a multipart body. Every Content-Type header counts.
 /// Bodies none of them reads give none.
 fn body_keys(headers: &HeaderMap, body: &[u8]) -> Vec<String> {
-    let mut keys = match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(serde_json::Value::Object(fields)) => fields.keys().map(|k| merge_key(k)).collect(),
-        _ => Vec::new(),
-    };
-    let types = headers.get_all(CONTENT_TYPE);
-    let mut form = types.iter().next().is_none();
-    let mut multipart = false;
-    for value in types {
-        let value = String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase();
-        let media = value.split(';').next().unwrap_or_default().trim();
-        form |= media.is_empty() || media == "application/x-www-form-urlencoded";
-        multipart |= media.starts_with("multipart/");
-    }
+    let mut keys: Vec<String> = json_member_names(body)
+        .iter()
+        .map(|k| merge_key(k))
+        .collect();
+    let (form, multipart) = form_formats(headers);
     if form {
-        keys.extend(form_keys(body));
+        // Go before 1.17 splits a form at ';' too (and its r.FormValue
+        // lets the body win over the query).
+        let body = String::from_utf8_lossy(body).replace(';', "&");
+        keys.extend(form_keys(body.as_bytes()));
     }
     if multipart {
         keys.extend(multipart_names(body));
     }
     keys
+}
+
+/// The member names of a body some JSON reader takes for an object, as
+/// sent. A UTF-8 BOM before it is dropped (Express's body-parser decodes
+/// through iconv-lite, which drops one; .NET's readers skip it). A body
+/// serde_json reads as an object gives its top-level members; one it cannot
+/// read but that looks like an object (`{` first) is read as lenient parsers
+/// read JSON (Python's `NaN`, comments, trailing commas): every string
+/// followed by `:` counts, at any depth. Conservative: more names, never
+/// fewer.
+pub(crate) fn json_member_names(body: &[u8]) -> Vec<String> {
+    let body = body.strip_prefix("\u{feff}".as_bytes()).unwrap_or(body);
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(fields)) => return fields.keys().cloned().collect(),
+        Ok(_) => return Vec::new(),
+        Err(_) => {}
+    }
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Vec::new();
+    }
+    let mut names = Vec::new();
+    let mut i = 0;
+    while i < body.len() {
+        if body[i] != b'"' {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        i += 1;
+        while i < body.len() && body[i] != b'"' {
+            i += if body[i] == b'\\' { 2 } else { 1 };
+        }
+        let end = (i + 1).min(body.len());
+        i = end;
+        let after = body[end..].trim_ascii_start();
+        if after.first() == Some(&b':') {
+            let literal = &body[start..end];
+            let name = serde_json::from_slice::<String>(literal).unwrap_or_else(|_| {
+                String::from_utf8_lossy(
+                    literal
+                        .get(1..literal.len().saturating_sub(1))
+                        .unwrap_or_default(),
+                )
+                .into_owned()
+            });
+            names.push(name);
+        }
+    }
+    names
+}
+
+/// Whether some framework reads a body with these headers as an urlencoded
+/// form (also without a Content-Type: Rack reads a POST so), and whether
+/// as multipart. Every Content-Type header counts, and a media type ends at
+/// ',' as well as ';' (Rack 2 splits at `\s*[;,]\s*`, so
+/// `application/x-www-form-urlencoded, text/plain` is a form to Rails), and
+/// at a space or tab (PHP's SAPI cuts it at ';', ',' or ' ', so Laravel
+/// fills `$_POST` from `application/x-www-form-urlencoded text/plain`).
+pub(crate) fn form_formats(headers: &HeaderMap) -> (bool, bool) {
+    let types = headers.get_all(CONTENT_TYPE);
+    let mut form = types.iter().next().is_none();
+    let mut multipart = false;
+    for value in types {
+        let value = String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase();
+        let media = value
+            .trim()
+            .split([';', ',', ' ', '\t'])
+            .next()
+            .unwrap_or_default();
+        form |= media.is_empty() || media == "application/x-www-form-urlencoded";
+        multipart |= media.starts_with("multipart/");
+    }
+    (form, multipart)
 }
 
 fn multipart_names(body: &[u8]) -> Vec<String> {

@@ -18,7 +18,7 @@ use handlebars::{Path, PathSeg, Template};
 use serde::{de, Deserialize, Deserializer};
 use serde_json::Value;
 use thiserror::Error;
-use unicode_normalization::char::{decompose_compatible, is_combining_mark};
+use unicode_normalization::char::{decompose_canonical, is_combining_mark};
 use unicode_normalization::UnicodeNormalization;
 
 /// Auth0's documented limit, also a sensible bound for a phone notification.
@@ -103,6 +103,8 @@ pub enum RenderError {
     NotShowable { field: String, what: &'static str },
     #[error("the value of '{field}' contains {}, which a binding message cannot show", describe(*character))]
     Character { field: String, character: char },
+    #[error("the value of '{field}' is the number {number}, which APIs that read numbers as doubles round")]
+    InexactNumber { field: String, number: String },
     #[error("the binding message would be {0} characters; at most {BINDING_MESSAGE_MAX_CHARS} are allowed")]
     MessageTooLong(usize),
     #[error("the binding message is empty")]
@@ -227,10 +229,14 @@ impl<'de> Deserialize<'de> for MessageTemplate {
 /// Appends one call value to a binding message, or says why it cannot be
 /// shown. Strings, numbers and booleans are shown; `null`, lists, objects and
 /// blank strings are refused (they would render as nothing). Characters
-/// outside Auth0's alphabet are refused, except letters with a faithful ASCII
-/// form (compatibility decomposition without accents: `é` -> `e`, `ﬁ` -> `fi`,
-/// fullwidth `Ｘ` -> `X`). Digits of other scripts, look-alike letters of other
-/// alphabets, control and format characters and punctuation are refused.
+/// outside Auth0's alphabet are refused, except letters that are an ASCII
+/// letter with accents (canonical decomposition without its marks: `é` ->
+/// `e`). Compatibility forms are refused, not transliterated: fullwidth `Ｘ`,
+/// mathematical `𝐗`, circled `Ⓧ`, ligatures `ﬀ`, the long `ſ` would be
+/// shown as the ASCII letters of another string, which the API reads as
+/// itself (another product). Digits of other scripts, look-alike letters of
+/// other alphabets, control and format characters and punctuation are
+/// refused.
 pub fn append_message_value(
     out: &mut String,
     field: &str,
@@ -238,7 +244,17 @@ pub fn append_message_value(
 ) -> Result<(), RenderError> {
     let number;
     let text: &str = match found {
-        Found::Text(text) => text,
+        Found::Text(text) => {
+            // A query or path value is text here, but a number to an API
+            // that converts it: it must be one no double rounds.
+            if !super::body::text_number_is_exact(text.trim()) {
+                return Err(RenderError::InexactNumber {
+                    field: field.to_owned(),
+                    number: text.chars().take(64).collect(),
+                });
+            }
+            text
+        }
         Found::Json(Value::String(text)) => text,
         Found::Json(Value::Number(n)) => {
             number = n.to_string();
@@ -288,12 +304,12 @@ pub fn append_message_value(
     Ok(())
 }
 
-/// Appends the ASCII letters `c` stands for, if it is a letter whose
-/// compatibility decomposition is ASCII letters and combining marks.
+/// Appends the ASCII letter `c` stands for, if it is a letter whose
+/// canonical decomposition is an ASCII letter and combining marks.
 fn transliterate(c: char, out: &mut String) -> bool {
     let start = out.len();
     let mut faithful = true;
-    decompose_compatible(c, |d| {
+    decompose_canonical(c, |d| {
         if d.is_ascii_alphabetic() {
             out.push(d);
         } else if !is_combining_mark(d) {
@@ -628,9 +644,22 @@ mod tests {
         let shown = |value: &str| message("Buy {{product}}", &json!({ "product": value })).unwrap();
         assert_eq!(shown("Caf\u{00E9} cr\u{00E8}me"), "Buy Cafe creme");
         assert_eq!(shown("Cafe\u{0301}"), "Buy Cafe"); // decomposed e + acute
-        assert_eq!(shown("\u{FB01}ne"), "Buy fine");
-        assert_eq!(shown("\u{FF38}YZ"), "Buy XYZ"); // fullwidth X
-        assert_eq!(shown("\u{212A}elvin \u{017F}ize"), "Buy Kelvin size");
+                                                       // The Kelvin sign is K canonically.
+        assert_eq!(shown("\u{212A}elvin"), "Buy Kelvin");
+        // Compatibility forms are look-alikes of another string.
+        let refused = |value: &str| message("Buy {{product}}", &json!({ "product": value }));
+        for value in [
+            "\u{FB01}ne",
+            "\u{FF38}YZ",
+            "\u{017F}ize",
+            "\u{1D417}",
+            "\u{24CD}",
+        ] {
+            assert!(
+                matches!(refused(value), Err(RenderError::Character { .. })),
+                "{value}"
+            );
+        }
     }
 
     #[test]

@@ -98,6 +98,9 @@ impl Countersign {
         let body = self
             .refuse_form_method_field(session, &request, &policies)
             .await?;
+        let body = self
+            .refuse_stray_tool_call(session, &request, &policies, &upstream.name, body)
+            .await?;
         let Some(found) = policies.find(method.as_str(), Some(&request.host), &request.path) else {
             return match self.default_action {
                 DefaultAction::Pass => Ok(None),
@@ -135,9 +138,11 @@ impl Countersign {
 
     /// Rails and Rack take the method from a `_method` field of a form POST
     /// (Rack reads a POST without a Content-Type as a form too), Laravel
-    /// also from a JSON one (any Content-Type containing `/json` or `+json`):
-    /// on a path some policy covers, such a body is read and refused. Every
-    /// Content-Type header counts. Returns the body when it was read.
+    /// also from a JSON one (any Content-Type containing `/json` or `+json`),
+    /// and Express's method-override with `methods: null` from the body of
+    /// a call of any method: on a path some policy covers, such a body is
+    /// read and refused, whatever the method. Every Content-Type header
+    /// counts. Returns the body when it was read.
     async fn refuse_form_method_field(
         &self,
         session: &mut Session,
@@ -145,9 +150,6 @@ impl Countersign {
         policies: &PolicySet,
     ) -> Result<Option<Option<Bytes>>, Reply> {
         let header = session.req_header();
-        if header.method != http::Method::POST {
-            return Ok(None);
-        }
         let checks = request::method_field_readers(&header.headers);
         if checks.is_empty() {
             return Ok(None);
@@ -157,14 +159,14 @@ impl Countersign {
         }
         let body = Box::pin(hold::read_body(session, self.limits.max_body_bytes)).await?;
         let bytes = body.as_deref().unwrap_or_default();
-        if !bytes.is_empty()
-            && policy::body::content_encoding(&session.req_header().headers).is_some()
-        {
+        let encoding = policy::body::content_encoding(&session.req_header().headers);
+        if let Some(encoding) = encoding.filter(|_| !bytes.is_empty()) {
             // Express's body parsers inflate it and find a `_method` there.
+            let encoding: String = encoding.chars().take(64).collect();
             return Err(Problem::new(ProblemCode::InvalidBody)
-                .with_detail(
-                    "A POST body to this path must be sent without Content-Encoding, so that the gateway can see it names no _method field.",
-                )
+                .with_detail(format!(
+                    "A body sent to this path must be sent without Content-Encoding (it was sent with '{encoding}'), so that the gateway can see it names no _method field."
+                ))
                 .into());
         }
         let overrides = checks.iter().any(|check| check(bytes));
@@ -173,6 +175,50 @@ impl Countersign {
                 .with_detail(format!(
                     "The request was refused: the {} form field is not accepted; send the real HTTP method.",
                     request::METHOD_PARAMETER
+                ))
+                .into());
+        }
+        Ok(Some(body))
+    }
+
+    /// A held tool's `tools/call` sent to another path of its upstream than
+    /// the MCP endpoint (the deprecated HTTP+SSE transport's
+    /// `/messages?sessionId=...`, which servers keep beside Streamable
+    /// HTTP) would run unapproved: on a host and upstream behind an MCP
+    /// endpoint, every body is read and such a call refused, and so is a
+    /// body with a Content-Encoding, which the gateway cannot read. Returns
+    /// the body when it was read.
+    async fn refuse_stray_tool_call(
+        &self,
+        session: &mut Session,
+        request: &CanonicalRequest,
+        policies: &PolicySet,
+        upstream: &str,
+        body: Option<Option<Bytes>>,
+    ) -> Result<Option<Option<Bytes>>, Reply> {
+        let endpoints = policies.mcp_endpoints_to(Some(&request.host), upstream);
+        if endpoints.is_empty() {
+            return Ok(body);
+        }
+        let body = match body {
+            Some(body) => body,
+            None => hold::read_body(session, self.limits.max_body_bytes).await?,
+        };
+        let bytes = body.as_deref().unwrap_or_default();
+        if !bytes.is_empty()
+            && policy::body::content_encoding(&session.req_header().headers).is_some()
+        {
+            // Express's json() inflates it for a legacy transport's handler.
+            return Err(Problem::new(ProblemCode::InvalidMcpMessage)
+                .with_detail(
+                    "A body sent to this upstream, which serves an MCP endpoint, must be sent without Content-Encoding, so that the gateway can see it calls no tool that needs a person's approval.",
+                )
+                .into());
+        }
+        if let Some((tool, endpoint)) = crate::mcp::stray_tool_call(&endpoints, bytes) {
+            return Err(Problem::new(ProblemCode::InvalidMcpMessage)
+                .with_detail(format!(
+                    "This request carries a tools/call of the tool '{tool}', which needs a person's approval, but was sent to another path than the MCP endpoint {endpoint}; send it there (Streamable HTTP), where the gateway holds it."
                 ))
                 .into());
         }

@@ -9,7 +9,11 @@
 // the issuer's JWKS, issuer, audience, scope product:buy) and records every
 // tool call it ran: GET /control/calls (tool, arguments, whether a token came
 // and what it said; never the token itself), and GET /control/methods the
-// HTTP requests on /mcp by method. Once it listens it prints one
+// HTTP requests on /mcp by method. Like the SDK's backwards-compatible
+// server example, it also speaks the deprecated HTTP+SSE transport
+// (revision 2024-11-05): GET /sse opens a stream whose first event names
+// the endpoint (/messages?sessionId=...) that messages are POSTed to.
+// Once it listens it prints one
 // line to stdout: {"url":"http://127.0.0.1:<port>/mcp","port":<port>}.
 // It exits when stdin closes (the parent test died) unless MCP_IGNORE_STDIN=1.
 
@@ -17,6 +21,7 @@ import { randomUUID } from 'node:crypto';
 import http from 'node:http';
 
 import { McpServer } from '@modelcontextprotocol/sdk/server/mcp.js';
+import { SSEServerTransport } from '@modelcontextprotocol/sdk/server/sse.js';
 import { StreamableHTTPServerTransport } from '@modelcontextprotocol/sdk/server/streamableHttp.js';
 import { isInitializeRequest } from '@modelcontextprotocol/sdk/types.js';
 import { createRemoteJWKSet, jwtVerify } from 'jose';
@@ -141,8 +146,34 @@ async function handleMcp(req, res) {
   await transport.handleRequest(req, res);
 }
 
+// The deprecated HTTP+SSE transport's sessions, by id.
+const sseTransports = new Map();
+
+function handleLegacySse(req, res, url) {
+  if (url.pathname === '/sse' && req.method === 'GET') {
+    const transport = new SSEServerTransport('/messages', res);
+    sseTransports.set(transport.sessionId, transport);
+    res.on('close', () => sseTransports.delete(transport.sessionId));
+    return newServer().connect(transport);
+  }
+  const transport = sseTransports.get(url.searchParams.get('sessionId'));
+  if (!transport) {
+    res.writeHead(400).end('No valid session');
+    return Promise.resolve();
+  }
+  return transport.handlePostMessage(req, res);
+}
+
 const httpServer = http.createServer((req, res) => {
-  const path = new URL(req.url, 'http://x').pathname;
+  const url = new URL(req.url, 'http://x');
+  const path = url.pathname;
+  if (path === '/sse' || path === '/messages') {
+    handleLegacySse(req, res, url).catch((error) => {
+      console.error(error);
+      if (!res.headersSent) res.writeHead(500).end();
+    });
+    return;
+  }
   if (path === '/control/calls' && req.method === 'GET') {
     res.writeHead(200, { 'content-type': 'application/json' });
     res.end(JSON.stringify(calls));

@@ -34,8 +34,10 @@
 //!   so `_method%00x` counts); a `_method` field of an
 //!   urlencoded or multipart body (Rails/Rack, Laravel, Symfony; Rack reads
 //!   a POST without a Content-Type as a form) or of a JSON body, for any
-//!   Content-Type containing `json` (method-override with a `req.body`
-//!   getter, as in its README; Laravel's `isJson`).
+//!   Content-Type or none, a UTF-8 BOM before it dropped (method-override
+//!   with a `req.body` getter, as in its README, behind Express's
+//!   `json({ type: '*/*' })`, whose body-parser drops a BOM; Laravel's
+//!   `isJson`).
 //! - headers: a name with `_` is the name with `-` (Puma, PHP's SAPIs and
 //!   CGI file both as `HTTP_X_FOO`; Symfony's `HeaderBag` reads `_` as
 //!   `-`), for every header below and for framing.
@@ -519,11 +521,14 @@ pub fn readings(
         methods.extend(form_field(body, "_method"));
     } else if media_type.starts_with("multipart/form-data") {
         methods.extend(multipart_field(content_type, body, "_method"));
-    } else if media_type.contains("json") {
-        let json: Option<serde_json::Value> = serde_json::from_slice(body).ok();
-        if let Some(m) = json.as_ref().and_then(|j| j["_method"].as_str()) {
-            methods.insert(m.to_ascii_uppercase());
-        }
+    }
+    // Any Content-Type, or none (Express's json({ type: '*/*' })), and
+    // after a UTF-8 BOM (body-parser decodes through iconv-lite, which
+    // drops one).
+    let json_text = body.strip_prefix("\u{feff}".as_bytes()).unwrap_or(body);
+    let json: Option<serde_json::Value> = serde_json::from_slice(json_text).ok();
+    if let Some(m) = json.as_ref().and_then(|j| j["_method"].as_str()) {
+        methods.insert(m.to_ascii_uppercase());
     }
     methods.retain(|m| !m.is_empty());
 
@@ -715,11 +720,14 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The values of `name` in an urlencoded form (or query string), upper-cased;
-/// a name ends at a NUL, as PHP registers names as C strings (`_method%00x`
+/// The values of `name` in an urlencoded form (or query string), upper-cased,
+/// split at '&' or ';'; a name ends at a NUL, as PHP registers names as C strings (`_method%00x`
 /// is `_method` to Laravel and Symfony).
 fn form_field(form: &[u8], name: &str) -> Vec<String> {
-    url::form_urlencoded::parse(form)
+    // Go before 1.17 splits at ';' as well as '&' (gorilla/handlers'
+    // HTTPMethodOverrideHandler reads r.FormValue("_method")).
+    let form = String::from_utf8_lossy(form).replace(';', "&");
+    url::form_urlencoded::parse(form.as_bytes())
         .filter(|(k, _)| k.split('\0').next() == Some(name))
         .map(|(_, v)| v.trim().to_ascii_uppercase())
         .collect()
