@@ -498,7 +498,10 @@ pub fn stray_tool_call<'e>(
             if !matches!(body.trim_ascii_start().first(), Some(b'{' | b'[')) {
                 return None;
             }
-            let strings = json_string_literals(body);
+            let strings: Vec<String> = crate::policy::shadow::json_string_literals(body)
+                .into_iter()
+                .map(|(literal, _)| literal)
+                .collect();
             strings
                 .iter()
                 .any(|s| fold_case(s) == TOOLS_CALL)
@@ -534,38 +537,6 @@ fn stray_call<'e>(
         Value::Array(items) => items.iter().filter_map(Value::as_str).find_map(held),
         _ => None,
     }
-}
-
-/// Every string literal of a JSON-like text, decoded (escapes resolved
-/// where they can be).
-fn json_string_literals(body: &[u8]) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < body.len() {
-        if body[i] != b'"' {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        i += 1;
-        while i < body.len() && body[i] != b'"' {
-            i += if body[i] == b'\\' { 2 } else { 1 };
-        }
-        let end = (i + 1).min(body.len());
-        i = end;
-        let literal = &body[start..end];
-        out.push(
-            serde_json::from_slice::<String>(literal).unwrap_or_else(|_| {
-                String::from_utf8_lossy(
-                    literal
-                        .get(1..literal.len().saturating_sub(1))
-                        .unwrap_or_default(),
-                )
-                .into_owned()
-            }),
-        );
-    }
-    out
 }
 
 /// Whether a request on an MCP endpoint passes without being read: a GET,

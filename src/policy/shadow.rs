@@ -148,7 +148,17 @@ pub(crate) fn json_member_names(body: &[u8]) -> Vec<String> {
     if body.trim_ascii_start().first() != Some(&b'{') {
         return Vec::new();
     }
-    let mut names = Vec::new();
+    json_string_literals(body)
+        .into_iter()
+        .filter(|(_, after)| after.trim_ascii_start().first() == Some(&b':'))
+        .map(|(name, _)| name)
+        .collect()
+}
+
+/// Every string literal of a JSON-like text, decoded (escapes resolved
+/// where they can be), each with the text that follows it.
+pub(crate) fn json_string_literals(body: &[u8]) -> Vec<(String, &[u8])> {
+    let mut out = Vec::new();
     let mut i = 0;
     while i < body.len() {
         if body[i] != b'"' {
@@ -162,21 +172,18 @@ pub(crate) fn json_member_names(body: &[u8]) -> Vec<String> {
         }
         let end = (i + 1).min(body.len());
         i = end;
-        let after = body[end..].trim_ascii_start();
-        if after.first() == Some(&b':') {
-            let literal = &body[start..end];
-            let name = serde_json::from_slice::<String>(literal).unwrap_or_else(|_| {
-                String::from_utf8_lossy(
-                    literal
-                        .get(1..literal.len().saturating_sub(1))
-                        .unwrap_or_default(),
-                )
-                .into_owned()
-            });
-            names.push(name);
-        }
+        let literal = &body[start..end];
+        let decoded = serde_json::from_slice::<String>(literal).unwrap_or_else(|_| {
+            String::from_utf8_lossy(
+                literal
+                    .get(1..literal.len().saturating_sub(1))
+                    .unwrap_or_default(),
+            )
+            .into_owned()
+        });
+        out.push((decoded, &body[end..]));
     }
-    names
+    out
 }
 
 /// Whether some framework reads a body with these headers as an urlencoded
