@@ -504,3 +504,43 @@ fn to_instant(at: SystemTime) -> Instant {
             .unwrap_or_else(Instant::now),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wake_up_entry_lives_only_while_an_agent_waits() {
+        let settled = Mutex::new(HashMap::new());
+        let mut first = Waiter {
+            settled: &settled,
+            id: "a1",
+            notify: None,
+        };
+        let mut second = Waiter {
+            settled: &settled,
+            id: "a1",
+            notify: None,
+        };
+        let mine = first.watch();
+        let theirs = second.watch();
+        assert!(Arc::ptr_eq(&mine, &theirs), "one entry per approval");
+        drop((mine, theirs));
+        drop(first);
+        assert_eq!(lock(&settled).len(), 1, "the second agent still waits");
+        drop(second);
+        assert!(lock(&settled).is_empty(), "no entry once nobody waits");
+
+        // Woken (the entry removed), then left: nothing of it stays.
+        let mut woken = Waiter {
+            settled: &settled,
+            id: "a2",
+            notify: None,
+        };
+        drop(woken.watch());
+        lock(&settled).remove("a2");
+        drop(woken.watch());
+        drop(woken);
+        assert!(lock(&settled).is_empty());
+    }
+}
