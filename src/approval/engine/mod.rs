@@ -71,6 +71,12 @@ const SETTLE_RETRY_FOR: Duration = Duration::from_secs(60);
 /// How long a token in hand is kept while the store cannot be reached:
 /// the claim, the answer's record. Access tokens live about this long.
 const TOKEN_RETRY_FOR: Duration = Duration::from_secs(600);
+/// How long the outcome of a forward (the upstream's answer, or that it
+/// failed) is kept while the store cannot be reached: the call was made,
+/// so it is recorded whenever the store is back, or the row would stay
+/// `forwarding` under this live process's lease. Shutting down stops
+/// waiting (then it becomes `outcome_unknown`).
+const ANSWER_RETRY_FOR: Duration = Duration::from_secs(86_400);
 /// The longest pause between two attempts at a store write.
 const STORE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
