@@ -600,6 +600,7 @@ fn spellings() -> Vec<Spelling> {
     .into_iter()
     .chain(unicode_spellings())
     .chain(encoded_semicolon_spellings())
+    .chain(encoded_delimiter_spellings())
     .collect()
 }
 
@@ -622,6 +623,18 @@ fn encoded_semicolon_spellings() -> Vec<Spelling> {
             bare("DELETE /orders%3Bx/7", &[SHOP]),
         ),
         spelling("GET /admin%3b/x", bare("GET /admin%3b/x", &[ADMIN])),
+    ]
+}
+
+/// Spellings with an encoded `?` or `#`: a server that decodes the whole
+/// target before it splits off the query (a rewriting proxy in front of
+/// it, `decodeURI(req.url)` routers) reads `/shop%3Fx=1` as `/shop`. Each
+/// is refused, `invalid_path`, on every path.
+fn encoded_delimiter_spellings() -> Vec<Spelling> {
+    vec![
+        spelling("POST /shop%3Fx=1", json("POST /shop%3Fx=1", &[SHOP])),
+        spelling("POST /shop%3f", json("POST /shop%3f", &[SHOP])),
+        spelling("POST /shop%23top", json("POST /shop%23top", &[SHOP])),
     ]
 }
 

@@ -31,6 +31,8 @@ pub enum PathError {
     EncodedSeparator,
     #[error("the path contains an encoded ';' (%3B), which servers that decode before they strip ';params' read as the start of a path parameter")]
     EncodedSemicolon,
+    #[error("the path contains an encoded '?' or '#' (%3F, %23), which servers that decode the target before they split it read as the end of the path")]
+    EncodedDelimiter,
     #[error("the path contains a backslash")]
     Backslash,
     #[error("the path contains a control character or NUL")]
@@ -267,6 +269,10 @@ fn canonical_segment(raw: &str) -> Result<String, PathError> {
                 // a parameter to others (`/shop%3Bx` is `/shop` there).
                 // Which one is the upstream's choice, so it is refused.
                 b';' => return Err(PathError::EncodedSemicolon),
+                // The same for the query and fragment delimiters:
+                // `/shop%3Fx` is `/shop` to a server that decodes the whole
+                // target before it splits off the query.
+                b'?' | b'#' => return Err(PathError::EncodedDelimiter),
                 0..=0x1f | 0x7f => return Err(PathError::ControlCharacter),
                 _ if is_unreserved(value) => out.push(value as char),
                 _ => {
@@ -278,6 +284,9 @@ fn canonical_segment(raw: &str) -> Result<String, PathError> {
         }
         match byte {
             b'\\' => return Err(PathError::Backslash),
+            // Never in a path taken from a request target (the target is
+            // split there); escaped, it would be refused above.
+            b'?' | b'#' => return Err(PathError::EncodedDelimiter),
             0..=0x1f | 0x7f => return Err(PathError::ControlCharacter),
             _ if is_unreserved(byte) || is_path_char(byte) => out.push(byte as char),
             _ => {
@@ -342,7 +351,7 @@ mod tests {
     fn forwarded_path_is_the_canonical_spelling() {
         assert_eq!(forward("//shop/./items/../orders/"), "/shop/orders/");
         assert_eq!(forward("/%73hop"), "/shop");
-        assert_eq!(forward("/a%3fb"), "/a%3Fb");
+        assert_eq!(forward("/a%2bb"), "/a%2Bb");
         assert_eq!(forward("/"), "/");
     }
 
@@ -433,6 +442,13 @@ mod tests {
         // A literal `;` is a parameter to the key, as to Tomcat and Spring.
         assert_eq!(key("/shop;x"), "/shop");
         assert_eq!(forward("/shop;x"), "/shop;x");
+    }
+
+    #[test]
+    fn an_encoded_query_or_fragment_delimiter_is_refused() {
+        for raw in ["/shop%3Fx=1", "/shop%3f", "/shop%23top", "/x/..%3F/shop"] {
+            assert_eq!(normalize(raw), Err(PathError::EncodedDelimiter), "{raw}");
+        }
     }
 
     #[test]

@@ -630,17 +630,20 @@ pub fn path_readings(raw: &str) -> BTreeSet<String> {
             if depth > 0 {
                 decoded = percent_decode(&decoded, utf8);
             }
-            for strip_params in [false, true] {
-                for strip_suffix in [false, true] {
-                    for unicode in [Unicode::Plain, Unicode::CaseFold, Unicode::Nfkc] {
-                        for trim in [false, true] {
-                            let steps = Steps {
-                                strip_params,
-                                strip_suffix,
-                                unicode,
-                                trim,
-                            };
-                            out.insert(canonical(&decoded, steps));
+            for cut_query in [false, true] {
+                for strip_params in [false, true] {
+                    for strip_suffix in [false, true] {
+                        for unicode in [Unicode::Plain, Unicode::CaseFold, Unicode::Nfkc] {
+                            for trim in [false, true] {
+                                let steps = Steps {
+                                    cut_query,
+                                    strip_params,
+                                    strip_suffix,
+                                    unicode,
+                                    trim,
+                                };
+                                out.insert(canonical(&decoded, steps));
+                            }
                         }
                     }
                 }
@@ -680,6 +683,10 @@ enum Unicode {
 /// The lenient steps of one reading.
 #[derive(Clone, Copy)]
 struct Steps {
+    /// Cut at the first `?` or `#` of the decoded path: a server (or a
+    /// rewriting proxy in front of it) that decodes the whole target before
+    /// it splits off the query.
+    cut_query: bool,
     /// `;params` stripped (Tomcat, Spring, Jetty).
     strip_params: bool,
     /// Format suffix and trailing dots dropped (Rails, IIS).
@@ -692,6 +699,11 @@ struct Steps {
 }
 
 fn canonical(path: &str, steps: Steps) -> String {
+    let path = if steps.cut_query {
+        path.split(['?', '#']).next().unwrap_or_default()
+    } else {
+        path
+    };
     let path = match steps.unicode {
         Unicode::Nfkc => {
             use unicode_normalization::UnicodeNormalization;
