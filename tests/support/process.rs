@@ -26,6 +26,9 @@ pub struct GatewayProcess {
     pub config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// Extra environment of the binary from its next start on (e.g.
+    /// libfaketime's `LD_PRELOAD` and `FAKETIME`).
+    env: Vec<(String, String)>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -50,10 +53,24 @@ impl GatewayProcess {
             config,
             log,
             child: None,
+            env: Vec::new(),
             _dir: None,
         };
         gateway.spawn().await;
         gateway
+    }
+
+    /// The process id of the running binary.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// From the next start on, the binary runs with these extra environment
+    /// variables (say libfaketime's `LD_PRELOAD` and `FAKETIME`: set
+    /// directly rather than through the `faketime` command, which forks and
+    /// would take the signals meant for the gateway); empty: none.
+    pub fn set_env(&mut self, env: Vec<(String, String)>) {
+        self.env = env;
     }
 
     /// The directory holding the configuration file.
@@ -125,7 +142,7 @@ impl GatewayProcess {
     }
 
     /// `kill -<name>` the running gateway.
-    fn signal(&self, name: &str) {
+    pub fn signal(&self, name: &str) {
         let pid = self.child.as_ref().expect("running").id();
         let status = Command::new("kill")
             .args([&format!("-{name}"), &pid.to_string()])
@@ -163,6 +180,7 @@ impl GatewayProcess {
         .unwrap();
         let stderr = log.try_clone().unwrap();
         let child = Command::new(BIN)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(["run", "--config"])
             .arg(&self.config)
             .env(
