@@ -26,3 +26,21 @@ async fn single_sqlite() {
 async fn replicas_postgres() {
     faults::world::run(Scenario::ReplicasPostgres).await;
 }
+
+/// Prints the fault schedule of `FAULT_SEED` and `FAULT_SECONDS` without
+/// running it: `cargo test --test faults schedule_of -- --ignored --nocapture`.
+#[test]
+#[ignore = "prints a schedule; runs nothing"]
+fn schedule_of() {
+    let seed: u64 = std::env::var("FAULT_SEED")
+        .expect("FAULT_SEED")
+        .parse()
+        .unwrap();
+    let seconds: u64 = std::env::var("FAULT_SECONDS").map_or(60, |s| s.parse().unwrap());
+    for scenario in [Scenario::SingleSqlite, Scenario::ReplicasPostgres] {
+        println!("{}:", scenario.name());
+        for p in faults::schedule::schedule(seed, scenario, seconds) {
+            println!("  {:>8.1}s {}", p.at.as_secs_f64(), p.fault);
+        }
+    }
+}

@@ -270,23 +270,35 @@ pub fn check(history: &History) -> Report {
             list.push((end.max(push.created_at_ms), -1, push.auth_req_id.as_str()));
         }
     }
+    let message_of: HashMap<&str, &str> = history
+        .pushes
+        .iter()
+        .map(|p| (p.auth_req_id.as_str(), p.binding_message.as_str()))
+        .collect();
     for (person, mut list) in events {
         // Ends before starts at the same instant.
         list.sort_by_key(|(at, delta, _)| (*at, *delta));
-        let mut pending = 0i32;
-        let mut worst = (0i32, 0i64);
-        for (at, delta, _) in &list {
-            pending += delta;
-            if pending > worst.0 {
-                worst = (pending, *at);
+        let mut pending: Vec<&str> = Vec::new();
+        let mut worst: (Vec<&str>, i64) = (Vec::new(), 0);
+        for (at, delta, id) in &list {
+            if *delta > 0 {
+                pending.push(id);
+            } else {
+                pending.retain(|p| p != id);
+            }
+            if pending.len() > worst.0.len() {
+                worst = (pending.clone(), *at);
             }
         }
-        if worst.0 as usize > history.limit {
+        if worst.0.len() > history.limit {
+            let calls: Vec<&str> = worst.0.iter().map(|id| message_of[id]).collect();
             report.add(
                 "limit_breach",
                 format!(
-                    "{person} had {} requests pending at unix ms {} (limit {})",
-                    worst.0, worst.1, history.limit
+                    "{person} had {} requests pending at unix ms {} (limit {}): {calls:?}",
+                    worst.0.len(),
+                    worst.1,
+                    history.limit
                 ),
             );
         }

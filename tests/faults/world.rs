@@ -26,7 +26,7 @@ use crate::support::{free_port, Peer};
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
 /// Agents making calls at once.
-const AGENTS: usize = 4;
+const AGENTS: usize = 6;
 
 /// A fault as it was applied.
 #[derive(Debug, Clone)]
@@ -132,13 +132,15 @@ impl World {
                 (format!("sqlite: \"{}\"", path.display()), None, None)
             }
             Scenario::ReplicasPostgres => {
+                assert!(
+                    Path::new(LIBFAKETIME).exists(),
+                    "{LIBFAKETIME} is missing: the clock-skew fault needs Debian's faketime \
+                     (apt-get install faketime)"
+                );
                 let database = TestDatabase::create();
                 let target: SocketAddr = format!("{PG_HOST}:{PG_PORT}").parse().unwrap();
                 let proxy = TcpProxy::start(target).await;
-                let url = format!(
-                    "postgres://root@{}/{}?connect_timeout=3",
-                    proxy.addr, database.name
-                );
+                let url = format!("postgres://root@{}/{}", proxy.addr, database.name);
                 (format!("postgres: \"{url}\""), Some(database), Some(proxy))
             }
         };
@@ -258,6 +260,36 @@ impl World {
                 String::new()
             }
         }
+    }
+
+    /// Each gateway's distinct WARN and ERROR lines (without their time),
+    /// with how often each came, most frequent first.
+    fn warnings(&self, each: usize) -> String {
+        let mut out = String::new();
+        for (i, gateway) in self.gateways.iter().enumerate() {
+            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+            for line in gateway.logs().lines() {
+                let Some((_, rest)) = line.split_once(' ') else {
+                    continue;
+                };
+                let rest = rest.trim_start();
+                if rest.starts_with("WARN") || rest.starts_with("ERROR") {
+                    let mut key: String = rest.chars().take(240).collect();
+                    // One line per message, whatever approval it names.
+                    if let Some(at) = key.find("approval_id=") {
+                        key.replace_range(at.., "approval_id=...");
+                    }
+                    *counts.entry(key).or_default() += 1;
+                }
+            }
+            let mut counts: Vec<_> = counts.into_iter().collect();
+            counts.sort_by(|a, b| b.1.cmp(&a.1));
+            let _ = writeln!(out, "gw{i}:");
+            for (line, n) in counts.into_iter().take(each) {
+                let _ = writeln!(out, "  {n:>5}x {line}");
+            }
+        }
+        out
     }
 
     /// Copies every gateway's log into `to`.
@@ -431,9 +463,10 @@ pub async fn run(scenario: Scenario) {
 
     assert!(
         report.ok(),
-        "{summary}\n\nreplay: {replay}\n\nfault schedule:\n{}\n{}\nhistory and gateway logs: {}",
+        "{summary}\n\nreplay: {replay}\n\nfault schedule:\n{}\n{}\ngateway warnings:\n{}\nhistory and gateway logs: {}",
         schedule_text(&planned),
         report.evidence(10),
+        world.warnings(8),
         out.display()
     );
 }
