@@ -48,6 +48,13 @@ impl DrainSwitch {
 pub(crate) struct DrainFirst<S> {
     pub(crate) signal: S,
     pub(crate) switch: DrainSwitch,
+    /// The approval engine, drained for at most this long before pingora
+    /// stops: approved calls in flight are forwarded and recorded, leases
+    /// handed back.
+    pub(crate) engine: Option<(
+        std::sync::Arc<crate::approval::engine::Engine>,
+        std::time::Duration,
+    )>,
 }
 
 #[async_trait]
@@ -58,6 +65,9 @@ impl<S: ShutdownSignalWatch + Sync> ShutdownSignalWatch for DrainFirst<S> {
         self.switch.raise();
         // Let the held calls' answers leave before the listeners go.
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        if let Some((engine, grace)) = &self.engine {
+            engine.drain(*grace).await;
+        }
         signal
     }
 }

@@ -64,6 +64,9 @@ pub struct Gateway {
     pub reloader: Option<Arc<Reloader>>,
     /// Raised first on shutdown: held calls are answered, `/readyz` fails.
     drain: DrainSwitch,
+    /// Drained on shutdown, after the held calls are answered.
+    engine: Arc<Engine>,
+    drain_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -300,6 +303,18 @@ impl Gateway {
         });
         let store = engine.store().clone();
         let audit_store = store.clone();
+        readiness.register("approval_engine", {
+            let engine = engine.clone();
+            move || {
+                let live = engine.is_live();
+                async move {
+                    match live {
+                        true => Ok(()),
+                        false => Err("the approval engine's heartbeat has lapsed; it resumes once the store answers".to_owned()),
+                    }
+                }
+            }
+        });
         readiness.register("approval_store", move || {
             let store = store.clone();
             async move { store.ping().await.map_err(|e| e.to_string()) }
@@ -325,7 +340,7 @@ impl Gateway {
             gateway.limits.clone(),
             gateway.default_action,
             metrics.clone(),
-            engine,
+            engine.clone(),
             gateway.approvals_path.0.clone(),
         )
         .with_draining(draining);
@@ -367,6 +382,8 @@ impl Gateway {
             readiness,
             reloader,
             drain,
+            engine,
+            drain_timeout: gateway.store.drain_timeout,
         })
     }
 
@@ -377,6 +394,7 @@ impl Gateway {
             shutdown_signal: Box::new(DrainFirst {
                 signal: UnixShutdownSignalWatch,
                 switch: self.drain,
+                engine: Some((self.engine, self.drain_timeout)),
             }),
         });
     }
@@ -387,6 +405,7 @@ impl Gateway {
             shutdown_signal: Box::new(DrainFirst {
                 signal: shutdown,
                 switch: self.drain,
+                engine: Some((self.engine, self.drain_timeout)),
             }),
         });
     }

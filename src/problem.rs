@@ -59,10 +59,13 @@ pub enum ProblemCode {
     ApprovalCancelled,
     /// The person approved, but the token lacks a scope the policy needs.
     ScopeNotGranted,
+    /// The gateway stopped (or lost its store) between asking the person and
+    /// recording the request: it cannot poll it, and never asks twice.
+    ApprovalInterrupted,
 }
 
 impl ProblemCode {
-    const ALL: [Self; 35] = [
+    const ALL: [Self; 36] = [
         Self::AccessDenied,
         Self::ApprovalExpired,
         Self::IdentityRequired,
@@ -98,6 +101,7 @@ impl ProblemCode {
         Self::McpToolNameCase,
         Self::ApprovalCancelled,
         Self::ScopeNotGranted,
+        Self::ApprovalInterrupted,
     ];
 
     /// The code whose wire name is `code` (the first, for a shared name).
@@ -140,6 +144,7 @@ impl ProblemCode {
             Self::McpHeaderMismatch => "mcp_header_mismatch",
             Self::McpToolNameCase => "mcp_tool_name_case",
             Self::ApprovalCancelled => "approval_cancelled",
+            Self::ApprovalInterrupted => "approval_interrupted",
             Self::ScopeNotGranted => "scope_not_granted",
         }
     }
@@ -173,6 +178,7 @@ impl ProblemCode {
             Self::AuthorizationServerUnavailable | Self::TooManyPending => 503,
             Self::UpstreamUnavailable
             | Self::ApprovalFailed
+            | Self::ApprovalInterrupted
             | Self::OutcomeUnknown
             | Self::ResponseNotRecorded => 502,
             Self::ApprovalStoreUnavailable | Self::ShuttingDown => 503,
@@ -216,6 +222,7 @@ impl ProblemCode {
             Self::McpHeaderMismatch => "MCP headers disagree with the message",
             Self::McpToolNameCase => "MCP tool name in another letter case",
             Self::ApprovalCancelled => "Cancelled by the client",
+            Self::ApprovalInterrupted => "Approval interrupted",
             Self::ScopeNotGranted => "Approved without a required permission",
         }
     }
@@ -250,6 +257,9 @@ impl ProblemCode {
             Self::NoPolicy => "No policy allows this call, so the gateway refused it.",
             Self::NoRoute => "No upstream is configured for this host and path.",
             Self::ApprovalFailed => "The approval could not be completed.",
+            Self::ApprovalInterrupted => {
+                "The gateway was interrupted while asking the user, so it cannot learn their answer; the call was not made, and the user may have seen a request that now has no effect. A retry of the same call gets this answer during the replay window; to ask again, send it with a new Idempotency-Key."
+            }
             Self::TooManyPending => {
                 "The gateway is holding as many calls as it may; try again later."
             }

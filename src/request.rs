@@ -517,6 +517,20 @@ mod tests {
         assert_eq!(c.host, "admin.example");
         assert!(canonical(b"/shop", &[("host", "a b")]).is_err());
         assert!(canonical(b"/shop", &[("host", "user@admin.example")]).is_err());
+        // Unicode spellings of a host name are no DNS name: fullwidth
+        // letters, a zero-width space, a trailing no-break space, escapes.
+        for host in [
+            "\u{FF41}dmin.example",
+            "admin\u{200B}.example",
+            "admin.example\u{00A0}",
+            "%61dmin.example",
+        ] {
+            assert_eq!(
+                canonical(b"/shop", &[("host", host)]).unwrap_err(),
+                RequestError::Host(HostError::Malformed),
+                "{host}"
+            );
+        }
     }
 
     #[test]

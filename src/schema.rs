@@ -263,7 +263,8 @@ impl JsonSchema for StoreConfig {
                         "postgres": secret,
                         "replay_window": duration,
                         "retention": duration,
-                        "lease": duration
+                        "lease": duration,
+                        "drain_timeout": duration
                     },
                     "additionalProperties": false
                 }

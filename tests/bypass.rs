@@ -23,6 +23,7 @@ const HELD: &[(&str, Option<&str>, &str)] = &[
     ("DELETE", None, "/orders/{orderId}"),
     ("GET", Some("admin.example"), "/admin/{*rest}"),
     ("PUT", None, "/carts/{cartId}"),
+    ("POST", None, "/offers"),
 ];
 
 const ADMIN_POLICY: &str = r#"  - name: admin
@@ -33,6 +34,10 @@ const ADMIN_POLICY: &str = r#"  - name: admin
     match: { methods: [PUT], path: "/carts/{cartId}" }
     require: { scopes: [product:buy], audience: "https://shop.example/api" }
     binding_message: "Replace cart {{params.cartId}}"
+  - name: accept-offer
+    match: { methods: [POST], path: "/offers" }
+    require: { scopes: [product:buy], audience: "https://shop.example/api" }
+    binding_message: "Accept an offer"
 "#;
 
 const BODY: &str = r#"{"product":"XYZ phone","qty":2,"priceLimit":900}"#;
@@ -592,6 +597,59 @@ fn spellings() -> Vec<Spelling> {
         // The server-wide OPTIONS: nothing may be routed for it.
         spelling("OPTIONS *", bare("OPTIONS *", &[SHOP])).no_route(),
     ]
+    .into_iter()
+    .chain(unicode_spellings())
+    .collect()
+}
+
+/// Spellings whose escapes spell something other than plain UTF-8 text in
+/// NFKC without whitespace at a segment's ends (issue 19): each is refused,
+/// `invalid_path`, on every path.
+fn unicode_spellings() -> Vec<Spelling> {
+    let post = |path: &'static str| spelling(path, json(&format!("POST {path}"), &[SHOP]));
+    vec![
+        // Compatibility forms: IIS's best-fit mapping and stacks that
+        // fold to NFKC read them as ASCII letters.
+        post("/%EF%BD%93hop"),              // fullwidth s
+        post("/%F0%9D%90%AChop"),           // mathematical bold s
+        post("/%E2%93%A2hop"),              // circled s
+        post("/o%EF%AC%80ers"),             // ligature ff
+        post("/%CB%A2hop"),                 // modifier (superscript) s
+        post("/x/%EF%BC%8E%EF%BC%8E/shop"), // fullwidth full stops
+        spelling(
+            "POST /\u{FF53}hop (raw UTF-8)",
+            json("POST /\u{FF53}hop", &[SHOP]),
+        ),
+        spelling(
+            "DELETE /%EF%BD%8Frders/7",
+            bare("DELETE /%EF%BD%8Frders/7", &[SHOP]),
+        ),
+        // Whitespace at a segment's ends: Spring's trimTokens, routers
+        // that trim; invisible characters, which ICU collation ignores.
+        post("/shop%20"),
+        post("/%20shop"),
+        post("/shop%09"),
+        post("/shop%C2%A0"),    // no-break space
+        post("/shop%E3%80%80"), // ideographic space
+        post("/shop%E2%80%8B"), // zero-width space
+        post("/%EF%BB%BFshop"), // BOM
+        post("/sh%C2%ADop"),    // soft hyphen, inside
+        post("/shop%20;jsessionid=1"),
+        spelling("DELETE /orders%20/7", bare("DELETE /orders%20/7", &[SHOP])),
+        spelling(
+            "GET /admin%E2%80%8B/x",
+            bare("GET /admin%E2%80%8B/x", &[ADMIN]),
+        ),
+        // Escapes that are not UTF-8: lenient decoders read overlong forms
+        // as what they encode and drop the rest.
+        post("/x/%C0%AE%C0%AE/shop"),       // overlong '.'
+        post("/x/%E0%80%AE%E0%80%AE/shop"), // overlong '.', three bytes
+        post("/%C1%B3hop"),                 // overlong 's'
+        post("/shop%80"),                   // lone continuation byte
+        post("/shop%E2%82"),                // truncated
+        post("/shop%ED%A0%80"),             // surrogate
+        post("/shop%F4%90%80%80"),          // beyond U+10FFFF
+    ]
 }
 
 /// Calls that are no held route under any reading: the control that the
@@ -786,6 +844,63 @@ async fn no_spelling_of_a_held_route_reaches_the_upstream_unapproved() {
         offences.len(),
         report(&spellings, &offences)
     );
+}
+
+/// Each spelling of issue 19 is refused with `invalid_path` (on every path:
+/// the gateway cannot know what an upstream aliases) and nothing of it
+/// arrives upstream, held route or not.
+#[tokio::test]
+async fn unicode_and_invalid_utf8_spellings_are_refused_as_invalid_path() {
+    let world = BypassWorld::start().await;
+    let spellings = unicode_spellings();
+    let answers = send_all(world.gateway.proxy, &spellings).await;
+    world.deny_pending().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let wrong: Vec<String> = spellings
+        .iter()
+        .zip(&answers)
+        .filter(|(_, answer)| {
+            !(answer.starts_with("HTTP/1.1 400") && answer.contains(r#""code":"invalid_path""#))
+        })
+        .map(|(s, answer)| format!("{}: {}", s.name, statuses(answer)))
+        .collect();
+    let arrived: Vec<String> = world
+        .upstream
+        .received()
+        .iter()
+        .map(|a| a.request_line.clone())
+        .collect();
+    assert!(
+        wrong.is_empty() && arrived.is_empty(),
+        "not refused as invalid_path: {wrong:#?}\nreached the upstream: {arrived:#?}"
+    );
+}
+
+/// The control: text in NFC and a space inside a segment are legitimate
+/// paths, forwarded as sent.
+#[tokio::test]
+async fn paths_in_nfc_and_inner_spaces_pass_unchanged() {
+    let world = BypassWorld::start().await;
+    let targets = [
+        "/caf%C3%A9",
+        "/files/my%20doc",
+        "/%E6%9D%B1%E4%BA%AC/%E2%82%AC",
+    ];
+    for target in targets {
+        let call = bare(&format!("GET {target}"), &[SHOP]).replace(PROBE, "x-probe: pass");
+        let proxy = world.gateway.proxy;
+        let answer = tokio::task::spawn_blocking(move || exchange(proxy, &call, None))
+            .await
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{target}: {answer}");
+    }
+    let received: Vec<String> = world
+        .upstream
+        .received()
+        .iter()
+        .map(|a| a.target.clone())
+        .collect();
+    assert_eq!(received, targets);
 }
 
 /// Headers the gateway owns never reach the upstream from the agent: not a

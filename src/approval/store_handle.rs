@@ -13,8 +13,8 @@ use tokio::time::Instant;
 use crate::config::{StoreBackend, StoreConfig};
 use crate::metrics::Metrics;
 use crate::store::{
-    self, Approval, ApprovalState, ApprovalStore, CibaProgress, Inserted, ListFilter, NewApproval,
-    StoreError, StoredResponse,
+    self, Approval, ApprovalState, ApprovalStore, CibaProgress, InsertTerms, Inserted, ListFilter,
+    NewApproval, StoreError, StoredResponse,
 };
 
 /// How often an unreachable store is tried again.
@@ -136,11 +136,36 @@ impl ConfiguredStore {
 
 #[async_trait::async_trait]
 impl ApprovalStore for ConfiguredStore {
-    async fn insert_or_attach(&self, a: &NewApproval, w: Duration) -> Result<Inserted, StoreError> {
+    async fn insert_or_attach(
+        &self,
+        a: &NewApproval,
+        terms: InsertTerms<'_>,
+    ) -> Result<Inserted, StoreError> {
         self.timed("insert_or_attach", async {
-            self.open().await?.insert_or_attach(a, w).await
+            self.open().await?.insert_or_attach(a, terms).await
         })
         .await
+    }
+    fn now(&self) -> SystemTime {
+        self.opened
+            .get()
+            .map_or_else(SystemTime::now, |store| store.now())
+    }
+    async fn mark_asked(&self, id: &str, owner: &str) -> Result<bool, StoreError> {
+        self.timed("mark_asked", async {
+            self.open().await?.mark_asked(id, owner).await
+        })
+        .await
+    }
+    async fn claim(&self, id: &str, owner: &str, until: SystemTime) -> Result<bool, StoreError> {
+        self.timed("claim", async {
+            self.open().await?.claim(id, owner, until).await
+        })
+        .await
+    }
+    async fn release(&self, owner: &str) -> Result<(), StoreError> {
+        self.timed("release", async { self.open().await?.release(owner).await })
+            .await
     }
     async fn get(&self, id: &str) -> Result<Option<Approval>, StoreError> {
         self.timed("get", async { self.open().await?.get(id).await })
@@ -182,9 +207,14 @@ impl ApprovalStore for ConfiguredStore {
         })
         .await
     }
-    async fn orphans(&self, now: SystemTime, limit: usize) -> Result<Vec<Approval>, StoreError> {
+    async fn orphans(
+        &self,
+        now: SystemTime,
+        limit: usize,
+        mine: &str,
+    ) -> Result<Vec<Approval>, StoreError> {
         self.timed("orphans", async {
-            self.open().await?.orphans(now, limit).await
+            self.open().await?.orphans(now, limit, mine).await
         })
         .await
     }

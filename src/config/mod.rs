@@ -106,6 +106,10 @@ pub struct StoreConfig {
     /// How long one gateway's claim to poll an approval lasts; another
     /// replica takes over an approval whose holder died after this.
     pub lease: Duration,
+    /// On SIGTERM, how long approved calls already being forwarded may take
+    /// to be answered and recorded before the process stops (their leases
+    /// are then handed back).
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -124,6 +128,7 @@ impl Default for StoreConfig {
             replay_window: Duration::from_secs(600),
             retention: Duration::from_secs(30 * 86400),
             lease: Duration::from_secs(15),
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -143,6 +148,8 @@ impl<'de> Deserialize<'de> for StoreConfig {
             retention: Option<Duration>,
             #[serde(default, with = "humantime_serde")]
             lease: Option<Duration>,
+            #[serde(default, with = "humantime_serde")]
+            drain_timeout: Option<Duration>,
         }
         #[derive(Deserialize)]
         #[serde(untagged)]
@@ -184,6 +191,7 @@ impl<'de> Deserialize<'de> for StoreConfig {
             replay_window: fields.replay_window.unwrap_or(defaults.replay_window),
             retention: fields.retention.unwrap_or(defaults.retention),
             lease,
+            drain_timeout: fields.drain_timeout.unwrap_or(defaults.drain_timeout),
         })
     }
 }

@@ -8,10 +8,19 @@
 //! same resource falls under the same policy. Ambiguous spellings that
 //! frameworks disagree on (encoded `/` or `\`, NUL, `..` above the root) are
 //! refused rather than guessed.
+//!
+//! What a segment's escapes spell is checked too ([`check_spelled_text`]):
+//! it must be UTF-8, in NFKC, without invisible characters and without
+//! whitespace at its ends. Servers that decode leniently, fold to NFKC
+//! (IIS's best-fit mapping), compare with ICU collation (which ignores
+//! format characters) or trim segments (Spring's `trimTokens`) read such a
+//! spelling as another path, one the gateway did not match.
 
 use std::fmt::Write as _;
 
 use thiserror::Error;
+use unicode_normalization::char::is_public_assigned;
+use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 
 /// Why a path was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -30,6 +39,16 @@ pub enum PathError {
     AboveRoot,
     #[error("the path contains a character that case-folds to a different ASCII letter (such as 'ſ' or the Kelvin sign)")]
     AsciiLookalike,
+    #[error("the path contains percent-escapes that are not UTF-8 (overlong, surrogate, truncated or beyond U+10FFFF), which lenient decoders read as other characters")]
+    InvalidUtf8,
+    #[error("a path segment starts or ends with whitespace (such as %20 or %C2%A0), which routers that trim segments drop")]
+    EdgeWhitespace,
+    #[error("the path contains a Unicode compatibility form or a spelling not in NFC (such as fullwidth 'ｓ' or mathematical '𝐬'), which servers that normalise Unicode read as another character")]
+    CompatibilityForm,
+    #[error("the path contains an invisible character or a space other than ' ' (such as U+200B, U+FEFF, U+00AD or U+2028), which some servers ignore or trim")]
+    InvisibleCharacter,
+    #[error("the path contains an unassigned or private-use character, which another Unicode version may fold to something else")]
+    UnassignedCharacter,
 }
 
 /// A request path after normalisation.
@@ -63,6 +82,11 @@ fn normalize_general(raw: &str) -> Result<NormalizedPath, PathError> {
     let mut segments: Vec<String> = Vec::new();
     for raw_segment in raw.split('/') {
         let segment = canonical_segment(raw_segment)?;
+        // Only escapes spell anything but plain ASCII (raw bytes that are
+        // not are escaped by `canonical_segment`).
+        if segment.contains('%') {
+            check_spelled_text(&segment)?;
+        }
         push_segment(&mut segments, segment)?;
     }
     let forward = join(&segments, trailing_slash);
@@ -75,11 +99,6 @@ fn normalize_general(raw: &str) -> Result<NormalizedPath, PathError> {
         push_segment(&mut key_segments, bare)?;
     }
     let key_original = join(&key_segments, false);
-    // Servers that match paths case-insensitively with Unicode folding (Java's
-    // equalsIgnoreCase, Go's EqualFold) read `/%C5%BFhop` (ſ) as `/shop`.
-    if key_original.contains('%') && has_ascii_lookalike(&key_original) {
-        return Err(PathError::AsciiLookalike);
-    }
     let match_key = key_original.to_ascii_lowercase();
     Ok(NormalizedPath {
         forward,
@@ -112,13 +131,95 @@ fn already_normal(raw: &str) -> Option<NormalizedPath> {
     })
 }
 
-fn has_ascii_lookalike(encoded: &str) -> bool {
-    let decoded = percent_encoding::percent_decode_str(encoded).decode_utf8_lossy();
-    decoded.chars().filter(|c| !c.is_ascii()).any(|c| {
+/// Checks the text a canonical segment's escapes spell, so that no server
+/// reads the segment as another one. Refused, in this order:
+/// - bytes that are not UTF-8: lenient decoders read the overlong
+///   `%C0%AE` as '.', or drop truncated sequences, lone continuation
+///   bytes, surrogates and code points beyond U+10FFFF;
+/// - control characters (C1 ones here; ASCII ones are already refused);
+/// - whitespace at either end of the segment, or of its part before ';'
+///   (what the match key keeps): Spring's `AntPathMatcher` with
+///   `trimTokens` (CVE-2016-5007), and routers trimming with Go's
+///   `TrimSpace`, .NET's `Trim` or JavaScript's `trim`, read `/shop%20` and
+///   `/shop%C2%A0` as `/shop`. A space inside a segment (`/files/my%20doc`)
+///   is nobody's separator and stays;
+/// - letters that case-fold to ASCII (`ſ`, the Kelvin sign): Java's
+///   `equalsIgnoreCase` and Go's `EqualFold` read `/%C5%BFhop` as `/shop`;
+/// - text that is not its own NFKC: fullwidth `ｓ`, mathematical `𝐬`,
+///   circled `ⓢ`, ligatures, superscripts, the no-break and ideographic
+///   spaces, and decomposed accents (`e` + U+0301) are another path to
+///   servers that normalise (IIS's best-fit mapping, NFKC or NFC folding);
+/// - invisible characters anywhere (format characters such as U+200B,
+///   U+FEFF, U+00AD, and the other default-ignorable code points), which
+///   ICU collation and culture-sensitive comparisons ignore, and spaces
+///   other than ' ' that NFKC keeps (U+1680, U+2028, U+2029);
+/// - unassigned and private-use code points, which a newer Unicode version
+///   may fold.
+///
+/// Legitimate text in NFC (`/caf%C3%A9`, `/%E6%9D%B1%E4%BA%AC`) passes.
+fn check_spelled_text(segment: &str) -> Result<(), PathError> {
+    let bytes: Vec<u8> = percent_encoding::percent_decode_str(segment).collect();
+    let text = std::str::from_utf8(&bytes).map_err(|_| PathError::InvalidUtf8)?;
+    if text.chars().any(|c| c.is_control()) {
+        return Err(PathError::ControlCharacter);
+    }
+    let key_part = text.split(';').next().unwrap_or_default();
+    let trimmable =
+        |s: &str| s.starts_with(char::is_whitespace) || s.ends_with(char::is_whitespace);
+    if trimmable(text) || trimmable(key_part) {
+        return Err(PathError::EdgeWhitespace);
+    }
+    if text.is_ascii() {
+        return Ok(());
+    }
+    if has_ascii_lookalike(text) {
+        return Err(PathError::AsciiLookalike);
+    }
+    if !unicode_normalization::is_nfkc(text) {
+        return Err(PathError::CompatibilityForm);
+    }
+    for c in text.chars().filter(|c| !c.is_ascii()) {
+        if !is_public_assigned(c) {
+            return Err(PathError::UnassignedCharacter);
+        }
+        if is_invisible(c) {
+            return Err(PathError::InvisibleCharacter);
+        }
+    }
+    Ok(())
+}
+
+/// Whether some non-ASCII letter of `text` case-folds to an ASCII one.
+fn has_ascii_lookalike(text: &str) -> bool {
+    text.chars().filter(|c| !c.is_ascii()).any(|c| {
         c.to_lowercase()
             .chain(c.to_uppercase())
             .any(|folded| folded.is_ascii_alphanumeric())
     })
+}
+
+/// Format characters, the default-ignorable code points that are not
+/// (Unicode's `Default_Ignorable_Code_Point`: the combining grapheme
+/// joiner, Hangul fillers, Khmer inherent vowels, Mongolian and other
+/// variation selectors), and separators other than ' '.
+fn is_invisible(c: char) -> bool {
+    match c.general_category() {
+        GeneralCategory::Format
+        | GeneralCategory::SpaceSeparator
+        | GeneralCategory::LineSeparator
+        | GeneralCategory::ParagraphSeparator => true,
+        _ => matches!(
+            c,
+            '\u{034F}'
+                | '\u{115F}'..='\u{1160}'
+                | '\u{17B4}'..='\u{17B5}'
+                | '\u{180B}'..='\u{180F}'
+                | '\u{3164}'
+                | '\u{FE00}'..='\u{FE0F}'
+                | '\u{FFA0}'
+                | '\u{E0100}'..='\u{E01EF}'
+        ),
+    }
 }
 
 fn push_segment(segments: &mut Vec<String>, segment: String) -> Result<(), PathError> {
@@ -248,7 +349,13 @@ mod tests {
         assert_eq!(normalize("/shop%4"), Err(PathError::BadPercentEncoding));
         assert_eq!(normalize("/../shop"), Err(PathError::AboveRoot));
         assert_eq!(normalize("shop"), Err(PathError::NotAbsolute));
-        for lookalike in ["/%C5%BFhop", "/%E2%84%AAey", "/adm%C4%B1n", "/%C4%B0d"] {
+        for lookalike in [
+            "/%C5%BFhop",
+            "/%E2%84%AAey",
+            "/adm%C4%B1n",
+            "/%C4%B0d",
+            "/o%EF%AC%80ers", // the ligature ﬀ upper-cases to "FF"
+        ] {
             assert_eq!(
                 normalize(lookalike),
                 Err(PathError::AsciiLookalike),
@@ -256,6 +363,114 @@ mod tests {
             );
         }
         assert!(normalize("/caf%C3%A9").is_ok());
+    }
+
+    #[test]
+    fn escapes_that_are_not_utf8_are_refused() {
+        for raw in [
+            "/x/%C0%AE%C0%AE/shop", // overlong '.'
+            "/x/%E0%80%AE/shop",    // overlong '.', three bytes
+            "/%C1%B3hop",           // overlong 's'
+            "/shop%80",             // lone continuation byte
+            "/shop%E2%82",          // truncated
+            "/sh%E2%82op",
+            "/shop%ED%A0%80",    // surrogate U+D800
+            "/shop%F4%90%80%80", // U+110000
+            "/shop%FF",
+            "/shop%F8%88%80%80%80", // five-byte form
+        ] {
+            assert_eq!(normalize(raw), Err(PathError::InvalidUtf8), "{raw}");
+        }
+    }
+
+    #[test]
+    fn whitespace_at_a_segment_end_is_refused() {
+        for raw in [
+            "/shop%20",
+            "/%20shop",
+            "/shop%20/x",
+            "/shop%20;jsessionid=1",
+            "/shop%20%3Bx",
+            "/shop%C2%A0",
+            "/shop%E3%80%80",
+            "/shop%E2%80%83",
+            "/shop%E1%9A%80", // Ogham space mark, which NFKC keeps
+            "/shop%E2%80%A8", // line separator
+            "/x/%20",
+            "/shop%20/",
+        ] {
+            assert_eq!(normalize(raw), Err(PathError::EdgeWhitespace), "{raw}");
+        }
+        // Inside a segment a space is a space.
+        assert_eq!(forward("/files/my%20doc"), "/files/my%20doc");
+        assert_eq!(forward("/files/my doc"), "/files/my%20doc");
+        // A trailing space is refused after a `;param` too.
+        assert_eq!(normalize("/x;a=%20"), Err(PathError::EdgeWhitespace));
+    }
+
+    #[test]
+    fn c1_controls_are_refused() {
+        assert_eq!(normalize("/shop%C2%85"), Err(PathError::ControlCharacter));
+        assert_eq!(normalize("/sh%C2%9Fop"), Err(PathError::ControlCharacter));
+    }
+
+    #[test]
+    fn compatibility_forms_and_unnormalised_text_are_refused() {
+        for raw in [
+            "/%EF%BD%93hop",              // fullwidth s
+            "/%F0%9D%90%AChop",           // mathematical bold s
+            "/%E2%93%A2hop",              // circled s
+            "/%C4%B3s",                   // ligature ij (ﬀ upper-cases to FF: a lookalike)
+            "/%CB%A2hop",                 // modifier letter small s
+            "/x%C2%B2",                   // superscript two
+            "/my%C2%A0doc",               // no-break space inside
+            "/my%E3%80%80doc",            // ideographic space inside
+            "/cafe%CC%81",                // e + combining acute: NFC is U+00E9
+            "/%E2%84%AB",                 // Angstrom sign: NFC is U+00C5
+            "/%EF%BC%8Fshop",             // fullwidth solidus
+            "/x/%EF%BC%8E%EF%BC%8E/shop", // fullwidth full stops
+        ] {
+            assert_eq!(normalize(raw), Err(PathError::CompatibilityForm), "{raw}");
+        }
+        // Raw (unescaped) UTF-8 bytes are escaped first, then checked alike.
+        assert_eq!(normalize("/ｓhop"), Err(PathError::CompatibilityForm));
+    }
+
+    #[test]
+    fn invisible_and_unassigned_characters_are_refused_anywhere() {
+        for raw in [
+            "/shop%E2%80%8B", // zero-width space
+            "/sh%E2%80%8Bop",
+            "/%EF%BB%BFshop",    // BOM
+            "/sh%C2%ADop",       // soft hyphen
+            "/sh%E2%80%8Dop",    // zero-width joiner
+            "/sh%E2%81%A0op",    // word joiner
+            "/sh%E2%80%AEop",    // right-to-left override
+            "/sh%CD%8Fop",       // combining grapheme joiner (Mn)
+            "/sh%EF%B8%8Fop",    // variation selector 16 (Mn)
+            "/sh%F3%A0%80%81op", // language tag
+            "/sh%E2%80%A8op",    // line separator
+        ] {
+            assert_eq!(normalize(raw), Err(PathError::InvisibleCharacter), "{raw}");
+        }
+        for raw in ["/sh%EF%BF%B0op", "/sh%EE%80%80op", "/%F3%B0%80%80"] {
+            assert_eq!(normalize(raw), Err(PathError::UnassignedCharacter), "{raw}");
+        }
+    }
+
+    #[test]
+    fn text_in_nfc_passes_unchanged() {
+        for raw in [
+            "/caf%C3%A9",
+            "/%E6%9D%B1%E4%BA%AC",                         // 東京
+            "/%D0%BC%D0%B0%D0%B3%D0%B0%D0%B7%D0%B8%D0%BD", // магазин
+            "/%E2%82%AC",                                  // euro sign
+            "/%F0%9F%98%80",                               // emoji
+            "/x%3B%20y",
+        ] {
+            assert_eq!(forward(raw), raw, "{raw}");
+        }
+        assert_eq!(forward("/café"), "/caf%C3%A9");
     }
 
     #[test]

@@ -20,9 +20,7 @@ use crate::identity::IdentitySource;
 use crate::metrics::Metrics;
 use crate::policy::WaitMode;
 use crate::problem::{Problem, ProblemCode};
-use crate::store::{
-    Approval, ApprovalState, Inserted, ListFilter, NewApproval, StoreError, StoredRequest,
-};
+use crate::store::{Approval, ApprovalState, Inserted, NewApproval, StoreError, StoredRequest};
 use crate::upstream::keeps_request_header;
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -73,35 +71,16 @@ impl Countersign {
         );
 
         // The per-person limit counts other calls: a retry always attaches.
-        // Counted first (cheap); only a person at the limit is listed.
-        let pending = store
-            .count_pending(&new.subject)
-            .await
-            .map_err(store_problem)?;
-        if pending >= self.limits.max_pending_per_user && !self.is_retry(&new).await? {
-            return Err(Problem::new(ProblemCode::TooManyPendingForUser)
-                .with_detail(format!(
-                    "The user already has {} approval requests waiting, the most this gateway sends at once; wait for them to answer, then try again.",
-                    self.limits.max_pending_per_user
-                ))
-                .with_retry_after(30)
-                .into());
-        }
-
-        let id = match store
-            .insert_or_attach(&new, self.engine.config().replay_window)
+        // It is checked in the statement that stores the approval, so a
+        // burst cannot get past it.
+        let id = match self
+            .engine
+            .create(&new, policy.clone(), self.limits.max_pending_per_user)
             .await
         {
             Ok(Inserted::Created) => {
                 ctx.approval_id = Some(new.id.clone());
                 tracing::info!(approval_id = %new.id, policy = %policy.name, "call held for approval");
-                match self.engine.start(&new, policy.clone()).await {
-                    Ok(_) => {}
-                    Err(StartError::Store(error)) => return Err(store_problem(error)),
-                    Err(StartError::Ciba(error)) => {
-                        return Err(super::answer::failed_approval(error).into())
-                    }
-                }
                 new.id.clone()
             }
             Ok(Inserted::Existing(existing)) => {
@@ -113,8 +92,27 @@ impl Countersign {
                 ctx.approval_id = Some(existing.id.clone());
                 existing.id
             }
-            Err(StoreError::KeyReuse) => return Err(ProblemCode::IdempotencyKeyReused.into()),
-            Err(error) => return Err(store_problem(error)),
+            Ok(Inserted::LimitReached) => {
+                return Err(Problem::new(ProblemCode::TooManyPendingForUser)
+                    .with_detail(format!(
+                        "The user already has {} approval requests waiting, the most this gateway sends at once; wait for them to answer, then try again.",
+                        self.limits.max_pending_per_user
+                    ))
+                    .with_retry_after(30)
+                    .into());
+            }
+            Err(StartError::Store(StoreError::KeyReuse)) => {
+                return Err(ProblemCode::IdempotencyKeyReused.into())
+            }
+            Err(StartError::Store(error)) => return Err(store_problem(error)),
+            Err(StartError::Ciba(error)) => {
+                return Err(super::answer::failed_approval(error).into())
+            }
+            Err(StartError::ShuttingDown) => {
+                return Err(Problem::new(ProblemCode::ShuttingDown)
+                    .with_retry_after(5)
+                    .into())
+            }
         };
         // Stored now; a held call keeps only who approves (the copy of the
         // request's headers and body in `new` would live as long as the hold).
@@ -183,25 +181,6 @@ impl Countersign {
             }
         }
         Ok(self.reply_for(ctx, &approval))
-    }
-
-    /// Whether `new` would attach to one of its person's pending approvals.
-    async fn is_retry(&self, new: &NewApproval) -> Result<bool, Reply> {
-        let pending = self
-            .engine
-            .store()
-            .list(&ListFilter {
-                state: Some(ApprovalState::Pending),
-                subject: Some(new.subject.clone()),
-                limit: Some(self.limits.max_pending_per_user + 1),
-                ..ListFilter::default()
-            })
-            .await
-            .map_err(store_problem)?;
-        Ok(pending.iter().any(|a| {
-            a.fingerprint == new.fingerprint
-                || (new.idempotency_key.is_some() && a.idempotency_key == new.idempotency_key)
-        }))
     }
 
     fn new_approval(&self, session: &Session, call: &HeldCall) -> Result<NewApproval, Reply> {

@@ -8,7 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use super::{
     attach_key, attachable, duration_ms, from_ms, now_ms, to_ms, Approval, ApprovalState,
-    ApprovalStore, CibaProgress, Inserted, ListFilter, NewApproval, StoreError, StoredResponse,
+    ApprovalStore, CibaProgress, InsertTerms, Inserted, ListFilter, NewApproval, StoreError,
+    StoredResponse,
 };
 
 #[derive(Debug, Default)]
@@ -82,8 +83,9 @@ impl ApprovalStore for MemoryStore {
     async fn insert_or_attach(
         &self,
         approval: &NewApproval,
-        replay_window: Duration,
+        terms: InsertTerms<'_>,
     ) -> Result<Inserted, StoreError> {
+        let replay_window = terms.replay_window;
         let key = attach_key(approval);
         let now = to_ms(approval.created_at);
         let mut inner = self.lock();
@@ -102,9 +104,21 @@ impl ApprovalStore for MemoryStore {
         if inner.approvals.contains_key(&approval.id) {
             return Err(StoreError::Unavailable("insert: duplicate id".into()));
         }
+        let pending = inner
+            .approvals
+            .values()
+            .filter(|r| {
+                r.approval.subject == approval.subject && r.approval.state == ApprovalState::Pending
+            })
+            .count();
+        if pending >= terms.max_pending {
+            return Ok(Inserted::LimitReached);
+        }
         let mut record = Approval::new(approval, ms(approval.created_at));
         record.created_at = ms(record.created_at);
         record.expires_at = ms(record.expires_at);
+        record.lease_owner = Some(terms.lease_owner.to_owned());
+        record.lease_until = Some(ms(terms.lease_until));
         inner.attach.insert(key.clone(), approval.id.clone());
         inner.approvals.insert(
             approval.id.clone(),
@@ -114,6 +128,59 @@ impl ApprovalStore for MemoryStore {
             },
         );
         Ok(Inserted::Created)
+    }
+
+    fn now(&self) -> SystemTime {
+        now()
+    }
+
+    async fn mark_asked(&self, id: &str, owner: &str) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let Some(record) = inner.approvals.get_mut(id) else {
+            return Ok(false);
+        };
+        let a = &mut record.approval;
+        if a.state != ApprovalState::Pending
+            || a.asked_at.is_some()
+            || a.lease_owner.as_deref() != Some(owner)
+        {
+            return Ok(false);
+        }
+        let now = now();
+        a.asked_at = Some(now);
+        a.updated_at = now;
+        Ok(true)
+    }
+
+    async fn claim(&self, id: &str, owner: &str, until: SystemTime) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let Some(record) = inner.approvals.get_mut(id) else {
+            return Ok(false);
+        };
+        let a = &mut record.approval;
+        if a.state != ApprovalState::Pending {
+            return Ok(false);
+        }
+        a.state = ApprovalState::Forwarding;
+        a.updated_at = now();
+        a.lease_owner = Some(owner.to_owned());
+        a.lease_until = Some(ms(until));
+        Ok(true)
+    }
+
+    async fn release(&self, owner: &str) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        for record in inner.approvals.values_mut() {
+            let a = &mut record.approval;
+            if a.lease_owner.as_deref() == Some(owner)
+                && matches!(a.state, ApprovalState::Pending | ApprovalState::Approved)
+            {
+                a.lease_owner = None;
+                a.lease_until = None;
+            }
+        }
+        inner.heartbeats.remove(owner);
+        Ok(())
     }
 
     async fn get(&self, id: &str) -> Result<Option<Approval>, StoreError> {
@@ -164,7 +231,7 @@ impl ApprovalStore for MemoryStore {
             a.request.body = Vec::new();
             a.request.headers = Vec::new();
         }
-        if to == ApprovalState::Failed {
+        if to == ApprovalState::Failed && problem_code != Some("approval_interrupted") {
             // Not replayed to retries: they start a new approval.
             inner.detach(id);
         }
@@ -216,7 +283,12 @@ impl ApprovalStore for MemoryStore {
         Ok(())
     }
 
-    async fn orphans(&self, now: SystemTime, limit: usize) -> Result<Vec<Approval>, StoreError> {
+    async fn orphans(
+        &self,
+        now: SystemTime,
+        limit: usize,
+        mine: &str,
+    ) -> Result<Vec<Approval>, StoreError> {
         let now = to_ms(now);
         let inner = self.lock();
         let mut found: Vec<Approval> = inner
@@ -224,7 +296,10 @@ impl ApprovalStore for MemoryStore {
             .values()
             .map(|r| &r.approval)
             .filter(|a| matches!(a.state, ApprovalState::Pending | ApprovalState::Approved))
-            .filter(|a| Inner::holder_gone(&inner.heartbeats, a, now))
+            .filter(|a| {
+                a.lease_owner.as_deref() == Some(mine)
+                    || Inner::holder_gone(&inner.heartbeats, a, now)
+            })
             .cloned()
             .collect();
         found.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
@@ -278,6 +353,10 @@ impl ApprovalStore for MemoryStore {
                 a.request.body = Vec::new();
                 a.request.headers = Vec::new();
                 if updated <= replay_before {
+                    if let Some(response) = &mut a.response {
+                        response.body = None;
+                    }
+                    a.ciba = None;
                     detach.push(id.clone());
                 }
             }

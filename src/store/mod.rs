@@ -13,9 +13,12 @@
 //! - [`ApprovalStore::transition`] is a conditional update; `Approved ->
 //!   Forwarding` is the exactly-once claim (a single forward across processes).
 //!
-//! Times are stored as unix milliseconds; the store reads the system clock
-//! for `updated_at`, `decided_at` and lease checks, and takes `now` from its
-//! caller elsewhere. Errors never carry bodies, headers or `auth_req_id`s.
+//! Times are stored as unix milliseconds. Leases and heartbeats are judged
+//! on the store's clock ([`ApprovalStore::now`]: PostgreSQL's own clock,
+//! read at every heartbeat), so that a replica whose clock runs ahead cannot
+//! take over live work; the store reads that clock for `updated_at`,
+//! `decided_at` and lease checks, and takes `now` from its caller elsewhere.
+//! Errors never carry bodies, headers or `auth_req_id`s.
 
 mod memory;
 mod sql;
@@ -168,14 +171,33 @@ pub struct Approval {
     pub decided_at: Option<SystemTime>,
     pub lease_owner: Option<String>,
     pub lease_until: Option<SystemTime>,
+    /// When the person was asked, or was about to be (recorded before
+    /// bc-authorize is sent): an approval with this set and no `ciba` may
+    /// have reached the person's phone, so it is never asked again.
+    pub asked_at: Option<SystemTime>,
 }
 
 /// What [`ApprovalStore::insert_or_attach`] did.
 #[derive(Debug)]
 pub enum Inserted {
+    /// Inserted, leased to the inserting process.
     Created,
     /// An approval the call attaches to.
     Existing(Box<Approval>),
+    /// The person already has as many pending approvals as allowed.
+    LimitReached,
+}
+
+/// The lease a new approval is inserted with, and the per-person limit it
+/// is inserted under.
+#[derive(Debug, Clone, Copy)]
+pub struct InsertTerms<'a> {
+    pub replay_window: Duration,
+    pub lease_owner: &'a str,
+    pub lease_until: SystemTime,
+    /// Pending approvals of the same subject there may be at most, this one
+    /// included; checked in the statement that inserts.
+    pub max_pending: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,12 +228,33 @@ pub trait ApprovalStore: Send + Sync + std::fmt::Debug {
     /// `key:{subject}:{idempotency_key}` when a key is given, else
     /// `fp:{subject}:{fingerprint}`. The same idempotency key with a
     /// different fingerprint is [`StoreError::KeyReuse`]. Race-free across
-    /// processes.
+    /// processes. A new approval is inserted leased to `terms.lease_owner`
+    /// (nobody may adopt it before its process asks), and only while its
+    /// subject has fewer than `terms.max_pending` pending approvals, atomically
+    /// across processes ([`Inserted::LimitReached`]); a call that attaches is
+    /// never limited.
     async fn insert_or_attach(
         &self,
         approval: &NewApproval,
-        replay_window: Duration,
+        terms: InsertTerms<'_>,
     ) -> Result<Inserted, StoreError>;
+
+    /// The store's clock: the one leases and heartbeats are judged by.
+    fn now(&self) -> SystemTime;
+
+    /// Records that `owner` is about to ask the person about `id`: only if it
+    /// is pending, never asked, and leased to `owner`. Whether it was
+    /// recorded (`false`: do not ask).
+    async fn mark_asked(&self, id: &str, owner: &str) -> Result<bool, StoreError>;
+
+    /// The exactly-once claim of an approved call: `Pending -> Forwarding`,
+    /// leased to `owner` until `until` (the forward's longest time), whoever
+    /// held the lease (the holder of the token is the one that may forward).
+    async fn claim(&self, id: &str, owner: &str, until: SystemTime) -> Result<bool, StoreError>;
+
+    /// Hands back `owner`'s leases on pending approvals and ends its
+    /// heartbeat, so that another process adopts them at once (shutdown).
+    async fn release(&self, owner: &str) -> Result<(), StoreError>;
 
     async fn get(&self, id: &str) -> Result<Option<Approval>, StoreError>;
 
@@ -247,18 +290,28 @@ pub trait ApprovalStore: Send + Sync + std::fmt::Debug {
     async fn heartbeat(&self, owner: &str, alive_until: SystemTime) -> Result<(), StoreError>;
 
     /// Pending/Approved approvals whose holder is gone (for takeover after a
-    /// crash or by another replica), oldest first, at most `limit`.
-    async fn orphans(&self, now: SystemTime, limit: usize) -> Result<Vec<Approval>, StoreError>;
+    /// crash or by another replica), or leased to `mine` (an approval this
+    /// process could not carry on after a store error), oldest first, at
+    /// most `limit`.
+    async fn orphans(
+        &self,
+        now: SystemTime,
+        limit: usize,
+        mine: &str,
+    ) -> Result<Vec<Approval>, StoreError>;
 
     /// Forwarding approvals whose holder is gone (or that were never
     /// leased): the forwarder died between claim and answer ->
     /// `OutcomeUnknown` (problem_code `outcome_unknown`). Returns how many.
     async fn mark_unknown_outcomes(&self, now: SystemTime) -> Result<u64, StoreError>;
 
-    /// Housekeeping: clear attach keys of final approvals updated
-    /// `replay_window` or longer before `now`; delete approvals not updated
-    /// for `retention` that are final or whose `expires_at` is that old too;
-    /// drop request bodies of final approvals.
+    /// Housekeeping, in bounded batches (each its own statement, so that a
+    /// large sweep never holds SQLite's write lock for long): clear attach
+    /// keys, recorded answers and `auth_req_id`s of final approvals updated
+    /// `replay_window` or longer before `now` (no retry can need them any
+    /// more); delete approvals not updated for `retention` that are final or
+    /// whose `expires_at` is that old too; drop request bodies of final
+    /// approvals.
     async fn sweep(
         &self,
         now: SystemTime,
@@ -436,6 +489,7 @@ impl fmt::Debug for Approval {
             .field("decided_at", &self.decided_at)
             .field("lease_owner", &self.lease_owner)
             .field("lease_until", &self.lease_until)
+            .field("asked_at", &self.asked_at)
             .finish()
     }
 }
@@ -464,6 +518,7 @@ impl Approval {
             decided_at: None,
             lease_owner: None,
             lease_until: None,
+            asked_at: None,
         }
     }
 }

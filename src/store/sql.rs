@@ -7,6 +7,7 @@ use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -21,8 +22,8 @@ use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use super::{
     attach_key, attachable, duration_ms, from_ms, now_ms, to_ms, Approval, ApprovalState,
-    ApprovalStore, CibaProgress, Inserted, ListFilter, NewApproval, Secret, StoreError,
-    StoredRequest, StoredResponse,
+    ApprovalStore, CibaProgress, InsertTerms, Inserted, ListFilter, NewApproval, Secret,
+    StoreError, StoredRequest, StoredResponse,
 };
 
 /// Longest a single store operation may take before it is reported as
@@ -40,6 +41,12 @@ const POSTGRES_CONNECTIONS: u32 = 8;
 const ATTACH_ATTEMPTS: usize = 8;
 /// A process's heartbeat row is deleted this long after it stopped beating.
 const HEARTBEAT_KEPT_MS: i64 = 3_600_000;
+/// Rows one sweep statement changes at most: each batch is its own
+/// statement, so the write lock is let go between them.
+const SWEEP_BATCH: i64 = 500;
+/// Batches of each kind one sweep makes at most; the rest waits for the
+/// next sweep.
+const SWEEP_BATCHES: usize = 20;
 
 /// sqlx warns on every acquire that waited over 2 s: under load that is a
 /// line per store operation (700,000 in ten minutes of the SQLite
@@ -53,7 +60,8 @@ macro_rules! columns {
          authorization_details, state, request_method, request_path_and_query, \
          request_headers, request_body, ciba_auth_req_id, ciba_interval_ms, \
          ciba_next_poll_at, ciba_deadline, response_status, response_headers, response_body, \
-         problem_code, created_at, expires_at, updated_at, decided_at, lease_owner, lease_until"
+         problem_code, created_at, expires_at, updated_at, decided_at, lease_owner, lease_until, \
+         ciba_asked_at"
     };
 }
 
@@ -63,11 +71,39 @@ macro_rules! final_states {
     };
 }
 
+/// Leased to its process from the start, and only while the person has
+/// fewer than `$18` pending approvals: the count and the insert are one
+/// statement (SQLite: one write transaction; PostgreSQL: under the
+/// subject's advisory lock, see [`Backend::exec_for_subject`]).
 const INSERT: &str = "INSERT INTO approvals (id, policy, subject, upstream, fingerprint, \
      idempotency_key, attach_key, binding_message, authorization_details, state, request_method, \
-     request_path_and_query, request_headers, request_body, created_at, expires_at, updated_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, $11, $12, $13, $14, $15, $14) \
+     request_path_and_query, request_headers, request_body, created_at, expires_at, updated_at, \
+     lease_owner, lease_until) \
+     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, $11, $12, $13, $14, $15, $14, \
+     $16, $17 \
+     WHERE (SELECT COUNT(*) FROM approvals WHERE subject = $3 AND state = 'pending') < $18 \
      ON CONFLICT (attach_key) DO NOTHING";
+
+const COUNT_PENDING: &str =
+    "SELECT COUNT(*) FROM approvals WHERE subject = $1 AND state = 'pending'";
+
+const MARK_ASKED: &str = "UPDATE approvals SET ciba_asked_at = $3, updated_at = $3 \
+     WHERE id = $1 AND state = 'pending' AND ciba_asked_at IS NULL AND lease_owner = $2";
+
+/// The exactly-once claim, by whoever holds the token.
+const CLAIM: &str = "UPDATE approvals SET state = 'forwarding', updated_at = $4, \
+     lease_owner = $2, lease_until = $3 WHERE id = $1 AND state = 'pending'";
+
+const RELEASE: &str = "UPDATE approvals SET lease_owner = NULL, lease_until = NULL \
+     WHERE lease_owner = $1 AND state IN ('pending', 'approved')";
+
+const END_HEARTBEAT: &str = "DELETE FROM gateway_heartbeats WHERE owner = $1";
+
+/// A single SQLite gateway that holds the database's lock is alone: every
+/// lease and heartbeat left is a dead process's.
+const FORGET_DEAD_LEASES: &str = "UPDATE approvals SET lease_owner = NULL, lease_until = NULL \
+     WHERE lease_owner IS NOT NULL";
+const FORGET_DEAD_HEARTBEATS: &str = "DELETE FROM gateway_heartbeats";
 
 const BY_ATTACH_KEY: &str = concat!(
     "SELECT ",
@@ -84,11 +120,13 @@ const SET_CIBA: &str = "UPDATE approvals SET ciba_auth_req_id = $2, ciba_interva
 
 /// To a final state: decided, lease released, body dropped. A failed
 /// approval (the authorization server or the upstream could not be reached)
-/// is not replayed to retries: they start a new one.
+/// is not replayed to retries: they start a new one. Except an interrupted
+/// one: the person may have its request on their phone, so a retry of the
+/// same call is told, not asked again.
 const TRANSITION_FINAL: &str = "UPDATE approvals SET state = $3, updated_at = $4, \
      decided_at = COALESCE(decided_at, $4), problem_code = COALESCE($5, problem_code), \
      lease_owner = NULL, lease_until = NULL, request_body = NULL, \
-     request_headers = substr(request_headers, 1, 0), attach_key = CASE WHEN $3 = 'failed' THEN NULL ELSE attach_key END \
+     request_headers = substr(request_headers, 1, 0), attach_key = CASE WHEN $3 = 'failed' AND COALESCE($5, '') <> 'approval_interrupted' THEN NULL ELSE attach_key END \
      WHERE id = $1 AND state = $2";
 
 const TRANSITION_APPROVED: &str = "UPDATE approvals SET state = $3, updated_at = $4, \
@@ -132,9 +170,9 @@ const LEASE: &str = concat!(
 const ORPHANS: &str = concat!(
     "SELECT ",
     columns!(),
-    " FROM approvals WHERE state IN ('pending', 'approved') AND ",
+    " FROM approvals WHERE state IN ('pending', 'approved') AND (lease_owner = $3 OR ",
     holder_gone!("$1"),
-    " ORDER BY created_at, id LIMIT $2"
+    ") ORDER BY created_at, id LIMIT $2"
 );
 
 const MARK_UNKNOWN: &str = concat!(
@@ -152,22 +190,29 @@ const HEARTBEAT: &str = "INSERT INTO gateway_heartbeats (owner, alive_until) VAL
 /// Heartbeats of processes gone for longer than any lease.
 const SWEEP_HEARTBEATS: &str = "DELETE FROM gateway_heartbeats WHERE alive_until <= $1";
 
+/// Past the replay window no retry attaches: the attach key, the recorded
+/// answer's body and the `auth_req_id` have no use left.
 const SWEEP_DETACH: &str = concat!(
-    "UPDATE approvals SET attach_key = NULL WHERE attach_key IS NOT NULL AND state IN ",
+    "UPDATE approvals SET attach_key = NULL, response_body = NULL, ciba_auth_req_id = NULL \
+     WHERE id IN (SELECT id FROM approvals WHERE updated_at <= $1 AND state IN ",
     final_states!(),
-    " AND updated_at <= $1"
+    " AND (attach_key IS NOT NULL OR response_body IS NOT NULL OR ciba_auth_req_id IS NOT NULL) \
+     LIMIT $2)"
 );
 
 const SWEEP_DELETE: &str = concat!(
-    "DELETE FROM approvals WHERE updated_at <= $1 AND (state IN ",
+    "DELETE FROM approvals WHERE id IN (SELECT id FROM approvals WHERE updated_at <= $1 \
+     AND (state IN ",
     final_states!(),
-    " OR expires_at <= $1)"
+    " OR expires_at <= $1) LIMIT $2)"
 );
 
 const SWEEP_BODIES: &str = concat!(
     "UPDATE approvals SET request_body = NULL, request_headers = substr(request_headers, 1, 0) \
-     WHERE request_body IS NOT NULL AND state IN ",
-    final_states!()
+     WHERE id IN (SELECT id FROM approvals WHERE request_body IS NOT NULL AND updated_at <= $1 \
+     AND state IN ",
+    final_states!(),
+    " LIMIT $2)"
 );
 
 const MIGRATIONS_SQLITE: Embedded = Embedded(&[
@@ -181,6 +226,11 @@ const MIGRATIONS_SQLITE: Embedded = Embedded(&[
         "gateway heartbeats",
         include_str!("../../migrations/sqlite/0002_gateway_heartbeats.sql"),
     ),
+    (
+        3,
+        "asked once, bounded sweeps",
+        include_str!("../../migrations/sqlite/0003_faults.sql"),
+    ),
 ]);
 
 const MIGRATIONS_POSTGRES: Embedded = Embedded(&[
@@ -193,6 +243,11 @@ const MIGRATIONS_POSTGRES: Embedded = Embedded(&[
         2,
         "gateway heartbeats",
         include_str!("../../migrations/postgres/0002_gateway_heartbeats.sql"),
+    ),
+    (
+        3,
+        "asked once, bounded sweeps",
+        include_str!("../../migrations/postgres/0003_faults.sql"),
     ),
 ]);
 
@@ -293,6 +348,19 @@ trait Backend: Send + Sync + 'static {
         sql: &str,
         params: &[Param],
     ) -> Result<i64, StoreError>;
+    /// A statement that must not run beside another of the same `subject`
+    /// (the per-person limit's count and insert). SQLite: every write
+    /// statement holds the database's write lock from its start.
+    async fn exec_for_subject(
+        &self,
+        op: &'static str,
+        subject: &str,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<u64, StoreError>;
+    /// The database's own clock in unix milliseconds, where it is not this
+    /// machine's (`None`: SQLite lives on this machine).
+    async fn clock_ms(&self) -> Result<Option<i64>, StoreError>;
 }
 
 /// One writer connection (SQLite has one writer at a time anyway; waiting in
@@ -302,6 +370,9 @@ struct Sqlite {
     reader: SqlitePool,
     /// For [`Backend::exec_apart`]: waits on SQLite's lock, not the pool.
     apart: SqlitePool,
+    /// An exclusive lock on `<database>.lock` while this is the only
+    /// process on the database (it dies with the process, kill -9 too).
+    _alone: Option<std::fs::File>,
 }
 
 #[async_trait::async_trait]
@@ -343,6 +414,20 @@ impl Backend for Sqlite {
             .await
             .map_err(|e| db_error(op, &e))?;
         row.try_get::<i64, _>(0).map_err(|e| db_error(op, &e))
+    }
+
+    async fn exec_for_subject(
+        &self,
+        op: &'static str,
+        _subject: &str,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<u64, StoreError> {
+        execute!(&self.writer, op, sql, params)
+    }
+
+    async fn clock_ms(&self) -> Result<Option<i64>, StoreError> {
+        Ok(None)
     }
 }
 
@@ -391,6 +476,41 @@ impl Backend for Postgres {
             .await
             .map_err(|e| db_error(op, &e))?;
         row.try_get::<i64, _>(0).map_err(|e| db_error(op, &e))
+    }
+
+    async fn exec_for_subject(
+        &self,
+        op: &'static str,
+        subject: &str,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<u64, StoreError> {
+        let failed = |e: sqlx::Error| db_error(op, &e);
+        let mut tx = self.pool.begin().await.map_err(failed)?;
+        // Released at commit or rollback (a dropped transaction rolls back).
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(format!("countersign subject {subject}"))
+            .execute(&mut *tx)
+            .await
+            .map_err(failed)?;
+        let changed = bind_all!(sqlx::query(sql), params)
+            .execute(&mut *tx)
+            .await
+            .map_err(failed)?
+            .rows_affected();
+        tx.commit().await.map_err(failed)?;
+        Ok(changed)
+    }
+
+    async fn clock_ms(&self) -> Result<Option<i64>, StoreError> {
+        let row = sqlx::query("SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT")
+            .fetch_one(&self.apart)
+            .await
+            .map_err(|e| db_error("clock", &e))?;
+        Ok(Some(
+            row.try_get::<i64, _>(0)
+                .map_err(|e| db_error("clock", &e))?,
+        ))
     }
 }
 
@@ -453,6 +573,43 @@ struct SqlStore<B> {
     backend: Arc<B>,
     driver: Driver,
     kind: &'static str,
+    /// The database's clock minus this machine's, in milliseconds, as last
+    /// measured (at open and at every heartbeat).
+    clock_offset: Arc<AtomicI64>,
+}
+
+impl<B: Backend> SqlStore<B> {
+    fn new(backend: B, driver: Driver, kind: &'static str) -> Self {
+        Self {
+            backend: Arc::new(backend),
+            driver,
+            kind,
+            clock_offset: Arc::new(AtomicI64::new(0)),
+        }
+    }
+
+    /// Now on the store's clock.
+    fn now_ms(&self) -> i64 {
+        now_ms().saturating_add(self.clock_offset.load(Ordering::Relaxed))
+    }
+
+    /// Reads the database's clock (PostgreSQL) and keeps its offset from
+    /// this machine's: half the round trip either way at most.
+    async fn measure_clock(&self) -> Result<(), StoreError> {
+        let backend = self.backend.clone();
+        let offset = self.clock_offset.clone();
+        self.driver
+            .run("clock", async move {
+                let before = now_ms();
+                if let Some(db) = backend.clock_ms().await? {
+                    let after = now_ms();
+                    let local = before + (after - before) / 2;
+                    offset.store(db - local, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+            .await
+    }
 }
 
 impl<B> std::fmt::Debug for SqlStore<B> {
@@ -506,18 +663,36 @@ pub(super) async fn open_sqlite(path: &Path) -> Result<Arc<dyn ApprovalStore>, S
                 .connect_with(options.read_only(true))
                 .await
                 .map_err(cannot)?;
+            let alone = lock_alone(&path);
+            if alone.is_some() {
+                // Every other process on this file is dead: what they leased
+                // is adopted (or marked unknown) at once, not a lease later.
+                execute!(&writer, "open", FORGET_DEAD_LEASES, &[])?;
+                execute!(&writer, "open", FORGET_DEAD_HEARTBEATS, &[])?;
+            }
             Ok(Sqlite {
                 writer,
                 reader,
                 apart,
+                _alone: alone,
             })
         })
         .await?;
-    Ok(Arc::new(SqlStore {
-        backend: Arc::new(backend),
-        driver,
-        kind: "sqlite",
-    }))
+    Ok(Arc::new(SqlStore::new(backend, driver, "sqlite")))
+}
+
+/// An exclusive lock on `<database>.lock`, if no other process holds it.
+fn lock_alone(database: &Path) -> Option<std::fs::File> {
+    let mut name = database.as_os_str().to_owned();
+    name.push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::path::PathBuf::from(name))
+        .ok()?;
+    file.try_lock().ok()?;
+    Some(file)
 }
 
 pub(super) async fn open_postgres(url: &str) -> Result<Arc<dyn ApprovalStore>, StoreError> {
@@ -548,11 +723,9 @@ pub(super) async fn open_postgres(url: &str) -> Result<Arc<dyn ApprovalStore>, S
             Ok(Postgres { pool, apart })
         })
         .await?;
-    Ok(Arc::new(SqlStore {
-        backend: Arc::new(backend),
-        driver,
-        kind: "postgres",
-    }))
+    let store = SqlStore::new(backend, driver, "postgres");
+    store.measure_clock().await?;
+    Ok(Arc::new(store))
 }
 
 #[async_trait::async_trait]
@@ -560,13 +733,15 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
     async fn insert_or_attach(
         &self,
         approval: &NewApproval,
-        replay_window: Duration,
+        terms: InsertTerms<'_>,
     ) -> Result<Inserted, StoreError> {
         let backend = self.backend.clone();
         let key = attach_key(approval);
         let now = to_ms(approval.created_at);
+        let replay_window = terms.replay_window;
         let with_key = approval.idempotency_key.is_some();
         let fingerprint = approval.fingerprint.clone();
+        let subject = approval.subject.clone();
         let details = approval
             .authorization_details
             .as_ref()
@@ -588,18 +763,34 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
             Param::Bytes(Some(a.request.body)),
             int(now),
             int(to_ms(a.expires_at)),
+            text(terms.lease_owner),
+            int(to_ms(terms.lease_until)),
+            int(limit_param(terms.max_pending)),
         ];
+        let max_pending = limit_param(terms.max_pending);
         self.driver
             .run("insert", async move {
                 for _ in 0..ATTACH_ATTEMPTS {
-                    if backend.exec("insert", INSERT, &insert).await? == 1 {
+                    if backend
+                        .exec_for_subject("insert", &subject, INSERT, &insert)
+                        .await?
+                        == 1
+                    {
                         return Ok(Inserted::Created);
                     }
                     let found = backend
                         .fetch("insert", BY_ATTACH_KEY, &[text(key.clone())])
                         .await?;
                     let Some(existing) = found.into_iter().next() else {
-                        continue; // swept or detached in between
+                        // No approval to attach to: the person is at the
+                        // limit, or it was swept or detached in between.
+                        let pending = backend
+                            .scalar("insert", COUNT_PENDING, &[text(subject.clone())])
+                            .await?;
+                        if pending >= max_pending {
+                            return Ok(Inserted::LimitReached);
+                        }
+                        continue;
                     };
                     if !attachable(&existing, now, replay_window) {
                         // Past its replay window but not yet swept.
@@ -614,6 +805,44 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
                     return Ok(Inserted::Existing(Box::new(existing)));
                 }
                 Err(StoreError::Unavailable("insert: contention".into()))
+            })
+            .await
+    }
+
+    fn now(&self) -> SystemTime {
+        from_ms(self.now_ms())
+    }
+
+    async fn mark_asked(&self, id: &str, owner: &str) -> Result<bool, StoreError> {
+        let backend = self.backend.clone();
+        let params = [text(id), text(owner), int(self.now_ms())];
+        self.driver
+            .run("mark_asked", async move {
+                Ok(backend.exec("mark_asked", MARK_ASKED, &params).await? == 1)
+            })
+            .await
+    }
+
+    async fn claim(&self, id: &str, owner: &str, until: SystemTime) -> Result<bool, StoreError> {
+        let backend = self.backend.clone();
+        let params = [text(id), text(owner), int(to_ms(until)), int(self.now_ms())];
+        self.driver
+            .run("claim", async move {
+                Ok(backend.exec("claim", CLAIM, &params).await? == 1)
+            })
+            .await
+    }
+
+    async fn release(&self, owner: &str) -> Result<(), StoreError> {
+        let backend = self.backend.clone();
+        let params = [text(owner)];
+        self.driver
+            .run("release", async move {
+                backend.exec("release", RELEASE, &params).await?;
+                backend
+                    .exec_apart("release", END_HEARTBEAT, &params)
+                    .await?;
+                Ok(())
             })
             .await
     }
@@ -636,7 +865,7 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
             int(duration_ms(ciba.interval)),
             int(to_ms(ciba.next_poll_at)),
             int(to_ms(ciba.deadline)),
-            int(now_ms()),
+            int(self.now_ms()),
         ];
         self.driver
             .run("set_ciba", async move {
@@ -668,7 +897,7 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
             text(id),
             text(from.as_str()),
             text(to.as_str()),
-            int(now_ms()),
+            int(self.now_ms()),
             Param::Text(problem_code.map(str::to_owned)),
         ];
         self.driver
@@ -685,7 +914,7 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
             int(i64::from(response.status)),
             Param::Bytes(Some(encode_headers(&response.headers))),
             Param::Bytes(response.body.clone()),
-            int(now_ms()),
+            int(self.now_ms()),
         ];
         self.driver
             .run("finish", async move {
@@ -696,7 +925,7 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
 
     async fn lease(&self, id: &str, owner: &str, until: SystemTime) -> Result<bool, StoreError> {
         let backend = self.backend.clone();
-        let params = [text(id), text(owner), int(to_ms(until)), int(now_ms())];
+        let params = [text(id), text(owner), int(to_ms(until)), int(self.now_ms())];
         self.driver
             .run("lease", async move {
                 Ok(backend.exec("lease", LEASE, &params).await? == 1)
@@ -712,12 +941,18 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
                 backend.exec_apart("heartbeat", HEARTBEAT, &params).await?;
                 Ok(())
             })
-            .await
+            .await?;
+        self.measure_clock().await
     }
 
-    async fn orphans(&self, now: SystemTime, limit: usize) -> Result<Vec<Approval>, StoreError> {
+    async fn orphans(
+        &self,
+        now: SystemTime,
+        limit: usize,
+        mine: &str,
+    ) -> Result<Vec<Approval>, StoreError> {
         let backend = self.backend.clone();
-        let params = [int(to_ms(now)), int(limit_param(limit))];
+        let params = [int(to_ms(now)), int(limit_param(limit)), text(mine)];
         self.driver
             .run("orphans", async move {
                 backend.fetch("orphans", ORPHANS, &params).await
@@ -745,17 +980,29 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
     ) -> Result<(), StoreError> {
         let backend = self.backend.clone();
         let now = to_ms(now);
-        let replay_before = [int(now.saturating_sub(duration_ms(replay_window)))];
-        let retain_after = [int(now.saturating_sub(duration_ms(retention)))];
+        let replay_before = now.saturating_sub(duration_ms(replay_window));
+        let retain_after = now.saturating_sub(duration_ms(retention));
         let gone_before = [int(now.saturating_sub(HEARTBEAT_KEPT_MS))];
         self.driver
             .run("sweep", async move {
                 backend
                     .exec("sweep", SWEEP_HEARTBEATS, &gone_before)
                     .await?;
-                backend.exec("sweep", SWEEP_DETACH, &replay_before).await?;
-                backend.exec("sweep", SWEEP_DELETE, &retain_after).await?;
-                backend.exec("sweep", SWEEP_BODIES, &[]).await?;
+                for (sql, before) in [
+                    (SWEEP_DETACH, &replay_before),
+                    (SWEEP_DELETE, &retain_after),
+                    (SWEEP_BODIES, &replay_before),
+                ] {
+                    let params = [int(*before), int(SWEEP_BATCH)];
+                    for _ in 0..SWEEP_BATCHES {
+                        let changed = backend.exec("sweep", sql, &params).await?;
+                        if changed < SWEEP_BATCH.unsigned_abs() {
+                            break;
+                        }
+                        // Writers waiting for the lock go first.
+                        tokio::task::yield_now().await;
+                    }
+                }
                 Ok(())
             })
             .await
@@ -799,8 +1046,9 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
         let params = [text(subject)];
         self.driver
             .run("count_pending", async move {
-                let sql = "SELECT COUNT(*) FROM approvals WHERE subject = $1 AND state = 'pending'";
-                let n = backend.scalar("count_pending", sql, &params).await?;
+                let n = backend
+                    .scalar("count_pending", COUNT_PENDING, &params)
+                    .await?;
                 Ok(usize::try_from(n).unwrap_or(0))
             })
             .await
@@ -942,6 +1190,7 @@ where
         decided_at: opt_time("decided_at")?,
         lease_owner: get(row, "lease_owner")?,
         lease_until: opt_time("lease_until")?,
+        asked_at: opt_time("ciba_asked_at")?,
     })
 }
 

@@ -158,6 +158,13 @@ macro_rules! cases {
             sweep_retention,
             ciba_progress_and_redaction,
             ping,
+            inserts_are_leased_to_their_process,
+            the_per_person_limit_holds_under_a_burst,
+            asked_at_most_once,
+            the_token_holder_claims_whoever_leases,
+            released_leases_are_adopted_at_once,
+            orphans_include_our_own_stranded_approvals,
+            the_sweep_drops_answers_past_the_replay_window,
         );
     };
 }
@@ -172,6 +179,17 @@ mod sqlite {
 
 mod postgres {
     cases!(super::Kind::Postgres);
+}
+
+/// As a gateway inserts: leased to its process (here one long gone, so
+/// that the lease tests start from a free approval), no per-person limit.
+fn terms() -> InsertTerms<'static> {
+    InsertTerms {
+        replay_window: WINDOW,
+        lease_owner: "creator",
+        lease_until: SystemTime::now() - MINUTE,
+        max_pending: usize::MAX,
+    }
 }
 
 /// Now, at the stores' millisecond precision.
@@ -211,16 +229,18 @@ fn at(mut approval: NewApproval, created_at: SystemTime) -> NewApproval {
 }
 
 async fn create(store: &Arc<dyn ApprovalStore>, approval: &NewApproval) {
-    match store.insert_or_attach(approval, WINDOW).await.unwrap() {
+    match store.insert_or_attach(approval, terms()).await.unwrap() {
         Inserted::Created => {}
         Inserted::Existing(e) => panic!("{} attached to {}", approval.id, e.id),
+        Inserted::LimitReached => panic!("{} hit the limit", approval.id),
     }
 }
 
 async fn attach(store: &Arc<dyn ApprovalStore>, approval: &NewApproval) -> Approval {
-    match store.insert_or_attach(approval, WINDOW).await.unwrap() {
+    match store.insert_or_attach(approval, terms()).await.unwrap() {
         Inserted::Created => panic!("{} was created", approval.id),
         Inserted::Existing(e) => *e,
+        Inserted::LimitReached => panic!("{} hit the limit", approval.id),
     }
 }
 
@@ -269,7 +289,8 @@ async fn attach_by_fingerprint(f: Fixture) {
     assert_eq!(stored.state, ApprovalState::Pending);
     assert!(stored.ciba.is_none() && stored.response.is_none());
     assert!(stored.problem_code.is_none() && stored.decided_at.is_none());
-    assert!(stored.lease_owner.is_none() && stored.lease_until.is_none());
+    assert_eq!(stored.lease_owner.as_deref(), Some("creator"));
+    assert!(stored.asked_at.is_none());
 
     // The retry, on either handle, attaches: no second approval.
     assert_eq!(
@@ -309,7 +330,7 @@ async fn attach_by_idempotency_key(f: Fixture) {
 
     let reuse = f
         .store
-        .insert_or_attach(&call("k3", "alice", "fp2", Some("K")), WINDOW)
+        .insert_or_attach(&call("k3", "alice", "fp2", Some("K")), terms())
         .await;
     assert!(matches!(reuse, Err(StoreError::KeyReuse)), "{reuse:?}");
     assert!(f.store.get("k3").await.unwrap().is_none());
@@ -359,7 +380,7 @@ async fn replay_window_and_sweep(f: Fixture) {
         .unwrap());
     let other_call = at(call("k2", "alice", "fp2", Some("K")), t0 + 10 * MINUTE);
     assert!(matches!(
-        f.store.insert_or_attach(&other_call, WINDOW).await,
+        f.store.insert_or_attach(&other_call, terms()).await,
         Err(StoreError::KeyReuse)
     ));
     f.store
@@ -383,7 +404,7 @@ async fn concurrent_inserts_create_one(f: Fixture) {
         };
         tasks.push(tokio::spawn(async move {
             store
-                .insert_or_attach(&call(&format!("c{i}"), "alice", "fp1", None), WINDOW)
+                .insert_or_attach(&call(&format!("c{i}"), "alice", "fp1", None), terms())
                 .await
                 .unwrap()
         }));
@@ -394,6 +415,7 @@ async fn concurrent_inserts_create_one(f: Fixture) {
         match task.await.unwrap() {
             Inserted::Created => created += 1,
             Inserted::Existing(e) => attached.push(e.id),
+            Inserted::LimitReached => panic!("no limit was set"),
         }
     }
     assert_eq!(created, 1);
@@ -601,7 +623,10 @@ async fn heartbeats_keep_every_lease_of_a_process(f: Fixture) {
 
     // While A beats, its approvals are nobody else's, whatever their lease.
     assert!(!f.other.lease("h1", "B", t0 + MINUTE).await.unwrap());
-    assert_eq!(ids(&f.other.orphans(t0, 10).await.unwrap()), ["h3"]);
+    assert_eq!(
+        ids(&f.other.orphans(t0, 10, "nobody").await.unwrap()),
+        ["h3"]
+    );
     claim(&f.store, "h2").await;
     assert!(f.store.lease("h2", "A", t0 - MINUTE).await.unwrap());
     assert_eq!(f.other.mark_unknown_outcomes(t0).await.unwrap(), 0);
@@ -609,7 +634,7 @@ async fn heartbeats_keep_every_lease_of_a_process(f: Fixture) {
     // A stops beating: B takes over h1, and A's forward is unknown.
     let later = t0 + 2 * MINUTE;
     assert_eq!(
-        ids(&f.other.orphans(later, 10).await.unwrap()),
+        ids(&f.other.orphans(later, 10, "nobody").await.unwrap()),
         ["h1", "h3"]
     );
     assert_eq!(f.other.mark_unknown_outcomes(later).await.unwrap(), 1);
@@ -644,10 +669,17 @@ async fn orphans(f: Fixture) {
         .await
         .unwrap());
 
-    let found = f.other.orphans(t0, 10).await.unwrap();
+    let found = f.other.orphans(t0, 10, "nobody").await.unwrap();
     assert_eq!(ids(&found), ["o1", "o3", "o4"]);
-    assert_eq!(ids(&f.store.orphans(t0, 2).await.unwrap()), ["o1", "o3"]);
-    let later = f.store.orphans(t0 + 2 * MINUTE, 10).await.unwrap();
+    assert_eq!(
+        ids(&f.store.orphans(t0, 2, "nobody").await.unwrap()),
+        ["o1", "o3"]
+    );
+    let later = f
+        .store
+        .orphans(t0 + 2 * MINUTE, 10, "nobody")
+        .await
+        .unwrap();
     assert_eq!(ids(&later), ["o1", "o2", "o3", "o4"]);
 }
 
@@ -985,4 +1017,191 @@ fn attach_keys() {
     assert_eq!(attach_key(&approval), "fp:alice:abc");
     approval.idempotency_key = Some("k-1".into());
     assert_eq!(attach_key(&approval), "key:alice:k-1");
+}
+
+async fn inserts_are_leased_to_their_process(f: Fixture) {
+    let terms = InsertTerms {
+        lease_owner: "A",
+        lease_until: f.store.now() + MINUTE,
+        ..terms()
+    };
+    let approval = call("n1", "alice", "fp1", None);
+    assert!(matches!(
+        f.store.insert_or_attach(&approval, terms).await.unwrap(),
+        Inserted::Created
+    ));
+    let stored = get(&f.other, "n1").await;
+    assert_eq!(stored.lease_owner.as_deref(), Some("A"));
+    // Nobody adopts it before A asks, even with no heartbeat of A yet.
+    assert!(!f.other.lease("n1", "B", now() + MINUTE).await.unwrap());
+    assert!(f
+        .other
+        .orphans(f.other.now(), 10, "B")
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn the_per_person_limit_holds_under_a_burst(f: Fixture) {
+    let limited = InsertTerms {
+        max_pending: 5,
+        ..terms()
+    };
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let store = if i % 2 == 0 {
+            f.store.clone()
+        } else {
+            f.other.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            let approval = call(&format!("b{i}"), "alice", &format!("fp{i}"), None);
+            store.insert_or_attach(&approval, limited).await.unwrap()
+        }));
+    }
+    let mut created = 0;
+    let mut refused = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Inserted::Created => created += 1,
+            Inserted::LimitReached => refused += 1,
+            Inserted::Existing(e) => panic!("attached to {}", e.id),
+        }
+    }
+    assert_eq!((created, refused), (5, 15));
+    assert_eq!(f.store.count_pending("alice").await.unwrap(), 5);
+    // Another person is not limited by alice's; a retry of alice's
+    // attaches at the limit.
+    let bob = call("bob1", "bob", "fp0", None);
+    assert!(matches!(
+        f.store.insert_or_attach(&bob, limited).await.unwrap(),
+        Inserted::Created
+    ));
+    let pending = f
+        .store
+        .list(&ListFilter {
+            subject: Some("alice".into()),
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap();
+    let retry = call("again", "alice", &pending[0].fingerprint, None);
+    assert!(matches!(
+        f.other.insert_or_attach(&retry, limited).await.unwrap(),
+        Inserted::Existing(_)
+    ));
+}
+
+async fn asked_at_most_once(f: Fixture) {
+    use ApprovalState::*;
+    let terms = InsertTerms {
+        lease_owner: "A",
+        lease_until: f.store.now() + MINUTE,
+        ..terms()
+    };
+    f.store
+        .insert_or_attach(&call("a1", "alice", "fp1", None), terms)
+        .await
+        .unwrap();
+    assert!(!f.other.mark_asked("a1", "B").await.unwrap(), "not B's");
+    assert!(f.store.mark_asked("a1", "A").await.unwrap());
+    assert!(!f.other.mark_asked("a1", "A").await.unwrap(), "asked once");
+    assert!(get(&f.other, "a1").await.asked_at.is_some());
+    f.store
+        .insert_or_attach(&call("a2", "alice", "fp2", None), terms)
+        .await
+        .unwrap();
+    assert!(f
+        .store
+        .transition("a2", Pending, Denied, None)
+        .await
+        .unwrap());
+    assert!(!f.store.mark_asked("a2", "A").await.unwrap(), "final");
+}
+
+async fn the_token_holder_claims_whoever_leases(f: Fixture) {
+    use ApprovalState::*;
+    create(&f.store, &call("t1", "alice", "fp1", None)).await;
+    assert!(f.store.lease("t1", "B", now() + MINUTE).await.unwrap());
+    let until = f.store.now() + MINUTE;
+    assert!(f.store.claim("t1", "A", until).await.unwrap());
+    assert!(!f.other.claim("t1", "B", until).await.unwrap(), "once");
+    let claimed = get(&f.other, "t1").await;
+    assert_eq!(claimed.state, Forwarding);
+    assert_eq!(claimed.lease_owner.as_deref(), Some("A"));
+    // Settled first elsewhere: nothing to claim.
+    create(&f.store, &call("t2", "alice", "fp2", None)).await;
+    assert!(f
+        .other
+        .transition("t2", Pending, Expired, None)
+        .await
+        .unwrap());
+    assert!(!f.store.claim("t2", "A", until).await.unwrap());
+}
+
+async fn released_leases_are_adopted_at_once(f: Fixture) {
+    use ApprovalState::*;
+    for (i, id) in ["v1", "v2"].iter().enumerate() {
+        create(&f.store, &call(id, "alice", &format!("fp{i}"), None)).await;
+        assert!(f.store.lease(id, "A", now() + MINUTE).await.unwrap());
+    }
+    f.store.heartbeat("A", now() + MINUTE).await.unwrap();
+    claim(&f.store, "v2").await;
+    assert!(f
+        .other
+        .orphans(f.other.now(), 10, "B")
+        .await
+        .unwrap()
+        .is_empty());
+    f.store.release("A").await.unwrap();
+    // The pending one is free at once; the forward in flight keeps its
+    // lease (it becomes outcome_unknown only once that runs out).
+    assert_eq!(
+        ids(&f.other.orphans(f.other.now(), 10, "B").await.unwrap()),
+        ["v1"]
+    );
+    assert_eq!(state(&f.other, "v2").await, Forwarding);
+    assert!(f.other.lease("v1", "B", now() + MINUTE).await.unwrap());
+}
+
+async fn orphans_include_our_own_stranded_approvals(f: Fixture) {
+    create(&f.store, &call("s1", "alice", "fp1", None)).await;
+    assert!(f.store.lease("s1", "A", now() + MINUTE).await.unwrap());
+    f.store.heartbeat("A", now() + MINUTE).await.unwrap();
+    let now = f.store.now();
+    assert!(f.other.orphans(now, 10, "B").await.unwrap().is_empty());
+    assert_eq!(ids(&f.store.orphans(now, 10, "A").await.unwrap()), ["s1"]);
+}
+
+async fn the_sweep_drops_answers_past_the_replay_window(f: Fixture) {
+    let t0 = now();
+    create(&f.store, &call("w1", "alice", "fp1", None)).await;
+    let progress = CibaProgress {
+        auth_req_id: Secret::new("req-w1".to_owned()),
+        interval: Duration::from_secs(5),
+        next_poll_at: t0,
+        deadline: t0 + MINUTE,
+    };
+    f.store.set_ciba("w1", &progress).await.unwrap();
+    claim(&f.store, "w1").await;
+    let answer = StoredResponse {
+        status: 201,
+        headers: vec![("content-type".into(), b"application/json".to_vec())],
+        body: Some(b"{\"order\":1}".to_vec()),
+    };
+    assert!(f.store.finish("w1", &answer).await.unwrap());
+    f.store.sweep(t0 + MINUTE, WINDOW, 30 * DAY).await.unwrap();
+    let kept = get(&f.other, "w1").await;
+    assert!(kept.response.unwrap().body.is_some(), "within the window");
+    assert!(kept.ciba.is_some());
+    f.store
+        .sweep(t0 + 2 * WINDOW, WINDOW, 30 * DAY)
+        .await
+        .unwrap();
+    let swept = get(&f.other, "w1").await;
+    assert_eq!(swept.state, ApprovalState::Done, "kept for the audit trail");
+    let response = swept.response.expect("status kept");
+    assert_eq!(response.status, 201);
+    assert!(response.body.is_none(), "no retry can need it");
+    assert!(swept.ciba.is_none(), "auth_req_id dropped");
 }

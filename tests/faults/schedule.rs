@@ -64,6 +64,9 @@ pub enum Fault {
     SqliteStall { lasts: Duration },
     /// The authorization server is frozen (`kill -STOP`) for `lasts`.
     PeerPause { lasts: Duration },
+    /// The authorization server answers the next `count` bc-authorize
+    /// requests `delay` late (it has asked the person already).
+    PeerSlow { count: u32, delay: Duration },
     /// The upstream answers each request only after `delay`, for `lasts`.
     UpstreamSlow { delay: Duration, lasts: Duration },
     /// The upstream reads each request and hangs up without an answer,
@@ -84,6 +87,7 @@ impl Fault {
             Fault::PgTerminate => "pg_terminate",
             Fault::SqliteStall { .. } => "sqlite_stall",
             Fault::PeerPause { .. } => "peer_pause",
+            Fault::PeerSlow { .. } => "peer_slow",
             Fault::UpstreamSlow { .. } => "upstream_slow",
             Fault::UpstreamHangUp { .. } => "upstream_hangup",
         }
@@ -107,6 +111,9 @@ impl fmt::Display for Fault {
             Fault::PgTerminate => write!(f, "pg_terminate"),
             Fault::SqliteStall { lasts } => write!(f, "sqlite_stall {}", s(lasts)),
             Fault::PeerPause { lasts } => write!(f, "peer_pause {}", s(lasts)),
+            Fault::PeerSlow { count, delay } => {
+                write!(f, "peer_slow next {count} bc-authorize {} late", s(delay))
+            }
             Fault::UpstreamSlow { delay, lasts } => {
                 write!(f, "upstream_slow {} for {}", s(delay), s(lasts))
             }
@@ -134,6 +141,7 @@ fn busy_for(fault: &Fault) -> Duration {
         Fault::Pause { pause, .. } => *pause,
         Fault::ClockSkew { lasts, .. } => *lasts + restart * 2,
         Fault::PgCut | Fault::PgTerminate => Duration::from_millis(200),
+        Fault::PeerSlow { delay, .. } => *delay,
         Fault::PgBlackhole { lasts }
         | Fault::SqliteStall { lasts }
         | Fault::PeerPause { lasts }
@@ -150,7 +158,7 @@ fn draw(rng: &mut StdRng, scenario: Scenario) -> Fault {
     let replica = rng.random_range(0..scenario.replicas());
     // Weights: process faults are the commonest in production and the ones
     // the engine promises most about.
-    let common: [(u32, u8); 7] = [
+    let common: [(u32, u8); 8] = [
         (5, 0), // kill9
         (4, 1), // pause
         (4, 2), // sigterm
@@ -158,6 +166,7 @@ fn draw(rng: &mut StdRng, scenario: Scenario) -> Fault {
         (2, 4), // upstream slow
         (2, 5), // upstream hang-up
         (3, 6), // store fault (per scenario)
+        (2, 7), // slow bc-authorize
     ];
     let total: u32 = common.iter().map(|(w, _)| w).sum();
     let mut pick = rng.random_range(0..total);
@@ -188,6 +197,10 @@ fn draw(rng: &mut StdRng, scenario: Scenario) -> Fault {
         },
         5 => Fault::UpstreamHangUp {
             lasts: secs(rng, 1.0, 5.0),
+        },
+        7 => Fault::PeerSlow {
+            count: rng.random_range(1..4),
+            delay: secs(rng, 1.0, 6.0),
         },
         _ => match scenario {
             Scenario::SingleSqlite => Fault::SqliteStall {
@@ -274,6 +287,7 @@ mod tests {
             "pg_blackhole",
             "pg_terminate",
             "peer_pause",
+            "peer_slow",
             "upstream_slow",
             "upstream_hangup",
         ] {

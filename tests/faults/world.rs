@@ -180,9 +180,9 @@ impl World {
             }
             Fault::Pause { replica, pause } => {
                 let gateway = &self.gateways[*replica];
-                gateway.signal("STOP");
+                gateway.pause();
                 tokio::time::sleep(*pause).await;
-                gateway.signal("CONT");
+                gateway.unpause();
                 String::new()
             }
             Fault::Terminate { replica } => {
@@ -246,6 +246,19 @@ impl World {
                 tokio::time::sleep(*lasts).await;
                 kill("CONT", pid);
                 String::new()
+            }
+            Fault::PeerSlow { count, delay } => {
+                let status = self
+                    .peer
+                    .control(
+                        "bc-authorize-delay",
+                        serde_json::json!({ "count": count, "ms": delay.as_millis() as u64 }),
+                    )
+                    .await;
+                // Stays until `count` requests came; the next fault starts
+                // after `delay` in the schedule.
+                tokio::time::sleep(*delay).await;
+                format!("control answered {status}")
             }
             Fault::UpstreamSlow { delay, lasts } => {
                 self.upstream.set(Behaviour::Slow(*delay));

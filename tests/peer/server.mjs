@@ -477,10 +477,21 @@ async function backchannelMiddleware(ctx, next) {
     ctx.body.interval = INTERVAL;
     const rec = requests.get(ctx.body.auth_req_id);
     if (rec) ctx.body.expires_in = rec.expires_in;
+    // The request is on the person's phone; its answer is late (a client
+    // that dies meanwhile never learns the auth_req_id).
+    if (authorizeDelay.count > 0) {
+      authorizeDelay.count -= 1;
+      log(`bc-authorize ${ctx.body.auth_req_id}: answer held ${authorizeDelay.ms} ms`);
+      await new Promise((resolve) => setTimeout(resolve, authorizeDelay.ms));
+    }
   } else if (ctx.body?.error) {
     log(`bc-authorize rejected: ${ctx.status} ${ctx.body.error} (${ctx.body.error_description ?? ''})`);
   }
 }
+
+// POST /control/bc-authorize-delay { count, ms }: the next `count` bc-authorize
+// requests are recorded (the person is asked) but answered `ms` late.
+const authorizeDelay = { count: 0, ms: 0 };
 
 function slowDown(ctx, rec, why) {
   rec.interval += SLOW_DOWN_INCREMENT;
@@ -718,6 +729,20 @@ async function controlMiddleware(provider, ctx) {
       return undefined;
     }
     return jsonError(ctx, 404, 'not_found', 'no such control endpoint');
+  }
+
+  if (ctx.method === 'POST' && parts.length === 2 && parts[1] === 'bc-authorize-delay') {
+    let body;
+    try {
+      body = await readJson(ctx);
+    } catch {
+      return jsonError(ctx, 400, 'invalid_request', 'body must be JSON');
+    }
+    authorizeDelay.count = Number.isInteger(body.count) ? body.count : 1;
+    authorizeDelay.ms = Number.isInteger(body.ms) ? body.ms : 3000;
+    log(`control: next ${authorizeDelay.count} bc-authorize answers held ${authorizeDelay.ms} ms`);
+    ctx.body = { count: authorizeDelay.count, ms: authorizeDelay.ms };
+    return undefined;
   }
 
   if (ctx.method === 'POST' && parts.length === 2 && parts[1] === 'token-unavailable') {

@@ -23,9 +23,14 @@
 //!   case-insensitive (Express's default, IIS), trailing slash ignored
 //!   (Express, Laravel, Rails), `;params` stripped (Tomcat, Spring, Jetty),
 //!   a format suffix dropped (`/shop.json`: Rails' `(.:format)`, Django REST
-//!   framework's format suffixes), trailing dots dropped (IIS/Windows), and
+//!   framework's format suffixes), trailing dots dropped (IIS/Windows),
 //!   Unicode case folding (`ſ` upper-cases to `S`: Java's
-//!   `equalsIgnoreCase`, .NET's ignore-case comparisons).
+//!   `equalsIgnoreCase`, .NET's ignore-case comparisons), NFKC folding with
+//!   format characters ignored (`ｓ`, `𝐬`, `ﬀ` read as ASCII: IIS's best-fit
+//!   mapping; U+200B and U+00AD ignored by ICU collation), whitespace
+//!   trimmed off each segment (Spring's `AntPathMatcher` with `trimTokens`,
+//!   routers trimming segments), and bytes that are not UTF-8 decoded
+//!   leniently (overlong `%C0%AE` is '.', invalid sequences dropped).
 //! - method: as sent, upper-cased; `HEAD` is served by the `GET` handler
 //!   (Express, Rails, Go, Flask, Spring); `PATCH` and `PUT` by one `update`
 //!   (Rails' `resources`, Laravel's `Route::resource`); `X-HTTP-Method-Override`,
@@ -619,20 +624,25 @@ pub fn path_readings(raw: &str) -> BTreeSet<String> {
         out.insert(raw.to_owned());
         return out;
     }
-    let mut decoded = raw.to_owned();
-    for depth in 0..3 {
-        if depth > 0 {
-            decoded = percent_decode(&decoded);
-        }
-        for strip_params in [false, true] {
-            for strip_suffix in [false, true] {
-                for unicode_fold in [false, true] {
-                    out.insert(canonical(
-                        &decoded,
-                        strip_params,
-                        strip_suffix,
-                        unicode_fold,
-                    ));
+    for utf8 in [Utf8::Lossy, Utf8::Lenient] {
+        let mut decoded = raw.to_owned();
+        for depth in 0..3 {
+            if depth > 0 {
+                decoded = percent_decode(&decoded, utf8);
+            }
+            for strip_params in [false, true] {
+                for strip_suffix in [false, true] {
+                    for unicode in [Unicode::Plain, Unicode::CaseFold, Unicode::Nfkc] {
+                        for trim in [false, true] {
+                            let steps = Steps {
+                                strip_params,
+                                strip_suffix,
+                                unicode,
+                                trim,
+                            };
+                            out.insert(canonical(&decoded, steps));
+                        }
+                    }
                 }
             }
         }
@@ -640,12 +650,65 @@ pub fn path_readings(raw: &str) -> BTreeSet<String> {
     out
 }
 
-fn canonical(path: &str, strip_params: bool, strip_suffix: bool, unicode_fold: bool) -> String {
+/// How decoded bytes that are not UTF-8 are read.
+#[derive(Clone, Copy)]
+enum Utf8 {
+    /// Replaced by U+FFFD (most servers).
+    Lossy,
+    /// Overlong forms decoded to what they encode (`%C0%AE` is '.': old
+    /// IIS, Tomcat and JDK decoders); truncated sequences, lone
+    /// continuation bytes, surrogates and code points beyond U+10FFFF
+    /// dropped (decoders that ignore errors).
+    Lenient,
+}
+
+/// How non-ASCII letters are compared.
+#[derive(Clone, Copy, PartialEq)]
+enum Unicode {
+    /// Byte for byte, ASCII case ignored.
+    Plain,
+    /// Unicode case folding (`ſ` upper-cases to `S`: Java's
+    /// `equalsIgnoreCase`, .NET's ignore-case comparisons).
+    CaseFold,
+    /// NFKC (fullwidth `ｓ`, `𝐬`, `ⓢ`, `ﬀ`, `ˢ` are `s`, `ff`; IIS's
+    /// best-fit mapping), case folded, and the format and other
+    /// default-ignorable characters ICU collation ignores (U+200B, U+00AD,
+    /// U+FEFF) left out (culture-sensitive comparisons in .NET and Java).
+    Nfkc,
+}
+
+/// The lenient steps of one reading.
+#[derive(Clone, Copy)]
+struct Steps {
+    /// `;params` stripped (Tomcat, Spring, Jetty).
+    strip_params: bool,
+    /// Format suffix and trailing dots dropped (Rails, IIS).
+    strip_suffix: bool,
+    unicode: Unicode,
+    /// Whitespace (and a BOM, as JavaScript's `trim`) trimmed off each
+    /// segment: Spring's `AntPathMatcher` with `trimTokens`, routers using
+    /// Go's `TrimSpace` or .NET's `Trim`.
+    trim: bool,
+}
+
+fn canonical(path: &str, steps: Steps) -> String {
+    let path = match steps.unicode {
+        Unicode::Nfkc => {
+            use unicode_normalization::UnicodeNormalization;
+            path.nfkc().filter(|c| !is_ignorable(*c)).collect()
+        }
+        _ => path.to_owned(),
+    };
     let path = path.replace('\\', "/");
     let mut segments: Vec<&str> = Vec::new();
     for segment in path.split('/') {
-        let segment = if strip_params {
+        let segment = if steps.strip_params {
             segment.split(';').next().unwrap_or_default()
+        } else {
+            segment
+        };
+        let segment = if steps.trim {
+            segment.trim_matches(|c: char| c.is_whitespace() || c == '\u{FEFF}')
         } else {
             segment
         };
@@ -658,7 +721,7 @@ fn canonical(path: &str, strip_params: bool, strip_suffix: bool, unicode_fold: b
         }
     }
     let mut segments: Vec<String> = segments.into_iter().map(str::to_owned).collect();
-    if strip_suffix {
+    if steps.strip_suffix {
         if let Some(last) = segments.last_mut() {
             // IIS drops trailing dots; Rails reads `.json` as the format.
             let trimmed = last.trim_end_matches('.');
@@ -677,16 +740,24 @@ fn canonical(path: &str, strip_params: bool, strip_suffix: bool, unicode_fold: b
         segments.retain(|s| !s.is_empty());
     }
     let path = format!("/{}", segments.join("/"));
-    if unicode_fold {
-        path.to_uppercase().to_lowercase()
-    } else {
+    if steps.unicode == Unicode::Plain {
         path.to_lowercase()
+    } else {
+        path.to_uppercase().to_lowercase()
     }
+}
+
+/// What ICU collation ignores: format characters (U+200B, U+00AD,
+/// U+FEFF) and the other default-ignorable code points.
+fn is_ignorable(c: char) -> bool {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+    c.general_category() == GeneralCategory::Format
+        || matches!(c, '\u{034F}' | '\u{180B}'..='\u{180F}' | '\u{FE00}'..='\u{FE0F}')
 }
 
 /// One round of percent-decoding, including IIS's `%uXXXX`; invalid
 /// escapes are kept as they are.
-fn percent_decode(s: &str) -> String {
+fn percent_decode(s: &str, utf8: Utf8) -> String {
     let bytes = s.as_bytes();
     let mut out: Vec<u8> = Vec::with_capacity(bytes.len());
     let hex = |b: &[u8]| {
@@ -717,7 +788,45 @@ fn percent_decode(s: &str) -> String {
         out.push(bytes[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    match utf8 {
+        Utf8::Lossy => String::from_utf8_lossy(&out).into_owned(),
+        Utf8::Lenient => lenient_utf8(&out),
+    }
+}
+
+/// Decodes UTF-8 without checking for overlong forms, and drops whatever
+/// does not decode to a scalar value.
+fn lenient_utf8(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let lead = bytes[i];
+        let (len, initial) = match lead {
+            0x00..=0x7F => (1, u32::from(lead)),
+            0xC0..=0xDF => (2, u32::from(lead & 0x1F)),
+            0xE0..=0xEF => (3, u32::from(lead & 0x0F)),
+            0xF0..=0xF7 => (4, u32::from(lead & 0x07)),
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        let tail = bytes
+            .get(i + 1..i + len)
+            .filter(|t| t.len() == len - 1 && t.iter().all(|b| b & 0xC0 == 0x80));
+        let Some(tail) = tail else {
+            i += 1;
+            continue;
+        };
+        let value = tail
+            .iter()
+            .fold(initial, |v, b| (v << 6) | u32::from(b & 0x3F));
+        if let Some(c) = char::from_u32(value) {
+            out.push(c);
+        }
+        i += len;
+    }
+    out
 }
 
 /// The values of `name` in an urlencoded form (or query string), upper-cased,

@@ -26,6 +26,8 @@ pub struct GatewayProcess {
     pub config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// A command the binary runs under (e.g. `faketime -f +30s`).
+    wrapper: Vec<String>,
     /// Extra environment of the binary from its next start on (e.g.
     /// libfaketime's `LD_PRELOAD` and `FAKETIME`).
     env: Vec<(String, String)>,
@@ -36,10 +38,31 @@ impl GatewayProcess {
     /// Writes a configuration (as [`super::TestGateway`] does) into a new
     /// temporary directory and starts the binary on it.
     pub async fn start(peer: &Peer, shop: &ShopHandle, options: GatewayOptions) -> Self {
+        Self::start_under(peer, shop, options, &[]).await
+    }
+
+    /// As [`Self::start`], the binary run under `wrapper` (its arguments
+    /// first), e.g. Debian's `faketime` for a skewed clock.
+    pub async fn start_under(
+        peer: &Peer,
+        shop: &ShopHandle,
+        options: GatewayOptions,
+        wrapper: &[&str],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (config, proxy, admin) = write_config(dir.path(), &peer.issuer, shop, &options);
-        let mut gateway = Self::on(config, proxy, admin).await;
-        gateway._dir = Some(dir);
+        let log = config.with_extension("log");
+        let mut gateway = Self {
+            proxy,
+            admin,
+            config,
+            log,
+            child: None,
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+            _dir: Some(dir),
+        };
+        gateway.spawn().await;
         gateway
     }
 
@@ -53,16 +76,12 @@ impl GatewayProcess {
             config,
             log,
             child: None,
+            wrapper: Vec::new(),
             env: Vec::new(),
             _dir: None,
         };
         gateway.spawn().await;
         gateway
-    }
-
-    /// The process id of the running binary.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
     }
 
     /// From the next start on, the binary runs with these extra environment
@@ -141,8 +160,27 @@ impl GatewayProcess {
         self.signal("HUP");
     }
 
+    /// SIGSTOP: the process is frozen (a VM pause, a long stall); its
+    /// connections stay open.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// SIGCONT after [`Self::pause`].
+    pub fn unpause(&self) {
+        self.signal("CONT");
+    }
+
+    /// `GET /readyz` on the admin listener: status and body.
+    pub async fn readyz(&self) -> (u16, String) {
+        let response = reqwest::get(format!("http://{}/readyz", self.admin))
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+
     /// `kill -<name>` the running gateway.
-    pub fn signal(&self, name: &str) {
+    fn signal(&self, name: &str) {
         let pid = self.child.as_ref().expect("running").id();
         let status = Command::new("kill")
             .args([&format!("-{name}"), &pid.to_string()])
@@ -179,7 +217,15 @@ impl GatewayProcess {
         )
         .unwrap();
         let stderr = log.try_clone().unwrap();
-        let child = Command::new(BIN)
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(BIN);
+                command
+            }
+            None => Command::new(BIN),
+        };
+        let child = command
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(["run", "--config"])
             .arg(&self.config)

@@ -1,0 +1,277 @@
+//! Ending an approval: recording a refusal, or claiming the approved call
+//! and forwarding it once; answers too large to record.
+
+use super::*;
+use crate::upstream::{ForwardError, Forwarded, Overflow};
+
+impl Engine {
+    /// Records how the approval ended; on approval, forwards the call once.
+    pub(super) async fn end(&self, approval: &Approval, outcome: Outcome, policy: Option<&Policy>) {
+        let id = approval.id.as_str();
+        let result = outcome.result_label();
+        self.metrics
+            .approvals
+            .with_label_values(&[&approval.policy, result])
+            .inc();
+        let waited = SystemTime::now()
+            .duration_since(approval.created_at)
+            .unwrap_or_default();
+        self.metrics
+            .approval_wait
+            .with_label_values(&[result])
+            .observe(waited.as_secs_f64());
+        tracing::info!(
+            approval_id = id,
+            policy = %approval.policy,
+            result,
+            waited_ms = waited.as_millis() as u64,
+            "approval finished"
+        );
+        let grant = match outcome {
+            Outcome::Approved(grant) => grant,
+            Outcome::Denied => {
+                return self
+                    .settle(id, ApprovalState::Denied, ProblemCode::AccessDenied)
+                    .await
+            }
+            Outcome::Expired => {
+                return self
+                    .settle(id, ApprovalState::Expired, ProblemCode::ApprovalExpired)
+                    .await
+            }
+            Outcome::Failed(error) => {
+                let code = problem_for(&error);
+                tracing::warn!(approval_id = id, %error, "approval failed");
+                return self.settle(id, state_for(code), code).await;
+            }
+        };
+        // Resumed after its policy was removed: nothing says which scopes
+        // the call needs, so it is not forwarded (fail closed).
+        let Some(policy) = policy else {
+            tracing::warn!(
+                approval_id = id,
+                policy = %approval.policy,
+                "approved, but its policy is no longer configured; the call is not forwarded"
+            );
+            return self
+                .settle(id, ApprovalState::Failed, ProblemCode::ApprovalFailed)
+                .await;
+        };
+        // The person may approve less than was asked; the call then cannot
+        // be made, so it is not forwarded.
+        if let Some(granted) = &grant.scope {
+            let granted: Vec<&str> = granted.split_whitespace().collect();
+            if let Some(missing) = policy
+                .scopes
+                .iter()
+                .find(|s| !granted.contains(&s.as_str()))
+            {
+                tracing::info!(approval_id = id, %missing, "approved without a required scope");
+                return self
+                    .settle(id, ApprovalState::Denied, ProblemCode::ScopeNotGranted)
+                    .await;
+            }
+        }
+        // The claim: only one process, once, gets past this; whoever holds
+        // the token may make it (the lease is this process's from then on).
+        let owner = self.owner();
+        let forward_for = self.forward_timeout(&approval.upstream);
+        let claimed = self
+            .persist("claim the approved call", TOKEN_RETRY_FOR, || {
+                self.store.claim(id, &owner, self.store.now() + forward_for)
+            })
+            .await;
+        if claimed != Some(true) {
+            if claimed.is_none() {
+                tracing::error!(
+                    approval_id = id,
+                    "could not claim the approved call; it is not forwarded"
+                );
+            }
+            return;
+        }
+        let sent = self
+            .upstreams
+            .send(
+                &approval.upstream,
+                id,
+                &approval.request,
+                &grant.access_token,
+            )
+            .await;
+        drop(grant);
+        match sent {
+            Ok(Forwarded { recorded, overflow }) => {
+                tracing::info!(
+                    approval_id = id,
+                    policy = %approval.policy,
+                    status = recorded.status,
+                    "approved call forwarded"
+                );
+                if let Some(overflow) = overflow {
+                    self.hand_over_large_answer(id, &recorded, overflow);
+                }
+                // Kept until recorded: the row stays `forwarding` under this
+                // process's lease meanwhile, and becomes `outcome_unknown`
+                // only if this process dies first.
+                let _ = self
+                    .persist("record the upstream's answer", TOKEN_RETRY_FOR, || {
+                        self.store.finish(id, &recorded)
+                    })
+                    .await;
+            }
+            Err(ForwardError::NotSent(reason) | ForwardError::UnknownUpstream(reason)) => {
+                tracing::warn!(approval_id = id, %reason, "approved call could not be sent");
+                let _ = self
+                    .persist("record the failed forward", TOKEN_RETRY_FOR, || {
+                        self.store.transition(
+                            id,
+                            ApprovalState::Forwarding,
+                            ApprovalState::Failed,
+                            Some(ProblemCode::UpstreamUnavailable.as_str()),
+                        )
+                    })
+                    .await;
+            }
+            Err(ForwardError::AnswerLost(reason)) => {
+                tracing::warn!(approval_id = id, %reason, "the upstream's answer to the approved call was lost");
+                let _ = self
+                    .persist("record the lost answer", TOKEN_RETRY_FOR, || {
+                        self.store.transition(
+                            id,
+                            ApprovalState::Forwarding,
+                            ApprovalState::OutcomeUnknown,
+                            Some(ProblemCode::OutcomeUnknown.as_str()),
+                        )
+                    })
+                    .await;
+            }
+        }
+    }
+
+    fn lease_until(&self, after: SystemTime) -> SystemTime {
+        after + self.config.lease
+    }
+
+    /// Takes (or renews) the lease on `id` until `busy_until` plus a lease,
+    /// on the store's clock.
+    pub(super) async fn take_lease(&self, id: &str, busy_until: SystemTime) -> bool {
+        match self
+            .store
+            .lease(id, &self.owner(), self.lease_until(busy_until))
+            .await
+        {
+            Ok(held) => held,
+            Err(error) => {
+                tracing::warn!(approval_id = id, %error, "could not renew the polling lease");
+                false
+            }
+        }
+    }
+
+    /// An answer too large to record goes to the agent waiting for it in
+    /// this process, if one is; otherwise it is read to its end and dropped
+    /// (the agent gets `response_not_recorded`).
+    fn hand_over_large_answer(&self, id: &str, recorded: &StoredResponse, overflow: Overflow) {
+        let answer = LargeAnswer {
+            status: recorded.status,
+            headers: recorded.headers.clone(),
+            body: overflow,
+        };
+        let waiter = lock(&self.large_answers).remove(id);
+        let unclaimed = match waiter {
+            Some(waiter) => waiter.send(answer).err(),
+            None => Some(answer),
+        };
+        match unclaimed {
+            None => tracing::info!(
+                approval_id = id,
+                "answer too large to record; streamed to the waiting agent"
+            ),
+            Some(answer) => {
+                tracing::info!(
+                    approval_id = id,
+                    "answer too large to record and nobody waiting for it here; dropped"
+                );
+                self.runtime.spawn(answer.body.drain());
+            }
+        }
+    }
+
+    /// Registers the calling agent as the one that gets `id`'s answer should
+    /// it be too large to record. Only the first waiter gets it.
+    pub fn watch_large_answer(&self, id: &str) -> LargeAnswerWatch {
+        let mut waiters = lock(&self.large_answers);
+        if waiters.contains_key(id) {
+            return LargeAnswerWatch {
+                receiver: None,
+                id: id.to_owned(),
+                waiters: None,
+            };
+        }
+        let (sender, receiver) = oneshot::channel();
+        waiters.insert(id.to_owned(), sender);
+        LargeAnswerWatch {
+            receiver: Some(receiver),
+            id: id.to_owned(),
+            waiters: Some(self.large_answers.clone()),
+        }
+    }
+
+    /// The lease of a forward must outlive the upstream call, or a slow
+    /// answer would be marked unknown; past it, the forwarder is dead.
+    fn forward_timeout(&self, upstream: &str) -> Duration {
+        self.upstreams.longest_call(upstream)
+    }
+
+    /// Records how a pending approval ended. Should the store stay
+    /// unreachable, it is left pending and leased here: housekeeping
+    /// resumes it and asks the server again.
+    pub(super) async fn settle(&self, id: &str, to: ApprovalState, code: ProblemCode) {
+        let _ = self
+            .persist("record how the approval ended", SETTLE_RETRY_FOR, || {
+                self.store
+                    .transition(id, ApprovalState::Pending, to, Some(code.as_str()))
+            })
+            .await;
+    }
+}
+
+/// An approved call's answer too large to record, for the agent waiting.
+#[derive(Debug)]
+pub struct LargeAnswer {
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Overflow,
+}
+
+pub(super) type LargeAnswerWaiters = Arc<Mutex<HashMap<String, oneshot::Sender<LargeAnswer>>>>;
+
+/// An agent's claim on a large answer; dropping it withdraws the claim.
+#[derive(Debug)]
+pub struct LargeAnswerWatch {
+    receiver: Option<oneshot::Receiver<LargeAnswer>>,
+    id: String,
+    waiters: Option<LargeAnswerWaiters>,
+}
+
+impl LargeAnswerWatch {
+    /// The answer, if it came (it is handed over before the approval is
+    /// recorded as done).
+    pub fn take(&mut self) -> Option<LargeAnswer> {
+        self.receiver.as_mut()?.try_recv().ok()
+    }
+}
+
+impl Drop for LargeAnswerWatch {
+    fn drop(&mut self) {
+        // Ours is the entry whose receiver this was: closed once dropped.
+        drop(self.receiver.take());
+        if let Some(waiters) = &self.waiters {
+            let mut waiters = lock(waiters);
+            if waiters.get(&self.id).is_some_and(|s| s.is_closed()) {
+                waiters.remove(&self.id);
+            }
+        }
+    }
+}
