@@ -296,7 +296,7 @@ impl World {
                 }
             }
             let mut counts: Vec<_> = counts.into_iter().collect();
-            counts.sort_by(|a, b| b.1.cmp(&a.1));
+            counts.sort_by_key(|c| std::cmp::Reverse(c.1));
             let _ = writeln!(out, "gw{i}:");
             for (line, n) in counts.into_iter().take(each) {
                 let _ = writeln!(out, "  {n:>5}x {line}");
@@ -473,6 +473,7 @@ pub async fn run(scenario: Scenario) {
     std::fs::write(out.join("history.txt"), text).unwrap();
     world.keep_logs(&out);
     let _ = std::fs::write(out.join("summary.txt"), format!("{summary}\n"));
+    eprintln!("faults {name}: history: {}", out.display());
 
     assert!(
         report.ok(),
