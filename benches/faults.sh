@@ -12,6 +12,8 @@
 #                        about one fault every 5.5 s, so ~540 each)
 #   FAULT_SEED=n         one seed for both scenarios (each draws its own
 #                        schedule from it); default: random, printed
+#   FAULT_PROFILE=release  cargo profile of the gateway and the suite (dev: no
+#                        release build, for a trial of the script)
 #   FAULT_OUT=dir        where the output goes (default: a fresh temp dir, kept);
 #                        each scenario's whole history and gateway logs are in
 #                        target/tmp/faults/<scenario>-<seed>/ (the "history" lines)
@@ -23,6 +25,9 @@ cd "$(dirname "$0")/.."
 REPO=$(pwd)
 
 SECONDS_EACH=${FAULT_SECONDS:-3000}
+PROFILE=${FAULT_PROFILE:-release}
+CARGO_PROFILE=(--profile "$PROFILE")
+[[ $PROFILE == dev ]] && CARGO_PROFILE=()
 OUT=${FAULT_OUT:-$(mktemp -d /tmp/countersign-faults.XXXXXX)}
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/countersign-faults-work.XXXXXX)
@@ -41,15 +46,15 @@ export FAULT_SEED
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 log "output in $OUT; seed $FAULT_SEED, $FAULT_SECONDS s per scenario; load before: $LOAD_START"
 
-log "building (release)"
-cargo test --release --locked --test faults --no-run 2>&1 | tail -1
+log "building ($PROFILE)"
+cargo test "${CARGO_PROFILE[@]}" --locked --test faults --no-run 2>&1 | tail -1
 
 log "running both scenarios at once (about $((FAULT_SECONDS / 60 + 3)) min)"
 STARTED=$(date +%s)
 status=0
 # Bounded: a hang fails the run instead of running forever.
 timeout --kill-after=30s $((FAULT_SECONDS * 2 + 900)) \
-  cargo test --release --locked --test faults -- --nocapture --test-threads 2 \
+  cargo test "${CARGO_PROFILE[@]}" --locked --test faults -- --nocapture --test-threads 2 \
   single_sqlite replicas_postgres >"$OUT/run.log" 2>&1 || status=$?
 ELAPSED=$(( $(date +%s) - STARTED ))
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -59,7 +64,7 @@ total=$(grep -oE ' faults=[0-9]+' <<<"$summaries" | awk -F= '{ s += $2 } END { p
 {
   echo "Countersign fault-injection run, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty')"
   echo "$(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), kernel $(uname -r), PostgreSQL $(psql -h 127.0.0.1 -U root -d test -Atc 'show server_version' 2>/dev/null || echo '?')"
-  echo "FAULT_SEED=$FAULT_SEED FAULT_SECONDS=$FAULT_SECONDS; wall time ${ELAPSED} s; load average: start $LOAD_START, end $LOAD_END"
+  echo "FAULT_SEED=$FAULT_SEED FAULT_SECONDS=$FAULT_SECONDS, $PROFILE build; wall time ${ELAPSED} s; load average: start $LOAD_START, end $LOAD_END"
   echo
   echo "$summaries"
   echo
