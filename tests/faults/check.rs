@@ -33,16 +33,48 @@ pub const INVARIANTS: [&str; 7] = [
     "ops_unanswered",
 ];
 
+/// Observations that are not violations by themselves (a fault can cause
+/// them: a paused authorization server handles queued polls at once), but
+/// are worth reading: printed in the summary, never failing the run.
+pub const NOTES: [&str; 2] = ["slow_down_polls", "early_expiry"];
+
 /// What each invariant found: a count and evidence lines.
 #[derive(Debug, Default)]
 pub struct Report {
     pub found: BTreeMap<&'static str, Vec<String>>,
+    pub notes: BTreeMap<&'static str, Vec<String>>,
 }
 
 impl Report {
     fn add(&mut self, invariant: &'static str, evidence: String) {
         debug_assert!(INVARIANTS.contains(&invariant));
         self.found.entry(invariant).or_default().push(evidence);
+    }
+
+    fn note(&mut self, what: &'static str, evidence: String) {
+        debug_assert!(NOTES.contains(&what));
+        self.notes.entry(what).or_default().push(evidence);
+    }
+
+    /// `name=count` for every note.
+    pub fn note_counts(&self) -> String {
+        NOTES
+            .iter()
+            .map(|n| format!("{n}={}", self.notes.get(n).map_or(0, Vec::len)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Every note's evidence.
+    pub fn note_evidence(&self) -> String {
+        let mut out = String::new();
+        for (what, lines) in &self.notes {
+            let _ = writeln!(out, "{what}: {}", lines.len());
+            for line in lines {
+                let _ = writeln!(out, "  {line}");
+            }
+        }
+        out
     }
 
     pub fn count(&self, invariant: &str) -> usize {
@@ -400,6 +432,48 @@ pub fn check(history: &History) -> Report {
                         op.person,
                         message(op.qty),
                         (op.ended_ms - op.started_ms) / 1000
+                    ),
+                );
+            }
+        }
+    }
+    // Notes. Polls the authorization server answered slow_down (two
+    // pollers of one request, or polls it queued while paused).
+    for push in &history.pushes {
+        if push.slow_downs > 0 {
+            let ids: Vec<&str> = by_message
+                .get(push.binding_message.as_str())
+                .map(|l| l.iter().map(|a| a.id.as_str()).collect())
+                .unwrap_or_default();
+            report.note(
+                "slow_down_polls",
+                format!(
+                    "'{}' ({}): {} of {} polls answered slow_down; approvals {ids:?}",
+                    push.binding_message, push.sub, push.slow_downs, push.polls
+                ),
+            );
+        }
+    }
+    // Approvals ended `expired` well before they expired, while the person
+    // could still answer.
+    for a in &history.approvals {
+        if a.state != "expired" {
+            continue;
+        }
+        let ended = [a.decided_at, a.final_seen_ms].into_iter().flatten().min();
+        if let Some(ended) = ended {
+            if ended < a.expires_at - 2000 {
+                let person = pushes_by_message
+                    .get(a.binding_message.as_str())
+                    .map(|p| p.iter().map(|p| p.status.as_str()).collect::<Vec<_>>())
+                    .unwrap_or_default();
+                report.note(
+                    "early_expiry",
+                    format!(
+                        "approval {} ('{}') ended expired {} ms before its expiry; the requests ended {person:?}",
+                        a.id,
+                        a.binding_message,
+                        a.expires_at - ended
                     ),
                 );
             }

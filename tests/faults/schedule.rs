@@ -67,6 +67,10 @@ pub enum Fault {
     /// The authorization server answers the next `count` bc-authorize
     /// requests `delay` late (it has asked the person already).
     PeerSlow { count: u32, delay: Duration },
+    /// The next bc-authorize is answered `delay` late, and the replica is
+    /// killed (-9) and restarted halfway through: a crash between asking
+    /// the person and learning the `auth_req_id`, when a call came in.
+    CrashWhileAsking { replica: usize, delay: Duration },
     /// The upstream answers each request only after `delay`, for `lasts`.
     UpstreamSlow { delay: Duration, lasts: Duration },
     /// The upstream reads each request and hangs up without an answer,
@@ -88,6 +92,7 @@ impl Fault {
             Fault::SqliteStall { .. } => "sqlite_stall",
             Fault::PeerPause { .. } => "peer_pause",
             Fault::PeerSlow { .. } => "peer_slow",
+            Fault::CrashWhileAsking { .. } => "crash_while_asking",
             Fault::UpstreamSlow { .. } => "upstream_slow",
             Fault::UpstreamHangUp { .. } => "upstream_hangup",
         }
@@ -113,6 +118,13 @@ impl fmt::Display for Fault {
             Fault::PeerPause { lasts } => write!(f, "peer_pause {}", s(lasts)),
             Fault::PeerSlow { count, delay } => {
                 write!(f, "peer_slow next {count} bc-authorize {} late", s(delay))
+            }
+            Fault::CrashWhileAsking { replica, delay } => {
+                write!(
+                    f,
+                    "crash_while_asking gw{replica}, bc-authorize {} late",
+                    s(delay)
+                )
             }
             Fault::UpstreamSlow { delay, lasts } => {
                 write!(f, "upstream_slow {} for {}", s(delay), s(lasts))
@@ -141,7 +153,7 @@ fn busy_for(fault: &Fault) -> Duration {
         Fault::Pause { pause, .. } => *pause,
         Fault::ClockSkew { lasts, .. } => *lasts + restart * 2,
         Fault::PgCut | Fault::PgTerminate => Duration::from_millis(200),
-        Fault::PeerSlow { delay, .. } => *delay,
+        Fault::PeerSlow { delay, .. } | Fault::CrashWhileAsking { delay, .. } => *delay + restart,
         Fault::PgBlackhole { lasts }
         | Fault::SqliteStall { lasts }
         | Fault::PeerPause { lasts }
@@ -158,7 +170,7 @@ fn draw(rng: &mut StdRng, scenario: Scenario) -> Fault {
     let replica = rng.random_range(0..scenario.replicas());
     // Weights: process faults are the commonest in production and the ones
     // the engine promises most about.
-    let common: [(u32, u8); 8] = [
+    let common: [(u32, u8); 9] = [
         (5, 0), // kill9
         (4, 1), // pause
         (4, 2), // sigterm
@@ -167,6 +179,7 @@ fn draw(rng: &mut StdRng, scenario: Scenario) -> Fault {
         (2, 5), // upstream hang-up
         (3, 6), // store fault (per scenario)
         (2, 7), // slow bc-authorize
+        (2, 8), // crash while asking
     ];
     let total: u32 = common.iter().map(|(w, _)| w).sum();
     let mut pick = rng.random_range(0..total);
@@ -201,6 +214,10 @@ fn draw(rng: &mut StdRng, scenario: Scenario) -> Fault {
         7 => Fault::PeerSlow {
             count: rng.random_range(1..4),
             delay: secs(rng, 1.0, 6.0),
+        },
+        8 => Fault::CrashWhileAsking {
+            replica,
+            delay: secs(rng, 2.0, 6.0),
         },
         _ => match scenario {
             Scenario::SingleSqlite => Fault::SqliteStall {
@@ -288,6 +305,7 @@ mod tests {
             "pg_terminate",
             "peer_pause",
             "peer_slow",
+            "crash_while_asking",
             "upstream_slow",
             "upstream_hangup",
         ] {
@@ -298,7 +316,10 @@ mod tests {
         assert!(single.iter().any(|p| p.fault.kind() == "sqlite_stall"));
         assert!(single.iter().all(|p| !p.fault.kind().starts_with("pg_")));
         assert!(single.iter().all(|p| match p.fault {
-            Fault::Kill9 { replica } | Fault::Pause { replica, .. } => replica == 0,
+            Fault::Kill9 { replica }
+            | Fault::Pause { replica, .. }
+            | Fault::Terminate { replica }
+            | Fault::CrashWhileAsking { replica, .. } => replica == 0,
             _ => true,
         }));
     }

@@ -260,6 +260,37 @@ impl World {
                 tokio::time::sleep(*delay).await;
                 format!("control answered {status}")
             }
+            Fault::CrashWhileAsking { replica, delay } => {
+                let before = self.peer.requests().await.len();
+                self.peer
+                    .control(
+                        "bc-authorize-delay",
+                        serde_json::json!({ "count": 1, "ms": delay.as_millis() as u64 }),
+                    )
+                    .await;
+                // Kill while the delayed answer is on its way: as soon as
+                // a new request shows, or halfway through the delay.
+                let deadline = Instant::now() + *delay / 2;
+                let mut asked = false;
+                while Instant::now() < deadline {
+                    if self.peer.requests().await.len() > before {
+                        asked = true;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let gateway = &mut self.gateways[*replica];
+                gateway.kill9();
+                gateway.restart().await;
+                // The delay is left to come or be used by the next request.
+                tokio::time::sleep(delay.saturating_sub(Duration::from_secs(1))).await;
+                if asked {
+                    "killed while a bc-authorize was held".to_owned()
+                } else {
+                    "no bc-authorize came before the kill".to_owned()
+                }
+            }
             Fault::UpstreamSlow { delay, lasts } => {
                 self.upstream.set(Behaviour::Slow(*delay));
                 tokio::time::sleep(*lasts).await;
@@ -447,7 +478,7 @@ pub async fn run(scenario: Scenario) {
         .filter(|o| matches!(o.result, super::agents::Final::Answer { .. }))
         .count();
     let summary = format!(
-        "faults {name} seed={seed} seconds={seconds} ran={:.0}s faults={} [{kinds}] ops={} answered={answered} approvals={} pushes={} forwards={} store_read_errors={} | {}",
+        "faults {name} seed={seed} seconds={seconds} ran={:.0}s faults={} [{kinds}] ops={} answered={answered} approvals={} pushes={} forwards={} store_read_errors={} | {} | notes: {}",
         epoch.elapsed().as_secs_f64(),
         applied.len(),
         history.ops.len(),
@@ -455,7 +486,8 @@ pub async fn run(scenario: Scenario) {
         history.pushes.len(),
         history.arrivals.len(),
         *sightings.read_errors.lock().unwrap(),
-        report.counts()
+        report.counts(),
+        report.note_counts()
     );
     eprintln!("{summary}");
 
@@ -465,6 +497,7 @@ pub async fn run(scenario: Scenario) {
         let _ = writeln!(text, "  {:>8.1}s {} {}", a.at_s, a.fault, a.note);
     }
     let _ = writeln!(text, "\nviolations:\n{}", report.evidence(usize::MAX));
+    let _ = writeln!(text, "notes:\n{}", report.note_evidence());
     let _ = writeln!(text, "ops:\n{:#?}\n", history.ops);
     let _ = writeln!(text, "approvals:\n{:#?}\n", history.approvals);
     let _ = writeln!(text, "pushes:\n{:#?}\n", history.pushes);
