@@ -577,8 +577,9 @@ async fn an_approval_without_the_required_scope_is_not_forwarded() {
 #[tokio::test]
 async fn an_answer_too_large_to_record_reaches_the_waiting_agent_and_only_once() {
     // The shop's order confirmation (~90 bytes) is more than this gateway
-    // records: the held agent still gets it whole, a retry learns it was
-    // made and is not sent again.
+    // records: the held agent still gets it whole. Delivered, it answers no
+    // repeat (issue 25): the same call again is a new purchase, asked about
+    // again, and (denied) nothing more is sent.
     let world = World::start(GatewayOptions {
         limits: "{ max_body_bytes: 1024, max_hold: 60s, max_response_bytes: 40 }",
         ..GatewayOptions::default()
@@ -598,8 +599,14 @@ async fn an_answer_too_large_to_record_reaches_the_waiting_agent_and_only_once()
     assert_eq!(order["qty"], 2);
     assert_eq!(order["buyer"], "alice");
 
-    let retry = world.buy("alice", phones()).send().await.unwrap();
-    problem(retry, 502, "response_not_recorded").await;
+    let repeat = tokio::spawn(world.buy("alice", phones()).send());
+    let asked_again = world.peer.wait_pending(Some("alice"), 1).await;
+    assert_ne!(asked_again[0]["auth_req_id"], pending[0]["auth_req_id"]);
+    world
+        .peer
+        .deny(asked_again[0]["auth_req_id"].as_str().unwrap())
+        .await;
+    problem(repeat.await.unwrap().unwrap(), 403, "access_denied").await;
     assert_eq!(world.shop.received().len(), 1, "forwarded once");
 }
 

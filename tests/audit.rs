@@ -69,6 +69,10 @@ async fn operators_see_what_was_asked_and_decided() {
     assert_eq!(one["id"], approved.as_str());
     assert_eq!(one["state"], "done");
     assert_eq!(one["response_status"], 200);
+    // The held call was given the order: delivered. A denial has no answer
+    // to deliver.
+    assert!(one["delivered_at_ms"].as_i64().is_some(), "{one}");
+    assert!(entry["delivered_at_ms"].is_null(), "{entry}");
 
     let (status, _) = admin_get(&world, "/approvals/no-such-approval").await;
     assert_eq!(status, 404);

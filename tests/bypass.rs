@@ -599,7 +599,30 @@ fn spellings() -> Vec<Spelling> {
     ]
     .into_iter()
     .chain(unicode_spellings())
+    .chain(encoded_semicolon_spellings())
     .collect()
+}
+
+/// Spellings with an encoded `;`: a server that decodes before it strips
+/// `;params` (a decoding proxy in front of Tomcat, Spring's `UrlPathHelper`
+/// when it decodes first) reads `/shop%3Bx` as `/shop;x`, so `/shop`, while
+/// the gateway's key cut only at a literal `;`. Each is refused,
+/// `invalid_path`, on every path.
+fn encoded_semicolon_spellings() -> Vec<Spelling> {
+    vec![
+        spelling("POST /shop%3Bx", json("POST /shop%3Bx", &[SHOP])),
+        spelling(
+            "POST /shop%3bjsessionid=1",
+            json("POST /shop%3bjsessionid=1", &[SHOP]),
+        ),
+        // /x/..;/shop climbs back to /shop once ';' is cut.
+        spelling("POST /x/..%3B/shop", json("POST /x/..%3B/shop", &[SHOP])),
+        spelling(
+            "DELETE /orders%3Bx/7",
+            bare("DELETE /orders%3Bx/7", &[SHOP]),
+        ),
+        spelling("GET /admin%3b/x", bare("GET /admin%3b/x", &[ADMIN])),
+    ]
 }
 
 /// Spellings whose escapes spell something other than plain UTF-8 text in
@@ -846,13 +869,14 @@ async fn no_spelling_of_a_held_route_reaches_the_upstream_unapproved() {
     );
 }
 
-/// Each spelling of issue 19 is refused with `invalid_path` (on every path:
-/// the gateway cannot know what an upstream aliases) and nothing of it
-/// arrives upstream, held route or not.
+/// Each spelling of issue 19, and each encoded `;`, is refused with
+/// `invalid_path` (on every path: the gateway cannot know what an upstream
+/// aliases) and nothing of it arrives upstream, held route or not.
 #[tokio::test]
-async fn unicode_and_invalid_utf8_spellings_are_refused_as_invalid_path() {
+async fn unicode_invalid_utf8_and_encoded_semicolon_spellings_are_refused_as_invalid_path() {
     let world = BypassWorld::start().await;
-    let spellings = unicode_spellings();
+    let mut spellings = unicode_spellings();
+    spellings.extend(encoded_semicolon_spellings());
     let answers = send_all(world.gateway.proxy, &spellings).await;
     world.deny_pending().await;
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -506,6 +506,42 @@ async fn a_retried_call_attaches_to_the_approval_and_each_request_gets_its_answe
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_tool_call_after_its_result_was_delivered_asks_again() {
+    // The model buys two phones and gets the result; then it asks for two
+    // more with the identical tools/call. That is a new purchase, asked
+    // about again (issue 25), not the first result handed back.
+    let world = McpWorld::start().await;
+    let client = world.client(
+        Some("alice"),
+        json!([buy("XYZ phone", 2), buy("XYZ phone", 2)]),
+    );
+    let first = world.pending("alice").await;
+    world
+        .peer
+        .approve(first["auth_req_id"].as_str().unwrap())
+        .await;
+    let second = world.pending("alice").await;
+    assert_ne!(second["auth_req_id"], first["auth_req_id"], "asked again");
+    assert_eq!(second["binding_message"], MESSAGE);
+    world
+        .peer
+        .approve(second["auth_req_id"].as_str().unwrap())
+        .await;
+    let out = client.await.unwrap();
+    let orders: Vec<&Value> = out[..2]
+        .iter()
+        .map(|step| {
+            let result = &step["results"][0];
+            assert_eq!(result["isError"], Value::Null, "{result}");
+            &result["structuredContent"]["order"]
+        })
+        .collect();
+    assert_ne!(orders[0], orders[1], "two purchases: {out:?}");
+    assert_eq!(world.server.bought().await.len(), 2);
+    assert_eq!(world.peer.requests().await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn messages_that_could_be_read_another_way_are_refused() {
     let world = McpWorld::start().await;
     let buy = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"buy_product","arguments":{"product":"XYZ phone","qty":2}}}"#;

@@ -554,3 +554,47 @@ async fn a_single_sqlite_gateway_restarted_after_a_crash_resumes_at_once() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_from_the_authorization_server_survives_a_restart() {
+    // The server answers a poll 503 with Retry-After: 20, then the gateway
+    // crashes. Before, the restarted gateway polled one interval (5 s)
+    // after it came back, too early for the server (slow_down).
+    let peer = Peer::start();
+    let shop = start_shop(&peer).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut gateway = GatewayProcess::start(&peer, &shop, options(sqlite(&dir, "2s"))).await;
+    let status = peer
+        .control(
+            "token-unavailable",
+            json!({ "count": 1, "status": 503, "retry_after": 20 }),
+        )
+        .await;
+    assert!(status.is_success());
+    let agent = reqwest::Client::new();
+    let id = accepted(
+        call(&agent, gateway.proxy, "alice", "XYZ phone", 2)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let auth_req_id = asked(&peer, "alice").await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while peer.request(&auth_req_id).await["polls"] != 1 {
+        assert!(Instant::now() < deadline, "never polled");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gateway.kill9();
+    gateway.restart().await;
+    peer.approve(&auth_req_id).await;
+    let proxy = gateway.proxy;
+    let send = || call(&agent, proxy, "alice", "XYZ phone", 2);
+    order(answered(Duration::from_secs(40), send).await, &id).await;
+    let request = peer.request(&auth_req_id).await;
+    assert_eq!(
+        request["slow_downs"], 0,
+        "no poll before Retry-After: {request}"
+    );
+}

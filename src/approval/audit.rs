@@ -40,6 +40,7 @@ pub fn entry(approval: &Approval) -> Value {
         "expires_at_ms": ms(approval.expires_at),
         "problem_code": approval.problem_code,
         "response_status": approval.response.as_ref().map(|r| r.status),
+        "delivered_at_ms": approval.delivered_at.map(ms),
         "request": {
             "method": approval.request.method,
             "path_and_query": approval.request.path_and_query,
@@ -107,13 +108,13 @@ pub fn table(approvals: &[Approval]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<36} {:<20} {:<16} {:<16} {:<20} {:<20} {:<6} BINDING MESSAGE",
-        "ID", "CREATED", "STATE", "POLICY", "SUBJECT", "DECIDED", "STATUS"
+        "{:<36} {:<20} {:<16} {:<16} {:<20} {:<20} {:<6} {:<20} BINDING MESSAGE",
+        "ID", "CREATED", "STATE", "POLICY", "SUBJECT", "DECIDED", "STATUS", "DELIVERED"
     );
     for a in approvals {
         let _ = writeln!(
             out,
-            "{:<36} {:<20} {:<16} {:<16} {:<20} {:<20} {:<6} {}",
+            "{:<36} {:<20} {:<16} {:<16} {:<20} {:<20} {:<6} {:<20} {}",
             a.id,
             time(a.created_at),
             a.state.as_str(),
@@ -124,6 +125,7 @@ pub fn table(approvals: &[Approval]) -> String {
                 .as_ref()
                 .map(|r| r.status.to_string())
                 .unwrap_or_else(|| "-".to_owned()),
+            a.delivered_at.map(time).unwrap_or_else(|| "-".to_owned()),
             a.binding_message.replace(['\n', '\r'], " "),
         );
     }

@@ -157,6 +157,12 @@ impl ApprovalStore for ConfiguredStore {
         })
         .await
     }
+    async fn mark_delivered(&self, id: &str) -> Result<bool, StoreError> {
+        self.timed("mark_delivered", async {
+            self.open().await?.mark_delivered(id).await
+        })
+        .await
+    }
     async fn claim(&self, id: &str, owner: &str, until: SystemTime) -> Result<bool, StoreError> {
         self.timed("claim", async {
             self.open().await?.claim(id, owner, until).await

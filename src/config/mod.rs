@@ -99,7 +99,8 @@ impl<'de> Deserialize<'de> for ApprovalsPath {
 pub struct StoreConfig {
     pub backend: StoreBackend,
     /// A retried call that already finished gets its recorded answer for
-    /// this long; after it, the same call is a new one.
+    /// this long; after it, the same call is a new one. Without an
+    /// Idempotency-Key, only until the answer was delivered to an agent.
     pub replay_window: Duration,
     /// How long approvals are kept for the audit trail.
     pub retention: Duration,

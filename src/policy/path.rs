@@ -6,8 +6,8 @@
 //! no `;matrix` parameters, dot segments resolved again after those are
 //! stripped) so that every spelling an upstream framework might treat as the
 //! same resource falls under the same policy. Ambiguous spellings that
-//! frameworks disagree on (encoded `/` or `\`, NUL, `..` above the root) are
-//! refused rather than guessed.
+//! frameworks disagree on (encoded `/`, `\` or `;`, NUL, `..` above the root)
+//! are refused rather than guessed.
 //!
 //! What a segment's escapes spell is checked too ([`check_spelled_text`]):
 //! it must be UTF-8, in NFKC, without invisible characters and without
@@ -29,6 +29,8 @@ pub enum PathError {
     NotAbsolute,
     #[error("the path contains an encoded '/' or '\\', which servers interpret differently")]
     EncodedSeparator,
+    #[error("the path contains an encoded ';' (%3B), which servers that decode before they strip ';params' read as the start of a path parameter")]
+    EncodedSemicolon,
     #[error("the path contains a backslash")]
     Backslash,
     #[error("the path contains a control character or NUL")]
@@ -260,6 +262,11 @@ fn canonical_segment(raw: &str) -> Result<String, PathError> {
             let value = decode_hex_pair(hex).ok_or(PathError::BadPercentEncoding)?;
             match value {
                 b'/' | b'\\' => return Err(PathError::EncodedSeparator),
+                // Literal `;` starts a parameter the match key drops; an
+                // encoded one is data to some servers and, decoded first,
+                // a parameter to others (`/shop%3Bx` is `/shop` there).
+                // Which one is the upstream's choice, so it is refused.
+                b';' => return Err(PathError::EncodedSemicolon),
                 0..=0x1f | 0x7f => return Err(PathError::ControlCharacter),
                 _ if is_unreserved(value) => out.push(value as char),
                 _ => {
@@ -335,7 +342,7 @@ mod tests {
     fn forwarded_path_is_the_canonical_spelling() {
         assert_eq!(forward("//shop/./items/../orders/"), "/shop/orders/");
         assert_eq!(forward("/%73hop"), "/shop");
-        assert_eq!(forward("/a%3bb"), "/a%3Bb");
+        assert_eq!(forward("/a%3fb"), "/a%3Fb");
         assert_eq!(forward("/"), "/");
     }
 
@@ -390,7 +397,6 @@ mod tests {
             "/%20shop",
             "/shop%20/x",
             "/shop%20;jsessionid=1",
-            "/shop%20%3Bx",
             "/shop%C2%A0",
             "/shop%E3%80%80",
             "/shop%E2%80%83",
@@ -406,6 +412,27 @@ mod tests {
         assert_eq!(forward("/files/my doc"), "/files/my%20doc");
         // A trailing space is refused after a `;param` too.
         assert_eq!(normalize("/x;a=%20"), Err(PathError::EdgeWhitespace));
+    }
+
+    /// Decoded before `;params` are stripped, `%3B` cuts the segment where
+    /// the match key (which cuts at a literal `;` only) did not.
+    #[test]
+    fn an_encoded_semicolon_is_refused() {
+        for raw in [
+            "/shop%3Bx",
+            "/shop%3bjsessionid=1",
+            "/shop%3B",
+            "/x/..%3B/shop",
+            "/orders%3Bx/7",
+            "/a%3bb",
+            "/shop;a=%3B",
+            "/shop%20%3Bx",
+        ] {
+            assert_eq!(normalize(raw), Err(PathError::EncodedSemicolon), "{raw}");
+        }
+        // A literal `;` is a parameter to the key, as to Tomcat and Spring.
+        assert_eq!(key("/shop;x"), "/shop");
+        assert_eq!(forward("/shop;x"), "/shop;x");
     }
 
     #[test]
@@ -466,7 +493,7 @@ mod tests {
             "/%D0%BC%D0%B0%D0%B3%D0%B0%D0%B7%D0%B8%D0%BD", // магазин
             "/%E2%82%AC",                                  // euro sign
             "/%F0%9F%98%80",                               // emoji
-            "/x%3B%20y",
+            "/x;a=%20y",
         ] {
             assert_eq!(forward(raw), raw, "{raw}");
         }

@@ -223,6 +223,7 @@ impl Countersign {
     /// Writes the answer of a call the gateway ended itself. `Ok(true)`:
     /// answered, nothing goes upstream.
     async fn reply(&self, session: &mut Session, ctx: &mut CallCtx, reply: Reply) -> Result<bool> {
+        let answers_approved_call = matches!(reply, Reply::Replay(_) | Reply::Stream(_));
         match reply {
             Reply::Mcp(reply) => self.answer_rpc(session, ctx, *reply).await?,
             reply if ctx.mcp.is_some() && !matches!(reply, Reply::Disconnected) => {
@@ -241,7 +242,28 @@ impl Countersign {
                 .into_down());
             }
         }
+        // Every write above ends with pingora's `finish_body`, which
+        // flushes: reaching here, the whole answer was handed to the
+        // agent's connection. One that failed returned early, undelivered.
+        if answers_approved_call {
+            self.note_delivered(ctx).await;
+        }
         Ok(true)
+    }
+
+    /// The approved call's answer reached an agent in full: without an
+    /// Idempotency-Key, a repeat of the call is a new call (README, the
+    /// retry contract). Awaited before the connection reads its next
+    /// request, so a repeat sent on it is judged after the mark.
+    async fn note_delivered(&self, ctx: &CallCtx) {
+        let Some(id) = ctx.approval_id.as_deref() else {
+            return;
+        };
+        if let Err(error) = self.engine.store().mark_delivered(id).await {
+            // Not fail-open: a repeat then gets this answer again instead
+            // of a new approval; nothing is forwarded.
+            tracing::warn!(approval_id = id, %error, "could not record that the answer was delivered");
+        }
     }
 }
 

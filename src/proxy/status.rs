@@ -63,5 +63,8 @@ fn status_body(approval: &Approval) -> serde_json::Value {
         "decided_at_ms": approval.decided_at.map(millis),
         "problem_code": approval.problem_code,
         "response_status": approval.response.as_ref().map(|r| r.status),
+        // When the upstream's answer first reached an agent in full; null
+        // while it has not (a retry gets it).
+        "delivered_at_ms": approval.delivered_at.map(millis),
     })
 }

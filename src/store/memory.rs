@@ -152,6 +152,22 @@ impl ApprovalStore for MemoryStore {
         Ok(true)
     }
 
+    async fn mark_delivered(&self, id: &str) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let Some(record) = inner.approvals.get_mut(id) else {
+            return Ok(false);
+        };
+        let a = &mut record.approval;
+        if a.state != ApprovalState::Done || a.delivered_at.is_some() {
+            return Ok(false);
+        }
+        a.delivered_at = Some(now());
+        if a.idempotency_key.is_none() {
+            inner.detach(id);
+        }
+        Ok(true)
+    }
+
     async fn claim(&self, id: &str, owner: &str, until: SystemTime) -> Result<bool, StoreError> {
         let mut inner = self.lock();
         let Some(record) = inner.approvals.get_mut(id) else {

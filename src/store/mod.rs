@@ -175,6 +175,10 @@ pub struct Approval {
     /// bc-authorize is sent): an approval with this set and no `ciba` may
     /// have reached the person's phone, so it is never asked again.
     pub asked_at: Option<SystemTime>,
+    /// When the recorded answer (of a `Done` approval) was first written in
+    /// full and flushed to an agent. Without an `idempotency_key` such an
+    /// approval answers no further call ([`ApprovalStore::mark_delivered`]).
+    pub delivered_at: Option<SystemTime>,
 }
 
 /// What [`ApprovalStore::insert_or_attach`] did.
@@ -224,7 +228,8 @@ pub trait ApprovalStore: Send + Sync + std::fmt::Debug {
     /// Atomically inserts, or returns the approval the call must attach to:
     /// an approval of the same subject whose attach key matches and that is
     /// still attachable (non-final, or final and updated less than
-    /// `replay_window` before `approval.created_at`). The attach key is
+    /// `replay_window` before `approval.created_at` and, unless it has an
+    /// idempotency key, its answer not yet delivered). The attach key is
     /// `key:{subject}:{idempotency_key}` when a key is given, else
     /// `fp:{subject}:{fingerprint}`. The same idempotency key with a
     /// different fingerprint is [`StoreError::KeyReuse`]. Race-free across
@@ -246,6 +251,15 @@ pub trait ApprovalStore: Send + Sync + std::fmt::Debug {
     /// is pending, never asked, and leased to `owner`. Whether it was
     /// recorded (`false`: do not ask).
     async fn mark_asked(&self, id: &str, owner: &str) -> Result<bool, StoreError>;
+
+    /// Records that the recorded answer of `id` (a `Done` approval) was
+    /// written in full to an agent: the first time only (`false` after, or
+    /// when not done). Without an idempotency key the approval then answers
+    /// no further call, in the same statement (its attach key is cleared),
+    /// so the next identical call is a new approval and the person is asked
+    /// again; with one, retries keep getting the answer within the replay
+    /// window.
+    async fn mark_delivered(&self, id: &str) -> Result<bool, StoreError>;
 
     /// The exactly-once claim of an approved call: `Pending -> Forwarding`,
     /// leased to `owner` until `until` (the forward's longest time), whoever
@@ -363,10 +377,18 @@ pub fn attach_key(approval: &NewApproval) -> String {
     }
 }
 
-/// Whether a retry made at `now_ms` may attach to `existing`.
+/// Whether a retry made at `now_ms` may attach to `existing`: while it is
+/// under way; once final, within the replay window, unless its answer was
+/// delivered to a call that named no Idempotency-Key (a repeat of that call
+/// is a new one, not a retry).
 fn attachable(existing: &Approval, now_ms: i64, replay_window: Duration) -> bool {
-    !existing.state.is_final()
-        || to_ms(existing.updated_at) > now_ms.saturating_sub(duration_ms(replay_window))
+    if !existing.state.is_final() {
+        return true;
+    }
+    let within_window =
+        to_ms(existing.updated_at) > now_ms.saturating_sub(duration_ms(replay_window));
+    let replayable = existing.idempotency_key.is_some() || existing.delivered_at.is_none();
+    within_window && replayable
 }
 
 /// Unix milliseconds, saturating.
@@ -490,6 +512,7 @@ impl fmt::Debug for Approval {
             .field("lease_owner", &self.lease_owner)
             .field("lease_until", &self.lease_until)
             .field("asked_at", &self.asked_at)
+            .field("delivered_at", &self.delivered_at)
             .finish()
     }
 }
@@ -519,6 +542,7 @@ impl Approval {
             lease_owner: None,
             lease_until: None,
             asked_at: None,
+            delivered_at: None,
         }
     }
 }

@@ -61,7 +61,7 @@ macro_rules! columns {
          request_headers, request_body, ciba_auth_req_id, ciba_interval_ms, \
          ciba_next_poll_at, ciba_deadline, response_status, response_headers, response_body, \
          problem_code, created_at, expires_at, updated_at, decided_at, lease_owner, lease_until, \
-         ciba_asked_at"
+         ciba_asked_at, delivered_at"
     };
 }
 
@@ -86,6 +86,14 @@ const INSERT: &str = "INSERT INTO approvals (id, policy, subject, upstream, fing
 
 const COUNT_PENDING: &str =
     "SELECT COUNT(*) FROM approvals WHERE subject = $1 AND state = 'pending'";
+
+/// The first delivery of a done approval's answer. Without an
+/// Idempotency-Key the approval stops answering calls: its attach key is
+/// cleared, so the next identical call inserts a new approval. `updated_at`
+/// stays: a keyed approval's replay window still runs from its ending.
+const MARK_DELIVERED: &str = "UPDATE approvals SET delivered_at = $2, \
+     attach_key = CASE WHEN idempotency_key IS NULL THEN NULL ELSE attach_key END \
+     WHERE id = $1 AND state = 'done' AND delivered_at IS NULL";
 
 const MARK_ASKED: &str = "UPDATE approvals SET ciba_asked_at = $3, updated_at = $3 \
      WHERE id = $1 AND state = 'pending' AND ciba_asked_at IS NULL AND lease_owner = $2";
@@ -231,6 +239,11 @@ const MIGRATIONS_SQLITE: Embedded = Embedded(&[
         "asked once, bounded sweeps",
         include_str!("../../migrations/sqlite/0003_faults.sql"),
     ),
+    (
+        4,
+        "delivered answers",
+        include_str!("../../migrations/sqlite/0004_delivered.sql"),
+    ),
 ]);
 
 const MIGRATIONS_POSTGRES: Embedded = Embedded(&[
@@ -248,6 +261,11 @@ const MIGRATIONS_POSTGRES: Embedded = Embedded(&[
         3,
         "asked once, bounded sweeps",
         include_str!("../../migrations/postgres/0003_faults.sql"),
+    ),
+    (
+        4,
+        "delivered answers",
+        include_str!("../../migrations/postgres/0004_delivered.sql"),
     ),
 ]);
 
@@ -823,6 +841,19 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
             .await
     }
 
+    async fn mark_delivered(&self, id: &str) -> Result<bool, StoreError> {
+        let backend = self.backend.clone();
+        let params = [text(id), int(self.now_ms())];
+        self.driver
+            .run("mark_delivered", async move {
+                Ok(backend
+                    .exec("mark_delivered", MARK_DELIVERED, &params)
+                    .await?
+                    == 1)
+            })
+            .await
+    }
+
     async fn claim(&self, id: &str, owner: &str, until: SystemTime) -> Result<bool, StoreError> {
         let backend = self.backend.clone();
         let params = [text(id), text(owner), int(to_ms(until)), int(self.now_ms())];
@@ -1191,6 +1222,7 @@ where
         lease_owner: get(row, "lease_owner")?,
         lease_until: opt_time("lease_until")?,
         asked_at: opt_time("ciba_asked_at")?,
+        delivered_at: opt_time("delivered_at")?,
     })
 }
 

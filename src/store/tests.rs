@@ -165,6 +165,10 @@ macro_rules! cases {
             released_leases_are_adopted_at_once,
             orphans_include_our_own_stranded_approvals,
             the_sweep_drops_answers_past_the_replay_window,
+            a_delivered_answer_answers_no_further_call,
+            only_a_done_approval_is_delivered,
+            a_delivered_answer_with_a_key_is_replayed_within_the_window,
+            calls_racing_a_delivery_make_at_most_one_new_approval,
         );
     };
 }
@@ -1204,4 +1208,148 @@ async fn the_sweep_drops_answers_past_the_replay_window(f: Fixture) {
     assert_eq!(response.status, 201);
     assert!(response.body.is_none(), "no retry can need it");
     assert!(swept.ciba.is_none(), "auth_req_id dropped");
+}
+
+/// Pending -> ... -> Done with an answer, as the engine forwards.
+async fn done(store: &Arc<dyn ApprovalStore>, id: &str) {
+    claim(store, id).await;
+    let answer = StoredResponse {
+        status: 200,
+        headers: vec![("content-type".into(), b"application/json".to_vec())],
+        body: Some(br#"{"order":"ord-1"}"#.to_vec()),
+    };
+    assert!(store.finish(id, &answer).await.unwrap());
+}
+
+async fn a_delivered_answer_answers_no_further_call(f: Fixture) {
+    create(&f.store, &call("d1", "alice", "fp1", None)).await;
+    done(&f.store, "d1").await;
+    // Not yet delivered (the agent hung up): the retry gets the answer.
+    assert_eq!(
+        attach(&f.other, &call("d2", "alice", "fp1", None)).await.id,
+        "d1"
+    );
+    assert!(get(&f.store, "d1").await.delivered_at.is_none());
+
+    let before = now();
+    assert!(f.other.mark_delivered("d1").await.unwrap());
+    assert!(
+        !f.store.mark_delivered("d1").await.unwrap(),
+        "the first only"
+    );
+    let delivered = get(&f.store, "d1").await;
+    let at = delivered.delivered_at.expect("delivered_at");
+    assert!(at >= before && at <= now() + MINUTE, "{at:?}");
+    assert_eq!(delivered.state, ApprovalState::Done);
+    assert_eq!(
+        delivered.updated_at,
+        get(&f.other, "d1").await.updated_at,
+        "the same row"
+    );
+    assert!(
+        delivered.response.unwrap().body.is_some(),
+        "kept for the status resource and the audit trail"
+    );
+
+    // The same call again, on either handle, is a new approval...
+    create(&f.store, &call("d3", "alice", "fp1", None)).await;
+    // ...which its own retries attach to.
+    assert_eq!(
+        attach(&f.other, &call("d4", "alice", "fp1", None)).await.id,
+        "d3"
+    );
+}
+
+async fn only_a_done_approval_is_delivered(f: Fixture) {
+    use ApprovalState::*;
+    create(&f.store, &call("p1", "alice", "fp1", None)).await;
+    assert!(!f.store.mark_delivered("p1").await.unwrap(), "pending");
+    assert!(!f.store.mark_delivered("missing").await.unwrap());
+    assert_eq!(
+        attach(&f.other, &call("p2", "alice", "fp1", None)).await.id,
+        "p1"
+    );
+    // A denial told to the agent is still told to its retries (within the
+    // window): the person is not asked again about what they refused.
+    assert!(f
+        .store
+        .transition("p1", Pending, Denied, Some("access_denied"))
+        .await
+        .unwrap());
+    assert!(!f.store.mark_delivered("p1").await.unwrap(), "denied");
+    let retry = attach(&f.other, &call("p3", "alice", "fp1", None)).await;
+    assert_eq!((retry.id.as_str(), retry.state), ("p1", Denied));
+    assert!(retry.delivered_at.is_none());
+}
+
+async fn a_delivered_answer_with_a_key_is_replayed_within_the_window(f: Fixture) {
+    let t0 = now();
+    create(&f.store, &call("k1", "alice", "fp1", Some("K"))).await;
+    done(&f.store, "k1").await;
+    assert!(f.store.mark_delivered("k1").await.unwrap());
+    // The key says "the same operation": replayed, as often as asked.
+    for retry in ["k2", "k3"] {
+        let again = attach(&f.other, &call(retry, "alice", "fp1", Some("K"))).await;
+        assert_eq!(again.id, "k1");
+        assert!(again.delivered_at.is_some());
+    }
+    // The key still names one call only.
+    assert!(matches!(
+        f.store
+            .insert_or_attach(&call("k4", "alice", "fp2", Some("K")), terms())
+            .await,
+        Err(StoreError::KeyReuse)
+    ));
+    // Past the window, a new approval.
+    create(
+        &f.store,
+        &at(call("k5", "alice", "fp1", Some("K")), t0 + 2 * WINDOW),
+    )
+    .await;
+    // The same call without the key was never delivered anything.
+    create(&f.store, &call("n1", "alice", "fp1", None)).await;
+}
+
+async fn calls_racing_a_delivery_make_at_most_one_new_approval(f: Fixture) {
+    create(&f.store, &call("d1", "alice", "fp1", None)).await;
+    done(&f.store, "d1").await;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let store = if i % 2 == 0 {
+            f.store.clone()
+        } else {
+            f.other.clone()
+        };
+        if i == 5 {
+            tasks.push(tokio::spawn(async move {
+                assert!(store.mark_delivered("d1").await.unwrap());
+                None
+            }));
+            continue;
+        }
+        tasks.push(tokio::spawn(async move {
+            let repeat = call(&format!("r{i}"), "alice", "fp1", None);
+            match store.insert_or_attach(&repeat, terms()).await.unwrap() {
+                Inserted::Created => Some(repeat.id),
+                Inserted::Existing(e) => Some(e.id),
+                Inserted::LimitReached => panic!("no limit was set"),
+            }
+        }));
+    }
+    let mut answered_by = Vec::new();
+    for task in tasks {
+        answered_by.extend(task.await.unwrap());
+    }
+    // Each call got d1's answer (before the delivery) or the one new
+    // approval made after it, never a second new one.
+    answered_by.sort();
+    answered_by.dedup();
+    answered_by.retain(|id| id != "d1");
+    assert!(answered_by.len() <= 1, "{answered_by:?}");
+    let next = call("z", "alice", "fp1", None);
+    match f.other.insert_or_attach(&next, terms()).await.unwrap() {
+        Inserted::Existing(e) => assert_eq!(Some(&e.id), answered_by.first()),
+        Inserted::Created => assert!(answered_by.is_empty()),
+        Inserted::LimitReached => panic!("no limit was set"),
+    }
 }

@@ -115,7 +115,7 @@ impl Engine {
                 // process's lease meanwhile, and becomes `outcome_unknown`
                 // only if this process dies first.
                 let _ = self
-                    .persist("record the upstream's answer", TOKEN_RETRY_FOR, || {
+                    .persist("record the upstream's answer", ANSWER_RETRY_FOR, || {
                         self.store.finish(id, &recorded)
                     })
                     .await;
@@ -123,7 +123,7 @@ impl Engine {
             Err(ForwardError::NotSent(reason) | ForwardError::UnknownUpstream(reason)) => {
                 tracing::warn!(approval_id = id, %reason, "approved call could not be sent");
                 let _ = self
-                    .persist("record the failed forward", TOKEN_RETRY_FOR, || {
+                    .persist("record the failed forward", ANSWER_RETRY_FOR, || {
                         self.store.transition(
                             id,
                             ApprovalState::Forwarding,
@@ -136,7 +136,7 @@ impl Engine {
             Err(ForwardError::AnswerLost(reason)) => {
                 tracing::warn!(approval_id = id, %reason, "the upstream's answer to the approved call was lost");
                 let _ = self
-                    .persist("record the lost answer", TOKEN_RETRY_FOR, || {
+                    .persist("record the lost answer", ANSWER_RETRY_FOR, || {
                         self.store.transition(
                             id,
                             ApprovalState::Forwarding,

@@ -71,6 +71,12 @@ const SETTLE_RETRY_FOR: Duration = Duration::from_secs(60);
 /// How long a token in hand is kept while the store cannot be reached:
 /// the claim, the answer's record. Access tokens live about this long.
 const TOKEN_RETRY_FOR: Duration = Duration::from_secs(600);
+/// How long the outcome of a forward (the upstream's answer, or that it
+/// failed) is kept while the store cannot be reached: the call was made,
+/// so it is recorded whenever the store is back, or the row would stay
+/// `forwarding` under this live process's lease. Shutting down stops
+/// waiting (then it becomes `outcome_unknown`).
+const ANSWER_RETRY_FOR: Duration = Duration::from_secs(86_400);
 /// The longest pause between two attempts at a store write.
 const STORE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -502,5 +508,45 @@ fn to_instant(at: SystemTime) -> Instant {
         Err(behind) => Instant::now()
             .checked_sub(behind.duration())
             .unwrap_or_else(Instant::now),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wake_up_entry_lives_only_while_an_agent_waits() {
+        let settled = Mutex::new(HashMap::new());
+        let mut first = Waiter {
+            settled: &settled,
+            id: "a1",
+            notify: None,
+        };
+        let mut second = Waiter {
+            settled: &settled,
+            id: "a1",
+            notify: None,
+        };
+        let mine = first.watch();
+        let theirs = second.watch();
+        assert!(Arc::ptr_eq(&mine, &theirs), "one entry per approval");
+        drop((mine, theirs));
+        drop(first);
+        assert_eq!(lock(&settled).len(), 1, "the second agent still waits");
+        drop(second);
+        assert!(lock(&settled).is_empty(), "no entry once nobody waits");
+
+        // Woken (the entry removed), then left: nothing of it stays.
+        let mut woken = Waiter {
+            settled: &settled,
+            id: "a2",
+            notify: None,
+        };
+        drop(woken.watch());
+        lock(&settled).remove("a2");
+        drop(woken.watch());
+        drop(woken);
+        assert!(lock(&settled).is_empty());
     }
 }
