@@ -193,6 +193,30 @@ pub fn check(history: &History) -> Report {
         }
     }
 
+    // ...nor one call (its own `qty`), under two approvals: the agents never
+    // send a call again once it has a final answer.
+    let mut by_call: HashMap<String, Vec<&Arrival>> = HashMap::new();
+    for arrival in &history.arrivals {
+        if let Some(call) = body_message(arrival) {
+            by_call.entry(call).or_default().push(arrival);
+        }
+    }
+    for (call, arrivals) in &by_call {
+        let ids: Vec<Option<&str>> = arrivals.iter().map(|a| a.approval_id.as_deref()).collect();
+        let mut distinct = ids.clone();
+        distinct.sort();
+        distinct.dedup();
+        if distinct.len() > 1 {
+            report.add(
+                "double_forward",
+                format!(
+                    "the call '{call}' reached the upstream {} times, under approvals {ids:?}",
+                    arrivals.len()
+                ),
+            );
+        }
+    }
+
     // 3. Nothing reached the upstream without its approval: a token that
     // verifies for the approval's person, an approval the store knows in a
     // state past approval, the call it is for, and the person's yes.
@@ -587,6 +611,9 @@ mod tests {
     fn each_invariant_catches_its_violation() {
         let mut h = history();
         h.arrivals.push(arrival("a1", 1));
+        assert_eq!(check(&h).count("double_forward"), 1);
+        let mut h = history();
+        h.arrivals.push(arrival("a9", 1));
         assert_eq!(check(&h).count("double_forward"), 1);
 
         let mut h = history();
