@@ -163,6 +163,11 @@ impl Peer {
 }
 
 impl Peer {
+    /// The peer's process id (for `kill -STOP`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stops the peer now: the authorization server goes away.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

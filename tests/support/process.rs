@@ -28,6 +28,9 @@ pub struct GatewayProcess {
     child: Option<Child>,
     /// A command the binary runs under (e.g. `faketime -f +30s`).
     wrapper: Vec<String>,
+    /// Extra environment of the binary from its next start on (e.g.
+    /// libfaketime's `LD_PRELOAD` and `FAKETIME`).
+    env: Vec<(String, String)>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -56,6 +59,7 @@ impl GatewayProcess {
             log,
             child: None,
             wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             _dir: Some(dir),
         };
         gateway.spawn().await;
@@ -73,10 +77,19 @@ impl GatewayProcess {
             log,
             child: None,
             wrapper: Vec::new(),
+            env: Vec::new(),
             _dir: None,
         };
         gateway.spawn().await;
         gateway
+    }
+
+    /// From the next start on, the binary runs with these extra environment
+    /// variables (say libfaketime's `LD_PRELOAD` and `FAKETIME`: set
+    /// directly rather than through the `faketime` command, which forks and
+    /// would take the signals meant for the gateway); empty: none.
+    pub fn set_env(&mut self, env: Vec<(String, String)>) {
+        self.env = env;
     }
 
     /// The directory holding the configuration file.
@@ -213,6 +226,7 @@ impl GatewayProcess {
             None => Command::new(BIN),
         };
         let child = command
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(["run", "--config"])
             .arg(&self.config)
             .env(

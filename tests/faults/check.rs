@@ -1,0 +1,657 @@
+//! The invariants, checked over a run's whole history afterwards: what the
+//! agents were answered, what the upstream received, what the store holds
+//! and what the authorization server was asked.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+
+use super::agents::{message, Final, Op};
+use super::approver::{Decision, Push};
+use super::store::Seen;
+use super::upstream::Arrival;
+use super::BOUND;
+
+/// Everything a run recorded.
+pub struct History {
+    pub ops: Vec<Op>,
+    pub arrivals: Vec<Arrival>,
+    pub approvals: Vec<Seen>,
+    pub pushes: Vec<Push>,
+    pub decisions: Vec<Decision>,
+    /// `limits.max_pending_per_user`.
+    pub limit: usize,
+}
+
+/// The invariants in the order the summary prints them.
+pub const INVARIANTS: [&str; 7] = [
+    "unfinished",
+    "double_forward",
+    "unapproved_forward",
+    "second_push",
+    "limit_breach",
+    "answer_mismatch",
+    "ops_unanswered",
+];
+
+/// Observations that are not violations by themselves (a fault can cause
+/// them: a paused authorization server handles queued polls at once), but
+/// are worth reading: printed in the summary, never failing the run.
+pub const NOTES: [&str; 2] = ["slow_down_polls", "early_expiry"];
+
+/// What each invariant found: a count and evidence lines.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub found: BTreeMap<&'static str, Vec<String>>,
+    pub notes: BTreeMap<&'static str, Vec<String>>,
+}
+
+impl Report {
+    fn add(&mut self, invariant: &'static str, evidence: String) {
+        debug_assert!(INVARIANTS.contains(&invariant));
+        self.found.entry(invariant).or_default().push(evidence);
+    }
+
+    fn note(&mut self, what: &'static str, evidence: String) {
+        debug_assert!(NOTES.contains(&what));
+        self.notes.entry(what).or_default().push(evidence);
+    }
+
+    /// `name=count` for every note.
+    pub fn note_counts(&self) -> String {
+        NOTES
+            .iter()
+            .map(|n| format!("{n}={}", self.notes.get(n).map_or(0, Vec::len)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Every note's evidence.
+    pub fn note_evidence(&self) -> String {
+        let mut out = String::new();
+        for (what, lines) in &self.notes {
+            let _ = writeln!(out, "{what}: {}", lines.len());
+            for line in lines {
+                let _ = writeln!(out, "  {line}");
+            }
+        }
+        out
+    }
+
+    pub fn count(&self, invariant: &str) -> usize {
+        self.found.get(invariant).map_or(0, Vec::len)
+    }
+
+    pub fn ok(&self) -> bool {
+        self.found.values().all(Vec::is_empty)
+    }
+
+    /// `name=count` for every invariant.
+    pub fn counts(&self) -> String {
+        INVARIANTS
+            .iter()
+            .map(|i| format!("{i}={}", self.count(i)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Up to `each` evidence lines per violated invariant.
+    pub fn evidence(&self, each: usize) -> String {
+        let mut out = String::new();
+        for (invariant, lines) in &self.found {
+            let _ = writeln!(out, "{invariant}: {} violation(s)", lines.len());
+            for line in lines.iter().take(each) {
+                let _ = writeln!(out, "  {line}");
+            }
+        }
+        out
+    }
+}
+
+fn is_approved(push: &Push) -> bool {
+    matches!(push.status.as_str(), "approved" | "redeemed")
+}
+
+/// The `qty` in an `XYZ phone` body, and so the binding message.
+fn body_message(arrival: &Arrival) -> Option<String> {
+    arrival.body["qty"].as_u64().map(message)
+}
+
+pub fn check(history: &History) -> Report {
+    let mut report = Report::default();
+    let approvals: HashMap<&str, &Seen> = history
+        .approvals
+        .iter()
+        .map(|a| (a.id.as_str(), a))
+        .collect();
+    let mut by_message: HashMap<&str, Vec<&Seen>> = HashMap::new();
+    for approval in &history.approvals {
+        by_message
+            .entry(approval.binding_message.as_str())
+            .or_default()
+            .push(approval);
+    }
+    for list in by_message.values_mut() {
+        list.sort_by_key(|a| (a.created_at, a.first_seen_ms));
+    }
+    let mut pushes_by_message: HashMap<&str, Vec<&Push>> = HashMap::new();
+    for push in &history.pushes {
+        pushes_by_message
+            .entry(push.binding_message.as_str())
+            .or_default()
+            .push(push);
+    }
+    for list in pushes_by_message.values_mut() {
+        list.sort_by_key(|p| p.created_at_ms);
+    }
+    let mut arrivals_by_id: HashMap<&str, Vec<&Arrival>> = HashMap::new();
+    for arrival in &history.arrivals {
+        if let Some(id) = &arrival.approval_id {
+            arrivals_by_id.entry(id.as_str()).or_default().push(arrival);
+        }
+    }
+
+    // 1. Every approval ended by its deadline plus the bound (on the
+    // suite's clock: first seen + its expiry span + BOUND).
+    for a in &history.approvals {
+        let span = (a.expires_at - a.created_at).max(0);
+        let deadline = a.first_seen_ms + span + BOUND.as_millis() as i64;
+        match a.final_seen_ms {
+            Some(at) if at <= deadline => {}
+            Some(at) => report.add(
+                "unfinished",
+                format!(
+                    "approval {} ({}, {}) final ({}) {} ms after its deadline; states {:?}",
+                    a.id,
+                    a.subject,
+                    a.binding_message,
+                    a.state,
+                    at - deadline,
+                    a.states
+                ),
+            ),
+            None => report.add(
+                "unfinished",
+                format!(
+                    "approval {} ({}, {}) still {} after its deadline; problem {:?}; states {:?}",
+                    a.id, a.subject, a.binding_message, a.state, a.problem_code, a.states
+                ),
+            ),
+        }
+    }
+
+    // 2. No approval reached the upstream twice.
+    for (id, arrivals) in &arrivals_by_id {
+        if arrivals.len() > 1 {
+            let times: Vec<u64> = arrivals.iter().map(|a| a.at_ms).collect();
+            report.add(
+                "double_forward",
+                format!(
+                    "approval {id} reached the upstream {} times (at run ms {times:?})",
+                    arrivals.len()
+                ),
+            );
+        }
+    }
+
+    // ...nor one call (its own `qty`), under two approvals: the agents never
+    // send a call again once it has a final answer.
+    let mut by_call: HashMap<String, Vec<&Arrival>> = HashMap::new();
+    for arrival in &history.arrivals {
+        if let Some(call) = body_message(arrival) {
+            by_call.entry(call).or_default().push(arrival);
+        }
+    }
+    for (call, arrivals) in &by_call {
+        let ids: Vec<Option<&str>> = arrivals.iter().map(|a| a.approval_id.as_deref()).collect();
+        let mut distinct = ids.clone();
+        distinct.sort();
+        distinct.dedup();
+        if distinct.len() > 1 {
+            report.add(
+                "double_forward",
+                format!(
+                    "the call '{call}' reached the upstream {} times, under approvals {ids:?}",
+                    arrivals.len()
+                ),
+            );
+        }
+    }
+
+    // 3. Nothing reached the upstream without its approval: a token that
+    // verifies for the approval's person, an approval the store knows in a
+    // state past approval, the call it is for, and the person's yes.
+    for arrival in &history.arrivals {
+        let Some(id) = arrival.approval_id.as_deref() else {
+            report.add(
+                "unapproved_forward",
+                format!(
+                    "a request without an approval id at run ms {}: {} {}",
+                    arrival.at_ms, arrival.method, arrival.path
+                ),
+            );
+            continue;
+        };
+        let mut wrong = Vec::new();
+        if arrival.token_sub.is_none() || !arrival.token_buys {
+            wrong.push("no valid token with product:buy".to_owned());
+        }
+        match approvals.get(id) {
+            None => wrong.push("an approval id the store does not know".to_owned()),
+            Some(a) => {
+                if !matches!(
+                    a.state.as_str(),
+                    "approved" | "forwarding" | "done" | "outcome_unknown"
+                ) {
+                    wrong.push(format!("the approval is {}", a.state));
+                }
+                if arrival.token_sub.as_deref().is_some_and(|s| s != a.subject) {
+                    wrong.push(format!(
+                        "token for {:?}, approval of {}",
+                        arrival.token_sub, a.subject
+                    ));
+                }
+                if body_message(arrival).as_deref() != Some(a.binding_message.as_str()) {
+                    wrong.push(format!(
+                        "body {} is not the call of '{}'",
+                        arrival.body, a.binding_message
+                    ));
+                }
+                let said_yes = pushes_by_message
+                    .get(a.binding_message.as_str())
+                    .is_some_and(|p| p.iter().any(|p| is_approved(p)));
+                if !said_yes {
+                    wrong.push("the person approved no request for this call".to_owned());
+                }
+            }
+        }
+        if !wrong.is_empty() {
+            report.add(
+                "unapproved_forward",
+                format!(
+                    "approval {id} at run ms {}: {}",
+                    arrival.at_ms,
+                    wrong.join("; ")
+                ),
+            );
+        }
+    }
+
+    // 4. At most one bc-authorize per approval: a call's requests are at
+    // most its approvals (a failed approval's retry is a new approval).
+    for (message, pushes) in &pushes_by_message {
+        let count = by_message.get(message).map_or(0, Vec::len);
+        if pushes.len() > count {
+            let created: Vec<i64> = pushes.iter().map(|p| p.created_at_ms).collect();
+            let ids: Vec<String> = by_message
+                .get(message)
+                .map(|l| l.iter().map(|a| format!("{} {}", a.id, a.state)).collect())
+                .unwrap_or_default();
+            report.add(
+                "second_push",
+                format!(
+                    "'{message}': {} bc-authorize (at unix ms {created:?}) for {count} approval(s) {ids:?}",
+                    pushes.len()
+                ),
+            );
+        }
+    }
+
+    // 5. Never more pending pushes per person than the limit. A push is
+    // pending from bc-authorize until the earliest of: the person's answer,
+    // its expiry, and its approval's end (the store's decided_at or the
+    // suite's first sighting of a final state, whichever is earlier).
+    // Each end is taken as early as it can be, so a breach is a real one.
+    let decided: HashMap<&str, i64> = history
+        .decisions
+        .iter()
+        .map(|d| (d.auth_req_id.as_str(), d.at_ms))
+        .collect();
+    let mut events: BTreeMap<&str, Vec<(i64, i32, &str)>> = BTreeMap::new();
+    for (message, pushes) in &pushes_by_message {
+        let matched = by_message.get(message);
+        for (k, push) in pushes.iter().enumerate() {
+            let mut end = push.expires_at_ms;
+            if let Some(at) = decided.get(push.auth_req_id.as_str()) {
+                if push.status != "pending" && push.status != "expired" {
+                    end = end.min(*at);
+                }
+            }
+            if let Some(a) = matched.and_then(|l| l.get(k)) {
+                for at in [a.decided_at, a.final_seen_ms].into_iter().flatten() {
+                    end = end.min(at);
+                }
+            }
+            let list = events.entry(push.sub.as_str()).or_default();
+            list.push((push.created_at_ms, 1, push.auth_req_id.as_str()));
+            list.push((end.max(push.created_at_ms), -1, push.auth_req_id.as_str()));
+        }
+    }
+    let message_of: HashMap<&str, &str> = history
+        .pushes
+        .iter()
+        .map(|p| (p.auth_req_id.as_str(), p.binding_message.as_str()))
+        .collect();
+    for (person, mut list) in events {
+        // Ends before starts at the same instant.
+        list.sort_by_key(|(at, delta, _)| (*at, *delta));
+        let mut pending: Vec<&str> = Vec::new();
+        let mut worst: (Vec<&str>, i64) = (Vec::new(), 0);
+        for (at, delta, id) in &list {
+            if *delta > 0 {
+                pending.push(id);
+            } else {
+                pending.retain(|p| p != id);
+            }
+            if pending.len() > worst.0.len() {
+                worst = (pending.clone(), *at);
+            }
+        }
+        if worst.0.len() > history.limit {
+            let calls: Vec<&str> = worst.0.iter().map(|id| message_of[id]).collect();
+            report.add(
+                "limit_breach",
+                format!(
+                    "{person} had {} requests pending at unix ms {} (limit {}): {calls:?}",
+                    worst.0.len(),
+                    worst.1,
+                    history.limit
+                ),
+            );
+        }
+    }
+
+    // 6. Every agent's last answer agrees with the upstream's log and the
+    // store: 200 only if forwarded (this approval, once); outcome_unknown
+    // only where the upstream may have received it (the person said yes);
+    // any other answer only if the upstream never received the call.
+    for op in &history.ops {
+        let Final::Answer {
+            status,
+            code,
+            approval_id,
+            body,
+        } = &op.result
+        else {
+            continue;
+        };
+        let call = message(op.qty);
+        let received: Vec<&Arrival> = history
+            .arrivals
+            .iter()
+            .filter(|a| body_message(a).as_deref() == Some(call.as_str()))
+            .collect();
+        let mut wrong = Vec::new();
+        match (*status, code.as_deref()) {
+            (200, _) => match approval_id {
+                None => wrong.push("200 without an approval id".to_owned()),
+                Some(id) => {
+                    if !arrivals_by_id.contains_key(id.as_str()) {
+                        wrong.push(format!("200 for {id}, which never reached the upstream"));
+                    }
+                    if body["approval_id"].as_str() != Some(id.as_str()) {
+                        wrong.push(format!("200 for {id} with the upstream's answer {body}"));
+                    }
+                }
+            },
+            (_, Some("outcome_unknown")) => {
+                let said_yes = pushes_by_message
+                    .get(call.as_str())
+                    .is_some_and(|p| p.iter().any(|p| is_approved(p)));
+                if !said_yes {
+                    wrong.push("outcome_unknown, but the person never approved".to_owned());
+                }
+                if let Some(a) = approval_id.as_deref().and_then(|id| approvals.get(id)) {
+                    if a.state != "outcome_unknown" {
+                        wrong.push(format!("outcome_unknown, the store says {}", a.state));
+                    }
+                }
+            }
+            (_, Some("response_not_recorded")) => {}
+            (status, code) => {
+                if !received.is_empty() {
+                    wrong.push(format!(
+                        "{status} {code:?}, but the upstream received the call {} time(s) (approval {:?})",
+                        received.len(),
+                        received.iter().map(|a| a.approval_id.clone()).collect::<Vec<_>>()
+                    ));
+                }
+            }
+        }
+        if !wrong.is_empty() {
+            report.add(
+                "answer_mismatch",
+                format!(
+                    "op {} ({} '{call}' via {}): {}",
+                    op.id,
+                    op.person,
+                    op.path,
+                    wrong.join("; ")
+                ),
+            );
+        }
+    }
+
+    // 7. An agent holding an approval got a final answer by the deadline.
+    for op in &history.ops {
+        if let Final::GaveUp { last } = &op.result {
+            let ids = op.approval_ids();
+            if !ids.is_empty() {
+                let last = last
+                    .as_ref()
+                    .map(|a| format!("{:?} {:?} {:?}", a.status, a.code, a.error))
+                    .unwrap_or_default();
+                let states: Vec<String> = ids
+                    .iter()
+                    .map(|id| {
+                        approvals
+                            .get(id.as_str())
+                            .map_or("unknown".to_owned(), |a| a.state.clone())
+                    })
+                    .collect();
+                report.add(
+                    "ops_unanswered",
+                    format!(
+                        "op {} ({} '{}'): no final answer in {} s, approvals {ids:?} ({states:?}), last answer {last}",
+                        op.id,
+                        op.person,
+                        message(op.qty),
+                        (op.ended_ms - op.started_ms) / 1000
+                    ),
+                );
+            }
+        }
+    }
+    // Notes. Polls the authorization server answered slow_down (two
+    // pollers of one request, or polls it queued while paused).
+    for push in &history.pushes {
+        if push.slow_downs > 0 {
+            let ids: Vec<&str> = by_message
+                .get(push.binding_message.as_str())
+                .map(|l| l.iter().map(|a| a.id.as_str()).collect())
+                .unwrap_or_default();
+            report.note(
+                "slow_down_polls",
+                format!(
+                    "'{}' ({}): {} of {} polls answered slow_down; approvals {ids:?}",
+                    push.binding_message, push.sub, push.slow_downs, push.polls
+                ),
+            );
+        }
+    }
+    // Approvals ended `expired` well before they expired, while the person
+    // could still answer.
+    for a in &history.approvals {
+        if a.state != "expired" {
+            continue;
+        }
+        let ended = [a.decided_at, a.final_seen_ms].into_iter().flatten().min();
+        if let Some(ended) = ended {
+            if ended < a.expires_at - 2000 {
+                let person = pushes_by_message
+                    .get(a.binding_message.as_str())
+                    .map(|p| p.iter().map(|p| p.status.as_str()).collect::<Vec<_>>())
+                    .unwrap_or_default();
+                report.note(
+                    "early_expiry",
+                    format!(
+                        "approval {} ('{}') ended expired {} ms before its expiry; the requests ended {person:?}",
+                        a.id,
+                        a.binding_message,
+                        a.expires_at - ended
+                    ),
+                );
+            }
+        }
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::agents::Attempt;
+    use super::super::upstream::Behaviour;
+    use super::*;
+    use serde_json::json;
+
+    fn seen(id: &str, qty: u64, state: &str, created: i64) -> Seen {
+        Seen {
+            id: id.into(),
+            subject: "alice".into(),
+            binding_message: message(qty),
+            state: state.into(),
+            problem_code: None,
+            response_status: None,
+            created_at: created,
+            expires_at: created + 20_000,
+            decided_at: Some(created + 3_000),
+            first_seen_ms: created,
+            final_seen_ms: Some(created + 3_500),
+            states: vec![],
+        }
+    }
+
+    fn push(id: &str, qty: u64, created: i64, status: &str) -> Push {
+        Push {
+            auth_req_id: id.into(),
+            sub: "alice".into(),
+            binding_message: message(qty),
+            created_at_ms: created,
+            expires_at_ms: created + 20_000,
+            status: status.into(),
+            polls: 1,
+            slow_downs: 0,
+        }
+    }
+
+    fn arrival(id: &str, qty: u64) -> Arrival {
+        Arrival {
+            at_ms: 1,
+            method: "POST".into(),
+            path: "/buy".into(),
+            approval_id: Some(id.into()),
+            token_sub: Some("alice".into()),
+            token_buys: true,
+            body: json!({ "qty": qty }),
+            behaviour: Behaviour::Answer,
+            answered: true,
+        }
+    }
+
+    fn op(qty: u64, status: u16, code: Option<&str>, id: &str) -> Op {
+        Op {
+            id: qty,
+            agent: 0,
+            person: "alice",
+            qty,
+            path: "/buy",
+            idempotency_key: None,
+            started_ms: 0,
+            ended_ms: 1,
+            attempts: vec![Attempt {
+                at_ms: 0,
+                replica: 0,
+                status: Some(status),
+                code: code.map(str::to_owned),
+                approval_id: Some(id.into()),
+                error: None,
+            }],
+            result: Final::Answer {
+                status,
+                code: code.map(str::to_owned),
+                approval_id: Some(id.into()),
+                body: json!({ "approval_id": id }),
+            },
+        }
+    }
+
+    fn history() -> History {
+        History {
+            ops: vec![
+                op(1, 200, None, "a1"),
+                op(2, 403, Some("access_denied"), "a2"),
+            ],
+            arrivals: vec![arrival("a1", 1)],
+            approvals: vec![seen("a1", 1, "done", 1000), seen("a2", 2, "denied", 1000)],
+            pushes: vec![
+                push("r1", 1, 1100, "redeemed"),
+                push("r2", 2, 1100, "denied"),
+            ],
+            decisions: vec![],
+            limit: 2,
+        }
+    }
+
+    #[test]
+    fn a_clean_history_passes() {
+        let report = check(&history());
+        assert!(report.ok(), "{}", report.evidence(5));
+    }
+
+    #[test]
+    fn each_invariant_catches_its_violation() {
+        let mut h = history();
+        h.arrivals.push(arrival("a1", 1));
+        assert_eq!(check(&h).count("double_forward"), 1);
+        let mut h = history();
+        h.arrivals.push(arrival("a9", 1));
+        assert_eq!(check(&h).count("double_forward"), 1);
+
+        let mut h = history();
+        h.arrivals.push(arrival("a2", 2));
+        let report = check(&h);
+        assert_eq!(
+            report.count("unapproved_forward"),
+            1,
+            "{}",
+            report.evidence(5)
+        );
+        assert_eq!(report.count("answer_mismatch"), 1, "{}", report.evidence(5));
+
+        let mut h = history();
+        h.pushes.push(push("r3", 1, 1200, "expired"));
+        assert_eq!(check(&h).count("second_push"), 1);
+
+        let mut h = history();
+        h.approvals[0].state = "pending".into();
+        h.approvals[0].final_seen_ms = None;
+        assert_eq!(check(&h).count("unfinished"), 1);
+
+        // Two pushes of alice overlap, the limit is 1.
+        let mut h = history();
+        h.limit = 1;
+        let report = check(&h);
+        assert_eq!(report.count("limit_breach"), 1, "{}", report.evidence(5));
+        h.limit = 2;
+        assert_eq!(check(&h).count("limit_breach"), 0);
+
+        let mut h = history();
+        h.ops[1].result = Final::GaveUp { last: None };
+        assert_eq!(check(&h).count("ops_unanswered"), 1);
+
+        let mut h = history();
+        h.ops.push(op(3, 502, Some("outcome_unknown"), "a3"));
+        h.approvals.push(seen("a3", 3, "outcome_unknown", 5000));
+        h.pushes.push(push("r4", 3, 5100, "expired"));
+        assert_eq!(check(&h).count("answer_mismatch"), 1);
+    }
+}
