@@ -17,6 +17,7 @@ use support::*;
 
 const APPROVAL_ID: &str = "x-countersign-approval-id";
 const ASYNC: &str = "async.shop.test";
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
 const ASYNC_POLICY: &str = r#"  - name: buy-async
     match: { methods: [POST], path: /shop, host: async.shop.test }
@@ -368,17 +369,25 @@ async fn a_replica_whose_clock_runs_ahead_takes_over_nothing_live() {
         ))
     };
     let a = GatewayProcess::start(&peer, &shop, store()).await;
-    let b = GatewayProcess::start_under(
+    // libfaketime preloaded into the gateway itself (Debian's `faketime`
+    // command forks: a kill would stop the wrapper and orphan the gateway).
+    assert!(
+        std::path::Path::new(LIBFAKETIME).exists(),
+        "{LIBFAKETIME}: install Debian's faketime"
+    );
+    let skewed = [
+        ("LD_PRELOAD", LIBFAKETIME),
+        ("FAKETIME", "+30s"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ];
+    let b = GatewayProcess::start_with_env(
         &peer,
         &shop,
         store(),
-        &[
-            "env",
-            "FAKETIME_DONT_FAKE_MONOTONIC=1",
-            "faketime",
-            "-f",
-            "+30s",
-        ],
+        skewed
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
     )
     .await;
     let agent = reqwest::Client::new();

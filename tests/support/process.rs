@@ -26,8 +26,6 @@ pub struct GatewayProcess {
     pub config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
-    /// A command the binary runs under (e.g. `faketime -f +30s`).
-    wrapper: Vec<String>,
     /// Extra environment of the binary from its next start on (e.g.
     /// libfaketime's `LD_PRELOAD` and `FAKETIME`).
     env: Vec<(String, String)>,
@@ -38,16 +36,16 @@ impl GatewayProcess {
     /// Writes a configuration (as [`super::TestGateway`] does) into a new
     /// temporary directory and starts the binary on it.
     pub async fn start(peer: &Peer, shop: &ShopHandle, options: GatewayOptions) -> Self {
-        Self::start_under(peer, shop, options, &[]).await
+        Self::start_with_env(peer, shop, options, Vec::new()).await
     }
 
-    /// As [`Self::start`], the binary run under `wrapper` (its arguments
-    /// first), e.g. Debian's `faketime` for a skewed clock.
-    pub async fn start_under(
+    /// As [`Self::start`], with extra environment variables from the first
+    /// start on (see [`Self::set_env`]).
+    pub async fn start_with_env(
         peer: &Peer,
         shop: &ShopHandle,
         options: GatewayOptions,
-        wrapper: &[&str],
+        env: Vec<(String, String)>,
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (config, proxy, admin) = write_config(dir.path(), &peer.issuer, shop, &options);
@@ -58,8 +56,7 @@ impl GatewayProcess {
             config,
             log,
             child: None,
-            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
-            env: Vec::new(),
+            env,
             _dir: Some(dir),
         };
         gateway.spawn().await;
@@ -76,7 +73,6 @@ impl GatewayProcess {
             config,
             log,
             child: None,
-            wrapper: Vec::new(),
             env: Vec::new(),
             _dir: None,
         };
@@ -217,15 +213,7 @@ impl GatewayProcess {
         )
         .unwrap();
         let stderr = log.try_clone().unwrap();
-        let mut command = match self.wrapper.split_first() {
-            Some((program, args)) => {
-                let mut command = Command::new(program);
-                command.args(args).arg(BIN);
-                command
-            }
-            None => Command::new(BIN),
-        };
-        let child = command
+        let child = Command::new(BIN)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(["run", "--config"])
             .arg(&self.config)

@@ -163,6 +163,11 @@ struct Polled {
     /// The `auth_req_id` could not be recorded yet (the store failed right
     /// after the person was asked): written again at the next poll.
     unrecorded: bool,
+    /// The name this process leased it under. Once this process's name
+    /// changed (its heartbeat lapsed), that lease is nobody's: another
+    /// process, or this one under its new name, adopts it; this poller
+    /// stops.
+    owner: String,
 }
 
 /// Why a new approval could not be started.

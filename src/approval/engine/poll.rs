@@ -39,7 +39,11 @@ impl Engine {
             // No poll may be made past the deadline.
             return self.conclude(&id, polled, Outcome::Expired).await;
         }
-        if !self.alive() || self.is_draining() || !self.still_pending(&id, &polled).await {
+        if !self.alive()
+            || polled.owner != self.owner()
+            || self.is_draining()
+            || !self.still_pending(&id, &polled).await
+        {
             // Lapsed: another process may poll it now. Shutting down: it
             // is handed back. Either way the store has it.
             return self.stop_driving(&id);

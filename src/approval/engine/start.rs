@@ -21,6 +21,13 @@ impl Engine {
             return Err(StartError::ShuttingDown);
         }
         let id = approval.id.as_str();
+        if !self.alive() {
+            // Lapsed: a row leased under a name nobody keeps alive would be
+            // taken over while this process polls it.
+            return Err(StartError::Store(StoreError::Unavailable(
+                "the approval engine's heartbeat has lapsed".into(),
+            )));
+        }
         // Driven here before it exists: housekeeping, which adopts what
         // this process leased but does not drive, must not take it.
         self.begin_driving(id);
@@ -72,14 +79,7 @@ impl Engine {
             }
         }
         let started = match self
-            .authorize(
-                id,
-                &policy,
-                &approval.subject,
-                &approval.binding_message,
-                approval.authorization_details.as_ref(),
-                approval.expires_at,
-            )
+            .authorize(id, owner, &policy, Question::of_new(approval))
             .await
         {
             Ok(started) => started,
@@ -109,12 +109,16 @@ impl Engine {
     async fn authorize(
         &self,
         id: &str,
+        owner: &str,
         policy: &Policy,
-        subject: &str,
-        binding_message: &str,
-        details: Option<&serde_json::Value>,
-        expires_at: SystemTime,
+        question: Question<'_>,
     ) -> Result<Started, CibaError> {
+        let Question {
+            subject,
+            binding_message,
+            details,
+            expires_at,
+        } = question;
         // Whole seconds on the wire: round the time left up, or a 3 s
         // expiry would be asked as 2 s a moment after the call arrived.
         let remaining = expires_at
@@ -201,6 +205,7 @@ impl Engine {
                 notified: false,
                 resumed: false,
                 unrecorded,
+                owner: owner.to_owned(),
                 schedule,
             },
         })
@@ -211,6 +216,7 @@ impl Engine {
     /// now, since the last poll (not recorded: it cost a write) may have
     /// been made by the process that died a moment ago.
     pub(super) async fn resume(&self, id: &str) -> Option<(Polled, Instant)> {
+        let owner = self.owner();
         if !self.take_lease(id, self.store.now()).await {
             return None;
         }
@@ -233,6 +239,7 @@ impl Engine {
             notified: false,
             resumed: true,
             unrecorded: false,
+            owner,
         };
         Some((polled, next.min(deadline)))
     }
@@ -270,18 +277,12 @@ impl Engine {
             self.end(approval, Outcome::Failed(error), None).await;
             return None;
         };
-        if !matches!(self.store.mark_asked(id, &self.owner()).await, Ok(true)) {
+        let owner = self.owner();
+        if !matches!(self.store.mark_asked(id, &owner).await, Ok(true)) {
             return None; // another process asks, or the store will say later
         }
         match self
-            .authorize(
-                id,
-                policy,
-                &approval.subject,
-                &approval.binding_message,
-                approval.authorization_details.as_ref(),
-                approval.expires_at,
-            )
+            .authorize(id, &owner, policy, Question::of_stored(approval))
             .await
         {
             Ok(started) => Some((started.polled, started.first_poll)),
@@ -306,4 +307,33 @@ impl Engine {
 pub(super) struct Started {
     pub(super) polled: Polled,
     pub(super) first_poll: Instant,
+}
+
+/// What the person is asked about.
+#[derive(Clone, Copy)]
+struct Question<'a> {
+    subject: &'a str,
+    binding_message: &'a str,
+    details: Option<&'a serde_json::Value>,
+    expires_at: SystemTime,
+}
+
+impl<'a> Question<'a> {
+    fn of_new(approval: &'a NewApproval) -> Self {
+        Self {
+            subject: &approval.subject,
+            binding_message: &approval.binding_message,
+            details: approval.authorization_details.as_ref(),
+            expires_at: approval.expires_at,
+        }
+    }
+
+    fn of_stored(approval: &'a Approval) -> Self {
+        Self {
+            subject: &approval.subject,
+            binding_message: &approval.binding_message,
+            details: approval.authorization_details.as_ref(),
+            expires_at: approval.expires_at,
+        }
+    }
 }
