@@ -60,7 +60,8 @@ pub enum ProblemCode {
     /// The person approved, but the token lacks a scope the policy needs.
     ScopeNotGranted,
     /// The gateway stopped (or lost its store) between asking the person and
-    /// recording the request: it cannot poll it, and never asks twice.
+    /// recording the request, or between the server's answer and its record:
+    /// it cannot learn the answer, and never asks twice.
     ApprovalInterrupted,
 }
 

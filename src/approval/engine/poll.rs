@@ -158,12 +158,16 @@ impl Engine {
         // Resumed from another process: an "expired" or failed answer
         // before the deadline may mean that the other process took the
         // token. It gets a lease to claim the call before this one settles.
-        if polled.resumed
+        let early = polled.resumed
             && matches!(outcome, Outcome::Expired | Outcome::Failed(_))
-            && Instant::now() + Duration::from_secs(1) < polled.schedule.deadline()
-        {
+            && Instant::now() + Duration::from_secs(1) < polled.schedule.deadline();
+        if early {
             tokio::time::sleep(self.config.lease).await;
         }
+        // Still pending then: the server's answer was spent by a process
+        // that died before recording it (approved or denied, nobody can
+        // tell now). Not "expired": the person did answer.
+        let spent = early && matches!(outcome, Outcome::Expired);
         let found = self
             .persist("read the approval", patience, || self.store.get(id))
             .await;
@@ -171,10 +175,23 @@ impl Engine {
             .flatten()
             .filter(|a| a.state == ApprovalState::Pending)
         {
-            let policy = polled
-                .policy
-                .or_else(|| self.current_policy(&approval.policy));
-            self.end(&approval, outcome, policy.as_deref()).await;
+            if spent {
+                tracing::warn!(
+                    approval_id = id,
+                    "the authorization server's answer was taken by a gateway that stopped before recording it; the approval ends without forwarding"
+                );
+                self.metrics
+                    .approvals
+                    .with_label_values(&[&approval.policy, "error"])
+                    .inc();
+                self.settle(id, ApprovalState::Failed, ProblemCode::ApprovalInterrupted)
+                    .await;
+            } else {
+                let policy = polled
+                    .policy
+                    .or_else(|| self.current_policy(&approval.policy));
+                self.end(&approval, outcome, policy.as_deref()).await;
+            }
         }
         self.end_concluding(id);
         self.stop_driving(id);
