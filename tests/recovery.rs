@@ -147,6 +147,8 @@ async fn a_gateway_paused_past_its_lease_comes_back_and_serves_new_approvals() {
 
     let agent = reqwest::Client::new();
     let send = || call(&agent, gateway.proxy, "alice", "XYZ phone", 2);
+    // Sent the moment the gateway wakes, before its next heartbeat: the
+    // call waits for it rather than being refused.
     let id = accepted(send().send().await.unwrap()).await;
     peer.approve(&asked(&peer, "alice").await).await;
     order(answered(Duration::from_secs(20), send).await, &id).await;

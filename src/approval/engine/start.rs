@@ -4,6 +4,10 @@
 
 use super::*;
 
+/// How long a new call waits for a lapsed heartbeat to come back before it
+/// is refused (`approval_store_unavailable`, to be retried).
+const LIVENESS_WAIT: Duration = Duration::from_secs(3);
+
 impl Engine {
     /// Stores the approval of a call, or finds the one a retry attaches to;
     /// a new one is asked about at once and polled in the background, under
@@ -21,7 +25,7 @@ impl Engine {
             return Err(StartError::ShuttingDown);
         }
         let id = approval.id.as_str();
-        if !self.alive() {
+        if !self.await_alive().await {
             // Lapsed: a row leased under a name nobody keeps alive would be
             // taken over while this process polls it.
             return Err(StartError::Store(StoreError::Unavailable(
@@ -292,6 +296,20 @@ impl Engine {
                 None
             }
         }
+    }
+
+    /// Whether the heartbeat is current, waiting a little for it when it
+    /// is not: right after a pause the next beat comes within moments if
+    /// the store answers.
+    async fn await_alive(&self) -> bool {
+        let until = Instant::now() + self.config.lease.min(LIVENESS_WAIT);
+        while !self.alive() {
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
     }
 
     /// Lets go of `id` before it was ever asked about (it attached, hit the
