@@ -4,12 +4,12 @@
 # proxy), release build, long enough for at least 1,000 injected faults in
 # all, their one-line summaries printed at the end. See docs/RELIABILITY.md.
 #
-#   benches/faults.sh                      # long run, about 55 minutes after the build
+#   benches/faults.sh                      # long run, about 57 minutes after the build
 #   FAULT_SECONDS=120 benches/faults.sh    # a trial
 #
 # Knobs (environment):
-#   FAULT_SECONDS=3000   seconds of faults per scenario (the two run at once;
-#                        about one fault every 5.5 s, so ~540 each)
+#   FAULT_SECONDS=3300   seconds of faults per scenario (the two run at once;
+#                        about one fault every 6 s, so ~550 each)
 #   FAULT_SEED=n         one seed for both scenarios (each draws its own
 #                        schedule from it); default: random, printed
 #   FAULT_PROFILE=release  cargo profile of the gateway and the suite (dev: no
@@ -24,7 +24,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 
-SECONDS_EACH=${FAULT_SECONDS:-3000}
+SECONDS_EACH=${FAULT_SECONDS:-3300}
 PROFILE=${FAULT_PROFILE:-release}
 CARGO_PROFILE=(--profile "$PROFILE")
 [[ $PROFILE == dev ]] && CARGO_PROFILE=()
