@@ -606,6 +606,23 @@ impl<B: Backend> SqlStore<B> {
         }
     }
 
+    /// A conditional change of one approval: whether it happened (the row
+    /// matched its condition).
+    async fn change_one(
+        &self,
+        op: &'static str,
+        sql: &'static str,
+        params: Vec<Param>,
+    ) -> Result<bool, StoreError> {
+        let backend = self.backend.clone();
+        self.driver
+            .run(
+                op,
+                async move { Ok(backend.exec(op, sql, &params).await? == 1) },
+            )
+            .await
+    }
+
     /// Now on the store's clock.
     fn now_ms(&self) -> i64 {
         now_ms().saturating_add(self.clock_offset.load(Ordering::Relaxed))
@@ -832,36 +849,19 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
     }
 
     async fn mark_asked(&self, id: &str, owner: &str) -> Result<bool, StoreError> {
-        let backend = self.backend.clone();
-        let params = [text(id), text(owner), int(self.now_ms())];
-        self.driver
-            .run("mark_asked", async move {
-                Ok(backend.exec("mark_asked", MARK_ASKED, &params).await? == 1)
-            })
-            .await
+        let params = vec![text(id), text(owner), int(self.now_ms())];
+        self.change_one("mark_asked", MARK_ASKED, params).await
     }
 
     async fn mark_delivered(&self, id: &str) -> Result<bool, StoreError> {
-        let backend = self.backend.clone();
-        let params = [text(id), int(self.now_ms())];
-        self.driver
-            .run("mark_delivered", async move {
-                Ok(backend
-                    .exec("mark_delivered", MARK_DELIVERED, &params)
-                    .await?
-                    == 1)
-            })
+        let params = vec![text(id), int(self.now_ms())];
+        self.change_one("mark_delivered", MARK_DELIVERED, params)
             .await
     }
 
     async fn claim(&self, id: &str, owner: &str, until: SystemTime) -> Result<bool, StoreError> {
-        let backend = self.backend.clone();
-        let params = [text(id), text(owner), int(to_ms(until)), int(self.now_ms())];
-        self.driver
-            .run("claim", async move {
-                Ok(backend.exec("claim", CLAIM, &params).await? == 1)
-            })
-            .await
+        let params = vec![text(id), text(owner), int(to_ms(until)), int(self.now_ms())];
+        self.change_one("claim", CLAIM, params).await
     }
 
     async fn release(&self, owner: &str) -> Result<(), StoreError> {
@@ -923,45 +923,30 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
         } else {
             TRANSITION_OTHER
         };
-        let backend = self.backend.clone();
-        let params = [
+        let params = vec![
             text(id),
             text(from.as_str()),
             text(to.as_str()),
             int(self.now_ms()),
             Param::Text(problem_code.map(str::to_owned)),
         ];
-        self.driver
-            .run("transition", async move {
-                Ok(backend.exec("transition", sql, &params).await? == 1)
-            })
-            .await
+        self.change_one("transition", sql, params).await
     }
 
     async fn finish(&self, id: &str, response: &StoredResponse) -> Result<bool, StoreError> {
-        let backend = self.backend.clone();
-        let params = [
+        let params = vec![
             text(id),
             int(i64::from(response.status)),
             Param::Bytes(Some(encode_headers(&response.headers))),
             Param::Bytes(response.body.clone()),
             int(self.now_ms()),
         ];
-        self.driver
-            .run("finish", async move {
-                Ok(backend.exec("finish", FINISH, &params).await? == 1)
-            })
-            .await
+        self.change_one("finish", FINISH, params).await
     }
 
     async fn lease(&self, id: &str, owner: &str, until: SystemTime) -> Result<bool, StoreError> {
-        let backend = self.backend.clone();
-        let params = [text(id), text(owner), int(to_ms(until)), int(self.now_ms())];
-        self.driver
-            .run("lease", async move {
-                Ok(backend.exec("lease", LEASE, &params).await? == 1)
-            })
-            .await
+        let params = vec![text(id), text(owner), int(to_ms(until)), int(self.now_ms())];
+        self.change_one("lease", LEASE, params).await
     }
 
     async fn heartbeat(&self, owner: &str, alive_until: SystemTime) -> Result<(), StoreError> {
