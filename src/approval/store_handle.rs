@@ -234,13 +234,6 @@ impl ApprovalStore for ConfiguredStore {
         self.timed("sweep", async { self.open().await?.sweep(now, w, r).await })
             .await
     }
-    async fn count_pending(&self, subject: &str) -> Result<usize, StoreError> {
-        self.timed("count_pending", async {
-            self.open().await?.count_pending(subject).await
-        })
-        .await
-    }
-
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Approval>, StoreError> {
         self.timed("list", async { self.open().await?.list(filter).await })
             .await

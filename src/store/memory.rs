@@ -411,15 +411,6 @@ impl ApprovalStore for MemoryStore {
         Ok(found)
     }
 
-    async fn count_pending(&self, subject: &str) -> Result<usize, StoreError> {
-        Ok(self
-            .lock()
-            .approvals
-            .values()
-            .filter(|r| r.approval.subject == subject && r.approval.state == ApprovalState::Pending)
-            .count())
-    }
-
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }

@@ -333,9 +333,6 @@ pub trait ApprovalStore: Send + Sync + std::fmt::Debug {
         retention: Duration,
     ) -> Result<(), StoreError>;
 
-    /// How many approvals of `subject` are `Pending` (the per-person limit).
-    async fn count_pending(&self, subject: &str) -> Result<usize, StoreError>;
-
     /// Newest first.
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Approval>, StoreError>;
 

@@ -1057,19 +1057,6 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
             .await
     }
 
-    async fn count_pending(&self, subject: &str) -> Result<usize, StoreError> {
-        let backend = self.backend.clone();
-        let params = [text(subject)];
-        self.driver
-            .run("count_pending", async move {
-                let n = backend
-                    .scalar("count_pending", COUNT_PENDING, &params)
-                    .await?;
-                Ok(usize::try_from(n).unwrap_or(0))
-            })
-            .await
-    }
-
     async fn ping(&self) -> Result<(), StoreError> {
         let backend = self.backend.clone();
         self.driver
