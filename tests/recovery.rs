@@ -58,8 +58,9 @@ fn call(
         .body(json!({ "product": product, "qty": qty }).to_string())
 }
 
-/// The approval id of a `202 Accepted`.
-async fn accepted(response: reqwest::Response) -> String {
+/// Sends the call; the approval id of its `202 Accepted`.
+async fn accepted(request: reqwest::RequestBuilder) -> String {
+    let response = request.send().await.unwrap();
     let status = response.status();
     let id = response
         .headers()
@@ -88,6 +89,25 @@ async fn answered(
             "still not answered after {within:?}"
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Waits (up to `within`) until `check` holds; fails with `what` and the
+/// last value seen.
+async fn eventually<T: std::fmt::Debug, Fut: std::future::Future<Output = T>>(
+    within: Duration,
+    what: &str,
+    mut sample: impl FnMut() -> Fut,
+    check: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        let value = sample().await;
+        if check(&value) {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what}: {value:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -149,7 +169,7 @@ async fn a_gateway_paused_past_its_lease_comes_back_and_serves_new_approvals() {
     let send = || call(&agent, gateway.proxy, "alice", "XYZ phone", 2);
     // Sent the moment the gateway wakes, before its next heartbeat: the
     // call waits for it rather than being refused.
-    let id = accepted(send().send().await.unwrap()).await;
+    let id = accepted(send()).await;
     peer.approve(&asked(&peer, "alice").await).await;
     order(answered(Duration::from_secs(20), send).await, &id).await;
     assert_eq!(shop.received().len(), 1);
@@ -186,32 +206,26 @@ async fn readyz_says_not_ready_while_the_heartbeat_is_lapsed_and_ready_once_it_i
     let shop = start_shop(&peer).await;
     let dir = tempfile::tempdir().unwrap();
     let gateway = GatewayProcess::start(&peer, &shop, options(sqlite(&dir, "2s"))).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while gateway.readyz().await.0 != 200 {
-        assert!(Instant::now() < deadline, "{:?}", gateway.readyz().await);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let ready = || gateway.readyz();
+    eventually(Duration::from_secs(10), "never ready", ready, |r| {
+        r.0 == 200
+    })
+    .await;
     let stall = stall_sqlite_writers(dir.path().join("approvals.db"), Duration::from_secs(8)).await;
-    let deadline = Instant::now() + Duration::from_secs(7);
-    let (status, body) = loop {
-        let (status, body) = gateway.readyz().await;
-        if status != 200 || Instant::now() > deadline {
-            break (status, body);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let (status, body) = eventually(
+        Duration::from_secs(7),
+        "still ready while the store is stalled",
+        ready,
+        |r| r.0 != 200,
+    )
+    .await;
     assert_eq!(status, 503, "not ready while lapsed: {body}");
     assert!(body.contains("approval_engine"), "{body}");
     stall.await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while gateway.readyz().await.0 != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "never ready again: {:?}",
-            gateway.readyz().await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(Duration::from_secs(10), "never ready again", ready, |r| {
+        r.0 == 200
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,7 +279,7 @@ async fn an_approval_whose_token_arrives_while_the_store_stalls_is_still_forward
     let gateway = GatewayProcess::start(&peer, &shop, options(sqlite(&dir, "15s"))).await;
     let agent = reqwest::Client::new();
     let send = || call(&agent, gateway.proxy, "alice", "XYZ phone", 2);
-    let id = accepted(send().send().await.unwrap()).await;
+    let id = accepted(send()).await;
     let auth_req_id = asked(&peer, "alice").await;
     let stall = stall_sqlite_writers(dir.path().join("approvals.db"), Duration::from_secs(8)).await;
     peer.approve(&auth_req_id).await;
@@ -343,15 +357,8 @@ async fn an_approval_never_asked_is_not_pushed_after_its_expiry() {
         .unwrap();
     }
     gateway.restart().await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let state = audit_state(&gateway.config, "stale-1");
-        if state == "expired" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "state: {state}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let state = || async { audit_state(&gateway.config, "stale-1") };
+    eventually(Duration::from_secs(15), "state", state, |s| s == "expired").await;
     assert!(peer.requests().await.is_empty(), "nobody was pushed");
 }
 
@@ -394,7 +401,7 @@ async fn a_replica_whose_clock_runs_ahead_takes_over_nothing_live() {
     .await;
     let agent = reqwest::Client::new();
     let send = || call(&agent, a.proxy, "alice", "XYZ phone", 2);
-    let id = accepted(send().send().await.unwrap()).await;
+    let id = accepted(send()).await;
     let auth_req_id = asked(&peer, "alice").await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     let holder = database.query(&format!(
@@ -470,32 +477,17 @@ async fn sigterm_lets_a_forward_in_flight_finish_and_hands_the_leases_back() {
     };
     let mut a = GatewayProcess::start(&peer, &shop, store()).await;
     let agent = reqwest::Client::new();
-    let alice = accepted(
-        call(&agent, a.proxy, "alice", "XYZ phone", 2)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    let bob = accepted(
-        call(&agent, a.proxy, "bob", "ABC tablet", 1)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let alice = accepted(call(&agent, a.proxy, "alice", "XYZ phone", 2)).await;
+    let bob = accepted(call(&agent, a.proxy, "bob", "ABC tablet", 1)).await;
     let alice_request = asked(&peer, "alice").await;
     asked(&peer, "bob").await;
     peer.approve(&alice_request).await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while database
-        .query(&format!("SELECT state FROM approvals WHERE id = '{alice}'"))
-        .trim()
-        != "forwarding"
-    {
-        assert!(Instant::now() < deadline, "never forwarded");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let state =
+        || async { database.query(&format!("SELECT state FROM approvals WHERE id = '{alice}'")) };
+    eventually(Duration::from_secs(15), "never forwarded", state, |s| {
+        s.trim() == "forwarding"
+    })
+    .await;
     let exited = a.terminate(Duration::from_secs(15)).await;
     assert!(exited.is_some(), "stopped within the drain timeout");
     assert_eq!(
@@ -543,13 +535,7 @@ async fn a_single_sqlite_gateway_restarted_after_a_crash_resumes_at_once() {
     );
     let mut gateway = GatewayProcess::start(&peer, &shop, options(store)).await;
     let agent = reqwest::Client::new();
-    let id = accepted(
-        call(&agent, gateway.proxy, "alice", "XYZ phone", 2)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let id = accepted(call(&agent, gateway.proxy, "alice", "XYZ phone", 2)).await;
     let auth_req_id = asked(&peer, "alice").await;
     gateway.kill9();
     gateway.restart().await;
@@ -583,19 +569,13 @@ async fn a_retry_after_from_the_authorization_server_survives_a_restart() {
         .await;
     assert!(status.is_success());
     let agent = reqwest::Client::new();
-    let id = accepted(
-        call(&agent, gateway.proxy, "alice", "XYZ phone", 2)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let id = accepted(call(&agent, gateway.proxy, "alice", "XYZ phone", 2)).await;
     let auth_req_id = asked(&peer, "alice").await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while peer.request(&auth_req_id).await["polls"] != 1 {
-        assert!(Instant::now() < deadline, "never polled");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let polled = || peer.request(&auth_req_id);
+    eventually(Duration::from_secs(15), "never polled", polled, |r| {
+        r["polls"] == 1
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     gateway.kill9();
     gateway.restart().await;

@@ -247,8 +247,7 @@ impl Engine {
 
     /// Whether the engine works: its heartbeat is current (`/readyz`).
     pub fn is_live(&self) -> bool {
-        let liveness = lock(&self.liveness);
-        !liveness.lapsed && !liveness.released && liveness.alive_until > Instant::now()
+        self.alive() && !lock(&self.liveness).released
     }
 
     fn is_draining(&self) -> bool {
