@@ -191,6 +191,19 @@ impl Agents {
         let mut has_approval = false;
         let mut attempts = Vec::new();
         let mut replica = rng.random_range(0..self.proxies.len());
+        // The operation as recorded once it ends, however it ends.
+        let ended = |attempts, result| Op {
+            id: qty,
+            agent,
+            person,
+            qty,
+            path,
+            idempotency_key: idempotency_key.clone(),
+            started_ms,
+            ended_ms: now_ms(),
+            attempts,
+            result,
+        };
         loop {
             let mut request = http
                 .post(format!("http://{}{path}", self.proxies[replica]))
@@ -253,40 +266,20 @@ impl Agents {
             match next {
                 Next::Done => {
                     let (body, _) = answer.expect("a final answer is an HTTP answer");
-                    return Op {
-                        id: qty,
-                        agent,
-                        person,
-                        qty,
-                        path,
-                        idempotency_key,
-                        started_ms,
-                        ended_ms: now_ms(),
-                        attempts,
-                        result: Final::Answer {
-                            status: attempt.status.unwrap_or_default(),
-                            code: attempt.code,
-                            approval_id: attempt.approval_id,
-                            body,
-                        },
+                    let result = Final::Answer {
+                        status: attempt.status.unwrap_or_default(),
+                        code: attempt.code,
+                        approval_id: attempt.approval_id,
+                        body,
                     };
+                    return ended(attempts, result);
                 }
                 Next::Retry(after) => {
                     if Instant::now() + after > deadline {
-                        return Op {
-                            id: qty,
-                            agent,
-                            person,
-                            qty,
-                            path,
-                            idempotency_key,
-                            started_ms,
-                            ended_ms: now_ms(),
-                            attempts,
-                            result: Final::GaveUp {
-                                last: Some(attempt),
-                            },
+                        let result = Final::GaveUp {
+                            last: Some(attempt),
                         };
+                        return ended(attempts, result);
                     }
                     tokio::time::sleep(after).await;
                     // Any replica may take the retry.
