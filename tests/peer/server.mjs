@@ -44,7 +44,7 @@ const POLL_TOLERANCE_MS = 200;
 const API_AUDIENCE = process.env.PEER_API_AUDIENCE || 'https://shop.example/api';
 const API_SCOPES = (process.env.PEER_API_SCOPES || 'product:buy product:read').split(' ').filter(Boolean);
 const RAR_TYPES = (process.env.PEER_RAR_TYPES
-  || 'product_purchase,urn:auth0:schemas:authorization-details:v1:product_purchase')
+  || 'product_purchase,urn:auth0:schemas:authorization-details:v1:product_purchase,countersign_call')
   .split(',').map((s) => s.trim()).filter(Boolean);
 const CIBA_GRANT = 'urn:openid:params:grant-type:ciba';
 // Ping mode: oidc-provider requires an https notification endpoint, so the ping client registers
@@ -291,6 +291,15 @@ function buildProvider(issuer) {
     },
     features: {
       devInteractions: { enabled: false },
+      // DPoP (RFC 9449) on the token endpoint: a poll with a DPoP proof gets a token bound to
+      // its key (token_type DPoP, cnf.jkt). PEER_DPOP_NONCE=1 makes every proof carry a
+      // server-provided nonce (the first proof is answered use_dpop_nonce with DPoP-Nonce).
+      dPoP: {
+        enabled: true,
+        ...(process.env.PEER_DPOP_NONCE === '1'
+          ? { nonceSecret: crypto.randomBytes(32), requireNonce: () => true }
+          : {}),
+      },
       ciba: {
         enabled: true,
         deliveryModes: ['poll', 'ping'],
