@@ -289,7 +289,9 @@ impl JwtVerifier {
         }
     }
 
-    pub async fn verify(&self, token: &str) -> Result<Identity, IdentityError> {
+    /// The claims of `token`, once its signature, issuer, audience and
+    /// lifetime are checked.
+    pub async fn claims(&self, token: &str, audience: &str) -> Result<Value, IdentityError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| IdentityError::Invalid(e.to_string()))?;
         if !matches!(
@@ -312,13 +314,17 @@ impl JwtVerifier {
         let key = self.key_for(header.kid.as_deref()).await?;
         let mut validation = Validation::new(header.alg);
         validation.set_issuer(&[self.issuer.as_str(), self.issuer.trim_end_matches('/')]);
-        validation.set_audience(&[self.audience.as_str()]);
+        validation.set_audience(&[audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         validation.leeway = 30;
-        let data = jsonwebtoken::decode::<Value>(token, &key, &validation)
-            .map_err(|e| IdentityError::Invalid(e.to_string()))?;
-        let subject = data
-            .claims
+        jsonwebtoken::decode::<Value>(token, &key, &validation)
+            .map(|data| data.claims)
+            .map_err(|e| IdentityError::Invalid(e.to_string()))
+    }
+
+    pub async fn verify(&self, token: &str) -> Result<Identity, IdentityError> {
+        let claims = self.claims(token, &self.audience).await?;
+        let subject = claims
             .get(&self.subject_claim)
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
@@ -326,10 +332,7 @@ impl JwtVerifier {
                 IdentityError::Invalid(format!("the token has no {} claim", self.subject_claim))
             })?
             .to_owned();
-        Ok(Identity {
-            subject,
-            claims: data.claims,
-        })
+        Ok(Identity { subject, claims })
     }
 }
 

@@ -63,10 +63,14 @@ pub enum ProblemCode {
     /// recording the request, or between the server's answer and its record:
     /// it cannot learn the answer, and never asks twice.
     ApprovalInterrupted,
+    /// The token issued for a `bind: call` approval does not name the call
+    /// (docs/call-binding.md): the authorization server dropped or changed
+    /// the binding, so the call is not forwarded.
+    TokenUnbound,
 }
 
 impl ProblemCode {
-    const ALL: [Self; 36] = [
+    const ALL: [Self; 37] = [
         Self::AccessDenied,
         Self::ApprovalExpired,
         Self::IdentityRequired,
@@ -103,6 +107,7 @@ impl ProblemCode {
         Self::ApprovalCancelled,
         Self::ScopeNotGranted,
         Self::ApprovalInterrupted,
+        Self::TokenUnbound,
     ];
 
     /// The code whose wire name is `code` (the first, for a shared name).
@@ -146,6 +151,7 @@ impl ProblemCode {
             Self::McpToolNameCase => "mcp_tool_name_case",
             Self::ApprovalCancelled => "approval_cancelled",
             Self::ApprovalInterrupted => "approval_interrupted",
+            Self::TokenUnbound => "token_unbound",
             Self::ScopeNotGranted => "scope_not_granted",
         }
     }
@@ -180,6 +186,7 @@ impl ProblemCode {
             Self::UpstreamUnavailable
             | Self::ApprovalFailed
             | Self::ApprovalInterrupted
+            | Self::TokenUnbound
             | Self::OutcomeUnknown
             | Self::ResponseNotRecorded => 502,
             Self::ApprovalStoreUnavailable | Self::ShuttingDown => 503,
@@ -224,6 +231,7 @@ impl ProblemCode {
             Self::McpToolNameCase => "MCP tool name in another letter case",
             Self::ApprovalCancelled => "Cancelled by the client",
             Self::ApprovalInterrupted => "Approval interrupted",
+            Self::TokenUnbound => "Token not bound to the call",
             Self::ScopeNotGranted => "Approved without a required permission",
         }
     }
@@ -314,6 +322,9 @@ impl ProblemCode {
             }
             Self::McpToolNameCase => {
                 "The tool name differs from a tool that needs approval only in letter case; call the tool by its exact name."
+            }
+            Self::TokenUnbound => {
+                "The user approved, but the authorization server issued a token that does not name this exact call, so the request was not made. The gateway's operator must configure the authorization server to copy authorization_details into access tokens."
             }
             Self::ScopeNotGranted => {
                 "The user approved, but did not grant every permission this call needs, so the request was not made. Ask again and have the user grant all that is asked."

@@ -50,6 +50,20 @@ pub fn keeps_request_header(name: &str, identity_header: Option<&str>) -> bool {
         && identity_header.is_none_or(|h| !crate::request::dashed(h).eq_ignore_ascii_case(&dashed))
 }
 
+/// The `Host` header a stored call reaches its upstream with: the agent's
+/// with `preserve_host`, otherwise the upstream's own authority. Call
+/// binding names it, so [`UpstreamClient::send`] sends exactly this.
+pub fn forwarded_host(config: &UpstreamConfig, headers: &[(String, Vec<u8>)]) -> String {
+    config
+        .preserve_host
+        .then(|| headers.iter().find(|(name, _)| name == "host"))
+        .flatten()
+        .map_or_else(
+            || config.url.authority().to_owned(),
+            |(_, value)| String::from_utf8_lossy(value).into_owned(),
+        )
+}
+
 #[derive(Debug, Error)]
 pub enum ForwardError {
     #[error("unknown upstream {0}")]
@@ -124,9 +138,11 @@ impl UpstreamClient {
         );
         let method = reqwest::Method::from_bytes(request.method.as_bytes())
             .map_err(|e| ForwardError::NotSent(e.to_string()))?;
-        let mut builder = client.request(method, url);
+        let mut builder = client
+            .request(method, url)
+            .header(http::header::HOST, forwarded_host(config, &request.headers));
         for (name, value) in &request.headers {
-            if name == "host" && !config.preserve_host {
+            if name == "host" {
                 continue;
             }
             builder = builder.header(name.as_str(), value.as_slice());

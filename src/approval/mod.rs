@@ -7,6 +7,7 @@
 //! only awaits `run`; dropping that future (the agent hung up) stops polling.
 
 pub mod audit;
+pub mod binding;
 pub mod engine;
 pub mod ping;
 pub mod store_handle;

@@ -298,6 +298,11 @@ impl CibaClient {
         &self.endpoints
     }
 
+    /// The client that talks to the authorization server (and its JWKS).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
     fn login_hint(&self, subject: &str) -> String {
         match self.login_hint {
             LoginHintFormat::Subject => subject.to_owned(),

@@ -335,7 +335,7 @@ async fn discovery(State(authz): State<Arc<Authz>>) -> Response {
         "response_types_supported": [],
         "subject_types_supported": ["public"],
         "scopes_supported": ["openid"],
-        "authorization_details_types_supported": ["product_purchase"],
+        "authorization_details_types_supported": ["product_purchase", "countersign_call"],
         "service_documentation": "countersign dev: DEVELOPMENT ONLY",
     }))
     .into_response()

@@ -23,7 +23,7 @@ pub use call::{CallError, CallInput};
 pub use condition::Condition;
 pub use mcp::{McpEndpoint, ToolMatch};
 pub use path::{normalize, NormalizedPath, PathError};
-pub use spec::{Otherwise, PolicyFile, PolicySpec, WaitMode};
+pub use spec::{Bind, Otherwise, PolicyFile, PolicySpec, WaitMode};
 pub use template::RenderError;
 
 use call::CallShape;
@@ -86,6 +86,7 @@ pub struct Policy {
     shape: CallShape,
     /// The MCP tool (name or glob) this policy holds on its endpoint.
     pub mcp_tool: Option<String>,
+    pub bind: Bind,
 }
 
 /// A policy that cannot be compiled alongside the others.
@@ -243,6 +244,11 @@ impl PolicySet {
                 name: name.clone(),
                 reason,
             };
+            if spec.bind == Bind::Call && spec.require.audience.is_none() {
+                return Err(fail(
+                    "`bind: call` needs require.audience: the bound token is a JWT for that API, which checks it".into(),
+                ));
+            }
             if spec.otherwise.is_some() && spec.when.is_none() {
                 return Err(fail(
                     "`otherwise` needs a `when`: without a condition every call needs this policy's approval".into(),
@@ -345,6 +351,7 @@ impl PolicySet {
                 details: spec.authorization_details,
                 shape,
                 mcp_tool: spec.matcher.mcp.map(|m| m.tool.0),
+                bind: spec.bind,
             }));
         }
         set.check_mcp_endpoints()?;

@@ -54,6 +54,22 @@ pub struct PolicySpec {
     /// `{ hold: 25s }`.
     #[serde(default)]
     pub wait: WaitMode,
+    /// `call`: the token issued for the approval must name this exact call
+    /// (docs/call-binding.md), so the API can check it; `none` (default).
+    #[serde(default)]
+    pub bind: Bind,
+}
+
+/// What the token issued for an approval is bound to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Bind {
+    /// Nothing beyond the policy's scopes and audience.
+    #[default]
+    None,
+    /// The exact call: a `countersign_call` entry in `authorization_details`,
+    /// checked in the issued token before the call is forwarded.
+    Call,
 }
 
 /// What happens to a call a policy's condition does not take.

@@ -25,6 +25,8 @@ pub(super) struct HeldCall {
     /// What identifies the call across retries in place of its body (an
     /// MCP tool call's method and params, without its JSON-RPC id).
     pub fingerprint_body: Option<Vec<u8>>,
+    /// The MCP tool called, named in the call's binding.
+    pub tool: Option<String>,
 }
 
 /// A token never goes anywhere its policy does not name. Load-time checks
@@ -133,6 +135,7 @@ impl Countersign {
             body,
             upstream: upstream.name.clone(),
             fingerprint_body: None,
+            tool: None,
         }))
     }
 

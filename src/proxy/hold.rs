@@ -15,13 +15,15 @@ use tokio::time::Instant;
 
 use super::decide::HeldCall;
 use super::{CallCtx, Countersign, JsonReply, Reply};
+use crate::approval::binding;
 use crate::approval::engine::StartError;
 use crate::identity::IdentitySource;
 use crate::metrics::Metrics;
+use crate::policy::Bind;
 use crate::policy::WaitMode;
 use crate::problem::{Problem, ProblemCode};
 use crate::store::{Approval, ApprovalState, Inserted, NewApproval, StoreError, StoredRequest};
-use crate::upstream::keeps_request_header;
+use crate::upstream::{forwarded_host, keeps_request_header};
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
@@ -249,21 +251,33 @@ impl Countersign {
             .policy
             .requested_expiry
             .map_or(self.limits.max_hold, |e| e.min(self.limits.max_hold));
+        let id = uuid::Uuid::new_v4().to_string();
+        let request = StoredRequest {
+            method,
+            path_and_query,
+            headers,
+            body,
+        };
+        let mut authorization_details = call.rendered.authorization_details.clone();
+        if call.policy.bind == Bind::Call {
+            let host = self
+                .upstreams
+                .get(&call.upstream)
+                .map(|u| forwarded_host(&u.config, &request.headers))
+                .unwrap_or_default();
+            let entry = binding::entry(&id, &request, &host, call.tool.as_deref());
+            authorization_details = Some(binding::with_entry(authorization_details, entry));
+        }
         Ok(NewApproval {
-            id: uuid::Uuid::new_v4().to_string(),
+            id,
             policy: call.policy.name.clone(),
             subject,
             upstream: call.upstream.clone(),
             fingerprint,
             idempotency_key,
             binding_message: call.rendered.binding_message.clone(),
-            authorization_details: call.rendered.authorization_details.clone(),
-            request: StoredRequest {
-                method,
-                path_and_query,
-                headers,
-                body,
-            },
+            authorization_details,
+            request,
             created_at: now,
             expires_at: now + hold,
         })

@@ -135,6 +135,7 @@ impl Countersign {
             rendered,
             body,
             upstream: upstream.to_owned(),
+            tool: Some(call.name.clone()),
             fingerprint_body: Some(call.fingerprint),
         }))
     }

@@ -353,7 +353,7 @@ function buildProvider(issuer) {
           return raw ? JSON.parse(raw) : undefined;
         },
         authorizationDetailsForAccessToken(_ctx, _token, source) {
-          return source?.rar;
+          return tamperedDetails(source?.rar);
         },
         authorizationDetailsForIntrospection(_ctx, token) {
           return token.rar;
@@ -501,6 +501,21 @@ async function backchannelMiddleware(ctx, next) {
 // POST /control/bc-authorize-delay { count, ms }: the next `count` bc-authorize
 // requests are recorded (the person is asked) but answered `ms` late.
 const authorizeDelay = { count: 0, ms: 0 };
+
+// POST /control/access-token-details { mode, count }: the next `count` access tokens issued with
+// authorization_details carry them `drop`ped (no claim at all) or `alter`ed (every
+// countersign_call entry's body_sha256 changed), as a provider that does not keep them would.
+const detailsTamper = { mode: undefined, count: 0 };
+
+function tamperedDetails(details) {
+  if (!details || detailsTamper.count <= 0) return details;
+  detailsTamper.count -= 1;
+  log(`access token: authorization_details ${detailsTamper.mode} (forced)`);
+  if (detailsTamper.mode === 'drop') return undefined;
+  return details.map((entry) => (entry?.type === 'countersign_call'
+    ? { ...entry, body_sha256: 'AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA' }
+    : entry));
+}
 
 function slowDown(ctx, rec, why) {
   rec.interval += SLOW_DOWN_INCREMENT;
@@ -738,6 +753,22 @@ async function controlMiddleware(provider, ctx) {
       return undefined;
     }
     return jsonError(ctx, 404, 'not_found', 'no such control endpoint');
+  }
+
+  if (ctx.method === 'POST' && parts.length === 2 && parts[1] === 'access-token-details') {
+    let body;
+    try {
+      body = await readJson(ctx);
+    } catch {
+      return jsonError(ctx, 400, 'invalid_request', 'body must be JSON');
+    }
+    if (body.mode !== 'drop' && body.mode !== 'alter') {
+      return jsonError(ctx, 400, 'invalid_request', 'mode must be drop or alter');
+    }
+    detailsTamper.mode = body.mode;
+    detailsTamper.count = Number.isInteger(body.count) ? body.count : 1;
+    ctx.body = { mode: detailsTamper.mode, count: detailsTamper.count };
+    return undefined;
   }
 
   if (ctx.method === 'POST' && parts.length === 2 && parts[1] === 'bc-authorize-delay') {

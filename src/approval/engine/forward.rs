@@ -2,7 +2,14 @@
 //! and forwarding it once; answers too large to record.
 
 use super::*;
+use crate::approval::binding;
+use crate::identity::IdentityError;
+use crate::policy::Bind;
 use crate::upstream::{ForwardError, Forwarded, Overflow};
+
+/// How long a bound call waits for the authorization server's signing keys.
+const KEYS_WAIT: Duration = Duration::from_secs(30);
+const KEYS_RETRY_EVERY: Duration = Duration::from_secs(5);
 
 impl Engine {
     /// Records how the approval ended; on approval, forwards the call once.
@@ -71,6 +78,16 @@ impl Engine {
                     .settle(id, ApprovalState::Denied, ProblemCode::ScopeNotGranted)
                     .await;
             }
+        }
+        // A bound call goes only with a token that names it.
+        if let Err(why) = self
+            .check_binding(approval, policy, &grant.access_token)
+            .await
+        {
+            tracing::warn!(approval_id = id, %why, "the issued token does not bind the call; it is not forwarded");
+            return self
+                .settle(id, ApprovalState::Failed, ProblemCode::TokenUnbound)
+                .await;
         }
         // The claim: only one process, once, gets past this; whoever holds
         // the token may make it (the lease is this process's from then on).
@@ -145,6 +162,49 @@ impl Engine {
                         )
                     })
                     .await;
+            }
+        }
+    }
+
+    /// Whether `token` names exactly the call the person was asked about
+    /// (docs/call-binding.md), when the approval was asked with a binding or
+    /// its policy binds calls. Signing keys that cannot be fetched are
+    /// waited for a little: the token stays good for minutes.
+    async fn check_binding(
+        &self,
+        approval: &Approval,
+        policy: &Policy,
+        token: &Secret,
+    ) -> Result<(), String> {
+        let expected = match (
+            binding::find(approval.authorization_details.as_ref()),
+            policy.bind,
+        ) {
+            (None, Bind::None) => return Ok(()),
+            (None, Bind::Call) => {
+                return Err(
+                    "the person was asked without a binding, and the policy now binds calls".into(),
+                )
+            }
+            (Some(entry), _) => entry,
+        };
+        let keys = self
+            .issued_tokens
+            .as_ref()
+            .ok_or("the authorization server publishes no jwks_uri to check the token with")?;
+        let audience = policy
+            .audience
+            .as_deref()
+            .ok_or("the policy names no audience")?;
+        let started = Instant::now();
+        loop {
+            match keys.claims(token.expose(), audience).await {
+                Ok(claims) => return binding::mismatch(&claims, expected).map_or(Ok(()), Err),
+                Err(IdentityError::KeysUnavailable(why)) if started.elapsed() < KEYS_WAIT => {
+                    tracing::warn!(approval_id = %approval.id, %why, "the authorization server's signing keys could not be fetched; trying again");
+                    tokio::time::sleep(KEYS_RETRY_EVERY).await;
+                }
+                Err(error) => return Err(format!("the token cannot be verified: {error}")),
             }
         }
     }

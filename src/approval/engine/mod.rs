@@ -28,6 +28,7 @@ use super::timetable::{Due, Timetable};
 use super::{Outcome, PollSchedule, Step};
 use crate::ciba::{AuthorizeRequest, CibaClient, CibaError, PollAnswer};
 use crate::config::StoreConfig;
+use crate::identity::JwtVerifier;
 use crate::metrics::Metrics;
 use crate::policy::{LivePolicies, Policy};
 use crate::problem::ProblemCode;
@@ -121,6 +122,9 @@ pub struct Engine {
     runtime: tokio::runtime::Handle,
     /// Ping mode: the notifications awaited (`None` in poll mode).
     pings: Option<Pings>,
+    /// The authorization server's signing keys, to read the issued tokens
+    /// of bound calls (`None`: it publishes no JWKS).
+    issued_tokens: Option<JwtVerifier>,
 }
 
 /// This process's standing in the store.
@@ -199,7 +203,12 @@ impl Engine {
             lapsed: false,
             released: false,
         };
+        let issued_tokens = ciba.endpoints().jwks.clone().map(|jwks| {
+            let issuer = ciba.endpoints().issuer.clone();
+            JwtVerifier::with_keys(ciba.http().clone(), jwks, &issuer, "", "sub")
+        });
         Self {
+            issued_tokens,
             store,
             ciba,
             policies,
