@@ -189,13 +189,14 @@ def dpop_proof(
 
 
 class LocalJwks:
-    """Serves the peer's JWKS plus ``key`` (kid ``local-test-key``) over real HTTP."""
+    """Serves the peer's JWKS (if given) plus ``key`` (kid ``local-test-key``) over real HTTP,
+    each answer ``delay`` seconds late."""
 
     KID = "local-test-key"
 
-    def __init__(self, peer: Peer) -> None:
+    def __init__(self, peer: Peer | None = None, delay: float = 0.0) -> None:
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        keys = peer.http.get("/.well-known/jwks.json").json()["keys"]
+        keys = peer.http.get("/.well-known/jwks.json").json()["keys"] if peer else []
         mine = {**public_jwk(self.key), "kid": self.KID, "use": "sig", "alg": "RS256"}
         self.document = json.dumps({"keys": [*keys, mine]}).encode()
         self.fetches = 0
@@ -204,6 +205,7 @@ class LocalJwks:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
                 outer.fetches += 1
+                time.sleep(delay)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(outer.document)))

@@ -515,6 +515,8 @@ class Verifier:
             )
         htu = claims.get("htu")
         expected = _normalise_url(expected_url)
+        if expected is not None:
+            expected = (*expected[:4], "", "")  # the request URL without query and fragment
         if expected is None:
             raise ServerError("The request URL given to the verifier is not an absolute URL.")
         if not isinstance(htu, str) or _normalise_url(htu) != expected:

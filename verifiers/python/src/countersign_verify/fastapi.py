@@ -11,7 +11,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import Response
 
 from ._core import Approval, Verifier
-from ._problem import Refusal
+from ._problem import Refusal, ServerError
 from .asgi import request_target, request_url
 
 __all__ = ["Countersign", "CountersignHTTPException", "problem_exception_handler"]
@@ -61,7 +61,13 @@ class Countersign:
             length = request.headers.get("content-length", "")
             if length.strip().isdigit() and int(length) > limit:
                 raise Refusal("body_too_large", f"The request body exceeds {limit} bytes.")
-            body = await request.body()
+            try:
+                body = await request.body()
+            except RuntimeError:  # the stream was consumed (form parsing) before us
+                raise ServerError(
+                    "The request body was consumed before it could be verified (form fields?); "
+                    "use CountersignMiddleware for such routes."
+                ) from None
             if len(body) > limit:
                 raise Refusal("body_too_large", f"The request body exceeds {limit} bytes.")
             approval = await self.verifier.verify_async(
