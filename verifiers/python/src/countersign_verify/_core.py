@@ -119,28 +119,34 @@ class _KeySet:
         self._lifespan = lifespan
         self._cooldown = cooldown
         self._lock = threading.Lock()
-        self._keys: list[dict[str, Any]] | None = None
+        # The key list and its parsed keys, replaced together (one atomic assignment).
+        self._snapshot: tuple[list[dict[str, Any]] | None, dict[tuple[int, str], PyJWK]] = (None, {})
         self._fetched_at = 0.0
         self._attempted_at = float("-inf")
-        self._verifiers: dict[tuple[int, str], PyJWK] = {}
 
-    def _matching(self, kid: str | None) -> list[dict[str, Any]]:
-        keys = self._keys or []
+    @staticmethod
+    def _select(keys: list[dict[str, Any]] | None, kid: str | None) -> list[tuple[int, dict[str, Any]]]:
         return [
-            k
-            for k in keys
+            (i, k)
+            for i, k in enumerate(keys or [])
             if k.get("use", "sig") == "sig" and (kid is None or k.get("kid") == kid)
         ]
 
     def needs_fetch(self, kid: str | None) -> bool:
         now = time.monotonic()
-        if self._keys is None or now - self._fetched_at > self._lifespan:
-            return now - self._attempted_at > min(self._cooldown, 1.0) or self._keys is None
-        return not self._matching(kid) and now - self._attempted_at > self._cooldown
+        keys = self._snapshot[0]
+        if keys is None or now - self._fetched_at > self._lifespan:
+            # No keys yet, or stale ones: at most one attempt a second (a dead JWKS endpoint
+            # then answers 503 at once instead of stalling every request for the timeout).
+            return now - self._attempted_at > 1.0
+        # A kid we do not know: the AS may have rotated its keys; refetch, but not in a storm.
+        return not self._select(keys, kid) and now - self._attempted_at > self._cooldown
 
     def fetch(self) -> None:
         """Fetch the JWKS (blocking: the async paths call this in a thread)."""
         with self._lock:
+            if time.monotonic() - self._attempted_at < 0.5:
+                return  # another thread fetched while this one waited for the lock
             self._attempted_at = time.monotonic()
             try:
                 data = self._client.fetch_data()
@@ -150,33 +156,32 @@ class _KeySet:
             except Exception as exc:  # noqa: BLE001 - any failure keeps the previous keys
                 log.warning("countersign_verify: JWKS fetch failed: %s", exc)
                 return
-            self._keys = [k for k in keys if isinstance(k, dict)]
+            self._snapshot = ([k for k in keys if isinstance(k, dict)], {})
             self._fetched_at = self._attempted_at
-            self._verifiers.clear()
 
     def ensure(self, kid: str | None) -> None:
         if self.needs_fetch(kid):
             self.fetch()
 
     def candidates(self, kid: str | None, alg: str) -> list[PyJWK]:
-        if self._keys is None:
+        keys, parsed = self._snapshot
+        if keys is None:
             raise Refusal(
                 "authorization_server_unavailable",
                 "The authorization server's signing keys could not be fetched.",
                 status=503,
             )
         out = []
-        for jwk in self._matching(kid):
+        for index, jwk in self._select(keys, kid):
             if jwk.get("alg") not in (None, alg):
                 continue
-            cache_key = (id(jwk), alg)
-            key = self._verifiers.get(cache_key)
+            key = parsed.get((index, alg))
             if key is None:
                 try:
                     key = PyJWK(jwk, algorithm=alg)
                 except PyJWTError:
                     continue
-                self._verifiers[cache_key] = key
+                parsed[(index, alg)] = key
             out.append(key)
         return out
 
