@@ -567,3 +567,45 @@ fn credential(parts: &Parts) -> Option<(Scheme, &str)> {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(request: http::request::Builder) -> Parts {
+        request.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn host_is_the_authority_in_http2_and_the_host_header_in_http1() {
+        let h2 =
+            parts(http::Request::get("https://API.example:8443/shop?x=1").version(Version::HTTP_2));
+        assert_eq!(request_host(&h2), Some("API.example:8443"));
+        assert_eq!(h2.uri.path_and_query().unwrap().as_str(), "/shop?x=1");
+        let h1 = parts(http::Request::get("/shop").header("host", "shop.example"));
+        assert_eq!(request_host(&h1), Some("shop.example"));
+        let twice = parts(
+            http::Request::get("/shop")
+                .header("host", "a.example")
+                .header("host", "b.example"),
+        );
+        assert_eq!(
+            request_host(&twice),
+            None,
+            "an ambiguous Host matches nothing"
+        );
+    }
+
+    #[test]
+    fn credentials() {
+        let with = |value: &str| parts(http::Request::get("/").header("authorization", value));
+        let scheme =
+            |value: &str| credential(&with(value)).map(|(s, t)| (s == Scheme::DPoP, t.to_owned()));
+        assert_eq!(scheme("Bearer abc"), Some((false, "abc".into())));
+        assert_eq!(scheme("bearer   abc "), Some((false, "abc".into())));
+        assert_eq!(scheme("DPoP abc"), Some((true, "abc".into())));
+        assert_eq!(scheme("Basic abc"), None);
+        assert_eq!(scheme("Bearer"), None);
+        assert_eq!(scheme("Bearer a b"), None);
+    }
+}
