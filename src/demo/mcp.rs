@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::shop::{grants_buy, Shop};
+use super::shop::Shop;
 
 const PROTOCOL_VERSIONS: [&str; 4] = ["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
 
@@ -64,7 +64,7 @@ pub(super) async fn endpoint(
             let arguments = &params["arguments"];
             match params["name"].as_str() {
                 Some("buy_product") => {
-                    let claims = shop.record(&method, &uri, &headers, &body).await;
+                    let claims = shop.verified(&method, &uri, &headers, &body).await;
                     result(id, buy(claims, arguments))
                 }
                 Some("list_products") => result(
@@ -79,15 +79,19 @@ pub(super) async fn endpoint(
     Json(answer).into_response()
 }
 
-fn buy(claims: Option<Value>, arguments: &Value) -> Value {
+fn buy(claims: Result<Value, countersign_verify::Refusal>, arguments: &Value) -> Value {
     let refused =
         |text: &str| json!({ "content": [{ "type": "text", "text": text }], "isError": true });
-    let Some(claims) = claims else {
-        return refused("The shop refused: a valid access token for the shop is required.");
+    let claims = match claims {
+        Ok(claims) => claims,
+        Err(refusal) => {
+            return refused(&format!(
+                "The shop refused ({}): {}",
+                refusal.code(),
+                refusal.detail()
+            ))
+        }
     };
-    if !grants_buy(&claims) {
-        return refused("The shop refused: the token lacks scope product:buy.");
-    }
     let (Some(product), Some(qty)) = (arguments["product"].as_str(), arguments["qty"].as_u64())
     else {
         return refused("buy_product needs a product (text) and a qty (a whole number).");

@@ -1,6 +1,8 @@
 //! The example shop API behind the gateway. It trusts nobody: every order
 //! needs an access token that verifies against the authorization server's
-//! JWKS, is meant for the shop's audience and carries scope `product:buy`.
+//! JWKS, is meant for the shop's audience, carries scope `product:buy` and
+//! was approved for exactly that call (`countersign-verify`,
+//! docs/call-binding.md).
 //! It records what it received, so tests can check what crossed the gateway.
 //! At `/mcp` it is also an MCP server with the tool `buy_product`
 //! ([`super::mcp`]).
@@ -30,6 +32,9 @@ pub struct Received {
     pub body: Bytes,
     /// The verified claims of the bearer token, when it verified.
     pub claims: Option<Value>,
+    /// Why the shop refused an order: the verifier's problem `code`
+    /// (`binding_mismatch`, `approval_replayed`, ...), `None` if it took it.
+    pub refused: Option<String>,
 }
 
 impl Received {
@@ -44,6 +49,8 @@ impl Received {
 #[derive(Debug)]
 pub(super) struct Shop {
     verifier: JwtVerifier,
+    /// What an order needs: the call binding's verifier.
+    orders: countersign_verify::Verifier,
     received: Mutex<Vec<Received>>,
 }
 
@@ -73,13 +80,19 @@ pub async fn serve(
 ) -> std::io::Result<ShopHandle> {
     let verifier = JwtVerifier::with_keys(
         reqwest::Client::new(),
-        jwks_uri,
+        jwks_uri.clone(),
         issuer,
         SHOP_AUDIENCE,
         "sub",
     );
+    let orders = countersign_verify::Verifier::new(countersign_verify::Config {
+        required_scopes: vec![BUY_SCOPE.to_owned()],
+        ..countersign_verify::Config::new(issuer, SHOP_AUDIENCE, jwks_uri.as_str())
+    })
+    .map_err(std::io::Error::other)?;
     let shop = Arc::new(Shop {
         verifier,
+        orders,
         received: Mutex::new(Vec::new()),
     });
     let app = Router::new()
@@ -127,15 +140,39 @@ impl Shop {
                 headers: headers.clone(),
                 body: body.clone(),
                 claims: claims.clone(),
+                refused: None,
             });
         }
         claims
     }
+
+    /// Records an order and checks that its token was approved for exactly
+    /// this call: its claims, or the refusal to answer.
+    pub(super) async fn verified(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> Result<Value, countersign_verify::Refusal> {
+        self.record(method, uri, headers, body).await;
+        let (mut parts, ()) = axum::http::Request::new(()).into_parts();
+        parts.method = method.clone();
+        parts.uri = uri.clone();
+        parts.headers = headers.clone();
+        let verdict = self.orders.verify(&parts, body).await;
+        if let (Err(refusal), Ok(mut received)) = (&verdict, self.received.lock()) {
+            if let Some(last) = received.last_mut() {
+                last.refused = Some(refusal.code().to_owned());
+            }
+        }
+        verdict.map(|approval| approval.claims)
+    }
 }
 
 impl Shop {
-    /// Records the call, then checks what a purchase needs: a verified token
-    /// with scope `product:buy`, and a JSON body. Gives the token's claims
+    /// Records the call, then checks what a purchase needs: a token approved
+    /// for exactly this call, with scope `product:buy`, and a JSON body. Gives the token's claims
     /// and the body, or the refusal to answer.
     async fn purchase(
         &self,
@@ -144,29 +181,15 @@ impl Shop {
         headers: &HeaderMap,
         body: &Bytes,
     ) -> Result<(Value, Value), Response> {
-        let Some(claims) = self.record(method, uri, headers, body).await else {
-            return Err(error(
-                StatusCode::UNAUTHORIZED,
-                "a valid access token for the shop is required",
-            ));
-        };
-        if !grants_buy(&claims) {
-            return Err(error(
-                StatusCode::FORBIDDEN,
-                "the token lacks scope product:buy",
-            ));
-        }
+        let claims = self
+            .verified(method, uri, headers, body)
+            .await
+            .map_err(|refusal| refusal.into_response::<axum::body::Body>())?;
         let Ok(parsed) = serde_json::from_slice::<Value>(body) else {
             return Err(error(StatusCode::BAD_REQUEST, "the body must be JSON"));
         };
         Ok((claims, parsed))
     }
-}
-
-/// Whether a verified token's claims carry scope `product:buy`.
-pub(super) fn grants_buy(claims: &Value) -> bool {
-    let scopes = claims["scope"].as_str().unwrap_or_default();
-    scopes.split(' ').any(|s| s == BUY_SCOPE)
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
