@@ -91,13 +91,14 @@ export async function issueTokens(peer, specs) {
         resource: AUDIENCE,
       };
       if (spec.details) fields.authorization_details = JSON.stringify(spec.details);
-      const started = Date.now();
       const asked = await fetch(peer.backchannelEndpoint, {
         method: 'POST',
         headers: { 'content-type': 'application/x-www-form-urlencoded' },
         body: form(fields),
       });
       const { auth_req_id: id, interval } = await asked.json();
+      // the peer times the interval from its own record of the request, made before it answered
+      const started = Date.now();
       if (!id) throw new Error(`bc-authorize refused (${asked.status})`);
       const approved = await fetch(`${peer.issuer}/control/requests/${id}/approve`, {
         method: 'POST',
@@ -220,3 +221,39 @@ export async function startFastify(options) {
 }
 
 export const frameworks = { express: startExpress, fastify: startFastify };
+
+/**
+ * A local issuer for tokens the peer cannot make (expired, not yet valid, no exp):
+ * a test RSA key whose public JWKS a local server serves. sign(claims) makes an at+jwt.
+ */
+export async function startLocalIssuer() {
+  const { privateKey, publicKey } = await generateKeyPair('RS256', { extractable: true });
+  const jwk = { ...(await exportJWK(publicKey)), kid: 'local-test-key', alg: 'RS256', use: 'sig' };
+  const server = http.createServer((req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json' });
+    res.end(JSON.stringify({ keys: [jwk] }));
+  });
+  const port = await listen(server);
+  const issuer = 'https://issuer.test.example';
+  return {
+    issuer,
+    jwksUri: `http://127.0.0.1:${port}/jwks.json`,
+    sign(claims) {
+      const now = Math.floor(Date.now() / 1000);
+      const payload = { iss: issuer, aud: AUDIENCE, sub: 'bob', scope: 'product:buy', iat: now, exp: now + 300, ...claims };
+      for (const [k, v] of Object.entries(payload)) if (v === undefined) delete payload[k];
+      return new SignJWT(payload).setProtectedHeader({ alg: 'RS256', typ: 'at+jwt', kid: 'local-test-key' }).sign(privateKey);
+    },
+    /** Signed by a key that is not in any JWKS, with the peer's kid. */
+    async forge(claims) {
+      const other = await generateKeyPair('RS256');
+      return new SignJWT(claims).setProtectedHeader({ alg: 'RS256', typ: 'at+jwt', kid: 'peer-test-key' }).sign(other.privateKey);
+    },
+    close: () => new Promise((resolve) => server.close(resolve)),
+  };
+}
+
+/** The claims of a JWT, without verifying it (tests only). */
+export function claimsOf(token) {
+  return JSON.parse(Buffer.from(token.split('.')[1], 'base64url').toString('utf8'));
+}
