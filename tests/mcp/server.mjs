@@ -16,6 +16,21 @@
 // Once it listens it prints one
 // line to stdout: {"url":"http://127.0.0.1:<port>/mcp","port":<port>}.
 // It exits when stdin closes (the parent test died) unless MCP_IGNORE_STDIN=1.
+//
+// With MCP_VERIFY_BINDING=1 (and MCP_ISSUER), a tools/call of buy_product is
+// also checked, before the MCP SDK sees it, by @countersign/verify (the
+// TypeScript verifier of docs/call-binding.md, verifiers/typescript; its
+// dependencies must be installed: npm ci --prefix verifiers/typescript): the
+// token must name exactly this HTTP request (method, raw target, Host, body
+// digest) in a countersign_call entry, be for MCP_AUDIENCE with scope
+// product:buy, and (if DPoP-bound) come with a valid DPoP proof. A refused call
+// gets the contract's application/problem+json answer (401/403) and never runs;
+// GET /control/bindings lists every check, accepted or refused (tool, accepted,
+// approval and subject, or status, code and field). Further switches:
+// MCP_BINDING_HOST (the host the binding must name instead of the Host header),
+// MCP_EXTERNAL_URL (the URL clients reach the server at, for DPoP htu),
+// MCP_REQUIRE_DPOP=1 (refuse tokens that are not DPoP-bound),
+// MCP_BINDING_TOOLS (comma-separated tools checked; default buy_product).
 
 import { randomUUID } from 'node:crypto';
 import http from 'node:http';
@@ -30,9 +45,75 @@ import { z } from 'zod';
 const issuer = process.env.MCP_ISSUER;
 const audience = process.env.MCP_AUDIENCE ?? 'https://shop.example/api';
 const port = Number(process.env.MCP_PORT ?? 0);
-const jwks = issuer
-  ? createRemoteJWKSet(new URL(process.env.MCP_JWKS_URI ?? `${issuer}/.well-known/jwks.json`))
-  : null;
+const jwksUri = process.env.MCP_JWKS_URI ?? (issuer ? `${issuer}/.well-known/jwks.json` : undefined);
+const jwks = issuer ? createRemoteJWKSet(new URL(jwksUri)) : null;
+
+// Call binding (MCP_VERIFY_BINDING=1): the verifier, and every check it made.
+const boundTools = new Set((process.env.MCP_BINDING_TOOLS ?? 'buy_product').split(',').filter(Boolean));
+const bindings = [];
+const binding = process.env.MCP_VERIFY_BINDING === '1' ? await bindingVerifier() : null;
+
+async function bindingVerifier() {
+  if (!issuer) {
+    console.error('MCP_VERIFY_BINDING=1 needs MCP_ISSUER (the authorization server)');
+    process.exit(2);
+  }
+  let createVerifier;
+  try {
+    // imported only when asked for, so that the server runs without the verifier's dependencies
+    ({ createVerifier } = await import('@countersign/verify'));
+  } catch (error) {
+    console.error(
+      `MCP_VERIFY_BINDING=1: cannot load @countersign/verify (${error.code ?? error.message}); ` +
+        'run npm ci --prefix verifiers/typescript and npm ci --prefix tests/mcp',
+    );
+    process.exit(2);
+  }
+  return createVerifier({
+    issuer,
+    audience,
+    jwksUri,
+    requiredScopes: ['product:buy'],
+    host: process.env.MCP_BINDING_HOST || undefined,
+    externalUrl: process.env.MCP_EXTERNAL_URL || undefined,
+    requireDpop: process.env.MCP_REQUIRE_DPOP === '1',
+  });
+}
+
+// The bound tools a JSON-RPC message (or batch) calls.
+function boundToolsCalled(body) {
+  const messages = Array.isArray(body) ? body : [body];
+  return messages
+    .filter((m) => m && m.method === 'tools/call' && boundTools.has(m.params?.name))
+    .map((m) => m.params.name);
+}
+
+// Checks the call binding of a tools/call of a bound tool; answers the refusal
+// itself and returns false when the call must not run.
+async function bindingAllows(req, res, raw, body) {
+  if (!binding) return true;
+  const tools = boundToolsCalled(body);
+  if (tools.length === 0) return true;
+  const host = req.headers.host;
+  const result = await binding.verify({
+    method: req.method,
+    target: req.url, // the request-target as received
+    host,
+    headers: req.headersDistinct,
+    body: raw,
+    url: `http://${host}${req.url}`,
+  });
+  const tool = tools.join(',');
+  if (result.ok) {
+    bindings.push({ tool, accepted: true, approval: result.approval, subject: result.subject });
+    return true;
+  }
+  const { status, code, field } = result.problem;
+  bindings.push({ tool, accepted: false, status, code, ...(field ? { field } : {}) });
+  res.writeHead(status, result.headers);
+  res.end(JSON.stringify(result.problem));
+  return false;
+}
 
 const products = ['XYZ phone', 'ABC laptop', 'Cable'];
 const calls = [];
@@ -40,7 +121,7 @@ const calls = [];
 const methods = {};
 
 async function verify(authorization) {
-  const token = /^Bearer (.+)$/i.exec(authorization ?? '')?.[1];
+  const token = /^(?:Bearer|DPoP) (.+)$/i.exec(authorization ?? '')?.[1];
   if (!token) return { token: false };
   if (!jwks) return { token: true, valid: false, reason: 'no MCP_ISSUER to verify against' };
   try {
@@ -103,24 +184,34 @@ function newServer() {
 
 const transports = new Map();
 
-async function readJson(req) {
+async function readRaw(req) {
   const chunks = [];
   for await (const chunk of req) chunks.push(chunk);
-  const text = Buffer.concat(chunks).toString('utf8');
+  return Buffer.concat(chunks);
+}
+
+function parseJson(raw) {
+  const text = raw.toString('utf8');
   return text ? JSON.parse(text) : undefined;
 }
+
+const parseError = (res) => {
+  res.writeHead(400, { 'content-type': 'application/json' });
+  res.end(JSON.stringify({ jsonrpc: '2.0', id: null, error: { code: -32700, message: 'Parse error' } }));
+};
 
 async function handleMcp(req, res) {
   const sessionId = req.headers['mcp-session-id'];
   if (req.method === 'POST') {
+    const raw = await readRaw(req);
     let body;
     try {
-      body = await readJson(req);
+      body = parseJson(raw);
     } catch {
-      res.writeHead(400, { 'content-type': 'application/json' });
-      res.end(JSON.stringify({ jsonrpc: '2.0', id: null, error: { code: -32700, message: 'Parse error' } }));
+      parseError(res);
       return;
     }
+    if (!(await bindingAllows(req, res, raw, body))) return;
     let transport = sessionId ? transports.get(sessionId) : undefined;
     if (!transport && !sessionId && isInitializeRequest(body)) {
       transport = new StreamableHTTPServerTransport({
@@ -161,7 +252,18 @@ function handleLegacySse(req, res, url) {
     res.writeHead(400).end('No valid session');
     return Promise.resolve();
   }
-  return transport.handlePostMessage(req, res);
+  if (!binding) return transport.handlePostMessage(req, res);
+  return (async () => {
+    const raw = await readRaw(req);
+    let body;
+    try {
+      body = parseJson(raw);
+    } catch {
+      parseError(res);
+      return;
+    }
+    if (await bindingAllows(req, res, raw, body)) await transport.handlePostMessage(req, res, body);
+  })();
 }
 
 const httpServer = http.createServer((req, res) => {
@@ -177,6 +279,11 @@ const httpServer = http.createServer((req, res) => {
   if (path === '/control/calls' && req.method === 'GET') {
     res.writeHead(200, { 'content-type': 'application/json' });
     res.end(JSON.stringify(calls));
+    return;
+  }
+  if (path === '/control/bindings' && req.method === 'GET') {
+    res.writeHead(200, { 'content-type': 'application/json' });
+    res.end(JSON.stringify(bindings));
     return;
   }
   if (path === '/control/methods' && req.method === 'GET') {

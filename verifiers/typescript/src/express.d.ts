@@ -1,0 +1,25 @@
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Accepted, Verifier, VerifierOptions } from './index.js';
+
+export interface CountersignRequestInfo {
+  subject: Accepted['subject'];
+  approval: Accepted['approval'];
+  claims: Accepted['claims'];
+  binding: Accepted['binding'];
+}
+
+declare global {
+  namespace Express {
+    interface Request {
+      countersign?: CountersignRequestInfo;
+      rawBody?: Buffer;
+    }
+  }
+}
+
+/** Express middleware: verifies the call, sets req.countersign, req.rawBody and (JSON) req.body. */
+export function countersign(
+  optionsOrVerifier: VerifierOptions | Verifier,
+): (req: IncomingMessage & Record<string, any>, res: ServerResponse, next: (error?: unknown) => void) => void;
+
+export default countersign;

@@ -1,0 +1,390 @@
+// Countersign call binding, version 1: the verifier core (docs/call-binding.md).
+// It checks, in the contract's order, that an access token was issued for
+// exactly the request being served, and answers either the accepted claims or
+// the refusal (status, application/problem+json body, headers). It needs no
+// web framework; see ./express.js and ./fastify.js for the adapters.
+//
+// Never put a token, a proof or a body in a problem's detail or in a log.
+
+import { createHash } from 'node:crypto';
+
+import {
+  EmbeddedJWK,
+  calculateJwkThumbprint,
+  compactVerify,
+  createRemoteJWKSet,
+  decodeProtectedHeader,
+  errors as joseErrors,
+  jwtVerify,
+} from 'jose';
+
+import { ReplayCache } from './replay.js';
+
+/** Asymmetric JWS algorithms only (RS/PS/ES, EdDSA). */
+export const ALGORITHMS = Object.freeze([
+  'RS256', 'RS384', 'RS512',
+  'PS256', 'PS384', 'PS512',
+  'ES256', 'ES384', 'ES512',
+  'EdDSA', 'Ed25519',
+]);
+
+/** Leeway on the access token's `exp` and `nbf`, in seconds (contract, check 2). */
+export const CLOCK_TOLERANCE_SECONDS = 30;
+
+const TITLES = Object.freeze({
+  token_missing: 'Access token missing',
+  token_invalid: 'Access token invalid',
+  insufficient_scope: 'Insufficient scope',
+  dpop_proof_missing: 'DPoP proof missing',
+  dpop_proof_invalid: 'DPoP proof invalid',
+  dpop_proof_replayed: 'DPoP proof replayed',
+  binding_missing: 'Call binding missing',
+  binding_mismatch: 'Call binding mismatch',
+  approval_replayed: 'Approval replayed',
+});
+
+const STATUS = Object.freeze({
+  token_missing: 401,
+  token_invalid: 401,
+  insufficient_scope: 403,
+  dpop_proof_missing: 401,
+  dpop_proof_invalid: 401,
+  dpop_proof_replayed: 401,
+  binding_missing: 403,
+  binding_mismatch: 403,
+  approval_replayed: 403,
+});
+
+/** The refusal codes of call binding v1, with their HTTP status. */
+export const CODES = STATUS;
+
+// "Bearer <token68>" or "DPoP <token68>" (scheme case-insensitive, RFC 9110 §11.1).
+const CREDENTIALS = /^(Bearer|DPoP) +([A-Za-z0-9\-._~+/]+=*) *$/i;
+
+const DEFAULT_MAX_BODY_BYTES = 1024 * 1024;
+
+export function b64urlSha256(bytes) {
+  return createHash('sha256').update(bytes).digest('base64url');
+}
+
+/** The digest of an empty body: `47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU`. */
+export const EMPTY_BODY_SHA256 = b64urlSha256(new Uint8Array(0));
+
+/**
+ * Builds a refusal: status, problem (RFC 9457) and headers (WWW-Authenticate on 401s).
+ * `scheme` is the WWW-Authenticate scheme (`Bearer` or `DPoP`).
+ */
+export function refusal(code, detail, { field, scheme = 'Bearer' } = {}) {
+  const status = STATUS[code];
+  if (!status) throw new Error(`unknown countersign problem code ${code}`);
+  const problem = {
+    type: `urn:countersign:problem:${code}`,
+    title: TITLES[code],
+    status,
+    code,
+    detail,
+  };
+  if (field !== undefined) problem.field = field;
+  const headers = { 'content-type': 'application/problem+json' };
+  if (status === 401) {
+    const dpopProof = code.startsWith('dpop_');
+    headers['www-authenticate'] = dpopProof
+      ? 'DPoP error="invalid_dpop_proof"'
+      : `${scheme} error="invalid_token"`;
+  }
+  return { ok: false, status, problem, headers };
+}
+
+// All values of a header, from a plain object (Node's headers or headersDistinct:
+// string | string[]), a WHATWG Headers, or a flat [name, value, ...] raw list.
+function headerValues(headers, name) {
+  if (!headers) return [];
+  if (typeof headers.get === 'function' && typeof headers.has === 'function') {
+    // WHATWG Headers join repeated fields with ", "; split them back
+    // (JWTs, the only values we read this way, never hold a comma).
+    const value = headers.get(name);
+    return value === null ? [] : value.split(',').map((v) => v.trim());
+  }
+  if (Array.isArray(headers)) {
+    const out = [];
+    for (let i = 0; i + 1 < headers.length; i += 2) {
+      if (String(headers[i]).toLowerCase() === name) out.push(String(headers[i + 1]));
+    }
+    return out;
+  }
+  const out = [];
+  for (const [key, value] of Object.entries(headers)) {
+    if (key.toLowerCase() !== name || value === undefined || value === null) continue;
+    if (Array.isArray(value)) out.push(...value.map(String));
+    else out.push(String(value));
+  }
+  return out;
+}
+
+// Scheme, host (lowercase) and port (default dropped) and path of a URL,
+// query and fragment ignored; null when it does not parse as an absolute URL.
+function htuKey(value) {
+  if (typeof value !== 'string') return null;
+  let url;
+  try {
+    url = new URL(value);
+  } catch {
+    return null;
+  }
+  // WHATWG URL lowercases the scheme and host, drops the scheme's default port
+  // and normalises the path (dot segments, percent-encoding) the same way on both sides.
+  return `${url.protocol}//${url.host}${url.pathname}`;
+}
+
+function targetPath(target) {
+  const cut = target.search(/[?#]/);
+  return cut === -1 ? target : target.slice(0, cut);
+}
+
+function requireString(options, name) {
+  const value = options[name];
+  if (typeof value !== 'string' || value === '') {
+    throw new TypeError(`countersign: option ${name} is required (a non-empty string)`);
+  }
+  return value;
+}
+
+/**
+ * Creates a verifier. See index.d.ts and the README for the options.
+ */
+export function createVerifier(options = {}) {
+  const issuer = requireString(options, 'issuer');
+  const audience = requireString(options, 'audience');
+  const jwksUri = requireString(options, 'jwksUri');
+  const requiredScopes = [...(options.requiredScopes ?? [])];
+  if (!requiredScopes.every((s) => typeof s === 'string' && s && !/\s/.test(s))) {
+    throw new TypeError('countersign: requiredScopes must be scope strings');
+  }
+  const expectedHost = options.host === undefined ? undefined : requireString(options, 'host');
+  const externalUrl =
+    options.externalUrl === undefined ? undefined : requireString(options, 'externalUrl').replace(/\/+$/, '');
+  if (externalUrl !== undefined && htuKey(`${externalUrl}/`) === null) {
+    throw new TypeError('countersign: externalUrl must be an absolute URL');
+  }
+  const requireDpop = Boolean(options.requireDpop);
+  const dpopWindowSeconds = options.dpopWindowSeconds ?? 60;
+  const maxBodyBytes = options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES;
+  if (!(dpopWindowSeconds > 0) || !(maxBodyBytes >= 0)) {
+    throw new TypeError('countersign: dpopWindowSeconds must be > 0 and maxBodyBytes >= 0');
+  }
+
+  const jwks = createRemoteJWKSet(new URL(jwksUri));
+  const approvals = new ReplayCache();
+  const proofs = new ReplayCache();
+
+  async function verify(request) {
+    const { method, target, headers, body = new Uint8Array(0) } = request;
+    if (typeof method !== 'string' || typeof target !== 'string') {
+      throw new TypeError('countersign: verify needs the request method and target');
+    }
+    const hostHeader = request.host ?? headerValues(headers, 'host')[0];
+    const now = Date.now() / 1000;
+
+    // 1. exactly one Authorization: Bearer|DPoP <jwt>
+    const authorizations = headerValues(headers, 'authorization');
+    const wwwScheme = requireDpop ? 'DPoP' : 'Bearer';
+    if (authorizations.length !== 1) {
+      return refusal(
+        'token_missing',
+        authorizations.length === 0
+          ? 'The request has no Authorization header.'
+          : 'The request has more than one Authorization header.',
+        { scheme: wwwScheme },
+      );
+    }
+    const credentials = CREDENTIALS.exec(authorizations[0]);
+    if (!credentials) {
+      return refusal('token_missing', 'The Authorization header does not hold a Bearer or DPoP token.', {
+        scheme: wwwScheme,
+      });
+    }
+    const authScheme = credentials[1].toLowerCase() === 'dpop' ? 'DPoP' : 'Bearer';
+    const token = credentials[2];
+    const scheme = authScheme === 'DPoP' || requireDpop ? 'DPoP' : 'Bearer';
+
+    // 2. signature, iss, aud, exp (30 s leeway), nbf
+    let claims;
+    try {
+      ({ payload: claims } = await jwtVerify(token, jwks, {
+        issuer,
+        audience,
+        algorithms: [...ALGORITHMS],
+        clockTolerance: CLOCK_TOLERANCE_SECONDS,
+        requiredClaims: ['exp'],
+      }));
+    } catch (error) {
+      return refusal('token_invalid', tokenInvalidDetail(error), { scheme });
+    }
+
+    // 3. scopes
+    const granted = new Set(typeof claims.scope === 'string' ? claims.scope.split(' ') : []);
+    const lacking = requiredScopes.filter((s) => !granted.has(s));
+    if (lacking.length > 0) {
+      return refusal('insufficient_scope', `The token lacks the scope ${lacking.join(' ')}.`);
+    }
+
+    // 4. DPoP
+    const jkt = claims.cnf && typeof claims.cnf === 'object' ? claims.cnf.jkt : undefined;
+    if (jkt !== undefined || requireDpop || authScheme === 'DPoP') {
+      const dpop = await checkDpop({ request, method, target, hostHeader, headers, token, authScheme, jkt, now });
+      if (dpop) return dpop;
+    }
+
+    // 5. exactly one countersign_call entry
+    const details = Array.isArray(claims.authorization_details) ? claims.authorization_details : [];
+    const entries = details.filter((d) => d && typeof d === 'object' && d.type === 'countersign_call');
+    if (entries.length !== 1) {
+      return refusal(
+        'binding_missing',
+        entries.length === 0
+          ? 'The token names no call (no countersign_call authorization detail).'
+          : 'The token holds more than one countersign_call authorization detail.',
+      );
+    }
+    const entry = entries[0];
+
+    // 6-10. the entry names this call
+    if (entry.version !== '1') {
+      return mismatch('version', 'The token\'s call binding is not version "1".');
+    }
+    if (typeof entry.approval !== 'string' || entry.approval === '') {
+      // Version 1 entries always carry the approval id; without it the binding is unusable.
+      return refusal('binding_missing', 'The token\'s countersign_call entry names no approval.');
+    }
+    if (entry.method !== method) {
+      return mismatch('method', 'The token was issued for a call with another method.');
+    }
+    if (entry.target !== target) {
+      return mismatch('target', 'The token was issued for a call to another target.');
+    }
+    const host = expectedHost ?? hostHeader;
+    if (typeof entry.host !== 'string' || typeof host !== 'string' || entry.host.toLowerCase() !== host.toLowerCase()) {
+      return mismatch('host', 'The token was issued for a call to another host.');
+    }
+    if (entry.body_sha256 !== b64urlSha256(body)) {
+      return mismatch('body', 'The token was issued for a call with another body.');
+    }
+
+    // 11. the approval is accepted once
+    const keepUntil = claims.exp + CLOCK_TOLERANCE_SECONDS;
+    if (!approvals.remember(entry.approval, keepUntil, now)) {
+      return refusal('approval_replayed', 'This approved call was already accepted once.');
+    }
+
+    return { ok: true, subject: claims.sub, approval: entry.approval, claims, binding: entry };
+  }
+
+  async function checkDpop({ request, method, target, hostHeader, headers, token, authScheme, jkt, now }) {
+    const proofs_ = headerValues(headers, 'dpop');
+    if (authScheme !== 'DPoP') {
+      return refusal(
+        'dpop_proof_missing',
+        jkt === undefined
+          ? 'This API requires DPoP: the token must be sent with the DPoP scheme and a proof.'
+          : 'The token is DPoP-bound but was sent with the Bearer scheme.',
+      );
+    }
+    if (proofs_.length !== 1 || proofs_[0] === '') {
+      return refusal(
+        'dpop_proof_missing',
+        proofs_.length > 1 ? 'The request has more than one DPoP header.' : 'The request has no DPoP proof.',
+      );
+    }
+    if (jkt === undefined && requireDpop) {
+      return refusal('dpop_proof_missing', 'This API requires DPoP-bound tokens; the token is not bound to a key.');
+    }
+    const proof = proofs_[0];
+    const invalid = (field, detail) => refusal('dpop_proof_invalid', detail, { field });
+
+    let header;
+    let payload;
+    try {
+      header = decodeProtectedHeader(proof);
+      if (header.typ !== 'dpop+jwt') return invalid('proof', 'The DPoP proof\'s typ is not dpop+jwt.');
+      const verified = await compactVerify(proof, EmbeddedJWK, { algorithms: [...ALGORITHMS] });
+      payload = JSON.parse(new TextDecoder().decode(verified.payload));
+    } catch {
+      return invalid('proof', 'The DPoP proof is not a JWT signed by the public key in its header.');
+    }
+    if (!payload || typeof payload !== 'object' || Array.isArray(payload) || typeof payload.jti !== 'string' || payload.jti === '') {
+      return invalid('proof', 'The DPoP proof has no jti.');
+    }
+    if (payload.htm !== method) {
+      return invalid('htm', 'The DPoP proof was made for another method.');
+    }
+    const expectedUrl = externalUrl !== undefined
+      ? `${externalUrl}${targetPath(target)}`
+      : request.url ?? `http://${hostHeader}${target}`;
+    const expectedHtu = htuKey(expectedUrl);
+    if (expectedHtu === null || htuKey(payload.htu) !== expectedHtu) {
+      return invalid('htu', 'The DPoP proof was made for another URL.');
+    }
+    if (typeof payload.iat !== 'number' || Math.abs(now - payload.iat) > dpopWindowSeconds) {
+      return invalid('iat', 'The DPoP proof\'s iat is outside the accepted window.');
+    }
+    if (payload.ath !== b64urlSha256(Buffer.from(token, 'ascii'))) {
+      return invalid('ath', 'The DPoP proof was made for another access token.');
+    }
+    let thumbprint;
+    try {
+      thumbprint = await calculateJwkThumbprint(header.jwk, 'sha256');
+    } catch {
+      return invalid('proof', 'The DPoP proof\'s jwk has no thumbprint.');
+    }
+    if (jkt === undefined || thumbprint !== jkt) {
+      return invalid('key', 'The DPoP proof was signed by a key the token is not bound to.');
+    }
+    if (!proofs.remember(`${thumbprint}:${payload.jti}`, payload.iat + dpopWindowSeconds, now)) {
+      return refusal('dpop_proof_replayed', 'This DPoP proof was already presented.');
+    }
+    return null;
+  }
+
+  return {
+    verify,
+    options: Object.freeze({
+      issuer,
+      audience,
+      jwksUri,
+      requiredScopes: Object.freeze(requiredScopes),
+      host: expectedHost,
+      externalUrl,
+      requireDpop,
+      dpopWindowSeconds,
+      maxBodyBytes,
+    }),
+  };
+}
+
+function mismatch(field, detail) {
+  return refusal('binding_mismatch', detail, { field });
+}
+
+function tokenInvalidDetail(error) {
+  if (error instanceof joseErrors.JWTExpired) return 'The access token has expired.';
+  if (error instanceof joseErrors.JWTClaimValidationFailed) {
+    if (error.claim === 'iss') return 'The access token was not issued by the expected issuer.';
+    if (error.claim === 'aud') return 'The access token is not meant for this API (audience).';
+    if (error.claim === 'nbf') return 'The access token is not valid yet (nbf).';
+    if (error.claim === 'exp') return 'The access token has no expiry (exp).';
+    return 'The access token\'s claims are not valid.';
+  }
+  if (error instanceof joseErrors.JWSSignatureVerificationFailed) {
+    return 'The access token\'s signature does not verify.';
+  }
+  if (error instanceof joseErrors.JWKSNoMatchingKey) {
+    return 'The access token is not signed by a key of the authorization server.';
+  }
+  if (error instanceof joseErrors.JOSEAlgNotAllowed) {
+    return 'The access token is not signed with an accepted (asymmetric) algorithm.';
+  }
+  if (error instanceof joseErrors.JWKSTimeout || error instanceof joseErrors.JWKSInvalid || error instanceof TypeError) {
+    return 'The authorization server\'s keys could not be fetched to verify the access token.';
+  }
+  return 'The access token is not a valid JWT.';
+}
