@@ -19,6 +19,7 @@ pub mod ciba;
 pub mod config;
 pub mod demo;
 pub mod dev;
+pub mod dpop;
 pub mod drain;
 pub mod gateway;
 pub mod identity;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::config::UpstreamConfig;
+use crate::dpop::DpopKey;
 use crate::proxy::{APPROVAL_ID_HEADER, GATEWAY_HEADER_PREFIX};
 use crate::secret::Secret;
 use crate::store::{StoredRequest, StoredResponse};
@@ -125,6 +126,7 @@ impl UpstreamClient {
         approval_id: &str,
         request: &StoredRequest,
         token: &Secret,
+        dpop: Option<&DpopKey>,
     ) -> Result<Forwarded, ForwardError> {
         let (client, config) = self
             .upstreams
@@ -138,9 +140,21 @@ impl UpstreamClient {
         );
         let method = reqwest::Method::from_bytes(request.method.as_bytes())
             .map_err(|e| ForwardError::NotSent(e.to_string()))?;
-        let mut builder = client
-            .request(method, url)
-            .header(http::header::HOST, forwarded_host(config, &request.headers));
+        let host = forwarded_host(config, &request.headers);
+        // A DPoP token goes with a proof for this request: `htu` names the
+        // host the upstream is told it is (the Host header it receives).
+        let authorization = match dpop {
+            Some(key) => {
+                let htu = format!("{scheme}://{host}{}", request.path_and_query);
+                let proof = key.proof(&request.method, &htu, Some(token.expose()), false);
+                (format!("DPoP {}", token.expose()), Some(proof))
+            }
+            None => (format!("Bearer {}", token.expose()), None),
+        };
+        let mut builder = client.request(method, url).header(http::header::HOST, host);
+        if let Some(proof) = authorization.1 {
+            builder = builder.header("dpop", proof);
+        }
         for (name, value) in &request.headers {
             if name == "host" {
                 continue;
@@ -148,10 +162,7 @@ impl UpstreamClient {
             builder = builder.header(name.as_str(), value.as_slice());
         }
         let mut response = builder
-            .header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", token.expose()),
-            )
+            .header(http::header::AUTHORIZATION, authorization.0)
             .header(APPROVAL_ID_HEADER, approval_id)
             .body(request.body.clone())
             .send()

@@ -96,3 +96,75 @@ async fn a_token_without_the_binding_is_not_forwarded() {
         "{metrics}"
     );
 }
+
+/// A world whose gateway proves possession of a DPoP key (RFC 9449), and
+/// whose peer makes every proof carry a nonce it gave.
+async fn dpop_world() -> (World, countersign::dpop::DpopKey) {
+    let pem = std::fs::read_to_string(repo_path("tests/fixtures/dpop-key.pem")).unwrap();
+    let key = countersign::dpop::DpopKey::from_pem(&pem).unwrap();
+    let peer = Peer::start_with(&[("PEER_DPOP_NONCE", "1")]);
+    let shop = start_shop(&peer).await;
+    let options = GatewayOptions {
+        client: format!(
+            "{}\n  token_binding: dpop\n  dpop_key: {}",
+            GatewayOptions::default().client,
+            serde_json::to_string(&pem).unwrap()
+        ),
+        ..GatewayOptions::default()
+    };
+    let gateway = TestGateway::start(&peer, &shop, options).await;
+    let world = World {
+        peer,
+        shop,
+        gateway,
+        agent: reqwest::Client::new(),
+    };
+    (world, key)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dpop_bound_token_is_forwarded_with_a_proof_the_shop_accepts() {
+    let (world, key) = dpop_world().await;
+    let response = approved_purchase(&world, None).await;
+    assert_eq!(response.status(), 200);
+    let received = world.shop.received();
+    assert_eq!(received.len(), 1);
+    let call = &received[0];
+    assert_eq!(call.refused, None, "the shop's verifier took it");
+    let authorization = call.headers["authorization"].to_str().unwrap();
+    assert!(authorization.starts_with("DPoP "), "{authorization}");
+    assert!(call.headers.contains_key("dpop"), "a proof came with it");
+    let claims = call.claims.as_ref().unwrap();
+    assert_eq!(claims["cnf"]["jkt"], key.thumbprint(), "bound to the key");
+
+    // Replayed by whoever copied it, without the gateway's key: refused.
+    let replay = reqwest::Client::new()
+        .post(format!("http://{}/shop?ref=agent", world.shop.addr))
+        .header("authorization", authorization)
+        .header("content-type", "application/json")
+        .body(call.body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), 401);
+    let problem: Value = replay.json().await.unwrap();
+    assert_eq!(problem["code"], "dpop_proof_missing", "{problem}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bearer_token_where_dpop_was_asked_for_is_not_forwarded() {
+    let (world, _) = dpop_world().await;
+    let status = world
+        .peer
+        .control(
+            "token-misbehave",
+            json!({ "mode": "token_type", "count": 1, "token_type": "Bearer" }),
+        )
+        .await;
+    assert!(status.is_success());
+    let response = approved_purchase(&world, None).await;
+    assert_eq!(response.status(), 502);
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["code"], "token_unbound", "{problem}");
+    assert!(world.shop.received().is_empty());
+}

@@ -31,18 +31,21 @@ const BRIEF: &str = "brief.shop.test";
 const WAIT_POLICIES: &str = r#"  - name: buy-async
     match: { methods: [POST], path: /shop, host: async.shop.test }
     require: { scopes: [product:buy], audience: "https://shop.example/api" }
+    bind: call
     binding_message: "Do you want to buy {{qty}} {{product}}"
     requested_expiry: 2m
     wait: async
   - name: buy-hold-2s
     match: { methods: [POST], path: /shop, host: patient.shop.test }
     require: { scopes: [product:buy], audience: "https://shop.example/api" }
+    bind: call
     binding_message: "Do you want to buy {{qty}} {{product}}"
     requested_expiry: 2m
     wait: { hold: 2s }
   - name: buy-async-brief
     match: { methods: [POST], path: /shop, host: brief.shop.test }
     require: { scopes: [product:buy], audience: "https://shop.example/api" }
+    bind: call
     binding_message: "Do you want to buy {{qty}} {{product}}"
     requested_expiry: 3s
     wait: async

@@ -9,6 +9,7 @@ pub mod notification;
 #[cfg(test)]
 pub(crate) mod test_server;
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use reqwest::StatusCode;
@@ -19,7 +20,8 @@ use url::Url;
 
 pub use auth::ClientAuth;
 
-use crate::config::{AudienceParameter, AuthorizationServerConfig, LoginHintFormat};
+use crate::config::{AudienceParameter, AuthorizationServerConfig, LoginHintFormat, TokenBinding};
+use crate::dpop::DpopKey;
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 
@@ -221,6 +223,8 @@ struct AuthorizeBody {
 pub struct Grant {
     pub access_token: Secret,
     pub scope: Option<String>,
+    /// Issued as a DPoP token (bound to the gateway's key), not a bearer one.
+    pub dpop: bool,
 }
 
 #[derive(Deserialize)]
@@ -272,6 +276,8 @@ pub struct CibaClient {
     audience_parameter: AudienceParameter,
     extra_scopes: Vec<String>,
     metrics: Metrics,
+    /// With `token_binding: dpop`: the key the tokens are bound to.
+    dpop: Option<Arc<DpopKey>>,
 }
 
 impl CibaClient {
@@ -282,7 +288,19 @@ impl CibaClient {
         metrics: Metrics,
     ) -> Result<Self, CibaError> {
         let auth = ClientAuth::from_config(&config.client_auth, &endpoints.issuer)?;
+        let dpop = match (config.token_binding, &config.dpop_key) {
+            (TokenBinding::Dpop, Some(pem)) => Some(Arc::new(
+                DpopKey::from_pem(pem.0.expose()).map_err(CibaError::Config)?,
+            )),
+            (TokenBinding::Dpop, None) => {
+                return Err(CibaError::Config(
+                    "token_binding: dpop needs dpop_key".into(),
+                ))
+            }
+            (TokenBinding::Bearer, _) => None,
+        };
         Ok(Self {
+            dpop,
             http,
             endpoints,
             client_id: config.client_id.0.clone(),
@@ -296,6 +314,11 @@ impl CibaClient {
 
     pub fn endpoints(&self) -> &Endpoints {
         &self.endpoints
+    }
+
+    /// The key tokens are bound to, with `token_binding: dpop`.
+    pub fn dpop(&self) -> Option<&Arc<DpopKey>> {
+        self.dpop.as_ref()
     }
 
     /// The client that talks to the authorization server (and its JWKS).
@@ -355,7 +378,11 @@ impl CibaClient {
             form.push(("client_notification_token", token.expose().to_owned()));
         }
         let result = self
-            .post_form(self.endpoints.backchannel_authentication.clone(), form)
+            .post_form(
+                self.endpoints.backchannel_authentication.clone(),
+                form,
+                None,
+            )
             .await;
         let (status, body, retry_after) = match result {
             Ok(parts) => parts,
@@ -422,25 +449,38 @@ impl CibaClient {
             ("grant_type", CIBA_GRANT_TYPE.to_owned()),
             ("auth_req_id", auth_req_id.expose().to_owned()),
         ];
-        let (status, body, retry_after) =
-            match self.post_form(self.endpoints.token.clone(), form).await {
-                Ok(parts) => parts,
-                Err(CibaError::Unavailable { reason, .. }) => {
-                    self.record("token", "unavailable");
-                    return PollAnswer::Unreachable { reason };
-                }
-                Err(other) => {
-                    self.record("token", "error");
-                    return PollAnswer::Failed(other);
-                }
-            };
+        let proof = self
+            .dpop
+            .as_ref()
+            .map(|key| key.proof("POST", self.endpoints.token.as_str(), None, true));
+        let (status, body, retry_after) = match self
+            .post_form(self.endpoints.token.clone(), form, proof)
+            .await
+        {
+            Ok(parts) => parts,
+            Err(CibaError::Unavailable { reason, .. }) => {
+                self.record("token", "unavailable");
+                return PollAnswer::Unreachable { reason };
+            }
+            Err(other) => {
+                self.record("token", "error");
+                return PollAnswer::Failed(other);
+            }
+        };
         if status.is_success() {
             // The grant may be spent now: anything short of a usable token
             // fails the approval; polling again could only say invalid_grant.
+            // A DPoP token is usable only by the key it is bound to; a bearer
+            // token where DPoP was asked for is refused at the forward.
+            let dpop_type = |t: &str| self.dpop.is_some() && t.eq_ignore_ascii_case("dpop");
             return match serde_json::from_slice::<TokenBody>(&body) {
-                Ok(token) if token.token_type.eq_ignore_ascii_case("bearer") => {
+                Ok(token)
+                    if token.token_type.eq_ignore_ascii_case("bearer")
+                        || dpop_type(&token.token_type) =>
+                {
                     self.record("token", "approved");
                     PollAnswer::Approved(Grant {
+                        dpop: dpop_type(&token.token_type),
                         access_token: Secret::new(token.access_token),
                         scope: token.scope,
                     })
@@ -448,8 +488,13 @@ impl CibaClient {
                 Ok(token) => {
                     self.record("token", "invalid_response");
                     PollAnswer::Failed(CibaError::Protocol(format!(
-                        "token response: token_type {:?} is not Bearer",
-                        token.token_type
+                        "token response: token_type {:?} is not {}",
+                        token.token_type,
+                        if self.dpop.is_some() {
+                            "DPoP or Bearer"
+                        } else {
+                            "Bearer"
+                        }
                     )))
                 }
                 Err(e) => {
@@ -470,6 +515,9 @@ impl CibaClient {
         let error = parse_error(status, &body);
         let (result, answer) = match error.error.as_str() {
             "authorization_pending" => ("authorization_pending", PollAnswer::Pending),
+            // The nonce it wants is remembered (post_form); the next poll
+            // carries it.
+            "use_dpop_nonce" if self.dpop.is_some() => ("use_dpop_nonce", PollAnswer::Pending),
             "slow_down" => ("slow_down", PollAnswer::SlowDown),
             "access_denied" => ("access_denied", PollAnswer::Denied),
             // oidc-provider answers invalid_grant once an expired request is purged.
@@ -502,8 +550,12 @@ impl CibaClient {
         &self,
         url: Url,
         mut form: Vec<(&'static str, String)>,
+        dpop_proof: Option<String>,
     ) -> Result<(StatusCode, Vec<u8>, Option<Duration>), CibaError> {
-        let request = self.http.post(url);
+        let mut request = self.http.post(url);
+        if let Some(proof) = dpop_proof {
+            request = request.header("dpop", proof);
+        }
         let request = self.auth.apply(&self.client_id, &mut form, request)?;
         let response = request
             .form(&form)
@@ -515,6 +567,15 @@ impl CibaClient {
                 retry_after: None,
             })?;
         let status = response.status();
+        if let (Some(key), Some(nonce)) = (
+            &self.dpop,
+            response
+                .headers()
+                .get("dpop-nonce")
+                .and_then(|v| v.to_str().ok()),
+        ) {
+            key.remember_nonce(nonce);
+        }
         if status.is_redirection() {
             return Err(CibaError::Protocol(format!(
                 "HTTP {status} from {}; redirects are not followed",

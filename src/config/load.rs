@@ -291,6 +291,28 @@ fn bind_policies_to_upstreams(
     Ok(())
 }
 
+/// DPoP needs its key, a usable one; a key without DPoP is a mistake.
+fn validate_token_binding(file: &Path, config: &GatewayConfig) -> Result<(), ConfigError> {
+    let server = &config.authorization_server;
+    let key = "authorization_server.dpop_key";
+    match (server.token_binding, &server.dpop_key) {
+        (super::TokenBinding::Dpop, None) => Err(invalid(
+            file,
+            key,
+            "token_binding: dpop needs `dpop_key`: an EC P-256 private key in PEM, the same for every replica".into(),
+        )),
+        (super::TokenBinding::Bearer, Some(_)) => Err(invalid(
+            file,
+            key,
+            "a DPoP key is only used with `token_binding: dpop`".into(),
+        )),
+        (super::TokenBinding::Dpop, Some(pem)) => crate::dpop::DpopKey::from_pem(pem.0.expose())
+            .map(drop)
+            .map_err(|why| invalid(file, key, why)),
+        (super::TokenBinding::Bearer, None) => Ok(()),
+    }
+}
+
 /// Ping mode needs its notification listener, on an address of its own.
 fn validate_delivery(file: &Path, config: &GatewayConfig) -> Result<(), ConfigError> {
     let server = &config.authorization_server;
@@ -362,6 +384,7 @@ fn validate(file: &Path, config: &GatewayConfig) -> Result<(), ConfigError> {
         }
     }
     validate_delivery(file, config)?;
+    validate_token_binding(file, config)?;
     if config.limits.max_body_bytes > MAX_REPLAYABLE_BODY {
         return Err(invalid(
             file,

@@ -366,6 +366,26 @@ pub struct AuthorizationServerConfig {
     #[serde(default = "default_startup_wait", with = "humantime_serde")]
     #[schemars(with = "crate::schema::HumanDuration")]
     pub startup_wait: Duration,
+    /// `dpop`: tokens are bound to the gateway's key (RFC 9449): the gateway
+    /// proves it when it polls and when it forwards. `bearer` (default).
+    #[serde(default)]
+    pub token_binding: TokenBinding,
+    /// The gateway's DPoP key: an EC P-256 private key in PEM, the same for
+    /// every replica (`${ENV}` works). Needed with `token_binding: dpop`.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub dpop_key: Option<SecretText>,
+}
+
+/// What an issued access token is bound to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenBinding {
+    /// A bearer token: whoever holds it may use it.
+    #[default]
+    Bearer,
+    /// Bound to the gateway's DPoP key (`cnf.jkt`); sent with a proof.
+    Dpop,
 }
 
 fn default_as_timeout() -> Duration {

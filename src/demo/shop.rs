@@ -120,7 +120,10 @@ impl Shop {
         let token = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("DPoP "))
+            });
         let claims = match token {
             Some(token) => self
                 .verifier

@@ -437,6 +437,21 @@ impl World {
     }
 }
 
+/// The policy's own `authorization_details` of a request the gateway made
+/// for a `bind: call` policy, once its one `countersign_call` entry (the
+/// call binding, last) is checked to be there and taken off.
+pub fn without_binding(details: &Value) -> Value {
+    let mut entries = details.as_array().expect("a list").clone();
+    let binding = entries.pop().expect("the binding entry");
+    assert_eq!(binding["type"], "countersign_call", "{details}");
+    assert_eq!(binding["version"], "1", "{details}");
+    assert!(
+        entries.iter().all(|e| e["type"] != "countersign_call"),
+        "{details}"
+    );
+    Value::Array(entries)
+}
+
 pub fn phones() -> Value {
     serde_json::json!({ "product": "XYZ phone", "qty": 2, "priceLimit": 900 })
 }

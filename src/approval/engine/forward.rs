@@ -79,6 +79,13 @@ impl Engine {
                     .await;
             }
         }
+        // Asked for a token bound to the gateway's key, it takes no other.
+        if self.ciba.dpop().is_some() && !grant.dpop {
+            tracing::warn!(approval_id = id, "the authorization server issued a bearer token where a DPoP-bound one was asked for; the call is not forwarded");
+            return self
+                .settle(id, ApprovalState::Failed, ProblemCode::TokenUnbound)
+                .await;
+        }
         // A bound call goes only with a token that names it.
         if let Err(why) = self
             .check_binding(approval, policy, &grant.access_token)
@@ -114,6 +121,7 @@ impl Engine {
                 id,
                 &approval.request,
                 &grant.access_token,
+                self.ciba.dpop().filter(|_| grant.dpop).map(|key| &**key),
             )
             .await;
         drop(grant);
