@@ -36,6 +36,9 @@ impl McpServer {
         let mut child = Command::new("node")
             .arg(dir.join("server.mjs"))
             .env("MCP_ISSUER", &peer.issuer)
+            // buy_product runs only with a token approved for exactly that
+            // call (@countersign/verify, docs/call-binding.md).
+            .env("MCP_VERIFY_BINDING", "1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(if std::env::var_os("MCP_LOG").is_some() {
@@ -67,6 +70,16 @@ impl McpServer {
     /// Every tool call the server ran.
     async fn calls(&self) -> Vec<Value> {
         reqwest::get(format!("http://{}/control/calls", self.addr))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Every call-binding check the server's verifier made.
+    async fn bindings(&self) -> Vec<Value> {
+        reqwest::get(format!("http://{}/control/bindings", self.addr))
             .await
             .unwrap()
             .json()
@@ -269,7 +282,17 @@ async fn an_approved_tool_call_reaches_the_server_with_a_fresh_token() {
         json!({ "product": "XYZ phone", "qty": 2 })
     );
     // Only the held tool was asked about.
-    assert_eq!(world.peer.requests().await.len(), 1);
+    let requests = world.peer.requests().await;
+    assert_eq!(requests.len(), 1);
+    // Its token named that exact call, and the server's verifier took it.
+    let binding = &requests[0]["authorization_details"][0];
+    assert_eq!(binding["type"], "countersign_call", "{binding}");
+    assert_eq!(binding["tool"], "buy_product", "{binding}");
+    assert_eq!(binding["target"], "/mcp", "{binding}");
+    let bindings = world.server.bindings().await;
+    assert_eq!(bindings.len(), 1, "{bindings:?}");
+    assert_eq!(bindings[0]["accepted"], true, "{bindings:?}");
+    assert_eq!(bindings[0]["approval"], binding["approval"], "{bindings:?}");
     // Nothing else went wrong for the SDK (the GET stream, the DELETE).
     assert_eq!(out[3]["errors"], json!([]), "{out:?}");
     // The server's notification before its result was relayed too.
