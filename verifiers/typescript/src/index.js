@@ -41,6 +41,7 @@ const TITLES = Object.freeze({
   binding_missing: 'Call binding missing',
   binding_mismatch: 'Call binding mismatch',
   approval_replayed: 'Approval replayed',
+  body_too_large: 'Request body too large',
 });
 
 const STATUS = Object.freeze({
@@ -53,6 +54,8 @@ const STATUS = Object.freeze({
   binding_missing: 403,
   binding_mismatch: 403,
   approval_replayed: 403,
+  // answered by the Express and Fastify adapters, which buffer the body
+  body_too_large: 413,
 });
 
 /** The refusal codes of call binding v1, with their HTTP status. */

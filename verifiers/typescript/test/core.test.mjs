@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 
-import { CODES, EMPTY_BODY_SHA256, createVerifier } from '../src/index.js';
+import { CODES, EMPTY_BODY_SHA256, createVerifier, refusal } from '../src/index.js';
 import { ReplayCache } from '../src/replay.js';
 import { AUDIENCE, callEntry, dpopKeyPair, dpopProof, issueTokens, sha256, startPeer } from './helpers.mjs';
 
@@ -54,16 +54,29 @@ describe('core', () => {
       binding_missing: 403,
       binding_mismatch: 403,
       approval_replayed: 403,
+      body_too_large: 413,
     });
   });
 
-  it('refuses incomplete options', () => {
-    assert.throws(() => createVerifier({}), /issuer/);
-    assert.throws(() => createVerifier({ ...options, audience: '' }), /audience/);
-    assert.throws(() => createVerifier({ ...options, jwksUri: undefined }), /jwksUri/);
-    assert.throws(() => createVerifier({ ...options, requiredScopes: ['a b'] }), /requiredScopes/);
-    assert.throws(() => createVerifier({ ...options, externalUrl: 'not a url' }), /externalUrl/);
-    assert.throws(() => createVerifier({ ...options, dpopWindowSeconds: 0 }), /dpopWindowSeconds/);
+  it('uses exactly the contract\'s title for each code', () => {
+    const titles = {
+      token_missing: 'Access token missing',
+      token_invalid: 'Access token invalid',
+      insufficient_scope: 'Insufficient scope',
+      dpop_proof_missing: 'DPoP proof missing',
+      dpop_proof_invalid: 'DPoP proof invalid',
+      dpop_proof_replayed: 'DPoP proof replayed',
+      binding_missing: 'Call binding missing',
+      binding_mismatch: 'Call binding mismatch',
+      approval_replayed: 'Approval replayed',
+      body_too_large: 'Request body too large',
+    };
+    assert.deepEqual(Object.keys(CODES).sort(), Object.keys(titles).sort());
+    for (const [code, title] of Object.entries(titles)) {
+      const { problem } = refusal(code, 'd');
+      assert.equal(problem.title, title, code);
+      assert.equal(problem.type, `urn:countersign:problem:${code}`);
+    }
   });
 
   it('answers a problem of exactly the contract\'s shape', async () => {
