@@ -55,7 +55,8 @@ export interface CallBinding {
 
 export interface Accepted {
   ok: true;
-  subject: string | undefined;
+  /** The token's `sub` (a token without a string `sub` is refused, `token_invalid`). */
+  subject: string;
   approval: string;
   claims: JWTPayload & { scope?: string; cnf?: { jkt?: string }; authorization_details?: unknown[] };
   binding: CallBinding;

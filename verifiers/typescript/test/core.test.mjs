@@ -3,6 +3,8 @@
 // Tokens are real ones from the peer.
 
 import assert from 'node:assert/strict';
+import http from 'node:http';
+import { once } from 'node:events';
 import { after, before, describe, it } from 'node:test';
 
 import { CODES, EMPTY_BODY_SHA256, createVerifier, refusal } from '../src/index.js';
@@ -77,6 +79,46 @@ describe('core', () => {
       assert.equal(problem.title, title, code);
       assert.equal(problem.type, `urn:countersign:problem:${code}`);
     }
+  });
+
+  it('answers token_invalid, saying so, when the signing keys cannot be fetched', async (t) => {
+    // a port where nothing listens, and a JWKS endpoint that answers 500
+    const closed = http.createServer();
+    closed.listen(0, '127.0.0.1');
+    await once(closed, 'listening');
+    const deadPort = closed.address().port;
+    await new Promise((resolve) => closed.close(resolve));
+    const failing = http.createServer((req, res) => {
+      res.writeHead(500, { 'content-type': 'text/plain' });
+      res.end('down');
+    });
+    failing.listen(0, '127.0.0.1');
+    await once(failing, 'listening');
+    t.after(() => new Promise((resolve) => failing.close(resolve)));
+    for (const jwksUri of [`http://127.0.0.1:${deadPort}/jwks.json`, `http://127.0.0.1:${failing.address().port}/jwks.json`]) {
+      const verifier = createVerifier({ ...options, jwksUri });
+      const result = await verifier.verify({
+        method: 'POST',
+        target: '/orders',
+        host: 'api.example',
+        headers: { authorization: `Bearer ${tokens.unbound}` },
+        body: BODY,
+      });
+      assert.equal(result.status, 401, jwksUri);
+      assert.equal(result.problem.code, 'token_invalid');
+      assert.equal(result.problem.title, 'Access token invalid');
+      assert.match(result.problem.detail, /keys could not be fetched/);
+      assert.equal(result.headers['www-authenticate'], 'Bearer error="invalid_token"');
+    }
+  });
+
+  it('refuses incomplete options', () => {
+    assert.throws(() => createVerifier({}), /issuer/);
+    assert.throws(() => createVerifier({ ...options, audience: '' }), /audience/);
+    assert.throws(() => createVerifier({ ...options, jwksUri: undefined }), /jwksUri/);
+    assert.throws(() => createVerifier({ ...options, requiredScopes: ['a b'] }), /requiredScopes/);
+    assert.throws(() => createVerifier({ ...options, externalUrl: 'not a url' }), /externalUrl/);
+    assert.throws(() => createVerifier({ ...options, dpopWindowSeconds: 0 }), /dpopWindowSeconds/);
   });
 
   it('answers a problem of exactly the contract\'s shape', async () => {
