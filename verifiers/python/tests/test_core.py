@@ -187,13 +187,40 @@ def test_jwks_fetch_does_not_block_the_event_loop() -> None:
         slow.close()
 
 
-def test_unreachable_jwks_fails_closed_with_503(jwks: LocalJwks) -> None:
+def test_unreachable_jwks_fails_closed_with_token_invalid(jwks: LocalJwks) -> None:
+    """Contract, settled details: keys that cannot be fetched are token_invalid, the detail says so."""
     v = Verifier(issuer=ISSUER, audience=AUDIENCE, jwks_uri="http://127.0.0.1:9/jwks.json", jwks_timeout=2)
     t = token(jwks, binding("POST", "/shop", "shop.example", BODY))
-    with pytest.raises(Refusal) as r:
-        asyncio.run(v.verify_async("POST", "/shop", "shop.example", {"authorization": f"Bearer {t}"}, BODY))
-    assert r.value.status == 503
-    assert r.value.problem["code"] == "authorization_server_unavailable"
+    for scheme, challenge in (("Bearer", 'Bearer error="invalid_token"'), ("DPoP", 'DPoP error="invalid_token"')):
+        with pytest.raises(Refusal) as r:
+            asyncio.run(v.verify_async("POST", "/shop", "shop.example", {"authorization": f"{scheme} {t}"}, BODY))
+        assert r.value.status == 401
+        assert r.value.problem["code"] == "token_invalid"
+        assert r.value.problem["title"] == "Access token invalid"
+        assert "could not be fetched" in r.value.problem["detail"]
+        assert r.value.headers["WWW-Authenticate"] == challenge
+
+
+CONTRACT_TITLES = {
+    "token_missing": "Access token missing",
+    "token_invalid": "Access token invalid",
+    "insufficient_scope": "Insufficient scope",
+    "dpop_proof_missing": "DPoP proof missing",
+    "dpop_proof_invalid": "DPoP proof invalid",
+    "dpop_proof_replayed": "DPoP proof replayed",
+    "binding_missing": "Call binding missing",
+    "binding_mismatch": "Call binding mismatch",
+    "approval_replayed": "Approval replayed",
+    "body_too_large": "Request body too large",
+}
+
+
+def test_titles_are_exactly_the_contracts() -> None:
+    from countersign_verify._problem import CODES
+
+    assert {code: title for code, (_, title) in CODES.items()} == CONTRACT_TITLES
+    for code, title in CONTRACT_TITLES.items():
+        assert Refusal(code, "d").problem["title"] == title
 
 
 # -- the middleware's edges, called directly as ASGI ----------------------------------------------
@@ -266,7 +293,11 @@ def test_middleware_refuses_a_body_over_the_limit(jwks: LocalJwks) -> None:
     app = CountersignMiddleware(recording_app(seen), make(jwks, max_body_bytes=8))
     status, headers, body, _ = run_asgi(app, http_scope("x"), [b"12345", b"67890"])
     assert status == 413
-    assert json.loads(body)["code"] == "body_too_large"
+    problem = json.loads(body)
+    assert problem["code"] == "body_too_large"
+    assert problem["type"] == "urn:countersign:problem:body_too_large"
+    assert problem["title"] == "Request body too large"
+    assert "www-authenticate" not in headers
     assert seen == []
 
 

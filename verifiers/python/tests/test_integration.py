@@ -211,6 +211,8 @@ INVALID = {
     "wrong issuer": lambda w, a, e: _crafted(w, e, iss="https://evil.example"),
     "wrong audience": lambda w, a, e: _crafted(w, e, aud="https://other.example/api"),
     "no exp": lambda w, a, e: _crafted(w, e, exp=None),
+    "no sub": lambda w, a, e: _crafted(w, e, sub=None),
+    "sub a number": lambda w, a, e: _crafted(w, e, sub=42),
     "untrusted key": lambda w, a, e: _crafted(w, e, key=new_ec_key(), kid="peer-test-key", alg="ES256"),
     "unknown kid": lambda w, a, e: _crafted(w, e, kid="no-such-key"),
     "tampered real token": lambda w, a, e: _tampered(w, a),
@@ -226,6 +228,44 @@ def test_refuses_an_invalid_token(api: Api, world: World, case: str) -> None:
     token = INVALID[case](world, api, entry)
     n = len(api.calls)
     refused(api, send(api, "POST", "/shop", token), n, 401, "token_invalid")
+
+
+def _without(entry: dict, name: str) -> dict:
+    return {k: v for k, v in entry.items() if k != name}
+
+
+ENTRY_DEFECTS = {
+    "no approval": (lambda e: _without(e, "approval"), "binding_missing", None),
+    "approval a number": (lambda e: {**e, "approval": 7}, "binding_missing", None),
+    "version 2 and no approval": (lambda e: {**_without(e, "approval"), "version": "2"}, "binding_missing", None),
+    "no method": (lambda e: _without(e, "method"), "binding_mismatch", "method"),
+    "version a number": (lambda e: {**e, "version": 1}, "binding_mismatch", "version"),
+    "no body_sha256": (lambda e: _without(e, "body_sha256"), "binding_mismatch", "body"),
+}
+
+
+@pytest.mark.parametrize("case", ENTRY_DEFECTS, ids=list(ENTRY_DEFECTS))
+def test_an_entry_field_missing_or_not_a_string(api: Api, world: World, case: str) -> None:
+    """Settled details: no string approval is binding_missing, another field is a mismatch on it."""
+    edit, code, field = ENTRY_DEFECTS[case]
+    token = _crafted(world, edit(binding("POST", "/shop", api.host, BODY)))
+    n = len(api.calls)
+    problem = refused(api, send(api, "POST", "/shop", token), n, 403, code, field)
+    assert problem["title"] == {"binding_missing": "Call binding missing", "binding_mismatch": "Call binding mismatch"}[code]
+
+
+def test_signing_keys_that_cannot_be_fetched_are_token_invalid(api: Api) -> None:
+    """A real token of the peer, checked by a verifier whose JWKS address answers nothing."""
+    from countersign_verify import Refusal, Verifier
+
+    token = api.tokens["mismatch"]
+    v = Verifier(
+        issuer=token.claims["iss"], audience=AUDIENCE, jwks_uri="http://127.0.0.1:9/jwks.json", jwks_timeout=2
+    )
+    with pytest.raises(Refusal) as r:
+        v.verify("POST", "/shop?ref=agent", api.host, {"Authorization": f"Bearer {token.access_token}"}, BODY)
+    assert (r.value.status, r.value.code) == (401, "token_invalid")
+    assert "could not be fetched" in r.value.detail
 
 
 def test_a_crafted_token_with_a_trusted_key_is_accepted(api: Api, world: World) -> None:

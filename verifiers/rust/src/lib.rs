@@ -299,9 +299,11 @@ impl Verifier {
             ));
         }
 
-        // 4. DPoP.
+        // 4. DPoP: for a bound token, when required, and for any token
+        // presented with the DPoP scheme (RFC 9449 §7.1: checked as DPoP, so
+        // an unbound one fails on `key`).
         let jkt = claims.get("cnf").and_then(|cnf| cnf.get("jkt"));
-        if jkt.is_some() || config.require_dpop {
+        if jkt.is_some() || config.require_dpop || scheme == Scheme::DPoP {
             self.check_proof(parts, scheme, token, jkt, now)?;
         }
 
@@ -470,11 +472,11 @@ impl Verifier {
         now: u64,
     ) -> Result<(), Refusal> {
         let config = &self.inner.config;
-        let Some(jkt) = jkt else {
+        if jkt.is_none() && config.require_dpop {
             return Err(dpop::missing(
                 "this API accepts DPoP-bound tokens only, and the token is not bound to a key",
             ));
-        };
+        }
         if scheme != Scheme::DPoP {
             return Err(dpop::missing(
                 "the token is bound to a key: send it with the DPoP scheme and a DPoP proof",
@@ -512,7 +514,8 @@ impl Verifier {
                 "the DPoP proof is for another access token",
             ));
         }
-        if jkt.as_str() != Some(proof.thumbprint.as_str()) {
+        // An unbound token presented as DPoP has no key to match.
+        if jkt.and_then(Value::as_str) != Some(proof.thumbprint.as_str()) {
             return Err(dpop::invalid(
                 "key",
                 "the DPoP proof is signed by a key the token is not bound to",

@@ -103,6 +103,27 @@ async fn bearer_tokens() {
     let other_issuer = signed(&|c| c["iss"] = format!("{issuer}/other").into());
     let other_audience = signed(&|c| c["aud"] = "https://other.example/api".into());
     let not_yet = signed(&|c| c["nbf"] = (now() + 600).into());
+    // The contract's settled details: a string `sub` is required; an entry
+    // without a string `approval` is binding_missing; another bound field
+    // missing or not a string is binding_mismatch on that field.
+    let no_sub = signed(&|c| {
+        c.as_object_mut().unwrap().remove("sub");
+    });
+    let numeric_sub = signed(&|c| c["sub"] = 42.into());
+    let no_approval = signed(&|c| {
+        c["authorization_details"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("approval");
+    });
+    let numeric_approval = signed(&|c| c["authorization_details"][0]["approval"] = 7.into());
+    let no_method = signed(&|c| {
+        c["authorization_details"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("method");
+    });
+    let numeric_version = signed(&|c| c["authorization_details"][0]["version"] = 1.into());
     // Claims the peer's key id, signed by another key.
     let forged = own.sign(
         &json!({"typ": "at+jwt", "alg": "ES256", "kid": "peer-test-key"}),
@@ -181,6 +202,32 @@ async fn bearer_tokens() {
             "nbf in the future",
             &not_yet,
             refused(401, "token_invalid", None),
+        ),
+        case("no sub", &no_sub, refused(401, "token_invalid", None)),
+        case(
+            "sub not a string",
+            &numeric_sub,
+            refused(401, "token_invalid", None),
+        ),
+        case(
+            "entry without approval",
+            &no_approval,
+            refused(403, "binding_missing", None),
+        ),
+        case(
+            "approval not a string",
+            &numeric_approval,
+            refused(403, "binding_missing", None),
+        ),
+        case(
+            "entry without method",
+            &no_method,
+            refused(403, "binding_mismatch", Some("method")),
+        ),
+        case(
+            "version a number",
+            &numeric_version,
+            refused(403, "binding_mismatch", Some("version")),
         ),
         case(
             "missing scope",

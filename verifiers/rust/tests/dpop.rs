@@ -160,3 +160,60 @@ async fn dpop_bound_tokens() {
     ];
     assert_no_failures(run_cases(&api, cases).await);
 }
+
+/// RFC 9449 §7.1, as the contract says: a token presented with the `DPoP`
+/// scheme is checked as DPoP even when it is not bound to a key (no
+/// `cnf.jkt`), so even a proof that is right in every other way fails on `key`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbound_token_presented_as_dpop() {
+    let peer = start_peer().await;
+    let issuer = peer.issuer.clone();
+    let jwks_uri = format!("{issuer}/.well-known/jwks.json");
+    let api = start_api(|_| Config::new(&issuer, AUDIENCE, &jwks_uri)).await;
+    let key = TestKey::new(0);
+    let entry = call_entry(&uuid(), "POST", TARGET, &api.host(), BODY);
+    let token = peer
+        .token(Ask {
+            scope: "openid product:buy",
+            details: Some(json!([entry])),
+            dpop: None,
+        })
+        .await;
+    let htu = api.url("/shop");
+    let case = |name, headers: Vec<(&'static str, String)>, expect| Case {
+        name,
+        method: "POST",
+        target: TARGET.into(),
+        headers,
+        body: BODY.to_vec(),
+        expect,
+    };
+    let as_dpop = |proof: Option<String>| {
+        let mut headers = vec![("authorization", format!("DPoP {token}"))];
+        headers.extend(proof.map(|p| ("dpop", p)));
+        headers
+    };
+    let cases = vec![
+        case(
+            "unbound token as DPoP, no proof",
+            as_dpop(None),
+            refused(401, "dpop_proof_missing", None),
+        ),
+        case(
+            "unbound token as DPoP, proof for another method",
+            as_dpop(Some(key.proof("GET", &htu, Some(&token)))),
+            refused(401, "dpop_proof_invalid", Some("htm")),
+        ),
+        case(
+            "unbound token as DPoP, proof otherwise right",
+            as_dpop(Some(key.proof("POST", &htu, Some(&token)))),
+            refused(401, "dpop_proof_invalid", Some("key")),
+        ),
+        case(
+            "the same token as Bearer",
+            vec![("authorization", format!("Bearer {token}"))],
+            Expect::Served,
+        ),
+    ];
+    assert_no_failures(run_cases(&api, cases).await);
+}

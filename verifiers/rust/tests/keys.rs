@@ -86,3 +86,53 @@ async fn jwks_is_fetched_once_and_not_for_unknown_kids() {
         "no refetch within the cooldown"
     );
 }
+
+/// Settled detail of the contract: signing keys that cannot be fetched give
+/// 401 `token_invalid`, with a detail saying so (a real token of the peer,
+/// checked against a JWKS address where nothing listens).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_that_cannot_be_fetched_are_token_invalid() {
+    let peer = start_peer().await;
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_jwks = format!("http://{}/jwks.json", closed.local_addr().unwrap());
+    drop(closed);
+    let verifier = Verifier::new(Config::new(&peer.issuer, AUDIENCE, dead_jwks)).unwrap();
+    let token = peer
+        .token(Ask {
+            scope: "openid product:buy",
+            details: Some(json!([call_entry(
+                &uuid(),
+                "POST",
+                "/shop",
+                "api.test",
+                b""
+            )])),
+            dpop: None,
+        })
+        .await;
+    let parts = http::Request::post("/shop")
+        .header("host", "api.test")
+        .header("authorization", format!("Bearer {token}"))
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0;
+    // Twice: the first fetch fails, the second answer comes from the failure cooldown.
+    for attempt in 0..2 {
+        let refusal = verifier.verify(&parts, b"").await.unwrap_err();
+        assert_eq!(
+            (refusal.status().as_u16(), refusal.code(), refusal.title()),
+            (401, "token_invalid", "Access token invalid"),
+            "attempt {attempt}"
+        );
+        assert!(
+            refusal.detail().contains("could not be fetched"),
+            "attempt {attempt}: {}",
+            refusal.detail()
+        );
+        assert_eq!(
+            refusal.www_authenticate(),
+            Some(r#"Bearer error="invalid_token""#)
+        );
+    }
+}

@@ -7,7 +7,7 @@
 // Mount it before any body parser (they would consume the body it must hash).
 
 import { createVerifier } from './index.js';
-import { BodyTooLarge, describe, isJson, readRawBody, tooLargeProblem, writeProblem } from './node.js';
+import { BodyTooLarge, describe, isJson, readRawBody, tooLarge, writeProblem } from './node.js';
 
 /** `countersign(options)` or `countersign(verifier)`: an Express middleware. */
 export function countersign(optionsOrVerifier) {
@@ -35,7 +35,8 @@ export function countersign(optionsOrVerifier) {
         body = await readRawBody(req, maxBodyBytes, req.headers['content-length']);
       } catch (error) {
         if (!(error instanceof BodyTooLarge)) throw error;
-        writeProblem(res, 413, tooLargeProblem(maxBodyBytes), { connection: 'close' });
+        const refused = tooLarge(maxBodyBytes);
+        writeProblem(res, refused.status, refused.problem, refused.headers);
         return false;
       }
     }

@@ -14,7 +14,7 @@
 import { Readable } from 'node:stream';
 
 import { createVerifier } from './index.js';
-import { BodyTooLarge, describe, readRawBody, tooLargeProblem } from './node.js';
+import { BodyTooLarge, describe, readRawBody, tooLarge } from './node.js';
 
 /** A Fastify preParsing hook verifying the call (`options` or a verifier from createVerifier). */
 export function countersignHook(optionsOrVerifier) {
@@ -40,7 +40,8 @@ export function countersignHook(optionsOrVerifier) {
       body = await readRawBody(payload, maxBodyBytes, request.headers['content-length']);
     } catch (error) {
       if (!(error instanceof BodyTooLarge)) throw error;
-      return refuse(reply, 413, tooLargeProblem(maxBodyBytes), { connection: 'close' });
+      const refused = tooLarge(maxBodyBytes);
+      return refuse(reply, refused.status, refused.problem, refused.headers);
     }
     // request.raw.url: the request-target as received (request.url may be rewritten)
     const result = await verifier.verify(describe(request.raw, body, request.raw.url));

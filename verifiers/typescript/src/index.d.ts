@@ -55,7 +55,8 @@ export interface CallBinding {
 
 export interface Accepted {
   ok: true;
-  subject: string | undefined;
+  /** The token's `sub` (a token without a string `sub` is refused, `token_invalid`). */
+  subject: string;
   approval: string;
   claims: JWTPayload & { scope?: string; cnf?: { jkt?: string }; authorization_details?: unknown[] };
   binding: CallBinding;
@@ -70,12 +71,14 @@ export type ProblemCode =
   | 'dpop_proof_replayed'
   | 'binding_missing'
   | 'binding_mismatch'
-  | 'approval_replayed';
+  | 'approval_replayed'
+  /** Answered by the Express and Fastify adapters for a body over `maxBodyBytes` (413). */
+  | 'body_too_large';
 
 export interface Problem {
   type: `urn:countersign:problem:${ProblemCode}`;
   title: string;
-  status: 401 | 403;
+  status: 401 | 403 | 413;
   code: ProblemCode;
   detail: string;
   /** `version` `method` `target` `host` `body` (binding_mismatch), `proof` `htm` `htu` `iat` `ath` `key` (dpop_proof_invalid). */
@@ -84,7 +87,7 @@ export interface Problem {
 
 export interface Refused {
   ok: false;
-  status: 401 | 403;
+  status: 401 | 403 | 413;
   problem: Problem;
   /** `content-type: application/problem+json`, and `www-authenticate` on 401s. */
   headers: Record<string, string>;
@@ -106,4 +109,4 @@ export function b64urlSha256(bytes: Uint8Array | string): string;
 export const EMPTY_BODY_SHA256: string;
 export const ALGORITHMS: readonly string[];
 export const CLOCK_TOLERANCE_SECONDS: number;
-export const CODES: Readonly<Record<ProblemCode, 401 | 403>>;
+export const CODES: Readonly<Record<ProblemCode, 401 | 403 | 413>>;

@@ -41,6 +41,7 @@ const TITLES = Object.freeze({
   binding_missing: 'Call binding missing',
   binding_mismatch: 'Call binding mismatch',
   approval_replayed: 'Approval replayed',
+  body_too_large: 'Request body too large',
 });
 
 const STATUS = Object.freeze({
@@ -53,6 +54,8 @@ const STATUS = Object.freeze({
   binding_missing: 403,
   binding_mismatch: 403,
   approval_replayed: 403,
+  // answered by the Express and Fastify adapters, which buffer the body
+  body_too_large: 413,
 });
 
 /** The refusal codes of call binding v1, with their HTTP status. */
@@ -173,7 +176,24 @@ export function createVerifier(options = {}) {
     throw new TypeError('countersign: dpopWindowSeconds must be > 0 and maxBodyBytes >= 0');
   }
 
-  const jwks = createRemoteJWKSet(new URL(jwksUri));
+  const remoteJwks = createRemoteJWKSet(new URL(jwksUri));
+  // jose's key lookup, with every failure to obtain the key set (unreachable,
+  // timeout, not 200, not a JWKS) told apart from a token signed by no key of it.
+  async function jwks(protectedHeader, token) {
+    try {
+      return await remoteJwks(protectedHeader, token);
+    } catch (error) {
+      if (
+        error instanceof joseErrors.JWKSNoMatchingKey ||
+        error instanceof joseErrors.JWKSMultipleMatchingKeys ||
+        error instanceof joseErrors.JOSENotSupported ||
+        error instanceof joseErrors.JWKInvalid
+      ) {
+        throw error;
+      }
+      throw new KeysUnavailable({ cause: error });
+    }
+  }
   const approvals = new ReplayCache();
   const proofs = new ReplayCache();
 
@@ -220,6 +240,9 @@ export function createVerifier(options = {}) {
     } catch (error) {
       return refusal('token_invalid', tokenInvalidDetail(error), { scheme });
     }
+    if (typeof claims.sub !== 'string') {
+      return refusal('token_invalid', 'The access token has no subject (a string sub).', { scheme });
+    }
 
     // 3. scopes
     const granted = new Set(typeof claims.scope === 'string' ? claims.scope.split(' ') : []);
@@ -247,14 +270,14 @@ export function createVerifier(options = {}) {
       );
     }
     const entry = entries[0];
+    if (typeof entry.approval !== 'string' || entry.approval === '') {
+      // Without the approval id the binding is unusable (contract: binding_missing).
+      return refusal('binding_missing', 'The token\'s countersign_call entry names no approval.');
+    }
 
-    // 6-10. the entry names this call
+    // 6-10. the entry names this call (a field missing or not a string differs)
     if (entry.version !== '1') {
       return mismatch('version', 'The token\'s call binding is not version "1".');
-    }
-    if (typeof entry.approval !== 'string' || entry.approval === '') {
-      // Version 1 entries always carry the approval id; without it the binding is unusable.
-      return refusal('binding_missing', 'The token\'s countersign_call entry names no approval.');
     }
     if (entry.method !== method) {
       return mismatch('method', 'The token was issued for a call with another method.');
@@ -365,7 +388,17 @@ function mismatch(field, detail) {
   return refusal('binding_mismatch', detail, { field });
 }
 
+/** The authorization server's key set could not be obtained. */
+class KeysUnavailable extends Error {
+  constructor(options) {
+    super('the JWKS could not be fetched', options);
+  }
+}
+
 function tokenInvalidDetail(error) {
+  if (error instanceof KeysUnavailable) {
+    return 'The authorization server\'s keys could not be fetched to verify the access token.';
+  }
   if (error instanceof joseErrors.JWTExpired) return 'The access token has expired.';
   if (error instanceof joseErrors.JWTClaimValidationFailed) {
     if (error.claim === 'iss') return 'The access token was not issued by the expected issuer.';
@@ -382,9 +415,6 @@ function tokenInvalidDetail(error) {
   }
   if (error instanceof joseErrors.JOSEAlgNotAllowed) {
     return 'The access token is not signed with an accepted (asymmetric) algorithm.';
-  }
-  if (error instanceof joseErrors.JWKSTimeout || error instanceof joseErrors.JWKSInvalid || error instanceof TypeError) {
-    return 'The authorization server\'s keys could not be fetched to verify the access token.';
   }
   return 'The access token is not a valid JWT.';
 }

@@ -1,6 +1,8 @@
 // Helpers shared by the Express and Fastify adapters: read the raw body of a
 // Node request (bounded), describe the request to the core, write a refusal.
 
+import { refusal } from './index.js';
+
 export class BodyTooLarge extends Error {
   constructor(limit) {
     super(`request body larger than ${limit} bytes`);
@@ -71,13 +73,11 @@ export function isJson(contentType) {
   return type === 'application/json' || /^application\/[^/]+\+json$/.test(type);
 }
 
-export function tooLargeProblem(limit) {
-  return {
-    type: 'about:blank',
-    title: 'Content Too Large',
-    status: 413,
-    detail: `The request body is larger than ${limit} bytes.`,
-  };
+/** The contract's 413 `body_too_large` refusal ({status, problem, headers}). */
+export function tooLarge(limit) {
+  const refused = refusal('body_too_large', `The request body is larger than ${limit} bytes.`);
+  // the rest of the body is not read: do not keep the connection
+  return { ...refused, headers: { ...refused.headers, connection: 'close' } };
 }
 
 export function writeProblem(res, status, problem, headers = {}) {

@@ -3,9 +3,11 @@
 // Tokens are real ones from the peer.
 
 import assert from 'node:assert/strict';
+import http from 'node:http';
+import { once } from 'node:events';
 import { after, before, describe, it } from 'node:test';
 
-import { CODES, EMPTY_BODY_SHA256, createVerifier } from '../src/index.js';
+import { CODES, EMPTY_BODY_SHA256, createVerifier, refusal } from '../src/index.js';
 import { ReplayCache } from '../src/replay.js';
 import { AUDIENCE, callEntry, dpopKeyPair, dpopProof, issueTokens, sha256, startPeer } from './helpers.mjs';
 
@@ -54,7 +56,60 @@ describe('core', () => {
       binding_missing: 403,
       binding_mismatch: 403,
       approval_replayed: 403,
+      body_too_large: 413,
     });
+  });
+
+  it('uses exactly the contract\'s title for each code', () => {
+    const titles = {
+      token_missing: 'Access token missing',
+      token_invalid: 'Access token invalid',
+      insufficient_scope: 'Insufficient scope',
+      dpop_proof_missing: 'DPoP proof missing',
+      dpop_proof_invalid: 'DPoP proof invalid',
+      dpop_proof_replayed: 'DPoP proof replayed',
+      binding_missing: 'Call binding missing',
+      binding_mismatch: 'Call binding mismatch',
+      approval_replayed: 'Approval replayed',
+      body_too_large: 'Request body too large',
+    };
+    assert.deepEqual(Object.keys(CODES).sort(), Object.keys(titles).sort());
+    for (const [code, title] of Object.entries(titles)) {
+      const { problem } = refusal(code, 'd');
+      assert.equal(problem.title, title, code);
+      assert.equal(problem.type, `urn:countersign:problem:${code}`);
+    }
+  });
+
+  it('answers token_invalid, saying so, when the signing keys cannot be fetched', async (t) => {
+    // a port where nothing listens, and a JWKS endpoint that answers 500
+    const closed = http.createServer();
+    closed.listen(0, '127.0.0.1');
+    await once(closed, 'listening');
+    const deadPort = closed.address().port;
+    await new Promise((resolve) => closed.close(resolve));
+    const failing = http.createServer((req, res) => {
+      res.writeHead(500, { 'content-type': 'text/plain' });
+      res.end('down');
+    });
+    failing.listen(0, '127.0.0.1');
+    await once(failing, 'listening');
+    t.after(() => new Promise((resolve) => failing.close(resolve)));
+    for (const jwksUri of [`http://127.0.0.1:${deadPort}/jwks.json`, `http://127.0.0.1:${failing.address().port}/jwks.json`]) {
+      const verifier = createVerifier({ ...options, jwksUri });
+      const result = await verifier.verify({
+        method: 'POST',
+        target: '/orders',
+        host: 'api.example',
+        headers: { authorization: `Bearer ${tokens.unbound}` },
+        body: BODY,
+      });
+      assert.equal(result.status, 401, jwksUri);
+      assert.equal(result.problem.code, 'token_invalid');
+      assert.equal(result.problem.title, 'Access token invalid');
+      assert.match(result.problem.detail, /keys could not be fetched/);
+      assert.equal(result.headers['www-authenticate'], 'Bearer error="invalid_token"');
+    }
   });
 
   it('refuses incomplete options', () => {

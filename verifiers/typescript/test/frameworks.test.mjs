@@ -182,13 +182,13 @@ for (const name of Object.keys(frameworks)) {
       assert.equal(main.calls.length, before);
     });
 
-    it('refuses a body over maxBodyBytes with 413 before the handler', async () => {
+    it('refuses a body over maxBodyBytes with 413 body_too_large before the handler', async () => {
       const { small } = s();
-      const before = small.calls.length;
-      const res = await send({ port: small.port, path: '/shop', headers: bearer(s().t.main), body: 'x'.repeat(65) });
-      assert.equal(res.status, 413);
-      assert.match(res.headers['content-type'], /^application\/problem\+json/);
-      assert.equal(small.calls.length, before);
+      const res = await refused(small, { path: '/shop', headers: bearer(s().t.main), body: 'x'.repeat(65) }, {
+        status: 413,
+        code: 'body_too_large',
+      });
+      assert.equal(res.json.title, 'Request body too large');
     });
 
     it('refuses a request without exactly one Bearer or DPoP token: token_missing', async (t) => {
@@ -254,6 +254,32 @@ for (const name of Object.keys(frameworks)) {
         const { entry, token } = signed(claims);
         const { call: seen } = await accepted(server, call(await token), { approval: entry.approval, subject: 'bob' });
         assert.equal(seen.approval, entry.approval);
+      }
+    });
+
+    it('settled details: a string sub is required; an entry without a string approval is binding_missing, another field missing is binding_mismatch', async (t) => {
+      const { local: server } = s();
+      const host = `127.0.0.1:${server.port}`;
+      const call = (token) => ({ path: '/shop', headers: bearer(token), body: BODY });
+      const entry = (edit = {}) => {
+        const e = { ...callEntry({ target: '/shop', host, body: BODY }), ...edit };
+        for (const [k, v] of Object.entries(e)) if (v === undefined) delete e[k];
+        return e;
+      };
+      const cases = [
+        ['without sub', { sub: undefined }, { status: 401, code: 'token_invalid', www: BEARER_401 }],
+        ['sub a number', { sub: 42 }, { status: 401, code: 'token_invalid', www: BEARER_401 }],
+        ['entry without approval', { authorization_details: [entry({ approval: undefined })] }, { status: 403, code: 'binding_missing' }],
+        ['approval a number', { authorization_details: [entry({ approval: 7 })] }, { status: 403, code: 'binding_missing' }],
+        ['version 2 and no approval', { authorization_details: [entry({ version: '2', approval: undefined })] }, { status: 403, code: 'binding_missing' }],
+        ['entry without method', { authorization_details: [entry({ method: undefined })] }, { status: 403, code: 'binding_mismatch', field: 'method' }],
+        ['version a number', { authorization_details: [entry({ version: 1 })] }, { status: 403, code: 'binding_mismatch', field: 'version' }],
+      ];
+      for (const [label, claims, expected] of cases) {
+        await t.test(label, async () => {
+          const res = await refused(server, call(await local.sign({ authorization_details: [entry()], ...claims })), expected);
+          assert.equal(res.json.title, expected.status === 401 ? 'Access token invalid' : expected.code === 'binding_missing' ? 'Call binding missing' : 'Call binding mismatch');
+        });
       }
     });
 

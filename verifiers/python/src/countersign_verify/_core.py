@@ -40,7 +40,7 @@ HeadersLike = Mapping[str, Any] | Iterable[tuple[Any, Any]]
 class Approval:
     """An accepted call: who approved it, which approval, and the token's claims."""
 
-    subject: str | None
+    subject: str
     approval_id: str
     claims: dict[str, Any]
     binding: dict[str, Any]
@@ -111,6 +111,10 @@ class _Credentials:
     header: dict[str, Any]
 
 
+class _KeysUnavailable(Exception):
+    """The authorization server's key set could not be fetched (and none was fetched before)."""
+
+
 class _KeySet:
     """The authorization server's JWKS, fetched with PyJWKClient, cached, refreshed on an unknown kid."""
 
@@ -137,7 +141,7 @@ class _KeySet:
         keys = self._snapshot[0]
         if keys is None or now - self._fetched_at > self._lifespan:
             # No keys yet, or stale ones: at most one attempt a second (a dead JWKS endpoint
-            # then answers 503 at once instead of stalling every request for the timeout).
+            # then gets token_invalid at once instead of stalling every request for the timeout).
             return now - self._attempted_at > 1.0
         # A kid we do not know: the AS may have rotated its keys; refetch, but not in a storm.
         return not self._select(keys, kid) and now - self._attempted_at > self._cooldown
@@ -166,11 +170,7 @@ class _KeySet:
     def candidates(self, kid: str | None, alg: str) -> list[PyJWK]:
         keys, parsed = self._snapshot
         if keys is None:
-            raise Refusal(
-                "authorization_server_unavailable",
-                "The authorization server's signing keys could not be fetched.",
-                status=503,
-            )
+            raise _KeysUnavailable
         out = []
         for index, jwk in self._select(keys, kid):
             if jwk.get("alg") not in (None, alg):
@@ -405,9 +405,8 @@ class Verifier:
                 "approval_replayed",
                 "This approval was already used: an approved call is forwarded once.",
             )
-        subject = claims.get("sub")
         return Approval(
-            subject=subject if isinstance(subject, str) else None,
+            subject=claims["sub"],
             approval_id=approval_id,
             claims=claims,
             binding=dict(entry),
@@ -424,7 +423,16 @@ class Verifier:
                 "token_invalid", "The access token is not signed with an asymmetric algorithm.",
                 dpop=dpop,
             )
-        candidates = self._keys.candidates(kid, alg)
+        try:
+            candidates = self._keys.candidates(kid, alg)
+        except _KeysUnavailable:
+            # Contract (settled details): token_invalid, with a detail saying so.
+            raise Refusal(
+                "token_invalid",
+                "The authorization server's signing keys could not be fetched to verify the"
+                " access token.",
+                dpop=dpop,
+            ) from None
         if not candidates:
             raise Refusal(
                 "token_invalid",
@@ -434,7 +442,7 @@ class Verifier:
         last: PyJWTError | None = None
         for key in candidates:
             try:
-                return jwt.decode(
+                claims = jwt.decode(
                     creds.token,
                     key=key,
                     algorithms=[alg],
@@ -447,6 +455,12 @@ class Verifier:
                 last = exc
                 if not isinstance(exc, jwt.InvalidSignatureError):
                     break
+                continue
+            if not isinstance(claims.get("sub"), str):
+                raise Refusal(
+                    "token_invalid", "The access token has no subject (a string sub).", dpop=dpop
+                )
+            return claims
         raise Refusal("token_invalid", _token_error_detail(last), dpop=dpop)
 
     def _check_dpop(

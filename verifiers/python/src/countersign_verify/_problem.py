@@ -18,9 +18,8 @@ CODES: dict[str, tuple[int, str]] = {
     "binding_missing": (403, "Call binding missing"),
     "binding_mismatch": (403, "Call binding mismatch"),
     "approval_replayed": (403, "Approval replayed"),
-    # Not verification outcomes, but answers of the integrations (existing Countersign codes).
-    "body_too_large": (413, "Body too large"),
-    "authorization_server_unavailable": (503, "Authorization server unavailable"),
+    # Answered by the integrations, which buffer the body (contract, settled details).
+    "body_too_large": (413, "Request body too large"),
 }
 
 _DPOP_CODES = {"dpop_proof_missing", "dpop_proof_invalid", "dpop_proof_replayed"}
