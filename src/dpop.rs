@@ -45,14 +45,18 @@ impl DpopKey {
         Ok(Self::from_secret(secret))
     }
 
-    /// A fresh key (development mode and tests).
+    /// A fresh key (tests).
     pub fn generate() -> Self {
-        loop {
-            let bytes: [u8; 32] = rand::random();
-            if let Ok(secret) = p256::SecretKey::from_slice(&bytes) {
-                return Self::from_secret(secret);
-            }
-        }
+        Self::from_secret(fresh_secret())
+    }
+
+    /// A fresh key in PKCS#8 PEM, as `dpop_key` takes it (development mode).
+    pub fn generate_pem() -> String {
+        use p256::pkcs8::{EncodePrivateKey, LineEnding};
+        fresh_secret()
+            .to_pkcs8_pem(LineEnding::LF)
+            .map(|pem| pem.to_string())
+            .expect("a P-256 key encodes")
     }
 
     fn from_secret(secret: p256::SecretKey) -> Self {
@@ -63,12 +67,11 @@ impl DpopKey {
         let coordinate =
             |c: Option<&p256::FieldBytes>| URL_SAFE_NO_PAD.encode(c.expect("uncompressed point"));
         let (x, y) = (coordinate(point.x()), coordinate(point.y()));
-        // RFC 7638: the required members, in lexicographic order, no spaces.
-        let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
+        let jwk = json!({ "kty": "EC", "crv": "P-256", "x": x, "y": y });
         Self {
             signing: SigningKey::from(secret),
-            jwk: json!({ "kty": "EC", "crv": "P-256", "x": x, "y": y }),
-            thumbprint: URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes())),
+            thumbprint: thumbprint_of(&jwk).expect("an EC JWK has a thumbprint"),
+            jwk,
             nonce: Mutex::new(None),
         }
     }
@@ -128,6 +131,41 @@ impl DpopKey {
     }
 }
 
+fn fresh_secret() -> p256::SecretKey {
+    loop {
+        let bytes: [u8; 32] = rand::random();
+        if let Ok(secret) = p256::SecretKey::from_slice(&bytes) {
+            return secret;
+        }
+    }
+}
+
+/// The RFC 7638 thumbprint (SHA-256, base64url) of a public EC or OKP JWK:
+/// its required members, in lexicographic order, without spaces.
+pub fn thumbprint_of(jwk: &Value) -> Option<String> {
+    // Each member as a JSON string (escaped as serde_json does).
+    let member = |name: &str| {
+        jwk.get(name)
+            .and_then(Value::as_str)
+            .map(|v| Value::String(v.to_owned()).to_string())
+    };
+    let canonical = match jwk.get("kty").and_then(Value::as_str)? {
+        "EC" => format!(
+            r#"{{"crv":{},"kty":"EC","x":{},"y":{}}}"#,
+            member("crv")?,
+            member("x")?,
+            member("y")?
+        ),
+        "OKP" => format!(
+            r#"{{"crv":{},"kty":"OKP","x":{}}}"#,
+            member("crv")?,
+            member("x")?
+        ),
+        _ => return None,
+    };
+    Some(URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes())))
+}
+
 #[cfg(test)]
 mod tests {
     use jsonwebtoken::jwk::Jwk;
@@ -180,5 +218,7 @@ mod tests {
             "5pn8oNX5hgrRJfX05PzlAkbmfuoPqdUwdc723Yoj__I"
         );
         assert!(DpopKey::from_pem("not a key").is_err());
+        let generated = DpopKey::generate_pem();
+        assert!(DpopKey::from_pem(&generated).is_ok(), "{generated}");
     }
 }

@@ -541,3 +541,63 @@ default_action: pass
     let endpoints = ciba::resolve_endpoints(&http, server).await.unwrap();
     CibaClient::new(http, endpoints, server, Metrics::new()).unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_binds_tokens_to_the_gateways_dpop_key() {
+    // As `countersign dev` runs: `token_binding: dpop` with a key of its own.
+    let pem = countersign::dpop::DpopKey::generate_pem();
+    let key = countersign::dpop::DpopKey::from_pem(&pem).unwrap();
+    let options = GatewayOptions {
+        client: format!(
+            "{DEV_CLIENT_POST}\n  token_binding: dpop\n  dpop_key: {}",
+            serde_json::to_string(&pem).unwrap()
+        ),
+        ..GatewayOptions::dev()
+    };
+    let world = DevWorld::start_with(options, fast()).await;
+    let call = tokio::spawn(world.buy("alice", phones()).send());
+    let pending = world.wait_pending("alice", 1).await;
+    world.approve(&pending[0].id).await;
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+
+    let received = world.shop.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].refused, None, "the shop's verifier took it");
+    let authorization = received[0].headers["authorization"].to_str().unwrap();
+    assert!(authorization.starts_with("DPoP "), "{authorization}");
+    let claims = received[0].claims.as_ref().unwrap();
+    assert_eq!(claims["cnf"]["jkt"], key.thumbprint());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dev_server_refuses_a_dpop_proof_for_another_endpoint() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let authz = countersign::dev::authz::serve(listener, fast())
+        .await
+        .unwrap();
+    let key = countersign::dpop::DpopKey::generate();
+    let response = reqwest::Client::new()
+        .post(format!("{}/oauth/token", authz.issuer()))
+        .header(
+            "dpop",
+            key.proof(
+                "POST",
+                &format!("{}/bc-authorize", authz.issuer()),
+                None,
+                false,
+            ),
+        )
+        .form(&[
+            ("grant_type", "urn:openid:params:grant-type:ciba"),
+            ("auth_req_id", "unknown"),
+            ("client_id", DEV_CLIENT_ID),
+            ("client_secret", DEV_CLIENT_SECRET),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_dpop_proof", "{body}");
+}

@@ -336,6 +336,7 @@ async fn discovery(State(authz): State<Arc<Authz>>) -> Response {
         "subject_types_supported": ["public"],
         "scopes_supported": ["openid"],
         "authorization_details_types_supported": ["product_purchase", "countersign_call"],
+        "dpop_signing_alg_values_supported": ["ES256", "EdDSA"],
         "service_documentation": "countersign dev: DEVELOPMENT ONLY",
     }))
     .into_response()
@@ -634,6 +635,9 @@ struct AccessClaims<'a> {
     jti: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     authorization_details: Option<&'a Value>,
+    /// RFC 9449: the key a DPoP token is bound to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cnf: Option<Value>,
 }
 
 #[derive(Serialize)]
@@ -645,7 +649,57 @@ struct IdClaims<'a> {
     exp: u64,
 }
 
-fn issue_tokens(authz: &Authz, granted: &NewRequest) -> Result<Response, OAuthError> {
+/// The key thumbprint a DPoP proof for a token request to `token_url`
+/// proves possession of (RFC 9449 section 4.3, without nonces or `jti`
+/// replay: a development server).
+fn dpop_thumbprint(proof: &str, token_url: &str) -> Result<String, OAuthError> {
+    use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+    let invalid = |why: &str| OAuthError::bad("invalid_dpop_proof", why.to_owned());
+    let header =
+        jsonwebtoken::decode_header(proof).map_err(|_| invalid("the DPoP proof is not a JWT"))?;
+    if header.typ.as_deref() != Some("dpop+jwt") {
+        return Err(invalid("the DPoP proof's typ must be dpop+jwt"));
+    }
+    if !matches!(header.alg, Algorithm::ES256 | Algorithm::EdDSA) {
+        return Err(invalid("the DPoP proof must be signed with ES256 or EdDSA"));
+    }
+    let jwk = header
+        .jwk
+        .ok_or_else(|| invalid("the DPoP proof carries no jwk"))?;
+    let public = serde_json::to_value(&jwk).unwrap_or_default();
+    if public.get("d").is_some() {
+        return Err(invalid("the DPoP proof's jwk is a private key"));
+    }
+    let key =
+        DecodingKey::from_jwk(&jwk).map_err(|_| invalid("the DPoP proof's jwk is unusable"))?;
+    let mut validation = Validation::new(header.alg);
+    validation.required_spec_claims.clear();
+    validation.validate_exp = false;
+    validation.validate_aud = false;
+    let claims = jsonwebtoken::decode::<Value>(proof, &key, &validation)
+        .map_err(|_| invalid("the DPoP proof's signature does not verify"))?
+        .claims;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let fresh = claims["iat"]
+        .as_u64()
+        .is_some_and(|iat| iat.abs_diff(now) <= 60);
+    if claims["htm"] != "POST" || claims["htu"] != token_url || !fresh {
+        return Err(invalid(
+            "the DPoP proof is not for a POST to this token endpoint, now",
+        ));
+    }
+    crate::dpop::thumbprint_of(&public)
+        .ok_or_else(|| invalid("the DPoP proof's jwk is not EC or OKP"))
+}
+
+fn issue_tokens(
+    authz: &Authz,
+    granted: &NewRequest,
+    bound_to: Option<String>,
+) -> Result<Response, OAuthError> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -665,6 +719,7 @@ fn issue_tokens(authz: &Authz, granted: &NewRequest) -> Result<Response, OAuthEr
         exp: now + lifetime,
         jti: uuid::Uuid::new_v4().to_string(),
         authorization_details: granted.authorization_details.as_ref(),
+        cnf: bound_to.as_ref().map(|jkt| json!({ "jkt": jkt })),
     };
     let id = IdClaims {
         iss: &authz.issuer,
@@ -687,7 +742,7 @@ fn issue_tokens(authz: &Authz, granted: &NewRequest) -> Result<Response, OAuthEr
     })?;
     let mut body = json!({
         "access_token": access_token,
-        "token_type": "Bearer",
+        "token_type": if bound_to.is_some() { "DPoP" } else { "Bearer" },
         "expires_in": lifetime,
         "scope": scope,
         "id_token": id_token,
@@ -718,11 +773,26 @@ async fn token(
     let auth_req_id = form
         .get("auth_req_id")
         .ok_or_else(|| OAuthError::request("auth_req_id is required"))?;
+    // RFC 9449: a proof makes the token a DPoP token bound to its key.
+    let mut proofs = headers.get_all("dpop").iter();
+    let bound_to = match (proofs.next(), proofs.next()) {
+        (None, _) => None,
+        (Some(proof), None) => Some(dpop_thumbprint(
+            proof.to_str().unwrap_or_default(),
+            &format!("{}/oauth/token", authz.issuer),
+        )?),
+        (Some(_), Some(_)) => {
+            return Err(OAuthError::bad(
+                "invalid_dpop_proof",
+                "send one DPoP header",
+            ))
+        }
+    };
     let result = authz.state().poll(&client_id, auth_req_id, Instant::now());
     match result {
         PollResult::Granted(granted) => {
-            tracing::info!(user = %granted.subject, "approved request redeemed; token issued");
-            issue_tokens(&authz, &granted)
+            tracing::info!(user = %granted.subject, dpop = bound_to.is_some(), "approved request redeemed; token issued");
+            issue_tokens(&authz, &granted, bound_to)
         }
         PollResult::Pending => Err(OAuthError::bad(
             "authorization_pending",

@@ -108,6 +108,8 @@ pub fn gateway_config(
     let admin = admin
         .map(|a| format!(", admin: \"{a}\""))
         .unwrap_or_default();
+    // A JSON string is a YAML double-quoted scalar.
+    let dpop_key = serde_json::Value::String(crate::dpop::DpopKey::generate_pem()).to_string();
     format!(
         r#"listen: {{ proxy: "{proxy}"{admin}, threads: 2 }}
 upstreams:
@@ -118,6 +120,9 @@ authorization_server:
   client_auth: {{ method: client_secret_post, client_secret: {DEV_CLIENT_SECRET} }}
   login_hint: iss_sub
   audience_parameter: audience
+  # Tokens are bound to this key (DPoP, RFC 9449), made for this run.
+  token_binding: dpop
+  dpop_key: {dpop_key}
 identity: {{ header: {{ name: {USER_HEADER} }} }}
 policies: []
 default_action: pass

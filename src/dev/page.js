@@ -35,6 +35,10 @@ function renderDetails(container, details) {
   if (!Array.isArray(details)) return;
   for (const detail of details) {
     if (!detail || typeof detail !== 'object') continue;
+    if (detail.type === 'countersign_call') {
+      container.append(renderBinding(detail));
+      continue;
+    }
     const box = document.createElement('section');
     box.className = 'detail';
     const title = document.createElement('h2');
@@ -52,6 +56,33 @@ function renderDetails(container, details) {
     box.append(title, list);
     container.append(box);
   }
+}
+
+// The call binding (docs/call-binding.md): the one request the token will
+// be good for, shown as the request line, not as fields.
+function renderBinding(binding) {
+  const box = document.createElement('section');
+  box.className = 'detail binding';
+  const title = document.createElement('h2');
+  title.textContent = 'Only this exact request';
+  const list = document.createElement('dl');
+  const rows = [
+    ['request', 'Request', `${binding.method} ${binding.target}`],
+    ['host', 'Host', binding.host],
+    ['tool', 'Tool', binding.tool],
+    ['body_sha256', 'Body SHA-256', binding.body_sha256 && `${binding.body_sha256.slice(0, 12)}\u2026`],
+  ];
+  for (const [key, label, value] of rows) {
+    if (value === undefined) continue;
+    const dt = document.createElement('dt');
+    dt.textContent = label;
+    const dd = document.createElement('dd');
+    dd.textContent = show(value);
+    dd.dataset.key = key;
+    list.append(dt, dd);
+  }
+  box.append(title, list);
+  return box;
 }
 
 const OUTCOMES = {

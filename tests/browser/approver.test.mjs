@@ -157,7 +157,11 @@ test('a held purchase appears with its message, and Approve completes the call w
   assert.equal(await card.locator('dd[data-key="product"]').innerText(), 'XYZ phone');
   assert.equal(await card.locator('dd[data-key="quantity"]').innerText(), '2');
   assert.equal(await card.locator('dd[data-key="price_limit"]').innerText(), '900');
-  assert.match(await card.locator('.detail h2').innerText(), /Product purchase/);
+  assert.match(await card.locator('.detail:not(.binding) h2').innerText(), /Product purchase/);
+  // The call binding: the one request the token will be good for.
+  const binding = card.locator('.detail.binding');
+  assert.match(await binding.locator('h2').innerText(), /Only this exact request/);
+  assert.equal(await binding.locator('dd[data-key="request"]').innerText(), 'POST /shop');
   assert.match(await card.locator('.scopes').innerText(), /product:buy/);
   assert.match(await card.locator('.countdown').innerText(), /Expires in \d+:\d\d/);
 
