@@ -136,6 +136,11 @@ const EXPIRING: &str = r#"  - name: mcp-expiring
 
 impl McpWorld {
     async fn start() -> Self {
+        Self::start_with(GatewayOptions::default()).await
+    }
+
+    /// With `options` for the gateway (its upstream is the MCP server).
+    async fn start_with(options: GatewayOptions) -> Self {
         let peer = Peer::start();
         let shop = start_shop(&peer).await;
         let server = McpServer::start(&peer);
@@ -146,7 +151,7 @@ impl McpWorld {
                 upstream: Some(server.addr.to_string()),
                 limits: "{ max_body_bytes: 4096, max_hold: 60s }",
                 extra_policies: EXPIRING,
-                ..GatewayOptions::default()
+                ..options
             },
         )
         .await;
@@ -307,6 +312,35 @@ async fn an_approved_tool_call_reaches_the_server_with_a_fresh_token() {
         "the GET stream: {methods}"
     );
     assert_eq!(methods["DELETE"], 1, "{methods}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dpop_bound_tool_call_reaches_the_server_with_a_proof_it_accepts() {
+    let pem = std::fs::read_to_string(repo_path("tests/fixtures/dpop-key.pem")).unwrap();
+    let world = McpWorld::start_with(GatewayOptions {
+        client: format!(
+            "{}\n  token_binding: dpop\n  dpop_key: {}",
+            GatewayOptions::default().client,
+            serde_json::to_string(&pem).unwrap()
+        ),
+        ..GatewayOptions::default()
+    })
+    .await;
+    let client = world.client(Some("alice"), json!([buy("XYZ phone", 2)]));
+    let request = world.pending("alice").await;
+    world
+        .peer
+        .approve(request["auth_req_id"].as_str().unwrap())
+        .await;
+    let out = client.await.unwrap();
+    let bought = &out[0]["results"][0];
+    assert_eq!(bought["isError"], Value::Null, "{bought}");
+    assert_eq!(bought["structuredContent"]["buyer"], "alice", "{bought}");
+    // The server's verifier checked the DPoP proof and the call binding.
+    let bindings = world.server.bindings().await;
+    assert_eq!(bindings.len(), 1, "{bindings:?}");
+    assert_eq!(bindings[0]["accepted"], true, "{bindings:?}");
+    assert_eq!(world.server.bought().await.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
