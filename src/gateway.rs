@@ -49,6 +49,9 @@ pub enum GatewayError {
 /// pingora's default L4 write buffer (one TCP segment); kept.
 const DOWNSTREAM_WRITE_BUFFER: usize = 1460;
 
+/// How often the proxy listener's certificate files are checked for change.
+const TLS_WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A built, not yet running, gateway.
 pub struct Gateway {
     server: Server,
@@ -247,6 +250,10 @@ impl Gateway {
         let reload_source = config
             .reloadable
             .then(|| (config.file.clone(), config.text.clone()));
+        let config_dir = config
+            .file
+            .parent()
+            .map_or_else(|| std::path::PathBuf::from("."), |d| d.to_path_buf());
         let gateway = config.gateway;
         let ciba = CibaClient::new(
             http.clone(),
@@ -353,10 +360,20 @@ impl Gateway {
         // zero-filled 64 KiB buffer per connection, which dominated the memory
         // of a held call (docs/BENCHMARKS.md); HTTP/1 parsing keeps its own
         // buffers, and pass-through throughput did not change without it.
-        proxy.add_listener(
-            ListenerConfig::tcp(gateway.listen.proxy.to_string())
-                .l4_buffer(L4BufferSettings::new(0, DOWNSTREAM_WRITE_BUFFER)),
-        );
+        let mut listener = ListenerConfig::tcp(gateway.listen.proxy.to_string())
+            .l4_buffer(L4BufferSettings::new(0, DOWNSTREAM_WRITE_BUFFER));
+        if let Some(tls) = &gateway.listen.tls {
+            let base = config_dir.as_path();
+            let resolver = crate::tls::CertResolver::new(crate::tls::TlsFiles::new(tls, base))
+                .map_err(|e| GatewayError::Startup(format!("listen.tls: {e}")))?;
+            listener = listener.tls(
+                resolver
+                    .settings()
+                    .map_err(|e| GatewayError::Startup(format!("listen.tls: {e}")))?,
+            );
+            engine_runtime.spawn(resolver.watch(TLS_WATCH_EVERY));
+        }
+        proxy.add_listener(listener);
         server.add_service(proxy);
         if let Some(service) = notification_service {
             server.add_service(service);

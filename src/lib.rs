@@ -36,6 +36,7 @@ pub mod schema;
 pub mod secret;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 /// A map looked up on every call and filled only from the configuration:

@@ -291,6 +291,30 @@ fn bind_policies_to_upstreams(
     Ok(())
 }
 
+/// The proxy listener's certificates load, and each key is its certificate's.
+fn validate_tls(file: &Path, config: &GatewayConfig) -> Result<(), ConfigError> {
+    let Some(tls) = &config.listen.tls else {
+        return Ok(());
+    };
+    if tls.certificates.is_empty() {
+        return Err(invalid(
+            file,
+            "listen.tls.certificates",
+            "at least one certificate (cert and key files) is needed".into(),
+        ));
+    }
+    let base = file.parent().unwrap_or(Path::new("."));
+    crate::tls::TlsFiles::new(tls, base)
+        .check()
+        .map_err(|(i, why)| {
+            invalid(
+                file,
+                &format!("listen.tls.certificates[{i}]"),
+                why.to_string(),
+            )
+        })
+}
+
 /// DPoP needs its key, a usable one; a key without DPoP is a mistake.
 fn validate_token_binding(file: &Path, config: &GatewayConfig) -> Result<(), ConfigError> {
     let server = &config.authorization_server;
@@ -385,6 +409,7 @@ fn validate(file: &Path, config: &GatewayConfig) -> Result<(), ConfigError> {
     }
     validate_delivery(file, config)?;
     validate_token_binding(file, config)?;
+    validate_tls(file, config)?;
     if config.limits.max_body_bytes > MAX_REPLAYABLE_BODY {
         return Err(invalid(
             file,

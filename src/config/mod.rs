@@ -209,6 +209,40 @@ pub struct ListenConfig {
     /// Worker threads of the proxy.
     #[serde(default = "default_threads")]
     pub threads: usize,
+    /// Serve the proxy listener over TLS (and HTTP/2) instead of plain
+    /// HTTP/1.1.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS on the proxy listener. Files are PEM; relative paths are taken from
+/// the configuration file's directory; they are read again when they
+/// change (new connections get the new certificates, open ones keep theirs).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chains (leaf first) and their private keys. A client's
+    /// SNI picks the one whose names (subjectAltName DNS, else CN) match;
+    /// the first serves clients that send no SNI or an unknown one.
+    pub certificates: Vec<CertificateFiles>,
+    /// Require a client certificate issued by this CA (agents as workloads).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Offer HTTP/2 by ALPN besides HTTP/1.1 (default true).
+    #[serde(default = "default_true")]
+    pub http2: bool,
+}
+
+/// One certificate chain and its key.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_threads() -> usize {

@@ -239,6 +239,9 @@ pub struct GatewayOptions {
     /// Top-level YAML appended to the gateway file as it is, e.g.
     /// `store: memory` or `approvals_path: /approvals`.
     pub extra_config: String,
+    /// `listen.tls` of the gateway (YAML flow mapping), e.g.
+    /// `{ certificates: [{ cert: a.pem, key: a.key }] }`.
+    pub listen_tls: Option<String>,
 }
 
 impl Default for GatewayOptions {
@@ -252,6 +255,7 @@ impl Default for GatewayOptions {
             upstream: None,
             preserve_host: false,
             extra_config: String::new(),
+            listen_tls: None,
         }
     }
 }
@@ -369,7 +373,7 @@ pub fn write_config(
     std::fs::write(&extra, format!("policies:\n{extra_text}")).unwrap();
     let config = format!(
         r#"
-listen: {{ proxy: "{proxy}", admin: "{admin}", threads: 2 }}
+listen: {{ proxy: "{proxy}", admin: "{admin}", threads: 2{tls} }}
 upstreams:
   shop: {{ url: "http://{shop}", connect_timeout: 2s, timeout: 10s, preserve_host: {preserve_host} }}
 authorization_server:
@@ -396,6 +400,11 @@ limits: {limits}
         limits = options.limits,
         preserve_host = options.preserve_host,
         extra_config = options.extra_config,
+        tls = options
+            .listen_tls
+            .as_ref()
+            .map(|tls| format!(", tls: {tls}"))
+            .unwrap_or_default(),
     );
     let file = dir.join("countersign.yaml");
     std::fs::write(&file, config).unwrap();
