@@ -17,6 +17,7 @@ pub mod admin;
 pub mod approval;
 pub mod ciba;
 pub mod config;
+pub mod decision;
 pub mod demo;
 pub mod dev;
 pub mod dpop;
