@@ -443,6 +443,20 @@ default_action: pass
     }
 
     #[test]
+    fn policy_test_files_beside_the_policies_are_not_loaded_as_policies() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["b.yaml", "a.yml", "b.test.yaml", "c.test.yml", "notes.txt"] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        let files = policy_files(dir.path(), Path::new("gateway.yaml")).unwrap();
+        let names: Vec<_> = files
+            .iter()
+            .map(|p| p.file_name().unwrap().to_str().unwrap())
+            .collect();
+        assert_eq!(names, ["a.yml", "b.yaml"]);
+    }
+
+    #[test]
     fn a_minimal_config_loads() {
         let config = load_str(Path::new("gateway.yaml"), BASE).unwrap();
         assert_eq!(config.gateway.upstreams["shop"].url.port, 3000);

@@ -156,3 +156,93 @@ pub fn decide(config: &crate::config::Config, mut call: OfflineCall<'_>) -> Deci
         request: call.header,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::decision::{Decision, Refusal};
+
+    const CONFIG: &str = r#"
+listen: { proxy: "127.0.0.1:8080" }
+upstreams:
+  shop: { url: "http://127.0.0.1:3000" }
+authorization_server:
+  issuer: https://tenant.example/
+  client_id: countersign
+  client_auth: { method: client_secret_post, client_secret: plain }
+identity: { static: { subject: alice } }
+policies: []
+default_action: pass
+"#;
+
+    const POLICIES: &str = r#"
+policies:
+  - name: transfer
+    match: { methods: [POST], path: /transfers }
+    when: "body.amount > 500"
+    require: { scopes: [pay] }
+    binding_message: "Transfer {{amount}}"
+"#;
+
+    fn decided(method: &str, target: &str, body: Option<&str>) -> Decided {
+        let config = crate::config::load_embedded(
+            Path::new("gateway.yaml"),
+            CONFIG,
+            &[(Path::new("p.yaml"), POLICIES)],
+        )
+        .unwrap();
+        let mut header = RequestHeader::build(method, target.as_bytes(), None).unwrap();
+        header.append_header("host", "shop.example").unwrap();
+        header
+            .append_header("content-type", "application/json")
+            .unwrap();
+        let call = OfflineCall::new(
+            header,
+            body.map(|b| Bytes::from(b.to_owned())),
+            1024,
+            OfflineIdentity::Configured,
+            &config.gateway.identity,
+        );
+        decide(&config, call)
+    }
+
+    #[test]
+    fn a_held_call_is_rendered_with_its_steps() {
+        let d = decided("POST", "/transfers", Some(r#"{"amount": 700}"#));
+        let Ok(Decision::Held(call)) = &d.result else {
+            panic!("{:?}", d.result)
+        };
+        assert_eq!(call.rendered.binding_message, "Transfer 700");
+        assert_eq!(call.identity.subject, "alice");
+        assert!(d.steps.contains(&Step::Condition {
+            policy: "transfer".into(),
+            when: "body.amount > 500".into(),
+            holds: true
+        }));
+    }
+
+    #[test]
+    fn a_condition_that_lets_go_passes_and_an_unmatched_call_follows_the_default() {
+        let d = decided("POST", "/transfers", Some(r#"{"amount": 7}"#));
+        assert!(matches!(d.result, Ok(Decision::Pass)));
+        assert_eq!(d.policy.as_deref(), Some("transfer"));
+        let d = decided("GET", "/other", None);
+        assert!(matches!(d.result, Ok(Decision::Pass)));
+        assert!(d.steps.contains(&Step::Unmatched {
+            default_action: crate::config::DefaultAction::Pass
+        }));
+    }
+
+    #[test]
+    fn a_body_over_the_limit_is_refused() {
+        let big = format!(r#"{{"amount": 700, "pad": "{}"}}"#, "x".repeat(2000));
+        let d = decided("POST", "/transfers", Some(&big));
+        assert!(
+            matches!(&d.result, Err(Refusal::Problem(p)) if p.code == "body_too_large"),
+            "{:?}",
+            d.result
+        );
+    }
+}
