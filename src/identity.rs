@@ -112,7 +112,8 @@ fn single_header<'a>(
 }
 
 impl Identity {
-    fn from_subject(subject: &str) -> Self {
+    /// An identity known only by its subject (`user.sub`).
+    pub fn from_subject(subject: &str) -> Self {
         Self {
             subject: subject.to_owned(),
             claims: serde_json::json!({ "sub": subject }),

@@ -8,7 +8,9 @@ use clap::{Parser, Subcommand};
 use countersign::approval::audit;
 use countersign::approval::store_handle::ConfiguredStore;
 use countersign::config;
+use countersign::explain;
 use countersign::gateway::Gateway;
+use countersign::policytest;
 use countersign::store::{ApprovalState, ListFilter};
 
 /// pingora allocates and frees several times per request; with glibc's
@@ -39,6 +41,53 @@ enum Command {
     Check {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Decide one call offline and print every step: canonical request,
+    /// route, the policies tried with each condition's value, the message
+    /// and details the person would see, or the refusal and why. The call
+    /// is given like curl's (`-X`, `-H`, `-d`, `--json`, the URL) or as a
+    /// raw HTTP request (`--raw FILE`, `-` for stdin).
+    Explain {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The method (curl's -X); POST with data, else GET.
+        #[arg(short = 'X', long = "request")]
+        method: Option<String>,
+        /// A header, "Name: value"; repeat for more.
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// A body (sent as a form unless -H gives a Content-Type, as curl
+        /// does); @FILE reads it from a file.
+        #[arg(short = 'd', long = "data")]
+        data: Option<String>,
+        /// A JSON body (sent as application/json); @FILE reads it.
+        #[arg(long)]
+        json: Option<String>,
+        /// The approving person's claims, a JSON object with a string sub
+        /// (needed under `identity: jwt`, which cannot be verified offline).
+        #[arg(long)]
+        claims: Option<String>,
+        /// A raw HTTP/1.1 request (request line, headers, body) from FILE,
+        /// or `-` for stdin, instead of the flags.
+        #[arg(long, conflicts_with_all = ["method", "headers", "data", "json", "url"])]
+        raw: Option<PathBuf>,
+        /// The URL, as given to curl (http://gateway:8080/shop).
+        #[arg(required_unless_present = "raw")]
+        url: Option<String>,
+    },
+    /// Run policy test files offline through the gateway's decision: by
+    /// default the *.test.yaml beside the policies the configuration loads.
+    Test {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Also write the results as JUnit XML to FILE.
+        #[arg(long)]
+        junit: Option<PathBuf>,
+        /// List the policies and condition branches no case exercises.
+        #[arg(long)]
+        coverage: bool,
+        /// Test files to run instead of those beside the policies.
+        files: Vec<PathBuf>,
     },
     /// Try Countersign on one machine with no configuration: a development
     /// authorization server with an approver page, the example shop API and
@@ -112,6 +161,72 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check { config } => {
             let loaded = config::load(&config)?;
             print!("{}", route_table(&loaded));
+            Ok(())
+        }
+        Command::Explain {
+            config,
+            method,
+            headers,
+            data,
+            json,
+            claims,
+            raw,
+            url,
+        } => {
+            let loaded = config::load(&config)?;
+            let claims = claims.map(|c| parse_claims(&c)).transpose()?;
+            let spec = match raw {
+                Some(raw) => {
+                    let bytes = if raw.as_os_str() == "-" {
+                        let mut bytes = Vec::new();
+                        std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)?;
+                        bytes
+                    } else {
+                        std::fs::read(&raw)
+                            .map_err(|e| anyhow::anyhow!("{}: {e}", raw.display()))?
+                    };
+                    explain::parse_raw(&bytes, claims)?
+                }
+                None => explain::CurlCall {
+                    method,
+                    headers,
+                    data: data.map(|d| read_at_file(&d)).transpose()?,
+                    json: json.map(|d| read_at_file(&d)).transpose()?,
+                    url: url.unwrap_or_default(),
+                    claims,
+                }
+                .spec()?,
+            };
+            print!("{}", explain::explain(&loaded, &spec)?);
+            Ok(())
+        }
+        Command::Test {
+            config,
+            junit,
+            coverage,
+            files,
+        } => {
+            let loaded = config::load(&config)?;
+            let files = if files.is_empty() {
+                policytest::default_files(&loaded)
+            } else {
+                files
+            };
+            let report = policytest::run(&loaded, &files)?;
+            print!("{}", report.text());
+            if coverage {
+                print!(
+                    "\n{}",
+                    policytest::coverage::Coverage::of(&report).text(&loaded.policies)
+                );
+            }
+            if let Some(junit) = junit {
+                std::fs::write(&junit, policytest::junit::xml(&report))
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", junit.display()))?;
+            }
+            if !report.passed() {
+                anyhow::bail!("{} of {} cases failed", report.failed(), report.total());
+            }
             Ok(())
         }
         Command::Schema { file } => {
@@ -192,6 +307,22 @@ fn approvals(command: ApprovalsCommand) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// The claims `--claims` gives: a JSON object.
+fn parse_claims(raw: &str) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    match serde_json::from_str(raw) {
+        Ok(serde_json::Value::Object(claims)) => Ok(claims),
+        _ => anyhow::bail!("--claims must be a JSON object, such as {{\"sub\":\"alice\"}}"),
+    }
+}
+
+/// curl's `@FILE`: the value read from a file.
+fn read_at_file(value: &str) -> anyhow::Result<String> {
+    match value.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{path}: {e}")),
+        None => Ok(value.to_owned()),
+    }
 }
 
 fn route_table(config: &config::Config) -> String {

@@ -135,7 +135,16 @@ fn read(file: &Path) -> Result<String, ConfigError> {
     })
 }
 
-/// A file, or the `*.yaml` / `*.yml` files of a directory in name order.
+/// A policy test file (`countersign test`), kept beside the policies but
+/// never loaded as one.
+pub fn is_policy_test_file(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(".test.yaml") || n.ends_with(".test.yml"))
+}
+
+/// A file, or the `*.yaml` / `*.yml` files of a directory in name order
+/// (without policy test files).
 pub(crate) fn policy_files(path: &Path, config_file: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     if !path.is_dir() {
         if !path.exists() {
@@ -154,12 +163,17 @@ pub(crate) fn policy_files(path: &Path, config_file: &Path) -> Result<Vec<PathBu
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .filter(|p| !is_policy_test_file(p))
         .collect();
     files.sort();
     Ok(files)
 }
 
-fn parse<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
+/// Parses a strict YAML file; an error names the file, line and key.
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(
+    file: &Path,
+    text: &str,
+) -> Result<T, ConfigError> {
     let deserializer = serde_yaml::Deserializer::from_str(text);
     serde_path_to_error::deserialize(deserializer).map_err(|error| {
         let key = error.path().to_string();
@@ -451,6 +465,20 @@ default_action: pass
         load_str(Path::new("gateway.yaml"), text)
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn policy_test_files_beside_the_policies_are_not_loaded_as_policies() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["b.yaml", "a.yml", "b.test.yaml", "c.test.yml", "notes.txt"] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        let files = policy_files(dir.path(), Path::new("gateway.yaml")).unwrap();
+        let names: Vec<_> = files
+            .iter()
+            .map(|p| p.file_name().unwrap().to_str().unwrap())
+            .collect();
+        assert_eq!(names, ["a.yml", "b.yaml"]);
     }
 
     #[test]

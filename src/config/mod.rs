@@ -15,8 +15,9 @@ use serde::{de, Deserialize, Deserializer};
 use url::Url;
 
 pub use env::{SecretText, Text};
+pub(crate) use load::parse as parse_yaml;
 pub(crate) use load::policy_files;
-pub use load::{load, load_embedded, load_str, ConfigError};
+pub use load::{is_policy_test_file, load, load_embedded, load_str, ConfigError};
 
 use crate::policy::PolicySet;
 use crate::route::Routes;

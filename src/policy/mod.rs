@@ -528,6 +528,19 @@ impl PolicySet {
         found: &PolicyMatch<'a>,
         input: &CallInput<'_>,
     ) -> Result<Choice<'a>, CallError> {
+        self.choose_observed(found, input, &mut |_, _| {})
+    }
+
+    /// [`Self::choose`], telling `observe` each condition's value as it is
+    /// evaluated, in order: what `countersign explain` prints and
+    /// `countersign test --coverage` counts, from the one evaluation the
+    /// proxy runs too.
+    pub fn choose_observed<'a>(
+        &self,
+        found: &PolicyMatch<'a>,
+        input: &CallInput<'_>,
+        observe: &mut dyn FnMut(&Policy, bool),
+    ) -> Result<Choice<'a>, CallError> {
         let reads = found
             .candidates
             .iter()
@@ -567,7 +580,9 @@ impl PolicySet {
                 return Ok(Choice::Hold(policy));
             };
             tested_in_one_place(condition, input)?;
-            if sections.holds(policy, condition)? {
+            let holds = sections.holds(policy, condition)?;
+            observe(policy, holds);
+            if holds {
                 return Ok(Choice::Hold(policy));
             }
         }

@@ -10,7 +10,6 @@ use super::{CallCtx, Countersign, JsonReply, APPROVAL_ID_HEADER};
 use crate::approval::engine;
 use crate::ciba::CibaError;
 use crate::problem::{Problem, ProblemCode, CONTENT_TYPE};
-use crate::request::{RequestError, METHOD_OVERRIDE_HEADERS, PATH_OVERRIDE_HEADERS};
 use crate::store::StoredResponse;
 
 impl Countersign {
@@ -198,43 +197,6 @@ fn agent_hung_up(error: &Error) -> bool {
             | ErrorType::ReadTimedout
             | ErrorType::WriteTimedout
     )
-}
-
-/// The answer to a request refused before routing.
-pub(super) fn request_problem(error: RequestError) -> Problem {
-    let code = match &error {
-        RequestError::NotOriginForm
-        | RequestError::NotUtf8
-        | RequestError::Path(_)
-        | RequestError::EncodedPercent => ProblemCode::InvalidPath,
-        RequestError::Host(_)
-        | RequestError::MissingHost
-        | RequestError::RepeatedHost
-        | RequestError::HostMismatch { .. }
-        | RequestError::ForwardedHostMismatch(_) => ProblemCode::InvalidHost,
-        RequestError::MethodOverrideHeader(_) | RequestError::MethodOverrideParameter => {
-            ProblemCode::MethodOverrideRefused
-        }
-        RequestError::PathOverrideHeader(_) => ProblemCode::PathOverrideRefused,
-        RequestError::Upgrade => ProblemCode::UpgradeRefused,
-        RequestError::HeaderTwin { reads_as, .. } => twin_code(reads_as),
-    };
-    Problem::new(code).with_detail(format!("The request was refused: {error}."))
-}
-
-/// A refused header twin gets the code of the header it would be read as.
-fn twin_code(reads_as: &str) -> ProblemCode {
-    if METHOD_OVERRIDE_HEADERS.contains(&reads_as) {
-        ProblemCode::MethodOverrideRefused
-    } else if PATH_OVERRIDE_HEADERS.contains(&reads_as) {
-        ProblemCode::PathOverrideRefused
-    } else if reads_as == "x-forwarded-host" {
-        ProblemCode::InvalidHost
-    } else if reads_as.starts_with("mcp-") {
-        ProblemCode::McpHeaderMismatch
-    } else {
-        ProblemCode::InvalidBody
-    }
 }
 
 /// The answer to an approval that failed (not denied, not expired).

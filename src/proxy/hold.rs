@@ -13,10 +13,10 @@ use pingora::proxy::Session;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use super::decide::HeldCall;
 use super::{CallCtx, Countersign, JsonReply, Reply};
 use crate::approval::binding;
 use crate::approval::engine::StartError;
+use crate::decision::HeldCall;
 use crate::identity::IdentitySource;
 use crate::metrics::Metrics;
 use crate::policy::Bind;

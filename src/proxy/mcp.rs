@@ -1,4 +1,4 @@
-//! MCP endpoints: deciding on a POST there ([`crate::mcp::classify`]),
+//! MCP endpoints (the decision on a POST there is `crate::decision`'s):
 //! cancelling held calls the client gives up on, keeping a held call's SSE
 //! stream alive with progress, and answering in JSON-RPC (via
 //! [`crate::mcp::jsonrpc`]) instead of problem+json.
@@ -14,13 +14,10 @@ use pingora::proxy::Session;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::decide::HeldCall;
 use super::hold::Waited;
 use super::{hold, CallCtx, CallOutcome, Countersign, Reply, APPROVAL_ID_HEADER};
-use crate::mcp::{self, jsonrpc, Classified, McpRefusal};
-use crate::policy::{self, McpMatch, PolicySet};
+use crate::mcp::{self, jsonrpc, McpRefusal};
 use crate::problem::{Problem, ProblemCode};
-use crate::request::CanonicalRequest;
 use crate::store::{Approval, ApprovalState, ListFilter, StoredResponse};
 
 /// How often a held call with a progress token hears from the gateway.
@@ -75,76 +72,9 @@ pub(super) struct McpReply {
     pub code: ProblemCode,
 }
 
-impl Countersign {
-    /// `Ok(None)`: the request passes untouched. `Ok(Some)`: a held
-    /// `tools/call`, with `ctx.mcp` set so that every reply is JSON-RPC.
-    pub(super) async fn decide_mcp(
-        &self,
-        session: &mut Session,
-        ctx: &mut CallCtx,
-        policies: &PolicySet,
-        found: McpMatch<'_>,
-        request: &CanonicalRequest,
-        upstream: &str,
-    ) -> Result<Option<HeldCall>, Reply> {
-        // GET opens the server's stream; a POST carries a message. Any
-        // other method with a body, GET included, is read like a POST: a
-        // lenient server (one handler for every method) might take a
-        // tools/call from it.
-        if mcp::is_bodiless_stream_request(session.req_header()) {
-            return Ok(None);
-        }
-        let body = hold::read_body(session, self.limits.max_body_bytes).await?;
-        let headers = &session.req_header().headers;
-        let call = match mcp::classify(found.endpoint, headers, body.as_deref()) {
-            Ok(Classified::Pass) => return Ok(None),
-            Ok(Classified::Cancel(ids)) => {
-                self.cancel_held(session, &ids).await;
-                return Ok(None);
-            }
-            Ok(Classified::Held(call)) => call,
-            Err(refusal) => return Err(refuse_mcp(policies, ctx, refusal)),
-        };
-        let policy = policies.at(call.policy).clone();
-        ctx.policy = Some(policy.name.clone());
-        ctx.mcp = Some(McpCall {
-            id: call.id,
-            progress_token: call.progress_token,
-            accepts_stream: mcp::accepts_event_stream(headers),
-            streaming: false,
-        });
-        super::decide::check_upstream(&policy, upstream)?;
-        let identity = self.identify(session, &policy.name).await?;
-        let header = session.req_header();
-        let input = policy::CallInput {
-            headers: &header.headers,
-            body: body.as_deref(),
-            params: &found.params,
-            query: request.query.as_deref(),
-            user: &identity.claims,
-            method: header.method.as_str(),
-            path: &request.path.forward,
-            arguments: Some(&call.arguments),
-        };
-        let rendered = policies
-            .render_call(&policy, &input)
-            .map_err(Problem::from)?;
-        Ok(Some(HeldCall {
-            policy,
-            identity,
-            rendered,
-            body,
-            upstream: upstream.to_owned(),
-            tool: Some(call.name.clone()),
-            fingerprint_body: Some(call.fingerprint),
-        }))
-    }
-}
-
-fn refuse_mcp(policies: &PolicySet, ctx: &mut CallCtx, refusal: McpRefusal) -> Reply {
-    if let Some(policy) = refusal.policy() {
-        ctx.policy = Some(policies.at(policy).name.clone());
-    }
+/// The answer to a POST on an MCP endpoint refused as MCP answers it: a
+/// tool error for a `tools/call` with an id, else a JSON-RPC error.
+pub(super) fn refuse_mcp(ctx: &mut CallCtx, refusal: McpRefusal) -> Reply {
     let problem = Problem::new(refusal.code()).with_detail(refusal.to_string());
     match (refusal.is_tool_error(), refusal.id()) {
         (true, Some(id)) => {
@@ -170,7 +100,7 @@ impl Countersign {
     /// `notifications/cancelled`: the held calls of the same person and
     /// session with these request ids stop waiting and are never forwarded.
     /// The notification itself still goes to the server.
-    async fn cancel_held(&self, session: &Session, ids: &[Value]) {
+    pub(super) async fn cancel_held(&self, session: &Session, ids: &[Value]) {
         let Ok(identity) = self.identity.identify(session.req_header()).await else {
             return;
         };

@@ -22,7 +22,7 @@ impl Countersign {
         }
         let identity = match self.identify(session, "status").await {
             Ok(identity) => identity,
-            Err(reply) => return reply,
+            Err(reply) => return reply.into(),
         };
         let not_found = || {
             Reply::from(
