@@ -23,6 +23,14 @@ pub struct Metrics {
     /// Approvals this process adopted from a process whose lease ran out
     /// (it died, or lost the store for longer than a lease).
     pub lease_takeovers: IntCounter,
+    /// Times this process's heartbeat lapsed (a pause, or the store
+    /// unreachable for longer than a lease): it stopped polling until the
+    /// store answered again.
+    pub heartbeat_lapses: IntCounter,
+    /// Approved calls this process marked `outcome_unknown`: sent, or maybe
+    /// sent, with no answer recorded (the forwarder died, or the upstream's
+    /// answer was lost).
+    pub outcome_unknown: IntCounter,
     /// Retried calls that attached to the approval already in flight or done.
     pub retries_attached: IntCounterVec,
     /// Seconds from the approval request to its result.
@@ -91,6 +99,16 @@ impl Metrics {
             "Pending approvals this gateway took over from a gateway whose lease ran out.",
         )
         .expect("valid metric");
+        let heartbeat_lapses = IntCounter::new(
+            "countersign_heartbeat_lapses_total",
+            "Times this gateway's heartbeat lapsed (paused, or the store unreachable for longer than a lease) and it stopped polling until the store answered.",
+        )
+        .expect("valid metric");
+        let outcome_unknown = IntCounter::new(
+            "countersign_outcome_unknown_total",
+            "Approved calls this gateway marked outcome_unknown: maybe sent, no answer recorded; never sent again.",
+        )
+        .expect("valid metric");
         let retries_attached = IntCounterVec::new(
             Opts::new(
                 "countersign_retries_attached_total",
@@ -140,6 +158,11 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        // Known results start at 0, so that the first failed reload is an
+        // increase and not a new series.
+        for result in ["ok", "error", "restart_required"] {
+            config_reloads.with_label_values(&[result]);
+        }
         let config_last_good_load = IntGauge::new(
             "countersign_config_last_reload_success_timestamp_seconds",
             "Unix time of the last configuration load that took effect (start or reload).",
@@ -181,6 +204,8 @@ impl Metrics {
             Box::new(pending_approvals.clone()),
             Box::new(held_calls.clone()),
             Box::new(lease_takeovers.clone()),
+            Box::new(heartbeat_lapses.clone()),
+            Box::new(outcome_unknown.clone()),
             Box::new(retries_attached.clone()),
             Box::new(approval_wait.clone()),
             Box::new(ciba_requests.clone()),
@@ -201,6 +226,8 @@ impl Metrics {
             pending_approvals,
             held_calls,
             lease_takeovers,
+            heartbeat_lapses,
+            outcome_unknown,
             retries_attached,
             approval_wait,
             ciba_requests,
@@ -241,5 +268,19 @@ mod tests {
         assert!(text.contains("countersign_calls_total{outcome=\"approved\",policy=\"buy\"} 1"));
         assert!(text.contains("countersign_build_info{version="));
         assert!(text.contains("countersign_approval_wait_seconds_bucket"));
+    }
+
+    #[test]
+    fn counters_alerts_watch_start_at_zero() {
+        let text = Metrics::new().render();
+        for series in [
+            "countersign_heartbeat_lapses_total 0",
+            "countersign_outcome_unknown_total 0",
+            "countersign_config_reload_total{result=\"error\"} 0",
+            "countersign_config_reload_total{result=\"ok\"} 0",
+            "countersign_config_reload_total{result=\"restart_required\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} in {text}");
+        }
     }
 }

@@ -669,6 +669,11 @@ async fn a_crash_while_forwarding_is_reported_as_unknown_and_never_resent() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(arrivals.load(Ordering::SeqCst), 1, "never sent twice");
     assert_eq!(peer.requests().await.len(), 1);
+    let metrics = gateway.metrics().await;
+    assert!(
+        metrics.contains("countersign_outcome_unknown_total 1"),
+        "the restarted gateway counts the approval it marked: {metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

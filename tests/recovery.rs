@@ -179,6 +179,11 @@ async fn a_gateway_paused_past_its_lease_comes_back_and_serves_new_approvals() {
         "the lapse and the return are logged:\n{}",
         gateway.logs()
     );
+    let metrics = gateway.metrics().await;
+    assert!(
+        metrics.contains("countersign_heartbeat_lapses_total 1"),
+        "the lapse is counted: {metrics}"
+    );
 }
 
 /// Holds SQLite's write lock from another connection for `hold`: every

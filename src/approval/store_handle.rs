@@ -82,8 +82,11 @@ impl ConfiguredStore {
                 .store_duration
                 .with_label_values(&[op])
                 .observe(started.elapsed().as_secs_f64());
+            // The operation's error series exists (at 0) once it has run,
+            // so that its first failure is an increase.
+            let errors = metrics.store_errors.with_label_values(&[op]);
             if matches!(result, Err(StoreError::Unavailable(_))) {
-                metrics.store_errors.with_label_values(&[op]).inc();
+                errors.inc();
             }
         }
         result

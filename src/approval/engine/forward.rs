@@ -160,7 +160,7 @@ impl Engine {
             }
             Err(ForwardError::AnswerLost(reason)) => {
                 tracing::warn!(approval_id = id, %reason, "the upstream's answer to the approved call was lost");
-                let _ = self
+                let marked = self
                     .persist("record the lost answer", ANSWER_RETRY_FOR, || {
                         self.store.transition(
                             id,
@@ -170,6 +170,10 @@ impl Engine {
                         )
                     })
                     .await;
+                // Not recorded: housekeeping marks it later, and counts it.
+                if marked == Some(true) {
+                    self.metrics.outcome_unknown.inc();
+                }
             }
         }
     }

@@ -66,6 +66,7 @@ impl Engine {
         liveness.lapsed = true;
         liveness.owner = uuid::Uuid::new_v4().to_string();
         drop(liveness);
+        self.metrics.heartbeat_lapses.inc();
         tracing::warn!(
             "this gateway's heartbeat lapsed; it stops polling until the store answers, then resumes what nobody else took"
         );
@@ -126,10 +127,13 @@ impl Engine {
         let now = self.store.now();
         match self.store.mark_unknown_outcomes(now).await {
             Ok(0) => {}
-            Ok(n) => tracing::warn!(
-                count = n,
-                "approved calls whose forwarder died are marked outcome_unknown"
-            ),
+            Ok(n) => {
+                self.metrics.outcome_unknown.inc_by(n);
+                tracing::warn!(
+                    count = n,
+                    "approved calls whose forwarder died are marked outcome_unknown"
+                )
+            }
             Err(error) => tracing::warn!(%error, "approval store unavailable"),
         }
         if !self.alive() || self.is_draining() {
