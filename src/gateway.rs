@@ -364,7 +364,7 @@ impl Gateway {
             .l4_buffer(L4BufferSettings::new(0, DOWNSTREAM_WRITE_BUFFER));
         if let Some(tls) = &gateway.listen.tls {
             let base = config_dir.as_path();
-            let resolver = crate::tls::CertResolver::new(crate::tls::TlsFiles::new(tls, base))
+            let resolver = crate::tls::CertResolver::new(tls.files(base))
                 .map_err(|e| GatewayError::Startup(format!("listen.tls: {e}")))?;
             listener = listener.tls(
                 resolver

@@ -15,8 +15,6 @@ use rustls::server::WebPkiClientVerifier;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::config::TlsConfig;
-
 #[derive(Debug, Error)]
 pub enum TlsError {
     #[error("{file}: {why}")]
@@ -55,18 +53,21 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    /// `config`'s files, relative ones taken from `base` (the directory of
-    /// the configuration file).
-    pub fn new(config: &TlsConfig, base: &Path) -> Self {
-        let resolve = |p: &Path| base.join(p);
+    /// Certificate `pairs` (chain, key) and the `client_ca`, relative paths
+    /// taken from `base` (the directory of the configuration file).
+    pub fn new(
+        pairs: impl IntoIterator<Item = (PathBuf, PathBuf)>,
+        client_ca: Option<&Path>,
+        http2: bool,
+        base: &Path,
+    ) -> Self {
         Self {
-            pairs: config
-                .certificates
-                .iter()
-                .map(|c| (resolve(&c.cert), resolve(&c.key)))
+            pairs: pairs
+                .into_iter()
+                .map(|(cert, key)| (base.join(cert), base.join(key)))
                 .collect(),
-            client_ca: config.client_ca.as_deref().map(resolve),
-            http2: config.http2,
+            client_ca: client_ca.map(|ca| base.join(ca)),
+            http2,
         }
     }
 

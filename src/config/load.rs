@@ -318,15 +318,13 @@ fn validate_tls(file: &Path, config: &GatewayConfig) -> Result<(), ConfigError> 
         ));
     }
     let base = file.parent().unwrap_or(Path::new("."));
-    crate::tls::TlsFiles::new(tls, base)
-        .check()
-        .map_err(|(i, why)| {
-            invalid(
-                file,
-                &format!("listen.tls.certificates[{i}]"),
-                why.to_string(),
-            )
-        })
+    tls.files(base).check().map_err(|(i, why)| {
+        invalid(
+            file,
+            &format!("listen.tls.certificates[{i}]"),
+            why.to_string(),
+        )
+    })
 }
 
 /// DPoP needs its key, a usable one; a key without DPoP is a mistake.

@@ -234,6 +234,21 @@ pub struct TlsConfig {
     pub http2: bool,
 }
 
+impl TlsConfig {
+    /// The files to serve, relative paths taken from `base` (the directory
+    /// of the configuration file).
+    pub fn files(&self, base: &std::path::Path) -> crate::tls::TlsFiles {
+        crate::tls::TlsFiles::new(
+            self.certificates
+                .iter()
+                .map(|c| (c.cert.clone(), c.key.clone())),
+            self.client_ca.as_deref(),
+            self.http2,
+            base,
+        )
+    }
+}
+
 /// One certificate chain and its key.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
