@@ -93,7 +93,10 @@ async fn approved_call_reaches_the_shop_once_with_a_fresh_token() {
         "the gateway never polls too fast: {after}"
     );
 
-    let metrics = world.gateway.metrics().await;
+    let metrics = world
+        .gateway
+        .wait_metric(r#"countersign_calls_total{outcome="approved",policy="buy-product"} 1"#)
+        .await;
     assert!(
         metrics
             .contains(r#"countersign_approvals_total{policy="buy-product",result="approved"} 1"#),

@@ -80,11 +80,10 @@ async fn a_call_below_the_threshold_passes_without_approval() {
     assert!(received[0].claims.is_none(), "no token was issued for it");
     assert!(received[0].headers.get(USER_HEADER).is_none());
     assert!(world.peer.requests().await.is_empty(), "nobody was asked");
-    let metrics = world.gateway.metrics().await;
-    assert!(
-        metrics.contains(r#"countersign_calls_total{outcome="passed",policy="buy-credit"} 1"#),
-        "{metrics}"
-    );
+    world
+        .gateway
+        .wait_metric(r#"countersign_calls_total{outcome="passed",policy="buy-credit"} 1"#)
+        .await;
 }
 
 #[tokio::test]
@@ -200,13 +199,10 @@ async fn a_condition_that_cannot_be_evaluated_refuses_the_call() {
         .unwrap();
     problem(response, 422, "condition_failed").await;
     untouched(&world).await;
-    let metrics = world.gateway.metrics().await;
-    assert!(
-        metrics.contains(
-            r#"countersign_calls_total{outcome="condition_failed",policy="buy-credit"} 4"#
-        ),
-        "{metrics}"
-    );
+    world
+        .gateway
+        .wait_metric(r#"countersign_calls_total{outcome="condition_failed",policy="buy-credit"} 4"#)
+        .await;
 }
 
 #[tokio::test]

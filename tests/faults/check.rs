@@ -235,6 +235,16 @@ pub fn check(history: &History) -> Report {
         if arrival.token_sub.is_none() || !arrival.token_buys {
             wrong.push("no valid token with product:buy".to_owned());
         }
+        // The token must name exactly this call (a second arrival of one
+        // approval is `double_forward`'s, and keys the upstream could not
+        // fetch are the token check's above).
+        if let Some(code) = arrival
+            .binding_refused
+            .as_deref()
+            .filter(|c| c.starts_with("binding_") || c.starts_with("insufficient_scope"))
+        {
+            wrong.push(format!("the token does not bind this call: {code}"));
+        }
         match approvals.get(id) {
             None => wrong.push("an approval id the store does not know".to_owned()),
             Some(a) => {
@@ -551,6 +561,7 @@ mod tests {
             approval_id: Some(id.into()),
             token_sub: Some("alice".into()),
             token_buys: true,
+            binding_refused: None,
             body: json!({ "qty": qty }),
             behaviour: Behaviour::Answer,
             answered: true,
@@ -626,6 +637,11 @@ mod tests {
             report.evidence(5)
         );
         assert_eq!(report.count("answer_mismatch"), 1, "{}", report.evidence(5));
+
+        // A token that does not name exactly the call it came with.
+        let mut h = history();
+        h.arrivals[0].binding_refused = Some("binding_mismatch (body)".into());
+        assert_eq!(check(&h).count("unapproved_forward"), 1);
 
         let mut h = history();
         h.pushes.push(push("r3", 1, 1200, "expired"));

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use countersign::demo::shop::{BUY_SCOPE, SHOP_AUDIENCE};
 use countersign::identity::JwtVerifier;
+use countersign_verify::Verifier;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -38,6 +39,10 @@ pub struct Arrival {
     pub token_sub: Option<String>,
     /// The verified token carries `product:buy`.
     pub token_buys: bool,
+    /// Why `countersign-verify` found the token not bound to exactly this
+    /// call (`binding_missing`, `binding_mismatch` on a field, ...); `None`
+    /// when it is (docs/call-binding.md).
+    pub binding_refused: Option<String>,
     pub body: Value,
     pub behaviour: Behaviour,
     /// The whole answer was written to the socket.
@@ -57,21 +62,27 @@ impl RecordingUpstream {
         let addr = listener.local_addr().unwrap();
         let verifier = Arc::new(JwtVerifier::with_keys(
             reqwest::Client::new(),
-            jwks_uri,
+            jwks_uri.clone(),
             issuer,
             SHOP_AUDIENCE,
             "sub",
         ));
+        let binding = Verifier::new(countersign_verify::Config {
+            required_scopes: vec![BUY_SCOPE.to_owned()],
+            ..countersign_verify::Config::new(issuer, SHOP_AUDIENCE, jwks_uri.as_str())
+        })
+        .expect("the verifier's configuration");
         let log = Arc::new(Mutex::new(Vec::new()));
         let behaviour = Arc::new(Mutex::new(Behaviour::Answer));
         let (task_log, task_behaviour) = (log.clone(), behaviour.clone());
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let verifier = verifier.clone();
+                let binding = binding.clone();
                 let log = task_log.clone();
                 let behaviour = *task_behaviour.lock().unwrap();
                 tokio::spawn(async move {
-                    serve(stream, &verifier, &log, behaviour, epoch).await;
+                    serve(stream, &verifier, &binding, &log, behaviour, epoch).await;
                 });
             }
         });
@@ -144,9 +155,23 @@ async fn read_request(stream: &mut TcpStream) -> Option<(String, Vec<(String, St
     Some((request_line, headers, body))
 }
 
+/// The request as `countersign-verify` reads it.
+fn binding_of(
+    method: &str,
+    target: &str,
+    headers: &[(String, String)],
+) -> Option<http::request::Parts> {
+    let mut request = http::Request::builder().method(method).uri(target);
+    for (name, value) in headers {
+        request = request.header(name.as_str(), value.as_str());
+    }
+    Some(request.body(()).ok()?.into_parts().0)
+}
+
 async fn serve(
     mut stream: TcpStream,
     verifier: &JwtVerifier,
+    binding: &Verifier,
     log: &Mutex<Vec<Arrival>>,
     behaviour: Behaviour,
     epoch: Instant,
@@ -181,6 +206,17 @@ async fn serve(
             .split(' ')
             .any(|s| s == BUY_SCOPE)
     });
+    let binding_refused = match binding_of(&method, &path, &headers) {
+        Some(parts) => binding
+            .verify(&parts, &body)
+            .await
+            .err()
+            .map(|r| match r.field() {
+                Some(field) => format!("{} ({field})", r.code()),
+                None => r.code().to_owned(),
+            }),
+        None => Some("an unreadable request line".to_owned()),
+    };
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let approval_id = header("x-countersign-approval-id");
     let index = {
@@ -192,6 +228,7 @@ async fn serve(
             approval_id: approval_id.clone(),
             token_sub: token_sub.clone(),
             token_buys,
+            binding_refused,
             body: body.clone(),
             behaviour,
             answered: false,

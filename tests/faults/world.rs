@@ -52,6 +52,7 @@ fn policies() -> String {
             r#"  - name: {name}
     match: {{ methods: [POST], path: {path} }}
     require: {{ scopes: [product:buy], audience: "https://shop.example/api" }}
+    bind: call
     binding_message: "Buy {{{{qty}}}} {{{{product}}}}"
     body: {{ only: [product, qty, priceLimit] }}
     requested_expiry: {expiry}s

@@ -334,6 +334,20 @@ impl TestGateway {
         self._dir.path()
     }
 
+    /// `/metrics` once it has `line`: calls are counted when their answer
+    /// has been sent, a moment after the agent has it.
+    pub async fn wait_metric(&self, line: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let text = self.metrics().await;
+            if text.lines().any(|l| l == line) {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "no {line:?} in:\n{text}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn metrics(&self) -> String {
         reqwest::get(format!("http://{}/metrics", self.admin))
             .await
