@@ -50,8 +50,8 @@ impl Ca {
     }
 }
 
-/// A client that trusts only `ca` and reaches every name at `addr`.
-fn client(ca: &Ca, addr: SocketAddr, names: &[&str]) -> reqwest::Client {
+/// A client builder that trusts only `ca` and reaches every name at `addr`.
+fn builder(ca: &Ca, addr: SocketAddr, names: &[&str]) -> reqwest::ClientBuilder {
     let mut builder = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
         .tls_built_in_root_certs(false)
@@ -59,7 +59,37 @@ fn client(ca: &Ca, addr: SocketAddr, names: &[&str]) -> reqwest::Client {
     for name in names {
         builder = builder.resolve(name, addr);
     }
-    builder.build().unwrap()
+    builder
+}
+
+fn client(ca: &Ca, addr: SocketAddr, names: &[&str]) -> reqwest::Client {
+    builder(ca, addr, names).build().unwrap()
+}
+
+/// A client of `ca` presenting the client certificate `(cert, key)`.
+fn client_with(
+    ca: &Ca,
+    addr: SocketAddr,
+    names: &[&str],
+    (cert, key): (String, String),
+) -> reqwest::Client {
+    builder(ca, addr, names)
+        .identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap())
+        .build()
+        .unwrap()
+}
+
+/// A world serving one certificate for `shop.test`, and its CA.
+async fn shop_world() -> (tempfile::TempDir, Ca, World) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    ca.write_leaf(dir.path(), "shop", &["shop.test"]);
+    let world = tls_world(
+        dir.path(),
+        "{ certificates: [{ cert: DIR/shop.pem, key: DIR/shop.key }] }",
+    )
+    .await;
+    (dir, ca, world)
 }
 
 /// A world whose gateway listens with TLS as `tls` says (file names are
@@ -93,14 +123,7 @@ fn url(world: &World, host: &str, path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_held_call_over_tls_and_http2_is_approved_and_forwarded_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new();
-    ca.write_leaf(dir.path(), "shop", &["shop.test"]);
-    let world = tls_world(
-        dir.path(),
-        "{ certificates: [{ cert: DIR/shop.pem, key: DIR/shop.key }] }",
-    )
-    .await;
+    let (_dir, ca, world) = shop_world().await;
     let agent = client(&ca, world.gateway.proxy, &["shop.test"]);
 
     let held = tokio::spawn(
@@ -129,10 +152,7 @@ async fn a_held_call_over_tls_and_http2_is_approved_and_forwarded_once() {
     assert_eq!(received[0].refused, None, "the shop's verifier took it");
 
     // HTTP/1.1 over TLS too, and a call no policy holds passes.
-    let http1 = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
-        .tls_built_in_root_certs(false)
-        .resolve("shop.test", world.gateway.proxy)
+    let http1 = builder(&ca, world.gateway.proxy, &["shop.test"])
         .http1_only()
         .build()
         .unwrap();
@@ -147,14 +167,7 @@ async fn a_held_call_over_tls_and_http2_is_approved_and_forwarded_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn over_http2_the_gate_refuses_what_it_refuses_over_http1() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new();
-    ca.write_leaf(dir.path(), "shop", &["shop.test"]);
-    let world = tls_world(
-        dir.path(),
-        "{ certificates: [{ cert: DIR/shop.pem, key: DIR/shop.key }] }",
-    )
-    .await;
+    let (_dir, ca, world) = shop_world().await;
     let agent = client(&ca, world.gateway.proxy, &["shop.test"]);
     // Spellings of /shop that lenient frameworks read as /shop: refused,
     // never forwarded unapproved (README's security table).
@@ -272,27 +285,21 @@ async fn with_a_client_ca_only_agents_with_its_certificates_get_in() {
         "no client certificate"
     );
 
-    let (cert, key) = agents_ca.leaf(&["agent-7.agents.test"]);
-    let with = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(server_ca.pem().as_bytes()).unwrap())
-        .tls_built_in_root_certs(false)
-        .identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap())
-        .resolve("shop.test", world.gateway.proxy)
-        .build()
-        .unwrap();
+    let addr = world.gateway.proxy;
+    let with = client_with(
+        &server_ca,
+        addr,
+        &["shop.test"],
+        agents_ca.leaf(&["agent-7.agents.test"]),
+    );
     assert_eq!(with.get(&products).send().await.unwrap().status(), 200);
 
-    let (stranger_cert, stranger_key) = Ca::new().leaf(&["stranger.test"]);
-    let stranger = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(server_ca.pem().as_bytes()).unwrap())
-        .tls_built_in_root_certs(false)
-        .identity(
-            reqwest::Identity::from_pem(format!("{stranger_cert}{stranger_key}").as_bytes())
-                .unwrap(),
-        )
-        .resolve("shop.test", world.gateway.proxy)
-        .build()
-        .unwrap();
+    let stranger = client_with(
+        &server_ca,
+        addr,
+        &["shop.test"],
+        Ca::new().leaf(&["stranger.test"]),
+    );
     assert!(
         stranger.get(&products).send().await.is_err(),
         "another CA's certificate"

@@ -443,10 +443,11 @@ fn validate(file: &Path, config: &GatewayConfig) -> Result<(), ConfigError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const BASE: &str = r#"
+    /// A minimal valid configuration, for tests here and elsewhere.
+    pub(crate) const BASE: &str = r#"
 listen: { proxy: "127.0.0.1:8080" }
 upstreams:
   shop: { url: "http://127.0.0.1:3000" }

@@ -4,6 +4,9 @@
 
 pub mod env;
 mod load;
+/// A minimal valid configuration, for unit tests.
+#[cfg(test)]
+pub(crate) use load::tests::BASE as TEST_CONFIG;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -164,18 +164,7 @@ mod tests {
     use super::*;
     use crate::decision::{Decision, Refusal};
 
-    const CONFIG: &str = r#"
-listen: { proxy: "127.0.0.1:8080" }
-upstreams:
-  shop: { url: "http://127.0.0.1:3000" }
-authorization_server:
-  issuer: https://tenant.example/
-  client_id: countersign
-  client_auth: { method: client_secret_post, client_secret: plain }
-identity: { static: { subject: alice } }
-policies: []
-default_action: pass
-"#;
+    use crate::config::TEST_CONFIG as CONFIG;
 
     const POLICIES: &str = r#"
 policies:
