@@ -67,10 +67,16 @@ pub enum ProblemCode {
     /// (docs/call-binding.md): the authorization server dropped or changed
     /// the binding, so the call is not forwarded.
     TokenUnbound,
+    /// A countersigned call whose policy names fewer countersigners (the
+    /// person excluded) than it needs: nobody is asked.
+    CountersignersUnavailable,
+    /// A countersigned call's quorum was reached without this
+    /// countersigner's answer (audit trail only).
+    CountersignNotNeeded,
 }
 
 impl ProblemCode {
-    const ALL: [Self; 37] = [
+    const ALL: [Self; 39] = [
         Self::AccessDenied,
         Self::ApprovalExpired,
         Self::IdentityRequired,
@@ -108,6 +114,8 @@ impl ProblemCode {
         Self::ScopeNotGranted,
         Self::ApprovalInterrupted,
         Self::TokenUnbound,
+        Self::CountersignersUnavailable,
+        Self::CountersignNotNeeded,
     ];
 
     /// The code whose wire name is `code` (the first, for a shared name).
@@ -152,6 +160,8 @@ impl ProblemCode {
             Self::ApprovalCancelled => "approval_cancelled",
             Self::ApprovalInterrupted => "approval_interrupted",
             Self::TokenUnbound => "token_unbound",
+            Self::CountersignersUnavailable => "countersigners_unavailable",
+            Self::CountersignNotNeeded => "countersign_not_needed",
             Self::ScopeNotGranted => "scope_not_granted",
         }
     }
@@ -162,6 +172,8 @@ impl ProblemCode {
             | Self::NoPolicy
             | Self::UpstreamNotAllowed
             | Self::PolicyDenied
+            | Self::CountersignersUnavailable
+            | Self::CountersignNotNeeded
             | Self::ScopeNotGranted => 403,
             Self::ApprovalExpired => 408,
             Self::IdentityRequired => 401,
@@ -232,6 +244,8 @@ impl ProblemCode {
             Self::ApprovalCancelled => "Cancelled by the client",
             Self::ApprovalInterrupted => "Approval interrupted",
             Self::TokenUnbound => "Token not bound to the call",
+            Self::CountersignersUnavailable => "Not enough countersigners",
+            Self::CountersignNotNeeded => "Countersignature not needed",
             Self::ScopeNotGranted => "Approved without a required permission",
         }
     }
@@ -322,6 +336,12 @@ impl ProblemCode {
             }
             Self::McpToolNameCase => {
                 "The tool name differs from a tool that needs approval only in letter case; call the tool by its exact name."
+            }
+            Self::CountersignersUnavailable => {
+                "This call needs countersigners besides the user, and its policy names too few for this user; nobody was asked. The gateway's operator must name more countersigners."
+            }
+            Self::CountersignNotNeeded => {
+                "Enough other countersigners approved the call before this one answered."
             }
             Self::TokenUnbound => {
                 "The user approved, but the authorization server issued a token that does not name this exact call, so the request was not made. The gateway's operator must configure the authorization server to copy authorization_details into access tokens."

@@ -11,7 +11,7 @@ use thiserror::Error;
 
 use crate::config::UpstreamConfig;
 use crate::dpop::DpopKey;
-use crate::proxy::{APPROVAL_ID_HEADER, GATEWAY_HEADER_PREFIX};
+use crate::proxy::{APPROVAL_ID_HEADER, COUNTERSIGN_TOKENS_HEADER, GATEWAY_HEADER_PREFIX};
 use crate::secret::Secret;
 use crate::store::{StoredRequest, StoredResponse};
 
@@ -48,6 +48,7 @@ pub fn keeps_request_header(name: &str, identity_header: Option<&str>) -> bool {
     let dashed = crate::request::dashed(name);
     !DROPPED_REQUEST_HEADERS.contains(&name)
         && !dashed.starts_with(GATEWAY_HEADER_PREFIX)
+        && !dashed.eq_ignore_ascii_case(COUNTERSIGN_TOKENS_HEADER)
         && identity_header.is_none_or(|h| !crate::request::dashed(h).eq_ignore_ascii_case(&dashed))
 }
 
@@ -127,6 +128,7 @@ impl UpstreamClient {
         request: &StoredRequest,
         token: &Secret,
         dpop: Option<&DpopKey>,
+        countersignatures: &[Secret],
     ) -> Result<Forwarded, ForwardError> {
         let (client, config) = self
             .upstreams
@@ -154,6 +156,10 @@ impl UpstreamClient {
         let mut builder = client.request(method, url).header(http::header::HOST, host);
         if let Some(proof) = authorization.1 {
             builder = builder.header("dpop", proof);
+        }
+        if !countersignatures.is_empty() {
+            let tokens: Vec<&str> = countersignatures.iter().map(Secret::expose).collect();
+            builder = builder.header(COUNTERSIGN_TOKENS_HEADER, tokens.join(", "));
         }
         for (name, value) in &request.headers {
             if name == "host" {

@@ -13,8 +13,8 @@ use tokio::time::Instant;
 use crate::config::{StoreBackend, StoreConfig};
 use crate::metrics::Metrics;
 use crate::store::{
-    self, Approval, ApprovalState, ApprovalStore, CibaProgress, InsertTerms, Inserted, ListFilter,
-    NewApproval, StoreError, StoredResponse,
+    self, Approval, ApprovalState, ApprovalStore, CibaProgress, InsertTerms, Inserted, KeptGrant,
+    ListFilter, NewApproval, StoreError, StoredResponse,
 };
 
 /// How often an unreachable store is tried again.
@@ -169,6 +169,47 @@ impl ApprovalStore for ConfiguredStore {
     async fn claim(&self, id: &str, owner: &str, until: SystemTime) -> Result<bool, StoreError> {
         self.timed("claim", async {
             self.open().await?.claim(id, owner, until).await
+        })
+        .await
+    }
+    async fn keep_grant(&self, id: &str, grant: &KeptGrant) -> Result<bool, StoreError> {
+        self.timed("keep_grant", async {
+            self.open().await?.keep_grant(id, grant).await
+        })
+        .await
+    }
+    async fn family(&self, parent_id: &str) -> Result<Vec<Approval>, StoreError> {
+        self.timed("family", async {
+            self.open().await?.family(parent_id).await
+        })
+        .await
+    }
+    async fn end_parent(
+        &self,
+        id: &str,
+        to: ApprovalState,
+        problem_code: &str,
+        detail: &str,
+    ) -> Result<bool, StoreError> {
+        self.timed("end_parent", async {
+            self.open()
+                .await?
+                .end_parent(id, to, problem_code, detail)
+                .await
+        })
+        .await
+    }
+    async fn close_children(
+        &self,
+        parent_id: &str,
+        forwarded: bool,
+        problem_code: &str,
+    ) -> Result<(), StoreError> {
+        self.timed("close_children", async {
+            self.open()
+                .await?
+                .close_children(parent_id, forwarded, problem_code)
+                .await
         })
         .await
     }

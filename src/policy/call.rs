@@ -18,6 +18,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 use super::body::{self, fold_case, BodyError};
+use super::countersign::{Countersign, Countersigners};
 use super::shadow::{merge_key, CallParts, Part};
 use super::spec::{BodySpec, McpSpec};
 use super::template::{
@@ -52,6 +53,9 @@ pub struct CallInput<'a> {
 /// the stable problem code.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum CallError {
+    /// Too few countersigners besides the person (the sentence says how many).
+    #[error("{0}")]
+    Countersigners(String),
     #[error("This call's approval message is read from its JSON body, so the body must be sent with Content-Type: application/json (or another +json type, in UTF-8); it was sent {0}.")]
     NotJson(String),
     #[error("This call's body must be sent without Content-Encoding (it was sent with '{0}'), so that the approval message can read it.")]
@@ -137,6 +141,7 @@ impl CallError {
             | Self::UnshownField { .. }
             | Self::UnshownArgument { .. }
             | Self::UnshownBody(_) => ProblemCode::InvalidBody,
+            Self::Countersigners(_) => ProblemCode::CountersignersUnavailable,
             Self::RepeatedQuery(_) | Self::QuerySemicolon | Self::QueryNotUtf8(_) => {
                 ProblemCode::InvalidQuery
             }
@@ -216,6 +221,7 @@ fn only_list(
 impl CallShape {
     pub(crate) fn new(
         message: &MessageTemplate,
+        countersign_message: Option<&MessageTemplate>,
         details: Option<&DetailsTemplate>,
         body: Option<&BodySpec>,
         path_params: &[String],
@@ -228,6 +234,11 @@ impl CallShape {
         let mut shown: Vec<(String, Part)> = Vec::new();
         let fields = message
             .fields()
+            .chain(
+                countersign_message
+                    .into_iter()
+                    .flat_map(MessageTemplate::fields),
+            )
             .chain(details.into_iter().flat_map(DetailsTemplate::fields));
         for field in fields {
             let named = match field.section() {
@@ -293,6 +304,7 @@ impl CallShape {
         &self,
         message: &MessageTemplate,
         details: Option<&DetailsTemplate>,
+        countersign: Option<&Countersign>,
         input: &CallInput<'_>,
     ) -> Result<RenderedRequest, CallError> {
         let body = if self.reads_body {
@@ -355,9 +367,20 @@ impl CallShape {
         let authorization_details = details
             .map(|d| d.render(|field| values.lookup(field)))
             .transpose()?;
+        let countersigners = match countersign {
+            None => None,
+            Some(countersign) => Some(Countersigners {
+                subjects: countersign
+                    .resolve(input.user)
+                    .map_err(CallError::Countersigners)?,
+                min: countersign.min,
+                binding_message: countersign.message.render(|field| values.lookup(field))?,
+            }),
+        };
         Ok(RenderedRequest {
             binding_message,
             authorization_details,
+            countersigners,
         })
     }
 

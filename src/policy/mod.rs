@@ -5,6 +5,7 @@
 pub mod body;
 mod call;
 pub mod condition;
+pub mod countersign;
 pub mod mcp;
 pub mod path;
 pub mod shadow;
@@ -87,6 +88,8 @@ pub struct Policy {
     /// The MCP tool (name or glob) this policy holds on its endpoint.
     pub mcp_tool: Option<String>,
     pub bind: Bind,
+    /// Four eyes: who else must approve its calls.
+    pub countersign: Option<countersign::Countersign>,
 }
 
 /// A policy that cannot be compiled alongside the others.
@@ -184,6 +187,8 @@ pub enum Choice<'a> {
 pub struct RenderedRequest {
     pub binding_message: String,
     pub authorization_details: Option<Value>,
+    /// Four eyes: who else is asked, and what.
+    pub countersigners: Option<countersign::Countersigners>,
 }
 
 /// The parameter names of a path template: `id` of `/orders/{id}`, `rest`
@@ -225,8 +230,10 @@ impl PolicySet {
                     reason,
                 });
             }
+            let countersign_message = spec.countersign.as_ref().map(|c| &c.binding_message);
             let shape = CallShape::new(
                 &spec.binding_message,
+                countersign_message,
                 spec.authorization_details.as_ref(),
                 spec.body.as_ref(),
                 &path_parameters(&spec.matcher.path.source),
@@ -327,6 +334,16 @@ impl PolicySet {
                 set.groups.push(vec![id]);
                 routes.insert(key, group);
             }
+            let countersign = spec
+                .countersign
+                .map(countersign::Countersign::compile)
+                .transpose()
+                .map_err(|reason| PolicyError {
+                    file: file.clone(),
+                    index,
+                    name: name.clone(),
+                    reason,
+                })?;
             set.policies.push(Arc::new(Policy {
                 name,
                 scopes: spec.require.scopes.0.clone(),
@@ -352,6 +369,7 @@ impl PolicySet {
                 shape,
                 mcp_tool: spec.matcher.mcp.map(|m| m.tool.0),
                 bind: spec.bind,
+                countersign,
             }));
         }
         set.check_mcp_endpoints()?;
@@ -601,9 +619,12 @@ impl PolicySet {
         policy: &Policy,
         input: &CallInput<'_>,
     ) -> Result<RenderedRequest, CallError> {
-        policy
-            .shape
-            .render(&policy.message, policy.details.as_ref(), input)
+        policy.shape.render(
+            &policy.message,
+            policy.details.as_ref(),
+            policy.countersign.as_ref(),
+            input,
+        )
     }
 }
 

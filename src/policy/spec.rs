@@ -58,6 +58,10 @@ pub struct PolicySpec {
     /// (docs/call-binding.md), so the API can check it; `none` (default).
     #[serde(default)]
     pub bind: Bind,
+    /// Four eyes: countersigners who must approve the call too, besides
+    /// the person (README, "Four eyes").
+    #[serde(default)]
+    pub countersign: Option<super::countersign::CountersignSpec>,
 }
 
 /// What the token issued for an approval is bound to.

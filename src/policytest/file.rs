@@ -142,6 +142,20 @@ pub struct HoldExpect {
     /// compared when absent.
     #[serde(default)]
     pub bound: Option<bool>,
+    /// Four eyes: who countersigns and what they are asked; not compared
+    /// when absent.
+    #[serde(default)]
+    pub countersign: Option<CountersignExpect>,
+}
+
+/// The countersigners of a held call, in the policy's order, the person
+/// excluded.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountersignExpect {
+    pub subjects: Vec<String>,
+    pub min: u32,
+    pub binding_message: String,
 }
 
 /// A refusal, by its problem code: `refuse: invalid_body`, or a map with

@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use super::file::{Expect, HoldExpect, RefuseExpect};
+use super::file::{CountersignExpect, Expect, HoldExpect, RefuseExpect};
 use crate::decision::offline::Decided;
 use crate::decision::{Decision, Refusal};
 
@@ -21,6 +21,7 @@ pub enum Got {
         binding_message: String,
         authorization_details: Option<Value>,
         bound: bool,
+        countersign: Option<CountersignExpect>,
     },
     Refuse {
         code: &'static str,
@@ -42,6 +43,15 @@ impl Got {
                 binding_message: call.rendered.binding_message.clone(),
                 authorization_details: call.rendered.authorization_details.clone(),
                 bound: call.policy.bind == crate::policy::Bind::Call,
+                countersign: call
+                    .rendered
+                    .countersigners
+                    .as_ref()
+                    .map(|c| CountersignExpect {
+                        subjects: c.subjects.clone(),
+                        min: c.min,
+                        binding_message: c.binding_message.clone(),
+                    }),
             },
             Ok(Decision::Status(_)) => Self::Status,
             Err(refusal) => Self::Refuse {
@@ -73,12 +83,16 @@ pub fn matches(expect: &Expect, got: &Got) -> bool {
                 binding_message,
                 authorization_details,
                 bound,
+                countersign,
             },
         ) => {
             e.policy.as_ref().is_none_or(|p| p == policy)
                 && &e.binding_message == binding_message
                 && &e.authorization_details == authorization_details
                 && e.bound.is_none_or(|b| b == *bound)
+                && e.countersign
+                    .as_ref()
+                    .is_none_or(|c| Some(c) == countersign.as_ref())
         }
         (
             Expect::Refuse(e),
@@ -116,6 +130,12 @@ fn hold_lines(e: &HoldExpect) -> Vec<String> {
     details_lines(&mut lines, e.authorization_details.as_ref());
     if let Some(bound) = e.bound {
         lines.push(format!("  bound: {bound}"));
+    }
+    if let Some(c) = &e.countersign {
+        lines.push(format!(
+            "  countersign: {} of {:?}, asked {:?}",
+            c.min, c.subjects, c.binding_message
+        ));
     }
     lines
 }
@@ -163,12 +183,14 @@ pub fn got_lines(expect: &Expect, got: &Got) -> Vec<String> {
                 binding_message,
                 authorization_details,
                 bound,
+                countersign,
             },
         ) => hold_lines(&HoldExpect {
             policy: e.policy.as_ref().map(|_| policy.clone()),
             binding_message: binding_message.clone(),
             authorization_details: authorization_details.clone(),
             bound: e.bound.map(|_| *bound),
+            countersign: e.countersign.as_ref().and(countersign.clone()),
         }),
         (
             _,
@@ -177,12 +199,14 @@ pub fn got_lines(expect: &Expect, got: &Got) -> Vec<String> {
                 binding_message,
                 authorization_details,
                 bound,
+                countersign,
             },
         ) => hold_lines(&HoldExpect {
             policy: Some(policy.clone()),
             binding_message: binding_message.clone(),
             authorization_details: authorization_details.clone(),
             bound: Some(*bound),
+            countersign: countersign.clone(),
         }),
         (
             Expect::Refuse(e),
@@ -269,6 +293,7 @@ mod tests {
             binding_message: message.into(),
             authorization_details: None,
             bound: true,
+            countersign: None,
         }
     }
 
@@ -279,6 +304,7 @@ mod tests {
             binding_message: "Buy 2".into(),
             authorization_details: None,
             bound: None,
+            countersign: None,
         };
         assert!(matches(&Expect::Hold(expect.clone()), &hold("Buy 2")));
         assert!(!matches(&Expect::Hold(expect.clone()), &hold("Buy 3")));
@@ -312,6 +338,7 @@ mod tests {
             binding_message: "Buy 2".into(),
             authorization_details: None,
             bound: None,
+            countersign: None,
         });
         let got = hold("Buy 3");
         let diff = diff(&expected_lines(&expect), &got_lines(&expect, &got));

@@ -10,7 +10,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 use prometheus::Histogram;
 
-use super::{CallCtx, Countersign, GATEWAY_HEADER_PREFIX};
+use super::{CallCtx, Countersign, COUNTERSIGN_TOKENS_HEADER, GATEWAY_HEADER_PREFIX};
 use crate::config::UpstreamConfig;
 use crate::identity::IdentitySource;
 use crate::metrics::Metrics;
@@ -147,5 +147,6 @@ fn remove_gateway_headers(request: &mut RequestHeader, identity: &IdentitySource
 fn is_gateway_header(name: &str, identity_header: Option<&str>) -> bool {
     let name = crate::request::dashed(name);
     name.starts_with(GATEWAY_HEADER_PREFIX)
+        || name.eq_ignore_ascii_case(COUNTERSIGN_TOKENS_HEADER)
         || identity_header.is_some_and(|h| crate::request::dashed(h).eq_ignore_ascii_case(&name))
 }

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::{CallCtx, Countersign, JsonReply, Reply};
 use crate::approval::binding;
-use crate::approval::engine::StartError;
+use crate::approval::engine::{QuorumStatus, StartError};
 use crate::decision::HeldCall;
 use crate::identity::IdentitySource;
 use crate::metrics::Metrics;
@@ -64,6 +64,7 @@ impl Countersign {
         let policy = call.policy.clone();
         let store = self.engine.store();
         let new = self.new_approval(session, &call)?;
+        let countersigners = call.rendered.countersigners.clone();
         // Everything of the call the approval needs is in `new`: the body,
         // rendering and identity are not kept for the whole hold.
         drop(call);
@@ -77,7 +78,12 @@ impl Countersign {
         // burst cannot get past it.
         let id = match self
             .engine
-            .create(&new, policy.clone(), self.limits.max_pending_per_user)
+            .create(
+                &new,
+                policy.clone(),
+                self.limits.max_pending_per_user,
+                countersigners.as_ref(),
+            )
             .await
         {
             Ok(Inserted::Created) => {
@@ -109,6 +115,15 @@ impl Countersign {
             Err(StartError::Store(error)) => return Err(store_problem(error)),
             Err(StartError::Ciba(error)) => {
                 return Err(super::answer::failed_approval(error).into())
+            }
+            Err(StartError::CountersignerBusy(subject)) => {
+                return Err(Problem::new(ProblemCode::TooManyPendingForUser)
+                    .with_detail(format!(
+                        "{subject}, a countersigner of this call, already has {} approval requests waiting, the most this gateway sends at once; try again later.",
+                        self.limits.max_pending_per_user
+                    ))
+                    .with_retry_after(30)
+                    .into());
             }
             Err(StartError::ShuttingDown) => {
                 return Err(Problem::new(ProblemCode::ShuttingDown)
@@ -182,7 +197,8 @@ impl Countersign {
                 return Ok(Reply::Stream(Box::new(answer)));
             }
         }
-        Ok(self.reply_for(ctx, &approval))
+        let quorum = self.engine.quorum_status(&approval).await;
+        Ok(self.reply_for(ctx, &approval, quorum.as_ref()))
     }
 
     fn new_approval(&self, session: &Session, call: &HeldCall) -> Result<NewApproval, Reply> {
@@ -280,11 +296,18 @@ impl Countersign {
             request,
             created_at: now,
             expires_at: now + hold,
+            parent_id: None,
+            countersign_min: call.rendered.countersigners.as_ref().map(|c| c.min),
         })
     }
 
     /// What an agent is told about `approval` as it stands.
-    fn reply_for(&self, ctx: &mut CallCtx, approval: &Approval) -> Reply {
+    fn reply_for(
+        &self,
+        ctx: &mut CallCtx,
+        approval: &Approval,
+        quorum: Option<&QuorumStatus>,
+    ) -> Reply {
         match approval.state {
             ApprovalState::Done => match &approval.response {
                 Some(response) if response.body.is_some() => {
@@ -299,7 +322,10 @@ impl Countersign {
                     .as_deref()
                     .and_then(ProblemCode::parse)
                     .unwrap_or(ProblemCode::ApprovalFailed);
-                let problem = Problem::new(code);
+                let mut problem = Problem::new(code);
+                if let Some(detail) = &approval.problem_detail {
+                    problem = problem.with_detail(format!("The call was not made: {detail}."));
+                }
                 match code {
                     ProblemCode::AuthorizationServerUnavailable => problem.with_retry_after(5),
                     _ => problem,
@@ -322,7 +348,7 @@ impl Countersign {
                     .map_or(5, |c| c.interval.as_secs().clamp(1, ping_cap));
                 Reply::Json(Box::new(JsonReply {
                     status: 202,
-                    body: pending_body(approval, &self.approvals_path, retry_after),
+                    body: pending_body(approval, &self.approvals_path, retry_after, quorum),
                     retry_after: Some(retry_after),
                     location: Some(format!("{}/{}", self.approvals_path, approval.id)),
                 }))
@@ -332,18 +358,50 @@ impl Countersign {
 }
 
 /// The `202` body: a sentence an LLM can relay, and where to look.
-fn pending_body(approval: &Approval, approvals_path: &str, retry_after: u64) -> serde_json::Value {
-    serde_json::json!({
-        "status": "pending",
-        "approval_id": approval.id,
-        "detail": format!(
+fn pending_body(
+    approval: &Approval,
+    approvals_path: &str,
+    retry_after: u64,
+    quorum: Option<&QuorumStatus>,
+) -> serde_json::Value {
+    let detail = match quorum {
+        Some(quorum) => format!(
+            "Waiting for approval of '{}': {}; call again in {retry_after} s.",
+            approval.binding_message,
+            quorum.waiting_sentence()
+        ),
+        None => format!(
             "Waiting for {} to approve '{}'; call again in {retry_after} s.",
             approval.subject, approval.binding_message
         ),
+    };
+    let mut body = serde_json::json!({
+        "status": "pending",
+        "approval_id": approval.id,
+        "detail": detail,
         "binding_message": approval.binding_message,
         "location": format!("{approvals_path}/{}", approval.id),
         "retry_after": retry_after,
-    })
+    });
+    if let Some(quorum) = quorum {
+        body["approvers"] = approvers(quorum);
+    }
+    body
+}
+
+/// Who approves a countersigned call, and how each answered so far.
+pub(super) fn approvers(quorum: &QuorumStatus) -> serde_json::Value {
+    quorum
+        .members
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "subject": m.subject,
+                "role": if m.countersigner { "countersigner" } else { "requester" },
+                "state": m.state.as_str(),
+            })
+        })
+        .collect()
 }
 
 /// The identity of a call across retries: upstream, policy, host (where the

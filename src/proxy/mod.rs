@@ -46,6 +46,10 @@ pub const APPROVAL_ID_HEADER: &str = "x-countersign-approval-id";
 /// Headers only the gateway may set on a forwarded call.
 pub const GATEWAY_HEADER_PREFIX: &str = "x-countersign-";
 
+/// The countersigners' tokens of a countersigned call (docs/call-binding.md,
+/// "Countersigned calls"); only the gateway sets it, like the prefix above.
+pub const COUNTERSIGN_TOKENS_HEADER: &str = "countersign-tokens";
+
 /// The gateway's proxy logic.
 #[derive(Debug)]
 pub struct Countersign {

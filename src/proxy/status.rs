@@ -35,9 +35,13 @@ impl Countersign {
         }
         match self.engine.store().get(id).await {
             Ok(Some(approval)) if approval.subject == identity.subject => {
+                let mut body = status_body(&approval);
+                if let Some(quorum) = self.engine.quorum_status(&approval).await {
+                    body["approvers"] = super::hold::approvers(&quorum);
+                }
                 Reply::Json(Box::new(JsonReply {
                     status: 200,
-                    body: status_body(&approval),
+                    body,
                     retry_after: None,
                     location: None,
                 }))
@@ -62,6 +66,7 @@ fn status_body(approval: &Approval) -> serde_json::Value {
         "created_at_ms": millis(approval.created_at),
         "decided_at_ms": approval.decided_at.map(millis),
         "problem_code": approval.problem_code,
+        "problem_detail": approval.problem_detail,
         "response_status": approval.response.as_ref().map(|r| r.status),
         // When the upstream's answer first reached an agent in full; null
         // while it has not (a retry gets it).

@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use super::{
     attach_key, attachable, duration_ms, from_ms, now_ms, to_ms, Approval, ApprovalState,
-    ApprovalStore, CibaProgress, InsertTerms, Inserted, ListFilter, NewApproval, StoreError,
-    StoredResponse,
+    ApprovalStore, CibaProgress, InsertTerms, Inserted, KeptGrant, ListFilter, NewApproval,
+    StoreError, StoredResponse,
 };
 
 #[derive(Debug, Default)]
@@ -174,7 +174,7 @@ impl ApprovalStore for MemoryStore {
             return Ok(false);
         };
         let a = &mut record.approval;
-        if a.state != ApprovalState::Pending {
+        if !matches!(a.state, ApprovalState::Pending | ApprovalState::Approved) {
             return Ok(false);
         }
         a.state = ApprovalState::Forwarding;
@@ -182,6 +182,97 @@ impl ApprovalStore for MemoryStore {
         a.lease_owner = Some(owner.to_owned());
         a.lease_until = Some(ms(until));
         Ok(true)
+    }
+
+    async fn keep_grant(&self, id: &str, grant: &KeptGrant) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let Some(record) = inner.approvals.get_mut(id) else {
+            return Ok(false);
+        };
+        let a = &mut record.approval;
+        if a.state != ApprovalState::Pending {
+            return Ok(false);
+        }
+        let now = now();
+        a.state = ApprovalState::Approved;
+        a.grant = Some(grant.clone());
+        a.updated_at = now;
+        a.decided_at.get_or_insert(now);
+        Ok(true)
+    }
+
+    async fn family(&self, parent_id: &str) -> Result<Vec<Approval>, StoreError> {
+        let inner = self.lock();
+        let mut found: Vec<Approval> = inner
+            .approvals
+            .values()
+            .map(|r| &r.approval)
+            .filter(|a| a.parent_id.as_deref() == Some(parent_id))
+            .cloned()
+            .collect();
+        found.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(found)
+    }
+
+    async fn end_parent(
+        &self,
+        id: &str,
+        to: ApprovalState,
+        problem_code: &str,
+        detail: &str,
+    ) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let Some(record) = inner.approvals.get_mut(id) else {
+            return Ok(false);
+        };
+        let a = &mut record.approval;
+        if !to.is_final() || !matches!(a.state, ApprovalState::Pending | ApprovalState::Approved) {
+            return Ok(false);
+        }
+        let now = now();
+        a.state = to;
+        a.updated_at = now;
+        a.decided_at.get_or_insert(now);
+        a.problem_code = Some(problem_code.to_owned());
+        a.problem_detail = Some(detail.to_owned());
+        a.lease_owner = None;
+        a.lease_until = None;
+        a.request.body = Vec::new();
+        a.request.headers = Vec::new();
+        a.grant = None;
+        if to == ApprovalState::Failed {
+            inner.detach(id);
+        }
+        Ok(true)
+    }
+
+    async fn close_children(
+        &self,
+        parent_id: &str,
+        forwarded: bool,
+        problem_code: &str,
+    ) -> Result<(), StoreError> {
+        let now = now();
+        for record in self.lock().approvals.values_mut() {
+            let a = &mut record.approval;
+            if a.parent_id.as_deref() != Some(parent_id)
+                || !matches!(a.state, ApprovalState::Pending | ApprovalState::Approved)
+            {
+                continue;
+            }
+            if forwarded && a.state == ApprovalState::Approved {
+                a.state = ApprovalState::Done;
+            } else {
+                a.state = ApprovalState::Failed;
+                a.problem_code = Some(problem_code.to_owned());
+            }
+            a.updated_at = now;
+            a.decided_at.get_or_insert(now);
+            a.grant = None;
+            a.lease_owner = None;
+            a.lease_until = None;
+        }
+        Ok(())
     }
 
     async fn release(&self, owner: &str) -> Result<(), StoreError> {
@@ -246,6 +337,7 @@ impl ApprovalStore for MemoryStore {
             a.lease_until = None;
             a.request.body = Vec::new();
             a.request.headers = Vec::new();
+            a.grant = None;
         }
         if to == ApprovalState::Failed && problem_code != Some("approval_interrupted") {
             // Not replayed to retries: they start a new approval.
@@ -266,6 +358,7 @@ impl ApprovalStore for MemoryStore {
         let now = now();
         a.state = ApprovalState::Done;
         a.response = Some(response.clone());
+        a.grant = None;
         a.request.body = Vec::new();
         a.request.headers = Vec::new();
         a.updated_at = now;
@@ -341,6 +434,7 @@ impl ApprovalStore for MemoryStore {
                 a.lease_until = None;
                 a.request.body = Vec::new();
                 a.request.headers = Vec::new();
+                a.grant = None;
                 marked += 1;
             }
         }

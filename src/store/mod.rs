@@ -132,6 +132,29 @@ pub struct NewApproval {
     pub created_at: SystemTime,
     /// Hard deadline of the whole approval.
     pub expires_at: SystemTime,
+    /// A countersigner's approval: the call's own (the person's) approval.
+    pub parent_id: Option<String>,
+    /// A countersigned call's own approval: how many countersigners must
+    /// approve besides the person.
+    pub countersign_min: Option<u32>,
+}
+
+/// The approved access token of a member of a countersigned call, kept
+/// until the call is forwarded or refused. `Debug` shows neither.
+#[derive(Clone)]
+pub struct KeptGrant {
+    pub token: Secret,
+    /// Bound to the gateway's DPoP key.
+    pub dpop: bool,
+}
+
+impl fmt::Debug for KeptGrant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeptGrant")
+            .field("token", &Redacted)
+            .field("dpop", &self.dpop)
+            .finish()
+    }
 }
 
 /// The CIBA request in flight.
@@ -179,6 +202,15 @@ pub struct Approval {
     /// full and flushed to an agent. Without an `idempotency_key` such an
     /// approval answers no further call ([`ApprovalStore::mark_delivered`]).
     pub delivered_at: Option<SystemTime>,
+    /// A countersigner's approval: the call's own approval.
+    pub parent_id: Option<String>,
+    /// A countersigned call's own approval: countersigners needed.
+    pub countersign_min: Option<u32>,
+    /// An approved member of a countersigned call: its token, until the
+    /// call is forwarded or refused.
+    pub grant: Option<KeptGrant>,
+    /// The sentence told with `problem_code` ("denied by carol").
+    pub problem_detail: Option<String>,
 }
 
 /// What [`ApprovalStore::insert_or_attach`] did.
@@ -261,7 +293,38 @@ pub trait ApprovalStore: Send + Sync + std::fmt::Debug {
     /// window.
     async fn mark_delivered(&self, id: &str) -> Result<bool, StoreError>;
 
-    /// The exactly-once claim of an approved call: `Pending -> Forwarding`,
+    /// A member of a countersigned call approved: `Pending -> Approved`,
+    /// keeping its token until the call is forwarded or refused (another
+    /// process may forward it). Whether it happened.
+    async fn keep_grant(&self, id: &str, grant: &KeptGrant) -> Result<bool, StoreError>;
+
+    /// The countersigners' approvals of the call `parent_id`, oldest first.
+    async fn family(&self, parent_id: &str) -> Result<Vec<Approval>, StoreError>;
+
+    /// Ends a countersigned call's own approval (pending or approved) in the
+    /// final state `to`, with the code and the sentence the agent is told;
+    /// its kept token is dropped. Whether it happened.
+    async fn end_parent(
+        &self,
+        id: &str,
+        to: ApprovalState,
+        problem_code: &str,
+        detail: &str,
+    ) -> Result<bool, StoreError>;
+
+    /// Ends the countersigners' approvals still pending or approved: once
+    /// the call was `forwarded`, the approved ones are done; otherwise every
+    /// one fails with `problem_code`. Their kept tokens are dropped.
+    async fn close_children(
+        &self,
+        parent_id: &str,
+        forwarded: bool,
+        problem_code: &str,
+    ) -> Result<(), StoreError>;
+
+    /// The exactly-once claim of an approved call: `Pending -> Forwarding`
+    /// (`Approved -> Forwarding` for a countersigned call, whose tokens are
+    /// kept in the store),
     /// leased to `owner` until `until` (the forward's longest time), whoever
     /// held the lease (the holder of the token is the one that may forward).
     async fn claim(&self, id: &str, owner: &str, until: SystemTime) -> Result<bool, StoreError>;
@@ -479,6 +542,8 @@ impl fmt::Debug for NewApproval {
             .field("request", &self.request)
             .field("created_at", &self.created_at)
             .field("expires_at", &self.expires_at)
+            .field("parent_id", &self.parent_id)
+            .field("countersign_min", &self.countersign_min)
             .finish()
     }
 }
@@ -510,6 +575,10 @@ impl fmt::Debug for Approval {
             .field("lease_until", &self.lease_until)
             .field("asked_at", &self.asked_at)
             .field("delivered_at", &self.delivered_at)
+            .field("parent_id", &self.parent_id)
+            .field("countersign_min", &self.countersign_min)
+            .field("grant", &self.grant)
+            .field("problem_detail", &self.problem_detail)
             .finish()
     }
 }
@@ -540,6 +609,10 @@ impl Approval {
             lease_until: None,
             asked_at: None,
             delivered_at: None,
+            parent_id: a.parent_id,
+            countersign_min: a.countersign_min,
+            grant: None,
+            problem_detail: None,
         }
     }
 }

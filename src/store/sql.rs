@@ -22,7 +22,7 @@ use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use super::{
     attach_key, attachable, duration_ms, from_ms, now_ms, to_ms, Approval, ApprovalState,
-    ApprovalStore, CibaProgress, InsertTerms, Inserted, ListFilter, NewApproval, Secret,
+    ApprovalStore, CibaProgress, InsertTerms, Inserted, KeptGrant, ListFilter, NewApproval, Secret,
     StoreError, StoredRequest, StoredResponse,
 };
 
@@ -61,7 +61,8 @@ macro_rules! columns {
          request_headers, request_body, ciba_auth_req_id, ciba_interval_ms, \
          ciba_next_poll_at, ciba_deadline, response_status, response_headers, response_body, \
          problem_code, created_at, expires_at, updated_at, decided_at, lease_owner, lease_until, \
-         ciba_asked_at, delivered_at"
+         ciba_asked_at, delivered_at, parent_id, countersign_min, grant_token, grant_kind, \
+         problem_detail"
     };
 }
 
@@ -78,9 +79,9 @@ macro_rules! final_states {
 const INSERT: &str = "INSERT INTO approvals (id, policy, subject, upstream, fingerprint, \
      idempotency_key, attach_key, binding_message, authorization_details, state, request_method, \
      request_path_and_query, request_headers, request_body, created_at, expires_at, updated_at, \
-     lease_owner, lease_until) \
+     lease_owner, lease_until, parent_id, countersign_min) \
      SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, $11, $12, $13, $14, $15, $14, \
-     $16, $17 \
+     $16, $17, $19, $20 \
      WHERE (SELECT COUNT(*) FROM approvals WHERE subject = $3 AND state = 'pending') < $18 \
      ON CONFLICT (attach_key) DO NOTHING";
 
@@ -98,9 +99,40 @@ const MARK_DELIVERED: &str = "UPDATE approvals SET delivered_at = $2, \
 const MARK_ASKED: &str = "UPDATE approvals SET ciba_asked_at = $3, updated_at = $3 \
      WHERE id = $1 AND state = 'pending' AND ciba_asked_at IS NULL AND lease_owner = $2";
 
-/// The exactly-once claim, by whoever holds the token.
+/// The exactly-once claim, by whoever holds the token (a countersigned
+/// call's from `approved`: its tokens are kept in the store).
 const CLAIM: &str = "UPDATE approvals SET state = 'forwarding', updated_at = $4, \
-     lease_owner = $2, lease_until = $3 WHERE id = $1 AND state = 'pending'";
+     lease_owner = $2, lease_until = $3 WHERE id = $1 AND state IN ('pending', 'approved')";
+
+/// A member of a countersigned call approved: its token is kept until the
+/// call is forwarded or refused.
+const KEEP_GRANT: &str = "UPDATE approvals SET state = 'approved', grant_token = $2, \
+     grant_kind = $3, updated_at = $4, decided_at = COALESCE(decided_at, $4) \
+     WHERE id = $1 AND state = 'pending'";
+
+const FAMILY: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM approvals WHERE parent_id = $1 ORDER BY created_at, id"
+);
+
+/// A countersigned call refused (whichever member refused): as
+/// `TRANSITION_FINAL`, from pending or approved, with the sentence.
+const END_PARENT: &str = "UPDATE approvals SET state = $2, updated_at = $3, \
+     decided_at = COALESCE(decided_at, $3), problem_code = $4, problem_detail = $5, \
+     lease_owner = NULL, lease_until = NULL, request_body = NULL, grant_token = NULL, \
+     request_headers = substr(request_headers, 1, 0), \
+     attach_key = CASE WHEN $2 = 'failed' THEN NULL ELSE attach_key END \
+     WHERE id = $1 AND state IN ('pending', 'approved')";
+
+/// The countersigners of a call that was forwarded (`$2` true: their
+/// approvals are done) or refused: no token is kept past this.
+const CLOSE_CHILDREN: &str = "UPDATE approvals SET \
+     state = CASE WHEN state = 'approved' AND $2 = 1 THEN 'done' ELSE 'failed' END, \
+     problem_code = CASE WHEN state = 'approved' AND $2 = 1 THEN NULL ELSE $3 END, \
+     updated_at = $4, decided_at = COALESCE(decided_at, $4), grant_token = NULL, \
+     lease_owner = NULL, lease_until = NULL \
+     WHERE parent_id = $1 AND state IN ('pending', 'approved')";
 
 const RELEASE: &str = "UPDATE approvals SET lease_owner = NULL, lease_until = NULL \
      WHERE lease_owner = $1 AND state IN ('pending', 'approved')";
@@ -133,7 +165,7 @@ const SET_CIBA: &str = "UPDATE approvals SET ciba_auth_req_id = $2, ciba_interva
 /// same call is told, not asked again.
 const TRANSITION_FINAL: &str = "UPDATE approvals SET state = $3, updated_at = $4, \
      decided_at = COALESCE(decided_at, $4), problem_code = COALESCE($5, problem_code), \
-     lease_owner = NULL, lease_until = NULL, request_body = NULL, \
+     lease_owner = NULL, lease_until = NULL, request_body = NULL, grant_token = NULL, \
      request_headers = substr(request_headers, 1, 0), attach_key = CASE WHEN $3 = 'failed' AND COALESCE($5, '') <> 'approval_interrupted' THEN NULL ELSE attach_key END \
      WHERE id = $1 AND state = $2";
 
@@ -146,6 +178,7 @@ const TRANSITION_OTHER: &str = "UPDATE approvals SET state = $3, updated_at = $4
 
 const FINISH: &str = "UPDATE approvals SET state = 'done', response_status = $2, \
      response_headers = $3, response_body = $4, request_body = NULL, updated_at = $5, \
+     grant_token = NULL, \
      request_headers = substr(request_headers, 1, 0), \
      decided_at = COALESCE(decided_at, $5), lease_owner = NULL, lease_until = NULL \
      WHERE id = $1 AND state = 'forwarding'";
@@ -186,7 +219,7 @@ const ORPHANS: &str = concat!(
 const MARK_UNKNOWN: &str = concat!(
     "UPDATE approvals SET state = 'outcome_unknown', \
      problem_code = 'outcome_unknown', updated_at = $1, decided_at = COALESCE(decided_at, $1), \
-     lease_owner = NULL, lease_until = NULL, request_body = NULL, \
+     lease_owner = NULL, lease_until = NULL, request_body = NULL, grant_token = NULL, \
      request_headers = substr(request_headers, 1, 0) \
      WHERE state = 'forwarding' AND ",
     holder_gone!("$1")
@@ -244,6 +277,11 @@ const MIGRATIONS_SQLITE: Embedded = Embedded(&[
         "delivered answers",
         include_str!("../../migrations/sqlite/0004_delivered.sql"),
     ),
+    (
+        5,
+        "countersigned calls",
+        include_str!("../../migrations/sqlite/0005_countersign.sql"),
+    ),
 ]);
 
 const MIGRATIONS_POSTGRES: Embedded = Embedded(&[
@@ -266,6 +304,11 @@ const MIGRATIONS_POSTGRES: Embedded = Embedded(&[
         4,
         "delivered answers",
         include_str!("../../migrations/postgres/0004_delivered.sql"),
+    ),
+    (
+        5,
+        "countersigned calls",
+        include_str!("../../migrations/postgres/0005_countersign.sql"),
     ),
 ]);
 
@@ -801,6 +844,8 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
             text(terms.lease_owner),
             int(to_ms(terms.lease_until)),
             int(limit_param(terms.max_pending)),
+            Param::Text(a.parent_id),
+            Param::Int(a.countersign_min.map(i64::from)),
         ];
         let max_pending = limit_param(terms.max_pending);
         self.driver
@@ -862,6 +907,70 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
     async fn claim(&self, id: &str, owner: &str, until: SystemTime) -> Result<bool, StoreError> {
         let params = vec![text(id), text(owner), int(to_ms(until)), int(self.now_ms())];
         self.change_one("claim", CLAIM, params).await
+    }
+
+    async fn keep_grant(&self, id: &str, grant: &KeptGrant) -> Result<bool, StoreError> {
+        let kind = if grant.dpop { "dpop" } else { "bearer" };
+        let params = vec![
+            text(id),
+            text(grant.token.expose()),
+            text(kind),
+            int(self.now_ms()),
+        ];
+        self.change_one("keep_grant", KEEP_GRANT, params).await
+    }
+
+    async fn family(&self, parent_id: &str) -> Result<Vec<Approval>, StoreError> {
+        let backend = self.backend.clone();
+        let params = [text(parent_id)];
+        self.driver
+            .run("family", async move {
+                backend.fetch("family", FAMILY, &params).await
+            })
+            .await
+    }
+
+    async fn end_parent(
+        &self,
+        id: &str,
+        to: ApprovalState,
+        problem_code: &str,
+        detail: &str,
+    ) -> Result<bool, StoreError> {
+        if !to.is_final() {
+            return Ok(false);
+        }
+        let params = vec![
+            text(id),
+            text(to.as_str()),
+            int(self.now_ms()),
+            text(problem_code),
+            text(detail),
+        ];
+        self.change_one("end_parent", END_PARENT, params).await
+    }
+
+    async fn close_children(
+        &self,
+        parent_id: &str,
+        forwarded: bool,
+        problem_code: &str,
+    ) -> Result<(), StoreError> {
+        let backend = self.backend.clone();
+        let params = [
+            text(parent_id),
+            int(i64::from(forwarded)),
+            text(problem_code),
+            int(self.now_ms()),
+        ];
+        self.driver
+            .run("close_children", async move {
+                backend
+                    .exec("close_children", CLOSE_CHILDREN, &params)
+                    .await?;
+                Ok(())
+            })
+            .await
     }
 
     async fn release(&self, owner: &str) -> Result<(), StoreError> {
@@ -1195,6 +1304,20 @@ where
         lease_until: opt_time("lease_until")?,
         asked_at: opt_time("ciba_asked_at")?,
         delivered_at: opt_time("delivered_at")?,
+        parent_id: get(row, "parent_id")?,
+        countersign_min: get::<R, Option<i64>>(row, "countersign_min")?
+            .and_then(|n| u32::try_from(n).ok()),
+        grant: get::<R, Option<String>>(row, "grant_token")?.map(|token| KeptGrant {
+            token: Secret::new(token),
+            dpop: matches!(
+                get::<R, Option<String>>(row, "grant_kind")
+                    .ok()
+                    .flatten()
+                    .as_deref(),
+                Some("dpop")
+            ),
+        }),
+        problem_detail: get(row, "problem_detail")?,
     })
 }
 

@@ -169,6 +169,7 @@ macro_rules! cases {
             only_a_done_approval_is_delivered,
             a_delivered_answer_with_a_key_is_replayed_within_the_window,
             calls_racing_a_delivery_make_at_most_one_new_approval,
+            a_countersigned_call_keeps_its_tokens_until_it_ends,
         );
     };
 }
@@ -223,6 +224,8 @@ fn call(id: &str, subject: &str, fingerprint: &str, key: Option<&str>) -> NewApp
         },
         created_at: t0,
         expires_at: t0 + 5 * MINUTE,
+        parent_id: None,
+        countersign_min: None,
     }
 }
 
@@ -1362,4 +1365,102 @@ async fn calls_racing_a_delivery_make_at_most_one_new_approval(f: Fixture) {
         Inserted::Created => assert!(answered_by.is_empty()),
         Inserted::LimitReached => panic!("no limit was set"),
     }
+}
+
+/// A countersigned call: the person's approval and a countersigner's, each
+/// keeping its token once approved; the claim takes the call from
+/// `approved`; closing the family drops every token.
+async fn a_countersigned_call_keeps_its_tokens_until_it_ends(f: Fixture) {
+    let parent = NewApproval {
+        countersign_min: Some(1),
+        ..call("p1", "alice", "fp1", None)
+    };
+    let child = NewApproval {
+        parent_id: Some("p1".into()),
+        ..call("c1", "bob", "countersign:p1:bob", None)
+    };
+    let other = NewApproval {
+        parent_id: Some("p1".into()),
+        ..call("c2", "carol", "countersign:p1:carol", None)
+    };
+    for approval in [&parent, &child, &other] {
+        create(&f.store, approval).await;
+    }
+    let grant = |token: &str| KeptGrant {
+        token: Secret::new(token.to_owned()),
+        dpop: token.starts_with("dpop"),
+    };
+    assert!(f.store.keep_grant("p1", &grant("tok-alice")).await.unwrap());
+    assert!(!f.other.keep_grant("p1", &grant("again")).await.unwrap());
+    assert!(f.other.keep_grant("c1", &grant("dpop-bob")).await.unwrap());
+    let p1 = get(&f.other, "p1").await;
+    assert_eq!(p1.state, ApprovalState::Approved);
+    assert_eq!(p1.countersign_min, Some(1));
+    assert_eq!(p1.grant.unwrap().token.expose(), "tok-alice");
+    assert!(format!("{:?}", get(&f.store, "c1").await).contains("[redacted]"));
+    let family = f.other.family("p1").await.unwrap();
+    let members: Vec<(&str, ApprovalState)> = family
+        .iter()
+        .map(|a| (a.subject.as_str(), a.state))
+        .collect();
+    assert_eq!(
+        members,
+        [
+            ("bob", ApprovalState::Approved),
+            ("carol", ApprovalState::Pending)
+        ]
+    );
+    let bob = family[0].grant.as_ref().unwrap();
+    assert!(bob.dpop);
+    assert_eq!(bob.token.expose(), "dpop-bob");
+    // Claimed once, from approved.
+    let until = SystemTime::now() + MINUTE;
+    assert!(f.store.claim("p1", "me", until).await.unwrap());
+    assert!(!f.other.claim("p1", "me", until).await.unwrap());
+    f.store
+        .close_children("p1", true, "countersign_not_needed")
+        .await
+        .unwrap();
+    let family = f.store.family("p1").await.unwrap();
+    assert_eq!(family[0].state, ApprovalState::Done);
+    assert_eq!(family[1].state, ApprovalState::Failed);
+    assert_eq!(
+        family[1].problem_code.as_deref(),
+        Some("countersign_not_needed")
+    );
+    assert!(family.iter().all(|a| a.grant.is_none()));
+    let answer = StoredResponse {
+        status: 201,
+        headers: Vec::new(),
+        body: Some(b"{}".to_vec()),
+    };
+    assert!(f.store.finish("p1", &answer).await.unwrap());
+    assert!(get(&f.store, "p1").await.grant.is_none());
+
+    // Refused: the sentence is kept, the tokens are not.
+    let parent = NewApproval {
+        countersign_min: Some(1),
+        ..call("p2", "alice", "fp2", None)
+    };
+    create(&f.store, &parent).await;
+    assert!(f.store.keep_grant("p2", &grant("tok")).await.unwrap());
+    assert!(f
+        .other
+        .end_parent(
+            "p2",
+            ApprovalState::Denied,
+            "access_denied",
+            "denied by carol"
+        )
+        .await
+        .unwrap());
+    assert!(!f
+        .store
+        .end_parent("p2", ApprovalState::Expired, "approval_expired", "late")
+        .await
+        .unwrap());
+    let p2 = get(&f.store, "p2").await;
+    assert_eq!(p2.state, ApprovalState::Denied);
+    assert_eq!(p2.problem_detail.as_deref(), Some("denied by carol"));
+    assert!(p2.grant.is_none());
 }

@@ -38,18 +38,22 @@ impl Engine {
             Outcome::Approved(grant) => grant,
             Outcome::Denied => {
                 return self
-                    .settle(id, ApprovalState::Denied, ProblemCode::AccessDenied)
+                    .refuse(approval, ApprovalState::Denied, ProblemCode::AccessDenied)
                     .await
             }
             Outcome::Expired => {
                 return self
-                    .settle(id, ApprovalState::Expired, ProblemCode::ApprovalExpired)
+                    .refuse(
+                        approval,
+                        ApprovalState::Expired,
+                        ProblemCode::ApprovalExpired,
+                    )
                     .await
             }
             Outcome::Failed(error) => {
                 let code = problem_for(&error);
                 tracing::warn!(approval_id = id, %error, "approval failed");
-                return self.settle(id, state_for(code), code).await;
+                return self.refuse(approval, state_for(code), code).await;
             }
         };
         // Resumed after its policy was removed: nothing says which scopes
@@ -61,7 +65,7 @@ impl Engine {
                 "approved, but its policy is no longer configured; the call is not forwarded"
             );
             return self
-                .settle(id, ApprovalState::Failed, ProblemCode::ApprovalFailed)
+                .refuse(approval, ApprovalState::Failed, ProblemCode::ApprovalFailed)
                 .await;
         };
         // The person may approve less than was asked; the call then cannot
@@ -75,7 +79,11 @@ impl Engine {
             {
                 tracing::info!(approval_id = id, %missing, "approved without a required scope");
                 return self
-                    .settle(id, ApprovalState::Denied, ProblemCode::ScopeNotGranted)
+                    .refuse(
+                        approval,
+                        ApprovalState::Denied,
+                        ProblemCode::ScopeNotGranted,
+                    )
                     .await;
             }
         }
@@ -83,7 +91,7 @@ impl Engine {
         if self.ciba.dpop().is_some() && !grant.dpop {
             tracing::warn!(approval_id = id, "the authorization server issued a bearer token where a DPoP-bound one was asked for; the call is not forwarded");
             return self
-                .settle(id, ApprovalState::Failed, ProblemCode::TokenUnbound)
+                .refuse(approval, ApprovalState::Failed, ProblemCode::TokenUnbound)
                 .await;
         }
         // A bound call goes only with a token that names it.
@@ -93,9 +101,34 @@ impl Engine {
         {
             tracing::warn!(approval_id = id, %why, "the issued token does not bind the call; it is not forwarded");
             return self
-                .settle(id, ApprovalState::Failed, ProblemCode::TokenUnbound)
+                .refuse(approval, ApprovalState::Failed, ProblemCode::TokenUnbound)
                 .await;
         }
+        // A member of a countersigned call: its token is kept until every
+        // member needed has answered; whoever records the last answer
+        // forwards.
+        if let Some(family) = super::quorum::family_of(approval) {
+            let kept = KeptGrant {
+                token: grant.access_token.clone(),
+                dpop: grant.dpop,
+            };
+            drop(grant);
+            return self.keep_and_complete(id, family, &kept).await;
+        }
+        self.forward(approval, &grant.access_token, grant.dpop, &[])
+            .await;
+    }
+
+    /// Claims the approved call and forwards it once, with `token` (and
+    /// the countersigners' tokens), recording the upstream's answer.
+    pub(super) async fn forward(
+        &self,
+        approval: &Approval,
+        token: &Secret,
+        dpop: bool,
+        countersignatures: &[Secret],
+    ) {
+        let id = approval.id.as_str();
         // The claim: only one process, once, gets past this; whoever holds
         // the token may make it (the lease is this process's from then on).
         let owner = self.owner();
@@ -120,11 +153,11 @@ impl Engine {
                 &approval.upstream,
                 id,
                 &approval.request,
-                &grant.access_token,
-                self.ciba.dpop().filter(|_| grant.dpop).map(|key| &**key),
+                token,
+                self.ciba.dpop().filter(|_| dpop).map(|key| &**key),
+                countersignatures,
             )
             .await;
-        drop(grant);
         match sent {
             Ok(Forwarded { recorded, overflow }) => {
                 tracing::info!(

@@ -34,18 +34,20 @@ use crate::policy::{LivePolicies, Policy};
 use crate::problem::ProblemCode;
 use crate::secret::Secret;
 use crate::store::{
-    Approval, ApprovalState, ApprovalStore, CibaProgress, InsertTerms, Inserted, NewApproval,
-    StoreError, StoredResponse,
+    Approval, ApprovalState, ApprovalStore, CibaProgress, InsertTerms, Inserted, KeptGrant,
+    NewApproval, StoreError, StoredRequest, StoredResponse,
 };
 use crate::upstream::UpstreamClient;
 
 mod forward;
 mod poll;
+mod quorum;
 mod start;
 mod upkeep;
 
 use forward::LargeAnswerWaiters;
 pub use forward::{LargeAnswer, LargeAnswerWatch};
+pub use quorum::{Member, QuorumStatus};
 
 /// How often a waiting agent re-reads the store when no in-process wakeup
 /// comes (the approval may be driven by another replica).
@@ -182,6 +184,8 @@ pub enum StartError {
     Ciba(CibaError),
     /// The gateway is shutting down: nothing new is started.
     ShuttingDown,
+    /// A countersigner already has as many approvals pending as allowed.
+    CountersignerBusy(String),
 }
 
 impl Engine {

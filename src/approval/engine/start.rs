@@ -3,6 +3,7 @@
 //! process did not start.
 
 use super::*;
+use crate::policy::countersign::Countersigners;
 
 /// How long a new call waits for a lapsed heartbeat to come back before it
 /// is refused (`approval_store_unavailable`, to be retried).
@@ -20,6 +21,7 @@ impl Engine {
         approval: &NewApproval,
         policy: Arc<Policy>,
         max_pending: usize,
+        countersigners: Option<&Countersigners>,
     ) -> Result<Inserted, StartError> {
         if self.is_draining() {
             return Err(StartError::ShuttingDown);
@@ -53,7 +55,29 @@ impl Engine {
             self.forget(id);
             return Ok(inserted);
         }
-        self.ask(approval, policy, &owner).await?;
+        let Some(countersigners) = countersigners else {
+            self.ask(approval, policy, &owner).await?;
+            return Ok(Inserted::Created);
+        };
+        let children = super::quorum::countersign_requests(approval, countersigners);
+        self.store_countersigners(approval, &children, terms)
+            .await?;
+        // The countersigners first: one who cannot be asked (unknown to the
+        // authorization server) ends the call before the person is bothered.
+        for (asked, child) in children.iter().enumerate() {
+            if self.ask(child, policy.clone(), &owner).await.is_err() {
+                self.complete(id).await;
+                for child in &children[asked..] {
+                    self.forget(&child.id);
+                }
+                self.forget(id);
+                return Ok(Inserted::Created); // the agent is told why
+            }
+        }
+        if let Err(error) = self.ask(approval, policy, &owner).await {
+            self.complete(id).await;
+            return Err(error);
+        }
         Ok(Inserted::Created)
     }
 
@@ -226,6 +250,13 @@ impl Engine {
         }
         let approval = self.store.get(id).await.ok()??;
         if approval.state != ApprovalState::Pending {
+            // A member of a countersigned call that approved, left by a
+            // process that died before the call was forwarded or refused.
+            if approval.state == ApprovalState::Approved {
+                if let Some(family) = super::quorum::family_of(&approval) {
+                    self.complete(family).await;
+                }
+            }
             return None;
         }
         let policy = self.current_policy(&approval.policy);
@@ -314,7 +345,7 @@ impl Engine {
 
     /// Lets go of `id` before it was ever asked about (it attached, hit the
     /// limit, or was not stored): nothing to wake, nothing to count.
-    fn forget(&self, id: &str) {
+    pub(super) fn forget(&self, id: &str) {
         if lock(&self.driving).remove(id) {
             self.metrics.pending_approvals.dec();
         }
