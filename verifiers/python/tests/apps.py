@@ -22,6 +22,7 @@ def describe(approval: Approval, body: bytes, calls: list[str]) -> dict[str, Any
         "approval_id": approval.approval_id,
         "scope": approval.claims.get("scope"),
         "dpop_jkt": approval.dpop_jkt,
+        "countersigners": approval.countersigners,
         "body": body.decode("utf-8", "replace"),
     }
 
@@ -36,8 +37,9 @@ def verifier(jwks_uri: str, issuer: str, audience: str, **extra: Any) -> Verifie
     )
 
 
-def asgi_app(calls: list[str], jwks_uri: str, issuer: str, audience: str) -> Any:
-    """Plain Starlette app; ``/strict/...`` is served by a second middleware requiring DPoP."""
+def asgi_app(calls: list[str], jwks_uri: str, issuer: str, audience: str, **options: Any) -> Any:
+    """Plain Starlette app; ``/strict/...`` is served by a second middleware requiring DPoP.
+    ``options`` go to the verifier of the other paths."""
 
     async def handler(request: Request) -> JSONResponse:
         approval = request.state.countersign
@@ -45,7 +47,7 @@ def asgi_app(calls: list[str], jwks_uri: str, issuer: str, audience: str) -> Any
         return JSONResponse(describe(approval, await request.body(), calls))
 
     inner = Starlette(routes=[Route("/{path:path}", handler, methods=METHODS)])
-    normal = CountersignMiddleware(inner, verifier(jwks_uri, issuer, audience))
+    normal = CountersignMiddleware(inner, verifier(jwks_uri, issuer, audience, **options))
     strict = CountersignMiddleware(inner, verifier(jwks_uri, issuer, audience, require_dpop=True))
 
     async def app(scope: dict, receive: Any, send: Any) -> None:
@@ -57,9 +59,10 @@ def asgi_app(calls: list[str], jwks_uri: str, issuer: str, audience: str) -> Any
     return app
 
 
-def fastapi_app(calls: list[str], jwks_uri: str, issuer: str, audience: str) -> FastAPI:
+def fastapi_app(calls: list[str], jwks_uri: str, issuer: str, audience: str, **options: Any) -> FastAPI:
+    """``options`` go to the verifier of the paths other than ``/strict/...``."""
     app = FastAPI()
-    countersign = Countersign(verifier(jwks_uri, issuer, audience), app=app)
+    countersign = Countersign(verifier(jwks_uri, issuer, audience, **options), app=app)
     strict = Countersign(verifier(jwks_uri, issuer, audience, require_dpop=True), app=app)
 
     @app.api_route("/strict/{path:path}", methods=METHODS)

@@ -87,6 +87,8 @@ class TokenSpec:
     details: list[dict] | None = None
     scope: str = "openid product:buy"
     dpop_key: ec.EllipticCurvePrivateKey | None = None
+    #: who is asked to approve (a user of the peer: alice, bob or carol)
+    user: str = "alice"
 
 
 @dataclass
@@ -104,7 +106,7 @@ def issue_tokens(peer: Peer, specs: dict[str, TokenSpec]) -> dict[str, Token]:
         form = {
             **client,
             "scope": spec.scope,
-            "login_hint": "alice",
+            "login_hint": spec.user,
             "binding_message": "Buy 2 phones",
             "resource": AUDIENCE,
         }

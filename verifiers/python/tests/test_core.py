@@ -211,6 +211,9 @@ CONTRACT_TITLES = {
     "binding_missing": "Call binding missing",
     "binding_mismatch": "Call binding mismatch",
     "approval_replayed": "Approval replayed",
+    "countersign_missing": "Countersignatures missing",
+    "countersign_invalid": "Countersignature invalid",
+    "countersign_insufficient": "Too few countersigners",
     "body_too_large": "Request body too large",
 }
 

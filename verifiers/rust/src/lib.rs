@@ -36,6 +36,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod countersign;
 mod dpop;
 mod keys;
 mod layer;
@@ -91,6 +92,12 @@ pub struct Config {
     /// The largest body [`VerifyLayer`] buffers to digest (1 MiB); larger
     /// bodies are refused with 413 `body_too_large`.
     pub max_body_bytes: usize,
+    /// How many people besides the approver must have countersigned the call
+    /// (four eyes): the `Countersign-Tokens` header must then carry tokens of
+    /// at least this many distinct other subjects, each for the same call.
+    /// 0 (the default) ignores that header entirely, so an API that does not
+    /// ask for countersignatures behaves exactly as before they existed.
+    pub required_countersigners: usize,
 }
 
 impl Config {
@@ -111,6 +118,7 @@ impl Config {
             require_dpop: false,
             dpop_window: Duration::from_secs(60),
             max_body_bytes: 1 << 20,
+            required_countersigners: 0,
         }
     }
 }
@@ -130,6 +138,10 @@ pub struct Approval {
     pub approval_id: String,
     /// All the token's claims.
     pub claims: Value,
+    /// Who countersigned the call: the distinct `sub`s of the accepted
+    /// `Countersign-Tokens`, in header order, without the approver's own.
+    /// Empty when [`Config::required_countersigners`] is 0.
+    pub countersigners: Vec<String>,
 }
 
 /// Checks calls against the contract. Cheap to clone (shared state): the
@@ -281,16 +293,7 @@ impl Verifier {
             .map_err(|detail| Refusal::unauthorized("token_invalid", None, detail, challenge))?;
 
         // 3. Scopes.
-        let granted: Vec<&str> = claims
-            .get("scope")
-            .and_then(Value::as_str)
-            .map(|s| s.split(' ').filter(|s| !s.is_empty()).collect())
-            .unwrap_or_default();
-        if let Some(lacking) = config
-            .required_scopes
-            .iter()
-            .find(|s| !granted.contains(&s.as_str()))
-        {
+        if let Some(lacking) = lacking_scope(&claims, &config.required_scopes) {
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 "insufficient_scope",
@@ -302,22 +305,13 @@ impl Verifier {
         // 4. DPoP: for a bound token, when required, and for any token
         // presented with the DPoP scheme (RFC 9449 §7.1: checked as DPoP, so
         // an unbound one fails on `key`).
-        let jkt = claims.get("cnf").and_then(|cnf| cnf.get("jkt"));
+        let jkt = bound_key(&claims);
         if jkt.is_some() || config.require_dpop || scheme == Scheme::DPoP {
             self.check_proof(parts, scheme, token, jkt, now)?;
         }
 
         // 5. Exactly one countersign_call entry.
-        let entries: Vec<&Value> = claims
-            .get("authorization_details")
-            .and_then(Value::as_array)
-            .map(|details| {
-                details
-                    .iter()
-                    .filter(|d| d.get("type").and_then(Value::as_str) == Some("countersign_call"))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let entries = call_entries(&claims);
         let [entry] = entries[..] else {
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
@@ -380,6 +374,11 @@ impl Verifier {
             ));
         }
 
+        // C1-C5. Four eyes: enough others approved this very call. Before
+        // the replay check, so that a call refused here does not use up
+        // the approval; only the person's approval id is remembered.
+        let countersigners = self.check_countersigners(parts, &claims, entry).await?;
+
         // 11. Once only: Countersign forwards an approved call once.
         let exp = claims.get("exp").and_then(Value::as_f64).unwrap_or(0.0) as u64;
         if !self
@@ -404,6 +403,7 @@ impl Verifier {
             subject,
             approval_id: approval_id.to_owned(),
             claims,
+            countersigners,
         })
     }
 
@@ -552,6 +552,41 @@ impl Verifier {
         };
         dpop::normalize_url(&format!("{scheme}://{host}{path}"))
     }
+}
+
+/// The first of `required` scopes the token's space-separated `scope` claim
+/// lacks (check 3, and C2 for countersign tokens).
+fn lacking_scope<'a>(claims: &Value, required: &'a [String]) -> Option<&'a str> {
+    let granted: Vec<&str> = claims
+        .get("scope")
+        .and_then(Value::as_str)
+        .map(|s| s.split(' ').filter(|s| !s.is_empty()).collect())
+        .unwrap_or_default();
+    required
+        .iter()
+        .map(String::as_str)
+        .find(|s| !granted.contains(s))
+}
+
+/// The token's `countersign_call` entries (check 5, and C3 for countersign
+/// tokens): exactly one is a binding, any other number is none.
+fn call_entries(claims: &Value) -> Vec<&Value> {
+    claims
+        .get("authorization_details")
+        .and_then(Value::as_array)
+        .map(|details| {
+            details
+                .iter()
+                .filter(|d| d.get("type").and_then(Value::as_str) == Some("countersign_call"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The `cnf.jkt` the token is bound to, if any (check 4, and C4 for
+/// countersign tokens).
+fn bound_key(claims: &Value) -> Option<&Value> {
+    claims.get("cnf").and_then(|cnf| cnf.get("jkt"))
 }
 
 /// The scheme and token of the one `Authorization` header, if it is one.

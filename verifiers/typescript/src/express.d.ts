@@ -6,6 +6,7 @@ export interface CountersignRequestInfo {
   approval: Accepted['approval'];
   claims: Accepted['claims'];
   binding: Accepted['binding'];
+  countersigners: Accepted['countersigners'];
 }
 
 declare global {

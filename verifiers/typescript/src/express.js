@@ -1,7 +1,7 @@
 // Express middleware: reads the raw body itself, verifies the call, and on
-// success sets req.countersign = {subject, approval, claims, binding},
-// req.rawBody (a Buffer) and, for a JSON content type, req.body (parsed), so
-// JSON handlers work without express.json(). A refused call gets
+// success sets req.countersign = {subject, approval, claims, binding,
+// countersigners}, req.rawBody (a Buffer) and, for a JSON content type,
+// req.body (parsed), so JSON handlers work without express.json(). A refused call gets
 // application/problem+json and never reaches the next handler.
 //
 // Mount it before any body parser (they would consume the body it must hash).
@@ -52,6 +52,7 @@ export function countersign(optionsOrVerifier) {
       approval: result.approval,
       claims: result.claims,
       binding: result.binding,
+      countersigners: result.countersigners,
     };
     // body-parser skips requests marked as parsed; the stream is spent anyway.
     req._body = true;

@@ -5,6 +5,7 @@ export interface CountersignRequestInfo {
   approval: Accepted['approval'];
   claims: Accepted['claims'];
   binding: Accepted['binding'];
+  countersigners: Accepted['countersigners'];
 }
 
 declare module 'fastify' {

@@ -1,7 +1,7 @@
 // Fastify plugin and hook: a preParsing hook reads the raw body, verifies the
 // call and either refuses it (application/problem+json; the handler never
-// runs) or sets request.countersign = {subject, approval, claims, binding} and
-// request.rawBody, then hands the same bytes on to Fastify's content-type
+// runs) or sets request.countersign = {subject, approval, claims, binding,
+// countersigners} and request.rawBody, then hands the same bytes on to Fastify's content-type
 // parsers (so request.body is parsed as usual).
 //
 //   app.register(countersign, { issuer, audience, jwksUri, requiredScopes })
@@ -52,6 +52,7 @@ export function countersignHook(optionsOrVerifier) {
       approval: result.approval,
       claims: result.claims,
       binding: result.binding,
+      countersigners: result.countersigners,
     };
     const stream = Readable.from(body.length > 0 ? [body] : []);
     stream.receivedEncodedLength = body.length;

@@ -19,6 +19,11 @@ export interface VerifierOptions {
   dpopWindowSeconds?: number;
   /** Largest body the Express and Fastify adapters read (default 1 MiB); larger bodies get 413. */
   maxBodyBytes?: number;
+  /**
+   * Four eyes: how many people besides the approver must have countersigned the call, with their
+   * tokens in the `Countersign-Tokens` header (checks C1-C5). Default 0: the header is ignored.
+   */
+  requiredCountersigners?: number;
 }
 
 export type HeaderInput =
@@ -33,7 +38,10 @@ export interface VerifyRequest {
   target: string;
   /** The Host header received (taken from `headers` when absent). */
   host?: string;
-  /** The request headers; repeated fields must stay apart (Node: `req.headersDistinct`). */
+  /**
+   * The request headers; repeated fields must stay apart (Node: `req.headersDistinct`). A WHATWG
+   * `Headers` has joined them: two `Countersign-Tokens` fields then read as one.
+   */
   headers: HeaderInput;
   /** The exact body bytes received. */
   body?: Uint8Array;
@@ -60,6 +68,11 @@ export interface Accepted {
   approval: string;
   claims: JWTPayload & { scope?: string; cnf?: { jkt?: string }; authorization_details?: unknown[] };
   binding: CallBinding;
+  /**
+   * The distinct `sub`s of the countersign tokens besides the approver's, in header order
+   * (empty when `requiredCountersigners` is 0).
+   */
+  countersigners: string[];
 }
 
 export type ProblemCode =
@@ -72,6 +85,9 @@ export type ProblemCode =
   | 'binding_missing'
   | 'binding_mismatch'
   | 'approval_replayed'
+  | 'countersign_missing'
+  | 'countersign_invalid'
+  | 'countersign_insufficient'
   /** Answered by the Express and Fastify adapters for a body over `maxBodyBytes` (413). */
   | 'body_too_large';
 
@@ -81,7 +97,7 @@ export interface Problem {
   status: 401 | 403 | 413;
   code: ProblemCode;
   detail: string;
-  /** `version` `method` `target` `host` `body` (binding_mismatch), `proof` `htm` `htu` `iat` `ath` `key` (dpop_proof_invalid). */
+  /** `version` `method` `target` `host` `body` (binding_mismatch), `proof` `htm` `htu` `iat` `ath` `key` (dpop_proof_invalid), `token` `binding` `key` (countersign_invalid). */
   field?: string;
 }
 

@@ -7,6 +7,7 @@
 // Never put a token, a proof or a body in a problem's detail or in a log.
 
 import { createHash } from 'node:crypto';
+import { isDeepStrictEqual } from 'node:util';
 
 import {
   EmbeddedJWK,
@@ -41,6 +42,9 @@ const TITLES = Object.freeze({
   binding_missing: 'Call binding missing',
   binding_mismatch: 'Call binding mismatch',
   approval_replayed: 'Approval replayed',
+  countersign_missing: 'Countersignatures missing',
+  countersign_invalid: 'Countersignature invalid',
+  countersign_insufficient: 'Too few countersigners',
   body_too_large: 'Request body too large',
 });
 
@@ -54,6 +58,9 @@ const STATUS = Object.freeze({
   binding_missing: 403,
   binding_mismatch: 403,
   approval_replayed: 403,
+  countersign_missing: 403,
+  countersign_invalid: 403,
+  countersign_insufficient: 403,
   // answered by the Express and Fastify adapters, which buffer the body
   body_too_large: 413,
 });
@@ -98,15 +105,28 @@ export function refusal(code, detail, { field, scheme = 'Bearer' } = {}) {
   return { ok: false, status, problem, headers };
 }
 
+function isWhatwgHeaders(headers) {
+  return typeof headers.get === 'function' && typeof headers.has === 'function';
+}
+
 // All values of a header, from a plain object (Node's headers or headersDistinct:
 // string | string[]), a WHATWG Headers, or a flat [name, value, ...] raw list.
 function headerValues(headers, name) {
-  if (!headers) return [];
-  if (typeof headers.get === 'function' && typeof headers.has === 'function') {
+  if (headers && isWhatwgHeaders(headers)) {
     // WHATWG Headers join repeated fields with ", "; split them back
     // (JWTs, the only values we read this way, never hold a comma).
+    return headerFields(headers, name).flatMap((value) => value.split(',').map((v) => v.trim()));
+  }
+  return headerFields(headers, name);
+}
+
+// The header's field values as received, not split on commas. A WHATWG Headers
+// has already joined repeated fields into one: it yields at most one.
+function headerFields(headers, name) {
+  if (!headers) return [];
+  if (isWhatwgHeaders(headers)) {
     const value = headers.get(name);
-    return value === null ? [] : value.split(',').map((v) => v.trim());
+    return value === null ? [] : [value];
   }
   if (Array.isArray(headers)) {
     const out = [];
@@ -175,6 +195,10 @@ export function createVerifier(options = {}) {
   if (!(dpopWindowSeconds > 0) || !(maxBodyBytes >= 0)) {
     throw new TypeError('countersign: dpopWindowSeconds must be > 0 and maxBodyBytes >= 0');
   }
+  const requiredCountersigners = options.requiredCountersigners ?? 0;
+  if (!Number.isSafeInteger(requiredCountersigners) || requiredCountersigners < 0) {
+    throw new TypeError('countersign: requiredCountersigners must be a whole number >= 0');
+  }
 
   const remoteJwks = createRemoteJWKSet(new URL(jwksUri));
   // jose's key lookup, with every failure to obtain the key set (unreachable,
@@ -228,39 +252,25 @@ export function createVerifier(options = {}) {
     const scheme = authScheme === 'DPoP' || requireDpop ? 'DPoP' : 'Bearer';
 
     // 2. signature, iss, aud, exp (30 s leeway), nbf
-    let claims;
-    try {
-      ({ payload: claims } = await jwtVerify(token, jwks, {
-        issuer,
-        audience,
-        algorithms: [...ALGORITHMS],
-        clockTolerance: CLOCK_TOLERANCE_SECONDS,
-        requiredClaims: ['exp'],
-      }));
-    } catch (error) {
-      return refusal('token_invalid', tokenInvalidDetail(error), { scheme });
-    }
-    if (typeof claims.sub !== 'string') {
-      return refusal('token_invalid', 'The access token has no subject (a string sub).', { scheme });
-    }
+    const verified = await verifyToken(token);
+    if (verified.invalid) return refusal('token_invalid', verified.invalid, { scheme });
+    const { claims } = verified;
 
     // 3. scopes
-    const granted = new Set(typeof claims.scope === 'string' ? claims.scope.split(' ') : []);
-    const lacking = requiredScopes.filter((s) => !granted.has(s));
+    const lacking = lackingScopes(claims);
     if (lacking.length > 0) {
       return refusal('insufficient_scope', `The token lacks the scope ${lacking.join(' ')}.`);
     }
 
     // 4. DPoP
-    const jkt = claims.cnf && typeof claims.cnf === 'object' ? claims.cnf.jkt : undefined;
+    const jkt = boundKey(claims);
     if (jkt !== undefined || requireDpop || authScheme === 'DPoP') {
       const dpop = await checkDpop({ request, method, target, hostHeader, headers, token, authScheme, jkt, now });
       if (dpop) return dpop;
     }
 
     // 5. exactly one countersign_call entry
-    const details = Array.isArray(claims.authorization_details) ? claims.authorization_details : [];
-    const entries = details.filter((d) => d && typeof d === 'object' && d.type === 'countersign_call');
+    const entries = callEntries(claims);
     if (entries.length !== 1) {
       return refusal(
         'binding_missing',
@@ -293,13 +303,84 @@ export function createVerifier(options = {}) {
       return mismatch('body', 'The token was issued for a call with another body.');
     }
 
-    // 11. the approval is accepted once
+    // C1-C5. four eyes: enough others approved this very call. Before the
+    // replay check, so a call refused here does not use up the approval.
+    const countersigned = await checkCountersigners(headers, claims, entry);
+    if (!countersigned.ok) return countersigned;
+
+    // 11. the approval is accepted once (only the person's approval id)
     const keepUntil = claims.exp + CLOCK_TOLERANCE_SECONDS;
     if (!approvals.remember(entry.approval, keepUntil, now)) {
       return refusal('approval_replayed', 'This approved call was already accepted once.');
     }
 
-    return { ok: true, subject: claims.sub, approval: entry.approval, claims, binding: entry };
+    return {
+      ok: true,
+      subject: claims.sub,
+      approval: entry.approval,
+      claims,
+      binding: entry,
+      countersigners: countersigned.countersigners,
+    };
+  }
+
+  // Check 2 (and C2): {claims}, or {invalid: the refusal's detail}.
+  async function verifyToken(token) {
+    let claims;
+    try {
+      ({ payload: claims } = await jwtVerify(token, jwks, {
+        issuer,
+        audience,
+        algorithms: [...ALGORITHMS],
+        clockTolerance: CLOCK_TOLERANCE_SECONDS,
+        requiredClaims: ['exp'],
+      }));
+    } catch (error) {
+      return { invalid: tokenInvalidDetail(error) };
+    }
+    if (typeof claims.sub !== 'string') {
+      return { invalid: 'The access token has no subject (a string sub).' };
+    }
+    return { claims };
+  }
+
+  // Check 3 (and C2): the required scopes the space-separated `scope` claim lacks.
+  function lackingScopes(claims) {
+    const granted = new Set(typeof claims.scope === 'string' ? claims.scope.split(' ') : []);
+    return requiredScopes.filter((s) => !granted.has(s));
+  }
+
+  // C1-C5 for the person's token's `claims` and binding `entry`: {ok: true,
+  // countersigners} (the distinct subs besides the person's, in header order)
+  // or a refusal. Nothing is required, or read, when requiredCountersigners is 0.
+  async function checkCountersigners(headers, claims, entry) {
+    if (requiredCountersigners === 0) return { ok: true, countersigners: [] };
+    const tokens = countersignTokens(headers);
+    if (!Array.isArray(tokens)) return tokens;
+    // Each check on every token before the next check: the contract's order.
+    const all = [];
+    for (const [index, token] of tokens.entries()) {
+      const verified = await verifyToken(token);
+      if (verified.invalid) return countersignInvalid('token', index, verified.invalid);
+      const lacking = lackingScopes(verified.claims);
+      if (lacking.length > 0) {
+        return countersignInvalid('token', index, `The token lacks the scope ${lacking.join(' ')}.`);
+      }
+      all.push(verified.claims);
+    }
+    for (const [index, countersign] of all.entries()) {
+      const own = callEntries(countersign);
+      if (own.length !== 1 || !isDeepStrictEqual(own[0], entry)) {
+        return countersignInvalid('binding', index, 'Its countersign_call entry is not the approved call\'s.');
+      }
+    }
+    for (const [index, countersign] of all.entries()) {
+      // No DPoP proof of its own: bound to the person's key, which check 4 proved.
+      if (!isDeepStrictEqual(boundKey(countersign), boundKey(claims))) {
+        return countersignInvalid('key', index, 'Its cnf.jkt is not the approver\'s token\'s.');
+      }
+    }
+    return enoughCountersigners(all, claims.sub, requiredCountersigners);
   }
 
   async function checkDpop({ request, method, target, hostHeader, headers, token, authScheme, jkt, now }) {
@@ -380,8 +461,64 @@ export function createVerifier(options = {}) {
       requireDpop,
       dpopWindowSeconds,
       maxBodyBytes,
+      requiredCountersigners,
     }),
   };
+}
+
+// C1: the tokens of the one Countersign-Tokens field (a refusal otherwise).
+// Empty list elements are ignored (RFC 9110 §5.6.1).
+function countersignTokens(headers) {
+  const fields = headerFields(headers, 'countersign-tokens');
+  if (fields.length !== 1) {
+    return refusal(
+      'countersign_missing',
+      fields.length === 0
+        ? 'This API requires countersigned calls: the request has no Countersign-Tokens header.'
+        : 'The request has more than one Countersign-Tokens header.',
+    );
+  }
+  const tokens = fields[0].split(',').map((t) => t.trim()).filter((t) => t !== '');
+  if (tokens.length === 0) return refusal('countersign_missing', 'The Countersign-Tokens header holds no token.');
+  return tokens;
+}
+
+// C5: at least `required` distinct subs besides the person's.
+function enoughCountersigners(all, person, required) {
+  const others = [...new Set(all.map((c) => c.sub))].filter((sub) => sub !== person);
+  if (others.length < required) {
+    const noun = required === 1 ? 'countersigner' : 'countersigners';
+    const verb = required === 1 ? 'is' : 'are';
+    return refusal(
+      'countersign_insufficient',
+      `${required} distinct ${noun} besides ${person} ${verb} required; the call carries ${others.length}.`,
+    );
+  }
+  return { ok: true, countersigners: others };
+}
+
+// A countersign_invalid on `field`, naming the token by its position; `why`
+// is a sentence of its own, continued after a colon.
+function countersignInvalid(field, index, why) {
+  const continued = why.charAt(0).toLowerCase() + why.slice(1);
+  return refusal('countersign_invalid', `The ${ordinal(index + 1)} countersign token: ${continued}`, { field });
+}
+
+// `1st`, `2nd`, `3rd`, `4th`, ..., `11th`, `12th`, `13th`, `21st`, ...
+function ordinal(n) {
+  const suffix = n % 100 >= 11 && n % 100 <= 13 ? 'th' : { 1: 'st', 2: 'nd', 3: 'rd' }[n % 10] ?? 'th';
+  return `${n}${suffix}`;
+}
+
+// Check 5 (and C3): the token's countersign_call entries; exactly one is a binding.
+function callEntries(claims) {
+  const details = Array.isArray(claims.authorization_details) ? claims.authorization_details : [];
+  return details.filter((d) => d && typeof d === 'object' && d.type === 'countersign_call');
+}
+
+// Check 4 (and C4): the cnf.jkt the token is bound to, if any.
+function boundKey(claims) {
+  return claims.cnf && typeof claims.cnf === 'object' ? claims.cnf.jkt : undefined;
 }
 
 function mismatch(field, detail) {

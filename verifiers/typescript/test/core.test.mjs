@@ -56,6 +56,9 @@ describe('core', () => {
       binding_missing: 403,
       binding_mismatch: 403,
       approval_replayed: 403,
+      countersign_missing: 403,
+      countersign_invalid: 403,
+      countersign_insufficient: 403,
       body_too_large: 413,
     });
   });
@@ -71,6 +74,9 @@ describe('core', () => {
       binding_missing: 'Call binding missing',
       binding_mismatch: 'Call binding mismatch',
       approval_replayed: 'Approval replayed',
+      countersign_missing: 'Countersignatures missing',
+      countersign_invalid: 'Countersignature invalid',
+      countersign_insufficient: 'Too few countersigners',
       body_too_large: 'Request body too large',
     };
     assert.deepEqual(Object.keys(CODES).sort(), Object.keys(titles).sort());
@@ -119,6 +125,8 @@ describe('core', () => {
     assert.throws(() => createVerifier({ ...options, requiredScopes: ['a b'] }), /requiredScopes/);
     assert.throws(() => createVerifier({ ...options, externalUrl: 'not a url' }), /externalUrl/);
     assert.throws(() => createVerifier({ ...options, dpopWindowSeconds: 0 }), /dpopWindowSeconds/);
+    assert.throws(() => createVerifier({ ...options, requiredCountersigners: -1 }), /requiredCountersigners/);
+    assert.throws(() => createVerifier({ ...options, requiredCountersigners: 1.5 }), /requiredCountersigners/);
   });
 
   it('answers a problem of exactly the contract\'s shape', async () => {

@@ -77,7 +77,8 @@ const CLIENT = { client_id: 'countersign-post', client_secret: 'countersign-secr
 
 /**
  * Gets real tokens from the peer, all flows at once (each must wait the 1 s interval).
- * spec: {details?: array, scope?: string, approveScope?: string, dpopKey?: {privateKey, publicJwk}}
+ * spec: {details?: array, scope?: string, approveScope?: string, dpopKey?: {privateKey, publicJwk},
+ *        user?: 'alice' | 'bob' | 'carol' (who is asked; default alice)}
  * Resolves the access tokens (strings), in order.
  */
 export async function issueTokens(peer, specs) {
@@ -86,7 +87,7 @@ export async function issueTokens(peer, specs) {
       const fields = {
         ...CLIENT,
         scope: spec.scope ?? 'openid product:buy',
-        login_hint: 'alice',
+        login_hint: spec.user ?? 'alice',
         binding_message: 'Buy 2 phones',
         resource: AUDIENCE,
       };
@@ -172,6 +173,7 @@ function record(calls, countersign, rawBody, body) {
   calls.push({
     subject: countersign?.subject,
     approval: countersign?.approval,
+    countersigners: countersign?.countersigners,
     scope: countersign?.claims?.scope,
     rawLength: rawBody?.length,
     body,
@@ -225,16 +227,17 @@ export const frameworks = { express: startExpress, fastify: startFastify };
 /**
  * A local issuer for tokens the peer cannot make (expired, not yet valid, no exp):
  * a test RSA key whose public JWKS a local server serves. sign(claims) makes an at+jwt.
+ * With `issuer` and `alsoTrust` (the peer's issuer and keys) it signs in the peer's name,
+ * and its JWKS lists the peer's keys too, so real and crafted tokens verify side by side.
  */
-export async function startLocalIssuer() {
+export async function startLocalIssuer({ issuer = 'https://issuer.test.example', alsoTrust = [] } = {}) {
   const { privateKey, publicKey } = await generateKeyPair('RS256', { extractable: true });
   const jwk = { ...(await exportJWK(publicKey)), kid: 'local-test-key', alg: 'RS256', use: 'sig' };
   const server = http.createServer((req, res) => {
     res.writeHead(200, { 'content-type': 'application/json' });
-    res.end(JSON.stringify({ keys: [jwk] }));
+    res.end(JSON.stringify({ keys: [...alsoTrust, jwk] }));
   });
   const port = await listen(server);
-  const issuer = 'https://issuer.test.example';
   return {
     issuer,
     jwksUri: `http://127.0.0.1:${port}/jwks.json`,

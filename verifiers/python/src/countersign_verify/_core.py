@@ -32,6 +32,7 @@ _PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _THUMBPRINT_MEMBERS = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"), "OKP": ("crv", "kty", "x")}
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 BINDING_TYPE = "countersign_call"
+COUNTERSIGN_HEADER = "countersign-tokens"
 
 HeadersLike = Mapping[str, Any] | Iterable[tuple[Any, Any]]
 
@@ -47,6 +48,10 @@ class Approval:
     #: RFC 7638 thumbprint of the DPoP key the token is bound to (``cnf.jkt``), if any.
     dpop_jkt: str | None = None
     scopes: tuple[str, ...] = field(default=())
+    #: Who countersigned the call (four eyes): the distinct ``sub``s of the accepted
+    #: ``Countersign-Tokens``, in header order, without the approver's own. Empty when the
+    #: verifier requires no countersigners.
+    countersigners: list[str] = field(default_factory=list)
 
 
 def b64url_sha256(data: bytes) -> str:
@@ -109,6 +114,10 @@ class _Credentials:
     scheme: str  # "bearer" or "dpop"
     token: str
     header: dict[str, Any]
+
+
+class _InvalidToken(Exception):
+    """An access token fails check 2; the message is the refusal's detail."""
 
 
 class _KeysUnavailable(Exception):
@@ -209,9 +218,16 @@ class Verifier:
         jwks_lifespan: float = 300,
         jwks_timeout: float = 10,
         jwks_refresh_cooldown: float = 10,
+        required_countersigners: int = 0,
     ) -> None:
         if not issuer or not audience or not jwks_uri:
             raise ValueError("issuer, audience and jwks_uri are required")
+        if (
+            isinstance(required_countersigners, bool)
+            or not isinstance(required_countersigners, int)
+            or required_countersigners < 0
+        ):
+            raise ValueError("required_countersigners must be a whole number >= 0")
         if isinstance(required_scopes, str):
             required_scopes = required_scopes.split()
         self.issuer = issuer
@@ -226,6 +242,9 @@ class Verifier:
         self.dpop_window = dpop_window
         self.max_body_bytes = max_body_bytes
         self.leeway = leeway
+        #: Four eyes: how many people besides the approver must have countersigned the call
+        #: (checks C1-C5); 0 ignores the ``Countersign-Tokens`` header entirely.
+        self.required_countersigners = required_countersigners
         self._keys = _KeySet(jwks_uri, jwks_lifespan, jwks_timeout, jwks_refresh_cooldown)
         self.approvals_seen = SeenCache()
         self.dpop_jtis_seen = SeenCache()
@@ -249,7 +268,8 @@ class Verifier:
         """
         pairs = _header_pairs(headers)
         creds = self._credentials(pairs)
-        self._keys.ensure(creds.header.get("kid"))
+        for kid in self._kids(creds, pairs):
+            self._keys.ensure(kid)
         return self._verify(creds, pairs, method, target, host, body, url)
 
     async def verify_async(
@@ -264,10 +284,25 @@ class Verifier:
         """As :meth:`verify`; a JWKS fetch runs in a worker thread, off the event loop."""
         pairs = _header_pairs(headers)
         creds = self._credentials(pairs)
-        kid = creds.header.get("kid")
-        if self._keys.needs_fetch(kid):
-            await asyncio.to_thread(self._keys.fetch)
+        for kid in self._kids(creds, pairs):
+            if self._keys.needs_fetch(kid):
+                await asyncio.to_thread(self._keys.fetch)
         return self._verify(creds, pairs, method, target, host, body, url)
+
+    def _kids(self, creds: _Credentials, pairs: list[tuple[str, str]]) -> list[str | None]:
+        """The key ids the checks will need: the fetch happens before them (off the event loop
+        in :meth:`verify_async`), not in the middle. Unreadable countersign tokens need none:
+        C1 or C2 refuses them."""
+        kids = [creds.header.get("kid")]
+        if self.required_countersigners:
+            for token in _countersign_tokens(pairs) or []:
+                try:
+                    kid = jwt.get_unverified_header(token).get("kid")
+                except PyJWTError:
+                    continue
+                if kid not in kids:
+                    kids.append(kid)
+        return kids
 
     # -- the checks -------------------------------------------------------------------------
 
@@ -316,9 +351,7 @@ class Verifier:
         claims = self._check_token(creds, dpop)
 
         # 3. scopes
-        scope = claims.get("scope")
-        granted = tuple(scope.split()) if isinstance(scope, str) else ()
-        missing = [s for s in self.required_scopes if s not in granted]
+        missing = self._lacking_scopes(claims)
         if missing:
             raise Refusal(
                 "insufficient_scope",
@@ -326,18 +359,12 @@ class Verifier:
             )
 
         # 4. DPoP
-        cnf = claims.get("cnf")
-        jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
+        jkt = _bound_key(claims)
         if jkt is not None or dpop:
             self._check_dpop(creds, pairs, jkt, method, target, host, url)
 
         # 5. exactly one countersign_call entry
-        details = claims.get("authorization_details")
-        entries = (
-            [d for d in details if isinstance(d, dict) and d.get("type") == BINDING_TYPE]
-            if isinstance(details, list)
-            else []
-        )
+        entries = _call_entries(claims)
         if len(entries) != 1:
             raise Refusal(
                 "binding_missing",
@@ -398,7 +425,11 @@ class Verifier:
                 field="body",
             )
 
-        # 11. the approval is used once
+        # C1-C5. four eyes: enough others approved this very call. Before the replay check, so
+        # a call refused here does not use up the approval.
+        countersigners = self._check_countersigners(pairs, claims, entry)
+
+        # 11. the approval is used once (only the person's approval id)
         exp = float(claims["exp"])
         if not self.approvals_seen.add(approval_id, exp + self.leeway):
             raise Refusal(
@@ -411,39 +442,91 @@ class Verifier:
             claims=claims,
             binding=dict(entry),
             dpop_jkt=jkt if isinstance(jkt, str) else None,
-            scopes=granted,
+            scopes=_granted_scopes(claims),
+            countersigners=countersigners,
         )
+
+    def _lacking_scopes(self, claims: dict[str, Any]) -> list[str]:
+        """Check 3 (and C2): the required scopes the ``scope`` claim lacks."""
+        granted = _granted_scopes(claims)
+        return [s for s in self.required_scopes if s not in granted]
+
+    def _check_countersigners(
+        self, pairs: list[tuple[str, str]], claims: dict[str, Any], entry: dict[str, Any]
+    ) -> list[str]:
+        """C1-C5 for the person's token's ``claims`` and binding ``entry``: the distinct
+        countersigners besides the person, in header order; nothing when none are required."""
+        if not self.required_countersigners:
+            return []
+        tokens = _countersign_tokens(pairs)
+        if tokens is None:
+            raise Refusal(
+                "countersign_missing",
+                "This API requires countersigned calls: send exactly one Countersign-Tokens"
+                " header.",
+            )
+        if not tokens:
+            raise Refusal("countersign_missing", "The Countersign-Tokens header holds no token.")
+        # Each check on every token before the next check: the contract's order.
+        all_claims = [self._countersign_claims(i, token) for i, token in enumerate(tokens)]
+        for i, countersign in enumerate(all_claims):
+            own = _call_entries(countersign)
+            if len(own) != 1 or own[0] != entry:
+                raise _countersign_invalid(
+                    "binding", i, "its countersign_call entry is not the approved call's."
+                )
+        for i, countersign in enumerate(all_claims):
+            # No DPoP proof of its own: bound to the person's key, which check 4 proved.
+            if _bound_key(countersign) != _bound_key(claims):
+                raise _countersign_invalid("key", i, "its cnf.jkt is not the approver's token's.")
+        return _enough_countersigners(all_claims, claims["sub"], self.required_countersigners)
+
+    def _countersign_claims(self, index: int, token: str) -> dict[str, Any]:
+        """C2: the countersign token passes checks 2 and 3, as the person's token did."""
+        try:
+            claims = self._token_claims(token, jwt.get_unverified_header(token))
+        except PyJWTError:
+            raise _countersign_invalid("token", index, "it is not a JWT.") from None
+        except _InvalidToken as exc:
+            raise _countersign_invalid("token", index, str(exc)) from None
+        missing = self._lacking_scopes(claims)
+        if missing:
+            raise _countersign_invalid(
+                "token", index, f"the token lacks the scope(s): {' '.join(missing)}."
+            )
+        return claims
 
     def _check_token(self, creds: _Credentials, dpop: bool) -> dict[str, Any]:
         # 2. signature, iss, aud, exp, nbf
-        alg = creds.header.get("alg")
-        kid = creds.header.get("kid")
+        try:
+            return self._token_claims(creds.token, creds.header)
+        except _InvalidToken as exc:
+            raise Refusal("token_invalid", str(exc), dpop=dpop) from None
+
+    def _token_claims(self, token: str, header: dict[str, Any]) -> dict[str, Any]:
+        """Check 2 (and C2) for ``token`` with its unverified ``header``: its claims, or
+        :class:`_InvalidToken` with the refusal's detail."""
+        alg = header.get("alg")
+        kid = header.get("kid")
         if alg not in ASYMMETRIC_ALGS or (kid is not None and not isinstance(kid, str)):
-            raise Refusal(
-                "token_invalid", "The access token is not signed with an asymmetric algorithm.",
-                dpop=dpop,
-            )
+            raise _InvalidToken("The access token is not signed with an asymmetric algorithm.")
         try:
             candidates = self._keys.candidates(kid, alg)
         except _KeysUnavailable:
             # Contract (settled details): token_invalid, with a detail saying so.
-            raise Refusal(
-                "token_invalid",
+            raise _InvalidToken(
                 "The authorization server's signing keys could not be fetched to verify the"
-                " access token.",
-                dpop=dpop,
+                " access token."
             ) from None
         if not candidates:
-            raise Refusal(
-                "token_invalid",
-                "The access token is not signed by a key of the authorization server.",
-                dpop=dpop,
+            raise _InvalidToken(
+                "The access token is not signed by a key of the authorization server."
             )
         last: PyJWTError | None = None
         for key in candidates:
             try:
                 claims = jwt.decode(
-                    creds.token,
+                    token,
                     key=key,
                     algorithms=[alg],
                     audience=self.audience,
@@ -457,11 +540,9 @@ class Verifier:
                     break
                 continue
             if not isinstance(claims.get("sub"), str):
-                raise Refusal(
-                    "token_invalid", "The access token has no subject (a string sub).", dpop=dpop
-                )
+                raise _InvalidToken("The access token has no subject (a string sub).")
             return claims
-        raise Refusal("token_invalid", _token_error_detail(last), dpop=dpop)
+        raise _InvalidToken(_token_error_detail(last))
 
     def _check_dpop(
         self,
@@ -561,6 +642,66 @@ class Verifier:
 
         if not self.dpop_jtis_seen.add(jti, max(float(iat), now) + self.dpop_window, now):
             raise Refusal("dpop_proof_replayed", "This DPoP proof was already used.")
+
+
+def _granted_scopes(claims: dict[str, Any]) -> tuple[str, ...]:
+    scope = claims.get("scope")
+    return tuple(scope.split()) if isinstance(scope, str) else ()
+
+
+def _call_entries(claims: dict[str, Any]) -> list[dict[str, Any]]:
+    """Check 5 (and C3): the token's countersign_call entries; exactly one is a binding."""
+    details = claims.get("authorization_details")
+    if not isinstance(details, list):
+        return []
+    return [d for d in details if isinstance(d, dict) and d.get("type") == BINDING_TYPE]
+
+
+def _bound_key(claims: dict[str, Any]) -> Any:
+    """Check 4 (and C4): the ``cnf.jkt`` the token is bound to, if any."""
+    cnf = claims.get("cnf")
+    return cnf.get("jkt") if isinstance(cnf, dict) else None
+
+
+def _countersign_tokens(pairs: list[tuple[str, str]]) -> list[str] | None:
+    """C1: the tokens of the one ``Countersign-Tokens`` field, ``None`` unless there is exactly
+    one. Empty list elements are ignored (RFC 9110 5.6.1)."""
+    fields = _values(pairs, COUNTERSIGN_HEADER)
+    if len(fields) != 1:
+        return None
+    return [t.strip() for t in fields[0].split(",") if t.strip()]
+
+
+def _enough_countersigners(
+    all_claims: list[dict[str, Any]], person: str, required: int
+) -> list[str]:
+    """C5: at least ``required`` distinct subs besides the person's, in header order."""
+    others = list(dict.fromkeys(c["sub"] for c in all_claims if c["sub"] != person))
+    if len(others) < required:
+        noun, verb = ("countersigner", "is") if required == 1 else ("countersigners", "are")
+        raise Refusal(
+            "countersign_insufficient",
+            f"{required} distinct {noun} besides {person} {verb} required;"
+            f" the call carries {len(others)}.",
+        )
+    return others
+
+
+def _countersign_invalid(field_name: str, index: int, why: str) -> Refusal:
+    """A ``countersign_invalid`` on ``field_name``, naming the token by its position; ``why`` is
+    a sentence of its own, continued after a colon."""
+    continued = why[:1].lower() + why[1:]
+    return Refusal(
+        "countersign_invalid",
+        f"The {_ordinal(index + 1)} countersign token: {continued}",
+        field=field_name,
+    )
+
+
+def _ordinal(n: int) -> str:
+    """``1st``, ``2nd``, ``3rd``, ``4th``, ..., ``11th``, ``12th``, ``13th``, ``21st``, ..."""
+    suffix = "th" if 11 <= n % 100 <= 13 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _token_error_detail(exc: PyJWTError | None) -> str:

@@ -18,6 +18,9 @@ CODES: dict[str, tuple[int, str]] = {
     "binding_missing": (403, "Call binding missing"),
     "binding_mismatch": (403, "Call binding mismatch"),
     "approval_replayed": (403, "Approval replayed"),
+    "countersign_missing": (403, "Countersignatures missing"),
+    "countersign_invalid": (403, "Countersignature invalid"),
+    "countersign_insufficient": (403, "Too few countersigners"),
     # Answered by the integrations, which buffer the body (contract, settled details).
     "body_too_large": (413, "Request body too large"),
 }

@@ -168,14 +168,19 @@ pub struct Ask<'a> {
 }
 
 impl Peer {
-    /// A real access token: bc-authorize, the person approves, one poll
+    /// A real access token of alice: bc-authorize, she approves, one poll
     /// after the interval.
     pub async fn token(&self, ask: Ask<'_>) -> String {
+        self.token_of("alice", ask).await
+    }
+
+    /// A real access token of `user` (alice, bob or carol: the peer's users).
+    pub async fn token_of(&self, user: &str, ask: Ask<'_>) -> String {
         let mut form = vec![
             ("client_id", "countersign-post".to_owned()),
             ("client_secret", "countersign-secret".to_owned()),
             ("scope", ask.scope.to_owned()),
-            ("login_hint", "alice".to_owned()),
+            ("login_hint", user.to_owned()),
             ("binding_message", "Buy 2 phones".to_owned()),
             ("resource", AUDIENCE.to_owned()),
         ];
@@ -283,6 +288,7 @@ pub struct Served {
     pub approval_id: String,
     pub subject: String,
     pub body_sha256: String,
+    pub countersigners: Vec<String>,
 }
 
 /// An axum API with `VerifyLayer` in front of every path.
@@ -323,6 +329,7 @@ pub async fn start_api(configure: impl FnOnce(&str) -> Config) -> Api {
                 approval_id: approval.approval_id.clone(),
                 subject: approval.subject.clone(),
                 body_sha256: sha256(&body),
+                countersigners: approval.countersigners.clone(),
             };
             seen.lock().unwrap().push(record);
             Json(json!({"approval": approval.approval_id, "sub": approval.subject}))
