@@ -22,6 +22,10 @@ use crate::identity::JwtVerifier;
 
 pub const SHOP_AUDIENCE: &str = "https://shop.example/api";
 pub const BUY_SCOPE: &str = "product:buy";
+pub const TRANSFER_SCOPE: &str = "payments:transfer";
+/// From this amount on a transfer needs a countersigner besides the person
+/// (policies/conditions.yaml, `transfer-large`); the shop checks it too.
+pub const LARGE_TRANSFER: f64 = 10_000.0;
 
 /// One request as the shop saw it.
 #[derive(Debug, Clone)]
@@ -51,6 +55,9 @@ pub(super) struct Shop {
     verifier: JwtVerifier,
     /// What an order needs: the call binding's verifier.
     orders: countersign_verify::Verifier,
+    /// What a transfer needs, and a large one: one countersigner too.
+    transfers: countersign_verify::Verifier,
+    large_transfers: countersign_verify::Verifier,
     received: Mutex<Vec<Received>>,
 }
 
@@ -90,9 +97,22 @@ pub async fn serve(
         ..countersign_verify::Config::new(issuer, SHOP_AUDIENCE, jwks_uri.as_str())
     })
     .map_err(std::io::Error::other)?;
+    let transfers_config = countersign_verify::Config {
+        required_scopes: vec![TRANSFER_SCOPE.to_owned()],
+        ..countersign_verify::Config::new(issuer, SHOP_AUDIENCE, jwks_uri.as_str())
+    };
+    let transfers = countersign_verify::Verifier::new(transfers_config.clone())
+        .map_err(std::io::Error::other)?;
+    let large_transfers = countersign_verify::Verifier::new(countersign_verify::Config {
+        required_countersigners: 1,
+        ..transfers_config
+    })
+    .map_err(std::io::Error::other)?;
     let shop = Arc::new(Shop {
         verifier,
         orders,
+        transfers,
+        large_transfers,
         received: Mutex::new(Vec::new()),
     });
     let app = Router::new()
@@ -100,6 +120,7 @@ pub async fn serve(
         .route("/products", get(products))
         .route("/mcp", axum::routing::any(super::mcp::endpoint))
         .route("/gift-cards", post(send_gift_card))
+        .route("/transfers", post(transfer))
         .fallback(other)
         .with_state(shop.clone());
     let addr = listener.local_addr()?;
@@ -158,18 +179,32 @@ impl Shop {
         headers: &HeaderMap,
         body: &Bytes,
     ) -> Result<Value, countersign_verify::Refusal> {
+        self.verified_by(&self.orders, method, uri, headers, body)
+            .await
+            .map(|approval| approval.claims)
+    }
+
+    /// Records a call and checks it with `verifier`.
+    async fn verified_by(
+        &self,
+        verifier: &countersign_verify::Verifier,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> Result<countersign_verify::Approval, countersign_verify::Refusal> {
         self.record(method, uri, headers, body).await;
         let (mut parts, ()) = axum::http::Request::new(()).into_parts();
         parts.method = method.clone();
         parts.uri = uri.clone();
         parts.headers = headers.clone();
-        let verdict = self.orders.verify(&parts, body).await;
+        let verdict = verifier.verify(&parts, body).await;
         if let (Err(refusal), Ok(mut received)) = (&verdict, self.received.lock()) {
             if let Some(last) = received.last_mut() {
                 last.refused = Some(refusal.code().to_owned());
             }
         }
-        verdict.map(|approval| approval.claims)
+        verdict
     }
 }
 
@@ -241,6 +276,45 @@ async fn send_gift_card(
             "amount": card["amount"],
             "to": card["to"],
             "from": claims["sub"],
+        })),
+    )
+        .into_response()
+}
+
+/// A transfer: approved by the person for exactly this call and, from
+/// [`LARGE_TRANSFER`] on, countersigned by someone else as well.
+async fn transfer(
+    State(shop): State<Arc<Shop>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let parsed = serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null);
+    let large = parsed["amount"]
+        .as_f64()
+        .is_none_or(|amount| amount >= LARGE_TRANSFER);
+    let verifier = if large {
+        &shop.large_transfers
+    } else {
+        &shop.transfers
+    };
+    let approval = match shop
+        .verified_by(verifier, &method, &uri, &headers, &body)
+        .await
+    {
+        Ok(approval) => approval,
+        Err(refusal) => return refusal.into_response::<axum::body::Body>(),
+    };
+    let count = shop.received.lock().map(|r| r.len()).unwrap_or_default();
+    (
+        StatusCode::CREATED,
+        Json(json!({
+            "transfer_id": format!("tr-{count}"),
+            "amount": parsed["amount"],
+            "to": parsed["to"],
+            "from": approval.subject,
+            "countersigned_by": approval.countersigners,
         })),
     )
         .into_response()

@@ -42,7 +42,7 @@ const EXPIRED_RETENTION = envNumber('PEER_EXPIRED_RETENTION', 300);
 const SLOW_DOWN_INCREMENT = 5;
 const POLL_TOLERANCE_MS = 200;
 const API_AUDIENCE = process.env.PEER_API_AUDIENCE || 'https://shop.example/api';
-const API_SCOPES = (process.env.PEER_API_SCOPES || 'product:buy product:read').split(' ').filter(Boolean);
+const API_SCOPES = (process.env.PEER_API_SCOPES || 'product:buy product:read payments:transfer').split(' ').filter(Boolean);
 const RAR_TYPES = (process.env.PEER_RAR_TYPES
   || 'product_purchase,urn:auth0:schemas:authorization-details:v1:product_purchase,countersign_call')
   .split(',').map((s) => s.trim()).filter(Boolean);
@@ -75,6 +75,7 @@ const USERS = {
   alice: { name: 'Alice Example', email: 'alice@example.com' },
   bob: { name: 'Bob Example', email: 'bob@example.com' },
   carol: { name: 'Carol Example', email: 'carol@example.com' },
+  'finance-lead': { name: 'Finance Lead', email: 'finance-lead@example.com' },
 };
 
 // Auth0's documented binding_message alphabet, plus space (used in all of Auth0's examples).

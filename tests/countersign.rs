@@ -1,0 +1,292 @@
+//! Four eyes against the real oidc-provider peer with three people: the
+//! person (alice), the finance lead who countersigns large transfers
+//! (policies/conditions.yaml, `transfer-large`) and bob; the example shop
+//! takes a large transfer only with a countersigner's token for exactly the
+//! same call (countersign-verify, `required_countersigners: 1`).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::process::GatewayProcess;
+use support::{start_shop, GatewayOptions, Peer, World, USER_HEADER};
+
+const LEAD: &str = "finance-lead";
+
+fn transfer(
+    agent: &reqwest::Client,
+    proxy: SocketAddr,
+    user: &str,
+    amount: u32,
+) -> reqwest::RequestBuilder {
+    agent
+        .post(format!("http://{proxy}/transfers"))
+        .header(USER_HEADER, user)
+        .json(&json!({ "amount": amount, "to": "carol" }))
+}
+
+/// The pending CIBA request of `user` at the peer, once it is there.
+async fn asked(peer: &Peer, user: &str) -> Value {
+    peer.wait_pending(Some(user), 1).await.remove(0)
+}
+
+fn id(request: &Value) -> &str {
+    request["auth_req_id"].as_str().unwrap()
+}
+
+/// The transfers that reached the shop, with what it answered them.
+fn transfers(
+    world_shop: &countersign::demo::shop::ShopHandle,
+) -> Vec<countersign::demo::shop::Received> {
+    world_shop
+        .received()
+        .into_iter()
+        .filter(|r| r.path_and_query == "/transfers")
+        .collect()
+}
+
+async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
+    let got = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(got, status, "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approved_by_the_person_and_the_countersigner_it_is_forwarded_once_with_both_tokens() {
+    let world = World::start(GatewayOptions::default()).await;
+    let call = tokio::spawn(transfer(&world.agent, world.gateway.proxy, "alice", 25_000).send());
+    // Both asked at once, each with their own question.
+    let lead = asked(&world.peer, LEAD).await;
+    let alice = asked(&world.peer, "alice").await;
+    assert_eq!(
+        lead["binding_message"],
+        "Countersign: alice sends 25000 to carol"
+    );
+    assert_eq!(alice["binding_message"], "LARGE transfer of 25000 to carol");
+    // The countersigner first: nothing is forwarded on a partial quorum.
+    world.peer.approve(id(&lead)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        transfers(&world.shop).is_empty(),
+        "forwarded on a partial quorum"
+    );
+    world.peer.approve(id(&alice)).await;
+
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(response.status(), 201);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["from"], "alice", "{body}");
+    assert_eq!(body["countersigned_by"], json!([LEAD]), "{body}");
+    let arrived = transfers(&world.shop);
+    assert_eq!(arrived.len(), 1, "forwarded once");
+    assert_eq!(arrived[0].refused, None);
+    let tokens = arrived[0]
+        .headers
+        .get_all("countersign-tokens")
+        .iter()
+        .count();
+    assert_eq!(tokens, 1);
+    // The person's approval lists who approved what.
+    assert_eq!(world.peer.requests().await.len(), 2, "nobody asked twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_no_from_either_refuses_the_call_and_nothing_is_forwarded() {
+    let world = World::start(GatewayOptions::default()).await;
+    // The person approves, the countersigner denies.
+    let call = tokio::spawn(transfer(&world.agent, world.gateway.proxy, "alice", 20_000).send());
+    let lead = asked(&world.peer, LEAD).await;
+    let alice = asked(&world.peer, "alice").await;
+    world.peer.approve(id(&alice)).await;
+    world.peer.deny(id(&lead)).await;
+    let body = problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains("denied by finance-lead"), "{detail}");
+
+    // The person denies, the countersigner approves.
+    let call = tokio::spawn(transfer(&world.agent, world.gateway.proxy, "alice", 30_000).send());
+    let lead = asked(&world.peer, LEAD).await;
+    let alice = asked(&world.peer, "alice").await;
+    world.peer.approve(id(&lead)).await;
+    world.peer.deny(id(&alice)).await;
+    let body = problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains("alice denied"), "{detail}");
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        transfers(&world.shop).is_empty(),
+        "a refused call was forwarded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_countersigner_who_never_answers_ends_in_expiry_naming_them() {
+    let world = World::start(GatewayOptions {
+        limits: "{ max_body_bytes: 1024, max_hold: 5s }",
+        ..Default::default()
+    })
+    .await;
+    let call = tokio::spawn(transfer(&world.agent, world.gateway.proxy, "alice", 20_000).send());
+    asked(&world.peer, LEAD).await;
+    let alice = asked(&world.peer, "alice").await;
+    world.peer.approve(id(&alice)).await;
+    let body = problem(call.await.unwrap().unwrap(), 408, "approval_expired").await;
+    let detail = body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("finance-lead, a countersigner, did not answer in time"),
+        "{detail}"
+    );
+    assert!(transfers(&world.shop).is_empty());
+}
+
+/// A policy listing the person among its countersigners.
+const LISTED: &str = r#"
+  - name: wire
+    match: { methods: [POST], path: /wire }
+    require: { scopes: [product:buy], audience: https://shop.example/api }
+    bind: call
+    binding_message: "Wire {{amount}}"
+    countersign:
+      subjects: [alice, bob]
+      min: 1
+      binding_message: "Countersign wire of {{amount}} by {{user.sub}}"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_person_listed_as_countersigner_is_not_asked_twice_and_does_not_count() {
+    let world = World::start(GatewayOptions {
+        extra_policies: LISTED,
+        ..Default::default()
+    })
+    .await;
+    let proxy = world.gateway.proxy;
+    let call = tokio::spawn(
+        world
+            .agent
+            .post(format!("http://{proxy}/wire"))
+            .header(USER_HEADER, "alice")
+            .json(&json!({ "amount": 70 }))
+            .send(),
+    );
+    let bob = asked(&world.peer, "bob").await;
+    let alice = asked(&world.peer, "alice").await;
+    assert_eq!(alice["binding_message"], "Wire 70");
+    assert_eq!(bob["binding_message"], "Countersign wire of 70 by alice");
+    world.peer.approve(id(&alice)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        world.shop.received().is_empty(),
+        "alice's own approval counted as a countersignature"
+    );
+    world.peer.approve(id(&bob)).await;
+    // The shop has no /wire: it answers 404, but it got the call once, with
+    // bob's token alone besides alice's.
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(response.status(), 404);
+    let received = world.shop.received();
+    assert_eq!(received.len(), 1);
+    let header = received[0].headers.get("countersign-tokens").unwrap();
+    assert_eq!(header.to_str().unwrap().split(',').count(), 1);
+    assert_eq!(world.peer.requests().await.len(), 2, "alice asked once");
+
+    // Nobody but the person can countersign a large transfer of the
+    // finance lead's: refused before anyone is asked.
+    let body = problem(
+        transfer(&world.agent, proxy, LEAD, 50_000)
+            .send()
+            .await
+            .unwrap(),
+        403,
+        "countersigners_unavailable",
+    )
+    .await;
+    assert!(body["detail"]
+        .as_str()
+        .unwrap()
+        .contains("besides finance-lead"));
+    assert_eq!(world.peer.requests().await.len(), 2, "nobody was asked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_forge_countersignatures() {
+    let world = World::start(GatewayOptions::default()).await;
+    // A small transfer passes? No: above 500 it is the person's alone; the
+    // agent's own Countersign-Tokens header never reaches the shop.
+    let call = tokio::spawn(
+        transfer(&world.agent, world.gateway.proxy, "alice", 700)
+            .header("countersign-tokens", "forged.token.value")
+            .send(),
+    );
+    let alice = asked(&world.peer, "alice").await;
+    world.peer.approve(id(&alice)).await;
+    assert_eq!(call.await.unwrap().unwrap().status(), 201);
+    let arrived = transfers(&world.shop);
+    assert_eq!(arrived.len(), 1);
+    assert!(arrived[0].headers.get("countersign-tokens").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_between_the_two_answers_still_forwards_once() {
+    let peer = Peer::start();
+    let shop = start_shop(&peer).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!(
+        "store: {{ sqlite: \"{}\", lease: 2s }}",
+        dir.path().join("approvals.db").display()
+    );
+    let mut gateway = GatewayProcess::start(
+        &peer,
+        &shop,
+        GatewayOptions {
+            extra_config: store,
+            ..Default::default()
+        },
+    )
+    .await;
+    let agent = reqwest::Client::new();
+    let proxy = gateway.proxy;
+    let first = tokio::spawn(transfer(&agent, proxy, "alice", 40_000).send());
+    let lead = asked(&peer, LEAD).await;
+    let alice = asked(&peer, "alice").await;
+    peer.approve(id(&alice)).await;
+    // alice's answer is taken and kept (her token in the store) ...
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while peer.request(id(&alice)).await["status"] != "redeemed" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "alice's token was never taken"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // ... then the gateway dies before the countersigner answers.
+    gateway.kill9();
+    let _ = first.await;
+    gateway.restart().await;
+    peer.approve(id(&lead)).await;
+
+    // The retry of the same call gets the one forward's answer.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let response = loop {
+        let response = transfer(&agent, proxy, "alice", 40_000)
+            .send()
+            .await
+            .unwrap();
+        if response.status() != 202 {
+            break response;
+        }
+        assert!(std::time::Instant::now() < deadline, "never forwarded");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(response.status(), 201);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["countersigned_by"], json!([LEAD]), "{body}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(transfers(&shop).len(), 1, "forwarded once");
+    assert_eq!(peer.requests().await.len(), 2, "nobody asked twice");
+}
