@@ -130,12 +130,13 @@ async fn the_first_tier_whose_condition_holds_asks_with_its_own_message() {
         .filter_map(|r| r["binding_message"].as_str())
         .collect();
     assert!(messages.contains(&"Transfer 600 to bob"), "{messages:?}");
-    // Below both tiers: through at once.
+    // Below both tiers: through at once, unapproved; the shop itself
+    // refuses a transfer that carries no token.
     let small = post(&world, "/transfers", r#"{"amount": 100, "to": "bob"}"#)
         .send()
         .await
         .unwrap();
-    assert_eq!(small.status(), 404);
+    assert_eq!(small.status(), 401);
     assert_eq!(world.shop.received().len(), 1);
     for request in &pending {
         world
