@@ -78,6 +78,10 @@ async fn approved_by_the_person_and_the_countersigner_it_is_forwarded_once_with_
 
     let response = call.await.unwrap().unwrap();
     assert_eq!(response.status(), 201);
+    let approval_id = response.headers()["x-countersign-approval-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["from"], "alice", "{body}");
     assert_eq!(body["countersigned_by"], json!([LEAD]), "{body}");
@@ -90,8 +94,28 @@ async fn approved_by_the_person_and_the_countersigner_it_is_forwarded_once_with_
         .iter()
         .count();
     assert_eq!(tokens, 1);
-    // The person's approval lists who approved what.
     assert_eq!(world.peer.requests().await.len(), 2, "nobody asked twice");
+    // The audit trail: who was asked, who answered what.
+    let trail: Value = reqwest::get(format!("http://{}/approvals", world.gateway.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let trail = trail.as_array().expect("a list");
+    let call = trail
+        .iter()
+        .find(|e| e["id"] == approval_id.as_str())
+        .unwrap();
+    assert_eq!(call["state"], "done", "{call}");
+    assert_eq!(call["countersigners_needed"], 1, "{call}");
+    let countersign = trail
+        .iter()
+        .find(|e| e["countersign_of"] == approval_id.as_str())
+        .unwrap();
+    assert_eq!(countersign["subject"], LEAD, "{countersign}");
+    assert_eq!(countersign["state"], "done", "{countersign}");
+    assert!(countersign["decided_at_ms"].is_i64(), "{countersign}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

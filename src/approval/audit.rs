@@ -39,6 +39,11 @@ pub fn entry(approval: &Approval) -> Value {
         "decided_at_ms": approval.decided_at.map(ms),
         "expires_at_ms": ms(approval.expires_at),
         "problem_code": approval.problem_code,
+        "problem_detail": approval.problem_detail,
+        // Four eyes: a countersigner's approval names the call's own; the
+        // call's own says how many countersigners it needs.
+        "countersign_of": approval.parent_id,
+        "countersigners_needed": approval.countersign_min,
         "response_status": approval.response.as_ref().map(|r| r.status),
         "delivered_at_ms": approval.delivered_at.map(ms),
         "request": {
