@@ -314,3 +314,98 @@ async fn a_gateway_killed_between_the_two_answers_still_forwards_once() {
     assert_eq!(transfers(&shop).len(), 1, "forwarded once");
     assert_eq!(peer.requests().await.len(), 2, "nobody asked twice");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_it_waits_the_status_says_who_has_not_answered_yet() {
+    let world = World::start(GatewayOptions {
+        extra_config: "approvals_path: /approvals".into(),
+        ..Default::default()
+    })
+    .await;
+    let call = tokio::spawn(transfer(&world.agent, world.gateway.proxy, "alice", 15_000).send());
+    let lead = asked(&world.peer, LEAD).await;
+    let alice = asked(&world.peer, "alice").await;
+    // The binding names the call's approval: its status resource.
+    let approval_id = alice["authorization_details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["type"] == "countersign_call")
+        .unwrap()["approval"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    world.peer.approve(id(&alice)).await;
+    let status_url = world.gateway.url(&format!("/approvals/{approval_id}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        let status: Value = world
+            .agent
+            .get(&status_url)
+            .header(USER_HEADER, "alice")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if status["approvers"][0]["state"] == "approved" {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        status["approvers"],
+        json!([
+            { "subject": "alice", "role": "requester", "state": "approved" },
+            { "subject": LEAD, "role": "countersigner", "state": "pending" },
+        ]),
+        "{status}"
+    );
+    // Only the person's own approvals are hers to read.
+    let other = world
+        .agent
+        .get(&status_url)
+        .header(USER_HEADER, LEAD)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 404);
+    world.peer.deny(id(&lead)).await;
+    problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_ping_mode_every_approver_is_notified_and_the_call_goes_at_once() {
+    let port = support::free_port();
+    let notify_url = format!("http://127.0.0.1:{port}/ciba/notification");
+    // Polled every 30 s: only the notifications can make it quick.
+    let peer = Peer::start_with(&[
+        ("PEER_INTERVAL", "30"),
+        ("PEER_PING_URL", notify_url.as_str()),
+    ]);
+    let shop = start_shop(&peer).await;
+    let options = GatewayOptions {
+        client: format!(
+            "client_id: countersign-ping\n  client_auth: {{ method: client_secret_post, client_secret: countersign-secret }}\n  delivery: ping\n  notification: {{ listen: \"127.0.0.1:{port}\", safety_poll: 60s }}"
+        ),
+        ..GatewayOptions::default()
+    };
+    let gateway = support::TestGateway::start(&peer, &shop, options).await;
+    let agent = reqwest::Client::new();
+    let call = tokio::spawn(transfer(&agent, gateway.proxy, "alice", 12_000).send());
+    let lead = asked(&peer, LEAD).await;
+    let alice = asked(&peer, "alice").await;
+    let started = std::time::Instant::now();
+    peer.approve(id(&alice)).await;
+    peer.approve(id(&lead)).await;
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(response.status(), 201);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered after {:?}: not by the notifications",
+        started.elapsed()
+    );
+    assert_eq!(transfers(&shop).len(), 1);
+}
