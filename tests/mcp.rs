@@ -132,6 +132,14 @@ const EXPIRING: &str = r#"  - name: mcp-expiring
     require: { scopes: [product:buy], audience: "https://shop.example/api" }
     binding_message: "Later {{arguments.what}}"
     wait: async
+  - name: mcp-countersigned
+    match: { path: /mcp, mcp: { tool: "sign_*" } }
+    require: { scopes: [product:buy], audience: "https://shop.example/api" }
+    bind: call
+    binding_message: "Sign {{arguments.document}}"
+    countersign:
+      subjects: [bob]
+      binding_message: "Countersign {{arguments.document}} for {{user.sub}}"
 "#;
 
 impl McpWorld {
@@ -358,6 +366,31 @@ async fn a_denied_tool_call_is_a_tool_error_the_model_can_read() {
     assert_eq!(text(result), "The user has denied the request.");
     assert_eq!(result["_meta"]["countersign"]["code"], "access_denied");
     assert!(world.server.bought().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_countersigned_tool_call_needs_both_and_a_no_is_a_tool_error_naming_who() {
+    let world = McpWorld::start().await;
+    let sign = json!({ "call": "sign_contract", "arguments": { "document": "NDA" } });
+    let client = world.client(Some("alice"), json!([sign]));
+    let bob = world.pending("bob").await;
+    let alice = world.pending("alice").await;
+    assert_eq!(bob["binding_message"], "Countersign NDA for alice");
+    assert_eq!(alice["binding_message"], "Sign NDA");
+    world
+        .peer
+        .approve(alice["auth_req_id"].as_str().unwrap())
+        .await;
+    world.peer.deny(bob["auth_req_id"].as_str().unwrap()).await;
+    let out = client.await.unwrap();
+    let result = &out[0]["results"][0];
+    assert_eq!(result["isError"], true, "{result}");
+    assert!(text(result).contains("denied by bob"), "{result}");
+    assert_eq!(result["_meta"]["countersign"]["code"], "access_denied");
+    assert!(
+        world.server.calls().await.is_empty(),
+        "a refused call was forwarded"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
