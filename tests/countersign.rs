@@ -239,8 +239,8 @@ async fn the_person_listed_as_countersigner_is_not_asked_twice_and_does_not_coun
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_cannot_forge_countersignatures() {
     let world = World::start(GatewayOptions::default()).await;
-    // A small transfer passes? No: above 500 it is the person's alone; the
-    // agent's own Countersign-Tokens header never reaches the shop.
+    // Above 500 a transfer is the person's alone to approve; the agent's
+    // own Countersign-Tokens header never reaches the shop.
     let call = tokio::spawn(
         transfer(&world.agent, world.gateway.proxy, "alice", 700)
             .header("countersign-tokens", "forged.token.value")
@@ -252,6 +252,18 @@ async fn an_agent_cannot_forge_countersignatures() {
     let arrived = transfers(&world.shop);
     assert_eq!(arrived.len(), 1);
     assert!(arrived[0].headers.get("countersign-tokens").is_none());
+    // Nor on a call that passes unapproved (the shop refuses it itself).
+    let passed = transfer(&world.agent, world.gateway.proxy, "alice", 100)
+        .header("Countersign_Tokens", "forged.token.value")
+        .header("countersign-tokens", "forged.token.value")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(passed.status(), 401);
+    let arrived = transfers(&world.shop);
+    assert_eq!(arrived.len(), 2);
+    assert!(arrived[1].headers.get("countersign-tokens").is_none());
+    assert!(arrived[1].headers.get("countersign_tokens").is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
