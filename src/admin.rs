@@ -10,7 +10,7 @@ use pingora::protocols::http::ServerSession;
 
 use std::sync::Arc;
 
-use crate::approval::audit;
+use crate::approval::{audit, shadow_audit};
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 use crate::store::ApprovalStore;
@@ -44,6 +44,17 @@ impl AdminApp {
         }
     }
 
+    async fn shadow_decisions(&self, query: Option<&str>) -> Response<Vec<u8>> {
+        let filter = match shadow_audit::parse_query(query) {
+            Ok(filter) => filter,
+            Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+        };
+        match self.store.list_shadow(&filter).await {
+            Ok(decisions) => json(StatusCode::OK, &shadow_audit::listing(&decisions)),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        }
+    }
+
     async fn approval(&self, id: &str) -> Response<Vec<u8>> {
         match self.store.get(id).await {
             Ok(Some(approval)) => json(StatusCode::OK, &audit::entry(&approval)),
@@ -69,6 +80,7 @@ impl ServeHttp for AdminApp {
         let is_get = session.req_header().method == http::Method::GET;
         match uri.path() {
             "/approvals" | "/approvals/" if is_get => self.approvals(uri.query()).await,
+            "/shadow-decisions" if is_get => self.shadow_decisions(uri.query()).await,
             path if is_get && path.starts_with("/approvals/") => {
                 self.approval(&path["/approvals/".len()..]).await
             }

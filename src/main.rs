@@ -5,13 +5,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use countersign::approval::audit;
 use countersign::approval::store_handle::ConfiguredStore;
+use countersign::approval::{audit, shadow_audit};
 use countersign::config;
 use countersign::explain;
 use countersign::gateway::Gateway;
 use countersign::policytest;
-use countersign::store::{ApprovalState, ListFilter};
+use countersign::store::{ApprovalState, ListFilter, ShadowFilter};
 
 /// pingora allocates and frees several times per request; with glibc's
 /// malloc that was a fifth of a pass-through call's instructions
@@ -128,6 +128,10 @@ enum ApprovalsCommand {
         /// At most this many (1 to 1000).
         #[arg(long, default_value_t = audit::DEFAULT_LIMIT, value_parser = audit::limit)]
         limit: usize,
+        /// What policies in shadow mode would have done, and the prompts
+        /// per person per day they would have caused (instead of approvals).
+        #[arg(long, conflicts_with = "state")]
+        shadow: bool,
     },
     /// Print one approval as JSON.
     Show {
@@ -281,6 +285,24 @@ fn approvals(command: ApprovalsCommand) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", store.describe()))?;
         match command {
+            ApprovalsCommand::List {
+                policy,
+                subject,
+                limit,
+                shadow: true,
+                ..
+            } => {
+                let filter = ShadowFilter {
+                    policy,
+                    subject,
+                    since: None,
+                    limit: Some(limit),
+                };
+                print!(
+                    "{}",
+                    shadow_audit::table(&opened.list_shadow(&filter).await?)
+                );
+            }
             ApprovalsCommand::List {
                 state,
                 policy,

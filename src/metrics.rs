@@ -33,6 +33,9 @@ pub struct Metrics {
     pub outcome_unknown: IntCounter,
     /// Retried calls that attached to the approval already in flight or done.
     pub retries_attached: IntCounterVec,
+    /// What policies in `mode: shadow` would have done (`hold`, `pass`,
+    /// `refuse`, or `unread`: a body it would need was not read).
+    pub shadow_decisions: IntCounterVec,
     /// Seconds from the approval request to its result.
     pub approval_wait: HistogramVec,
     /// Calls to the authorization server by endpoint and result.
@@ -107,6 +110,14 @@ impl Metrics {
         let outcome_unknown = IntCounter::new(
             "countersign_outcome_unknown_total",
             "Approved calls this gateway marked outcome_unknown: maybe sent, no answer recorded; never sent again.",
+        )
+        .expect("valid metric");
+        let shadow_decisions = IntCounterVec::new(
+            Opts::new(
+                "countersign_shadow_decisions_total",
+                "Calls a policy in shadow mode matched, by what it would have done (hold, pass, refuse, unread); nobody was asked",
+            ),
+            &["policy", "decision"],
         )
         .expect("valid metric");
         let retries_attached = IntCounterVec::new(
@@ -207,6 +218,7 @@ impl Metrics {
             Box::new(heartbeat_lapses.clone()),
             Box::new(outcome_unknown.clone()),
             Box::new(retries_attached.clone()),
+            Box::new(shadow_decisions.clone()),
             Box::new(approval_wait.clone()),
             Box::new(ciba_requests.clone()),
             Box::new(upstream_duration.clone()),
@@ -229,6 +241,7 @@ impl Metrics {
             heartbeat_lapses,
             outcome_unknown,
             retries_attached,
+            shadow_decisions,
             approval_wait,
             ciba_requests,
             upstream_duration,

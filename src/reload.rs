@@ -83,6 +83,7 @@ fn restart_keys(text: &str) -> serde_yaml::Mapping {
         _ => serde_yaml::Mapping::new(),
     };
     mapping.remove("policies");
+    mapping.remove("shadow_policies");
     mapping
 }
 
@@ -230,12 +231,15 @@ fn fingerprint(file: &Path) -> Vec<u8> {
     let mut digest = Sha256::new();
     let text = std::fs::read(file).ok();
     feed(&mut digest, file, text.as_deref());
-    let entries: Vec<PathBuf> = text
+    let main = text
         .as_deref()
-        .and_then(|t| serde_yaml::from_slice::<serde_yaml::Value>(t).ok())
-        .and_then(|v| v.get("policies").cloned())
-        .and_then(|p| serde_yaml::from_value::<Vec<PathBuf>>(p).ok())
-        .unwrap_or_default();
+        .and_then(|t| serde_yaml::from_slice::<serde_yaml::Value>(t).ok());
+    let entries: Vec<PathBuf> = ["policies", "shadow_policies"]
+        .into_iter()
+        .filter_map(|key| main.as_ref().and_then(|v| v.get(key)).cloned())
+        .filter_map(|p| serde_yaml::from_value::<Vec<PathBuf>>(p).ok())
+        .flatten()
+        .collect();
     let base = file.parent().unwrap_or_else(|| Path::new("."));
     for entry in entries {
         let path = base.join(entry);

@@ -10,6 +10,7 @@ pub mod audit;
 pub mod binding;
 pub mod engine;
 pub mod ping;
+pub mod shadow_audit;
 pub mod store_handle;
 mod timetable;
 

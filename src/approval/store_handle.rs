@@ -14,7 +14,7 @@ use crate::config::{StoreBackend, StoreConfig};
 use crate::metrics::Metrics;
 use crate::store::{
     self, Approval, ApprovalState, ApprovalStore, CibaProgress, InsertTerms, Inserted, KeptGrant,
-    ListFilter, NewApproval, StoreError, StoredResponse,
+    ListFilter, NewApproval, ShadowDecision, ShadowFilter, StoreError, StoredResponse,
 };
 
 /// How often an unreachable store is tried again.
@@ -169,6 +169,18 @@ impl ApprovalStore for ConfiguredStore {
     async fn claim(&self, id: &str, owner: &str, until: SystemTime) -> Result<bool, StoreError> {
         self.timed("claim", async {
             self.open().await?.claim(id, owner, until).await
+        })
+        .await
+    }
+    async fn record_shadow(&self, decision: &ShadowDecision) -> Result<(), StoreError> {
+        self.timed("record_shadow", async {
+            self.open().await?.record_shadow(decision).await
+        })
+        .await
+    }
+    async fn list_shadow(&self, filter: &ShadowFilter) -> Result<Vec<ShadowDecision>, StoreError> {
+        self.timed("list_shadow", async {
+            self.open().await?.list_shadow(filter).await
         })
         .await
     }

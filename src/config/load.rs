@@ -111,6 +111,16 @@ pub fn load_embedded(
             loaded.extend(parsed.into_loaded(&policy_file));
         }
     }
+    for entry in &gateway.shadow_policies {
+        for policy_file in policy_files(&base.join(entry), file)? {
+            let text = read(&policy_file)?;
+            let parsed: PolicyFile = parse(&policy_file, &text)?;
+            loaded.extend(parsed.into_loaded(&policy_file).map(|mut l| {
+                l.spec.mode = crate::policy::spec::Mode::Shadow;
+                l
+            }));
+        }
+    }
     for (name, text) in embedded {
         let parsed: PolicyFile = parse(name, text)?;
         loaded.extend(parsed.into_loaded(name));
@@ -263,7 +273,7 @@ fn bind_policies_to_upstreams(
         .then(|| gateway.upstreams.keys().next().map(String::as_str))
         .flatten();
     policies.bind_upstreams(only);
-    for policy in policies.policies() {
+    for policy in policies.all_policies() {
         let error = |reason: String| {
             ConfigError::Policy(PolicyError {
                 file: policy.file.display().to_string(),

@@ -55,6 +55,11 @@ pub struct GatewayConfig {
     pub identity: IdentityConfig,
     /// Policy files or directories of `*.yaml`, relative to this file.
     pub policies: Vec<PathBuf>,
+    /// Policy files or directories whose policies all run in shadow
+    /// (`mode: shadow`): a new set tried next to the live one, recording
+    /// what it would do and never asking anyone.
+    #[serde(default)]
+    pub shadow_policies: Vec<PathBuf>,
     /// What happens to a call no policy matches. Fail closed: `deny` unless set.
     #[serde(default)]
     pub default_action: DefaultAction,

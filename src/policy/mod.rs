@@ -90,6 +90,8 @@ pub struct Policy {
     pub bind: Bind,
     /// Four eyes: who else must approve its calls.
     pub countersign: Option<countersign::Countersign>,
+    /// `shadow`: only recorded, never acted on.
+    pub mode: spec::Mode,
 }
 
 /// A policy that cannot be compiled alongside the others.
@@ -137,6 +139,9 @@ impl MethodRouters {
 #[derive(Debug)]
 pub struct PolicySet {
     policies: Vec<Arc<Policy>>,
+    /// The policies in `mode: shadow`, as a set of their own: matched after
+    /// the enforced set decided, only to record what they would do.
+    shadow: Option<Box<PolicySet>>,
     /// Indices into `policies`, per route.
     groups: Vec<Vec<usize>>,
     by_host: crate::FastMap<String, MethodRouters>,
@@ -206,6 +211,7 @@ impl PolicySet {
     pub fn empty() -> Self {
         Self {
             policies: Vec::new(),
+            shadow: None,
             groups: Vec::new(),
             by_host: crate::FastMap::default(),
             any_host: MethodRouters::default(),
@@ -214,6 +220,44 @@ impl PolicySet {
     }
 
     pub fn compile(loaded: Vec<LoadedPolicy>) -> Result<Self, PolicyError> {
+        let (shadow, enforced): (Vec<_>, Vec<_>) = loaded
+            .into_iter()
+            .partition(|l| l.spec.mode == spec::Mode::Shadow);
+        let mut set = Self::compile_one(enforced)?;
+        if shadow.is_empty() {
+            return Ok(set);
+        }
+        let shadow = Self::compile_one(shadow)?;
+        // One name, one policy: metrics and the audit trail name them.
+        if let Some(twin) = shadow
+            .policies
+            .iter()
+            .find(|p| set.by_name(&p.name).is_some())
+        {
+            return Err(PolicyError {
+                file: twin.file.display().to_string(),
+                index: twin.index,
+                name: twin.name.clone(),
+                reason: "the name is already used by an enforced policy; a shadow policy needs a name of its own".into(),
+            });
+        }
+        set.shadow = Some(Box::new(shadow));
+        Ok(set)
+    }
+
+    /// The set in `mode: shadow`, if any.
+    pub fn shadow(&self) -> Option<&PolicySet> {
+        self.shadow.as_deref()
+    }
+
+    /// The enforced policies and the shadow ones.
+    pub fn all_policies(&self) -> impl Iterator<Item = &Arc<Policy>> {
+        self.policies
+            .iter()
+            .chain(self.shadow.iter().flat_map(|s| s.policies.iter()))
+    }
+
+    fn compile_one(loaded: Vec<LoadedPolicy>) -> Result<Self, PolicyError> {
         let mut set = Self::empty();
         // (host, method, route) -> group.
         let mut routes: HashMap<(Option<String>, String, String), Group> = HashMap::new();
@@ -370,6 +414,7 @@ impl PolicySet {
                 mcp_tool: spec.matcher.mcp.map(|m| m.tool.0),
                 bind: spec.bind,
                 countersign,
+                mode: spec.mode,
             }));
         }
         set.check_mcp_endpoints()?;
@@ -527,6 +572,9 @@ impl PolicySet {
     /// Gives each policy the upstreams its token may go to: those it names,
     /// or `default` when it names none.
     pub fn bind_upstreams(&mut self, default: Option<&str>) {
+        if let Some(shadow) = &mut self.shadow {
+            shadow.bind_upstreams(default);
+        }
         for policy in &mut self.policies {
             if policy.upstreams.is_empty() {
                 if let Some(policy) = Arc::get_mut(policy) {

@@ -62,6 +62,20 @@ pub struct PolicySpec {
     /// the person (README, "Four eyes").
     #[serde(default)]
     pub countersign: Option<super::countersign::CountersignSpec>,
+    /// `enforce` (default), or `shadow`: its calls are decided fully but go
+    /// on as the enforced policies say, and what it would have done is
+    /// counted and kept (README, "Changing policies safely"). Never a push.
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+/// Whether a policy acts on calls or only records what it would do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Shadow,
 }
 
 /// What the token issued for an approval is bound to.

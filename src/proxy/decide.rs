@@ -22,6 +22,8 @@ impl decision::UpstreamSettings for crate::FastMap<String, std::sync::Arc<Upstre
 struct LiveCall<'a> {
     gateway: &'a Countersign,
     session: &'a mut Session,
+    /// The body once read (shadow policies read the same bytes).
+    body: Option<Option<Bytes>>,
 }
 
 impl CallSource for LiveCall<'_> {
@@ -34,7 +36,9 @@ impl CallSource for LiveCall<'_> {
     }
 
     async fn read_body(&mut self) -> Result<Option<Bytes>, Problem> {
-        hold::read_body(self.session, self.gateway.limits.max_body_bytes).await
+        let body = hold::read_body(self.session, self.gateway.limits.max_body_bytes).await?;
+        self.body = Some(body.clone());
+        Ok(body)
     }
 
     async fn identify(&mut self, policy: &str) -> Result<Identity, Problem> {
@@ -63,9 +67,15 @@ impl Countersign {
         let mut live = LiveCall {
             gateway: self,
             session,
+            body: None,
         };
         let decided = decision::decide(&gate, &mut live, &mut facts).await;
-        let session = live.session;
+        let (session, body) = (live.session, live.body);
+        if let Some(shadow) = policies.shadow() {
+            if matches!(decided, Ok(Decision::Pass | Decision::Held(_))) {
+                Box::pin(self.shadow_decide(shadow, session, body)).await;
+            }
+        }
         if let Some(name) = facts.upstream {
             ctx.upstream = self.upstreams.get(name).cloned();
         }

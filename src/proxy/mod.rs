@@ -13,6 +13,7 @@ mod decide;
 mod forward;
 mod hold;
 mod mcp;
+mod shadow;
 mod status;
 
 use std::sync::atomic::AtomicUsize;

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use super::{
     attach_key, attachable, duration_ms, from_ms, now_ms, to_ms, Approval, ApprovalState,
     ApprovalStore, CibaProgress, InsertTerms, Inserted, KeptGrant, ListFilter, NewApproval,
-    StoreError, StoredResponse,
+    ShadowDecision, ShadowFilter, StoreError, StoredResponse,
 };
 
 #[derive(Debug, Default)]
@@ -24,6 +24,7 @@ struct Inner {
     attach: HashMap<String, String>,
     /// lease owner -> alive until (ms)
     heartbeats: HashMap<String, i64>,
+    shadow: Vec<ShadowDecision>,
 }
 
 #[derive(Debug)]
@@ -182,6 +183,28 @@ impl ApprovalStore for MemoryStore {
         a.lease_owner = Some(owner.to_owned());
         a.lease_until = Some(ms(until));
         Ok(true)
+    }
+
+    async fn record_shadow(&self, decision: &ShadowDecision) -> Result<(), StoreError> {
+        let mut decision = decision.clone();
+        decision.created_at = ms(decision.created_at);
+        self.lock().shadow.push(decision);
+        Ok(())
+    }
+
+    async fn list_shadow(&self, filter: &ShadowFilter) -> Result<Vec<ShadowDecision>, StoreError> {
+        let inner = self.lock();
+        let mut found: Vec<ShadowDecision> = inner
+            .shadow
+            .iter()
+            .filter(|d| filter.policy.as_ref().is_none_or(|p| &d.policy == p))
+            .filter(|d| filter.subject.is_none() || d.subject == filter.subject)
+            .filter(|d| filter.since.is_none_or(|t| d.created_at >= t))
+            .cloned()
+            .collect();
+        found.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
+        found.truncate(filter.limit.unwrap_or(usize::MAX));
+        Ok(found)
     }
 
     async fn keep_grant(&self, id: &str, grant: &KeptGrant) -> Result<bool, StoreError> {
@@ -454,6 +477,7 @@ impl ApprovalStore for MemoryStore {
         inner
             .heartbeats
             .retain(|_, alive| *alive > now.saturating_sub(3_600_000));
+        inner.shadow.retain(|d| to_ms(d.created_at) > retain_after);
         let mut detach = Vec::new();
         let mut delete = Vec::new();
         for (id, record) in inner.approvals.iter_mut() {

@@ -213,6 +213,35 @@ pub struct Approval {
     pub problem_detail: Option<String>,
 }
 
+/// What a policy in `mode: shadow` would have done with a call (the call
+/// itself went on as the enforced policies said). No body, header or token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShadowDecision {
+    pub id: String,
+    pub policy: String,
+    /// Who would have been asked; `None` when the call named nobody.
+    pub subject: Option<String>,
+    /// `hold`, `pass` or `refuse`.
+    pub decision: String,
+    pub problem_code: Option<String>,
+    /// What the person would have been shown (Debug prints its length).
+    pub binding_message: Option<String>,
+    pub countersigners: Vec<String>,
+    pub method: String,
+    pub path: String,
+    pub created_at: SystemTime,
+}
+
+/// Filters for [`ApprovalStore::list_shadow`]. Results are newest first.
+#[derive(Debug, Default, Clone)]
+pub struct ShadowFilter {
+    pub policy: Option<String>,
+    pub subject: Option<String>,
+    /// Recorded at or after.
+    pub since: Option<SystemTime>,
+    pub limit: Option<usize>,
+}
+
 /// What [`ApprovalStore::insert_or_attach`] did.
 #[derive(Debug)]
 pub enum Inserted {
@@ -398,6 +427,12 @@ pub trait ApprovalStore: Send + Sync + std::fmt::Debug {
 
     /// Newest first.
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Approval>, StoreError>;
+
+    /// Records what a shadow policy would have done.
+    async fn record_shadow(&self, decision: &ShadowDecision) -> Result<(), StoreError>;
+
+    /// Shadow decisions, newest first. Swept with the approvals' retention.
+    async fn list_shadow(&self, filter: &ShadowFilter) -> Result<Vec<ShadowDecision>, StoreError>;
 
     async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -23,7 +23,7 @@ use sqlx::{ColumnIndex, Decode, Row, Type};
 use super::{
     attach_key, attachable, duration_ms, from_ms, now_ms, to_ms, Approval, ApprovalState,
     ApprovalStore, CibaProgress, InsertTerms, Inserted, KeptGrant, ListFilter, NewApproval, Secret,
-    StoreError, StoredRequest, StoredResponse,
+    ShadowDecision, ShadowFilter, StoreError, StoredRequest, StoredResponse,
 };
 
 /// Longest a single store operation may take before it is reported as
@@ -256,6 +256,13 @@ const SWEEP_BODIES: &str = concat!(
     " LIMIT $2)"
 );
 
+const INSERT_SHADOW: &str = "INSERT INTO shadow_decisions (id, policy, subject, decision, \
+     problem_code, binding_message, countersigners, request_method, request_path, created_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+
+const SWEEP_SHADOW: &str = "DELETE FROM shadow_decisions WHERE id IN \
+     (SELECT id FROM shadow_decisions WHERE created_at <= $1 LIMIT $2)";
+
 const MIGRATIONS_SQLITE: Embedded = Embedded(&[
     (
         1,
@@ -281,6 +288,11 @@ const MIGRATIONS_SQLITE: Embedded = Embedded(&[
         5,
         "countersigned calls",
         include_str!("../../migrations/sqlite/0005_countersign.sql"),
+    ),
+    (
+        6,
+        "shadow decisions",
+        include_str!("../../migrations/sqlite/0006_shadow.sql"),
     ),
 ]);
 
@@ -309,6 +321,11 @@ const MIGRATIONS_POSTGRES: Embedded = Embedded(&[
         5,
         "countersigned calls",
         include_str!("../../migrations/postgres/0005_countersign.sql"),
+    ),
+    (
+        6,
+        "shadow decisions",
+        include_str!("../../migrations/postgres/0006_shadow.sql"),
     ),
 ]);
 
@@ -409,6 +426,12 @@ trait Backend: Send + Sync + 'static {
         sql: &str,
         params: &[Param],
     ) -> Result<i64, StoreError>;
+    async fn fetch_shadow(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<Vec<ShadowDecision>, StoreError>;
     /// A statement that must not run beside another of the same `subject`
     /// (the per-person limit's count and insert). SQLite: every write
     /// statement holds the database's write lock from its start.
@@ -462,6 +485,19 @@ impl Backend for Sqlite {
             .await
             .map_err(|e| db_error(op, &e))?;
         rows.iter().map(decode).collect()
+    }
+
+    async fn fetch_shadow(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<Vec<ShadowDecision>, StoreError> {
+        let rows = bind_all!(sqlx::query(sql), params)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(|e| db_error(op, &e))?;
+        rows.iter().map(decode_shadow).collect()
     }
 
     async fn scalar(
@@ -524,6 +560,19 @@ impl Backend for Postgres {
             .await
             .map_err(|e| db_error(op, &e))?;
         rows.iter().map(decode).collect()
+    }
+
+    async fn fetch_shadow(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<Vec<ShadowDecision>, StoreError> {
+        let rows = bind_all!(sqlx::query(sql), params)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| db_error(op, &e))?;
+        rows.iter().map(decode_shadow).collect()
     }
 
     async fn scalar(
@@ -1117,6 +1166,7 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
                     (SWEEP_DETACH, &replay_before),
                     (SWEEP_DELETE, &retain_after),
                     (SWEEP_BODIES, &replay_before),
+                    (SWEEP_SHADOW, &retain_after),
                 ] {
                     let params = [int(*before), int(SWEEP_BATCH)];
                     for _ in 0..SWEEP_BATCHES {
@@ -1163,6 +1213,66 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
                 "list",
                 async move { backend.fetch("list", &sql, &params).await },
             )
+            .await
+    }
+
+    async fn record_shadow(&self, decision: &ShadowDecision) -> Result<(), StoreError> {
+        let backend = self.backend.clone();
+        let d = decision.clone();
+        let countersigners = (!d.countersigners.is_empty())
+            .then(|| serde_json::Value::from(d.countersigners).to_string());
+        let params = [
+            text(d.id),
+            text(d.policy),
+            Param::Text(d.subject),
+            text(d.decision),
+            Param::Text(d.problem_code),
+            Param::Text(d.binding_message),
+            Param::Text(countersigners),
+            text(d.method),
+            text(d.path),
+            int(to_ms(d.created_at)),
+        ];
+        self.driver
+            .run("record_shadow", async move {
+                backend
+                    .exec_apart("record_shadow", INSERT_SHADOW, &params)
+                    .await?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn list_shadow(&self, filter: &ShadowFilter) -> Result<Vec<ShadowDecision>, StoreError> {
+        let mut sql = String::from(
+            "SELECT id, policy, subject, decision, problem_code, binding_message, \
+             countersigners, request_method, request_path, created_at \
+             FROM shadow_decisions WHERE TRUE",
+        );
+        let mut params = Vec::new();
+        let mut and = |column: &str, op: &str, param: Param| {
+            params.push(param);
+            sql.push_str(&format!(" AND {column} {op} ${}", params.len()));
+        };
+        if let Some(policy) = &filter.policy {
+            and("policy", "=", text(policy));
+        }
+        if let Some(subject) = &filter.subject {
+            and("subject", "=", text(subject));
+        }
+        if let Some(since) = filter.since {
+            and("created_at", ">=", int(to_ms(since)));
+        }
+        sql.push_str(" ORDER BY created_at DESC, id DESC");
+        if let Some(limit) = filter.limit {
+            params.push(int(limit_param(limit)));
+            sql.push_str(&format!(" LIMIT ${}", params.len()));
+        }
+        let backend = self.backend.clone();
+        self.driver
+            .run("list_shadow", async move {
+                backend.fetch_shadow("list_shadow", &sql, &params).await
+            })
             .await
     }
 
@@ -1221,6 +1331,43 @@ fn decode_headers(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
             (name, value)
         })
         .collect())
+}
+
+/// A row of `shadow_decisions`; the same code for both databases.
+fn decode_shadow<'r, R>(row: &'r R) -> Result<ShadowDecision, StoreError>
+where
+    R: Row,
+    &'static str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let failed =
+        |column: &str| StoreError::Unavailable(format!("unreadable stored column {column}"));
+    let text = |column: &'static str| -> Result<String, StoreError> {
+        row.try_get(column).map_err(|_| failed(column))
+    };
+    let optional = |column: &'static str| -> Result<Option<String>, StoreError> {
+        row.try_get(column).map_err(|_| failed(column))
+    };
+    let countersigners = match optional("countersigners")? {
+        Some(list) => serde_json::from_str(&list).map_err(|_| failed("countersigners"))?,
+        None => Vec::new(),
+    };
+    Ok(ShadowDecision {
+        id: text("id")?,
+        policy: text("policy")?,
+        subject: optional("subject")?,
+        decision: text("decision")?,
+        problem_code: optional("problem_code")?,
+        binding_message: optional("binding_message")?,
+        countersigners,
+        method: text("request_method")?,
+        path: text("request_path")?,
+        created_at: from_ms(
+            row.try_get::<i64, _>("created_at")
+                .map_err(|_| failed("created_at"))?,
+        ),
+    })
 }
 
 /// A row of [`columns!`] as an approval; the same code for both databases.

@@ -170,6 +170,7 @@ macro_rules! cases {
             a_delivered_answer_with_a_key_is_replayed_within_the_window,
             calls_racing_a_delivery_make_at_most_one_new_approval,
             a_countersigned_call_keeps_its_tokens_until_it_ends,
+            shadow_decisions_are_kept_listed_and_swept,
         );
     };
 }
@@ -1463,4 +1464,67 @@ async fn a_countersigned_call_keeps_its_tokens_until_it_ends(f: Fixture) {
     assert_eq!(p2.state, ApprovalState::Denied);
     assert_eq!(p2.problem_detail.as_deref(), Some("denied by carol"));
     assert!(p2.grant.is_none());
+}
+
+/// What shadow policies would have done: kept whole, listed newest first
+/// by policy, person and time, swept with the approvals' retention.
+async fn shadow_decisions_are_kept_listed_and_swept(f: Fixture) {
+    let t0 = now();
+    let decision = |id: &str, subject: Option<&str>, at: SystemTime| ShadowDecision {
+        id: id.into(),
+        policy: "buy".into(),
+        subject: subject.map(str::to_owned),
+        decision: "hold".into(),
+        problem_code: None,
+        binding_message: Some("Buy 2".into()),
+        countersigners: vec!["bob".into()],
+        method: "POST".into(),
+        path: "/shop".into(),
+        created_at: at,
+    };
+    let old = decision("s1", Some("alice"), t0 - 10 * MINUTE);
+    let new = decision("s2", Some("alice"), t0);
+    let nobody = ShadowDecision {
+        decision: "refuse".into(),
+        problem_code: Some("identity_required".into()),
+        binding_message: None,
+        countersigners: Vec::new(),
+        policy: "other".into(),
+        ..decision("s3", None, t0)
+    };
+    for d in [&old, &new, &nobody] {
+        f.store.record_shadow(d).await.unwrap();
+    }
+    let all = f.other.list_shadow(&ShadowFilter::default()).await.unwrap();
+    assert_eq!(all.len(), 3);
+    assert_eq!(all[2], old, "oldest last, kept whole");
+    let alice = ShadowFilter {
+        subject: Some("alice".into()),
+        ..ShadowFilter::default()
+    };
+    let ids: Vec<String> = f
+        .other
+        .list_shadow(&alice)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(ids, ["s2", "s1"]);
+    let other = ShadowFilter {
+        policy: Some("other".into()),
+        ..ShadowFilter::default()
+    };
+    assert_eq!(f.store.list_shadow(&other).await.unwrap(), [nobody]);
+    f.store.sweep(t0, WINDOW, 5 * MINUTE).await.unwrap();
+    let left: Vec<String> = f
+        .store
+        .list_shadow(&ShadowFilter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(!left.contains(&"s1".to_owned()));
 }

@@ -244,6 +244,11 @@ impl Engine {
         &self.store
     }
 
+    /// Runs `work` on the engine's runtime, off the call's.
+    pub fn spawn(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.runtime.spawn(work);
+    }
+
     pub fn config(&self) -> &StoreConfig {
         &self.config
     }
