@@ -41,6 +41,7 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
+pub mod upstream_tls;
 
 /// A map looked up on every call and filled only from the configuration:
 /// foldhash instead of SipHash, whose resistance to hostile keys guards

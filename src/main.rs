@@ -41,6 +41,10 @@ enum Command {
     Check {
         #[arg(long, short)]
         config: PathBuf,
+        /// Also refuse what is for development only (an upstream with
+        /// `tls.insecure_skip_verify`).
+        #[arg(long)]
+        production: bool,
     },
     /// Decide one call offline and print every step: canonical request,
     /// route, the policies tried with each condition's value, the message
@@ -162,8 +166,24 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Approvals { command } => approvals(command),
-        Command::Check { config } => {
+        Command::Check { config, production } => {
             let loaded = config::load(&config)?;
+            if production {
+                let insecure: Vec<&str> = loaded
+                    .gateway
+                    .upstreams
+                    .iter()
+                    .filter(|(_, u)| u.tls.as_ref().is_some_and(|t| t.insecure_skip_verify))
+                    .map(|(name, _)| name.as_str())
+                    .collect();
+                if !insecure.is_empty() {
+                    anyhow::bail!(
+                        "{}: upstreams.{}.tls.insecure_skip_verify is for development only: the gateway would send tokens to whoever answers",
+                        config.display(),
+                        insecure.join(", upstreams.")
+                    );
+                }
+            }
             print!("{}", route_table(&loaded));
             Ok(())
         }

@@ -93,11 +93,17 @@ impl UpstreamClient {
         let upstreams = upstreams
             .into_iter()
             .map(|(name, config)| {
-                let client = reqwest::Client::builder()
+                let mut builder = reqwest::Client::builder()
                     .connect_timeout(config.connect_timeout)
                     .timeout(config.timeout + Duration::from_secs(5))
                     .redirect(reqwest::redirect::Policy::none())
-                    .pool_idle_timeout(Duration::from_secs(4))
+                    .pool_idle_timeout(Duration::from_secs(4));
+                if let Some(tls) = &config.tls_material {
+                    builder = tls
+                        .configure_client(builder)
+                        .map_err(|e| format!("HTTP client for upstream {name}: {e}"))?;
+                }
+                let client = builder
                     .build()
                     .map_err(|e| format!("HTTP client for upstream {name}: {e}"))?;
                 Ok((name, (client, config)))

@@ -9,46 +9,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use serde_json::Value;
+use support::certs::Ca;
 use support::*;
-
-/// A CA, and what it signs.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-impl Ca {
-    fn new() -> Self {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let cert = params.self_signed(&key).unwrap();
-        Self { cert, key }
-    }
-
-    fn pem(&self) -> String {
-        self.cert.pem()
-    }
-
-    /// A leaf for `names`: (certificate PEM, key PEM).
-    fn leaf(&self, names: &[&str]) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        let params =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    /// Writes a leaf for `names` as `<dir>/<stem>.pem` and `<stem>.key`.
-    fn write_leaf(&self, dir: &Path, stem: &str, names: &[&str]) {
-        let (cert, key) = self.leaf(names);
-        std::fs::write(dir.join(format!("{stem}.pem")), cert).unwrap();
-        std::fs::write(dir.join(format!("{stem}.key")), key).unwrap();
-    }
-}
 
 /// A client builder that trusts only `ca` and reaches every name at `addr`.
 fn builder(ca: &Ca, addr: SocketAddr, names: &[&str]) -> reqwest::ClientBuilder {

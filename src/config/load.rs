@@ -99,8 +99,9 @@ pub fn load_embedded(
     KNOWN_UPSTREAMS.with(|k| *k.borrow_mut() = Some(known));
     let parsed = parse::<GatewayConfig>(file, text);
     KNOWN_UPSTREAMS.with(|k| *k.borrow_mut() = None);
-    let gateway = parsed?;
+    let mut gateway = parsed?;
     validate(file, &gateway)?;
+    load_upstream_tls(file, &mut gateway)?;
 
     let base = file.parent().unwrap_or_else(|| Path::new("."));
     let mut loaded = Vec::new();
@@ -311,6 +312,29 @@ fn bind_policies_to_upstreams(
                 "upstreams: calls this policy covers can be routed to upstream {stray:?}, which it does not name; add it to `upstreams` or narrow the policy (host) or the routes"
             )));
         }
+    }
+    Ok(())
+}
+
+/// Each upstream's TLS files load (and only `https` upstreams have them);
+/// the material is kept in the upstream's configuration.
+fn load_upstream_tls(file: &Path, config: &mut GatewayConfig) -> Result<(), ConfigError> {
+    let base = file.parent().unwrap_or(Path::new("."));
+    for (name, upstream) in &mut config.upstreams {
+        let Some(tls) = &upstream.tls else {
+            continue;
+        };
+        let key = format!("upstreams.{name}.tls");
+        if !upstream.url.tls {
+            return Err(invalid(
+                file,
+                &key,
+                "TLS settings need an https:// url".into(),
+            ));
+        }
+        let material = crate::upstream_tls::UpstreamTls::load(tls, base)
+            .map_err(|why| invalid(file, &key, why))?;
+        upstream.tls_material = Some(std::sync::Arc::new(material));
     }
     Ok(())
 }

@@ -295,6 +295,33 @@ pub struct UpstreamConfig {
     /// upgrade the gateway no longer sees requests on that connection.
     #[serde(default)]
     pub allow_upgrade: bool,
+    /// TLS to an `https` upstream: a private CA, a client certificate.
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsConfig>,
+    /// `tls`, read and checked by [`load`] (files relative to the
+    /// configuration file).
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub tls_material: Option<std::sync::Arc<crate::upstream_tls::UpstreamTls>>,
+}
+
+/// `upstreams.<name>.tls`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// PEM bundle of the CA(s) that issue the upstream's certificate; only
+    /// they are trusted for it (not the public roots).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// PEM certificate chain the gateway presents (mTLS), with its key.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// Development only: accept any certificate. Logged at start; refused
+    /// by `countersign check --production`.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
 }
 
 fn default_connect_timeout() -> Duration {

@@ -87,6 +87,9 @@ fn build_peer(config: &UpstreamConfig, address: SocketAddr) -> HttpPeer {
     peer.options.read_timeout = Some(config.timeout);
     peer.options.write_timeout = Some(config.timeout);
     peer.options.idle_timeout = Some(Duration::from_secs(60));
+    if let Some(tls) = &config.tls_material {
+        tls.configure_peer(&mut peer);
+    }
     peer
 }
 

@@ -95,6 +95,9 @@ impl Countersign {
             upstreams: upstreams
                 .into_iter()
                 .map(|(name, config)| {
+                    if config.tls.as_ref().is_some_and(|t| t.insecure_skip_verify) {
+                        tracing::warn!(upstream = %name, "TLS certificates of this upstream are not verified (tls.insecure_skip_verify): for development only");
+                    }
                     let upstream = Upstream::new(name.clone(), config, &metrics);
                     (name, Arc::new(upstream))
                 })

@@ -3,6 +3,7 @@
 //! in-process on ephemeral ports.
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod permissive;
 pub mod process;
 
