@@ -4,7 +4,8 @@
 //!
 //! Each operation is a distinct call (its own `qty`, so its own binding
 //! message and approval); some carry an `Idempotency-Key`; some come in
-//! bursts for one person (the per-person limit's case).
+//! bursts for one person (the per-person limit's case); one in five is
+//! countersigned (four eyes: the person and two countersigners).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,12 +22,20 @@ use super::{now_ms, BOUND, EXPIRY, PEOPLE, USER_HEADER};
 /// then 202).
 pub const ASYNC_PATH: &str = "/buy";
 pub const HELD_PATH: &str = "/buy-held";
+/// The countersigned policy's path (held 3 s, then 202).
+pub const QUORUM_PATH: &str = "/buy-countersigned";
 pub const PRODUCT: &str = "XYZ phone";
 
 /// The binding message of the call with this `qty` (see the policies in
 /// `world.rs`).
 pub fn message(qty: u64) -> String {
     format!("Buy {qty} {PRODUCT}")
+}
+
+/// The countersigners' binding message of `person`'s countersigned call
+/// with this `qty`.
+pub fn countersign_message(person: &str, qty: u64) -> String {
+    format!("Countersign: {person} buys {qty} {PRODUCT}")
 }
 
 /// One request of an operation and what came back.
@@ -142,10 +151,12 @@ impl Agents {
             let mut tasks = Vec::new();
             for _ in 0..burst {
                 let qty = self.next_qty.fetch_add(1, Ordering::SeqCst);
-                let path = if rng.random_bool(0.7) {
-                    ASYNC_PATH
-                } else {
-                    HELD_PATH
+                // One in five countersigned; the others async or held,
+                // 70:30.
+                let path = match rng.random_range(0..100) {
+                    0..20 => QUORUM_PATH,
+                    20..76 => ASYNC_PATH,
+                    _ => HELD_PATH,
                 };
                 let idempotency_key = rng
                     .random_bool(0.3)

@@ -1,7 +1,9 @@
-//! The person: polls the authorization server's pending CIBA requests and
-//! approves or denies each after a while, or never answers (it expires).
-//! The choice is drawn from the run's seed and the request's binding
-//! message, so a replay decides the same call the same way.
+//! The people: polls the authorization server's pending CIBA requests,
+//! whoever they are for (the person a call is made for, or one of its
+//! countersigners), and approves or denies each after a while, or never
+//! answers (it expires). The choice is drawn from the run's seed, the
+//! request's binding message and who it asks, so a replay decides the same
+//! call the same way, and two countersigners of one call independently.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -107,17 +109,26 @@ impl Approver {
                     continue;
                 }
                 // The same call asked twice is decided independently.
-                let nth = asked.entry(push.binding_message.clone()).or_default();
+                let asks = format!("{}#{}", push.binding_message, push.sub);
+                let nth = asked.entry(asks.clone()).or_default();
                 *nth += 1;
                 let mut rng = StdRng::seed_from_u64(super::schedule::sub_seed(
                     self.seed,
-                    &format!("{}#{nth}", push.binding_message),
+                    &format!("{asks}#{nth}"),
                 ));
                 let roll = rng.random_range(0..100);
                 let delay = Duration::from_millis(rng.random_range(200..6000));
+                // Countersigners approve more often than people do (70:15,
+                // not 55:25), so that a fair share of countersigned calls
+                // is forwarded: each needs three yeses.
+                let (yes, no) = if push.binding_message.starts_with("Countersign:") {
+                    (70, 85)
+                } else {
+                    (55, 80)
+                };
                 let approve = match roll {
-                    0..55 => true,
-                    55..80 => false,
+                    r if r < yes => true,
+                    r if r < no => false,
                     // Never answered: it expires.
                     _ => continue,
                 };

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
-use super::agents::{message, Final, Op};
+use super::agents::{message, Final, Op, QUORUM_PATH};
 use super::approver::{Decision, Push};
 use super::store::Seen;
 use super::upstream::Arrival;
@@ -23,10 +23,11 @@ pub struct History {
 }
 
 /// The invariants in the order the summary prints them.
-pub const INVARIANTS: [&str; 7] = [
+pub const INVARIANTS: [&str; 8] = [
     "unfinished",
     "double_forward",
     "unapproved_forward",
+    "refused_forward",
     "second_push",
     "limit_breach",
     "answer_mismatch",
@@ -116,6 +117,72 @@ fn body_message(arrival: &Arrival) -> Option<String> {
     arrival.body["qty"].as_u64().map(message)
 }
 
+/// Who was asked what: a binding message and the subject asked. The
+/// person's question names the call; a countersigned call's countersigners
+/// share one question, each asked on their own.
+type Asked<'a> = (&'a str, &'a str);
+
+/// What is wrong with `arrival`, forwarded under approval `a`, as a call of
+/// its policy: on the countersigned path, the approval of a countersigned
+/// call (not a countersigner's), whose verified countersigners (at least
+/// `min`, as `countersign-verify` checked) were each asked for this call
+/// and approved it; elsewhere, no countersigned approval and no
+/// `Countersign-Tokens`.
+fn quorum_wrongs(
+    arrival: &Arrival,
+    a: &Seen,
+    members_of: &HashMap<&str, Vec<&Seen>>,
+    said_yes: &dyn Fn(&Seen) -> bool,
+) -> Vec<String> {
+    let mut wrong = Vec::new();
+    if a.parent_id.is_some() {
+        wrong.push(format!(
+            "forwarded under a countersigner's approval (of {:?})",
+            a.parent_id
+        ));
+    }
+    if arrival.path != QUORUM_PATH {
+        if a.countersign_min.is_some() {
+            wrong.push("a countersigned approval on an ordinary path".to_owned());
+        }
+        if arrival.countersign_tokens > 0 {
+            wrong.push("Countersign-Tokens on a call nobody countersigned".to_owned());
+        }
+        return wrong;
+    }
+    let Some(min) = a.countersign_min else {
+        wrong.push("not a countersigned call's approval".to_owned());
+        return wrong;
+    };
+    let min = usize::try_from(min).unwrap_or(usize::MAX);
+    if arrival.binding_refused.is_none() && arrival.countersigners.len() < min {
+        wrong.push(format!(
+            "{} countersigners, {min} needed: {:?}",
+            arrival.countersigners.len(),
+            arrival.countersigners
+        ));
+    }
+    let members = members_of.get(a.id.as_str()).map_or(&[][..], Vec::as_slice);
+    for sub in &arrival.countersigners {
+        match members.iter().find(|m| &m.subject == sub) {
+            None => wrong.push(format!("countersigned by {sub}, who was not asked for it")),
+            Some(m) if !said_yes(m) => {
+                wrong.push(format!(
+                    "countersigned by {sub}, who approved no request for it"
+                ));
+            }
+            Some(m) if !matches!(m.state.as_str(), "approved" | "done") => {
+                wrong.push(format!(
+                    "countersigned by {sub}, whose approval is {}",
+                    m.state
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    wrong
+}
+
 pub fn check(history: &History) -> Report {
     let mut report = Report::default();
     let approvals: HashMap<&str, &Seen> = history
@@ -123,25 +190,57 @@ pub fn check(history: &History) -> Report {
         .iter()
         .map(|a| (a.id.as_str(), a))
         .collect();
-    let mut by_message: HashMap<&str, Vec<&Seen>> = HashMap::new();
+    let mut by_message: HashMap<Asked, Vec<&Seen>> = HashMap::new();
     for approval in &history.approvals {
         by_message
-            .entry(approval.binding_message.as_str())
+            .entry((approval.binding_message.as_str(), approval.subject.as_str()))
             .or_default()
             .push(approval);
     }
     for list in by_message.values_mut() {
         list.sort_by_key(|a| (a.created_at, a.first_seen_ms));
     }
-    let mut pushes_by_message: HashMap<&str, Vec<&Push>> = HashMap::new();
+    let mut pushes_by_message: HashMap<Asked, Vec<&Push>> = HashMap::new();
     for push in &history.pushes {
         pushes_by_message
-            .entry(push.binding_message.as_str())
+            .entry((push.binding_message.as_str(), push.sub.as_str()))
             .or_default()
             .push(push);
     }
     for list in pushes_by_message.values_mut() {
         list.sort_by_key(|p| p.created_at_ms);
+    }
+    // The store names the request each approval asked, while it keeps it.
+    let push_by_id: HashMap<&str, &Push> = history
+        .pushes
+        .iter()
+        .map(|p| (p.auth_req_id.as_str(), p))
+        .collect();
+    let approval_by_push: HashMap<&str, &Seen> = history
+        .approvals
+        .iter()
+        .filter_map(|a| Some((a.auth_req_id.as_deref()?, a)))
+        .collect();
+    // What the authorization server says became of an approval's request.
+    let asked_status = |a: &Seen| -> Option<&str> {
+        let push = a.auth_req_id.as_deref().and_then(|r| push_by_id.get(r));
+        push.map(|p| p.status.as_str())
+    };
+    // Whether `a`'s subject approved a request for its question.
+    let said_yes = |a: &Seen| -> bool {
+        match asked_status(a) {
+            Some(status) => matches!(status, "approved" | "redeemed"),
+            None => pushes_by_message
+                .get(&(a.binding_message.as_str(), a.subject.as_str()))
+                .is_some_and(|p| p.iter().any(|p| is_approved(p))),
+        }
+    };
+    // A countersigned call's countersigners' approvals.
+    let mut members_of: HashMap<&str, Vec<&Seen>> = HashMap::new();
+    for a in &history.approvals {
+        if let Some(parent) = a.parent_id.as_deref() {
+            members_of.entry(parent).or_default().push(a);
+        }
     }
     let mut arrivals_by_id: HashMap<&str, Vec<&Arrival>> = HashMap::new();
     for arrival in &history.arrivals {
@@ -238,11 +337,13 @@ pub fn check(history: &History) -> Report {
         // The token must name exactly this call (a second arrival of one
         // approval is `double_forward`'s, and keys the upstream could not
         // fetch are the token check's above).
-        if let Some(code) = arrival
-            .binding_refused
-            .as_deref()
-            .filter(|c| c.starts_with("binding_") || c.starts_with("insufficient_scope"))
-        {
+        // On the countersigned path, so must `COUNTERSIGN_MIN` others'
+        // tokens (`countersign_*`): a partial quorum is an unapproved call.
+        if let Some(code) = arrival.binding_refused.as_deref().filter(|c| {
+            c.starts_with("binding_")
+                || c.starts_with("insufficient_scope")
+                || c.starts_with("countersign_")
+        }) {
             wrong.push(format!("the token does not bind this call: {code}"));
         }
         match approvals.get(id) {
@@ -266,12 +367,10 @@ pub fn check(history: &History) -> Report {
                         arrival.body, a.binding_message
                     ));
                 }
-                let said_yes = pushes_by_message
-                    .get(a.binding_message.as_str())
-                    .is_some_and(|p| p.iter().any(|p| is_approved(p)));
-                if !said_yes {
+                if !said_yes(a) {
                     wrong.push("the person approved no request for this call".to_owned());
                 }
+                wrong.extend(quorum_wrongs(arrival, a, &members_of, &said_yes));
             }
         }
         if !wrong.is_empty() {
@@ -286,20 +385,98 @@ pub fn check(history: &History) -> Report {
         }
     }
 
+    // 3b. A countersigned call someone refused is never forwarded. Sound
+    // whatever the timing: the person's own request denied; so many
+    // countersigners' requests denied that fewer than `min` could approve;
+    // or a reading of the store that showed the call unclaimed, a
+    // countersigner's refusal recorded and the quorum not reached (a
+    // refusal is final, so whoever completes the call later sees it; an
+    // extra countersigner's "no" recorded once the quorum stands may race
+    // the forward, and is not one).
+    for id in arrivals_by_id.keys() {
+        let Some(parent) = approvals.get(id) else {
+            continue;
+        };
+        let Some(min) = parent.countersign_min else {
+            continue;
+        };
+        let min = usize::try_from(min).unwrap_or(0);
+        let members = members_of.get(id).map_or(&[][..], Vec::as_slice);
+        let mut wrong = Vec::new();
+        if asked_status(parent) == Some("denied") {
+            wrong.push(format!("{} (the person) denied it", parent.subject));
+        }
+        let denied: Vec<&str> = members
+            .iter()
+            .filter(|m| asked_status(m) == Some("denied"))
+            .map(|m| m.subject.as_str())
+            .collect();
+        if members.len() - denied.len() < min {
+            wrong.push(format!(
+                "countersigners {denied:?} denied it: {} of {} could approve, {min} needed",
+                members.len() - denied.len(),
+                members.len()
+            ));
+        }
+        let mut instants: Vec<i64> = std::iter::once(*parent)
+            .chain(members.iter().copied())
+            .flat_map(|a| a.states.iter().map(|(at, _)| *at))
+            .collect();
+        instants.sort_unstable();
+        instants.dedup();
+        for t in instants {
+            let person = parent.state_at(t);
+            if !matches!(person, Some("pending" | "approved")) {
+                continue;
+            }
+            let refused: Vec<String> = members
+                .iter()
+                .filter_map(|m| {
+                    m.state_at(t)
+                        .filter(|s| matches!(*s, "denied" | "expired" | "failed"))
+                        .map(|s| format!("{} {s}", m.subject))
+                })
+                .collect();
+            let approved = members
+                .iter()
+                .filter(|m| m.state_at(t) == Some("approved"))
+                .count();
+            if !refused.is_empty() && (person != Some("approved") || approved < min) {
+                wrong.push(format!(
+                    "the store read at unix ms {t} showed {refused:?}, the person {}, {approved} of {min} countersigners approved",
+                    person.unwrap_or_default()
+                ));
+                break;
+            }
+        }
+        if !wrong.is_empty() {
+            report.add(
+                "refused_forward",
+                format!(
+                    "countersigned call {id} ('{}', {}) reached the upstream: {}",
+                    parent.binding_message,
+                    parent.subject,
+                    wrong.join("; ")
+                ),
+            );
+        }
+    }
+
     // 4. At most one bc-authorize per approval: a call's requests are at
     // most its approvals (a failed approval's retry is a new approval).
-    for (message, pushes) in &pushes_by_message {
-        let count = by_message.get(message).map_or(0, Vec::len);
+    for (asked, pushes) in &pushes_by_message {
+        let (message, sub) = asked;
+        let count = by_message.get(asked).map_or(0, Vec::len);
         if pushes.len() > count {
             let created: Vec<i64> = pushes.iter().map(|p| p.created_at_ms).collect();
             let ids: Vec<String> = by_message
-                .get(message)
+                .get(asked)
                 .map(|l| l.iter().map(|a| format!("{} {}", a.id, a.state)).collect())
                 .unwrap_or_default();
             report.add(
                 "second_push",
                 format!(
-                    "'{message}': {} bc-authorize (at unix ms {created:?}) for {count} approval(s) {ids:?}",
+                    "'{message}' to {sub}: {} bc-authorize (at unix ms {created:?}) for {count} approval(s) {ids:?}",
                     pushes.len()
                 ),
             );
@@ -317,8 +494,8 @@ pub fn check(history: &History) -> Report {
         .map(|d| (d.auth_req_id.as_str(), d.at_ms))
         .collect();
     let mut events: BTreeMap<&str, Vec<(i64, i32, &str)>> = BTreeMap::new();
-    for (message, pushes) in &pushes_by_message {
-        let matched = by_message.get(message);
+    for (asked, pushes) in &pushes_by_message {
+        let matched = by_message.get(asked);
         for (k, push) in pushes.iter().enumerate() {
             let mut end = push.expires_at_ms;
             if let Some(at) = decided.get(push.auth_req_id.as_str()) {
@@ -326,7 +503,13 @@ pub fn check(history: &History) -> Report {
                     end = end.min(*at);
                 }
             }
-            if let Some(a) = matched.and_then(|l| l.get(k)) {
+            // The approval that asked it, by its auth_req_id, or else the
+            // k-th of that question.
+            let approval = approval_by_push
+                .get(push.auth_req_id.as_str())
+                .copied()
+                .or_else(|| matched.and_then(|l| l.get(k)).copied());
+            if let Some(a) = approval {
                 for at in [a.decided_at, a.final_seen_ms].into_iter().flatten() {
                     end = end.min(at);
                 }
@@ -405,7 +588,7 @@ pub fn check(history: &History) -> Report {
             },
             (_, Some("outcome_unknown")) => {
                 let said_yes = pushes_by_message
-                    .get(call.as_str())
+                    .get(&(call.as_str(), op.person))
                     .is_some_and(|p| p.iter().any(|p| is_approved(p)));
                 if !said_yes {
                     wrong.push("outcome_unknown, but the person never approved".to_owned());
@@ -476,7 +659,7 @@ pub fn check(history: &History) -> Report {
     for push in &history.pushes {
         if push.slow_downs > 0 {
             let ids: Vec<&str> = by_message
-                .get(push.binding_message.as_str())
+                .get(&(push.binding_message.as_str(), push.sub.as_str()))
                 .map(|l| l.iter().map(|a| a.id.as_str()).collect())
                 .unwrap_or_default();
             report.note(
@@ -494,11 +677,15 @@ pub fn check(history: &History) -> Report {
         if a.state != "expired" {
             continue;
         }
-        let ended = [a.decided_at, a.final_seen_ms].into_iter().flatten().min();
+        // A countersigned call's person who approved first has the answer's
+        // time as `decided_at`: it ended when it was seen ended.
+        let answered_first = a.states.iter().any(|(_, s)| s == "approved");
+        let decided_at = a.decided_at.filter(|_| !answered_first);
+        let ended = [decided_at, a.final_seen_ms].into_iter().flatten().min();
         if let Some(ended) = ended {
             if ended < a.expires_at - 2000 {
                 let person = pushes_by_message
-                    .get(a.binding_message.as_str())
+                    .get(&(a.binding_message.as_str(), a.subject.as_str()))
                     .map(|p| p.iter().map(|p| p.status.as_str()).collect::<Vec<_>>())
                     .unwrap_or_default();
                 report.note(
@@ -518,7 +705,7 @@ pub fn check(history: &History) -> Report {
 
 #[cfg(test)]
 mod tests {
-    use super::super::agents::Attempt;
+    use super::super::agents::{countersign_message, Attempt};
     use super::super::upstream::Behaviour;
     use super::*;
     use serde_json::json;
@@ -534,6 +721,9 @@ mod tests {
             created_at: created,
             expires_at: created + 20_000,
             decided_at: Some(created + 3_000),
+            parent_id: None,
+            countersign_min: None,
+            auth_req_id: None,
             first_seen_ms: created,
             final_seen_ms: Some(created + 3_500),
             states: vec![],
@@ -562,6 +752,8 @@ mod tests {
             token_sub: Some("alice".into()),
             token_buys: true,
             binding_refused: None,
+            countersign_tokens: 0,
+            countersigners: vec![],
             body: json!({ "qty": qty }),
             behaviour: Behaviour::Answer,
             answered: true,
@@ -610,6 +802,115 @@ mod tests {
             decisions: vec![],
             limit: 2,
         }
+    }
+
+    /// `history()` and alice's countersigned call `Buy 10`: approval q1,
+    /// countersigned by the finance lead (q2) and dave (q3) before carol
+    /// (q4) answered, forwarded once with their two tokens.
+    fn quorum_history() -> History {
+        let mut h = history();
+        let states = |list: &[(i64, &str)]| -> Vec<(i64, String)> {
+            list.iter().map(|(t, s)| (*t, (*s).to_owned())).collect()
+        };
+        let mut parent = seen("q1", 10, "done", 10_000);
+        parent.countersign_min = Some(2);
+        parent.auth_req_id = Some("rq".into());
+        parent.states = states(&[(10_000, "pending"), (11_000, "approved"), (12_000, "done")]);
+        h.approvals.push(parent);
+        h.pushes.push(push("rq", 10, 10_100, "redeemed"));
+        for (id, sub, state, status) in [
+            ("q2", "finance-lead", "done", "redeemed"),
+            ("q3", "dave", "done", "redeemed"),
+            ("q4", "carol", "failed", "expired"),
+        ] {
+            let mut member = seen(id, 10, state, 10_000);
+            member.subject = sub.into();
+            member.binding_message = countersign_message("alice", 10);
+            member.parent_id = Some("q1".into());
+            member.auth_req_id = Some(format!("r{id}"));
+            member.states = if state == "done" {
+                states(&[(10_000, "pending"), (11_000, "approved"), (12_000, "done")])
+            } else {
+                states(&[(10_000, "pending"), (12_000, state)])
+            };
+            h.approvals.push(member);
+            let mut p = push(&format!("r{id}"), 10, 10_050, status);
+            p.sub = sub.into();
+            p.binding_message = countersign_message("alice", 10);
+            h.pushes.push(p);
+        }
+        let mut forwarded = arrival("q1", 10);
+        forwarded.path = QUORUM_PATH.into();
+        forwarded.countersign_tokens = 2;
+        forwarded.countersigners = vec!["finance-lead".into(), "dave".into()];
+        h.arrivals.push(forwarded);
+        h.ops.push(op(10, 200, None, "q1"));
+        h
+    }
+
+    fn member<'a>(h: &'a mut History, id: &str) -> &'a mut Seen {
+        h.approvals.iter_mut().find(|a| a.id == id).unwrap()
+    }
+
+    fn asked<'a>(h: &'a mut History, auth_req_id: &str) -> &'a mut Push {
+        h.pushes
+            .iter_mut()
+            .find(|p| p.auth_req_id == auth_req_id)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_clean_countersigned_history_passes() {
+        let report = check(&quorum_history());
+        assert!(report.ok(), "{}", report.evidence(5));
+    }
+
+    #[test]
+    fn each_quorum_invariant_catches_its_violation() {
+        // Forwarded on a partial quorum: the verifier refused it.
+        let mut h = quorum_history();
+        h.arrivals[1].binding_refused = Some("countersign_insufficient".into());
+        h.arrivals[1].countersigners = vec!["dave".into()];
+        let report = check(&h);
+        assert_eq!(
+            report.count("unapproved_forward"),
+            1,
+            "{}",
+            report.evidence(5)
+        );
+
+        // Countersigned by someone not asked for this call.
+        let mut h = quorum_history();
+        h.arrivals[1].countersigners = vec!["bob".into(), "dave".into()];
+        assert_eq!(check(&h).count("unapproved_forward"), 1);
+
+        // A countersigned call forwarded twice.
+        let mut h = quorum_history();
+        h.arrivals.push(h.arrivals[1].clone());
+        assert_eq!(check(&h).count("double_forward"), 1);
+
+        // Forwarded though the person denied.
+        let mut h = quorum_history();
+        asked(&mut h, "rq").status = "denied".into();
+        let report = check(&h);
+        assert_eq!(report.count("refused_forward"), 1, "{}", report.evidence(5));
+
+        // Forwarded though two of three countersigners denied.
+        let mut h = quorum_history();
+        asked(&mut h, "rq4").status = "denied".into();
+        asked(&mut h, "rq3").status = "denied".into();
+        assert_eq!(check(&h).count("refused_forward"), 1);
+
+        // Carol's "no" was recorded before the quorum stood.
+        let mut h = quorum_history();
+        asked(&mut h, "rq4").status = "denied".into();
+        member(&mut h, "q4").states = vec![(10_000, "pending".into()), (10_500, "denied".into())];
+        let report = check(&h);
+        assert_eq!(report.count("refused_forward"), 1, "{}", report.evidence(5));
+        // ...not when it came once the quorum stood (it may race the forward).
+        member(&mut h, "q4").states = vec![(10_000, "pending".into()), (11_500, "denied".into())];
+        let report = check(&h);
+        assert!(report.ok(), "{}", report.evidence(5));
     }
 
     #[test]

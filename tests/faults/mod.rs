@@ -18,6 +18,12 @@ pub use crate::support::USER_HEADER;
 /// The people agents act for (users the CIBA peer knows).
 pub const PEOPLE: [&str; 3] = ["alice", "bob", "carol"];
 
+/// Who countersigns the countersigned policy's calls (fixed subjects; one
+/// is a person agents act for, so carol's own calls have two candidates,
+/// everyone else's three) and how many must approve besides the person.
+pub const COUNTERSIGNERS: [&str; 3] = ["finance-lead", "dave", "carol"];
+pub const COUNTERSIGN_MIN: usize = 2;
+
 /// Every policy's `requested_expiry`.
 pub const EXPIRY: Duration = Duration::from_secs(20);
 

@@ -34,16 +34,34 @@ pub struct Seen {
     pub created_at: i64,
     pub expires_at: i64,
     pub decided_at: Option<i64>,
+    /// Four eyes: the call a countersigner's approval belongs to, and on
+    /// the call's own approval (the parent) how many must countersign.
+    pub parent_id: Option<String>,
+    pub countersign_min: Option<i64>,
+    /// The CIBA request it asked (the first one seen: the store forgets it
+    /// after the replay window), to name the authorization server's record.
+    pub auth_req_id: Option<String>,
     /// The suite's clock, unix ms.
     pub first_seen_ms: i64,
     pub final_seen_ms: Option<i64>,
-    /// Every state it was seen in, in order, with when.
+    /// Every state it was seen in, in order, with when (the suite's clock
+    /// when it read the store: one instant for every row of a reading, so
+    /// the states of several approvals at one reading can be compared).
     pub states: Vec<(i64, String)>,
 }
 
 impl Seen {
     pub fn is_final(&self) -> bool {
         FINAL_STATES.contains(&self.state.as_str())
+    }
+
+    /// Its state at the reading of instant `t` (`None`: not seen yet).
+    pub fn state_at(&self, t: i64) -> Option<&str> {
+        self.states
+            .iter()
+            .rev()
+            .find(|(at, _)| *at <= t)
+            .map(|(_, state)| state.as_str())
     }
 }
 
@@ -56,7 +74,8 @@ pub enum StoreReader {
 }
 
 const COLUMNS: &str = "id, subject, binding_message, state, problem_code, response_status, \
-                       created_at, expires_at, decided_at";
+                       created_at, expires_at, decided_at, parent_id, countersign_min, \
+                       ciba_auth_req_id";
 
 impl StoreReader {
     pub async fn sqlite(path: PathBuf) -> Self {
@@ -100,6 +119,9 @@ impl StoreReader {
                         created_at: r.get("created_at"),
                         expires_at: r.get("expires_at"),
                         decided_at: r.get("decided_at"),
+                        parent_id: r.get("parent_id"),
+                        countersign_min: r.get("countersign_min"),
+                        auth_req_id: r.get("ciba_auth_req_id"),
                         first_seen_ms: now,
                         final_seen_ms: None,
                         states: Vec::new(),
@@ -175,7 +197,9 @@ impl Sightings {
             let first_seen_ms = entry.first_seen_ms;
             let final_seen_ms = entry.final_seen_ms;
             let states = std::mem::take(&mut entry.states);
+            let auth_req_id = entry.auth_req_id.take().or(row.auth_req_id.clone());
             *entry = Seen {
+                auth_req_id,
                 first_seen_ms,
                 final_seen_ms: final_seen_ms.or(row.is_final().then_some(now)),
                 states,

@@ -1,6 +1,8 @@
 //! The recording upstream: verifies each request's bearer token as the
 //! shop does (the authorization server's JWKS, the shop's audience, scope
-//! `product:buy`), logs every request it receives with the approval id the
+//! `product:buy`; on the countersigned path also `Countersign-Tokens`, with
+//! `COUNTERSIGN_MIN` countersigners required), logs every request it
+//! receives with the approval id the
 //! gateway sends, and answers; or, as a fault, answers late or hangs up
 //! without an answer. A small HTTP/1.1 server on raw sockets, so that a
 //! hang-up is a real one (the request was read, no answer ever comes).
@@ -13,8 +15,19 @@ use countersign::demo::shop::{BUY_SCOPE, SHOP_AUDIENCE};
 use countersign::identity::JwtVerifier;
 use countersign_verify::Verifier;
 use serde_json::{json, Value};
+
+use super::agents::QUORUM_PATH;
+use super::COUNTERSIGN_MIN;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+/// `countersign-verify` as an API configures it: one verifier per route.
+struct Binding {
+    /// The ordinary policies' paths: the person's token alone.
+    single: Verifier,
+    /// The countersigned path: and `COUNTERSIGN_MIN` countersigners.
+    quorum: Verifier,
+}
 
 /// What the upstream does with the requests it receives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,8 +54,16 @@ pub struct Arrival {
     pub token_buys: bool,
     /// Why `countersign-verify` found the token not bound to exactly this
     /// call (`binding_missing`, `binding_mismatch` on a field, ...); `None`
-    /// when it is (docs/call-binding.md).
+    /// when it is (docs/call-binding.md). On the countersigned path the
+    /// verifier also requires `COUNTERSIGN_MIN` countersigners' tokens for
+    /// the same call (`countersign_missing`, `countersign_invalid`,
+    /// `countersign_insufficient`).
     pub binding_refused: Option<String>,
+    /// Tokens in `Countersign-Tokens` (0: no such header).
+    pub countersign_tokens: usize,
+    /// The countersigners `countersign-verify` accepted, besides the person
+    /// (countersigned path only; empty when it refused).
+    pub countersigners: Vec<String>,
     pub body: Value,
     pub behaviour: Behaviour,
     /// The whole answer was written to the socket.
@@ -67,11 +88,18 @@ impl RecordingUpstream {
             SHOP_AUDIENCE,
             "sub",
         ));
-        let binding = Verifier::new(countersign_verify::Config {
-            required_scopes: vec![BUY_SCOPE.to_owned()],
-            ..countersign_verify::Config::new(issuer, SHOP_AUDIENCE, jwks_uri.as_str())
-        })
-        .expect("the verifier's configuration");
+        let verifier_with = |countersigners: usize| {
+            Verifier::new(countersign_verify::Config {
+                required_scopes: vec![BUY_SCOPE.to_owned()],
+                required_countersigners: countersigners,
+                ..countersign_verify::Config::new(issuer, SHOP_AUDIENCE, jwks_uri.as_str())
+            })
+            .expect("the verifier's configuration")
+        };
+        let binding = Arc::new(Binding {
+            single: verifier_with(0),
+            quorum: verifier_with(COUNTERSIGN_MIN),
+        });
         let log = Arc::new(Mutex::new(Vec::new()));
         let behaviour = Arc::new(Mutex::new(Behaviour::Answer));
         let (task_log, task_behaviour) = (log.clone(), behaviour.clone());
@@ -171,7 +199,7 @@ fn binding_of(
 async fn serve(
     mut stream: TcpStream,
     verifier: &JwtVerifier,
-    binding: &Verifier,
+    binding: &Binding,
     log: &Mutex<Vec<Arrival>>,
     behaviour: Behaviour,
     epoch: Instant,
@@ -206,17 +234,26 @@ async fn serve(
             .split(' ')
             .any(|s| s == BUY_SCOPE)
     });
-    let binding_refused = match binding_of(&method, &path, &headers) {
-        Some(parts) => binding
-            .verify(&parts, &body)
-            .await
-            .err()
-            .map(|r| match r.field() {
-                Some(field) => format!("{} ({field})", r.code()),
-                None => r.code().to_owned(),
-            }),
-        None => Some("an unreadable request line".to_owned()),
+    let verifier = if path == QUORUM_PATH {
+        &binding.quorum
+    } else {
+        &binding.single
     };
+    let (binding_refused, countersigners) = match binding_of(&method, &path, &headers) {
+        Some(parts) => match verifier.verify(&parts, &body).await {
+            Ok(approval) => (None, approval.countersigners),
+            Err(r) => (
+                Some(match r.field() {
+                    Some(field) => format!("{} ({field})", r.code()),
+                    None => r.code().to_owned(),
+                }),
+                Vec::new(),
+            ),
+        },
+        None => (Some("an unreadable request line".to_owned()), Vec::new()),
+    };
+    let countersign_tokens = header("countersign-tokens")
+        .map_or(0, |v| v.split(',').filter(|t| !t.trim().is_empty()).count());
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let approval_id = header("x-countersign-approval-id");
     let index = {
@@ -229,6 +266,8 @@ async fn serve(
             token_sub: token_sub.clone(),
             token_buys,
             binding_refused,
+            countersign_tokens,
+            countersigners,
             body: body.clone(),
             behaviour,
             answered: false,

@@ -12,14 +12,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::agents::{Agents, ASYNC_PATH, HELD_PATH};
+use super::agents::{Agents, ASYNC_PATH, HELD_PATH, QUORUM_PATH};
 use super::approver::Approver;
 use super::check::{check, History};
 use super::proxy::TcpProxy;
 use super::schedule::{schedule, Fault, Planned, Scenario, LEASE};
 use super::store::{Sightings, StoreReader};
 use super::upstream::{Behaviour, RecordingUpstream};
-use super::{now_ms, BOUND, EXPIRY, LIMIT};
+use super::{now_ms, BOUND, COUNTERSIGNERS, COUNTERSIGN_MIN, EXPIRY, LIMIT};
 use crate::support::process::{GatewayProcess, TestDatabase, PG_HOST, PG_PORT};
 use crate::support::{free_port, Peer};
 
@@ -61,10 +61,20 @@ fn policies() -> String {
             expiry = EXPIRY.as_secs()
         )
     };
+    // Four eyes: the person and COUNTERSIGN_MIN of the countersigners.
+    let countersign = format!(
+        r#"    countersign:
+      subjects: [{subjects}]
+      min: {COUNTERSIGN_MIN}
+      binding_message: "Countersign: {{{{user.sub}}}} buys {{{{qty}}}} {{{{product}}}}"
+"#,
+        subjects = COUNTERSIGNERS.join(", ")
+    );
     format!(
-        "policies:\n{}{}",
+        "policies:\n{}{}{}{countersign}",
         policy("fault-buy-async", ASYNC_PATH, "async"),
-        policy("fault-buy-held", HELD_PATH, "{ hold: 3s }")
+        policy("fault-buy-held", HELD_PATH, "{ hold: 3s }"),
+        policy("fault-buy-countersigned", QUORUM_PATH, "{ hold: 3s }")
     )
 }
 
@@ -478,8 +488,27 @@ pub async fn run(scenario: Scenario) {
         .iter()
         .filter(|o| matches!(o.result, super::agents::Final::Answer { .. }))
         .count();
+    // Four eyes: the countersigned calls, their countersigners' requests,
+    // how many reached the upstream and how many were refused.
+    let quorum_ops = history.ops.iter().filter(|o| o.path == QUORUM_PATH).count();
+    let countersign_pushes = history
+        .pushes
+        .iter()
+        .filter(|p| p.binding_message.starts_with("Countersign:"))
+        .count();
+    let quorum_forwards = history
+        .arrivals
+        .iter()
+        .filter(|a| a.path == QUORUM_PATH)
+        .count();
+    let quorum_refused = history
+        .approvals
+        .iter()
+        .filter(|a| a.countersign_min.is_some() && a.parent_id.is_none())
+        .filter(|a| matches!(a.state.as_str(), "denied" | "expired"))
+        .count();
     let summary = format!(
-        "faults {name} seed={seed} seconds={seconds} ran={:.0}s faults={} [{kinds}] ops={} answered={answered} approvals={} pushes={} forwards={} store_read_errors={} | {} | notes: {}",
+        "faults {name} seed={seed} seconds={seconds} ran={:.0}s faults={} [{kinds}] ops={} answered={answered} approvals={} pushes={} forwards={} quorum_ops={quorum_ops} countersign_pushes={countersign_pushes} quorum_forwards={quorum_forwards} quorum_refused={quorum_refused} store_read_errors={} | {} | notes: {}",
         epoch.elapsed().as_secs_f64(),
         applied.len(),
         history.ops.len(),

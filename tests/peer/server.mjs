@@ -76,6 +76,8 @@ const USERS = {
   bob: { name: 'Bob Example', email: 'bob@example.com' },
   carol: { name: 'Carol Example', email: 'carol@example.com' },
   'finance-lead': { name: 'Finance Lead', email: 'finance-lead@example.com' },
+  // A second countersigner (tests/faults: two of three countersign).
+  dave: { name: 'Dave Example', email: 'dave@example.com' },
 };
 
 // Auth0's documented binding_message alphabet, plus space (used in all of Auth0's examples).
