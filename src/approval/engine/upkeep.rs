@@ -146,7 +146,19 @@ impl Engine {
                     if lock(&self.driving).contains(&approval.id) {
                         continue;
                     }
-                    tracing::info!(approval_id = %approval.id, "resuming an approval nobody polls");
+                    let mine = approval.lease_owner.as_deref() == Some(owner.as_str());
+                    if mine && approval.state == ApprovalState::Approved {
+                        // A member of a countersigned call waiting for the
+                        // others, still ours: its completion is looked at
+                        // again (a safety net for a completion the store
+                        // lost), but only once it has waited a lease.
+                        if approval.updated_at + self.config.lease > now {
+                            continue;
+                        }
+                        tracing::debug!(approval_id = %approval.id, "looking again at a countersigned call's approved member");
+                    } else {
+                        tracing::info!(approval_id = %approval.id, "resuming an approval nobody polls");
+                    }
                     if approval
                         .lease_owner
                         .as_ref()
