@@ -314,6 +314,25 @@ fn explain_prints_the_condition_that_let_a_call_pass() {
 }
 
 #[test]
+fn explain_prints_who_countersigns_a_large_transfer() {
+    let out = explain(&[
+        "-H",
+        "x-countersign-user: alice",
+        "--json",
+        r#"{"amount":20000,"to":"bob"}"#,
+        "http://127.0.0.1:8080/transfers",
+    ]);
+    assert!(
+        out.contains("   countersign: 1 of finance-lead must approve too (never the person), each asked \"Countersign: alice sends 20000 to bob\"\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("result: HOLD: policy transfer-large asks alice"),
+        "{out}"
+    );
+}
+
+#[test]
 fn explain_prints_why_a_call_is_refused() {
     // curl's -d sends a form unless told otherwise: the policy shows body
     // fields, so the body must be JSON sent as JSON.

@@ -7,6 +7,7 @@ use std::fmt;
 use serde_json::Value;
 
 use crate::config::DefaultAction;
+use crate::policy::countersign::Countersigners;
 use crate::policy::{Bind, Otherwise, Policy, PolicyMatch, RenderedRequest};
 use crate::request::CanonicalRequest;
 
@@ -74,6 +75,8 @@ pub enum Step {
         authorization_details: Option<Value>,
         /// `bind: call`: the call's binding entry is added when it is held.
         bound: bool,
+        /// Four eyes: who else is asked, how many must approve, and what.
+        countersigners: Option<Countersigners>,
     },
 }
 
@@ -118,6 +121,7 @@ impl Step {
             binding_message: rendered.binding_message.clone(),
             authorization_details: rendered.authorization_details.clone(),
             bound: policy.bind == Bind::Call,
+            countersigners: rendered.countersigners.clone(),
         }
     }
 }
@@ -195,6 +199,7 @@ impl fmt::Display for Step {
                 binding_message,
                 authorization_details,
                 bound,
+                countersigners,
                 ..
             } => {
                 write!(f, "binding message: {binding_message:?}")?;
@@ -203,6 +208,15 @@ impl fmt::Display for Step {
                 }
                 if *bound {
                     f.write_str("\nbind: call: a countersign_call entry (approval id, method, target, host, body_sha256) is added to authorization_details when the call is held")?;
+                }
+                if let Some(c) = countersigners {
+                    write!(
+                        f,
+                        "\ncountersign: {} of {} must approve too (never the person), each asked {:?}",
+                        c.min,
+                        c.subjects.join(", "),
+                        c.binding_message
+                    )?;
                 }
                 Ok(())
             }
