@@ -601,3 +601,133 @@ async fn the_dev_server_refuses_a_dpop_proof_for_another_endpoint() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"], "invalid_dpop_proof", "{body}");
 }
+
+/// The claims of a compact JWS, unverified (the shop verified it).
+fn payload(jwt: &str) -> Value {
+    use base64::Engine as _;
+    let part = jwt.split('.').nth(1).expect("a compact JWS");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// Four eyes as `countersign dev` runs it (its own configuration and
+/// embedded policies): a large transfer asks alice and bob, each with their
+/// own message; the approver page's listing shows each who else was asked
+/// for the same call; the shop gets the call once both approved, with bob's
+/// token in `Countersign-Tokens`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_four_eyes_a_large_transfer_needs_alice_and_bob() {
+    let world = DevWorld::start_as_dev_mode(fast()).await;
+    let call = tokio::spawn(world.transfer("alice", 20_000, "carol").send());
+    let bob = world.wait_pending("bob", 1).await.remove(0);
+    let alice = world.wait_pending("alice", 1).await.remove(0);
+    assert_eq!(
+        bob.binding_message,
+        "Countersign: alice sends 20000 to carol"
+    );
+    assert_eq!(alice.binding_message, "LARGE transfer of 20000 to carol");
+    for request in [&alice, &bob] {
+        assert!(request.scopes.iter().any(|s| s == "payments:transfer"));
+        assert_eq!(request.audience.as_deref(), Some(SHOP_AUDIENCE));
+        // The dev policy's 5m, within dev mode's max_hold.
+        assert!((295..=300).contains(&request.expires_in_s), "{request:?}");
+    }
+    assert_eq!(
+        alice.authorization_details, bob.authorization_details,
+        "the same call binding for both"
+    );
+    without_binding(alice.authorization_details.as_ref().unwrap());
+
+    // What the approver page shows each of them.
+    let listing = world.listing("bob").await;
+    let shown = &listing["requests"][0];
+    assert_eq!(shown["id"], bob.id.as_str());
+    assert_eq!(
+        shown["binding_message"],
+        "Countersign: alice sends 20000 to carol"
+    );
+    assert_eq!(
+        shown["also_asked"],
+        json!([{ "subject": "alice", "state": "pending" }])
+    );
+
+    world.approve(&alice.id).await;
+    // Alice's answer alone is not enough: nothing reaches the shop.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!call.is_finished(), "answered on a partial quorum");
+    assert!(
+        world.shop.received().is_empty(),
+        "forwarded on a partial quorum"
+    );
+    let listing = world.listing("bob").await;
+    assert_eq!(
+        listing["requests"][0]["also_asked"],
+        json!([{ "subject": "alice", "state": "approved" }])
+    );
+    world.approve(&bob.id).await;
+
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(response.status(), 201);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["from"], "alice", "{body}");
+    assert_eq!(body["countersigned_by"], json!(["bob"]), "{body}");
+    assert_eq!(body["amount"], 20_000, "{body}");
+
+    let received = world.shop.received();
+    assert_eq!(received.len(), 1, "forwarded once");
+    assert_eq!(received[0].refused, None, "the shop's verifier took it");
+    assert_eq!(received[0].claims.as_ref().unwrap()["sub"], "alice");
+    let tokens = received[0].headers["countersign-tokens"].to_str().unwrap();
+    let tokens: Vec<&str> = tokens.split(',').map(str::trim).collect();
+    assert_eq!(tokens.len(), 1, "{tokens:?}");
+    let countersigned = payload(tokens[0]);
+    assert_eq!(countersigned["sub"], "bob");
+    assert_eq!(countersigned["iss"], world.authz.issuer());
+    assert_eq!(
+        countersigned["authorization_details"],
+        received[0].claims.as_ref().unwrap()["authorization_details"],
+        "the same call"
+    );
+    assert_eq!(
+        world.authz.requests().len(),
+        2,
+        "nobody asked twice: {:?}",
+        world.authz.requests()
+    );
+}
+
+/// In dev mode a countersigner's no refuses the call, and a smaller
+/// transfer needs the person alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_four_eyes_bobs_no_refuses_and_small_transfers_ask_the_person_only() {
+    let world = DevWorld::start_as_dev_mode(fast()).await;
+    let call = tokio::spawn(world.transfer("alice", 15_000, "carol").send());
+    let bob = world.wait_pending("bob", 1).await.remove(0);
+    let alice = world.wait_pending("alice", 1).await.remove(0);
+    world.approve(&alice.id).await;
+    world.deny(&bob.id).await;
+    let body = problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains("bob"), "{detail}");
+    assert!(world.shop.received().is_empty());
+
+    let call = tokio::spawn(world.transfer("bob", 700, "carol").send());
+    let asked = world.wait_pending("bob", 1).await.remove(0);
+    assert_eq!(asked.binding_message, "Transfer 700 to carol");
+    let listing = world.listing("bob").await;
+    let shown = listing["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == asked.id.as_str())
+        .unwrap();
+    assert_eq!(shown["also_asked"], json!([]), "nobody else");
+    world.approve(&asked.id).await;
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(response.status(), 201);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["countersigned_by"], json!([]), "{body}");
+    assert_eq!(world.shop.received().len(), 1);
+}

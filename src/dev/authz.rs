@@ -885,6 +885,7 @@ async fn list_requests(
     };
     let now = Instant::now();
     let state = authz.state();
+    let everyone = state.all();
     let requests: Vec<Value> = state
         .for_subject(&user, now)
         .into_iter()
@@ -898,6 +899,7 @@ async fn list_requests(
                 "authorization_details": r.request.authorization_details,
                 "client_id": r.request.client_id,
                 "expires_in_ms": r.expires_at.saturating_duration_since(now).as_millis() as u64,
+                "also_asked": also_asked(r, &everyone, now),
             })
         })
         .collect();
@@ -912,6 +914,44 @@ async fn list_requests(
         })),
     )
         .into_response()
+}
+
+/// The approval id of the call a request is bound to: its
+/// `countersign_call` entry (docs/call-binding.md), if it has one.
+fn bound_call(request: &ciba_state::Request) -> Option<&str> {
+    request
+        .request
+        .authorization_details
+        .as_ref()?
+        .as_array()?
+        .iter()
+        .find(|entry| entry["type"] == "countersign_call")?
+        .get("approval")?
+        .as_str()
+}
+
+/// Who else was asked to approve the very same call (four eyes: a gateway
+/// asks the person and each countersigner with the same `countersign_call`
+/// entry), with where their answer stands. Only what this server saw: the
+/// entry does not say who is the person and who countersigns.
+fn also_asked(
+    request: &ciba_state::Request,
+    everyone: &[&ciba_state::Request],
+    now: Instant,
+) -> Vec<Value> {
+    let Some(call) = bound_call(request) else {
+        return Vec::new();
+    };
+    everyone
+        .iter()
+        .filter(|other| {
+            other.id != request.id
+                && other.request.subject != request.request.subject
+                && other.request.client_id == request.request.client_id
+                && bound_call(other) == Some(call)
+        })
+        .map(|other| json!({ "subject": other.request.subject, "state": other.state_label(now) }))
+        .collect()
 }
 
 async fn decide(

@@ -2,7 +2,9 @@
 //! with no configuration, the way `vault server -dev` works. It starts a
 //! development authorization server ([`authz`]) with its approver page (the
 //! stand-in for the person's phone), the example shop API, and the real
-//! gateway with the example shop policies, then says what to try.
+//! gateway with the example shop policies and two transfer policies, the
+//! large one countersigned by another dev user (four eyes), then says what
+//! to try.
 //!
 //! DEVELOPMENT ONLY: the client secret is public, the signing key dies with
 //! the process, and whoever can open the approver page approves.
@@ -30,6 +32,45 @@ pub const SHOP_POLICIES: &str = include_str!("../../policies/shop.yaml");
 
 /// The example MCP policy: `buy_product` on the shop's `/mcp` endpoint.
 pub const MCP_POLICIES: &str = include_str!("../../policies/mcp.yaml");
+
+/// The transfer policies of dev mode, the tiers of `policies/conditions.yaml`
+/// with the dev users as countersigners: from [`shop::LARGE_TRANSFER`] on
+/// (where the shop wants a countersigner's token too) the person and another
+/// dev user must approve; any smaller transfer needs the person alone.
+const TRANSFER_POLICIES: &str = r#"policies:
+  # Four eyes: a large transfer needs the person's approval and another dev
+  # user's. Everyone is asked at once, each with their own message; the
+  # person never countersigns their own call, even though listed.
+  - name: transfer-large
+    match: { methods: [POST], path: /transfers }
+    when: "body.amount >= {large}"
+    require: { scopes: [payments:transfer], audience: "https://shop.example/api" }
+    bind: call
+    binding_message: "LARGE transfer of {{amount}} to {{to}}"
+    body: { only: [amount, to] }
+    countersign:
+      subjects: {subjects}
+      min: 1
+      binding_message: "Countersign: {{user.sub}} sends {{amount}} to {{to}}"
+    requested_expiry: 5m
+  # Any smaller transfer: the person's approval alone.
+  - name: transfer
+    match: { methods: [POST], path: /transfers }
+    require: { scopes: [payments:transfer], audience: "https://shop.example/api" }
+    bind: call
+    binding_message: "Transfer {{amount}} to {{to}}"
+    body: { only: [amount, to] }
+    requested_expiry: 2m
+"#;
+
+/// [`TRANSFER_POLICIES`] for the dev users `users` (checked by
+/// [`check_users`], so each is a plain YAML scalar once quoted).
+pub fn transfer_policies(users: &[String]) -> String {
+    let subjects = serde_json::Value::from(users.to_vec()).to_string();
+    TRANSFER_POLICIES
+        .replace("{large}", &shop::LARGE_TRANSFER.to_string())
+        .replace("{subjects}", &subjects)
+}
 
 /// The header that names the user in dev mode (a trusted component in front
 /// of the gateway would set it in production).
@@ -133,6 +174,28 @@ store: memory
     )
 }
 
+/// The gateway of dev mode: [`gateway_config`] with the embedded shop, MCP
+/// and transfer policies.
+pub fn load_gateway(
+    proxy: SocketAddr,
+    admin: Option<SocketAddr>,
+    shop: SocketAddr,
+    issuer: &str,
+    users: &[String],
+) -> anyhow::Result<config::Config> {
+    let text = gateway_config(proxy, admin, shop, issuer);
+    let transfers = transfer_policies(users);
+    Ok(config::load_embedded(
+        Path::new("<countersign dev>"),
+        &text,
+        &[
+            (Path::new("<embedded>/policies/shop.yaml"), SHOP_POLICIES),
+            (Path::new("<embedded>/policies/mcp.yaml"), MCP_POLICIES),
+            (Path::new("<embedded>/policies/transfers.yaml"), &transfers),
+        ],
+    )?)
+}
+
 /// Runs dev mode until Ctrl-C (or SIGTERM).
 pub fn run(args: DevArgs) -> anyhow::Result<()> {
     check_users(&args.users)?;
@@ -161,15 +224,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
 
     let proxy = SocketAddr::from((Ipv4Addr::LOCALHOST, resolve_port(args.port)?));
     let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, resolve_port(args.admin_port)?));
-    let text = gateway_config(proxy, Some(admin), shop.addr, authz.issuer());
-    let loaded = config::load_embedded(
-        Path::new("<countersign dev>"),
-        &text,
-        &[
-            (Path::new("<embedded>/policies/shop.yaml"), SHOP_POLICIES),
-            (Path::new("<embedded>/policies/mcp.yaml"), MCP_POLICIES),
-        ],
-    )?;
+    let loaded = load_gateway(proxy, Some(admin), shop.addr, authz.issuer(), &args.users)?;
     // Outside the runtime: the gateway builds its own.
     let gateway = Gateway::build(loaded).context("cannot start the gateway")?;
 
@@ -281,6 +336,44 @@ fn instructions(
         "     It answers 202 Accepted at once (Location, Retry-After). Approve on the page,\n     \
          then send the same curl again: it answers the shop's 201 with the gift card."
     );
+    let others: Vec<&str> = users
+        .iter()
+        .map(String::as_str)
+        .filter(|u| *u != user)
+        .collect();
+    match others.first() {
+        Some(other) => {
+            let _ = writeln!(
+                out,
+                "  5. Four eyes: a transfer of {} or more needs a second person, here {}:\n",
+                shop::LARGE_TRANSFER,
+                others.join(" or ")
+            );
+            let _ = writeln!(
+                out,
+                "     curl -i -X POST http://{proxy}/transfers \\\n       \
+                 -H '{USER_HEADER}: {user}' \\\n       \
+                 -H 'content-type: application/json' \\\n       \
+                 -d '{{\"amount\":20000,\"to\":\"carol\"}}'\n"
+            );
+            let _ = writeln!(
+                out,
+                "     It waits for both. {user}'s page asks \"LARGE transfer of 20000 to carol\";\n     \
+                 {other}'s page asks \"Countersign: {user} sends 20000 to carol\":\n       \
+                 {}\n     \
+                 Approve on both: curl prints the shop's 201 with \"countersigned_by\":[\"{other}\"].",
+                authz.approver_url(other)
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "  5. Four eyes: a transfer of {} or more needs a second person; with one\n     \
+                 user it is refused (403 countersigners_unavailable). Try --users {user},bob.",
+                shop::LARGE_TRANSFER
+            );
+        }
+    }
     let gateway_flag = if proxy.port() == 8080 {
         String::new()
     } else {
@@ -312,22 +405,27 @@ mod tests {
 
     #[test]
     fn the_dev_gateway_configuration_loads_with_the_embedded_policies() {
-        let text = gateway_config(
+        let users = ["alice".to_owned(), "bob".to_owned()];
+        let loaded = load_gateway(
             "127.0.0.1:8080".parse().unwrap(),
             None,
             "127.0.0.1:8082".parse().unwrap(),
             "http://127.0.0.1:8081",
-        );
-        let loaded = config::load_embedded(
-            Path::new("dev"),
-            &text,
-            &[
-                (Path::new("shop.yaml"), SHOP_POLICIES),
-                (Path::new("mcp.yaml"), MCP_POLICIES),
-            ],
+            &users,
         )
         .unwrap();
-        assert_eq!(loaded.policies.policies().len(), 4);
+        // shop.yaml 3, mcp.yaml 1, the two transfer tiers.
+        assert_eq!(loaded.policies.policies().len(), 6);
+        let large = loaded
+            .policies
+            .policies()
+            .iter()
+            .find(|p| p.name == "transfer-large")
+            .unwrap();
+        let countersign = large.countersign.as_ref().expect("four eyes");
+        assert_eq!(countersign.subjects, users);
+        assert_eq!(countersign.min, 1);
+        assert_eq!(large.scopes, ["payments:transfer"]);
         assert_eq!(loaded.gateway.default_action, config::DefaultAction::Pass);
     }
 }

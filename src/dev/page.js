@@ -87,6 +87,8 @@ function renderBinding(binding) {
 
 const OUTCOMES = {
   approved: 'Approved. The agent\u2019s call goes ahead.',
+  // Four eyes: this answer is one of several the call needs.
+  approvedOfSeveral: 'Approved. The agent\u2019s call goes ahead once the others asked have approved too.',
   denied: 'Denied. The agent was told you refused.',
   expired: 'Expired. Nobody answered in time, so the call was not made.',
 };
@@ -101,7 +103,7 @@ function setState(card, state) {
   el.querySelector('.state').textContent = state === 'pending' ? 'Waiting for you' : state;
   const outcome = el.querySelector('.outcome');
   outcome.hidden = state === 'pending';
-  outcome.textContent = OUTCOMES[state] || '';
+  outcome.textContent = (state === 'approved' && card.others ? OUTCOMES.approvedOfSeveral : OUTCOMES[state]) || '';
   el.querySelector('.actions').hidden = state !== 'pending';
   for (const b of el.querySelectorAll('button')) b.disabled = state !== 'pending';
   tick();
@@ -131,6 +133,26 @@ async function decide(card, id, action) {
   refresh();
 }
 
+// Four eyes: who else was asked to approve this very call (the same call
+// binding), and where their answer stands.
+function setOthers(card, others) {
+  const el = card.el;
+  const list = Array.isArray(others) ? others : [];
+  const text = list.map((o) => `${o.subject} (${o.state === 'pending' ? 'waiting' : o.state})`).join(', ');
+  const several = list.length > 0;
+  if (several !== card.others) {
+    card.others = several;
+    el.dataset.fourEyes = String(several);
+    el.querySelector('.four-eyes').hidden = !several;
+    el.querySelector('.others-label').hidden = !several;
+    el.querySelector('.others').hidden = !several;
+    if (card.state === 'approved') {
+      el.querySelector('.outcome').textContent = several ? OUTCOMES.approvedOfSeveral : OUTCOMES.approved;
+    }
+  }
+  el.querySelector('.others').textContent = text;
+}
+
 function createCard(request) {
   const el = $('card').content.firstElementChild.cloneNode(true);
   el.dataset.id = request.id;
@@ -145,7 +167,8 @@ function createCard(request) {
   }
   el.querySelector('.audience').textContent = request.audience || 'sign-in only';
   el.querySelector('.client').textContent = request.client_id;
-  const card = { el, deadline: 0, state: null };
+  const card = { el, deadline: 0, state: null, others: false };
+  setOthers(card, request.also_asked);
   el.querySelector('.approve').addEventListener('click', () => decide(card, request.id, 'approve'));
   el.querySelector('.deny').addEventListener('click', () => decide(card, request.id, 'deny'));
   return card;
@@ -203,6 +226,7 @@ async function refresh() {
         list.prepend(card.el);
       }
       card.deadline = Date.now() + request.expires_in_ms;
+      setOthers(card, request.also_asked);
       setState(card, request.state);
     }
     for (const [id, card] of cards) {

@@ -73,6 +73,15 @@ function buy(user, order) {
   });
 }
 
+/** A transfer through the gateway (four eyes from 10000 on). */
+function transfer(user, body) {
+  return fetch(`http://127.0.0.1:${ports.gateway}/transfers`, {
+    method: 'POST',
+    headers: { 'x-countersign-user': user, 'content-type': 'application/json' },
+    body: JSON.stringify(body),
+  });
+}
+
 /** The pending card showing `message` on the current page. */
 async function pendingCard(message) {
   const card = page.locator('article.card[data-state="pending"]', { hasText: message });
@@ -214,4 +223,47 @@ test("each user sees only their own requests; the switcher shows another user's"
   assert.equal(await page.locator('nav a[aria-current="page"]').innerText(), 'bob');
   await card.getByRole('button', { name: 'Deny' }).click();
   assert.equal((await purchase).status, 403);
+});
+
+test('four eyes: a large transfer shows a countersign request under bob, and both approvals complete it', async () => {
+  assert.ok(devOutput.includes(`curl -i -X POST http://127.0.0.1:${ports.gateway}/transfers`), devOutput);
+  assert.ok(devOutput.includes(`-d '{"amount":20000,"to":"carol"}'`), devOutput);
+  assert.ok(devOutput.includes(approverUrl('bob')), devOutput);
+
+  await page.goto(approverUrl('bob'));
+  const call = transfer('alice', { amount: 20000, to: 'carol' });
+  const countersign = await pendingCard('Countersign: alice sends 20000 to carol');
+  assert.equal(await page.locator('nav a[aria-current="page"]').innerText(), 'bob');
+  // alice is asked right after bob (countersigners first).
+  await countersign.locator('.others', { hasText: 'alice (waiting)' }).waitFor({ timeout: 5_000 });
+  assert.ok(await countersign.locator('.four-eyes').isVisible(), 'marked four eyes');
+  const binding = countersign.locator('.detail.binding');
+  assert.equal(await binding.locator('dd[data-key="request"]').innerText(), 'POST /transfers');
+  assert.match(await countersign.locator('.scopes').innerText(), /payments:transfer/);
+  await page.screenshot({ path: path.join(OUTPUT, 'approver-countersign-phone.png'), fullPage: true });
+  const countersignId = await countersign.getAttribute('data-id');
+
+  // Alice approves her own request on her page: not enough on its own.
+  await page.locator('nav a', { hasText: 'alice' }).click();
+  const own = await pendingCard('LARGE transfer of 20000 to carol');
+  assert.ok(await own.locator('.four-eyes').isVisible());
+  assert.match(await own.locator('.others').innerText(), /bob \(waiting\)/);
+  await own.getByRole('button', { name: 'Approve' }).click();
+  const approved = page.locator('article.card[data-state="approved"]', { hasText: 'LARGE transfer of 20000 to carol' });
+  await approved.waitFor();
+  assert.match(await approved.locator('.outcome').innerText(), /once the others asked have approved too/);
+  const early = await Promise.race([call.then(() => 'answered'), new Promise((r) => setTimeout(() => r('waiting'), 2500))]);
+  assert.equal(early, 'waiting', 'the call waits for bob');
+
+  // Bob countersigns: the shop takes the transfer, countersigned by bob.
+  await page.locator('nav a', { hasText: 'bob' }).click();
+  const bobs = page.locator(`article.card[data-id="${countersignId}"]`);
+  await bobs.locator('.others', { hasText: 'alice (approved)' }).waitFor({ timeout: 5_000 });
+  await bobs.getByRole('button', { name: 'Approve' }).click();
+  const response = await call;
+  assert.equal(response.status, 201);
+  const body = await response.json();
+  assert.equal(body.from, 'alice');
+  assert.deepEqual(body.countersigned_by, ['bob']);
+  await page.locator(`article.card[data-id="${countersignId}"][data-state="approved"]`).waitFor();
 });

@@ -318,6 +318,36 @@ impl TestGateway {
         }
     }
 
+    /// A gateway of an already loaded configuration listening on `proxy`
+    /// and `admin` (see [`TestGateway::start_for`] about runtimes).
+    pub async fn start_loaded(
+        config: countersign::config::Config,
+        proxy: SocketAddr,
+        admin: SocketAddr,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let shutdown = Shutdown::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let signal = shutdown.clone();
+        let thread = std::thread::spawn(move || match Gateway::build(config) {
+            Ok(gateway) => {
+                tx.send(Ok(())).unwrap();
+                gateway.run_until(signal);
+            }
+            Err(e) => tx.send(Err(e.to_string())).unwrap(),
+        });
+        rx.recv().unwrap().expect("gateway builds");
+        wait_listening(proxy).await;
+        wait_listening(admin).await;
+        Self {
+            proxy,
+            admin,
+            shutdown,
+            thread: Some(thread),
+            _dir: dir,
+        }
+    }
+
     /// POST /shop through this gateway as an agent acting for `user`.
     pub fn buy(&self, agent: &reqwest::Client, user: &str, body: Value) -> reqwest::RequestBuilder {
         agent
@@ -540,9 +570,53 @@ impl DevWorld {
         }
     }
 
+    /// As `countersign dev` runs: its gateway configuration and embedded
+    /// policies (`countersign::dev::load_gateway`) for the users of
+    /// `authz_options`, in front of the shop.
+    pub async fn start_as_dev_mode(authz_options: countersign::dev::AuthzOptions) -> Self {
+        let users = authz_options.users.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authz = countersign::dev::authz::serve(listener, authz_options)
+            .await
+            .unwrap();
+        let shop = start_shop_for(authz.issuer(), authz.jwks_uri()).await;
+        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config =
+            countersign::dev::load_gateway(proxy, Some(admin), shop.addr, authz.issuer(), &users)
+                .unwrap();
+        let gateway = TestGateway::start_loaded(config, proxy, admin).await;
+        Self {
+            authz,
+            shop,
+            gateway,
+            agent: reqwest::Client::new(),
+        }
+    }
+
     /// POST /shop as an agent acting for `user`.
     pub fn buy(&self, user: &str, body: Value) -> reqwest::RequestBuilder {
         self.gateway.buy(&self.agent, user, body)
+    }
+
+    /// POST /transfers as an agent acting for `user`.
+    pub fn transfer(&self, user: &str, amount: u64, to: &str) -> reqwest::RequestBuilder {
+        self.agent
+            .post(self.gateway.url("/transfers"))
+            .header(USER_HEADER, user)
+            .json(&serde_json::json!({ "amount": amount, "to": to }))
+    }
+
+    /// The approver page's listing of `user`'s requests.
+    pub async fn listing(&self, user: &str) -> Value {
+        self.agent
+            .get(format!("{}/api/requests?user={user}", self.authz.issuer()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     /// Waits until `count` requests of `user` are pending.
