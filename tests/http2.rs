@@ -1,0 +1,190 @@
+//! HTTP/2 rules of the front door with a raw HTTP/2 client (the `h2`
+//! crate over rustls), sending what ordinary clients never do: a `host`
+//! that disagrees with `:authority`, a cookie split over several fields,
+//! a `content-length` the DATA frames do not match, `CONNECT`. None of it
+//! may reach the API unapproved (RFC 9113 §8.2-8.3, README's security
+//! section).
+
+mod support;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request};
+use rustls::pki_types::ServerName;
+use serde_json::Value;
+use support::certs::Ca;
+use support::*;
+
+/// A gateway serving `shop.test` over TLS (h2 by ALPN), its CA, the world.
+async fn world() -> (tempfile::TempDir, Ca, World) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    ca.write_leaf(dir.path(), "shop", &["shop.test"]);
+    let tls = format!(
+        "{{ certificates: [{{ cert: {0}/shop.pem, key: {0}/shop.key }}] }}",
+        dir.path().display()
+    );
+    let peer = Peer::start();
+    let shop = start_shop(&peer).await;
+    let gateway = TestGateway::start(
+        &peer,
+        &shop,
+        GatewayOptions {
+            listen_tls: Some(tls),
+            ..GatewayOptions::default()
+        },
+    )
+    .await;
+    let world = World {
+        peer,
+        shop,
+        gateway,
+        agent: reqwest::Client::new(),
+    };
+    (dir, ca, world)
+}
+
+/// An HTTP/2 connection to the gateway, `shop.test` by SNI.
+async fn connect(ca: &Ca, world: &World) -> h2::client::SendRequest<Bytes> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for der in rustls_pemfile::certs(&mut ca.pem().as_bytes()) {
+        roots.add(der.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(world.gateway.proxy)
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("shop.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (client, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// Sends `request` with `body` (its DATA frames, then end of stream); the
+/// status and body of the answer, or the stream's error.
+async fn send(
+    client: &mut h2::client::SendRequest<Bytes>,
+    request: Request<()>,
+    body: &[u8],
+) -> Result<(u16, Value), h2::Error> {
+    let mut client = client.clone().ready().await?;
+    let (response, mut stream) = client.send_request(request, body.is_empty())?;
+    if !body.is_empty() {
+        stream.send_data(Bytes::copy_from_slice(body), true)?;
+    }
+    let response = response.await?;
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok((
+        status,
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned())),
+    ))
+}
+
+fn request(method: Method, path: &str) -> http::request::Builder {
+    Request::builder()
+        .method(method)
+        .uri(format!("https://shop.test{path}"))
+        .header(USER_HEADER, "alice")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_header_that_disagrees_with_the_authority_is_refused() {
+    let (_dir, ca, world) = world().await;
+    let mut client = connect(&ca, &world).await;
+    let agreed = request(Method::GET, "/products").body(()).unwrap();
+    assert_eq!(send(&mut client, agreed, b"").await.unwrap().0, 200);
+    let forged = request(Method::GET, "/products")
+        .header("host", "admin.internal")
+        .body(())
+        .unwrap();
+    // pingora refuses it while reading the request (RFC 9113 §8.3.1), a
+    // plain 400 before the gateway's own checks could give a problem.
+    let (status, body) = send(&mut client, forged, b"").await.unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(world.shop.received().len(), 1, "only the agreeing call");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cookies_split_over_several_fields_are_read_together() {
+    let (_dir, ca, world) = world().await;
+    let mut client = connect(&ca, &world).await;
+    // RFC 9113 §8.2.3: a client may split the cookie into several fields.
+    // The one after the first names `qty`, which PHP's $_REQUEST lets win
+    // over the body the person is shown.
+    let split = request(Method::POST, "/shop")
+        .header("content-type", "application/json")
+        .header("cookie", "session=abc")
+        .header("cookie", "qty=100")
+        .body(())
+        .unwrap();
+    let body = serde_json::to_vec(&phones()).unwrap();
+    let (status, problem) = send(&mut client, split, &body).await.unwrap();
+    assert_eq!(status, 400, "{problem}");
+    assert_eq!(problem["code"], "ambiguous_parameter", "{problem}");
+    assert!(world.peer.requests().await.is_empty(), "nobody was asked");
+    assert!(world.shop.received().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_content_length_the_data_frames_do_not_match_never_reaches_the_api() {
+    let (_dir, ca, world) = world().await;
+    let mut client = connect(&ca, &world).await;
+    let body = serde_json::to_vec(&phones()).unwrap();
+    // Declares more than it sends, on a policy route and on a passing one.
+    for path in ["/shop", "/gift-cards/unknown"] {
+        let lying = request(Method::POST, path)
+            .header("content-type", "application/json")
+            .header("content-length", (body.len() + 50).to_string())
+            .body(())
+            .unwrap();
+        let answer = send(&mut client, lying, &body).await;
+        assert!(
+            answer.as_ref().map_or(true, |(status, _)| *status >= 400),
+            "{path}: {answer:?}"
+        );
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert!(world.peer.requests().await.is_empty(), "nobody was asked");
+    assert!(
+        world.shop.received().is_empty(),
+        "{:?}",
+        world.shop.received()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_is_refused_like_an_upgrade() {
+    let (_dir, ca, world) = world().await;
+    let mut client = connect(&ca, &world).await;
+    let tunnel = Request::builder()
+        .method(Method::CONNECT)
+        .uri("shop.test:443")
+        .header(USER_HEADER, "alice")
+        .body(())
+        .unwrap();
+    let answer = send(&mut client, tunnel, b"").await;
+    assert!(
+        answer.as_ref().map_or(true, |(status, _)| *status >= 400),
+        "{answer:?}"
+    );
+    assert!(world.shop.received().is_empty());
+}
