@@ -114,6 +114,7 @@ fn rendering(c: &mut Criterion) {
         params: &found.params,
         query: None,
         user: &user,
+        agent: &serde_json::Value::Null,
         method: "POST",
         path: "/shop",
         arguments: None,

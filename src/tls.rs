@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::TlsAccept;
+use pingora::protocols::tls::TlsRef;
 use pingora::tls::sign::CertifiedKey;
 use pingora::tls::{ClientHello, ResolvesServerCert};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -245,8 +247,13 @@ impl CertResolver {
     /// that rustls speaks), HTTP/2 by ALPN if configured, client
     /// certificates if a CA is configured.
     pub fn settings(self: &Arc<Self>) -> Result<TlsSettings, TlsError> {
-        let mut settings = TlsSettings::intermediate("", "")
-            .map_err(|e| file_error(Path::new("listen.tls"), e.to_string()))?;
+        let settings = if self.files.client_ca.is_some() {
+            TlsSettings::with_callbacks(Box::new(AgentCertificates))
+        } else {
+            TlsSettings::intermediate("", "")
+        };
+        let mut settings =
+            settings.map_err(|e| file_error(Path::new("listen.tls"), e.to_string()))?;
         settings.set_cert_resolver(self.clone());
         if let Some(ca) = &self.files.client_ca {
             let mut roots = rustls::RootCertStore::empty();
@@ -269,6 +276,57 @@ impl CertResolver {
         }
         Ok(settings)
     }
+}
+
+/// The client certificate an agent connected with, as conditions and
+/// templates read it (`agent.subject`, `agent.dns`, ...): kept with the
+/// connection's TLS digest.
+#[derive(Debug, Clone)]
+pub struct AgentCertificate(pub serde_json::Value);
+
+/// Reads the verified client certificate once per connection.
+struct AgentCertificates;
+
+#[async_trait::async_trait]
+impl TlsAccept for AgentCertificates {
+    async fn handshake_complete_callback(
+        &self,
+        tls: &TlsRef,
+    ) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        let described = describe_certificate(tls.peer_certificate_der()?)?;
+        Some(Arc::new(AgentCertificate(described)))
+    }
+}
+
+/// `{subject, dns, uri, email, serial}` of a client certificate: the
+/// subject's CN, and the subjectAltName entries of each kind.
+fn describe_certificate(der: &[u8]) -> Option<serde_json::Value> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned);
+    let (mut dns, mut uri, mut email) = (Vec::new(), Vec::new(), Vec::new());
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(n) => dns.push(n.to_string()),
+                GeneralName::URI(u) => uri.push(u.to_string()),
+                GeneralName::RFC822Name(e) => email.push(e.to_string()),
+                _ => {}
+            }
+        }
+    }
+    Some(serde_json::json!({
+        "subject": subject,
+        "dns": dns,
+        "uri": uri,
+        "email": email,
+        "serial": cert.raw_serial_as_string(),
+    }))
 }
 
 #[cfg(test)]

@@ -58,6 +58,11 @@ async fn shop_world() -> (tempfile::TempDir, Ca, World) {
 /// A world whose gateway listens with TLS as `tls` says (file names are
 /// relative to `dir`, where the certificates are).
 async fn tls_world(dir: &Path, tls: &str) -> World {
+    tls_world_with(dir, tls, GatewayOptions::default()).await
+}
+
+/// As [`tls_world`], with these gateway `options` besides.
+async fn tls_world_with(dir: &Path, tls: &str, options: GatewayOptions) -> World {
     let peer = Peer::start();
     let shop = start_shop(&peer).await;
     // Relative certificate paths are the configuration directory's: give
@@ -68,7 +73,7 @@ async fn tls_world(dir: &Path, tls: &str) -> World {
         &shop,
         GatewayOptions {
             listen_tls: Some(tls),
-            ..GatewayOptions::default()
+            ..options
         },
     )
     .await;
@@ -267,6 +272,76 @@ async fn with_a_client_ca_only_agents_with_its_certificates_get_in() {
         stranger.get(&products).send().await.is_err(),
         "another CA's certificate"
     );
+}
+
+/// A policy that reads the agent's client certificate.
+const AGENT_POLICY: &str = r#"
+  - name: agent-gift
+    match: { methods: [POST], path: /agent-gifts }
+    when: "agent.subject == 'agent-7' && agent.dns.exists(d, d.endsWith('.agents.test'))"
+    otherwise: deny
+    require: { scopes: [product:buy], audience: https://shop.example/api }
+    binding_message: "Gift of {{qty}} by {{agent.subject}}"
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn conditions_and_messages_read_the_agents_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server_ca, agents_ca) = (Ca::new(), Ca::new());
+    server_ca.write_leaf(dir.path(), "shop", &["shop.test"]);
+    std::fs::write(dir.path().join("agents-ca.pem"), agents_ca.pem()).unwrap();
+    let world = tls_world_with(
+        dir.path(),
+        "{ certificates: [{ cert: DIR/shop.pem, key: DIR/shop.key }], client_ca: DIR/agents-ca.pem }",
+        GatewayOptions {
+            extra_policies: AGENT_POLICY,
+            ..GatewayOptions::default()
+        },
+    )
+    .await;
+    let addr = world.gateway.proxy;
+    let gifts = url(&world, "shop.test", "/agent-gifts");
+    let agent_7 = client_with(
+        &server_ca,
+        addr,
+        &["shop.test"],
+        agents_ca.leaf_named(&["agent-7.agents.test"], "agent-7"),
+    );
+    let held = tokio::spawn(
+        agent_7
+            .post(&gifts)
+            .header(USER_HEADER, "alice")
+            .json(&serde_json::json!({ "qty": 3 }))
+            .send(),
+    );
+    let pending = world.peer.wait_pending(Some("alice"), 1).await;
+    assert_eq!(pending[0]["binding_message"], "Gift of 3 by agent-7");
+    world
+        .peer
+        .approve(pending[0]["auth_req_id"].as_str().unwrap())
+        .await;
+    // The shop has no such path: it answers 404, having received the call.
+    assert_eq!(held.await.unwrap().unwrap().status(), 404);
+    assert_eq!(world.shop.received().len(), 1);
+
+    // Another agent of the same CA: the condition does not take it.
+    let agent_9 = client_with(
+        &server_ca,
+        addr,
+        &["shop.test"],
+        agents_ca.leaf_named(&["agent-9.agents.test"], "agent-9"),
+    );
+    let refused = agent_9
+        .post(&gifts)
+        .header(USER_HEADER, "alice")
+        .json(&serde_json::json!({ "qty": 3 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+    let problem: Value = refused.json().await.unwrap();
+    assert_eq!(problem["code"], "policy_denied", "{problem}");
+    assert_eq!(world.shop.received().len(), 1);
 }
 
 #[test]

@@ -47,6 +47,11 @@ pub trait CallSource {
     fn identify(&mut self, policy: &str) -> impl Future<Output = Result<Identity, Problem>> + Send;
     /// A step taken; built only when the source keeps steps.
     fn note(&mut self, _step: impl FnOnce() -> Step) {}
+    /// The agent's client certificate as `agent.*` reads it (`null`:
+    /// none; only a TLS listener with `client_ca` has one).
+    fn agent(&self) -> Value {
+        Value::Null
+    }
 }
 
 /// The settings of an upstream that the decision reads.
@@ -362,6 +367,7 @@ fn choose<S: CallSource>(
     call: &mut S,
     facts: &mut Facts<'_>,
 ) -> Result<Option<(Arc<Policy>, RenderedRequest)>, Refusal> {
+    let agent = call.agent();
     let header = call.header();
     let input = policy::CallInput {
         headers: &header.headers,
@@ -369,6 +375,7 @@ fn choose<S: CallSource>(
         params: &found.params,
         query: request.query.as_deref(),
         user: &identity.claims,
+        agent: &agent,
         method: header.method.as_str(),
         path: &request.path.forward,
         arguments: None,
@@ -479,6 +486,7 @@ async fn decide_mcp<'g, S: CallSource + Send>(
     call.note(|| Step::Identity {
         subject: identity.subject.clone(),
     });
+    let agent = call.agent();
     let header = call.header();
     let input = policy::CallInput {
         headers: &header.headers,
@@ -486,6 +494,7 @@ async fn decide_mcp<'g, S: CallSource + Send>(
         params: &found.params,
         query: request.query.as_deref(),
         user: &identity.claims,
+        agent: &agent,
         method: header.method.as_str(),
         path: &request.path.forward,
         arguments: Some(&tool.arguments),

@@ -41,6 +41,8 @@ pub struct CallInput<'a> {
     pub query: Option<&'a str>,
     /// The approving person's claims.
     pub user: &'a Value,
+    /// The agent's client certificate (`null` without one).
+    pub agent: &'a Value,
     pub method: &'a str,
     /// The normalised path the upstream receives.
     pub path: &'a str,
@@ -275,7 +277,14 @@ impl CallShape {
                     ))
                 }
                 (Section::Arguments, [name, ..]) => argument_fields.push(name),
-                (Section::Query | Section::Params | Section::Request | Section::Arguments, []) => {
+                (
+                    Section::Query
+                    | Section::Params
+                    | Section::Request
+                    | Section::Arguments
+                    | Section::Agent,
+                    [],
+                ) => {
                     return Err(format!(
                         "{{{{{0}}}}} is a whole section; name one value, such as {{{{{0}.name}}}}",
                         field.text()
@@ -359,6 +368,7 @@ impl CallShape {
             params: input.params,
             query: &query,
             user: input.user,
+            agent: input.agent,
             method: input.method,
             path: input.path,
             arguments: input.arguments,
@@ -561,6 +571,7 @@ struct CallValues<'a> {
     params: &'a [(String, String)],
     query: &'a [(String, String)],
     user: &'a Value,
+    agent: &'a Value,
     method: &'a str,
     path: &'a str,
     arguments: Option<&'a Value>,
@@ -577,6 +588,7 @@ impl<'a> CallValues<'a> {
         match field.section() {
             (Section::Body, rest) => json_path(self.body?, rest).map(Found::Json),
             (Section::User, rest) => json_path(self.user, rest).map(Found::Json),
+            (Section::Agent, rest) => json_path(self.agent, rest).map(Found::Json),
             (Section::Arguments, rest) => json_path(self.arguments?, rest).map(Found::Json),
             (Section::Params, [name]) => named(self.params, name),
             (Section::Query, [name]) => named(self.query, name),

@@ -32,7 +32,7 @@ use serde_json::Value;
 use super::body::fold_case;
 
 /// The sections a condition may read.
-const SECTIONS: [&str; 5] = ["body", "params", "query", "user", "request"];
+const SECTIONS: [&str; 6] = ["body", "params", "query", "user", "request", "agent"];
 
 /// Functions the CEL standard library of this build provides (no regex,
 /// time or string extensions); a call to any other refuses the condition at
@@ -95,6 +95,7 @@ pub(crate) struct Reads {
     pub query: bool,
     pub user: bool,
     pub request: bool,
+    pub agent: bool,
 }
 
 impl Reads {
@@ -105,6 +106,7 @@ impl Reads {
             query: self.query || other.query,
             user: self.user || other.user,
             request: self.request || other.request,
+            agent: self.agent || other.agent,
         }
     }
 }
@@ -211,6 +213,7 @@ impl Condition {
             ("query", &values.query),
             ("user", &values.user),
             ("request", &values.request),
+            ("agent", &values.agent),
         ] {
             if let Some(value) = value {
                 context.add_variable_from_value(name, value.clone());
@@ -299,6 +302,7 @@ impl Walk {
                     "query" => self.reads.query = true,
                     "user" => self.reads.user = true,
                     "request" => self.reads.request = true,
+                    "agent" => self.reads.agent = true,
                     _ if TYPE_NAMES.contains(&name.as_str()) => {}
                     _ => self.unknown.push(name.clone()),
                 }
@@ -367,6 +371,7 @@ pub(crate) struct CelValues {
     pub query: Option<Cel>,
     pub user: Option<Cel>,
     pub request: Option<Cel>,
+    pub agent: Option<Cel>,
 }
 
 /// A JSON value as CEL reads it: integers stay integers (the strict body
@@ -420,6 +425,9 @@ mod tests {
                 ("method".into(), "POST".into()),
                 ("path".into(), "/shop".into()),
             ])),
+            agent: Some(from_json(
+                &json!({"subject": "billing-agent", "dns": ["billing.agents.internal"]}),
+            )),
         };
         condition.holds(&values)
     }

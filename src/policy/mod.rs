@@ -775,6 +775,7 @@ impl ConditionInput {
             params: reads.params.then(|| condition::from_pairs(input.params)),
             query: query.as_deref().map(condition::from_pairs),
             user: reads.user.then(|| condition::from_json(input.user)),
+            agent: reads.agent.then(|| condition::from_json(input.agent)),
             request: reads.request.then(|| {
                 condition::from_pairs(&[
                     ("method".to_owned(), input.method.to_owned()),
@@ -1100,6 +1101,7 @@ policies:
             params: &[],
             query,
             user: &ALICE,
+            agent: &Value::Null,
             method: "POST",
             path: "/shop",
             arguments: None,

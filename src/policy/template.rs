@@ -41,6 +41,9 @@ pub enum Section {
     Query,
     /// The approving person's claims: `{{user.sub}}`.
     User,
+    /// The agent's client certificate, on a TLS listener with `client_ca`:
+    /// `{{agent.subject}}`, `{{agent.dns}}`.
+    Agent,
     /// `{{request.method}}`, `{{request.path}}`.
     Request,
     /// The arguments of an MCP tool call: `{{arguments.qty}}`.
@@ -73,6 +76,7 @@ impl FieldPath {
             "params" => (Section::Params, rest),
             "query" => (Section::Query, rest),
             "user" => (Section::User, rest),
+            "agent" => (Section::Agent, rest),
             "request" => (Section::Request, rest),
             "arguments" => (Section::Arguments, rest),
             _ => (Section::Body, &self.segments),

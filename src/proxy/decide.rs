@@ -44,6 +44,19 @@ impl CallSource for LiveCall<'_> {
     async fn identify(&mut self, policy: &str) -> Result<Identity, Problem> {
         self.gateway.identify(self.session, policy).await
     }
+
+    fn agent(&self) -> serde_json::Value {
+        agent_certificate(self.session)
+    }
+}
+
+/// The agent's verified client certificate (`null`: none).
+pub(super) fn agent_certificate(session: &Session) -> serde_json::Value {
+    session
+        .digest()
+        .and_then(|d| d.ssl_digest.as_ref())
+        .and_then(|ssl| ssl.extension.get::<crate::tls::AgentCertificate>())
+        .map_or(serde_json::Value::Null, |agent| agent.0.clone())
 }
 
 impl Countersign {

@@ -359,8 +359,11 @@ impl ProxyHttp for Countersign {
             let error = error.map(|e| e.etype().as_str());
             let approval_id = ctx.approval_id.as_deref();
             let outcome = ctx.outcome.as_str();
+            // The agent's client certificate, when it connected with one.
+            let agent = decide::agent_certificate(session);
+            let agent = agent["subject"].as_str();
             if passed {
-                tracing::debug!(policy, outcome, method, path, status, "call");
+                tracing::debug!(policy, outcome, method, path, status, agent, "call");
             } else {
                 tracing::info!(
                     approval_id,
@@ -370,6 +373,7 @@ impl ProxyHttp for Countersign {
                     path,
                     status,
                     error,
+                    agent,
                     "call"
                 );
             }

@@ -66,6 +66,10 @@ impl CallSource for ShadowCall<'_> {
     async fn identify(&mut self, policy: &str) -> Result<Identity, Problem> {
         self.gateway.identify(self.session, policy).await
     }
+
+    fn agent(&self) -> serde_json::Value {
+        super::decide::agent_certificate(self.session)
+    }
 }
 
 /// The detail of the refusal a shadow decision gets when it would need a

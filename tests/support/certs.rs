@@ -39,6 +39,19 @@ impl Ca {
         (cert.pem(), key.serialize_pem())
     }
 
+    /// A leaf for `names` whose subject's common name is `cn`.
+    pub fn leaf_named(&self, names: &[&str], cn: &str) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
     /// Writes a leaf for `names` as `<dir>/<stem>.pem` and `<stem>.key`.
     pub fn write_leaf(&self, dir: &Path, stem: &str, names: &[&str]) {
         let (cert, key) = self.leaf(names);
