@@ -356,6 +356,13 @@ impl Gateway {
             countersign,
             "countersign proxy",
         );
+        if gateway.listen.h2c {
+            if let Some(app) = proxy.app_logic_mut() {
+                let mut options = pingora::apps::HttpServerOptions::default();
+                options.h2c = true;
+                app.server_options = Some(options);
+            }
+        }
         // No L4 read buffer on agent connections: pingora's default is a
         // zero-filled 64 KiB buffer per connection, which dominated the memory
         // of a held call (docs/BENCHMARKS.md); HTTP/1 parsing keeps its own

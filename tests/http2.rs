@@ -171,6 +171,67 @@ async fn a_content_length_the_data_frames_do_not_match_never_reaches_the_api() {
     );
 }
 
+/// An HTTP/2 connection without TLS (prior knowledge) to `addr`.
+async fn connect_h2c(
+    addr: std::net::SocketAddr,
+) -> Result<h2::client::SendRequest<Bytes>, h2::Error> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client.ready().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn h2c_only_when_configured_and_with_the_same_gate() {
+    let world = World::start(GatewayOptions {
+        h2c: true,
+        ..GatewayOptions::default()
+    })
+    .await;
+    let mut client = connect_h2c(world.gateway.proxy).await.unwrap();
+    let plain = |path: &str| {
+        Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://shop.test{path}"))
+            .header(USER_HEADER, "alice")
+            .header("content-type", "application/json")
+            .body(())
+            .unwrap()
+    };
+    let body = serde_json::to_vec(&phones()).unwrap();
+    let (status, problem) = send(&mut client, plain("/%EF%BD%93hop"), &body)
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{problem}");
+    assert_eq!(problem["code"], "invalid_path", "{problem}");
+    let list = Request::builder()
+        .uri("http://shop.test/products")
+        .body(())
+        .unwrap();
+    assert_eq!(send(&mut client, list, b"").await.unwrap().0, 200);
+    // HTTP/1.1 still works on the same listener.
+    let http1 = reqwest::get(world.gateway.url("/products")).await.unwrap();
+    assert_eq!(http1.status(), 200);
+    assert_eq!(world.shop.received().len(), 2);
+
+    // Not configured: a prior-knowledge HTTP/2 client gets nowhere.
+    let plain_world = World::start(GatewayOptions::default()).await;
+    let refused = match connect_h2c(plain_world.gateway.proxy).await {
+        Err(_) => true,
+        Ok(mut client) => {
+            let list = Request::builder()
+                .uri("http://shop.test/products")
+                .body(())
+                .unwrap();
+            send(&mut client, list, b"").await.is_err()
+        }
+    };
+    assert!(refused, "h2c was served without being configured");
+    assert!(plain_world.shop.received().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn connect_is_refused_like_an_upgrade() {
     let (_dir, ca, world) = world().await;

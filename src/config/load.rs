@@ -344,6 +344,13 @@ fn validate_tls(file: &Path, config: &GatewayConfig) -> Result<(), ConfigError> 
     let Some(tls) = &config.listen.tls else {
         return Ok(());
     };
+    if config.listen.h2c {
+        return Err(invalid(
+            file,
+            "listen.h2c",
+            "h2c is HTTP/2 without TLS; with listen.tls, HTTP/2 is offered by ALPN (listen.tls.http2)".into(),
+        ));
+    }
     if tls.certificates.is_empty() {
         return Err(invalid(
             file,

@@ -222,6 +222,10 @@ pub struct ListenConfig {
     /// HTTP/1.1.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Also accept HTTP/2 without TLS (prior knowledge, "h2c") on a
+    /// listener without `tls`: for agents on a private network.
+    #[serde(default)]
+    pub h2c: bool,
 }
 
 /// TLS on the proxy listener. Files are PEM; relative paths are taken from

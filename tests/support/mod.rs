@@ -243,6 +243,8 @@ pub struct GatewayOptions {
     /// `listen.tls` of the gateway (YAML flow mapping), e.g.
     /// `{ certificates: [{ cert: a.pem, key: a.key }] }`.
     pub listen_tls: Option<String>,
+    /// `listen.h2c: true`: HTTP/2 without TLS too.
+    pub h2c: bool,
 }
 
 impl Default for GatewayOptions {
@@ -257,6 +259,7 @@ impl Default for GatewayOptions {
             preserve_host: false,
             extra_config: String::new(),
             listen_tls: None,
+            h2c: false,
         }
     }
 }
@@ -418,7 +421,7 @@ pub fn write_config(
     std::fs::write(&extra, format!("policies:\n{extra_text}")).unwrap();
     let config = format!(
         r#"
-listen: {{ proxy: "{proxy}", admin: "{admin}", threads: 2{tls} }}
+listen: {{ proxy: "{proxy}", admin: "{admin}", threads: 2{tls}{h2c} }}
 upstreams:
   shop: {{ url: "http://{shop}", connect_timeout: 2s, timeout: 10s, preserve_host: {preserve_host} }}
 authorization_server:
@@ -445,6 +448,7 @@ limits: {limits}
         limits = options.limits,
         preserve_host = options.preserve_host,
         extra_config = options.extra_config,
+        h2c = if options.h2c { ", h2c: true" } else { "" },
         tls = options
             .listen_tls
             .as_ref()
