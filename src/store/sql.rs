@@ -360,7 +360,7 @@ async fn migrator(source: Embedded) -> Result<Migrator, StoreError> {
 }
 
 /// A bound value.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Param {
     Int(Option<i64>),
     Text(Option<String>),
@@ -1184,29 +1184,16 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Approval>, StoreError> {
-        let mut sql = String::from(concat!("SELECT ", columns!(), " FROM approvals WHERE TRUE"));
-        let mut params = Vec::new();
-        let mut and = |column: &str, op: &str, param: Param| {
-            params.push(param);
-            sql.push_str(&format!(" AND {column} {op} ${}", params.len()));
-        };
-        if let Some(state) = filter.state {
-            and("state", "=", text(state.as_str()));
-        }
-        if let Some(policy) = &filter.policy {
-            and("policy", "=", text(policy));
-        }
-        if let Some(subject) = &filter.subject {
-            and("subject", "=", text(subject));
-        }
-        if let Some(since) = filter.since {
-            and("created_at", ">=", int(to_ms(since)));
-        }
-        sql.push_str(" ORDER BY created_at DESC, id DESC");
-        if let Some(limit) = filter.limit {
-            params.push(int(limit_param(limit)));
-            sql.push_str(&format!(" LIMIT ${}", params.len()));
-        }
+        let (sql, params) = listing(
+            concat!("SELECT ", columns!(), " FROM approvals"),
+            &[
+                ("state", "=", filter.state.map(|s| text(s.as_str()))),
+                ("policy", "=", filter.policy.as_deref().map(text)),
+                ("subject", "=", filter.subject.as_deref().map(text)),
+                ("created_at", ">=", filter.since.map(|t| int(to_ms(t)))),
+            ],
+            filter.limit,
+        );
         let backend = self.backend.clone();
         self.driver
             .run(
@@ -1244,30 +1231,16 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
     }
 
     async fn list_shadow(&self, filter: &ShadowFilter) -> Result<Vec<ShadowDecision>, StoreError> {
-        let mut sql = String::from(
+        let (sql, params) = listing(
             "SELECT id, policy, subject, decision, problem_code, binding_message, \
-             countersigners, request_method, request_path, created_at \
-             FROM shadow_decisions WHERE TRUE",
+             countersigners, request_method, request_path, created_at FROM shadow_decisions",
+            &[
+                ("policy", "=", filter.policy.as_deref().map(text)),
+                ("subject", "=", filter.subject.as_deref().map(text)),
+                ("created_at", ">=", filter.since.map(|t| int(to_ms(t)))),
+            ],
+            filter.limit,
         );
-        let mut params = Vec::new();
-        let mut and = |column: &str, op: &str, param: Param| {
-            params.push(param);
-            sql.push_str(&format!(" AND {column} {op} ${}", params.len()));
-        };
-        if let Some(policy) = &filter.policy {
-            and("policy", "=", text(policy));
-        }
-        if let Some(subject) = &filter.subject {
-            and("subject", "=", text(subject));
-        }
-        if let Some(since) = filter.since {
-            and("created_at", ">=", int(to_ms(since)));
-        }
-        sql.push_str(" ORDER BY created_at DESC, id DESC");
-        if let Some(limit) = filter.limit {
-            params.push(int(limit_param(limit)));
-            sql.push_str(&format!(" LIMIT ${}", params.len()));
-        }
         let backend = self.backend.clone();
         self.driver
             .run("list_shadow", async move {
@@ -1331,6 +1304,29 @@ fn decode_headers(bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
             (name, value)
         })
         .collect())
+}
+
+/// A listing query: `select`, the filters given (`column op $n`), newest
+/// first, at most `limit`.
+fn listing(
+    select: &str,
+    filters: &[(&str, &str, Option<Param>)],
+    limit: Option<usize>,
+) -> (String, Vec<Param>) {
+    let mut sql = format!("{select} WHERE TRUE");
+    let mut params = Vec::new();
+    for (column, op, param) in filters {
+        if let Some(param) = param {
+            params.push(param.clone());
+            sql.push_str(&format!(" AND {column} {op} ${}", params.len()));
+        }
+    }
+    sql.push_str(" ORDER BY created_at DESC, id DESC");
+    if let Some(limit) = limit {
+        params.push(int(limit_param(limit)));
+        sql.push_str(&format!(" LIMIT ${}", params.len()));
+    }
+    (sql, params)
 }
 
 /// A row of `shadow_decisions`; the same code for both databases.

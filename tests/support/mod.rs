@@ -294,31 +294,10 @@ impl TestGateway {
     pub async fn start_for(issuer: &str, shop: &ShopHandle, options: GatewayOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (file, proxy, admin) = write_config(dir.path(), issuer, shop, &options);
-        let shutdown = Shutdown::new();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let signal = shutdown.clone();
-        let thread = std::thread::spawn(move || {
-            let gateway = countersign::config::load(&file)
-                .map_err(|e| e.to_string())
-                .and_then(|c| Gateway::build(c).map_err(|e| e.to_string()));
-            match gateway {
-                Ok(gateway) => {
-                    tx.send(Ok(())).unwrap();
-                    gateway.run_until(signal);
-                }
-                Err(e) => tx.send(Err(e)).unwrap(),
-            }
-        });
-        rx.recv().unwrap().expect("gateway builds");
-        wait_listening(proxy).await;
-        wait_listening(admin).await;
-        Self {
-            proxy,
-            admin,
-            shutdown,
-            thread: Some(thread),
-            _dir: dir,
-        }
+        Self::run(dir, proxy, admin, move || {
+            countersign::config::load(&file).map_err(|e| e.to_string())
+        })
+        .await
     }
 
     /// A gateway of an already loaded configuration listening on `proxy`
@@ -328,16 +307,32 @@ impl TestGateway {
         proxy: SocketAddr,
         admin: SocketAddr,
     ) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::run(tempfile::tempdir().unwrap(), proxy, admin, move || {
+            Ok(config)
+        })
+        .await
+    }
+
+    /// Builds the gateway of the configuration `load` gives in a thread of
+    /// its own and waits until both listeners accept.
+    async fn run(
+        dir: tempfile::TempDir,
+        proxy: SocketAddr,
+        admin: SocketAddr,
+        load: impl FnOnce() -> Result<countersign::config::Config, String> + Send + 'static,
+    ) -> Self {
         let shutdown = Shutdown::new();
         let (tx, rx) = std::sync::mpsc::channel();
         let signal = shutdown.clone();
-        let thread = std::thread::spawn(move || match Gateway::build(config) {
-            Ok(gateway) => {
-                tx.send(Ok(())).unwrap();
-                gateway.run_until(signal);
+        let thread = std::thread::spawn(move || {
+            let gateway = load().and_then(|c| Gateway::build(c).map_err(|e| e.to_string()));
+            match gateway {
+                Ok(gateway) => {
+                    tx.send(Ok(())).unwrap();
+                    gateway.run_until(signal);
+                }
+                Err(e) => tx.send(Err(e)).unwrap(),
             }
-            Err(e) => tx.send(Err(e.to_string())).unwrap(),
         });
         rx.recv().unwrap().expect("gateway builds");
         wait_listening(proxy).await;
