@@ -52,11 +52,15 @@ impl CallSource for LiveCall<'_> {
 
 /// The agent's verified client certificate (`null`: none).
 pub(super) fn agent_certificate(session: &Session) -> serde_json::Value {
+    agent_of(session).map_or(serde_json::Value::Null, |agent| agent.0.clone())
+}
+
+/// The agent's verified client certificate, as the TLS handshake kept it.
+pub(super) fn agent_of(session: &Session) -> Option<&crate::tls::AgentCertificate> {
     session
         .digest()
         .and_then(|d| d.ssl_digest.as_ref())
         .and_then(|ssl| ssl.extension.get::<crate::tls::AgentCertificate>())
-        .map_or(serde_json::Value::Null, |agent| agent.0.clone())
 }
 
 impl Countersign {

@@ -442,13 +442,7 @@ pub(super) async fn read_body(
             "The request body is larger than the {limit} bytes this gateway holds for approval."
         ))
     };
-    let declared = session
-        .req_header()
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<usize>().ok());
-    if declared.is_some_and(|len| len > limit) {
+    if declared_length(session).is_some_and(|len| len > limit) {
         return Err(too_large());
     }
     // The agent may wait for "100 Continue" before sending the body; pingora
@@ -493,6 +487,16 @@ pub(super) async fn read_body(
         return Err(too_large());
     }
     Ok((!body.is_empty()).then(|| body.freeze()))
+}
+
+/// The body length the request's `Content-Length` declares, if readable.
+pub(super) fn declared_length(session: &Session) -> Option<usize> {
+    session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok())
 }
 
 /// Resolves when the agent closes its connection (after the body was read).

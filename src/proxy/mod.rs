@@ -360,8 +360,7 @@ impl ProxyHttp for Countersign {
             let approval_id = ctx.approval_id.as_deref();
             let outcome = ctx.outcome.as_str();
             // The agent's client certificate, when it connected with one.
-            let agent = decide::agent_certificate(session);
-            let agent = agent["subject"].as_str();
+            let agent = decide::agent_of(session).and_then(|a| a.0["subject"].as_str());
             if passed {
                 tracing::debug!(policy, outcome, method, path, status, agent, "call");
             } else {

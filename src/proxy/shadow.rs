@@ -41,13 +41,7 @@ impl CallSource for ShadowCall<'_> {
         // Reading a body larger than the limit would cut what the upstream
         // gets: only a body declared small enough is read.
         let limit = self.gateway.limits.max_body_bytes;
-        let declared = self
-            .session
-            .req_header()
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<usize>().ok());
+        let declared = hold::declared_length(self.session);
         let chunked = self
             .session
             .req_header()
