@@ -376,7 +376,7 @@ fn route_table(config: &config::Config) -> String {
     if let Some(admin) = gateway.listen.admin {
         let _ = writeln!(
             out,
-            "admin listens on {admin} (/metrics, /healthz, /readyz, /approvals)"
+            "admin listens on {admin} (/metrics, /healthz, /readyz, /approvals, /shadow-decisions)"
         );
     }
     let _ = writeln!(out, "\nupstreams:");
