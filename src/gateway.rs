@@ -299,7 +299,7 @@ impl Gateway {
         let notification_service = gateway.authorization_server.notification.as_ref().map(|n| {
             let mut service = Service::new(
                 "countersign ciba notification".to_owned(),
-                HttpServer::new_app(crate::ciba::notification::NotificationApp {
+                HttpServer::new_app(crate::approval::notification::NotificationApp {
                     engine: engine.clone(),
                     path: n.path.clone(),
                     metrics: metrics.clone(),

@@ -1,10 +1,16 @@
 //! Which upstream a call goes to, and which upstreams a policy's calls can
 //! reach (so a policy's token is only ever sent where the policy says).
 
-use std::collections::BTreeMap;
-
-use crate::config::{RouteConfig, UpstreamConfig};
 use crate::policy::{host_key, Policy};
+
+/// One configured route as the table needs it: the config types stay above
+/// this module (config builds the table, never the other way round).
+#[derive(Debug, Clone, Copy)]
+pub struct RouteRule<'a> {
+    pub host: Option<&'a str>,
+    pub path_prefix: &'a str,
+    pub upstream: &'a str,
+}
 
 /// Routes in configuration order; the first whose host and path prefix match wins.
 #[derive(Debug)]
@@ -23,26 +29,27 @@ struct Route {
 }
 
 impl Routes {
-    pub fn new(routes: &[RouteConfig], upstreams: &BTreeMap<String, UpstreamConfig>) -> Self {
-        let routes = if routes.is_empty() {
+    /// With no `rules`, the upstreams (by name, in order) take every call:
+    /// the first one wins.
+    pub fn new<'a>(rules: &[RouteRule<'_>], upstreams: impl IntoIterator<Item = &'a str>) -> Self {
+        let routes = if rules.is_empty() {
             upstreams
-                .keys()
+                .into_iter()
                 .map(|name| Route {
                     host: None,
                     prefix: String::new(),
-                    upstream: name.clone(),
+                    upstream: name.to_owned(),
                 })
                 .collect()
         } else {
-            routes
+            rules
                 .iter()
                 .map(|r| Route {
                     host: r
                         .host
-                        .as_ref()
                         .map(|h| host_key(h).unwrap_or_else(|_| h.to_ascii_lowercase())),
                     prefix: r.path_prefix.trim_end_matches('/').to_ascii_lowercase(),
-                    upstream: r.upstream.0.clone(),
+                    upstream: r.upstream.to_owned(),
                 })
                 .collect()
         };
@@ -113,27 +120,25 @@ fn under_prefix(path: &str, prefix: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::UpstreamRef;
     use crate::policy::{PolicyFile, PolicySet};
     use std::path::Path;
 
-    fn route(host: Option<&str>, prefix: &str, upstream: &str) -> RouteConfig {
-        RouteConfig {
-            host: host.map(str::to_owned),
-            path_prefix: prefix.into(),
-            upstream: UpstreamRef(upstream.into()),
+    fn route<'a>(host: Option<&'a str>, path_prefix: &'a str, upstream: &'a str) -> RouteRule<'a> {
+        RouteRule {
+            host,
+            path_prefix,
+            upstream,
         }
     }
 
     #[test]
     fn prefixes_match_on_segment_boundaries() {
-        let upstreams = BTreeMap::new();
         let routes = Routes::new(
             &[
                 route(None, "/api/", "api"),
                 route(Some("Shop.Example."), "/", "shop"),
             ],
-            &upstreams,
+            [],
         );
         assert_eq!(routes.find(None, "/api/x"), Some("api"));
         assert_eq!(routes.find(None, "/api"), Some("api"));
@@ -141,13 +146,13 @@ mod tests {
         assert_eq!(routes.find(Some("shop.example"), "/apix"), Some("shop"));
     }
 
-    fn reachable(routes: &[RouteConfig], policy: &str) -> Vec<String> {
+    fn reachable(routes: &[RouteRule<'_>], policy: &str) -> Vec<String> {
         let file: PolicyFile = serde_yaml::from_str(&format!(
             "policies:\n  - {{ name: p, require: {{ scopes: [x] }}, binding_message: m, match: {policy} }}"
         ))
         .unwrap();
         let set = PolicySet::compile(file.into_loaded(Path::new("p.yaml")).collect()).unwrap();
-        let routes = Routes::new(routes, &BTreeMap::new());
+        let routes = Routes::new(routes, []);
         let found = routes.reachable_from(&set.policies()[0]);
         found.into_iter().map(str::to_owned).collect()
     }

@@ -28,6 +28,8 @@ use crate::policy::spec::{
 use crate::policy::template::{DetailsTemplate, MessageTemplate};
 use crate::policy::PolicyFile;
 use crate::policy::WaitMode;
+use crate::schema_shapes::string_schema;
+pub use crate::schema_shapes::{HumanDuration, ListenAddr};
 
 /// Where the committed schemas live, relative to the repository.
 pub const CONFIG_SCHEMA_FILE: &str = "schema/countersign.schema.json";
@@ -60,45 +62,6 @@ pub fn policies_schema() -> String {
         "Countersign policies",
     )
 }
-
-/// A string schema, inlined where it is used.
-macro_rules! string_schema {
-    ($type:ty, $name:literal, $schema:tt) => {
-        impl JsonSchema for $type {
-            fn inline_schema() -> bool {
-                true
-            }
-
-            fn schema_name() -> Cow<'static, str> {
-                $name.into()
-            }
-
-            fn json_schema(_: &mut SchemaGenerator) -> Schema {
-                json_schema!($schema)
-            }
-        }
-    };
-}
-
-/// A duration as `humantime` reads it: `5s`, `2m`, `1h 30m`, `500ms`.
-#[derive(Debug)]
-pub struct HumanDuration;
-
-string_schema!(HumanDuration, "Duration", {
-    "type": "string",
-    "pattern": "^\\s*([0-9]+\\s*[a-zA-Zµ]+\\s*)+$",
-    "description": "A duration: a number and a unit, e.g. 5s, 2m, 1h 30m, 500ms."
-});
-
-/// A socket address to listen on: `127.0.0.1:8080`, `[::1]:8080`.
-#[derive(Debug)]
-pub struct ListenAddr;
-
-string_schema!(ListenAddr, "ListenAddr", {
-    "type": "string",
-    "pattern": "^([0-9]{1,3}(\\.[0-9]{1,3}){3}|\\[[0-9A-Fa-f:.]+(%[^\\]]+)?\\]):[0-9]{1,5}$",
-    "description": "An IP address and port, e.g. 127.0.0.1:8080 or [::1]:8080 (no host names)."
-});
 
 string_schema!(Text, "Text", {
     "type": "string",

@@ -11,7 +11,7 @@ use thiserror::Error;
 
 use crate::config::UpstreamConfig;
 use crate::dpop::DpopKey;
-use crate::proxy::{APPROVAL_ID_HEADER, COUNTERSIGN_TOKENS_HEADER, GATEWAY_HEADER_PREFIX};
+use crate::headers::{APPROVAL_ID_HEADER, COUNTERSIGN_TOKENS_HEADER, GATEWAY_HEADER_PREFIX};
 use crate::secret::Secret;
 use crate::store::{StoredRequest, StoredResponse};
 

@@ -5,14 +5,33 @@
 //! ways a call reaches the upstream: pingora's peer (pass-through calls)
 //! and the approval engine's HTTP client (approved calls).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use pingora::upstreams::peer::HttpPeer;
 use pingora::utils::tls::{parse_x509, CertKey, WrappedX509};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use schemars::JsonSchema;
+use serde::Deserialize;
 
-use crate::config::UpstreamTlsConfig;
+/// `upstreams.<name>.tls`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// PEM bundle of the CA(s) that issue the upstream's certificate; only
+    /// they are trusted for it (not the public roots).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// PEM certificate chain the gateway presents (mTLS), with its key.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// Development only: accept any certificate. Logged at start; refused
+    /// by `countersign check --production`.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
 
 /// An upstream's TLS material, read and checked at load.
 pub struct UpstreamTls {

@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod binding;
 pub mod engine;
+pub mod notification;
 pub mod ping;
 pub mod shadow_audit;
 pub mod store_handle;

@@ -1,11 +1,10 @@
-//! The OpenID CIBA client (poll and ping modes; [`notification`] is ping
-//! mode's endpoint): discovery, the backchannel
+//! The OpenID CIBA client (poll and ping modes; ping mode's endpoint is
+//! `approval::notification`, above the engine it wakes): discovery, the backchannel
 //! authentication request and token polling. It speaks the protocol and
 //! classifies answers; deciding what to do next is the approval state
 //! machine's job.
 
 mod auth;
-pub mod notification;
 #[cfg(test)]
 pub(crate) mod test_server;
 

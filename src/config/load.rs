@@ -9,7 +9,7 @@ use thiserror::Error;
 
 use super::{Config, DefaultAction, GatewayConfig, MAX_REPLAYABLE_BODY};
 use crate::policy::{PolicyError, PolicyFile, PolicySet};
-use crate::route::Routes;
+use crate::route::{RouteRule, Routes};
 
 /// Where in a file a problem is.
 #[derive(Debug, Clone)]
@@ -127,7 +127,16 @@ pub fn load_embedded(
         loaded.extend(parsed.into_loaded(name));
     }
     let mut policies = PolicySet::compile(loaded)?;
-    let routes = Routes::new(&gateway.routes, &gateway.upstreams);
+    let rules: Vec<RouteRule<'_>> = gateway
+        .routes
+        .iter()
+        .map(|r| RouteRule {
+            host: r.host.as_deref(),
+            path_prefix: &r.path_prefix,
+            upstream: &r.upstream.0,
+        })
+        .collect();
+    let routes = Routes::new(&rules, gateway.upstreams.keys().map(String::as_str));
     bind_policies_to_upstreams(&mut policies, &routes, &gateway)?;
     Ok(Config {
         file: file.to_owned(),

@@ -24,6 +24,7 @@ pub use load::{is_policy_test_file, load, load_embedded, load_str, ConfigError};
 
 use crate::policy::PolicySet;
 use crate::route::Routes;
+pub use crate::upstream_tls::UpstreamTlsConfig;
 
 /// The whole loaded configuration, policies compiled.
 #[derive(Debug)]
@@ -209,11 +210,11 @@ impl<'de> Deserialize<'de> for StoreConfig {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenConfig {
-    #[schemars(with = "crate::schema::ListenAddr")]
+    #[schemars(with = "crate::schema_shapes::ListenAddr")]
     pub proxy: SocketAddr,
     /// `/metrics`, `/healthz` and `/readyz`; keep it off the public network.
     #[serde(default)]
-    #[schemars(with = "Option<crate::schema::ListenAddr>")]
+    #[schemars(with = "Option<crate::schema_shapes::ListenAddr>")]
     pub admin: Option<SocketAddr>,
     /// Worker threads of the proxy.
     #[serde(default = "default_threads")]
@@ -282,11 +283,11 @@ fn default_threads() -> usize {
 pub struct UpstreamConfig {
     pub url: UpstreamUrl,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
-    #[schemars(with = "crate::schema::HumanDuration")]
+    #[schemars(with = "crate::schema_shapes::HumanDuration")]
     pub connect_timeout: Duration,
     /// Longest wait for the upstream between reads or writes.
     #[serde(default = "default_io_timeout", with = "humantime_serde")]
-    #[schemars(with = "crate::schema::HumanDuration")]
+    #[schemars(with = "crate::schema_shapes::HumanDuration")]
     pub timeout: Duration,
     /// Send the agent's `Host` header instead of the upstream URL's authority.
     #[serde(default)]
@@ -307,25 +308,6 @@ pub struct UpstreamConfig {
     #[serde(skip)]
     #[schemars(skip)]
     pub tls_material: Option<std::sync::Arc<crate::upstream_tls::UpstreamTls>>,
-}
-
-/// `upstreams.<name>.tls`.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamTlsConfig {
-    /// PEM bundle of the CA(s) that issue the upstream's certificate; only
-    /// they are trusted for it (not the public roots).
-    #[serde(default)]
-    pub ca: Option<PathBuf>,
-    /// PEM certificate chain the gateway presents (mTLS), with its key.
-    #[serde(default)]
-    pub client_cert: Option<PathBuf>,
-    #[serde(default)]
-    pub client_key: Option<PathBuf>,
-    /// Development only: accept any certificate. Logged at start; refused
-    /// by `countersign check --production`.
-    #[serde(default)]
-    pub insecure_skip_verify: bool,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -439,7 +421,7 @@ pub struct AuthorizationServerConfig {
     #[serde(default)]
     pub extra_scopes: Vec<String>,
     #[serde(default = "default_as_timeout", with = "humantime_serde")]
-    #[schemars(with = "crate::schema::HumanDuration")]
+    #[schemars(with = "crate::schema_shapes::HumanDuration")]
     pub request_timeout: Duration,
     /// How the gateway learns the person answered: `poll` (default) polls
     /// the token endpoint at the server's interval; `ping` waits for the
@@ -453,7 +435,7 @@ pub struct AuthorizationServerConfig {
     /// How long start-up keeps retrying discovery while the authorization
     /// server cannot be reached (it may be starting beside the gateway).
     #[serde(default = "default_startup_wait", with = "humantime_serde")]
-    #[schemars(with = "crate::schema::HumanDuration")]
+    #[schemars(with = "crate::schema_shapes::HumanDuration")]
     pub startup_wait: Duration,
     /// `dpop`: tokens are bound to the gateway's key (RFC 9449): the gateway
     /// proves it when it polls and when it forwards. `bearer` (default).
@@ -498,7 +480,7 @@ pub enum Delivery {
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NotificationConfig {
-    #[schemars(with = "crate::schema::ListenAddr")]
+    #[schemars(with = "crate::schema_shapes::ListenAddr")]
     pub listen: SocketAddr,
     /// The path notifications are posted to.
     #[serde(default = "default_notification_path")]
@@ -506,7 +488,7 @@ pub struct NotificationConfig {
     /// The slow poll kept in case a notification is lost: at most this
     /// often, and never faster than the server's interval.
     #[serde(default = "default_safety_poll", with = "humantime_serde")]
-    #[schemars(with = "crate::schema::HumanDuration")]
+    #[schemars(with = "crate::schema_shapes::HumanDuration")]
     pub safety_poll: Duration,
 }
 
@@ -735,7 +717,7 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Longest a call is held; also caps a policy's `requested_expiry`.
     #[serde(default = "default_max_hold", with = "humantime_serde")]
-    #[schemars(with = "crate::schema::HumanDuration")]
+    #[schemars(with = "crate::schema_shapes::HumanDuration")]
     pub max_hold: Duration,
     /// Most calls held at once; more are answered 503.
     #[serde(default = "default_max_pending")]

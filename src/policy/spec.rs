@@ -41,7 +41,7 @@ pub struct PolicySpec {
     pub authorization_details: Option<DetailsTemplate>,
     /// How long the person has to answer; capped by `limits.max_hold`.
     #[serde(default, with = "humantime_serde")]
-    #[schemars(with = "Option<crate::schema::HumanDuration>")]
+    #[schemars(with = "Option<crate::schema_shapes::HumanDuration>")]
     pub requested_expiry: Option<Duration>,
     /// The upstreams the fresh token may be sent to. May be omitted when the
     /// gateway has exactly one upstream; checked against the routes at load.

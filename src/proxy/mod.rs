@@ -39,17 +39,7 @@ use crate::problem::{Problem, ProblemCode};
 pub use crate::route::Routes;
 pub use forward::Upstream;
 
-/// Header naming the approval, on the forwarded call and on every answer.
-/// Every `x-countersign-*` header the agent sends is removed before
-/// forwarding: upstreams may trust them.
-pub const APPROVAL_ID_HEADER: &str = "x-countersign-approval-id";
-
-/// Headers only the gateway may set on a forwarded call.
-pub const GATEWAY_HEADER_PREFIX: &str = "x-countersign-";
-
-/// The countersigners' tokens of a countersigned call (docs/call-binding.md,
-/// "Countersigned calls"); only the gateway sets it, like the prefix above.
-pub const COUNTERSIGN_TOKENS_HEADER: &str = "countersign-tokens";
+pub use crate::headers::{APPROVAL_ID_HEADER, COUNTERSIGN_TOKENS_HEADER, GATEWAY_HEADER_PREFIX};
 
 /// The gateway's proxy logic.
 #[derive(Debug)]
