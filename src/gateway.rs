@@ -26,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::proxy::Countersign;
 use crate::readiness::{self, Readiness};
 use crate::reload::Reloader;
+use crate::traces::Traces;
 use crate::upstream::UpstreamClient;
 
 #[derive(Debug, Error)]
@@ -70,6 +71,8 @@ pub struct Gateway {
     /// Drained on shutdown, after the held calls are answered.
     engine: Arc<Engine>,
     drain_timeout: std::time::Duration,
+    /// Spans not yet exported are sent when the server stops.
+    traces: Traces,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -117,6 +120,7 @@ fn start_engine(
     ciba: CibaClient,
     policies: Arc<crate::policy::LivePolicies>,
     metrics: Metrics,
+    traces: Traces,
 ) -> Result<(Arc<Engine>, tokio::runtime::Runtime), GatewayError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -155,6 +159,7 @@ fn start_engine(
         gateway.limits.max_hold,
         runtime.handle().clone(),
         pings,
+        traces,
     ));
     runtime.spawn(engine.clone().maintain());
     Ok((engine, runtime))
@@ -279,12 +284,19 @@ impl Gateway {
         server.bootstrap();
 
         let policies = Arc::new(crate::policy::LivePolicies::from_pointee(config.policies));
+        let traces = match &gateway.traces {
+            Some(traces) => {
+                Traces::start(traces).map_err(|e| GatewayError::Startup(e.to_string()))?
+            }
+            None => Traces::off(),
+        };
         let (engine, engine_runtime) = start_engine(
             &config.file,
             &gateway,
             ciba,
             policies.clone(),
             metrics.clone(),
+            traces.clone(),
         )?;
         let reloader = reload_source.map(|(file, text)| {
             let reloader = Arc::new(Reloader::for_file(
@@ -350,7 +362,8 @@ impl Gateway {
             engine.clone(),
             gateway.approvals_path.0.clone(),
         )
-        .with_draining(draining);
+        .with_draining(draining)
+        .with_traces(traces.clone());
         let mut proxy = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
             countersign,
@@ -408,6 +421,7 @@ impl Gateway {
             drain,
             engine,
             drain_timeout: gateway.store.drain_timeout,
+            traces,
         })
     }
 
@@ -421,6 +435,7 @@ impl Gateway {
                 engine: Some((self.engine, self.drain_timeout)),
             }),
         });
+        self.traces.flush();
     }
 
     /// Serves until `shutdown` is triggered; blocks the calling thread.
@@ -432,6 +447,7 @@ impl Gateway {
                 engine: Some((self.engine, self.drain_timeout)),
             }),
         });
+        self.traces.flush();
     }
 }
 

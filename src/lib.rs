@@ -42,6 +42,7 @@ pub mod secret;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod traces;
 pub mod upstream;
 pub mod upstream_tls;
 

@@ -78,6 +78,17 @@ pub enum ForwardError {
     AnswerLost(String),
 }
 
+impl ForwardError {
+    /// A short name for a span's status (never the reason's text).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::UnknownUpstream(_) => "unknown_upstream",
+            Self::NotSent(_) => "not_sent",
+            Self::AnswerLost(_) => "answer_lost",
+        }
+    }
+}
+
 /// HTTP clients for every upstream.
 #[derive(Debug)]
 pub struct UpstreamClient {
@@ -132,10 +143,14 @@ impl UpstreamClient {
         upstream: &str,
         approval_id: &str,
         request: &StoredRequest,
-        token: &Secret,
-        dpop: Option<&DpopKey>,
-        countersignatures: &[Secret],
+        credentials: Credentials<'_>,
+        traceparent: Option<&str>,
     ) -> Result<Forwarded, ForwardError> {
+        let Credentials {
+            token,
+            dpop,
+            countersignatures,
+        } = credentials;
         let (client, config) = self
             .upstreams
             .get(upstream)
@@ -167,8 +182,13 @@ impl UpstreamClient {
             let tokens: Vec<&str> = countersignatures.iter().map(Secret::expose).collect();
             builder = builder.header(COUNTERSIGN_TOKENS_HEADER, tokens.join(", "));
         }
+        if let Some(traceparent) = traceparent {
+            builder = builder.header(TRACEPARENT, traceparent);
+        }
         for (name, value) in &request.headers {
-            if name == "host" {
+            // The agent's own trace context is replaced by the forward's
+            // span (of the same trace) when traces are on.
+            if name == "host" || (traceparent.is_some() && name == TRACEPARENT) {
                 continue;
             }
             builder = builder.header(name.as_str(), value.as_slice());
@@ -226,6 +246,18 @@ impl UpstreamClient {
             overflow: None,
         })
     }
+}
+
+/// The W3C trace context header.
+const TRACEPARENT: &str = "traceparent";
+
+/// What authorizes a forwarded call: the person's token (DPoP-bound or
+/// not) and the countersigners' tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct Credentials<'a> {
+    pub token: &'a Secret,
+    pub dpop: Option<&'a DpopKey>,
+    pub countersignatures: &'a [Secret],
 }
 
 /// The upstream's answer to an approved call.

@@ -264,6 +264,22 @@ pub enum PollAnswer {
     Failed(CibaError),
 }
 
+impl PollAnswer {
+    /// The answer's kind, for a span (never the token or a reason).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::SlowDown => "slow_down",
+            Self::Approved(_) => "approved",
+            Self::Denied => "denied",
+            Self::Expired => "expired",
+            Self::Unavailable { .. } => "unavailable",
+            Self::Unreachable { .. } => "unreachable",
+            Self::Failed(_) => "failed",
+        }
+    }
+}
+
 /// A CIBA client for one authorization server.
 #[derive(Debug, Clone)]
 pub struct CibaClient {

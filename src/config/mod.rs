@@ -75,6 +75,76 @@ pub struct GatewayConfig {
     /// upstream.
     #[serde(default = "default_approvals_path")]
     pub approvals_path: ApprovalsPath,
+    /// Traces (OpenTelemetry, OTLP/HTTP): off unless set.
+    #[serde(default)]
+    pub traces: Option<TracesConfig>,
+}
+
+/// Where and how spans are exported.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TracesConfig {
+    /// The collector's OTLP/HTTP endpoint: `http://collector:4318` (spans
+    /// go to `/v1/traces` under it) or the full URL of its traces path.
+    #[schemars(with = "String")]
+    pub endpoint: OtlpEndpoint,
+    /// `service.name` of the spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// The share of new traces recorded, 0 to 1; a call that comes with
+    /// the agent's `traceparent` follows the agent's sampling decision.
+    #[serde(default = "default_sample_ratio")]
+    #[schemars(with = "f64", range(min = 0.0, max = 1.0))]
+    pub sample_ratio: SampleRatio,
+    /// Headers sent with each export (a collector's API key; `${ENV}`
+    /// works; never logged).
+    #[serde(default)]
+    #[schemars(with = "BTreeMap<String, String>")]
+    pub headers: BTreeMap<String, SecretText>,
+}
+
+fn default_service_name() -> String {
+    "countersign".to_owned()
+}
+
+fn default_sample_ratio() -> SampleRatio {
+    SampleRatio(1.0)
+}
+
+/// An `http(s)` URL, with `/v1/traces` when it names no path.
+#[derive(Debug, Clone)]
+pub struct OtlpEndpoint(pub Url);
+
+impl<'de> Deserialize<'de> for OtlpEndpoint {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Text::deserialize(d)?.0;
+        let mut url = Url::parse(&raw).map_err(|e| de::Error::custom(format!("{raw:?}: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(de::Error::custom(format!(
+                "{raw:?}: the OTLP endpoint must be an http or https URL"
+            )));
+        }
+        if url.path() == "/" || url.path().is_empty() {
+            url.set_path("/v1/traces");
+        }
+        Ok(Self(url))
+    }
+}
+
+/// A share between 0 and 1.
+#[derive(Debug, Clone, Copy)]
+pub struct SampleRatio(pub f64);
+
+impl<'de> Deserialize<'de> for SampleRatio {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let ratio = f64::deserialize(d)?;
+        if !(0.0..=1.0).contains(&ratio) {
+            return Err(de::Error::custom(format!(
+                "sample_ratio {ratio} is not between 0 and 1"
+            )));
+        }
+        Ok(Self(ratio))
+    }
 }
 
 /// A reserved path prefix: absolute, canonical, no trailing slash.

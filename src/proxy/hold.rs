@@ -63,7 +63,10 @@ impl Countersign {
     ) -> Result<Reply, Reply> {
         let policy = call.policy.clone();
         let store = self.engine.store();
-        let new = self.new_approval(session, &call)?;
+        let mut new = self.new_approval(session, &call)?;
+        // Polls and the forward, here or on another replica, join the
+        // call's trace.
+        new.trace_parent = ctx.trace.as_ref().and_then(|t| t.call.traceparent());
         let countersigners = call.rendered.countersigners.clone();
         // Everything of the call the approval needs is in `new`: the body,
         // rendering and identity are not kept for the whole hold.
@@ -298,6 +301,7 @@ impl Countersign {
             expires_at: now + hold,
             parent_id: None,
             countersign_min: call.rendered.countersigners.as_ref().map(|c| c.min),
+            trace_parent: None,
         })
     }
 

@@ -35,6 +35,7 @@ use crate::identity::IdentitySource;
 use crate::metrics::Metrics;
 use crate::policy::LivePolicies;
 use crate::problem::{Problem, ProblemCode};
+use crate::traces::{Kind, Parent, Span, Traces};
 
 pub use crate::route::Routes;
 pub use forward::Upstream;
@@ -64,6 +65,8 @@ pub struct Countersign {
     /// `countersign_calls_total{policy="none",outcome="passed"}`, the bulk of
     /// traffic, resolved once instead of by `with_label_values` per call.
     passed_unmatched: IntCounter,
+    /// A span per call (off unless `traces:` is configured).
+    traces: Traces,
 }
 
 impl Countersign {
@@ -102,7 +105,14 @@ impl Countersign {
             mcp_waiting: mcp::Waiting::default(),
             draining: Draining::new().1,
             passed_unmatched: metrics.calls.with_label_values(&["none", "passed"]),
+            traces: Traces::off(),
         }
+    }
+
+    /// Traces calls (`traces:` in the configuration).
+    pub fn with_traces(mut self, traces: Traces) -> Self {
+        self.traces = traces;
+        self
     }
 
     /// Answer held calls when `draining` is raised (the gateway's shutdown).
@@ -157,6 +167,17 @@ pub struct CallCtx {
     upstream_started: Option<Instant>,
     /// A held (or refused) MCP `tools/call`: answered in JSON-RPC.
     mcp: Option<mcp::McpCall>,
+    /// The call's spans, when traces are on.
+    trace: Option<Box<CallSpans>>,
+}
+
+/// The spans of one call.
+#[derive(Debug)]
+struct CallSpans {
+    /// The whole call, in the agent's trace when it sent one.
+    call: Span,
+    /// A call passed through: the request pingora makes upstream.
+    forward: Option<Span>,
 }
 
 /// How a call that is not passed through is answered.
@@ -212,10 +233,83 @@ impl Countersign {
     /// largest of any phase, and unboxed it would size, and be moved with,
     /// the future of every pass-through call too (docs/BENCHMARKS.md).
     async fn admit(&self, session: &mut Session, ctx: &mut CallCtx) -> Result<(), Reply> {
-        match self.decide(session, ctx).await? {
+        let span = self.span_in_call(ctx, "decide");
+        let decided = self.decide(session, ctx).await;
+        drop(span);
+        match decided? {
             None => Ok(()),
-            Some(call) => Err(Box::pin(self.hold(session, ctx, call)).await),
+            Some(call) => {
+                let _span = self.span_in_call(ctx, "hold");
+                Err(Box::pin(self.hold(session, ctx, call)).await)
+            }
         }
+    }
+
+    /// Opens the call's span: under the agent's `traceparent` when it sent
+    /// exactly one valid one, else a new trace.
+    fn start_call_span(&self, session: &Session, ctx: &mut CallCtx) {
+        if !self.traces.is_on() {
+            return;
+        }
+        let request = session.req_header();
+        let mut sent = request.headers.get_all("traceparent").iter();
+        let parent = match (sent.next(), sent.next()) {
+            (Some(one), None) => one.to_str().ok(),
+            _ => None,
+        };
+        let mut call = self
+            .traces
+            .span("call", Kind::Server, Parent::Remote(parent));
+        call.set("http.request.method", request.method.as_str().to_owned());
+        call.set("url.path", request.uri.path().to_owned());
+        ctx.trace = Some(Box::new(CallSpans {
+            call,
+            forward: None,
+        }));
+    }
+
+    /// A span under the call's (a no-op when traces are off).
+    fn span_in_call(&self, ctx: &CallCtx, name: &'static str) -> Option<Span> {
+        let spans = ctx.trace.as_deref()?;
+        Some(
+            self.traces
+                .span(name, Kind::Internal, Parent::Span(&spans.call)),
+        )
+    }
+
+    /// Closes the call's spans with how it ended.
+    fn end_call_spans(&self, session: &Session, error: Option<&Error>, ctx: &mut CallCtx) {
+        let Some(mut spans) = ctx.trace.take() else {
+            return;
+        };
+        let status = session
+            .response_written()
+            .map(|r| i64::from(r.status.as_u16()));
+        let call = &mut spans.call;
+        call.set(
+            "countersign.policy",
+            ctx.policy.clone().unwrap_or_else(|| "none".to_owned()),
+        );
+        call.set("countersign.outcome", ctx.outcome.as_str());
+        if let Some(id) = &ctx.approval_id {
+            call.set("countersign.approval_id", id.clone());
+        }
+        if let Some(status) = status {
+            call.set("http.response.status_code", status);
+        }
+        if let Some(error) = error {
+            call.fail(error.etype().as_str());
+        }
+        if let Some(forward) = &mut spans.forward {
+            if let Some(status) = status {
+                forward.set("http.response.status_code", status);
+            }
+            if let Some(error) = error {
+                forward.fail(error.etype().as_str());
+            }
+        }
+        // The forward ends before the call that contains it.
+        spans.forward = None;
     }
 
     /// Writes the answer of a call the gateway ended itself. `Ok(true)`:
@@ -280,6 +374,7 @@ impl ProxyHttp for Countersign {
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        self.start_call_span(session, ctx);
         match self.admit(session, ctx).await {
             Ok(()) => Ok(false),
             // Boxed, like the hold: answers are off the pass path.
@@ -306,6 +401,17 @@ impl ProxyHttp for Countersign {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         self.prepare_upstream_request(request, ctx)?;
+        if let Some(spans) = ctx.trace.as_deref_mut() {
+            // The upstream joins the call's trace under this span; the
+            // agent's own `traceparent` names the agent's span, not ours.
+            let forward = self
+                .traces
+                .span("forward", Kind::Client, Parent::Span(&spans.call));
+            if let Some(traceparent) = forward.traceparent() {
+                request.insert_header("traceparent", traceparent)?;
+            }
+            spans.forward = Some(forward);
+        }
         ctx.upstream_started = Some(Instant::now());
         Ok(())
     }
@@ -332,6 +438,7 @@ impl ProxyHttp for Countersign {
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Self::CTX) {
+        self.end_call_spans(session, error, ctx);
         let policy = ctx.policy.as_deref().unwrap_or("none");
         self.count_call(policy, ctx.outcome);
         if let (Some(started), Some(upstream)) = (ctx.upstream_started, ctx.upstream.as_ref()) {

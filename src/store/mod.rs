@@ -137,6 +137,8 @@ pub struct NewApproval {
     /// A countersigned call's own approval: how many countersigners must
     /// approve besides the person.
     pub countersign_min: Option<u32>,
+    /// The W3C `traceparent` of the call's span, when traces are on.
+    pub trace_parent: Option<String>,
 }
 
 /// The approved access token of a member of a countersigned call, kept
@@ -211,6 +213,8 @@ pub struct Approval {
     pub grant: Option<KeptGrant>,
     /// The sentence told with `problem_code` ("denied by carol").
     pub problem_detail: Option<String>,
+    /// The W3C `traceparent` of the call's span, when traces were on.
+    pub trace_parent: Option<String>,
 }
 
 /// What a policy in `mode: shadow` would have done with a call (the call
@@ -579,6 +583,7 @@ impl fmt::Debug for NewApproval {
             .field("expires_at", &self.expires_at)
             .field("parent_id", &self.parent_id)
             .field("countersign_min", &self.countersign_min)
+            .field("trace_parent", &self.trace_parent)
             .finish()
     }
 }
@@ -614,6 +619,7 @@ impl fmt::Debug for Approval {
             .field("countersign_min", &self.countersign_min)
             .field("grant", &self.grant)
             .field("problem_detail", &self.problem_detail)
+            .field("trace_parent", &self.trace_parent)
             .finish()
     }
 }
@@ -648,6 +654,7 @@ impl Approval {
             countersign_min: a.countersign_min,
             grant: None,
             problem_detail: None,
+            trace_parent: a.trace_parent,
         }
     }
 }

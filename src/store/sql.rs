@@ -62,7 +62,7 @@ macro_rules! columns {
          ciba_next_poll_at, ciba_deadline, response_status, response_headers, response_body, \
          problem_code, created_at, expires_at, updated_at, decided_at, lease_owner, lease_until, \
          ciba_asked_at, delivered_at, parent_id, countersign_min, grant_token, grant_kind, \
-         problem_detail"
+         problem_detail, trace_parent"
     };
 }
 
@@ -79,9 +79,9 @@ macro_rules! final_states {
 const INSERT: &str = "INSERT INTO approvals (id, policy, subject, upstream, fingerprint, \
      idempotency_key, attach_key, binding_message, authorization_details, state, request_method, \
      request_path_and_query, request_headers, request_body, created_at, expires_at, updated_at, \
-     lease_owner, lease_until, parent_id, countersign_min) \
+     lease_owner, lease_until, parent_id, countersign_min, trace_parent) \
      SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, $11, $12, $13, $14, $15, $14, \
-     $16, $17, $19, $20 \
+     $16, $17, $19, $20, $21 \
      WHERE (SELECT COUNT(*) FROM approvals WHERE subject = $3 AND state = 'pending') < $18 \
      ON CONFLICT (attach_key) DO NOTHING";
 
@@ -294,6 +294,11 @@ const MIGRATIONS_SQLITE: Embedded = Embedded(&[
         "shadow decisions",
         include_str!("../../migrations/sqlite/0006_shadow.sql"),
     ),
+    (
+        7,
+        "trace context",
+        include_str!("../../migrations/sqlite/0007_traces.sql"),
+    ),
 ]);
 
 const MIGRATIONS_POSTGRES: Embedded = Embedded(&[
@@ -326,6 +331,11 @@ const MIGRATIONS_POSTGRES: Embedded = Embedded(&[
         6,
         "shadow decisions",
         include_str!("../../migrations/postgres/0006_shadow.sql"),
+    ),
+    (
+        7,
+        "trace context",
+        include_str!("../../migrations/postgres/0007_traces.sql"),
     ),
 ]);
 
@@ -895,6 +905,7 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
             int(limit_param(terms.max_pending)),
             Param::Text(a.parent_id),
             Param::Int(a.countersign_min.map(i64::from)),
+            Param::Text(a.trace_parent),
         ];
         let max_pending = limit_param(terms.max_pending);
         self.driver
@@ -1450,6 +1461,7 @@ where
         parent_id: get(row, "parent_id")?,
         countersign_min: get::<R, Option<i64>>(row, "countersign_min")?
             .and_then(|n| u32::try_from(n).ok()),
+        trace_parent: get(row, "trace_parent")?,
         grant: get::<R, Option<String>>(row, "grant_token")?.map(|token| KeptGrant {
             token: Secret::new(token),
             dpop: matches!(

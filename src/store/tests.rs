@@ -227,6 +227,7 @@ fn call(id: &str, subject: &str, fingerprint: &str, key: Option<&str>) -> NewApp
         expires_at: t0 + 5 * MINUTE,
         parent_id: None,
         countersign_min: None,
+        trace_parent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
     }
 }
 
@@ -287,6 +288,7 @@ async fn attach_by_fingerprint(f: Fixture) {
     assert_eq!(stored.idempotency_key, None);
     assert_eq!(stored.binding_message, first.binding_message);
     assert_eq!(stored.authorization_details, first.authorization_details);
+    assert_eq!(stored.trace_parent, first.trace_parent);
     assert_eq!(stored.request.method, "POST");
     assert_eq!(stored.request.path_and_query, "/orders?express=1");
     assert_eq!(stored.request.headers, first.request.headers);

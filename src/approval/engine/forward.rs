@@ -5,7 +5,7 @@ use super::*;
 use crate::approval::binding;
 use crate::identity::IdentityError;
 use crate::policy::Bind;
-use crate::upstream::{ForwardError, Forwarded, Overflow};
+use crate::upstream::{Credentials, ForwardError, Forwarded, Overflow};
 
 /// How long a bound call waits for the authorization server's signing keys.
 const KEYS_WAIT: Duration = Duration::from_secs(30);
@@ -147,17 +147,39 @@ impl Engine {
             }
             return;
         }
+        let mut span = self.traces.span(
+            "forward",
+            Kind::Client,
+            Parent::Remote(approval.trace_parent.as_deref()),
+        );
+        span.set("countersign.approval_id", id.to_owned());
+        span.set("countersign.policy", approval.policy.clone());
+        span.set("countersign.upstream", approval.upstream.clone());
+        let credentials = Credentials {
+            token,
+            dpop: self.ciba.dpop().filter(|_| dpop).map(|key| &**key),
+            countersignatures,
+        };
         let sent = self
             .upstreams
             .send(
                 &approval.upstream,
                 id,
                 &approval.request,
-                token,
-                self.ciba.dpop().filter(|_| dpop).map(|key| &**key),
-                countersignatures,
+                credentials,
+                span.traceparent().as_deref(),
             )
             .await;
+        match &sent {
+            Ok(forwarded) => {
+                span.set(
+                    "http.response.status_code",
+                    i64::from(forwarded.recorded.status),
+                );
+            }
+            Err(error) => span.fail(error.kind()),
+        }
+        drop(span);
         match sent {
             Ok(Forwarded { recorded, overflow }) => {
                 tracing::info!(

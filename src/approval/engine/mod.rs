@@ -37,6 +37,7 @@ use crate::store::{
     Approval, ApprovalState, ApprovalStore, CibaProgress, InsertTerms, Inserted, KeptGrant,
     NewApproval, StoreError, StoredRequest, StoredResponse,
 };
+use crate::traces::{Kind, Parent, Traces};
 use crate::upstream::UpstreamClient;
 
 mod forward;
@@ -127,6 +128,9 @@ pub struct Engine {
     /// The authorization server's signing keys, to read the issued tokens
     /// of bound calls (`None`: it publishes no JWKS).
     issued_tokens: Option<JwtVerifier>,
+    /// Spans of bc-authorize, token polls and forwards, in the trace of
+    /// the call each approval was made for.
+    traces: Traces,
 }
 
 /// This process's standing in the store.
@@ -174,6 +178,9 @@ struct Polled {
     /// process, or this one under its new name, adopts it; this poller
     /// stops.
     owner: String,
+    /// The call's trace context (kept with the approval), for the polls'
+    /// spans.
+    trace: Option<String>,
 }
 
 /// Why a new approval could not be started.
@@ -200,6 +207,7 @@ impl Engine {
         max_hold: Duration,
         runtime: tokio::runtime::Handle,
         pings: Option<Pings>,
+        traces: Traces,
     ) -> Self {
         let liveness = Liveness {
             owner: uuid::Uuid::new_v4().to_string(),
@@ -232,6 +240,7 @@ impl Engine {
             large_answers: LargeAnswerWaiters::default(),
             runtime,
             pings,
+            traces,
         }
     }
 

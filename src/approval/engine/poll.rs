@@ -58,7 +58,15 @@ impl Engine {
                 .await
                 .is_err();
         }
+        let mut span = self.traces.span(
+            "ciba.token",
+            Kind::Client,
+            Parent::Remote(polled.trace.as_deref()),
+        );
+        span.set("countersign.approval_id", id.clone());
         let answer = self.ciba.poll(&polled.auth_req_id).await;
+        span.set("countersign.answer", answer.kind());
+        drop(span);
         match &answer {
             PollAnswer::SlowDown => {
                 tracing::warn!(approval_id = id, "authorization server asked to slow down")

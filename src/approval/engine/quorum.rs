@@ -54,6 +54,7 @@ pub(super) fn countersign_requests(
             expires_at: parent.expires_at,
             parent_id: Some(parent.id.clone()),
             countersign_min: None,
+            trace_parent: parent.trace_parent.clone(),
         })
         .collect()
 }

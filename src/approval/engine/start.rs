@@ -146,6 +146,7 @@ impl Engine {
             binding_message,
             details,
             expires_at,
+            trace,
         } = question;
         // Whole seconds on the wire: round the time left up, or a 3 s
         // expiry would be asked as 2 s a moment after the call arrived.
@@ -162,6 +163,13 @@ impl Engine {
         if let (Some(pings), Some(token)) = (&self.pings, &notification_token) {
             pings.expect_token(token, id);
         }
+        let mut span = self.traces.span(
+            "ciba.bc-authorize",
+            Kind::Client,
+            Parent::Remote(question.trace),
+        );
+        span.set("countersign.approval_id", id.to_owned());
+        span.set("countersign.policy", policy.name.clone());
         let authorized = self
             .ciba
             .authorize(&AuthorizeRequest {
@@ -177,12 +185,14 @@ impl Engine {
         let authorization = match authorized {
             Ok(authorization) => authorization,
             Err(error) => {
+                span.fail(problem_for(&error).as_str());
                 if let Some(pings) = &self.pings {
                     pings.forget(id);
                 }
                 return Err(error);
             }
         };
+        drop(span);
         let now = Instant::now();
         // Ping mode polls only as a safety net, slowly, never faster than
         // the server's interval.
@@ -235,6 +245,7 @@ impl Engine {
                 unrecorded,
                 owner: owner.to_owned(),
                 schedule,
+                trace: trace.map(str::to_owned),
             },
         })
     }
@@ -275,6 +286,7 @@ impl Engine {
             resumed: true,
             unrecorded: false,
             owner,
+            trace: approval.trace_parent.clone(),
         };
         Some((polled, next.min(deadline)))
     }
@@ -365,6 +377,8 @@ struct Question<'a> {
     binding_message: &'a str,
     details: Option<&'a serde_json::Value>,
     expires_at: SystemTime,
+    /// The call's trace context.
+    trace: Option<&'a str>,
 }
 
 impl<'a> Question<'a> {
@@ -374,6 +388,7 @@ impl<'a> Question<'a> {
             binding_message: &approval.binding_message,
             details: approval.authorization_details.as_ref(),
             expires_at: approval.expires_at,
+            trace: approval.trace_parent.as_deref(),
         }
     }
 
@@ -383,6 +398,7 @@ impl<'a> Question<'a> {
             binding_message: &approval.binding_message,
             details: approval.authorization_details.as_ref(),
             expires_at: approval.expires_at,
+            trace: approval.trace_parent.as_deref(),
         }
     }
 }
