@@ -157,10 +157,14 @@ fn container(deployment: &Value) -> &Value {
 }
 
 /// The ConfigMap's files where the container sees them: its mount path, and
-/// a temporary directory holding each key as a file (as the kubelet does).
+/// a temporary directory laid out as the kubelet lays out a ConfigMap
+/// volume: each key a symlink through `..data` to a directory of the files,
+/// and an update a new directory swapped in by renaming `..data`.
 struct MountedConfig {
     mount_path: String,
     dir: tempfile::TempDir,
+    files: BTreeMap<String, String>,
+    version: u32,
 }
 
 impl MountedConfig {
@@ -183,20 +187,55 @@ impl MountedConfig {
             .iter()
             .find(|m| m["name"].as_str() == Some(volume_name))
             .unwrap_or_else(|| panic!("volume {volume_name} is not mounted"));
-        let dir = tempfile::tempdir().unwrap();
-        for (key, text) in config_map["data"].as_mapping().expect("data") {
-            std::fs::write(
-                dir.path().join(str_of(key, "data key")),
-                str_of(text, "data value"),
-            )
-            .unwrap();
-        }
-        Self {
+        let files = config_map["data"]
+            .as_mapping()
+            .expect("data")
+            .iter()
+            .map(|(k, v)| {
+                (
+                    str_of(k, "data key").to_owned(),
+                    str_of(v, "data").to_owned(),
+                )
+            })
+            .collect();
+        let mut mounted = Self {
             mount_path: str_of(&mount["mountPath"], "mountPath")
                 .trim_end_matches('/')
                 .to_owned(),
-            dir,
+            dir: tempfile::tempdir().unwrap(),
+            files,
+            version: 0,
+        };
+        mounted.publish();
+        for key in mounted.files.keys() {
+            std::os::unix::fs::symlink(format!("..data/{key}"), mounted.dir.path().join(key))
+                .unwrap();
         }
+        mounted
+    }
+
+    /// Writes the files into a new `..N` directory and points `..data` at it
+    /// in one rename, as the kubelet does when the ConfigMap changes.
+    fn publish(&mut self) {
+        self.version += 1;
+        let root = self.dir.path();
+        let version = format!("..{}", self.version);
+        std::fs::create_dir(root.join(&version)).unwrap();
+        for (key, text) in &self.files {
+            std::fs::write(root.join(&version).join(key), text).unwrap();
+        }
+        std::os::unix::fs::symlink(&version, root.join("..data_tmp")).unwrap();
+        std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+        if self.version > 1 {
+            std::fs::remove_dir_all(root.join(format!("..{}", self.version - 1))).unwrap();
+        }
+    }
+
+    /// Changes one key of the ConfigMap, as `kubectl apply` and the kubelet do.
+    fn update(&mut self, key: &str, text: String) {
+        assert!(self.files.contains_key(key), "no key {key}");
+        self.files.insert(key.to_owned(), text);
+        self.publish();
     }
 
     /// Where a path inside the container is here; it must be in the mount.
@@ -499,6 +538,7 @@ async fn the_binary_started_with_the_containers_args_serves_the_probes_and_stops
     let docs = manifests();
     let deployment = one(&docs, "Deployment");
     let mounted = MountedConfig::new(&deployment, &one(&docs, "ConfigMap"));
+    let mut mounted = mounted;
     let (args, file) = args(&deployment, &mounted);
     let mut config: Value = serde_yaml::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
     let container = container(&deployment);
@@ -528,7 +568,8 @@ async fn the_binary_started_with_the_containers_args_serves_the_probes_and_stops
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     config["listen"]["proxy"] = Value::from(proxy.to_string());
     config["listen"]["admin"] = Value::from(admin.to_string());
-    std::fs::write(&file, serde_yaml::to_string(&config).unwrap()).unwrap();
+    let config_key = file.file_name().unwrap().to_str().unwrap().to_owned();
+    mounted.update(&config_key, serde_yaml::to_string(&config).unwrap());
     let peer = Peer::start();
     let database = TestDatabase::create();
     let mut env = environment(
@@ -591,6 +632,47 @@ async fn the_binary_started_with_the_containers_args_serves_the_probes_and_stops
         .await
         .unwrap();
     assert_eq!(readyz["checks"]["approval_store"], "ok", "{readyz}");
+
+    // An edit of the policies, published as the kubelet publishes a
+    // ConfigMap's change, is reloaded by the running gateway (configmap.yaml
+    // says so).
+    let policies = config["policies"][0]
+        .as_str()
+        .expect("a policy file")
+        .to_owned();
+    let edited = format!(
+        "{}  - name: cancel-order\n    match: {{ methods: [DELETE], path: \"/orders/{{orderId}}\" }}\n    \
+         require: {{ scopes: [product:buy], audience: https://shop.example/api }}\n    \
+         binding_message: \"Cancel order {{{{params.orderId}}}}\"\n",
+        mounted.files[&policies]
+    );
+    mounted.update(&policies, edited);
+    let reloaded = r#"countersign_config_reload_total{result="ok"} 1"#;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let metrics = http
+            .get(format!("http://{admin}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains(reloaded) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the edited ConfigMap was not reloaded within 15 s:\n{}\n{}",
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("countersign_config_reload_total"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // SIGTERM, as the kubelet sends after preStop: the gateway exits 0
     // well inside what the grace period leaves it.
