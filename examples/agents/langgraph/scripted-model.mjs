@@ -43,7 +43,7 @@ export class ScriptedChatModel extends BaseChatModel {
     this.turns += 1;
     const last = messages[messages.length - 1];
     const message = ToolMessage.isInstance(last)
-      ? new AIMessage(`${String(last.content)}`)
+      ? new AIMessage(String(last.content))
       : new AIMessage({
           content: '',
           tool_calls: [
