@@ -748,13 +748,28 @@ impl Drop for DevProcess {
 
 impl DevProcess {
     fn start(state_dir: &Path) -> Self {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_countersign"));
+        command.args(["dev", "--state-dir"]).arg(state_dir);
+        Self::start_with(command)
+    }
+
+    /// With the default state directory, under `home`.
+    fn start_at_home(home: &Path) -> Self {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_countersign"));
+        command
+            .arg("dev")
+            .env("HOME", home)
+            .env_remove("XDG_STATE_HOME");
+        Self::start_with(command)
+    }
+
+    /// `command` (the binary with `dev` and its first flags) with `--tls`.
+    fn start_with(mut command: std::process::Command) -> Self {
         use std::io::BufRead;
-        use std::process::{Command, Stdio};
-        let mut child = Command::new(env!("CARGO_BIN_EXE_countersign"))
-            .args(["dev", "--tls", "--interval", "1"])
+        use std::process::Stdio;
+        let mut child = command
+            .args(["--tls", "--interval", "1"])
             .args(["--port", "0", "--authz-port", "0", "--shop-port", "0"])
-            .arg("--state-dir")
-            .arg(state_dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -1004,4 +1019,41 @@ async fn dev_mode_over_tls_prints_a_curl_command_that_works_pasted() {
         Some(60),
         "curl: certificate not trusted"
     );
+}
+
+/// README's quickstart step 6 as pasted, in a shell whose home is the one
+/// dev mode ran with (default state directory), the gateway's port being
+/// this run's instead of 8080.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_quickstart_curl_over_tls_works_pasted() {
+    const README: &str = include_str!("../README.md");
+    let quickstart = README
+        .split("\n## Quickstart")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .unwrap();
+    let command = quickstart
+        .split("```sh\n")
+        .map(|block| block.split("```").next().unwrap())
+        .find(|block| block.contains("--cacert"))
+        .expect("the quickstart's curl over TLS")
+        .to_owned();
+    assert!(command.contains("https://localhost:8080/shop"), "{command}");
+    let home = tempfile::tempdir().unwrap();
+    let dev = DevProcess::start_at_home(home.path());
+    let port = dev.gateway().rsplit(':').next().unwrap().to_owned();
+    let command = command.replace("localhost:8080", &format!("localhost:{port}"));
+    let curl = tokio::spawn(
+        tokio::process::Command::new("bash")
+            .args(["-c", &command])
+            .env("HOME", home.path())
+            .env_remove("XDG_STATE_HOME")
+            .output(),
+    );
+    dev.approve_pending("alice").await;
+    let output = curl.await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{command}: {output:?}");
+    assert!(stdout.starts_with("HTTP/2 200"), "{stdout}");
+    assert!(stdout.contains("\"product\":\"XYZ phone\""), "{stdout}");
 }
