@@ -731,3 +731,329 @@ async fn dev_mode_four_eyes_bobs_no_refuses_and_small_transfers_ask_the_person_o
     assert_eq!(body["countersigned_by"], json!([]), "{body}");
     assert_eq!(world.shop.received().len(), 1);
 }
+
+/// `countersign dev --tls` as a developer runs it: the real binary, its
+/// printed text read as they would read it.
+struct DevProcess {
+    child: std::process::Child,
+    printed: String,
+}
+
+impl Drop for DevProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl DevProcess {
+    fn start(state_dir: &Path) -> Self {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_countersign"));
+        command.args(["dev", "--state-dir"]).arg(state_dir);
+        Self::start_with(command)
+    }
+
+    /// With the default state directory, under `home`.
+    fn start_at_home(home: &Path) -> Self {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_countersign"));
+        command
+            .arg("dev")
+            .env("HOME", home)
+            .env_remove("XDG_STATE_HOME");
+        Self::start_with(command)
+    }
+
+    /// `command` (the binary with `dev` and its first flags) with `--tls`.
+    fn start_with(mut command: std::process::Command) -> Self {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut child = command
+            .args(["--tls", "--interval", "1"])
+            .args(["--port", "0", "--authz-port", "0", "--shop-port", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut printed = String::new();
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                printed.push_str(&line);
+                printed.push('\n');
+                if line.contains("Press Ctrl-C to stop.") {
+                    break;
+                }
+            }
+            let _ = tx.send(printed);
+        });
+        let mut process = Self {
+            child,
+            printed: String::new(),
+        };
+        process.printed = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("dev mode starts");
+        // The text is printed as the gateway starts to listen.
+        let port = process.gateway().rsplit(':').next().unwrap().to_owned();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_err() {
+            assert!(Instant::now() < deadline, "the gateway never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        process
+    }
+
+    /// The first word after `label` on the line that starts with it.
+    fn printed_after(&self, label: &str) -> String {
+        self.printed
+            .lines()
+            .find_map(|l| l.trim_start().strip_prefix(label))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no {label:?} in:\n{}", self.printed))
+            .to_owned()
+    }
+
+    fn gateway(&self) -> String {
+        self.printed_after("gateway (agents call this)")
+    }
+
+    /// The CA's path: what follows the label up to the note in brackets.
+    fn ca(&self) -> std::path::PathBuf {
+        let label = "TLS: HTTP/2 and HTTP/1.1; its CA";
+        self.printed
+            .lines()
+            .find_map(|l| l.trim_start().strip_prefix(label))
+            .and_then(|rest| rest.trim_start().split("   (").next())
+            .unwrap_or_else(|| panic!("no CA in:\n{}", self.printed))
+            .into()
+    }
+
+    fn issuer(&self) -> String {
+        self.printed_after("dev authorization server")
+    }
+
+    /// The printed curl command that starts with `curl` and calls `path`,
+    /// with its continuation lines joined, as a shell reads it pasted.
+    fn curl(&self, path: &str) -> String {
+        let lines: Vec<&str> = self.printed.lines().map(str::trim).collect();
+        let start = lines
+            .iter()
+            .position(|l| l.starts_with("curl ") && l.contains(path))
+            .unwrap_or_else(|| panic!("no curl for {path} in:\n{}", self.printed));
+        let mut command = String::new();
+        for line in &lines[start..] {
+            match line.strip_suffix('\\') {
+                Some(part) => command.push_str(part),
+                None => {
+                    command.push_str(line);
+                    break;
+                }
+            }
+        }
+        command
+    }
+
+    /// Approves `user`'s one pending request on the approver page's API.
+    async fn approve_pending(&self, user: &str) {
+        let client = reqwest::Client::new();
+        let issuer = self.issuer();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let id = loop {
+            let listing: Value = client
+                .get(format!("{issuer}/api/requests?user={user}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let pending = listing["requests"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["state"] == "pending")
+                .map(|r| r["id"].as_str().unwrap().to_owned());
+            if let Some(id) = pending {
+                break id;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing pending for {user}: {listing}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let response = client
+            .post(format!("{issuer}/api/requests/{id}/approve"))
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "approve");
+    }
+}
+
+/// A client that trusts the CA at `ca` and nothing else.
+fn trusting_only(ca: &Path, http1: bool) -> reqwest::Client {
+    let pem = std::fs::read(ca).unwrap();
+    let builder = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap());
+    let builder = if http1 { builder.http1_only() } else { builder };
+    builder.build().unwrap()
+}
+
+/// A held call through `countersign dev --tls`, approved on the approver
+/// page, answered to `client` with the shop's order.
+async fn held_call_over(dev: &DevProcess, client: &reqwest::Client) -> reqwest::Version {
+    let call = tokio::spawn(
+        client
+            .post(format!("{}/shop", dev.gateway()))
+            .header("x-countersign-user", "alice")
+            .json(&json!({"product": "XYZ phone", "qty": 2, "priceLimit": 900}))
+            .send(),
+    );
+    dev.approve_pending("alice").await;
+    let response = call.await.unwrap().unwrap();
+    let version = response.version();
+    assert_eq!(response.status(), 200);
+    let order: Value = response.json().await.unwrap();
+    assert_eq!(order["product"], "XYZ phone", "{order}");
+    assert_eq!(order["qty"], 2, "{order}");
+    version
+}
+
+/// `countersign dev --tls`: the gateway is `https://localhost:PORT`; a
+/// client trusting only the printed CA completes a held call over HTTP/1.1
+/// and over HTTP/2 (ALPN); a client without it cannot connect; and a second
+/// run keeps the CA, so a client that trusted it still does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_over_tls_serves_held_calls_to_clients_trusting_its_ca() {
+    let state = tempfile::tempdir().unwrap();
+    let dev = DevProcess::start(state.path());
+    let gateway = dev.gateway();
+    assert!(gateway.starts_with("https://localhost:"), "{gateway}");
+    let ca = dev.ca();
+    assert_eq!(ca, state.path().join("tls").join("ca.pem"));
+    assert!(dev.printed.contains("made now"), "{}", dev.printed);
+
+    let untrusting = reqwest::Client::new();
+    let refused = untrusting
+        .get(format!("{gateway}/products"))
+        .send()
+        .await
+        .expect_err("a client without the dev CA does not trust the gateway");
+    let why = format!("{refused:?}");
+    assert!(why.contains("UnknownIssuer"), "{why}");
+
+    let http1 = trusting_only(&ca, true);
+    assert_eq!(
+        held_call_over(&dev, &http1).await,
+        reqwest::Version::HTTP_11
+    );
+    let http2 = trusting_only(&ca, false);
+    assert_eq!(held_call_over(&dev, &http2).await, reqwest::Version::HTTP_2);
+    let first_ca = std::fs::read(&ca).unwrap();
+    drop(dev);
+
+    let again = DevProcess::start(state.path());
+    assert_eq!(again.ca(), ca);
+    assert!(again.printed.contains("kept from an earlier run"));
+    assert_eq!(std::fs::read(&ca).unwrap(), first_ca, "the same CA");
+    // The client made for the first run, trusting the CA it printed.
+    assert_eq!(
+        held_call_over(&again, &http2).await,
+        reqwest::Version::HTTP_2
+    );
+}
+
+/// The curl command `countersign dev --tls` prints, pasted into a shell
+/// as it is: it trusts the printed CA alone, waits for the approval, and
+/// prints the shop's order over HTTP/2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_over_tls_prints_a_curl_command_that_works_pasted() {
+    // A state directory whose path needs quoting in a shell.
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().join("dev state's dir");
+    let dev = DevProcess::start(&state_dir);
+    let command = dev.curl("/shop");
+    let ca = dev.ca();
+    assert_eq!(ca, state_dir.join("tls").join("ca.pem"));
+    let gateway = dev.gateway();
+    assert!(
+        command.starts_with("curl --cacert '"),
+        "the CA path is quoted: {command}"
+    );
+    assert!(command.contains(&format!("{gateway}/shop")), "{command}");
+    let curl = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(&command)
+        .output();
+    let curl = tokio::spawn(curl);
+    dev.approve_pending("alice").await;
+    let output = curl.await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{command}: {output:?}");
+    assert!(stdout.starts_with("HTTP/2 200"), "{stdout}");
+    assert!(stdout.contains("\"product\":\"XYZ phone\""), "{stdout}");
+    // The printed CA is the one it trusts: without --cacert curl refuses.
+    let bare = command.replacen(
+        &format!(
+            "--cacert '{}' ",
+            ca.display().to_string().replace('\'', "'\\''")
+        ),
+        "",
+        1,
+    );
+    assert_ne!(bare, command);
+    let output = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(&bare)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(60),
+        "curl: certificate not trusted"
+    );
+}
+
+/// README's quickstart step 6 as pasted, in a shell whose home is the one
+/// dev mode ran with (default state directory), the gateway's port being
+/// this run's instead of 8080.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_quickstart_curl_over_tls_works_pasted() {
+    const README: &str = include_str!("../README.md");
+    let quickstart = README
+        .split("\n## Quickstart")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .unwrap();
+    let command = quickstart
+        .split("```sh\n")
+        .map(|block| block.split("```").next().unwrap())
+        .find(|block| block.contains("--cacert"))
+        .expect("the quickstart's curl over TLS")
+        .to_owned();
+    assert!(command.contains("https://localhost:8080/shop"), "{command}");
+    let home = tempfile::tempdir().unwrap();
+    let dev = DevProcess::start_at_home(home.path());
+    let port = dev.gateway().rsplit(':').next().unwrap().to_owned();
+    let command = command.replace("localhost:8080", &format!("localhost:{port}"));
+    let curl = tokio::spawn(
+        tokio::process::Command::new("bash")
+            .args(["-c", &command])
+            .env("HOME", home.path())
+            .env_remove("XDG_STATE_HOME")
+            .output(),
+    );
+    dev.approve_pending("alice").await;
+    let output = curl.await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{command}: {output:?}");
+    assert!(stdout.starts_with("HTTP/2 200"), "{stdout}");
+    assert!(stdout.contains("\"product\":\"XYZ phone\""), "{stdout}");
+}

@@ -394,3 +394,79 @@ fn bad_certificate_files_are_refused_at_load_with_the_key() {
     assert!(!ok);
     assert!(err.contains("ciphers"), "an unknown key: {err}");
 }
+
+/// README's production TLS configuration, as printed there, passes
+/// `countersign check` with certificates at the paths it names; and the
+/// check it promises holds: a pair that does not match is named.
+#[test]
+fn the_readmes_production_tls_configuration_is_valid() {
+    const README: &str = include_str!("../README.md");
+    let section = README
+        .split("\n### TLS and HTTP/2 on the proxy listener\n")
+        .nth(1)
+        .expect("the README has the section");
+    let yaml = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|block| block.split("```").next())
+        .expect("a yaml block");
+    for shown in [
+        "certificates:",
+        "client_ca:",
+        "http2: true",
+        "*.api.example",
+    ] {
+        assert!(yaml.contains(shown), "the configuration shows {shown}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::copy(
+        repo_path("policies/shop.yaml"),
+        dir.path().join("policies/shop.yaml"),
+    )
+    .unwrap();
+    let ca = Ca::new();
+    ca.write_leaf(&certs, "shop.example", &["shop.example"]);
+    ca.write_leaf(&certs, "wildcard.api.example", &["*.api.example"]);
+    std::fs::write(certs.join("agents-ca.pem"), Ca::new().pem()).unwrap();
+    let config = dir.path().join("countersign.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let check = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_countersign"))
+            .args(["check", "--config"])
+            .arg(&config)
+            .envs([
+                ("CIBA_ISSUER", "https://tenant.example/"),
+                ("CIBA_CLIENT_ID", "countersign"),
+                ("CIBA_CLIENT_SECRET", "s3cr3t"),
+                (
+                    "DATABASE_URL",
+                    "postgres://countersign@db.internal/countersign",
+                ),
+            ])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, printed) = check();
+    assert!(ok, "{printed}");
+    assert!(printed.contains("is valid"), "{printed}");
+    // The second pair's key replaced by another's: named, and refused.
+    std::fs::copy(
+        certs.join("shop.example.key"),
+        certs.join("wildcard.api.example.key"),
+    )
+    .unwrap();
+    let (ok, printed) = check();
+    assert!(!ok);
+    assert!(
+        printed.contains("listen.tls.certificates[1]") && printed.contains("is not the key of"),
+        "{printed}"
+    );
+}

@@ -12,10 +12,11 @@
 pub mod authz;
 pub mod ciba_state;
 pub mod keys;
+pub mod tls;
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -25,6 +26,7 @@ use crate::demo::shop;
 use crate::gateway::{Gateway, Shutdown};
 
 pub use authz::{AuthzOptions, DevAuthz, DEV_CLIENT_ID, DEV_CLIENT_SECRET};
+pub use tls::DevTls;
 
 /// The example shop policies, embedded so `countersign dev` runs from any
 /// directory (and from an installed binary).
@@ -102,6 +104,16 @@ pub struct DevArgs {
     /// Polling interval the authorization server announces, in seconds.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=60))]
     pub interval: u64,
+    /// Serve the gateway over TLS (HTTP/2 by ALPN, HTTP/1.1 too) with a
+    /// certificate for localhost and 127.0.0.1 from a development CA kept
+    /// in the state directory (made on the first run, then reused).
+    #[arg(long)]
+    pub tls: bool,
+    /// Where dev mode keeps what outlives a run (the development CA of
+    /// --tls). Default: $XDG_STATE_HOME/countersign/dev, else
+    /// ~/.local/state/countersign/dev.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
 }
 
 fn check_users(users: &[String]) -> anyhow::Result<()> {
@@ -145,14 +157,25 @@ pub fn gateway_config(
     admin: Option<SocketAddr>,
     shop: SocketAddr,
     issuer: &str,
+    tls: Option<&DevTls>,
 ) -> String {
+    // A JSON string is a YAML double-quoted scalar.
+    let quoted = |path: &Path| serde_json::Value::String(path.display().to_string()).to_string();
+    let tls = tls
+        .map(|tls| {
+            format!(
+                ", tls: {{ certificates: [{{ cert: {}, key: {} }}], http2: true }}",
+                quoted(&tls.cert),
+                quoted(&tls.key)
+            )
+        })
+        .unwrap_or_default();
     let admin = admin
         .map(|a| format!(", admin: \"{a}\""))
         .unwrap_or_default();
-    // A JSON string is a YAML double-quoted scalar.
     let dpop_key = serde_json::Value::String(crate::dpop::DpopKey::generate_pem()).to_string();
     format!(
-        r#"listen: {{ proxy: "{proxy}"{admin}, threads: 2 }}
+        r#"listen: {{ proxy: "{proxy}"{admin}, threads: 2{tls} }}
 upstreams:
   shop: {{ url: "http://{shop}", connect_timeout: 2s, timeout: 30s }}
 authorization_server:
@@ -175,15 +198,16 @@ store: memory
 }
 
 /// The gateway of dev mode: [`gateway_config`] with the embedded shop, MCP
-/// and transfer policies.
+/// and transfer policies, over TLS with `tls`'s certificate if given.
 pub fn load_gateway(
     proxy: SocketAddr,
     admin: Option<SocketAddr>,
     shop: SocketAddr,
     issuer: &str,
     users: &[String],
+    tls: Option<&DevTls>,
 ) -> anyhow::Result<config::Config> {
-    let text = gateway_config(proxy, admin, shop, issuer);
+    let text = gateway_config(proxy, admin, shop, issuer, tls);
     let transfers = transfer_policies(users);
     Ok(config::load_embedded(
         Path::new("<countersign dev>"),
@@ -199,6 +223,15 @@ pub fn load_gateway(
 /// Runs dev mode until Ctrl-C (or SIGTERM).
 pub fn run(args: DevArgs) -> anyhow::Result<()> {
     check_users(&args.users)?;
+    let tls = if args.tls {
+        let state_dir = match &args.state_dir {
+            Some(dir) => dir.clone(),
+            None => tls::default_state_dir()?,
+        };
+        Some(tls::ensure(&state_dir)?)
+    } else {
+        None
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -224,7 +257,14 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
 
     let proxy = SocketAddr::from((Ipv4Addr::LOCALHOST, resolve_port(args.port)?));
     let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, resolve_port(args.admin_port)?));
-    let loaded = load_gateway(proxy, Some(admin), shop.addr, authz.issuer(), &args.users)?;
+    let loaded = load_gateway(
+        proxy,
+        Some(admin),
+        shop.addr,
+        authz.issuer(),
+        &args.users,
+        tls.as_ref(),
+    )?;
     // Outside the runtime: the gateway builds its own.
     let gateway = Gateway::build(loaded).context("cannot start the gateway")?;
 
@@ -238,7 +278,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
 
     print!(
         "{}",
-        instructions(&authz, proxy, shop.addr, admin, &args.users)
+        instructions(&authz, proxy, shop.addr, admin, &args.users, tls.as_ref())
     );
     gateway.run_until(shutdown);
     runtime.shutdown_timeout(Duration::from_secs(2));
@@ -274,8 +314,21 @@ fn instructions(
     shop: SocketAddr,
     admin: SocketAddr,
     users: &[String],
+    tls: Option<&DevTls>,
 ) -> String {
     let user = users.first().map(String::as_str).unwrap_or("alice");
+    // Over TLS the gateway is named as its certificate names it, and curl
+    // trusts the development CA alone.
+    let (gateway, curl) = match tls {
+        Some(tls) => (
+            format!("https://localhost:{}", proxy.port()),
+            format!(
+                "curl --cacert {} -i",
+                shell_quote(&tls.ca.display().to_string())
+            ),
+        ),
+        None => (format!("http://{proxy}"), "curl -i".to_owned()),
+    };
     let page = authz.approver_url(user);
     let mut out = String::new();
     let _ = writeln!(
@@ -283,7 +336,19 @@ fn instructions(
         "\ncountersign dev: DEVELOPMENT ONLY (public client secret, throwaway signing key;\n\
          whoever can open the approver page approves)\n"
     );
-    let _ = writeln!(out, "  gateway (agents call this)        http://{proxy}");
+    let _ = writeln!(out, "  gateway (agents call this)        {gateway}");
+    if let Some(tls) = tls {
+        let _ = writeln!(
+            out,
+            "  TLS: HTTP/2 and HTTP/1.1; its CA  {}   ({}; trust only this CA)",
+            tls.ca.display(),
+            if tls.ca_created {
+                "made now, kept for later runs"
+            } else {
+                "kept from an earlier run"
+            }
+        );
+    }
     let _ = writeln!(out, "  example shop API behind it        http://{shop}");
     let _ = writeln!(
         out,
@@ -311,7 +376,7 @@ fn instructions(
     );
     let _ = writeln!(
         out,
-        "     curl -i -X POST http://{proxy}/shop \\\n       \
+        "     {curl} -X POST {gateway}/shop \\\n       \
          -H '{USER_HEADER}: {user}' \\\n       \
          -H 'content-type: application/json' \\\n       \
          -d '{{\"product\":\"XYZ phone\",\"qty\":2,\"priceLimit\":900}}'\n"
@@ -326,7 +391,7 @@ fn instructions(
     );
     let _ = writeln!(
         out,
-        "     curl -i -X POST http://{proxy}/gift-cards \\\n       \
+        "     {curl} -X POST {gateway}/gift-cards \\\n       \
          -H '{USER_HEADER}: {user}' \\\n       \
          -H 'content-type: application/json' \\\n       \
          -d '{{\"amount\":25,\"to\":\"bob\"}}'\n"
@@ -351,7 +416,7 @@ fn instructions(
             );
             let _ = writeln!(
                 out,
-                "     curl -i -X POST http://{proxy}/transfers \\\n       \
+                "     {curl} -X POST {gateway}/transfers \\\n       \
                  -H '{USER_HEADER}: {user}' \\\n       \
                  -H 'content-type: application/json' \\\n       \
                  -d '{{\"amount\":20000,\"to\":\"carol\"}}'\n"
@@ -374,21 +439,39 @@ fn instructions(
             );
         }
     }
-    let gateway_flag = if proxy.port() == 8080 {
-        String::new()
-    } else {
-        format!(" --gateway http://{proxy}")
-    };
+    // The example agent trusts the system's CAs only: over TLS it is not
+    // offered.
+    if tls.is_none() {
+        let gateway_flag = if proxy.port() == 8080 {
+            String::new()
+        } else {
+            format!(" --gateway {gateway}")
+        };
+        let _ = writeln!(
+            out,
+            "\n  Or run the example agent:\n     cargo run --example agent --{gateway_flag} --product \"XYZ phone\" --qty 2 --price-limit 900 --user {user}"
+        );
+    }
     let _ = writeln!(
         out,
-        "\n  Or run the example agent:\n     cargo run --example agent --{gateway_flag} --product \"XYZ phone\" --qty 2 --price-limit 900 --user {user}"
-    );
-    let _ = writeln!(
-        out,
-        "\n  Or as an MCP client: the shop's MCP server (tool buy_product) is behind\n     http://{proxy}/mcp   (send the header {USER_HEADER}: {user})"
+        "\n  Or as an MCP client: the shop's MCP server (tool buy_product) is behind\n     {gateway}/mcp   (send the header {USER_HEADER}: {user})"
     );
     let _ = writeln!(out, "\nPress Ctrl-C to stop.");
     out
+}
+
+/// `word` as one shell word: as it is when it has nothing the shell reads,
+/// else in single quotes.
+fn shell_quote(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+,:=@%".contains(c));
+    if plain {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
 }
 
 #[cfg(test)]
@@ -412,6 +495,7 @@ mod tests {
             "127.0.0.1:8082".parse().unwrap(),
             "http://127.0.0.1:8081",
             &users,
+            None,
         )
         .unwrap();
         // shop.yaml 3, mcp.yaml 1, the two transfer tiers.
@@ -427,5 +511,31 @@ mod tests {
         assert_eq!(countersign.min, 1);
         assert_eq!(large.scopes, ["payments:transfer"]);
         assert_eq!(loaded.gateway.default_action, config::DefaultAction::Pass);
+        assert!(loaded.gateway.listen.tls.is_none());
+    }
+
+    #[test]
+    fn with_tls_the_dev_gateway_serves_its_certificate_with_http2() {
+        let state = tempfile::tempdir().unwrap();
+        let tls = tls::ensure(&state.path().join("a dir with 'quotes'")).unwrap();
+        let loaded = load_gateway(
+            "127.0.0.1:8080".parse().unwrap(),
+            None,
+            "127.0.0.1:8082".parse().unwrap(),
+            "http://127.0.0.1:8081",
+            &["alice".to_owned()],
+            Some(&tls),
+        )
+        .unwrap();
+        let served = loaded.gateway.listen.tls.as_ref().expect("tls");
+        assert!(served.http2);
+        assert_eq!(served.certificates[0].cert, tls.cert);
+        assert_eq!(served.certificates[0].key, tls.key);
+    }
+
+    #[test]
+    fn shell_words_are_quoted() {
+        assert_eq!(shell_quote("/home/a/ca.pem"), "/home/a/ca.pem");
+        assert_eq!(shell_quote("/x y/it's"), "'/x y/it'\\''s'");
     }
 }

@@ -581,9 +581,15 @@ impl DevWorld {
         let shop = start_shop_for(authz.issuer(), authz.jwks_uri()).await;
         let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let config =
-            countersign::dev::load_gateway(proxy, Some(admin), shop.addr, authz.issuer(), &users)
-                .unwrap();
+        let config = countersign::dev::load_gateway(
+            proxy,
+            Some(admin),
+            shop.addr,
+            authz.issuer(),
+            &users,
+            None,
+        )
+        .unwrap();
         let gateway = TestGateway::start_loaded(config, proxy, admin).await;
         Self {
             authz,
