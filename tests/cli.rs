@@ -101,6 +101,22 @@ fn check_refuses_a_missing_secret() {
     assert!(stderr.contains("authorization_server.client_auth.client_secret: environment variable CIBA_CLIENT_SECRET is not set"), "{stderr}");
 }
 
+#[test]
+fn a_missing_file_is_one_line_naming_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nowhere.yaml");
+    let (ok, _, stderr) = check(&missing, &[]);
+    assert!(!ok);
+    let line = format!("error: {}: ", missing.display());
+    assert!(stderr.starts_with(&line), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert_eq!(
+        stderr.matches("os error 2").count(),
+        1,
+        "the reason said once: {stderr}"
+    );
+}
+
 #[tokio::test]
 async fn logs_carry_the_approval_id_but_never_tokens_secrets_or_bodies() {
     let peer = Peer::start();

@@ -39,10 +39,12 @@ impl fmt::Display for Location {
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("{file}: {source}")]
+    /// The reason is in the message, not a `source`: `main` prints the
+    /// chain, which would repeat it.
+    #[error("{file}: {reason}")]
     Read {
         file: String,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error("{location}: {message}")]
     Invalid { location: Location, message: String },
@@ -149,9 +151,9 @@ pub fn load_embedded(
 }
 
 fn read(file: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+    std::fs::read_to_string(file).map_err(|reason| ConfigError::Read {
         file: file.display().to_string(),
-        source,
+        reason,
     })
 }
 
@@ -176,9 +178,9 @@ pub(crate) fn policy_files(path: &Path, config_file: &Path) -> Result<Vec<PathBu
         }
         return Ok(vec![path.to_owned()]);
     }
-    let entries = std::fs::read_dir(path).map_err(|source| ConfigError::Read {
+    let entries = std::fs::read_dir(path).map_err(|reason| ConfigError::Read {
         file: path.display().to_string(),
-        source,
+        reason,
     })?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))

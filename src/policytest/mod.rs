@@ -24,10 +24,12 @@ use outcome::Got;
 /// Why the tests could not run at all (a failing case is not an error).
 #[derive(Debug, Error)]
 pub enum PolicyTestError {
-    #[error("{file}: {source}")]
+    /// The reason is in the message, not a `source`: `main` prints the
+    /// chain, which would repeat it.
+    #[error("{file}: {reason}")]
     Read {
         file: String,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error(transparent)]
     Invalid(#[from] ConfigError),
@@ -93,9 +95,9 @@ pub fn run(config: &Config, files: &[PathBuf]) -> Result<Report, PolicyTestError
     }
     let mut report = Report { files: Vec::new() };
     for path in files {
-        let text = std::fs::read_to_string(path).map_err(|source| PolicyTestError::Read {
+        let text = std::fs::read_to_string(path).map_err(|reason| PolicyTestError::Read {
             file: path.display().to_string(),
-            source,
+            reason,
         })?;
         let parsed: TestFile = crate::config::parse_yaml(path, &text)?;
         let cases = parsed.cases.iter().map(|c| run_case(config, c)).collect();
