@@ -1108,6 +1108,42 @@ async fn paths_in_nfc_and_inner_spaces_pass_unchanged() {
     assert_eq!(received, targets);
 }
 
+/// A pass-through call whose target the gateway rewrites (`//products`
+/// is forwarded as `/products`) keeps the host the gateway decided on: over
+/// HTTP/2 the host is `:authority`, which the rewritten origin-form target
+/// no longer carries, and an upstream that reads `Host` (virtual hosts, and
+/// this one, `preserve_host`) must not see it empty.
+#[tokio::test]
+async fn a_rewritten_target_keeps_its_host() {
+    rewritten_target_keeps_its_host(Proto::Http1).await;
+}
+
+#[tokio::test]
+async fn a_rewritten_target_keeps_its_host_over_http2() {
+    rewritten_target_keeps_its_host(Proto::Http2).await;
+}
+
+async fn rewritten_target_keeps_its_host(proto: Proto) {
+    let world = BypassWorld::start_over(proto).await;
+    let rows = [spelling("GET //products", bare("GET //products", &[SHOP])).no_route()];
+    let answers = world.send_all(proto, &rows).await;
+    let answer = answers[0].as_deref().unwrap();
+    assert!(statuses(answer).starts_with("200"), "{answer}");
+    let received = world.upstream.received();
+    let arrivals: Vec<(String, Vec<String>)> = received
+        .iter()
+        .map(|a| {
+            let hosts = a.header_values("host").map(str::to_owned).collect();
+            (a.target.clone(), hosts)
+        })
+        .collect();
+    assert_eq!(
+        arrivals,
+        [("/products".to_owned(), vec!["shop.example".to_owned()])],
+        "{proto:?}"
+    );
+}
+
 /// Headers the gateway owns never reach the upstream from the agent: not a
 /// forged approval id, not the header that names the user.
 #[tokio::test]

@@ -132,13 +132,13 @@ impl Call {
             .iter()
             .position(|(n, _)| n.eq_ignore_ascii_case("host"));
         let authority = first_host.map_or(default_authority, |i| self.headers[i].1.as_str());
-        let uri = if self.target == "*" {
-            // `OPTIONS *`: the h2 crate sends `:path` "*" for an OPTIONS
-            // without a path (RFC 9113 §8.3.1).
-            format!("https://{authority}")
-        } else {
-            format!("https://{authority}{}", self.target)
-        };
+        // `:path` "*" (`OPTIONS *`, RFC 9113 §8.3.1) is no URI string's
+        // path: the parts say it.
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(http::uri::Scheme::HTTPS);
+        parts.authority = Some(authority.parse().unwrap());
+        parts.path_and_query = Some(self.target.parse().unwrap());
+        let uri = http::Uri::from_parts(parts).unwrap();
         let mut builder = http::Request::builder()
             .method(http::Method::from_bytes(self.method.as_bytes()).unwrap())
             .uri(uri);
