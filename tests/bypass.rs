@@ -1085,19 +1085,35 @@ async fn refused_as_invalid_path(proto: Proto) {
 /// paths, forwarded as sent.
 #[tokio::test]
 async fn paths_in_nfc_and_inner_spaces_pass_unchanged() {
-    let world = BypassWorld::start().await;
+    nfc_and_inner_spaces_pass_unchanged(Proto::Http1).await;
+}
+
+#[tokio::test]
+async fn paths_in_nfc_and_inner_spaces_pass_unchanged_over_http2() {
+    nfc_and_inner_spaces_pass_unchanged(Proto::Http2).await;
+}
+
+/// Sends `row` alone over `proto`: its answer.
+async fn send_one(world: &BypassWorld, proto: Proto, row: Spelling) -> String {
+    let answers = world.send_all(proto, std::slice::from_ref(&row)).await;
+    answers
+        .into_iter()
+        .next()
+        .flatten()
+        .unwrap_or_else(|| panic!("{}: not sent over {proto:?}", row.name))
+}
+
+async fn nfc_and_inner_spaces_pass_unchanged(proto: Proto) {
+    let world = BypassWorld::start_over(proto).await;
     let targets = [
         "/caf%C3%A9",
         "/files/my%20doc",
         "/%E6%9D%B1%E4%BA%AC/%E2%82%AC",
     ];
     for target in targets {
-        let call = bare(&format!("GET {target}"), &[SHOP]).replace(PROBE, "x-probe: pass");
-        let proxy = world.gateway.proxy;
-        let answer = tokio::task::spawn_blocking(move || exchange(proxy, &call, None))
-            .await
-            .unwrap();
-        assert!(answer.starts_with("HTTP/1.1 200"), "{target}: {answer}");
+        let row = spelling("pass", bare(&format!("GET {target}"), &[SHOP]));
+        let answer = send_one(&world, proto, row).await;
+        assert!(statuses(&answer).starts_with("200"), "{target}: {answer}");
     }
     let received: Vec<String> = world
         .upstream
@@ -1148,7 +1164,16 @@ async fn rewritten_target_keeps_its_host(proto: Proto) {
 /// forged approval id, not the header that names the user.
 #[tokio::test]
 async fn pass_through_calls_carry_no_forged_approval_id_or_identity_header() {
-    let world = BypassWorld::start().await;
+    no_forged_gateway_headers(Proto::Http1).await;
+}
+
+#[tokio::test]
+async fn pass_through_calls_carry_no_forged_approval_id_or_identity_header_over_http2() {
+    no_forged_gateway_headers(Proto::Http2).await;
+}
+
+async fn no_forged_gateway_headers(proto: Proto) {
+    let world = BypassWorld::start_over(proto).await;
     // `request` adds the identity header.
     let forged = [
         "x-countersign-approval-id: forged",
@@ -1159,12 +1184,8 @@ async fn pass_through_calls_carry_no_forged_approval_id_or_identity_header() {
     ];
     let calls = [bare("GET /products", &forged), json("POST /cart", &forged)];
     for call in calls {
-        let call = call.replace(PROBE, "x-probe: pass");
-        let proxy = world.gateway.proxy;
-        let answer = tokio::task::spawn_blocking(move || exchange(proxy, &call, None))
-            .await
-            .unwrap();
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let answer = send_one(&world, proto, spelling("pass", call)).await;
+        assert!(statuses(&answer).starts_with("200"), "{answer}");
     }
     let received = world.upstream.received();
     assert_eq!(received.len(), 2, "both calls passed");
@@ -1207,6 +1228,40 @@ async fn an_encoded_post_body_on_a_covered_path_is_refused() {
         .unwrap();
     assert_eq!(response.status(), 400);
     let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "invalid_body", "{body}");
+    assert!(
+        world.upstream.received().is_empty(),
+        "it reached the upstream"
+    );
+}
+
+/// The same gzipped `_method=DELETE` form over HTTP/2.
+#[tokio::test]
+async fn an_encoded_post_body_on_a_covered_path_is_refused_over_http2() {
+    let world = BypassWorld::start_over(Proto::Http2).await;
+    const GZIPPED: [u8; 34] = [
+        31, 139, 8, 0, 0, 0, 0, 0, 2, 3, 139, 207, 77, 45, 201, 200, 79, 177, 117, 113, 245, 113,
+        13, 113, 5, 0, 101, 252, 38, 176, 14, 0, 0, 0,
+    ];
+    let call = front::Call {
+        method: "POST".to_owned(),
+        target: "/orders/7".to_owned(),
+        headers: [
+            ("host", "shop.example"),
+            (USER_HEADER, "alice"),
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("content-encoding", "gzip"),
+        ]
+        .map(|(n, v)| (n.to_owned(), v.to_owned()))
+        .to_vec(),
+        body: GZIPPED.to_vec(),
+    };
+    let tls = world.tls.as_ref().unwrap();
+    let (status, body) =
+        front::h2_call(tls.h2_config(), world.gateway.proxy, &call, CLIENT_TIMEOUT)
+            .await
+            .unwrap();
+    assert_eq!(status, 400, "{body}");
     assert_eq!(body["code"], "invalid_body", "{body}");
     assert!(
         world.upstream.received().is_empty(),
