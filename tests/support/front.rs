@@ -34,9 +34,20 @@ pub struct Tls {
 
 impl Tls {
     pub fn new() -> Self {
+        Self::for_names(&[TLS_NAME])
+    }
+
+    /// A certificate for `names` (an IP address is an IP SAN), the CA also
+    /// written as `ca.pem` (see [`Tls::ca_file`]).
+    pub fn for_names(names: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::new();
-        ca.write_leaf(dir.path(), "shop", &[TLS_NAME]);
+        // A subject of its own: rcgen's default is the CA's, which OpenSSL
+        // (Node) takes for a self-signed certificate.
+        let (cert, key) = ca.leaf_named(names, "countersign test gateway");
+        std::fs::write(dir.path().join("shop.pem"), cert).unwrap();
+        std::fs::write(dir.path().join("shop.key"), key).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
         let listen = format!(
             "{{ certificates: [{{ cert: {0}/shop.pem, key: {0}/shop.key }}] }}",
             dir.path().display()
@@ -46,6 +57,11 @@ impl Tls {
             listen,
             _dir: dir,
         }
+    }
+
+    /// The CA's certificate as a PEM file (for `NODE_EXTRA_CA_CERTS`).
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self._dir.path().join("ca.pem")
     }
 
     /// A reqwest client that speaks only HTTP/2 to the gateway at `addr`
