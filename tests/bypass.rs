@@ -1268,3 +1268,35 @@ async fn an_encoded_post_body_on_a_covered_path_is_refused_over_http2() {
         "it reached the upstream"
     );
 }
+
+/// An approved call over HTTP/2 reaches an upstream with `preserve_host`
+/// with the host it was decided and approved for (`:authority`), as it
+/// does over HTTP/1.1 with the agent's `Host`: not the upstream's own
+/// address, which a virtual-hosting upstream could route elsewhere.
+#[tokio::test]
+async fn an_approved_call_keeps_its_host_over_http2() {
+    let world = BypassWorld::start_over(Proto::Http2).await;
+    let call = spelling("POST /shop", json("POST /shop", &[SHOP]))
+        .h2_call(0)
+        .unwrap();
+    let config = world.tls.as_ref().unwrap().h2_config();
+    let proxy = world.gateway.proxy;
+    let answer =
+        tokio::spawn(
+            async move { front::h2_call(config, proxy, &call, Duration::from_secs(30)).await },
+        );
+    let pending = world.peer.wait_pending(Some("alice"), 1).await;
+    let id = pending[0]["auth_req_id"].as_str().unwrap();
+    world.peer.approve(id).await;
+    let (status, body) = answer.await.unwrap().unwrap();
+    assert_eq!(status, 200, "{body}");
+    let received = world.upstream.received();
+    let arrivals: Vec<(String, Vec<&str>, bool)> = received
+        .iter()
+        .map(|a| {
+            let hosts = a.header_values("host").collect();
+            (a.target.clone(), hosts, a.token_verified)
+        })
+        .collect();
+    assert_eq!(arrivals, [("/shop".to_owned(), vec!["shop.example"], true)]);
+}
