@@ -14,6 +14,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use countersign::demo::shop::ShopHandle;
+use support::front::{self, Proto};
 use support::permissive::{Offence, PermissiveUpstream};
 use support::*;
 
@@ -61,6 +62,8 @@ struct Spelling {
     /// Whether a permissive upstream, asked directly, routes it to a held
     /// route (false for rows that are no route at all).
     reaches_held: bool,
+    /// Why HTTP/2 cannot carry this spelling; `None`: it runs over both.
+    h1_only: Option<&'static str>,
 }
 
 fn spelling(name: &'static str, request: String) -> Spelling {
@@ -69,12 +72,19 @@ fn spelling(name: &'static str, request: String) -> Spelling {
         request,
         then: None,
         reaches_held: true,
+        h1_only: None,
     }
 }
 
 impl Spelling {
     fn then(mut self, bytes: String) -> Self {
         self.then = Some(bytes);
+        self
+    }
+
+    /// HTTP/2 has no way to say it: `why`.
+    fn h1_only(mut self, why: &'static str) -> Self {
+        self.h1_only = Some(why);
         self
     }
 
@@ -89,6 +99,52 @@ impl Spelling {
             self.request.replace(PROBE, &tag),
             self.then.as_ref().map(|t| t.replace(PROBE, &tag)),
         )
+    }
+
+    /// The same call over HTTP/2, tagged `index`: the request line's
+    /// method and target, every header field, the body (read from the
+    /// HTTP/1.1 bytes, which the rows over both protocols keep plain).
+    /// `None` for rows HTTP/2 cannot carry.
+    fn h2_call(&self, index: usize) -> Option<front::Call> {
+        if self.h1_only.is_some() {
+            return None;
+        }
+        let (request, _) = self.tagged(index);
+        let (head, body) = request
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("{}: no end of head", self.name));
+        let mut lines = head.split("\r\n");
+        let line = lines.next().unwrap();
+        let mut parts = line.split(' ');
+        let (method, target, version) = (parts.next(), parts.next(), parts.next());
+        assert!(
+            version == Some("HTTP/1.1") && parts.next().is_none(),
+            "{}: mark it h1_only",
+            self.name
+        );
+        let target = target.unwrap();
+        assert!(
+            target.starts_with('/') || target == "*",
+            "{}: not origin-form, mark it h1_only",
+            self.name
+        );
+        let headers = lines
+            .map(|l| {
+                assert!(
+                    !l.starts_with([' ', '\t']) && !l.contains('\n'),
+                    "{}: folded or bare LF, mark it h1_only",
+                    self.name
+                );
+                let (name, value) = l.split_once(':').unwrap();
+                (name.to_owned(), value.trim().to_owned())
+            })
+            .collect();
+        Some(front::Call {
+            method: method.unwrap().to_owned(),
+            target: target.to_owned(),
+            headers,
+            body: body.as_bytes().to_vec(),
+        })
     }
 }
 
@@ -155,25 +211,30 @@ fn spellings() -> Vec<Spelling> {
         // ---- POST /shop ----
         // Go net/http: ParseRequestURI("x:/shop") has scheme "x" and path
         // "/shop", and ServeMux routes by the path.
-        spelling("POST x:/shop", json("POST x:/shop", &[SHOP])),
+        spelling("POST x:/shop", json("POST x:/shop", &[SHOP]))
+            .h1_only("`:path` is origin-form or `*` (RFC 9113 §8.3.1): no scheme in it"),
         // Routers that prepend a missing leading '/' (Go's cleanPath,
         // Node routers reading req.url).
-        spelling("POST shop", json("POST shop", &[SHOP])),
+        spelling("POST shop", json("POST shop", &[SHOP]))
+            .h1_only("`:path` starts with `/` (RFC 9113 §8.3.1)"),
         // RFC 9112 absolute-form: every server routes it by its path.
         spelling(
             "POST http://shop.example/shop, with Host",
             json("POST http://shop.example/shop", &[SHOP]),
-        ),
+        )
+        .h1_only("absolute-form is HTTP/1.1's: HTTP/2 names the authority in `:authority` (the plain row; a `host` disagreeing with it is tests/http2.rs's)"),
         spelling(
             "POST http://shop.example/shop, no Host",
             json("POST http://shop.example/shop", &[]),
-        ),
+        )
+        .h1_only("absolute-form is HTTP/1.1's: HTTP/2 names the authority in `:authority` (the plain row; a `host` disagreeing with it is tests/http2.rs's)"),
         // Absolute-form whose authority disagrees with Host: RFC 9112 says
         // the authority wins; servers that take Host see other.example.
         spelling(
             "POST http://shop.example/shop, Host: other.example",
             json("POST http://shop.example/shop", &[OTHER]),
-        ),
+        )
+        .h1_only("absolute-form is HTTP/1.1's: HTTP/2 names the authority in `:authority` (the plain row; a `host` disagreeing with it is tests/http2.rs's)"),
         // Python's urlsplit, WHATWG `new URL(target, base)`: `//a/b` is
         // host a, path /b.
         spelling(
@@ -225,30 +286,35 @@ fn spellings() -> Vec<Spelling> {
         spelling(
             "POST /products, CL + TE: chunked, POST /shop smuggled",
             smuggle("chunked"),
-        ),
+        )
+        .h1_only("`transfer-encoding` is connection-specific: HTTP/2 frames the body itself and a request carrying it is malformed (RFC 9113 §8.2.2)"),
         // The same with an obfuscated Transfer-Encoding, read as chunked by
         // servers that search the value for "chunked".
         spelling(
             "POST /products, CL + TE: xchunked, POST /shop smuggled",
             smuggle("xchunked"),
-        ),
+        )
+        .h1_only("`transfer-encoding` is connection-specific: HTTP/2 frames the body itself and a request carrying it is malformed (RFC 9113 §8.2.2)"),
         // A chunked Transfer-Encoding that is not the last coding, or is
         // preceded by another: read as chunked by servers that search the
         // value (Node's llhttp reads `identity, chunked` as chunked).
         spelling(
             "POST /products, CL + TE: chunked, identity, POST /shop smuggled",
             smuggle("chunked, identity"),
-        ),
+        )
+        .h1_only("`transfer-encoding` is connection-specific: HTTP/2 frames the body itself and a request carrying it is malformed (RFC 9113 §8.2.2)"),
         spelling(
             "POST /products, CL + TE: identity, chunked, POST /shop smuggled",
             smuggle("identity, chunked"),
-        ),
+        )
+        .h1_only("`transfer-encoding` is connection-specific: HTTP/2 frames the body itself and a request carrying it is malformed (RFC 9113 §8.2.2)"),
         // Bare LF line endings: Node's insecureHTTPParser, Python's
         // http.server and httparse (so pingora) end a line at LF alone.
         spelling(
             "POST /shop, bare LF line endings",
             json("POST /shop", &[SHOP]).replace("\r\n", "\n"),
-        ),
+        )
+        .h1_only("HTTP/2 has no line endings: fields are HPACK-coded"),
         // A Transfer-Encoding ended by a bare LF inside a CRLF head: a
         // CRLF-only parser reads it as part of the header before it and
         // frames by Content-Length; an LF-accepting one reads it as chunked,
@@ -259,24 +325,28 @@ fn spellings() -> Vec<Spelling> {
                 "POST /products HTTP/1.1\r\n{SHOP}\r\n{USER_HEADER}: alice\r\n{PROBE}\r\ncontent-type: application/json\ntransfer-encoding: chunked\r\ncontent-length: {}\r\n\r\n{body}",
                 body.len()
             )
-        }),
+        })
+        .h1_only("HTTP/2 has no line endings, and no `transfer-encoding` (RFC 9113 §8.2.2)"),
         // obs-fold: a line starting with a space continues the header before
         // it. Unfolded (Node's insecureHTTPParser, Python's email parser),
         // `transfer-encoding:` + ` chunked` is chunked.
         spelling(
             "POST /products, CL + TE folded onto a continuation line, POST /shop smuggled",
             smuggle("\r\n chunked"),
-        ),
+        )
+        .h1_only("obs-fold is HTTP/1.1's: an HTTP/2 field is one HPACK string, no continuation lines"),
         // A folded override header: GET /shop read as POST.
         spelling(
             "GET /shop, X-HTTP-Method-Override folded",
             bare("GET /shop", &[SHOP, "X-HTTP-Method-Override:\r\n\tPOST"]),
-        ),
+        )
+        .h1_only("obs-fold is HTTP/1.1's: an HTTP/2 field is one HPACK string, no continuation lines"),
         // A folded Host: the held host on a continuation line.
         spelling(
             "GET /admin/x, Host folded",
             bare("GET /admin/x", &["Host:\r\n admin.example"]),
-        ),
+        )
+        .h1_only("obs-fold is HTTP/1.1's: an HTTP/2 field is one HPACK string, no continuation lines"),
         // `_` for `-`: Puma, PHP and CGI file `Transfer_Encoding` as
         // `HTTP_TRANSFER_ENCODING`, so they read the body as chunked.
         spelling(
@@ -309,13 +379,15 @@ fn spellings() -> Vec<Spelling> {
                     body.len()
                 )
             },
-        ),
+        )
+        .h1_only("HTTP/2 frames the body by DATA frames; a `content-length` they do not match is tests/http2.rs's case"),
         // The same smuggling over HTTP/1.0, where Transfer-Encoding has no
         // meaning to RFC 9112 but some servers still honour it.
         spelling(
             "POST /products HTTP/1.0, CL + TE: chunked, POST /shop smuggled",
             smuggle("chunked").replacen("HTTP/1.1", "HTTP/1.0", 1),
-        ),
+        )
+        .h1_only("HTTP/1.0 and `transfer-encoding`: neither exists in HTTP/2"),
         // One Content-Length line listing two values: a server that takes
         // the first (0) sees the body as a second request.
         spelling(
@@ -327,7 +399,8 @@ fn spellings() -> Vec<Spelling> {
                     body.len()
                 )
             },
-        ),
+        )
+        .h1_only("HTTP/2 frames the body by DATA frames; a `content-length` they do not match is tests/http2.rs's case"),
         // Pipelining: an HTTP/1.0 keep-alive pass-through call and a POST
         // /shop behind it in the same write; the second is a call of its own.
         spelling(
@@ -336,7 +409,8 @@ fn spellings() -> Vec<Spelling> {
                 "GET /products HTTP/1.0\r\n{SHOP}\r\n{USER_HEADER}: alice\r\n{PROBE}\r\nconnection: keep-alive\r\n\r\n{}",
                 json("POST /shop", &[SHOP])
             ),
-        ),
+        )
+        .h1_only("no pipelining in HTTP/2: each request is a stream of its own"),
         // A WebSocket upgrade on a pass-through route: once the upstream
         // answers 101 the gateway relays bytes, and the tunnel carries a
         // POST /shop the gateway never reads.
@@ -353,7 +427,8 @@ fn spellings() -> Vec<Spelling> {
                 ],
             ),
         )
-        .then(json("POST /shop", &[SHOP])),
+        .then(json("POST /shop", &[SHOP]))
+        .h1_only("no Upgrade in HTTP/2 (RFC 9113 §8.6)"),
         // h2c smuggling: the same with an HTTP/2 cleartext upgrade.
         spelling(
             "GET /products + Upgrade: h2c, POST /shop through the tunnel",
@@ -367,7 +442,8 @@ fn spellings() -> Vec<Spelling> {
                 ],
             ),
         )
-        .then(json("POST /shop", &[SHOP])),
+        .then(json("POST /shop", &[SHOP]))
+        .h1_only("no Upgrade in HTTP/2 (RFC 9113 §8.6)"),
         // CONNECT, then a POST /shop: through a tunnel if the gateway opens
         // one, as the next request if it does not.
         spelling(
@@ -377,7 +453,8 @@ fn spellings() -> Vec<Spelling> {
                 &["Host: shop.example:80", "Connection: keep-alive"],
             ),
         )
-        .then(json("POST /shop", &[SHOP])),
+        .then(json("POST /shop", &[SHOP]))
+        .h1_only("CONNECT over HTTP/2 is tests/http2.rs's case; a stream is never read as a next request"),
         // ---- DELETE /orders/{orderId} ----
         // Rails (Rack::MethodOverride), Laravel, Symfony: `_method` in an
         // urlencoded POST body.
@@ -557,17 +634,20 @@ fn spellings() -> Vec<Spelling> {
         spelling(
             "GET http://admin.example/admin/x, no Host",
             bare("GET http://admin.example/admin/x", &[]),
-        ),
+        )
+        .h1_only("absolute-form is HTTP/1.1's: HTTP/2 names the authority in `:authority` (the plain row; a `host` disagreeing with it is tests/http2.rs's)"),
         // RFC 9112: the absolute-form authority wins over Host.
         spelling(
             "GET http://admin.example/admin/x, Host: other.example",
             bare("GET http://admin.example/admin/x", &[OTHER]),
-        ),
+        )
+        .h1_only("absolute-form is HTTP/1.1's: HTTP/2 names the authority in `:authority` (the plain row; a `host` disagreeing with it is tests/http2.rs's)"),
         // Servers that take Host over the authority.
         spelling(
             "GET http://other.example/admin/x, Host: admin.example",
             bare("GET http://other.example/admin/x", &[ADMIN]),
-        ),
+        )
+        .h1_only("absolute-form is HTTP/1.1's: HTTP/2 names the authority in `:authority` (the plain row; a `host` disagreeing with it is tests/http2.rs's)"),
         // Express (trust proxy), Symfony and Laravel (trusted proxies),
         // Django (USE_X_FORWARDED_HOST).
         spelling(
@@ -715,10 +795,19 @@ struct BypassWorld {
     upstream: PermissiveUpstream,
     gateway: TestGateway,
     _shop: ShopHandle,
+    /// Over HTTP/2: the gateway listens with TLS (ALPN h2), for this CA.
+    tls: Option<front::Tls>,
 }
 
 impl BypassWorld {
     async fn start() -> Self {
+        Self::start_over(Proto::Http1).await
+    }
+
+    /// The world for `proto`: a plain listener for HTTP/1.1 as ever, TLS
+    /// with HTTP/2 by ALPN for HTTP/2; the same upstream, policies and peer.
+    async fn start_over(proto: Proto) -> Self {
+        let tls = (proto == Proto::Http2).then(front::Tls::new);
         let peer = Peer::start();
         let shop = start_shop(&peer).await;
         let upstream = PermissiveUpstream::start(&peer.issuer, peer.jwks_uri()).await;
@@ -733,6 +822,7 @@ impl BypassWorld {
                 preserve_host: true,
                 // Every held spelling is held, not turned away by the per-person limit.
                 limits: "{ max_body_bytes: 1024, max_hold: 60s, max_pending_per_user: 100 }",
+                listen_tls: tls.as_ref().map(|t| t.listen.clone()),
                 ..Default::default()
             },
         )
@@ -742,9 +832,60 @@ impl BypassWorld {
             upstream,
             gateway,
             _shop: shop,
+            tls,
         }
     }
 
+    /// Sends every spelling over `proto` at once; their answers in order
+    /// (HTTP/1.1's raw, HTTP/2's as `HTTP/2 <status>` and the body), `None`
+    /// for rows HTTP/2 cannot carry.
+    async fn send_all(&self, proto: Proto, spellings: &[Spelling]) -> Vec<Option<String>> {
+        let Some(tls) = &self.tls else {
+            assert_eq!(proto, Proto::Http1);
+            return send_all(self.gateway.proxy, spellings)
+                .await
+                .into_iter()
+                .map(Some)
+                .collect();
+        };
+        let config = tls.h2_config();
+        let proxy = self.gateway.proxy;
+        let calls: Vec<_> = spellings
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let call = s.h2_call(i);
+                let config = config.clone();
+                tokio::spawn(async move {
+                    let call = call?;
+                    let answer = front::h2_call(config, proxy, &call, CLIENT_TIMEOUT).await;
+                    Some(h2_answer(answer))
+                })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for call in calls {
+            answers.push(call.await.unwrap());
+        }
+        answers
+    }
+}
+
+/// An HTTP/2 answer written like a raw HTTP/1.1 one, for [`statuses`].
+fn h2_answer(answer: Result<(u16, serde_json::Value), String>) -> String {
+    match answer {
+        Ok((status, body)) => format!("HTTP/2 {status} \r\n\r\n{body}"),
+        Err(why) => why,
+    }
+}
+
+/// Whether `answer` is a 400 problem `invalid_path`, over either protocol.
+fn invalid_path(answer: &str) -> bool {
+    (answer.starts_with("HTTP/1.1 400") || answer.starts_with("HTTP/2 400"))
+        && answer.contains(r#""code":"invalid_path""#)
+}
+
+impl BypassWorld {
     /// Denies every request still pending: nobody approves in these tests.
     async fn deny_pending(&self) {
         for request in self.peer.requests().await {
@@ -785,8 +926,11 @@ fn exchange(addr: SocketAddr, request: &str, then: Option<&str>) -> String {
 fn statuses(response: &str) -> String {
     let lines: Vec<&str> = response
         .split("\r\n")
-        .filter(|l| l.starts_with("HTTP/1."))
-        .map(|l| l.get(9..).unwrap_or(l))
+        .filter(|l| l.starts_with("HTTP/1.") || l.starts_with("HTTP/2 "))
+        .map(|l| {
+            l.get(if l.starts_with("HTTP/2") { 7 } else { 9 }..)
+                .unwrap_or(l)
+        })
         .collect();
     if lines.is_empty() {
         "no answer (held?)".to_owned()
@@ -857,9 +1001,21 @@ async fn the_permissive_upstream_routes_every_spelling_to_a_held_route() {
 
 #[tokio::test]
 async fn no_spelling_of_a_held_route_reaches_the_upstream_unapproved() {
-    let world = BypassWorld::start().await;
+    no_spelling_reaches_the_upstream_unapproved(Proto::Http1).await;
+}
+
+/// The same rows over HTTP/2 (TLS, ALPN h2), but those HTTP/2 cannot carry.
+#[tokio::test]
+async fn no_spelling_of_a_held_route_reaches_the_upstream_unapproved_over_http2() {
+    no_spelling_reaches_the_upstream_unapproved(Proto::Http2).await;
+}
+
+async fn no_spelling_reaches_the_upstream_unapproved(proto: Proto) {
+    let world = BypassWorld::start_over(proto).await;
     let spellings = spellings();
-    let answers = send_all(world.gateway.proxy, &spellings).await;
+    let answers = world.send_all(proto, &spellings).await;
+    let sent = answers.iter().flatten().count();
+    eprintln!("{proto:?}: {sent} of {} spellings sent", spellings.len());
     world.deny_pending().await;
     // Let anything already on its way arrive.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -867,6 +1023,7 @@ async fn no_spelling_of_a_held_route_reaches_the_upstream_unapproved() {
     let offences = world.upstream.unapproved_arrivals(HELD);
     let caught: Vec<usize> = offences.iter().filter_map(probe).collect();
     for (i, (s, answer)) in spellings.iter().zip(&answers).enumerate() {
+        let Some(answer) = answer else { continue };
         let verdict = if caught.contains(&i) {
             "GOT THROUGH"
         } else {
@@ -887,19 +1044,30 @@ async fn no_spelling_of_a_held_route_reaches_the_upstream_unapproved() {
 /// aliases) and nothing of it arrives upstream, held route or not.
 #[tokio::test]
 async fn unicode_invalid_utf8_and_encoded_semicolon_spellings_are_refused_as_invalid_path() {
-    let world = BypassWorld::start().await;
+    refused_as_invalid_path(Proto::Http1).await;
+}
+
+#[tokio::test]
+async fn unicode_invalid_utf8_and_encoded_semicolon_spellings_are_refused_as_invalid_path_over_http2(
+) {
+    refused_as_invalid_path(Proto::Http2).await;
+}
+
+async fn refused_as_invalid_path(proto: Proto) {
+    let world = BypassWorld::start_over(proto).await;
     let mut spellings = unicode_spellings();
     spellings.extend(encoded_semicolon_spellings());
-    let answers = send_all(world.gateway.proxy, &spellings).await;
+    let answers = world.send_all(proto, &spellings).await;
     world.deny_pending().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let wrong: Vec<String> = spellings
         .iter()
         .zip(&answers)
-        .filter(|(_, answer)| {
-            !(answer.starts_with("HTTP/1.1 400") && answer.contains(r#""code":"invalid_path""#))
+        .filter_map(|(s, answer)| match answer {
+            Some(answer) if invalid_path(answer) => None,
+            Some(answer) => Some(format!("{}: {}", s.name, statuses(answer))),
+            None => Some(format!("{}: not sent over {proto:?}", s.name)),
         })
-        .map(|(s, answer)| format!("{}: {}", s.name, statuses(answer)))
         .collect();
     let arrived: Vec<String> = world
         .upstream
@@ -917,19 +1085,35 @@ async fn unicode_invalid_utf8_and_encoded_semicolon_spellings_are_refused_as_inv
 /// paths, forwarded as sent.
 #[tokio::test]
 async fn paths_in_nfc_and_inner_spaces_pass_unchanged() {
-    let world = BypassWorld::start().await;
+    nfc_and_inner_spaces_pass_unchanged(Proto::Http1).await;
+}
+
+#[tokio::test]
+async fn paths_in_nfc_and_inner_spaces_pass_unchanged_over_http2() {
+    nfc_and_inner_spaces_pass_unchanged(Proto::Http2).await;
+}
+
+/// Sends `row` alone over `proto`: its answer.
+async fn send_one(world: &BypassWorld, proto: Proto, row: Spelling) -> String {
+    let answers = world.send_all(proto, std::slice::from_ref(&row)).await;
+    answers
+        .into_iter()
+        .next()
+        .flatten()
+        .unwrap_or_else(|| panic!("{}: not sent over {proto:?}", row.name))
+}
+
+async fn nfc_and_inner_spaces_pass_unchanged(proto: Proto) {
+    let world = BypassWorld::start_over(proto).await;
     let targets = [
         "/caf%C3%A9",
         "/files/my%20doc",
         "/%E6%9D%B1%E4%BA%AC/%E2%82%AC",
     ];
     for target in targets {
-        let call = bare(&format!("GET {target}"), &[SHOP]).replace(PROBE, "x-probe: pass");
-        let proxy = world.gateway.proxy;
-        let answer = tokio::task::spawn_blocking(move || exchange(proxy, &call, None))
-            .await
-            .unwrap();
-        assert!(answer.starts_with("HTTP/1.1 200"), "{target}: {answer}");
+        let row = spelling("pass", bare(&format!("GET {target}"), &[SHOP]));
+        let answer = send_one(&world, proto, row).await;
+        assert!(statuses(&answer).starts_with("200"), "{target}: {answer}");
     }
     let received: Vec<String> = world
         .upstream
@@ -940,11 +1124,56 @@ async fn paths_in_nfc_and_inner_spaces_pass_unchanged() {
     assert_eq!(received, targets);
 }
 
+/// A pass-through call whose target the gateway rewrites (`//products`
+/// is forwarded as `/products`) keeps the host the gateway decided on: over
+/// HTTP/2 the host is `:authority`, which the rewritten origin-form target
+/// no longer carries, and an upstream that reads `Host` (virtual hosts, and
+/// this one, `preserve_host`) must not see it empty.
+#[tokio::test]
+async fn a_rewritten_target_keeps_its_host() {
+    rewritten_target_keeps_its_host(Proto::Http1).await;
+}
+
+#[tokio::test]
+async fn a_rewritten_target_keeps_its_host_over_http2() {
+    rewritten_target_keeps_its_host(Proto::Http2).await;
+}
+
+async fn rewritten_target_keeps_its_host(proto: Proto) {
+    let world = BypassWorld::start_over(proto).await;
+    let rows = [spelling("GET //products", bare("GET //products", &[SHOP])).no_route()];
+    let answers = world.send_all(proto, &rows).await;
+    let answer = answers[0].as_deref().unwrap();
+    assert!(statuses(answer).starts_with("200"), "{answer}");
+    let received = world.upstream.received();
+    let arrivals: Vec<(String, Vec<String>)> = received
+        .iter()
+        .map(|a| {
+            let hosts = a.header_values("host").map(str::to_owned).collect();
+            (a.target.clone(), hosts)
+        })
+        .collect();
+    assert_eq!(
+        arrivals,
+        [("/products".to_owned(), vec!["shop.example".to_owned()])],
+        "{proto:?}"
+    );
+}
+
 /// Headers the gateway owns never reach the upstream from the agent: not a
 /// forged approval id, not the header that names the user.
 #[tokio::test]
 async fn pass_through_calls_carry_no_forged_approval_id_or_identity_header() {
-    let world = BypassWorld::start().await;
+    no_forged_gateway_headers(Proto::Http1).await;
+}
+
+#[tokio::test]
+async fn pass_through_calls_carry_no_forged_approval_id_or_identity_header_over_http2() {
+    no_forged_gateway_headers(Proto::Http2).await;
+}
+
+async fn no_forged_gateway_headers(proto: Proto) {
+    let world = BypassWorld::start_over(proto).await;
     // `request` adds the identity header.
     let forged = [
         "x-countersign-approval-id: forged",
@@ -955,12 +1184,8 @@ async fn pass_through_calls_carry_no_forged_approval_id_or_identity_header() {
     ];
     let calls = [bare("GET /products", &forged), json("POST /cart", &forged)];
     for call in calls {
-        let call = call.replace(PROBE, "x-probe: pass");
-        let proxy = world.gateway.proxy;
-        let answer = tokio::task::spawn_blocking(move || exchange(proxy, &call, None))
-            .await
-            .unwrap();
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let answer = send_one(&world, proto, spelling("pass", call)).await;
+        assert!(statuses(&answer).starts_with("200"), "{answer}");
     }
     let received = world.upstream.received();
     assert_eq!(received.len(), 2, "both calls passed");
@@ -1008,4 +1233,70 @@ async fn an_encoded_post_body_on_a_covered_path_is_refused() {
         world.upstream.received().is_empty(),
         "it reached the upstream"
     );
+}
+
+/// The same gzipped `_method=DELETE` form over HTTP/2.
+#[tokio::test]
+async fn an_encoded_post_body_on_a_covered_path_is_refused_over_http2() {
+    let world = BypassWorld::start_over(Proto::Http2).await;
+    const GZIPPED: [u8; 34] = [
+        31, 139, 8, 0, 0, 0, 0, 0, 2, 3, 139, 207, 77, 45, 201, 200, 79, 177, 117, 113, 245, 113,
+        13, 113, 5, 0, 101, 252, 38, 176, 14, 0, 0, 0,
+    ];
+    let call = front::Call {
+        method: "POST".to_owned(),
+        target: "/orders/7".to_owned(),
+        headers: [
+            ("host", "shop.example"),
+            (USER_HEADER, "alice"),
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("content-encoding", "gzip"),
+        ]
+        .map(|(n, v)| (n.to_owned(), v.to_owned()))
+        .to_vec(),
+        body: GZIPPED.to_vec(),
+    };
+    let tls = world.tls.as_ref().unwrap();
+    let (status, body) =
+        front::h2_call(tls.h2_config(), world.gateway.proxy, &call, CLIENT_TIMEOUT)
+            .await
+            .unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "invalid_body", "{body}");
+    assert!(
+        world.upstream.received().is_empty(),
+        "it reached the upstream"
+    );
+}
+
+/// An approved call over HTTP/2 reaches an upstream with `preserve_host`
+/// with the host it was decided and approved for (`:authority`), as it
+/// does over HTTP/1.1 with the agent's `Host`: not the upstream's own
+/// address, which a virtual-hosting upstream could route elsewhere.
+#[tokio::test]
+async fn an_approved_call_keeps_its_host_over_http2() {
+    let world = BypassWorld::start_over(Proto::Http2).await;
+    let call = spelling("POST /shop", json("POST /shop", &[SHOP]))
+        .h2_call(0)
+        .unwrap();
+    let config = world.tls.as_ref().unwrap().h2_config();
+    let proxy = world.gateway.proxy;
+    let answer =
+        tokio::spawn(
+            async move { front::h2_call(config, proxy, &call, Duration::from_secs(30)).await },
+        );
+    let pending = world.peer.wait_pending(Some("alice"), 1).await;
+    let id = pending[0]["auth_req_id"].as_str().unwrap();
+    world.peer.approve(id).await;
+    let (status, body) = answer.await.unwrap().unwrap();
+    assert_eq!(status, 200, "{body}");
+    let received = world.upstream.received();
+    let arrivals: Vec<(String, Vec<&str>, bool)> = received
+        .iter()
+        .map(|a| {
+            let hosts = a.header_values("host").collect();
+            (a.target.clone(), hosts, a.token_verified)
+        })
+        .collect();
+    assert_eq!(arrivals, [("/shop".to_owned(), vec!["shop.example"], true)]);
 }

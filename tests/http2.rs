@@ -7,31 +7,21 @@
 
 mod support;
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use http::{Method, Request};
-use rustls::pki_types::ServerName;
-use serde_json::Value;
-use support::certs::Ca;
+use support::front::{h2_send as send, Tls};
 use support::*;
 
-/// A gateway serving `shop.test` over TLS (h2 by ALPN), its CA, the world.
-async fn world() -> (tempfile::TempDir, Ca, World) {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new();
-    ca.write_leaf(dir.path(), "shop", &["shop.test"]);
-    let tls = format!(
-        "{{ certificates: [{{ cert: {0}/shop.pem, key: {0}/shop.key }}] }}",
-        dir.path().display()
-    );
+/// A gateway serving `shop.test` over TLS (h2 by ALPN), its certificate, the world.
+async fn world() -> (Tls, World) {
+    let tls = Tls::new();
     let peer = Peer::start();
     let shop = start_shop(&peer).await;
     let gateway = TestGateway::start(
         &peer,
         &shop,
         GatewayOptions {
-            listen_tls: Some(tls),
+            listen_tls: Some(tls.listen.clone()),
             ..GatewayOptions::default()
         },
     )
@@ -42,61 +32,12 @@ async fn world() -> (tempfile::TempDir, Ca, World) {
         gateway,
         agent: reqwest::Client::new(),
     };
-    (dir, ca, world)
+    (tls, world)
 }
 
 /// An HTTP/2 connection to the gateway, `shop.test` by SNI.
-async fn connect(ca: &Ca, world: &World) -> h2::client::SendRequest<Bytes> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut roots = rustls::RootCertStore::empty();
-    for der in rustls_pemfile::certs(&mut ca.pem().as_bytes()) {
-        roots.add(der.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(world.gateway.proxy)
-        .await
-        .unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("shop.test").unwrap(), tcp)
-        .await
-        .unwrap();
-    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (client, connection) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client
-}
-
-/// Sends `request` with `body` (its DATA frames, then end of stream); the
-/// status and body of the answer, or the stream's error.
-async fn send(
-    client: &mut h2::client::SendRequest<Bytes>,
-    request: Request<()>,
-    body: &[u8],
-) -> Result<(u16, Value), h2::Error> {
-    let mut client = client.clone().ready().await?;
-    let (response, mut stream) = client.send_request(request, body.is_empty())?;
-    if !body.is_empty() {
-        stream.send_data(Bytes::copy_from_slice(body), true)?;
-    }
-    let response = response.await?;
-    let status = response.status().as_u16();
-    let mut body = response.into_body();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk?;
-        let _ = body.flow_control().release_capacity(chunk.len());
-        bytes.extend_from_slice(&chunk);
-    }
-    Ok((
-        status,
-        serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned())),
-    ))
+async fn connect(tls: &Tls, world: &World) -> h2::client::SendRequest<Bytes> {
+    tls.connect(world.gateway.proxy).await
 }
 
 fn request(method: Method, path: &str) -> http::request::Builder {
@@ -108,8 +49,8 @@ fn request(method: Method, path: &str) -> http::request::Builder {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_host_header_that_disagrees_with_the_authority_is_refused() {
-    let (_dir, ca, world) = world().await;
-    let mut client = connect(&ca, &world).await;
+    let (tls, world) = world().await;
+    let mut client = connect(&tls, &world).await;
     let agreed = request(Method::GET, "/products").body(()).unwrap();
     assert_eq!(send(&mut client, agreed, b"").await.unwrap().0, 200);
     let forged = request(Method::GET, "/products")
@@ -125,8 +66,8 @@ async fn a_host_header_that_disagrees_with_the_authority_is_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cookies_split_over_several_fields_are_read_together() {
-    let (_dir, ca, world) = world().await;
-    let mut client = connect(&ca, &world).await;
+    let (tls, world) = world().await;
+    let mut client = connect(&tls, &world).await;
     // RFC 9113 §8.2.3: a client may split the cookie into several fields.
     // The one after the first names `qty`, which PHP's $_REQUEST lets win
     // over the body the person is shown.
@@ -146,8 +87,8 @@ async fn cookies_split_over_several_fields_are_read_together() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_content_length_the_data_frames_do_not_match_never_reaches_the_api() {
-    let (_dir, ca, world) = world().await;
-    let mut client = connect(&ca, &world).await;
+    let (tls, world) = world().await;
+    let mut client = connect(&tls, &world).await;
     let body = serde_json::to_vec(&phones()).unwrap();
     // Declares more than it sends, on a policy route and on a passing one.
     for path in ["/shop", "/gift-cards/unknown"] {
@@ -234,8 +175,8 @@ async fn h2c_only_when_configured_and_with_the_same_gate() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connect_is_refused_like_an_upgrade() {
-    let (_dir, ca, world) = world().await;
-    let mut client = connect(&ca, &world).await;
+    let (tls, world) = world().await;
+    let mut client = connect(&tls, &world).await;
     let tunnel = Request::builder()
         .method(Method::CONNECT)
         .uri("shop.test:443")

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use countersign::demo::shop::ShopHandle;
 use serde_json::{json, Value};
+use support::front::Tls;
 use support::*;
 
 const MESSAGE: &str = "Buy 2 XYZ phone";
@@ -118,6 +119,9 @@ struct McpWorld {
     _shop: ShopHandle,
     server: McpServer,
     gateway: TestGateway,
+    /// When the gateway listens with TLS: its certificate (for 127.0.0.1),
+    /// whose CA the SDK client trusts through `NODE_EXTRA_CA_CERTS`.
+    tls: Option<Tls>,
 }
 
 /// A second held tool on the same endpoint, whose approval expires in 2 s
@@ -149,6 +153,20 @@ impl McpWorld {
 
     /// With `options` for the gateway (its upstream is the MCP server).
     async fn start_with(options: GatewayOptions) -> Self {
+        Self::start_over(options, None).await
+    }
+
+    /// The world with a TLS listener: the SDK client speaks HTTPS to it.
+    async fn start_tls() -> Self {
+        let tls = Tls::for_names(&["127.0.0.1"]);
+        let options = GatewayOptions {
+            listen_tls: Some(tls.listen.clone()),
+            ..GatewayOptions::default()
+        };
+        Self::start_over(options, Some(tls)).await
+    }
+
+    async fn start_over(options: GatewayOptions, tls: Option<Tls>) -> Self {
         let peer = Peer::start();
         let shop = start_shop(&peer).await;
         let server = McpServer::start(&peer);
@@ -168,13 +186,23 @@ impl McpWorld {
             _shop: shop,
             server,
             gateway,
+            tls,
+        }
+    }
+
+    /// The MCP endpoint through the gateway, `https` when it has TLS.
+    fn url(&self) -> String {
+        match &self.tls {
+            Some(_) => format!("https://{}/mcp", self.gateway.proxy),
+            None => self.gateway.url("/mcp"),
         }
     }
 
     /// Runs the SDK client on `steps` (see tests/mcp/client.mjs) for `user`;
     /// one JSON value per step.
     fn client(&self, user: Option<&str>, steps: Value) -> tokio::task::JoinHandle<Vec<Value>> {
-        run_client(self.gateway.url("/mcp"), user, steps)
+        let scenario = json!({ "url": self.url(), "user": user, "steps": steps });
+        run_scenario_with(scenario, self.tls.as_ref().map(Tls::ca_file))
     }
 
     /// The one pending request of `user` at the authorization server.
@@ -226,8 +254,20 @@ fn run_client(
 
 /// Runs the SDK client on a whole scenario (see tests/mcp/client.mjs).
 fn run_scenario(scenario: Value) -> tokio::task::JoinHandle<Vec<Value>> {
+    run_scenario_with(scenario, None)
+}
+
+/// As [`run_scenario`], trusting the CA in `ca_file` too (HTTPS).
+fn run_scenario_with(
+    scenario: Value,
+    ca_file: Option<std::path::PathBuf>,
+) -> tokio::task::JoinHandle<Vec<Value>> {
     tokio::task::spawn_blocking(move || {
-        let output = Command::new("node")
+        let mut command = Command::new("node");
+        if let Some(ca_file) = ca_file {
+            command.env("NODE_EXTRA_CA_CERTS", ca_file);
+        }
+        let output = command
             .arg(Path::new(REPO).join("tests/mcp/client.mjs"))
             .arg(scenario.to_string())
             .stdin(Stdio::null())
@@ -257,7 +297,18 @@ fn text(result: &Value) -> &str {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_approved_tool_call_reaches_the_server_with_a_fresh_token() {
-    let world = McpWorld::start().await;
+    approved_tool_call(McpWorld::start().await).await;
+}
+
+/// The same with the gateway listening with TLS, the SDK client over HTTPS.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_approved_tool_call_reaches_the_server_with_a_fresh_token_over_tls() {
+    let world = McpWorld::start_tls().await;
+    assert!(world.url().starts_with("https://"));
+    approved_tool_call(world).await;
+}
+
+async fn approved_tool_call(world: McpWorld) {
     let client = world.client(
         Some("alice"),
         json!([{ "list": true }, { "call": "list_products" }, buy("XYZ phone", 2)]),
@@ -353,7 +404,18 @@ async fn a_dpop_bound_tool_call_reaches_the_server_with_a_proof_it_accepts() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_denied_tool_call_is_a_tool_error_the_model_can_read() {
-    let world = McpWorld::start().await;
+    denied_tool_call(McpWorld::start().await).await;
+}
+
+/// The same with the gateway listening with TLS, the SDK client over HTTPS.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_denied_tool_call_is_a_tool_error_the_model_can_read_over_tls() {
+    let world = McpWorld::start_tls().await;
+    assert!(world.url().starts_with("https://"));
+    denied_tool_call(world).await;
+}
+
+async fn denied_tool_call(world: McpWorld) {
     let client = world.client(Some("bob"), json!([buy("XYZ phone", 2)]));
     let request = world.pending("bob").await;
     world

@@ -5,7 +5,11 @@
 
 mod support;
 
+use std::ops::Deref;
+use std::time::Duration;
+
 use serde_json::{json, Value};
+use support::front::{self, Proto};
 use support::*;
 
 /// A policy that shows a query parameter.
@@ -19,24 +23,97 @@ const REFUND: &str = r#"  - name: refund
     binding_message: "Send the report of {{query.year}}"
 "#;
 
-async fn world() -> World {
-    World::start(GatewayOptions {
-        extra_policies: REFUND,
-        ..GatewayOptions::default()
-    })
-    .await
+/// The world of one protocol: the plain listener and reqwest over
+/// HTTP/1.1 as ever, or a TLS listener (ALPN h2) and reqwest speaking only
+/// HTTP/2; the same policies, peer and shop.
+struct ProtoWorld {
+    world: World,
+    proto: Proto,
+    base: String,
+    tls: Option<front::Tls>,
+}
+
+impl Deref for ProtoWorld {
+    type Target = World;
+    fn deref(&self) -> &World {
+        &self.world
+    }
+}
+
+impl ProtoWorld {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// POST /shop as an agent acting for `user`.
+    fn buy(&self, user: &str, body: Value) -> reqwest::RequestBuilder {
+        self.agent
+            .post(self.url("/shop"))
+            .header(USER_HEADER, user)
+            .json(&body)
+    }
+}
+
+async fn world(proto: Proto) -> ProtoWorld {
+    let tls = (proto == Proto::Http2).then(front::Tls::new);
+    let peer = Peer::start();
+    let shop = start_shop(&peer).await;
+    let gateway = TestGateway::start(
+        &peer,
+        &shop,
+        GatewayOptions {
+            extra_policies: REFUND,
+            listen_tls: tls.as_ref().map(|t| t.listen.clone()),
+            ..GatewayOptions::default()
+        },
+    )
+    .await;
+    let (agent, base) = match &tls {
+        Some(tls) => (tls.reqwest_h2(gateway.proxy), tls.base(gateway.proxy)),
+        None => (reqwest::Client::new(), format!("http://{}", gateway.proxy)),
+    };
+    ProtoWorld {
+        world: World {
+            peer,
+            shop,
+            gateway,
+            agent,
+        },
+        proto,
+        base,
+        tls,
+    }
+}
+
+/// Each case once per protocol: `<case>::http1` and `<case>::http2`.
+macro_rules! over_both {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                #[tokio::test]
+                async fn http1() {
+                    super::$case(super::Proto::Http1).await;
+                }
+
+                #[tokio::test]
+                async fn http2() {
+                    super::$case(super::Proto::Http2).await;
+                }
+            }
+        )*
+    };
 }
 
 /// POST `path` as an agent for alice, with exactly these body bytes.
 async fn post(
-    world: &World,
+    world: &ProtoWorld,
     path: &str,
     content_type: Option<&str>,
     body: &str,
 ) -> reqwest::Response {
     let mut request = world
         .agent
-        .post(world.gateway.url(path))
+        .post(world.url(path))
         .header(USER_HEADER, "alice")
         .body(body.to_owned());
     if let Some(content_type) = content_type {
@@ -45,13 +122,18 @@ async fn post(
     request.send().await.unwrap()
 }
 
-async fn buy_raw(world: &World, content_type: &str, body: &str) -> reqwest::Response {
+async fn buy_raw(world: &ProtoWorld, content_type: &str, body: &str) -> reqwest::Response {
     post(world, "/shop", Some(content_type), body).await
 }
 
 /// Asserts a 400 problem with `code` whose detail contains every one of
 /// `words`, and that nobody was asked and nothing was forwarded.
-async fn refused(world: &World, response: reqwest::Response, code: &str, words: &[&str]) {
+async fn refused(world: &ProtoWorld, response: reqwest::Response, code: &str, words: &[&str]) {
+    let version = match world.proto {
+        Proto::Http1 => reqwest::Version::HTTP_11,
+        Proto::Http2 => reqwest::Version::HTTP_2,
+    };
+    assert_eq!(response.version(), version);
     assert_eq!(response.status().as_u16(), 400);
     assert_eq!(
         response.headers()["content-type"],
@@ -70,9 +152,8 @@ async fn refused(world: &World, response: reqwest::Response, code: &str, words: 
     assert!(world.shop.received().is_empty(), "the shop received a call");
 }
 
-#[tokio::test]
-async fn json_sent_as_a_form_is_refused() {
-    let world = world().await;
+async fn json_sent_as_a_form_is_refused(proto: Proto) {
+    let world = world(proto).await;
     // A form-reading API sees qty=100 in this body; the message would say 2.
     let body = r#"{"product":"XYZ phone","qty":2,"priceLimit":"=1&qty=100"}"#;
     for content_type in [
@@ -98,15 +179,40 @@ async fn json_sent_as_a_form_is_refused() {
     )
     .await;
 
-    let request = format!(
-        "POST /shop HTTP/1.1\r\nHost: shop\r\n{USER_HEADER}: alice\r\nContent-Type: application/json\r\n\
-         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let proxy = world.gateway.proxy;
-    let (status, response) = tokio::task::spawn_blocking(move || raw_request(proxy, &request))
-        .await
-        .unwrap();
+    let (status, response) = match &world.tls {
+        None => {
+            let request = format!(
+                "POST /shop HTTP/1.1\r\nHost: shop\r\n{USER_HEADER}: alice\r\nContent-Type: application/json\r\n\
+                 Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let proxy = world.gateway.proxy;
+            tokio::task::spawn_blocking(move || raw_request(proxy, &request))
+                .await
+                .unwrap()
+        }
+        // Two `content-type` fields on one HTTP/2 request.
+        Some(tls) => {
+            let call = front::Call {
+                method: "POST".to_owned(),
+                target: "/shop".to_owned(),
+                headers: [
+                    (USER_HEADER, "alice"),
+                    ("content-type", "application/json"),
+                    ("content-type", "application/x-www-form-urlencoded"),
+                ]
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                .to_vec(),
+                body: body.as_bytes().to_vec(),
+            };
+            let timeout = Duration::from_secs(30);
+            let (status, problem) =
+                front::h2_call(tls.h2_config(), world.gateway.proxy, &call, timeout)
+                    .await
+                    .unwrap();
+            (status, problem.to_string())
+        }
+    };
     assert_eq!(status, 400, "{response}");
     assert!(response.contains("invalid_body"), "{response}");
     assert!(
@@ -117,9 +223,8 @@ async fn json_sent_as_a_form_is_refused() {
     assert!(world.shop.received().is_empty());
 }
 
-#[tokio::test]
-async fn keys_that_differ_only_in_case_are_refused() {
-    let world = world().await;
+async fn keys_that_differ_only_in_case_are_refused(proto: Proto) {
+    let world = world(proto).await;
     let body = r#"{"product":"XYZ phone","qty":1,"QTY":100,"priceLimit":900}"#;
     let response = buy_raw(&world, "application/json", body).await;
     refused(&world, response, "invalid_body", &["'qty' and 'QTY'"]).await;
@@ -135,9 +240,8 @@ async fn keys_that_differ_only_in_case_are_refused() {
     .await;
 }
 
-#[tokio::test]
-async fn repeated_keys_and_inexact_numbers_are_refused() {
-    let world = world().await;
+async fn repeated_keys_and_inexact_numbers_are_refused(proto: Proto) {
+    let world = world(proto).await;
     let body = r#"{"product":"XYZ phone","qty":1,"qty":100,"priceLimit":900}"#;
     let response = buy_raw(&world, "application/json", body).await;
     refused(
@@ -152,9 +256,8 @@ async fn repeated_keys_and_inexact_numbers_are_refused() {
     refused(&world, response, "invalid_body", &["2^53", "'qty'"]).await;
 }
 
-#[tokio::test]
-async fn a_repeated_query_parameter_is_refused() {
-    let world = world().await;
+async fn a_repeated_query_parameter_is_refused(proto: Proto) {
+    let world = world(proto).await;
     // Go, Flask and Spring read the first value; others the last.
     for (query, word) in [
         ("amount=100&amount=1", "'amount' is given more than once"),
@@ -174,7 +277,7 @@ async fn a_repeated_query_parameter_is_refused() {
     let call = tokio::spawn(
         world
             .agent
-            .post(world.gateway.url("/refunds?amount=5&note=a&note=b"))
+            .post(world.url("/refunds?amount=5&note=a&note=b"))
             .header(USER_HEADER, "alice")
             .send(),
     );
@@ -187,9 +290,8 @@ async fn a_repeated_query_parameter_is_refused() {
     assert_eq!(call.await.unwrap().unwrap().status(), 403);
 }
 
-#[tokio::test]
-async fn values_the_message_cannot_show_are_refused_not_blanked() {
-    let world = world().await;
+async fn values_the_message_cannot_show_are_refused_not_blanked(proto: Proto) {
+    let world = world(proto).await;
     let buy = |qty: Value, product: &str| {
         world
             .buy(
@@ -236,9 +338,8 @@ async fn values_the_message_cannot_show_are_refused_not_blanked() {
     }
 }
 
-#[tokio::test]
-async fn body_fields_the_person_is_not_shown_are_refused() {
-    let world = world().await;
+async fn body_fields_the_person_is_not_shown_are_refused(proto: Proto) {
+    let world = world(proto).await;
     let response = world
         .buy(
             "alice",
@@ -257,9 +358,8 @@ async fn body_fields_the_person_is_not_shown_are_refused() {
     refused(&world, response, "invalid_body", &["JSON object"]).await;
 }
 
-#[tokio::test]
-async fn a_clean_call_is_held_with_the_message_it_will_do() {
-    let world = world().await;
+async fn a_clean_call_is_held_with_the_message_it_will_do(proto: Proto) {
+    let world = world(proto).await;
     let call = tokio::spawn(
         world
             .buy(
@@ -290,7 +390,7 @@ async fn a_clean_call_is_held_with_the_message_it_will_do() {
 
 /// POST `path` as alice with a JSON body and extra headers.
 async fn post_json(
-    world: &World,
+    world: &ProtoWorld,
     method: reqwest::Method,
     path: &str,
     headers: &[(&str, &str)],
@@ -298,7 +398,7 @@ async fn post_json(
 ) -> reqwest::Response {
     let mut request = world
         .agent
-        .request(method, world.gateway.url(path))
+        .request(method, world.url(path))
         .header(USER_HEADER, "alice")
         .json(&body);
     for (name, value) in headers {
@@ -307,9 +407,8 @@ async fn post_json(
     request.send().await.unwrap()
 }
 
-#[tokio::test]
-async fn a_shown_value_given_again_in_another_part_is_refused() {
-    let world = world().await;
+async fn a_shown_value_given_again_in_another_part_is_refused(proto: Proto) {
+    let world = world(proto).await;
     let order = json!({"product": "XYZ phone", "qty": 2, "priceLimit": 900});
     // Rails' params lets the query win over the body, PHP's $_REQUEST a
     // cookie, and PHP and qs read `qty[]` and ` qty` as `qty`: the person
@@ -374,7 +473,7 @@ async fn a_shown_value_given_again_in_another_part_is_refused() {
     let call = tokio::spawn(
         world
             .agent
-            .post(world.gateway.url("/shop?ref=newsletter"))
+            .post(world.url("/shop?ref=newsletter"))
             .header(USER_HEADER, "alice")
             .header("cookie", "session=1")
             .json(&order)
@@ -392,9 +491,8 @@ async fn a_shown_value_given_again_in_another_part_is_refused() {
     assert_eq!(call.await.unwrap().unwrap().status(), 403);
 }
 
-#[tokio::test]
-async fn a_shown_query_value_given_again_in_a_body_of_any_type_is_refused() {
-    let world = world().await;
+async fn a_shown_query_value_given_again_in_a_body_of_any_type_is_refused(proto: Proto) {
+    let world = world(proto).await;
     // Laravel reads JSON when the Content-Type merely contains `/json`,
     // Express's json({ type: '*/*' }) and FastAPI (no Content-Type) read any
     // JSON body, and Rack reads a POST body without a Content-Type as a
@@ -454,7 +552,7 @@ async fn a_shown_query_value_given_again_in_a_body_of_any_type_is_refused() {
     for content_type in [Some("application/json"), Some("text/plain"), None] {
         let mut request = world
             .agent
-            .get(world.gateway.url("/reports?year=2026"))
+            .get(world.url("/reports?year=2026"))
             .header(USER_HEADER, "alice")
             .body(r#"{"year":1999}"#);
         if let Some(content_type) = content_type {
@@ -476,9 +574,13 @@ async fn a_shown_query_value_given_again_in_a_body_of_any_type_is_refused() {
 /// before anything reads the target, so the gateway matches, shows and
 /// forwards the same `/refunds?note=x`: the amount after `#` is neither
 /// shown nor sent, and the call is refused for want of one.
+///
+/// HTTP/1.1 only: `:path` carries no fragment (RFC 9113 §8.3.1, and the
+/// h2 crate's `http::Uri` drops it before sending), so HTTP/2 has no such
+/// spelling.
 #[tokio::test]
 async fn an_amount_after_a_fragment_is_neither_shown_nor_sent() {
-    let world = world().await;
+    let world = world(Proto::Http1).await;
     let proxy = world.gateway.proxy;
     for target in ["/refunds?note=x#&amount=5", "/refunds#?amount=5"] {
         let request = format!(
@@ -500,9 +602,8 @@ async fn an_amount_after_a_fragment_is_neither_shown_nor_sent() {
     assert!(world.shop.received().is_empty(), "the shop received a call");
 }
 
-#[tokio::test]
-async fn a_decimal_shown_rounded_is_refused() {
-    let world = world().await;
+async fn a_decimal_shown_rounded_is_refused(proto: Proto) {
+    let world = world(proto).await;
     // serde_json reads the nearest double (3.0); a BigDecimal or Python
     // Decimal API reads 2.9999999999999999 and may truncate it to 2.
     let body = r#"{"product":"XYZ phone","qty":2.9999999999999999,"priceLimit":900}"#;
@@ -516,9 +617,8 @@ async fn a_decimal_shown_rounded_is_refused() {
     .await;
 }
 
-#[tokio::test]
-async fn an_encoded_body_beside_a_shown_value_is_refused() {
-    let world = world().await;
+async fn an_encoded_body_beside_a_shown_value_is_refused(proto: Proto) {
+    let world = world(proto).await;
     // {"year":1999}, gzipped: Express's body parsers inflate it, so an API
     // there reads year 1999 where the gateway sees no names at all.
     const GZIPPED: [u8; 33] = [
@@ -527,7 +627,7 @@ async fn an_encoded_body_beside_a_shown_value_is_refused() {
     ];
     let response = world
         .agent
-        .get(world.gateway.url("/reports?year=2026"))
+        .get(world.url("/reports?year=2026"))
         .header(USER_HEADER, "alice")
         .header("content-type", "application/json")
         .header("content-encoding", "gzip")
@@ -544,9 +644,8 @@ async fn an_encoded_body_beside_a_shown_value_is_refused() {
     .await;
 }
 
-#[tokio::test]
-async fn a_body_on_a_delete_whose_approval_shows_none_is_refused() {
-    let world = world().await;
+async fn a_body_on_a_delete_whose_approval_shows_none_is_refused(proto: Proto) {
+    let world = world(proto).await;
     // "Cancel order 7" is what the person sees; Laravel and Rails read the
     // body of a DELETE too, and this one asks for more than a cancel.
     let response = post_json(
@@ -567,7 +666,7 @@ async fn a_body_on_a_delete_whose_approval_shows_none_is_refused() {
     // Nor on a GET whose approval shows only the query.
     let response = world
         .agent
-        .get(world.gateway.url("/reports?year=2026"))
+        .get(world.url("/reports?year=2026"))
         .header(USER_HEADER, "alice")
         .header("content-type", "application/json")
         .body(r#"{"format":"all-customers"}"#)
@@ -583,16 +682,15 @@ async fn a_body_on_a_delete_whose_approval_shows_none_is_refused() {
     .await;
 }
 
-#[tokio::test]
-async fn a_shown_path_parameter_with_a_format_suffix_is_refused() {
-    let world = world().await;
+async fn a_shown_path_parameter_with_a_format_suffix_is_refused(proto: Proto) {
+    let world = world(proto).await;
     // Rails' `:id` takes no '.' and `(.:format)` the rest, Spring's suffix
     // pattern matching and Django REST framework's format suffixes cut it
     // too: they cancel order 7 while the person is asked about "7.5".
     for path in ["/orders/7.5", "/orders/7.json", "/orders/7%2Ejson"] {
         let response = world
             .agent
-            .delete(world.gateway.url(path))
+            .delete(world.url(path))
             .header(USER_HEADER, "alice")
             .send()
             .await
@@ -607,16 +705,15 @@ async fn a_shown_path_parameter_with_a_format_suffix_is_refused() {
     }
 }
 
-#[tokio::test]
-async fn a_shown_path_parameter_with_matrix_parameters_is_refused() {
-    let world = world().await;
+async fn a_shown_path_parameter_with_matrix_parameters_is_refused(proto: Proto) {
+    let world = world(proto).await;
     // Tomcat, Spring and Jetty drop `;8` and cancel order 7, which the
     // person is shown; Express, Rails and Go keep it: their orderId is
     // "7;8", another order.
     for path in ["/orders/7;8", "/orders/7;jsessionid=x", "/orders/7;/"] {
         let response = world
             .agent
-            .delete(world.gateway.url(path))
+            .delete(world.url(path))
             .header(USER_HEADER, "alice")
             .send()
             .await
@@ -631,9 +728,8 @@ async fn a_shown_path_parameter_with_matrix_parameters_is_refused() {
     }
 }
 
-#[tokio::test]
-async fn a_number_in_the_query_or_path_that_a_double_rounds_is_refused() {
-    let world = world().await;
+async fn a_number_in_the_query_or_path_that_a_double_rounds_is_refused(proto: Proto) {
+    let world = world(proto).await;
     // Text to the gateway, but a JavaScript API's Number() reads
     // 9007199254740992 (and 3 for 2.9999999999999999): the person would
     // approve one amount, or order, and the API act on its neighbour.
@@ -654,7 +750,7 @@ async fn a_number_in_the_query_or_path_that_a_double_rounds_is_refused() {
     }
     let response = world
         .agent
-        .delete(world.gateway.url("/orders/9007199254740993"))
+        .delete(world.url("/orders/9007199254740993"))
         .header(USER_HEADER, "alice")
         .send()
         .await
@@ -667,3 +763,21 @@ async fn a_number_in_the_query_or_path_that_a_double_rounds_is_refused() {
     )
     .await;
 }
+
+over_both!(
+    json_sent_as_a_form_is_refused,
+    keys_that_differ_only_in_case_are_refused,
+    repeated_keys_and_inexact_numbers_are_refused,
+    a_repeated_query_parameter_is_refused,
+    values_the_message_cannot_show_are_refused_not_blanked,
+    body_fields_the_person_is_not_shown_are_refused,
+    a_clean_call_is_held_with_the_message_it_will_do,
+    a_shown_value_given_again_in_another_part_is_refused,
+    a_shown_query_value_given_again_in_a_body_of_any_type_is_refused,
+    a_decimal_shown_rounded_is_refused,
+    an_encoded_body_beside_a_shown_value_is_refused,
+    a_body_on_a_delete_whose_approval_shows_none_is_refused,
+    a_shown_path_parameter_with_a_format_suffix_is_refused,
+    a_shown_path_parameter_with_matrix_parameters_is_refused,
+    a_number_in_the_query_or_path_that_a_double_rounds_is_refused,
+);
