@@ -13,3 +13,7 @@ pub const GATEWAY_HEADER_PREFIX: &str = "x-countersign-";
 /// The countersigners' tokens of a countersigned call (docs/call-binding.md,
 /// "Countersigned calls"); only the gateway sets it, like the prefix above.
 pub const COUNTERSIGN_TOKENS_HEADER: &str = "countersign-tokens";
+
+/// The W3C trace context: read from the agent, and set to the gateway's
+/// `forward` span on a forwarded call when traces are on (`traces.rs`).
+pub const TRACEPARENT_HEADER: &str = "traceparent";

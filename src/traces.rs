@@ -33,6 +33,7 @@ use prost::Message as _;
 pub use opentelemetry::trace::SpanKind as Kind;
 
 use crate::config::TracesConfig;
+use crate::headers::TRACEPARENT_HEADER;
 
 /// How long one export may take before it is given up (the batch is lost,
 /// the gateway goes on).
@@ -186,7 +187,7 @@ pub struct TraceParent(SpanContext);
 impl TraceParent {
     /// Reads a `traceparent` header value; `None` unless valid.
     pub fn parse(value: &str) -> Option<Self> {
-        let carrier = HashMap::from([("traceparent".to_owned(), value.to_owned())]);
+        let carrier = HashMap::from([(TRACEPARENT_HEADER.to_owned(), value.to_owned())]);
         let context = TraceContextPropagator::new().extract(&carrier);
         let span = context.span().span_context().clone();
         span.is_valid().then_some(Self(span))

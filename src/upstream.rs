@@ -11,7 +11,9 @@ use thiserror::Error;
 
 use crate::config::UpstreamConfig;
 use crate::dpop::DpopKey;
-use crate::headers::{APPROVAL_ID_HEADER, COUNTERSIGN_TOKENS_HEADER, GATEWAY_HEADER_PREFIX};
+use crate::headers::{
+    APPROVAL_ID_HEADER, COUNTERSIGN_TOKENS_HEADER, GATEWAY_HEADER_PREFIX, TRACEPARENT_HEADER,
+};
 use crate::secret::Secret;
 use crate::store::{StoredRequest, StoredResponse};
 
@@ -183,12 +185,12 @@ impl UpstreamClient {
             builder = builder.header(COUNTERSIGN_TOKENS_HEADER, tokens.join(", "));
         }
         if let Some(traceparent) = traceparent {
-            builder = builder.header(TRACEPARENT, traceparent);
+            builder = builder.header(TRACEPARENT_HEADER, traceparent);
         }
         for (name, value) in &request.headers {
             // The agent's own trace context is replaced by the forward's
             // span (of the same trace) when traces are on.
-            if name == "host" || (traceparent.is_some() && name == TRACEPARENT) {
+            if name == "host" || (traceparent.is_some() && name == TRACEPARENT_HEADER) {
                 continue;
             }
             builder = builder.header(name.as_str(), value.as_slice());
@@ -247,9 +249,6 @@ impl UpstreamClient {
         })
     }
 }
-
-/// The W3C trace context header.
-const TRACEPARENT: &str = "traceparent";
 
 /// What authorizes a forwarded call: the person's token (DPoP-bound or
 /// not) and the countersigners' tokens.

@@ -40,6 +40,7 @@ use crate::traces::{Kind, Parent, Span, Traces};
 pub use crate::route::Routes;
 pub use forward::Upstream;
 
+use crate::headers::TRACEPARENT_HEADER;
 pub use crate::headers::{APPROVAL_ID_HEADER, COUNTERSIGN_TOKENS_HEADER, GATEWAY_HEADER_PREFIX};
 
 /// The gateway's proxy logic.
@@ -252,7 +253,7 @@ impl Countersign {
             return;
         }
         let request = session.req_header();
-        let mut sent = request.headers.get_all("traceparent").iter();
+        let mut sent = request.headers.get_all(TRACEPARENT_HEADER).iter();
         let parent = match (sent.next(), sent.next()) {
             (Some(one), None) => one.to_str().ok(),
             _ => None,
@@ -408,7 +409,7 @@ impl ProxyHttp for Countersign {
                 .traces
                 .span("forward", Kind::Client, Parent::Span(&spans.call));
             if let Some(traceparent) = forward.traceparent() {
-                request.insert_header("traceparent", traceparent)?;
+                request.insert_header(TRACEPARENT_HEADER, traceparent)?;
             }
             spans.forward = Some(forward);
         }
