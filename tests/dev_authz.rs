@@ -765,7 +765,6 @@ impl DevProcess {
 
     /// `command` (the binary with `dev` and its first flags) with `--tls`.
     fn start_with(mut command: std::process::Command) -> Self {
-        use std::io::BufRead;
         use std::process::Stdio;
         let mut child = command
             .args(["--tls", "--interval", "1"])
@@ -775,26 +774,10 @@ impl DevProcess {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut printed = String::new();
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                printed.push_str(&line);
-                printed.push('\n');
-                if line.contains("Press Ctrl-C to stop.") {
-                    break;
-                }
-            }
-            let _ = tx.send(printed);
-        });
-        let mut process = Self {
+        let process = Self {
             child,
-            printed: String::new(),
+            printed: support::process::dev_mode_text(stdout, Duration::from_secs(60)),
         };
-        process.printed = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("dev mode starts");
         // The text is printed as the gateway starts to listen.
         let port = process.gateway().rsplit(':').next().unwrap().to_owned();
         let deadline = Instant::now() + Duration::from_secs(20);

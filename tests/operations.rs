@@ -272,7 +272,6 @@ async fn agents_hanging_up_are_counted_not_logged_as_errors() {
 /// prints where.
 #[tokio::test]
 async fn dev_mode_prints_a_metrics_url_that_serves_metrics() {
-    use std::io::BufRead;
     let mut child = KillOnDrop(
         Command::new(BIN)
             .args([
@@ -290,22 +289,7 @@ async fn dev_mode_prints_a_metrics_url_that_serves_metrics() {
             .unwrap(),
     );
     let stdout = child.0.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut printed = String::new();
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            printed.push_str(&line);
-            printed.push('\n');
-            if line.contains("Press Ctrl-C to stop.") {
-                break;
-            }
-        }
-        let _ = tx.send(printed);
-    });
-    let printed = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("dev mode starts");
+    let printed = support::process::dev_mode_text(stdout, Duration::from_secs(30));
     let url = printed
         .lines()
         .find(|l| l.trim_start().starts_with("metrics"))

@@ -339,3 +339,23 @@ fn psql_in(database: &str, sql: &str) -> Result<String, String> {
         Err(String::from_utf8_lossy(&output.stderr).into_owned())
     }
 }
+
+/// What `countersign dev` printed on `stdout` up to its last line ("Press
+/// Ctrl-C to stop."), read on a thread of its own; panics after `within`.
+pub fn dev_mode_text(stdout: std::process::ChildStdout, within: Duration) -> String {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut printed = String::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            printed.push_str(&line);
+            printed.push('\n');
+            if line.contains("Press Ctrl-C to stop.") {
+                break;
+            }
+        }
+        let _ = tx.send(printed);
+    });
+    rx.recv_timeout(within).expect("dev mode starts")
+}
