@@ -19,15 +19,6 @@ const APPROVAL_ID: &str = "x-countersign-approval-id";
 const ASYNC: &str = "async.shop.test";
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
-const ASYNC_POLICY: &str = r#"  - name: buy-async
-    match: { methods: [POST], path: /shop, host: async.shop.test }
-    require: { scopes: [product:buy], audience: "https://shop.example/api" }
-    bind: call
-    binding_message: "Do you want to buy {{qty}} {{product}}"
-    requested_expiry: 2m
-    wait: async
-"#;
-
 fn options(store: String) -> GatewayOptions {
     GatewayOptions {
         extra_policies: ASYNC_POLICY,

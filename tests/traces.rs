@@ -361,18 +361,10 @@ async fn an_approval_forwarded_by_another_replica_joins_the_agents_trace() {
     let database = TestDatabase::create();
     let peer = Peer::start();
     let shop = start_shop(&peer).await;
-    let policies = r#"  - name: buy-async
-    match: { methods: [POST], path: /shop, host: async.shop.test }
-    require: { scopes: [product:buy], audience: "https://shop.example/api" }
-    bind: call
-    binding_message: "Do you want to buy {{qty}} {{product}}"
-    requested_expiry: 2m
-    wait: async
-"#;
     let store = format!("store: {{ postgres: \"{}\", lease: 2s }}", database.url);
     let replica = || {
         let (mut options, env) = traced(collector, &store);
-        options.extra_policies = policies;
+        options.extra_policies = ASYNC_POLICY;
         (options, env)
     };
     let (options, env) = replica();

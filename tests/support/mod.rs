@@ -21,6 +21,17 @@ use serde_json::Value;
 pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
 pub const USER_HEADER: &str = "x-countersign-user";
 
+/// A policy (for `extra_policies`) that answers `202` at once: `POST /shop`
+/// sent to host `async.shop.test` (the shop serves any host).
+pub const ASYNC_POLICY: &str = r#"  - name: buy-async
+    match: { methods: [POST], path: /shop, host: async.shop.test }
+    require: { scopes: [product:buy], audience: "https://shop.example/api" }
+    bind: call
+    binding_message: "Do you want to buy {{qty}} {{product}}"
+    requested_expiry: 2m
+    wait: async
+"#;
+
 /// The oidc-provider CIBA peer in a child process; killed on drop.
 pub struct Peer {
     child: Child,
