@@ -8,17 +8,6 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use support::*;
 
-const PROBLEM_JSON: &str = "application/problem+json";
-
-async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
-    assert_eq!(response.status().as_u16(), status);
-    assert_eq!(response.headers()["content-type"], PROBLEM_JSON);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["code"], code, "{body}");
-    assert_eq!(body["status"], status);
-    body
-}
-
 #[tokio::test]
 async fn approved_call_reaches_the_shop_once_with_a_fresh_token() {
     let world = World::start(GatewayOptions::default()).await;
@@ -120,14 +109,8 @@ async fn approved_call_reaches_the_shop_once_with_a_fresh_token() {
 #[tokio::test]
 async fn denied_call_never_reaches_the_shop() {
     let world = World::start(GatewayOptions::default()).await;
-    let call = tokio::spawn(world.buy("bob", phones()).send());
-    let pending = world.peer.wait_pending(Some("bob"), 1).await;
-    world
-        .peer
-        .deny(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
-
-    let body = problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
+    let answer = world.denied("bob", world.buy("bob", phones())).await;
+    let body = problem(answer, 403, "access_denied").await;
     assert_eq!(body["detail"], "The user has denied the request.");
     assert!(body["approval_id"].is_string());
     assert!(world.shop.received().is_empty());
@@ -146,11 +129,7 @@ const FLASH_SALE: &str = r#"  - name: flash-sale
 
 #[tokio::test]
 async fn an_unanswered_request_expires_and_is_not_a_denial() {
-    let world = World::start(GatewayOptions {
-        extra_policies: FLASH_SALE,
-        ..Default::default()
-    })
-    .await;
+    let world = World::with_policies(FLASH_SALE).await;
     let started = Instant::now();
     let response = world
         .agent
@@ -361,11 +340,9 @@ async fn unmatched_calls_pass_or_are_denied_by_the_default() {
 
 #[tokio::test]
 async fn twenty_held_calls_for_two_people_resolve_independently() {
-    let world = World::start(GatewayOptions {
-        limits: "{ max_body_bytes: 1024, max_hold: 60s, max_pending_per_user: 10 }",
-        ..GatewayOptions::default()
-    })
-    .await;
+    let world =
+        World::with_limits("{ max_body_bytes: 1024, max_hold: 60s, max_pending_per_user: 10 }")
+            .await;
     let mut calls = Vec::new();
     for qty in 1..=10 {
         for user in ["alice", "bob"] {
@@ -460,13 +437,8 @@ async fn client_secret_basic_authenticates_too() {
         ..Default::default()
     })
     .await;
-    let call = tokio::spawn(world.buy("alice", phones()).send());
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    world
-        .peer
-        .approve(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
-    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    let answer = world.approved("alice", world.buy("alice", phones())).await;
+    assert_eq!(answer.status(), 200);
 }
 
 #[tokio::test]
@@ -507,11 +479,7 @@ async fn an_agent_waiting_for_100_continue_is_answered_and_held() {
         "no 100 Continue"
     );
     stream.write_all(body.as_bytes()).unwrap();
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    world
-        .peer
-        .approve(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
+    world.peer.approve_next("alice").await;
     stream
         .set_read_timeout(Some(Duration::from_secs(15)))
         .unwrap();
@@ -531,19 +499,15 @@ async fn an_agent_waiting_for_100_continue_is_answered_and_held() {
 
 #[tokio::test]
 async fn holds_beyond_max_pending_are_refused_and_health_answers() {
-    let world = World::start(GatewayOptions {
-        limits: "{ max_body_bytes: 1024, max_hold: 60s, max_pending: 1 }",
-        ..Default::default()
-    })
-    .await;
+    let world = World::with_limits("{ max_body_bytes: 1024, max_hold: 60s, max_pending: 1 }").await;
     let first = tokio::spawn(world.buy("alice", phones()).send());
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
+    let pending = world.peer.next("alice").await;
     let second = world.buy("bob", phones()).send().await.unwrap();
     assert_eq!(second.headers()["retry-after"], "5");
     problem(second, 503, "too_many_pending_approvals").await;
     world
         .peer
-        .approve(pending[0]["auth_req_id"].as_str().unwrap())
+        .approve(pending["auth_req_id"].as_str().unwrap())
         .await;
     assert_eq!(first.await.unwrap().unwrap().status(), 200);
 
@@ -583,17 +547,10 @@ async fn an_answer_too_large_to_record_reaches_the_waiting_agent_and_only_once()
     // records: the held agent still gets it whole. Delivered, it answers no
     // repeat (issue 25): the same call again is a new purchase, asked about
     // again, and (denied) nothing more is sent.
-    let world = World::start(GatewayOptions {
-        limits: "{ max_body_bytes: 1024, max_hold: 60s, max_response_bytes: 40 }",
-        ..GatewayOptions::default()
-    })
-    .await;
+    let world =
+        World::with_limits("{ max_body_bytes: 1024, max_hold: 60s, max_response_bytes: 40 }").await;
     let call = tokio::spawn(world.buy("alice", phones()).send());
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    world
-        .peer
-        .approve(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
+    let first = world.peer.approve_next("alice").await;
     let answer = call.await.unwrap().unwrap();
     assert_eq!(answer.status(), 200);
     assert!(answer.headers().contains_key("x-countersign-approval-id"));
@@ -603,23 +560,17 @@ async fn an_answer_too_large_to_record_reaches_the_waiting_agent_and_only_once()
     assert_eq!(order["buyer"], "alice");
 
     let repeat = tokio::spawn(world.buy("alice", phones()).send());
-    let asked_again = world.peer.wait_pending(Some("alice"), 1).await;
-    assert_ne!(asked_again[0]["auth_req_id"], pending[0]["auth_req_id"]);
-    world
-        .peer
-        .deny(asked_again[0]["auth_req_id"].as_str().unwrap())
-        .await;
+    let asked_again = world.peer.deny_next("alice").await;
+    assert_ne!(asked_again["auth_req_id"], first["auth_req_id"]);
     problem(repeat.await.unwrap().unwrap(), 403, "access_denied").await;
     assert_eq!(world.shop.received().len(), 1, "forwarded once");
 }
 
 #[tokio::test]
 async fn one_agent_cannot_flood_a_persons_phone() {
-    let world = World::start(GatewayOptions {
-        limits: "{ max_body_bytes: 1024, max_hold: 60s, max_pending_per_user: 2 }",
-        ..GatewayOptions::default()
-    })
-    .await;
+    let world =
+        World::with_limits("{ max_body_bytes: 1024, max_hold: 60s, max_pending_per_user: 2 }")
+            .await;
     // Two different purchases (the same one twice would be one approval).
     let held: Vec<_> = (1..=2)
         .map(|qty| {
@@ -663,18 +614,9 @@ async fn one_agent_cannot_flood_a_persons_phone() {
         assert_eq!(call.await.unwrap().unwrap().status(), 403);
     }
     // Answered calls free their slots.
-    let again = tokio::spawn(
-        world
-            .buy(
-                "alice",
-                json!({"product": "XYZ phone", "qty": 4, "priceLimit": 900}),
-            )
-            .send(),
+    let again = world.buy(
+        "alice",
+        json!({"product": "XYZ phone", "qty": 4, "priceLimit": 900}),
     );
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    world
-        .peer
-        .deny(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
-    assert_eq!(again.await.unwrap().unwrap().status(), 403);
+    assert_eq!(world.denied("alice", again).await.status(), 403);
 }

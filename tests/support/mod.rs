@@ -7,6 +7,7 @@ pub mod certs;
 pub mod front;
 pub mod permissive;
 pub mod process;
+pub mod world;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use countersign::demo::shop::{self, ShopHandle};
 use countersign::gateway::{Gateway, Shutdown};
 use serde_json::Value;
+pub use world::problem;
 
 pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
 pub const USER_HEADER: &str = "x-countersign-user";

@@ -1,0 +1,156 @@
+//! One builder for the world most integration tests share: the CIBA peer,
+//! the shop upstream and the in-process gateway with the test's policies
+//! and options; and the steps every test of a held call repeats (the person
+//! answering, the problem the agent gets, nothing asked or forwarded).
+
+use serde_json::Value;
+
+use super::{start_shop, GatewayOptions, Peer, TestGateway, World, USER_HEADER};
+
+/// Builds a [`World`]: `World::builder().policies(P).limits(L).start()`.
+#[derive(Default)]
+pub struct WorldBuilder {
+    peer_env: Vec<(&'static str, &'static str)>,
+    options: GatewayOptions,
+}
+
+impl World {
+    pub fn builder() -> WorldBuilder {
+        WorldBuilder::default()
+    }
+
+    /// A world whose gateway loads `policies` (the `policies:` entries of
+    /// a file) besides the repository's `policies/`.
+    pub async fn with_policies(policies: &'static str) -> Self {
+        Self::builder().policies(policies).start().await
+    }
+
+    /// A world whose gateway has these `limits` (a YAML flow mapping).
+    pub async fn with_limits(limits: &'static str) -> Self {
+        Self::builder().limits(limits).start().await
+    }
+
+    /// Sends `request` (a call that is held), approves the request of
+    /// `user` once the person is asked, and returns the agent's answer.
+    pub async fn approved(
+        &self,
+        user: &str,
+        request: reqwest::RequestBuilder,
+    ) -> reqwest::Response {
+        let call = tokio::spawn(request.send());
+        self.peer.approve_next(user).await;
+        call.await.unwrap().unwrap()
+    }
+
+    /// As [`World::approved`], the person denying it.
+    pub async fn denied(&self, user: &str, request: reqwest::RequestBuilder) -> reqwest::Response {
+        let call = tokio::spawn(request.send());
+        self.peer.deny_next(user).await;
+        call.await.unwrap().unwrap()
+    }
+
+    /// POST `path` through the gateway as an agent acting for `user`, with
+    /// these JSON body bytes (sent as they are).
+    pub fn post_json(&self, user: &str, path: &str, body: &str) -> reqwest::RequestBuilder {
+        self.agent
+            .post(self.gateway.url(path))
+            .header(USER_HEADER, user)
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+    }
+
+    /// Nobody was asked and nothing reached the shop.
+    pub async fn untouched(&self) {
+        assert!(self.shop.received().is_empty(), "nothing is forwarded");
+        assert!(self.peer.requests().await.is_empty(), "nobody is asked");
+    }
+}
+
+impl WorldBuilder {
+    /// `policies:` entries the gateway loads besides the repository's.
+    pub fn policies(mut self, policies: &'static str) -> Self {
+        self.options.extra_policies = policies;
+        self
+    }
+
+    /// The gateway's `limits` (a YAML flow mapping).
+    pub fn limits(mut self, limits: &'static str) -> Self {
+        self.options.limits = limits;
+        self
+    }
+
+    /// Top-level YAML appended to the gateway's file.
+    pub fn config(mut self, config: String) -> Self {
+        self.options.extra_config = config;
+        self
+    }
+
+    /// The gateway's `identity` (the inside of its flow mapping).
+    pub fn identity(mut self, identity: String) -> Self {
+        self.options.identity = identity;
+        self
+    }
+
+    /// Any other gateway options.
+    pub fn options(mut self, options: GatewayOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The peer grants the read and transfer scopes as well as buying.
+    pub fn all_scopes(mut self) -> Self {
+        self.peer_env.push((
+            "PEER_API_SCOPES",
+            "product:buy product:read payments:transfer",
+        ));
+        self
+    }
+
+    pub async fn start(self) -> World {
+        let peer = Peer::start_with(&self.peer_env);
+        let shop = start_shop(&peer).await;
+        let gateway = TestGateway::start(&peer, &shop, self.options).await;
+        World {
+            peer,
+            shop,
+            gateway,
+            agent: reqwest::Client::new(),
+        }
+    }
+}
+
+impl Peer {
+    /// Waits until `user` is asked (one pending request), approves it and
+    /// returns the request as the peer saw it.
+    pub async fn approve_next(&self, user: &str) -> Value {
+        let request = self.next(user).await;
+        self.approve(request["auth_req_id"].as_str().unwrap()).await;
+        request
+    }
+
+    /// As [`Peer::approve_next`], the person denying it.
+    pub async fn deny_next(&self, user: &str) -> Value {
+        let request = self.next(user).await;
+        self.deny(request["auth_req_id"].as_str().unwrap()).await;
+        request
+    }
+
+    /// The first pending request of `user`, once there is one.
+    pub async fn next(&self, user: &str) -> Value {
+        let mut pending = self.wait_pending(Some(user), 1).await;
+        pending.remove(0)
+    }
+}
+
+/// Asserts a problem+json answer of `status` with `code`, and returns it.
+pub async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(response.status().as_u16(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status);
+    body
+}
