@@ -34,17 +34,11 @@ async fn approved_call_reaches_the_shop_once_with_a_fresh_token() {
         world.shop.received().is_empty(),
         "nothing is forwarded before approval"
     );
-    world
-        .peer
-        .approve(request["auth_req_id"].as_str().unwrap())
-        .await;
+    world.peer.approve_request(&request).await;
 
     let response = call.await.unwrap().unwrap();
     assert_eq!(response.status(), 200);
-    let approval_id = response.headers()["x-countersign-approval-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let approval_id = approval_id(&response);
     let order: Value = response.json().await.unwrap();
     assert_eq!(order["status"], "confirmed");
     assert_eq!(order["buyer"], "alice");
@@ -176,12 +170,7 @@ async fn slow_down_adds_five_seconds_to_every_later_poll() {
     assert_eq!(response.status(), 200);
     let done = world.peer.request(&id).await;
     assert_eq!(done["slow_downs"], 1, "only the forced slow_down: {done}");
-    let times: Vec<i64> = done["poll_times_ms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_i64().unwrap())
-        .collect();
+    let times = poll_times(&done);
     assert_eq!(times.len(), 2, "{done}");
     let gap = times[1] - times[0];
     assert!(
@@ -193,14 +182,10 @@ async fn slow_down_adds_five_seconds_to_every_later_poll() {
 #[tokio::test]
 async fn retry_after_from_an_unavailable_token_endpoint_is_honoured() {
     let world = World::start(GatewayOptions::default()).await;
-    assert!(world
+    world
         .peer
-        .control(
-            "token-unavailable",
-            json!({"count": 1, "status": 503, "retry_after": 3})
-        )
-        .await
-        .is_success());
+        .token_unavailable(json!({"count": 1, "status": 503, "retry_after": 3}))
+        .await;
     let call = tokio::spawn(world.buy("alice", phones()).send());
     let pending = world.peer.wait_pending(Some("alice"), 1).await;
     let id = pending[0]["auth_req_id"].as_str().unwrap().to_owned();
@@ -208,12 +193,7 @@ async fn retry_after_from_an_unavailable_token_endpoint_is_honoured() {
     let response = call.await.unwrap().unwrap();
     assert_eq!(response.status(), 200);
     let done = world.peer.request(&id).await;
-    let times: Vec<i64> = done["poll_times_ms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_i64().unwrap())
-        .collect();
+    let times = poll_times(&done);
     assert_eq!(times.len(), 2, "{done}");
     assert!(times[1] - times[0] >= 2_900, "waited Retry-After: {done}");
     assert_eq!(done["slow_downs"], 0);
@@ -328,12 +308,7 @@ async fn unmatched_calls_pass_or_are_denied_by_the_default() {
         ..Default::default()
     })
     .await;
-    let response = strict
-        .agent
-        .get(strict.gateway.url("/products"))
-        .send()
-        .await
-        .unwrap();
+    let response = strict.get("/products").await;
     problem(response, 403, "no_policy").await;
     assert!(strict.shop.received().is_empty());
 }
@@ -449,12 +424,7 @@ async fn an_unreachable_upstream_is_a_problem_not_a_hang() {
         ..Default::default()
     })
     .await;
-    let response = world
-        .agent
-        .get(world.gateway.url("/products"))
-        .send()
-        .await
-        .unwrap();
+    let response = world.get("/products").await;
     problem(response, 502, "upstream_unavailable").await;
 }
 
@@ -505,10 +475,7 @@ async fn holds_beyond_max_pending_are_refused_and_health_answers() {
     let second = world.buy("bob", phones()).send().await.unwrap();
     assert_eq!(second.headers()["retry-after"], "5");
     problem(second, 503, "too_many_pending_approvals").await;
-    world
-        .peer
-        .approve(pending["auth_req_id"].as_str().unwrap())
-        .await;
+    world.peer.approve_request(&pending).await;
     assert_eq!(first.await.unwrap().unwrap().status(), 200);
 
     for path in ["/healthz", "/readyz"] {
@@ -605,10 +572,7 @@ async fn one_agent_cannot_flood_a_persons_phone() {
     );
 
     for request in world.peer.wait_pending(None, 3).await {
-        world
-            .peer
-            .deny(request["auth_req_id"].as_str().unwrap())
-            .await;
+        world.peer.deny_request(&request).await;
     }
     for call in held.into_iter().chain([bob]) {
         assert_eq!(call.await.unwrap().unwrap().status(), 403);

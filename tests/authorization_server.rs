@@ -9,37 +9,19 @@ use std::time::{Duration, Instant};
 
 use axum::response::Redirect;
 use axum::routing::get;
-use serde_json::{json, Value};
+use serde_json::json;
 use support::*;
-
-async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
-    assert_eq!(response.status().as_u16(), status);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["code"], code, "{body}");
-    body
-}
 
 /// One held call for alice, approved as soon as it is pending.
 async fn approved_call(world: &World) -> reqwest::Response {
-    let call = tokio::spawn(world.buy("alice", phones()).send());
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    world
-        .peer
-        .approve(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
-    call.await.unwrap().unwrap()
+    world.approved("alice", world.buy("alice", phones())).await
 }
 
 /// The poll times of alice's only request.
-async fn poll_times(world: &World) -> Vec<i64> {
+async fn alices_poll_times(world: &World) -> Vec<i64> {
     let requests = world.peer.requests().await;
     assert_eq!(requests.len(), 1);
-    requests[0]["poll_times_ms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_i64().unwrap())
-        .collect()
+    poll_times(&requests[0])
 }
 
 #[tokio::test]
@@ -87,11 +69,7 @@ async fn a_redirect_from_the_token_endpoint_is_not_followed() {
 
 #[tokio::test]
 async fn an_authorization_server_gone_mid_hold_is_unavailable_within_three_polls() {
-    let mut world = World::start(GatewayOptions {
-        limits: "{ max_body_bytes: 1024, max_hold: 30s }",
-        ..Default::default()
-    })
-    .await;
+    let mut world = World::with_limits("{ max_body_bytes: 1024, max_hold: 30s }").await;
     let call = tokio::spawn(world.buy("alice", phones()).send());
     world.peer.wait_pending(Some("alice"), 1).await;
     let gone = Instant::now();
@@ -111,24 +89,16 @@ async fn an_authorization_server_gone_mid_hold_is_unavailable_within_three_polls
 
 #[tokio::test]
 async fn server_errors_without_retry_after_end_the_hold_after_three_polls() {
-    let world = World::start(GatewayOptions {
-        limits: "{ max_body_bytes: 1024, max_hold: 30s }",
-        ..Default::default()
-    })
-    .await;
-    assert!(world
+    let world = World::with_limits("{ max_body_bytes: 1024, max_hold: 30s }").await;
+    world
         .peer
-        .control(
-            "token-unavailable",
-            json!({"count": 100, "status": 502, "retry_after": null})
-        )
-        .await
-        .is_success());
+        .token_unavailable(json!({"count": 100, "status": 502, "retry_after": null}))
+        .await;
     let started = Instant::now();
     let response = world.buy("alice", phones()).send().await.unwrap();
     problem(response, 503, "authorization_server_unavailable").await;
     assert!(started.elapsed() < Duration::from_secs(8));
-    let times = poll_times(&world).await;
+    let times = alices_poll_times(&world).await;
     assert_eq!(times.len(), 3, "{times:?}");
     assert!(
         times.windows(2).all(|w| w[1] - w[0] >= 900),
@@ -141,14 +111,10 @@ async fn transient_failures_followed_by_an_answer_still_go_through() {
     let world = World::start(GatewayOptions::default()).await;
     // The first poll's connection is dropped, the second gets a bare 502.
     world.peer.misbehave("drop", 1).await;
-    assert!(world
+    world
         .peer
-        .control(
-            "token-unavailable",
-            json!({"count": 1, "status": 502, "retry_after": null})
-        )
-        .await
-        .is_success());
+        .token_unavailable(json!({"count": 1, "status": 502, "retry_after": null}))
+        .await;
     let response = approved_call(&world).await;
     assert_eq!(response.status(), 200);
     assert_eq!(world.shop.received().len(), 1);
@@ -163,17 +129,13 @@ async fn transient_failures_followed_by_an_answer_still_go_through() {
 #[tokio::test]
 async fn retry_after_as_an_http_date_is_honoured() {
     let world = World::start(GatewayOptions::default()).await;
-    assert!(world
+    world
         .peer
-        .control(
-            "token-unavailable",
-            json!({"count": 1, "status": 503, "retry_after_date_in": 4})
-        )
-        .await
-        .is_success());
+        .token_unavailable(json!({"count": 1, "status": 503, "retry_after_date_in": 4}))
+        .await;
     let response = approved_call(&world).await;
     assert_eq!(response.status(), 200);
-    let times = poll_times(&world).await;
+    let times = alices_poll_times(&world).await;
     assert_eq!(times.len(), 2, "{times:?}");
     // The date has whole seconds: 3 to 4 s away when sent (the interval is 1 s).
     assert!(
@@ -185,14 +147,10 @@ async fn retry_after_as_an_http_date_is_honoured() {
 #[tokio::test]
 async fn a_retry_after_beyond_any_clock_ends_the_hold_without_a_panic() {
     let world = World::start(GatewayOptions::default()).await;
-    assert!(world
+    world
         .peer
-        .control(
-            "token-unavailable",
-            json!({"count": 1, "status": 503, "retry_after": u64::MAX.to_string()})
-        )
-        .await
-        .is_success());
+        .token_unavailable(json!({"count": 1, "status": 503, "retry_after": u64::MAX.to_string()}))
+        .await;
     let started = Instant::now();
     let response = world.buy("alice", phones()).send().await.unwrap();
     let retry_after: u64 = response.headers()["retry-after"]

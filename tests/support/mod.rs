@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use countersign::demo::shop::{self, ShopHandle};
 use countersign::gateway::{Gateway, Shutdown};
 use serde_json::Value;
-pub use world::problem;
+#[allow(unused_imports)]
+pub use world::{approval_id, poll_times, problem};
 
 pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
 pub const USER_HEADER: &str = "x-countersign-user";

@@ -59,6 +59,11 @@ impl World {
             .body(body.to_owned())
     }
 
+    /// GET `path` through the gateway, as an agent without an identity.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.agent.get(self.gateway.url(path)).send().await.unwrap()
+    }
+
     /// Nobody was asked and nothing reached the shop.
     pub async fn untouched(&self) {
         assert!(self.shop.received().is_empty(), "nothing is forwarded");
@@ -124,15 +129,33 @@ impl Peer {
     /// returns the request as the peer saw it.
     pub async fn approve_next(&self, user: &str) -> Value {
         let request = self.next(user).await;
-        self.approve(request["auth_req_id"].as_str().unwrap()).await;
+        self.approve_request(&request).await;
         request
     }
 
     /// As [`Peer::approve_next`], the person denying it.
     pub async fn deny_next(&self, user: &str) -> Value {
         let request = self.next(user).await;
-        self.deny(request["auth_req_id"].as_str().unwrap()).await;
+        self.deny_request(&request).await;
         request
+    }
+
+    /// Approves `request` (as [`Peer::requests`] lists it).
+    pub async fn approve_request(&self, request: &Value) {
+        self.approve(request["auth_req_id"].as_str().unwrap()).await;
+    }
+
+    /// Denies `request` (as [`Peer::requests`] lists it).
+    pub async fn deny_request(&self, request: &Value) {
+        self.deny(request["auth_req_id"].as_str().unwrap()).await;
+    }
+
+    /// Makes the token endpoint fail: `answer` names how many polls
+    /// (`count`), their `status` and `retry_after` (seconds, or
+    /// `retry_after_date_in` for an HTTP date).
+    pub async fn token_unavailable(&self, answer: Value) {
+        let status = self.control("token-unavailable", answer).await;
+        assert!(status.is_success(), "token-unavailable: {status}");
     }
 
     /// The first pending request of `user`, once there is one.
@@ -153,4 +176,22 @@ pub async fn problem(response: reqwest::Response, status: u16, code: &str) -> Va
     assert_eq!(body["code"], code, "{body}");
     assert_eq!(body["status"], status);
     body
+}
+
+/// When the gateway polled for `request` (as the peer lists it), in ms.
+pub fn poll_times(request: &Value) -> Vec<i64> {
+    request["poll_times_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_i64().unwrap())
+        .collect()
+}
+
+/// The `X-Countersign-Approval-Id` of an answer.
+pub fn approval_id(response: &reqwest::Response) -> String {
+    response.headers()["x-countersign-approval-id"]
+        .to_str()
+        .unwrap()
+        .to_owned()
 }
