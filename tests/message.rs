@@ -274,20 +274,12 @@ async fn a_repeated_query_parameter_is_refused(proto: Proto) {
         refused(&world, response, "invalid_query", &[word]).await;
     }
     // A twin of a parameter the message does not show is no one's concern.
-    let call = tokio::spawn(
-        world
-            .agent
-            .post(world.url("/refunds?amount=5&note=a&note=b"))
-            .header(USER_HEADER, "alice")
-            .send(),
-    );
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    assert_eq!(pending[0]["binding_message"], "Refund 5 EUR");
-    world
-        .peer
-        .deny(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
-    assert_eq!(call.await.unwrap().unwrap().status(), 403);
+    let twins = world
+        .agent
+        .post(world.url("/refunds?amount=5&note=a&note=b"))
+        .header(USER_HEADER, "alice");
+    let asked = world.asked_and_denied("alice", twins).await;
+    assert_eq!(asked["binding_message"], "Refund 5 EUR");
 }
 
 async fn values_the_message_cannot_show_are_refused_not_blanked(proto: Proto) {
@@ -360,16 +352,11 @@ async fn body_fields_the_person_is_not_shown_are_refused(proto: Proto) {
 
 async fn a_clean_call_is_held_with_the_message_it_will_do(proto: Proto) {
     let world = world(proto).await;
-    let call = tokio::spawn(
-        world
-            .buy(
-                "alice",
-                json!({"product": "Caf\u{00E9} phone", "qty": 2, "priceLimit": 900}),
-            )
-            .send(),
+    let call = world.buy(
+        "alice",
+        json!({"product": "Caf\u{00E9} phone", "qty": 2, "priceLimit": 900}),
     );
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    let request = &pending[0];
+    let request = world.asked_and_denied("alice", call).await;
     // The accent is dropped in the message; the details keep the exact value.
     assert_eq!(
         request["binding_message"],
@@ -379,13 +366,34 @@ async fn a_clean_call_is_held_with_the_message_it_will_do(proto: Proto) {
         without_binding(&request["authorization_details"]),
         json!([{"type": "product_purchase", "product": "Caf\u{00E9} phone", "quantity": 2, "price_limit": 900}])
     );
-    world
-        .peer
-        .deny(request["auth_req_id"].as_str().unwrap())
-        .await;
-    let response = call.await.unwrap().unwrap();
-    assert_eq!(response.status(), 403);
     assert!(world.shop.received().is_empty());
+}
+
+/// DELETE each of `paths` as alice: each is refused with `code`, its
+/// detail naming every one of `words`.
+async fn deletes_refused(world: &ProtoWorld, paths: &[&str], code: &str, words: &[&str]) {
+    for path in paths {
+        let response = world
+            .agent
+            .delete(world.url(path))
+            .header(USER_HEADER, "alice")
+            .send()
+            .await
+            .unwrap();
+        refused(world, response, code, words).await;
+    }
+}
+
+/// GET `/reports?year=2026` as alice with this body.
+fn report_with_body(world: &ProtoWorld, content_type: Option<&str>) -> reqwest::RequestBuilder {
+    let request = world
+        .agent
+        .get(world.url("/reports?year=2026"))
+        .header(USER_HEADER, "alice");
+    match content_type {
+        Some(content_type) => request.header("content-type", content_type),
+        None => request,
+    }
 }
 
 /// POST `path` as alice with a JSON body and extra headers.
@@ -470,25 +478,14 @@ async fn a_shown_value_given_again_in_another_part_is_refused(proto: Proto) {
     )
     .await;
     // Names that are not shown may appear anywhere.
-    let call = tokio::spawn(
-        world
-            .agent
-            .post(world.url("/shop?ref=newsletter"))
-            .header(USER_HEADER, "alice")
-            .header("cookie", "session=1")
-            .json(&order)
-            .send(),
-    );
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    assert_eq!(
-        pending[0]["binding_message"],
-        "Do you want to buy 2 XYZ phone"
-    );
-    world
-        .peer
-        .deny(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
-    assert_eq!(call.await.unwrap().unwrap().status(), 403);
+    let unshown = world
+        .agent
+        .post(world.url("/shop?ref=newsletter"))
+        .header(USER_HEADER, "alice")
+        .header("cookie", "session=1")
+        .json(&order);
+    let asked = world.asked_and_denied("alice", unshown).await;
+    assert_eq!(asked["binding_message"], "Do you want to buy 2 XYZ phone");
 }
 
 async fn a_shown_query_value_given_again_in_a_body_of_any_type_is_refused(proto: Proto) {
@@ -522,6 +519,8 @@ async fn a_shown_query_value_given_again_in_a_body_of_any_type_is_refused(proto:
         (None, "\u{feff}{\"amount\":5000}"),
         (Some("text/plain"), r#"{"note": NaN, "amount": 5000}"#),
         (Some("text/plain"), r#"{"amount": 5000, /* x */}"#),
+        // PHP ends a name at a NUL, and Laravel's input() lets the body win.
+        (Some("application/x-www-form-urlencoded"), "amount%00x=5000"),
     ] {
         let response = post(&world, "/refunds?amount=5", content_type, body).await;
         refused(
@@ -532,32 +531,10 @@ async fn a_shown_query_value_given_again_in_a_body_of_any_type_is_refused(proto:
         )
         .await;
     }
-    // PHP ends a name at a NUL, and Laravel's input() lets the body win.
-    let response = post(
-        &world,
-        "/refunds?amount=5",
-        Some("application/x-www-form-urlencoded"),
-        "amount%00x=5000",
-    )
-    .await;
-    refused(
-        &world,
-        response,
-        "ambiguous_parameter",
-        &["from the query", "the body"],
-    )
-    .await;
     // A GET carries a body too, which Laravel's input() and Rails' params
     // read: declared JSON or not.
     for content_type in [Some("application/json"), Some("text/plain"), None] {
-        let mut request = world
-            .agent
-            .get(world.url("/reports?year=2026"))
-            .header(USER_HEADER, "alice")
-            .body(r#"{"year":1999}"#);
-        if let Some(content_type) = content_type {
-            request = request.header("content-type", content_type);
-        }
+        let request = report_with_body(&world, content_type).body(r#"{"year":1999}"#);
         let response = request.send().await.unwrap();
         refused(
             &world,
@@ -625,11 +602,7 @@ async fn an_encoded_body_beside_a_shown_value_is_refused(proto: Proto) {
         31, 139, 8, 0, 0, 0, 0, 0, 2, 3, 171, 86, 170, 76, 77, 44, 82, 178, 50, 180, 180, 180, 172,
         5, 0, 205, 20, 164, 86, 13, 0, 0, 0,
     ];
-    let response = world
-        .agent
-        .get(world.url("/reports?year=2026"))
-        .header(USER_HEADER, "alice")
-        .header("content-type", "application/json")
+    let response = report_with_body(&world, Some("application/json"))
         .header("content-encoding", "gzip")
         .body(GZIPPED.to_vec())
         .send()
@@ -664,11 +637,7 @@ async fn a_body_on_a_delete_whose_approval_shows_none_is_refused(proto: Proto) {
     )
     .await;
     // Nor on a GET whose approval shows only the query.
-    let response = world
-        .agent
-        .get(world.url("/reports?year=2026"))
-        .header(USER_HEADER, "alice")
-        .header("content-type", "application/json")
+    let response = report_with_body(&world, Some("application/json"))
         .body(r#"{"format":"all-customers"}"#)
         .send()
         .await
@@ -687,22 +656,13 @@ async fn a_shown_path_parameter_with_a_format_suffix_is_refused(proto: Proto) {
     // Rails' `:id` takes no '.' and `(.:format)` the rest, Spring's suffix
     // pattern matching and Django REST framework's format suffixes cut it
     // too: they cancel order 7 while the person is asked about "7.5".
-    for path in ["/orders/7.5", "/orders/7.json", "/orders/7%2Ejson"] {
-        let response = world
-            .agent
-            .delete(world.url(path))
-            .header(USER_HEADER, "alice")
-            .send()
-            .await
-            .unwrap();
-        refused(
-            &world,
-            response,
-            "ambiguous_parameter",
-            &["'orderId'", "format suffix"],
-        )
-        .await;
-    }
+    deletes_refused(
+        &world,
+        &["/orders/7.5", "/orders/7.json", "/orders/7%2Ejson"],
+        "ambiguous_parameter",
+        &["'orderId'", "format suffix"],
+    )
+    .await;
 }
 
 async fn a_shown_path_parameter_with_matrix_parameters_is_refused(proto: Proto) {
@@ -710,22 +670,13 @@ async fn a_shown_path_parameter_with_matrix_parameters_is_refused(proto: Proto) 
     // Tomcat, Spring and Jetty drop `;8` and cancel order 7, which the
     // person is shown; Express, Rails and Go keep it: their orderId is
     // "7;8", another order.
-    for path in ["/orders/7;8", "/orders/7;jsessionid=x", "/orders/7;/"] {
-        let response = world
-            .agent
-            .delete(world.url(path))
-            .header(USER_HEADER, "alice")
-            .send()
-            .await
-            .unwrap();
-        refused(
-            &world,
-            response,
-            "ambiguous_parameter",
-            &["'orderId'", "';'"],
-        )
-        .await;
-    }
+    deletes_refused(
+        &world,
+        &["/orders/7;8", "/orders/7;jsessionid=x", "/orders/7;/"],
+        "ambiguous_parameter",
+        &["'orderId'", "';'"],
+    )
+    .await;
 }
 
 async fn a_number_in_the_query_or_path_that_a_double_rounds_is_refused(proto: Proto) {
@@ -748,16 +699,9 @@ async fn a_number_in_the_query_or_path_that_a_double_rounds_is_refused(proto: Pr
         )
         .await;
     }
-    let response = world
-        .agent
-        .delete(world.url("/orders/9007199254740993"))
-        .header(USER_HEADER, "alice")
-        .send()
-        .await
-        .unwrap();
-    refused(
+    deletes_refused(
         &world,
-        response,
+        &["/orders/9007199254740993"],
         "invalid_path",
         &["'params.orderId'", "9007199254740993"],
     )

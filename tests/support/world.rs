@@ -49,6 +49,16 @@ impl World {
         call.await.unwrap().unwrap()
     }
 
+    /// Sends `request` (a call that is held) and denies it once `user` is
+    /// asked: asserts the agent's `403` and returns the request the person
+    /// was asked (its `binding_message`, `authorization_details`).
+    pub async fn asked_and_denied(&self, user: &str, request: reqwest::RequestBuilder) -> Value {
+        let call = tokio::spawn(request.send());
+        let asked = self.peer.deny_next(user).await;
+        assert_eq!(call.await.unwrap().unwrap().status(), 403, "{asked}");
+        asked
+    }
+
     /// POST `path` through the gateway as an agent acting for `user`, with
     /// these JSON body bytes (sent as they are).
     pub fn post_json(&self, user: &str, path: &str, body: &str) -> reqwest::RequestBuilder {
