@@ -651,32 +651,27 @@ async fn a_body_on_a_delete_whose_approval_shows_none_is_refused(proto: Proto) {
     .await;
 }
 
-async fn a_shown_path_parameter_with_a_format_suffix_is_refused(proto: Proto) {
+async fn a_shown_path_parameter_with_a_format_suffix_or_matrix_parameters_is_refused(proto: Proto) {
     let world = world(proto).await;
-    // Rails' `:id` takes no '.' and `(.:format)` the rest, Spring's suffix
-    // pattern matching and Django REST framework's format suffixes cut it
-    // too: they cancel order 7 while the person is asked about "7.5".
-    deletes_refused(
-        &world,
-        &["/orders/7.5", "/orders/7.json", "/orders/7%2Ejson"],
-        "ambiguous_parameter",
-        &["'orderId'", "format suffix"],
-    )
-    .await;
-}
-
-async fn a_shown_path_parameter_with_matrix_parameters_is_refused(proto: Proto) {
-    let world = world(proto).await;
-    // Tomcat, Spring and Jetty drop `;8` and cancel order 7, which the
-    // person is shown; Express, Rails and Go keep it: their orderId is
-    // "7;8", another order.
-    deletes_refused(
-        &world,
-        &["/orders/7;8", "/orders/7;jsessionid=x", "/orders/7;/"],
-        "ambiguous_parameter",
-        &["'orderId'", "';'"],
-    )
-    .await;
+    for (paths, word) in [
+        // Rails' `:id` takes no '.' and `(.:format)` the rest, Spring's
+        // suffix pattern matching and Django REST framework's format
+        // suffixes cut it too: they cancel order 7 while the person is asked
+        // about "7.5".
+        (
+            ["/orders/7.5", "/orders/7.json", "/orders/7%2Ejson"],
+            "format suffix",
+        ),
+        // Tomcat, Spring and Jetty drop `;8` and cancel order 7, which the
+        // person is shown; Express, Rails and Go keep it: their orderId is
+        // "7;8", another order.
+        (
+            ["/orders/7;8", "/orders/7;jsessionid=x", "/orders/7;/"],
+            "';'",
+        ),
+    ] {
+        deletes_refused(&world, &paths, "ambiguous_parameter", &["'orderId'", word]).await;
+    }
 }
 
 async fn a_number_in_the_query_or_path_that_a_double_rounds_is_refused(proto: Proto) {
@@ -721,7 +716,6 @@ over_both!(
     a_decimal_shown_rounded_is_refused,
     an_encoded_body_beside_a_shown_value_is_refused,
     a_body_on_a_delete_whose_approval_shows_none_is_refused,
-    a_shown_path_parameter_with_a_format_suffix_is_refused,
-    a_shown_path_parameter_with_matrix_parameters_is_refused,
+    a_shown_path_parameter_with_a_format_suffix_or_matrix_parameters_is_refused,
     a_number_in_the_query_or_path_that_a_double_rounds_is_refused,
 );
