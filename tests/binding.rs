@@ -20,20 +20,12 @@ async fn approved_purchase(world: &World, tamper: Option<&str>) -> reqwest::Resp
             .await;
         assert!(status.is_success(), "access-token-details: {status}");
     }
-    let held = tokio::spawn(
-        world
-            .agent
-            .post(world.gateway.url("/shop?ref=agent"))
-            .header(USER_HEADER, "alice")
-            .json(&phones())
-            .send(),
-    );
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    world
-        .peer
-        .approve(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
-    held.await.unwrap().unwrap()
+    let held = world
+        .agent
+        .post(world.gateway.url("/shop?ref=agent"))
+        .header(USER_HEADER, "alice")
+        .json(&phones());
+    world.approved("alice", held).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

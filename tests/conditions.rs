@@ -5,7 +5,6 @@
 
 mod support;
 
-use serde_json::Value;
 use support::*;
 
 const EXPORTS: &str = r#"  - name: export
@@ -16,44 +15,16 @@ const EXPORTS: &str = r#"  - name: export
 "#;
 
 async fn world() -> World {
-    let peer = Peer::start_with(&[(
-        "PEER_API_SCOPES",
-        "product:buy product:read payments:transfer",
-    )]);
-    let shop = start_shop(&peer).await;
-    let options = GatewayOptions {
-        extra_policies: EXPORTS,
-        ..GatewayOptions::default()
-    };
-    let gateway = TestGateway::start(&peer, &shop, options).await;
-    World {
-        peer,
-        shop,
-        gateway,
-        agent: reqwest::Client::new(),
-    }
+    World::builder()
+        .all_scopes()
+        .policies(EXPORTS)
+        .start()
+        .await
 }
 
+/// POST `path` as an agent for alice, with this JSON body.
 fn post(world: &World, path: &str, body: &str) -> reqwest::RequestBuilder {
-    world
-        .agent
-        .post(world.gateway.url(path))
-        .header(USER_HEADER, "alice")
-        .header("content-type", "application/json")
-        .body(body.to_owned())
-}
-
-async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
-    assert_eq!(response.status().as_u16(), status);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["code"], code, "{body}");
-    body
-}
-
-/// Nobody was asked and nothing reached the shop.
-async fn untouched(world: &World) {
-    assert!(world.shop.received().is_empty(), "nothing is forwarded");
-    assert!(world.peer.requests().await.is_empty(), "nobody is asked");
+    world.post_json("alice", path, body)
 }
 
 #[tokio::test]
@@ -94,10 +65,7 @@ async fn a_call_above_the_threshold_is_held_and_forwarded_with_a_fresh_token() {
     let pending = world.peer.wait_pending(Some("alice"), 1).await;
     assert_eq!(pending[0]["binding_message"], "Buy store credit worth 100");
     assert!(world.shop.received().is_empty(), "held, not forwarded");
-    world
-        .peer
-        .approve(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
+    world.peer.approve_request(&pending[0]).await;
     let response = call.await.unwrap().unwrap();
     assert_eq!(response.status(), 404, "the shop's own answer");
     assert!(response
@@ -139,10 +107,7 @@ async fn the_first_tier_whose_condition_holds_asks_with_its_own_message() {
     assert_eq!(small.status(), 401);
     assert_eq!(world.shop.received().len(), 1);
     for request in &pending {
-        world
-            .peer
-            .deny(request["auth_req_id"].as_str().unwrap())
-            .await;
+        world.peer.deny_request(&request).await;
     }
     for call in [large, normal] {
         problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
@@ -162,16 +127,15 @@ async fn a_denied_product_is_refused_outright_and_others_are_held() {
         body["detail"].as_str().unwrap().contains("subscribe"),
         "{body}"
     );
-    untouched(&world).await;
+    world.untouched().await;
 
-    let held = tokio::spawn(post(&world, "/subscriptions", r#"{"product": "news"}"#).send());
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    assert_eq!(pending[0]["binding_message"], "Subscribe to news");
-    world
-        .peer
-        .deny(pending[0]["auth_req_id"].as_str().unwrap())
+    let asked = world
+        .asked_and_denied(
+            "alice",
+            post(&world, "/subscriptions", r#"{"product": "news"}"#),
+        )
         .await;
-    problem(held.await.unwrap().unwrap(), 403, "access_denied").await;
+    assert_eq!(asked["binding_message"], "Subscribe to news");
 }
 
 #[tokio::test]
@@ -199,7 +163,7 @@ async fn a_condition_that_cannot_be_evaluated_refuses_the_call() {
         .await
         .unwrap();
     problem(response, 422, "condition_failed").await;
-    untouched(&world).await;
+    world.untouched().await;
     world
         .gateway
         .wait_metric(r#"countersign_calls_total{outcome="condition_failed",policy="buy-credit"} 4"#)
@@ -230,7 +194,7 @@ async fn a_body_the_condition_and_the_api_would_read_differently_is_refused() {
             .unwrap();
         problem(response, 400, "invalid_body").await;
     }
-    untouched(&world).await;
+    world.untouched().await;
 }
 
 #[tokio::test]
@@ -268,7 +232,7 @@ async fn a_value_the_condition_tests_given_again_in_another_part_is_refused() {
         .await
         .unwrap();
     problem(response, 400, "ambiguous_parameter").await;
-    untouched(&world).await;
+    world.untouched().await;
 }
 
 #[tokio::test]
@@ -279,7 +243,6 @@ async fn a_query_the_condition_and_the_api_would_read_differently_is_refused() {
             .agent
             .get(world.gateway.url(&format!("/exports?{query}")))
             .header(USER_HEADER, "alice")
-            .send()
     };
     for query in [
         "rows=10&rows=5000",
@@ -289,19 +252,13 @@ async fn a_query_the_condition_and_the_api_would_read_differently_is_refused() {
         // PHP, Rails and qs read `rows[]` as `rows`.
         "rows=10&rows[]=5000",
     ] {
-        problem(get(query).await.unwrap(), 400, "invalid_query").await;
+        problem(get(query).send().await.unwrap(), 400, "invalid_query").await;
     }
-    untouched(&world).await;
-    assert_eq!(get("rows=10").await.unwrap().status(), 404, "passes");
+    world.untouched().await;
+    assert_eq!(get("rows=10").send().await.unwrap().status(), 404, "passes");
     assert_eq!(world.shop.received().len(), 1);
-    let held = tokio::spawn(get("rows=5000"));
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    assert_eq!(pending[0]["binding_message"], "Export 5000 rows");
-    world
-        .peer
-        .deny(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
-    problem(held.await.unwrap().unwrap(), 403, "access_denied").await;
+    let asked = world.asked_and_denied("alice", get("rows=5000")).await;
+    assert_eq!(asked["binding_message"], "Export 5000 rows");
 }
 
 #[test]

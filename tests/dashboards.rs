@@ -450,13 +450,7 @@ fn dashboard_expressions_are_promql_that_promtool_parses() {
 async fn every_metric_the_dashboard_and_alerts_name_is_exported_by_a_real_gateway() {
     let world = World::start(GatewayOptions::default()).await;
     // One call held and approved, so that the approval series exist too.
-    let call = tokio::spawn(world.buy("alice", phones()).send());
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    world
-        .peer
-        .approve(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
-    let response = call.await.unwrap().unwrap();
+    let response = world.approved("alice", world.buy("alice", phones())).await;
     assert_eq!(response.status(), 200);
     let metrics = world.gateway.metrics().await;
     let exported = exported(&metrics);

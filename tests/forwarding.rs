@@ -17,12 +17,7 @@ async fn an_upstream_name_that_does_not_resolve_is_upstream_unavailable() {
     .await;
     for _ in 0..2 {
         let started = Instant::now();
-        let response = world
-            .agent
-            .get(world.gateway.url("/products"))
-            .send()
-            .await
-            .unwrap();
+        let response = world.get("/products").await;
         assert_eq!(response.status(), 502);
         let problem: Value = response.json().await.unwrap();
         assert_eq!(problem["code"], "upstream_unavailable");

@@ -86,20 +86,12 @@ async fn the_approver_comes_from_a_verified_agent_token_which_never_reaches_the_
     assert_eq!(body["code"], "identity_required");
     assert!(world.peer.requests().await.is_empty());
 
-    let call = tokio::spawn(
-        world
-            .agent
-            .post(&shop_url)
-            .bearer_auth(&token)
-            .json(&phones())
-            .send(),
-    );
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    world
-        .peer
-        .approve(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
-    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    let call = world
+        .agent
+        .post(&shop_url)
+        .bearer_auth(&token)
+        .json(&phones());
+    assert_eq!(world.approved("alice", call).await.status(), 200);
 
     let received = world.shop.received();
     assert_eq!(received.len(), 1);

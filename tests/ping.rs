@@ -118,10 +118,7 @@ async fn the_answer_resumes_the_call_well_before_the_polling_interval() {
         pending[0]["client_notification_token"].as_str().unwrap(),
         token
     );
-    world
-        .peer
-        .deny(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
+    world.peer.deny_request(&pending[0]).await;
     assert_eq!(second.await.unwrap().unwrap().status(), 403);
     let metrics = world.gateway.metrics().await;
     assert!(

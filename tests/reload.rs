@@ -8,7 +8,6 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use support::process::GatewayProcess;
 use support::*;
 
@@ -78,22 +77,11 @@ fn voucher(agent: &reqwest::Client, url: String, amount: u32) -> reqwest::Reques
 }
 
 async fn world() -> World {
-    let peer = Peer::start_with(&[(
-        "PEER_API_SCOPES",
-        "product:buy product:read payments:transfer",
-    )]);
-    let shop = start_shop(&peer).await;
-    let options = GatewayOptions {
-        extra_policies: INITIAL,
-        ..GatewayOptions::default()
-    };
-    let gateway = TestGateway::start(&peer, &shop, options).await;
-    World {
-        peer,
-        shop,
-        gateway,
-        agent: reqwest::Client::new(),
-    }
+    World::builder()
+        .all_scopes()
+        .policies(INITIAL)
+        .start()
+        .await
 }
 
 #[tokio::test]
@@ -169,14 +157,11 @@ async fn a_broken_edit_keeps_the_running_policies() {
     let url = world.gateway.url("/vouchers");
     let response = voucher(&world.agent, url.clone(), 50).send().await.unwrap();
     assert_eq!(response.status(), 404);
-    let held = tokio::spawn(voucher(&world.agent, url.clone(), 500).send());
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    assert_eq!(pending[0]["binding_message"], "Voucher 500 v1");
-    world
+    let asked = world
         .peer
-        .deny(pending[0]["auth_req_id"].as_str().unwrap())
+        .asked_and_denied("alice", voucher(&world.agent, url.clone(), 500))
         .await;
-    assert_eq!(held.await.unwrap().unwrap().status(), 403);
+    assert_eq!(asked["binding_message"], "Voucher 500 v1");
 
     // Two policies on one route in an order that cannot work: refused too.
     let unreachable = format!(
@@ -189,14 +174,11 @@ async fn a_broken_edit_keeps_the_running_policies() {
     // Fixed: applied.
     replace(&extra, &vouchers(10, "v3", "product:buy"));
     wait_metric(metrics, &reloads("ok", 1)).await;
-    let held = tokio::spawn(voucher(&world.agent, url, 50).send());
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    assert_eq!(pending[0]["binding_message"], "Voucher 50 v3");
-    world
+    let asked = world
         .peer
-        .deny(pending[0]["auth_req_id"].as_str().unwrap())
+        .asked_and_denied("alice", voucher(&world.agent, url, 50))
         .await;
-    assert_eq!(held.await.unwrap().unwrap().status(), 403);
+    assert_eq!(asked["binding_message"], "Voucher 50 v3");
 }
 
 #[tokio::test]
@@ -225,11 +207,10 @@ async fn sighup_reloads_the_binary_and_restart_only_changes_are_reported() {
     .unwrap();
     gateway.sighup();
     wait_metric(|| gateway.metrics(), &reloads("ok", 2)).await;
-    let held = tokio::spawn(voucher(&agent, gateway.url("/vouchers"), 50).send());
-    let pending = peer.wait_pending(Some("alice"), 1).await;
-    assert_eq!(pending[0]["binding_message"], "Voucher 50 v2");
-    peer.deny(pending[0]["auth_req_id"].as_str().unwrap()).await;
-    assert_eq!(held.await.unwrap().unwrap().status(), 403);
+    let asked = peer
+        .asked_and_denied("alice", voucher(&agent, gateway.url("/vouchers"), 50))
+        .await;
+    assert_eq!(asked["binding_message"], "Voucher 50 v2");
     let logs = gateway.logs();
     assert!(
         logs.lines()
@@ -272,13 +253,8 @@ async fn sighup_reloads_the_binary_and_restart_only_changes_are_reported() {
     );
     // v2 still runs: 60 is held (v4 would pass it). (Not 50 again: that
     // call would attach to its denied approval.)
-    let held = tokio::spawn(voucher(&agent, gateway.url("/vouchers"), 60).send());
-    let pending = peer.wait_pending(Some("alice"), 1).await;
-    assert_eq!(pending[0]["binding_message"], "Voucher 60 v2");
-    peer.deny(pending[0]["auth_req_id"].as_str().unwrap()).await;
-    let response = held.await.unwrap().unwrap();
-    assert_eq!(response.status(), 403);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["code"], "access_denied");
+    let held = voucher(&agent, gateway.url("/vouchers"), 60);
+    let asked = peer.asked_and_denied("alice", held).await;
+    assert_eq!(asked["binding_message"], "Voucher 60 v2");
     assert!(gateway.is_running());
 }

@@ -123,10 +123,7 @@ async fn a_held_call_is_decided_by_the_shadow_set_too_without_a_second_prompt() 
         pending[0]["binding_message"],
         "Do you want to buy 2 XYZ phone"
     );
-    world
-        .peer
-        .approve(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
+    world.peer.approve_request(&pending[0]).await;
     assert_eq!(call.await.unwrap().unwrap().status(), 200);
     let listing = decisions(&world, 1).await;
     assert_eq!(listing["decisions"][0]["policy"], "shadow-big-buy");

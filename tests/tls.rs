@@ -94,19 +94,11 @@ async fn a_held_call_over_tls_and_http2_is_approved_and_forwarded_once() {
     let (_dir, ca, world) = shop_world().await;
     let agent = client(&ca, world.gateway.proxy, &["shop.test"]);
 
-    let held = tokio::spawn(
-        agent
-            .post(url(&world, "shop.test", "/shop"))
-            .header(USER_HEADER, "alice")
-            .json(&phones())
-            .send(),
-    );
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    world
-        .peer
-        .approve(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
-    let response = held.await.unwrap().unwrap();
+    let held = agent
+        .post(url(&world, "shop.test", "/shop"))
+        .header(USER_HEADER, "alice")
+        .json(&phones());
+    let response = world.approved("alice", held).await;
     assert_eq!(
         response.version(),
         reqwest::Version::HTTP_2,
@@ -316,10 +308,7 @@ async fn conditions_and_messages_read_the_agents_client_certificate() {
     );
     let pending = world.peer.wait_pending(Some("alice"), 1).await;
     assert_eq!(pending[0]["binding_message"], "Gift of 3 by agent-7");
-    world
-        .peer
-        .approve(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
+    world.peer.approve_request(&pending[0]).await;
     // The shop has no such path: it answers 404, having received the call.
     assert_eq!(held.await.unwrap().unwrap().status(), 404);
     assert_eq!(world.shop.received().len(), 1);

@@ -50,13 +50,11 @@ impl World {
     }
 
     /// Sends `request` (a call that is held) and denies it once `user` is
-    /// asked: asserts the agent's `403` and returns the request the person
-    /// was asked (its `binding_message`, `authorization_details`).
+    /// asked: asserts the agent's `403` `access_denied` and returns the
+    /// request the person was asked (its `binding_message`,
+    /// `authorization_details`).
     pub async fn asked_and_denied(&self, user: &str, request: reqwest::RequestBuilder) -> Value {
-        let call = tokio::spawn(request.send());
-        let asked = self.peer.deny_next(user).await;
-        assert_eq!(call.await.unwrap().unwrap().status(), 403, "{asked}");
-        asked
+        self.peer.asked_and_denied(user, request).await
     }
 
     /// POST `path` through the gateway as an agent acting for `user`, with
@@ -166,6 +164,16 @@ impl Peer {
     pub async fn token_unavailable(&self, answer: Value) {
         let status = self.control("token-unavailable", answer).await;
         assert!(status.is_success(), "token-unavailable: {status}");
+    }
+
+    /// Sends `request` (a call that is held) and denies it once `user` is
+    /// asked: asserts the agent's `403` `access_denied` and returns the
+    /// request the person was asked.
+    pub async fn asked_and_denied(&self, user: &str, request: reqwest::RequestBuilder) -> Value {
+        let call = tokio::spawn(request.send());
+        let asked = self.deny_next(user).await;
+        problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
+        asked
     }
 
     /// The first pending request of `user`, once there is one.
