@@ -100,8 +100,9 @@ impl Peer {
             .expect("url")
     }
 
-    pub async fn requests(&self) -> Vec<Value> {
-        let url = format!("{}/control/requests", self.issuer);
+    /// GET `/control/<path>` of the peer, as JSON.
+    async fn read(&self, path: &str) -> Value {
+        let url = format!("{}/control/{path}", self.issuer);
         self.http
             .get(url)
             .send()
@@ -112,38 +113,24 @@ impl Peer {
             .unwrap()
     }
 
+    pub async fn requests(&self) -> Vec<Value> {
+        serde_json::from_value(self.read("requests").await).unwrap()
+    }
+
     pub async fn request(&self, auth_req_id: &str) -> Value {
-        let url = format!("{}/control/requests/{auth_req_id}", self.issuer);
-        self.http
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.read(&format!("requests/{auth_req_id}")).await
     }
 
     /// Waits until `count` requests are pending (for `sub`, if given).
     pub async fn wait_pending(&self, sub: Option<&str>, count: usize) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let pending: Vec<Value> = self
-                .requests()
+        world::wait_count(count, "pending requests", || async {
+            self.requests()
                 .await
                 .into_iter()
                 .filter(|r| r["status"] == "pending" && sub.is_none_or(|s| r["sub"] == s))
-                .collect();
-            if pending.len() >= count {
-                return pending;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "expected {count} pending requests, have {}",
-                pending.len()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+                .collect()
+        })
+        .await
     }
 
     pub async fn control(&self, path: &str, body: Value) -> reqwest::StatusCode {
@@ -158,23 +145,18 @@ impl Peer {
     }
 
     pub async fn approve(&self, auth_req_id: &str) {
-        let status = self
-            .control(
-                &format!("requests/{auth_req_id}/approve"),
-                serde_json::json!({}),
-            )
-            .await;
-        assert!(status.is_success(), "approve: {status}");
+        self.answer(auth_req_id, "approve").await;
     }
 
     pub async fn deny(&self, auth_req_id: &str) {
-        let status = self
-            .control(
-                &format!("requests/{auth_req_id}/deny"),
-                serde_json::json!({}),
-            )
-            .await;
-        assert!(status.is_success(), "deny: {status}");
+        self.answer(auth_req_id, "deny").await;
+    }
+
+    /// `approve` or `deny` the request, as the person.
+    async fn answer(&self, auth_req_id: &str, action: &str) {
+        let path = format!("requests/{auth_req_id}/{action}");
+        let status = self.control(&path, serde_json::json!({})).await;
+        assert!(status.is_success(), "{action}: {status}");
     }
 }
 
@@ -203,15 +185,7 @@ impl Peer {
 
     /// What the forced misbehaviour did: `redirects` sent, `followed` by the client.
     pub async fn misbehaviour(&self) -> Value {
-        let url = format!("{}/control/token-misbehave", self.issuer);
-        self.http
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.read("token-misbehave").await
     }
 }
 
@@ -645,24 +619,15 @@ impl DevWorld {
         user: &str,
         count: usize,
     ) -> Vec<countersign::dev::authz::RequestInfo> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let pending: Vec<_> = self
-                .authz
+        let what = format!("pending requests for {user}");
+        world::wait_count(count, &what, || async {
+            self.authz
                 .requests()
                 .into_iter()
                 .filter(|r| r.state == "pending" && r.subject == user)
-                .collect();
-            if pending.len() >= count {
-                return pending;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "expected {count} pending requests for {user}, have {}",
-                pending.len()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+                .collect()
+        })
+        .await
     }
 
     /// Presses Approve or Deny the way the approver page does.

@@ -3,6 +3,9 @@
 //! and options; and the steps every test of a held call repeats (the person
 //! answering, the problem the agent gets, nothing asked or forwarded).
 
+use std::future::Future;
+use std::time::{Duration, Instant};
+
 use serde_json::Value;
 
 use super::{start_shop, GatewayOptions, Peer, TestGateway, World, USER_HEADER};
@@ -212,4 +215,26 @@ pub fn approval_id(response: &reqwest::Response) -> String {
         .to_str()
         .unwrap()
         .to_owned()
+}
+
+/// Polls `pending` every 100 ms until it lists `count` or more (`what`, in
+/// the failure), for 20 s at most; returns that list.
+pub async fn wait_count<T, F, Fut>(count: usize, what: &str, pending: F) -> Vec<T>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Vec<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let pending = pending().await;
+        if pending.len() >= count {
+            return pending;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {count} {what}, have {}",
+            pending.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
