@@ -6,9 +6,9 @@
 mod support;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use support::process::GatewayProcess;
+use support::world::wait_metric;
 use support::*;
 
 /// `/vouchers`: approval above `threshold`, requiring `scopes`.
@@ -36,23 +36,6 @@ fn replace(path: &Path, text: &str) {
     let temporary = path.with_extension("yaml.tmp");
     std::fs::write(&temporary, text).unwrap();
     std::fs::rename(&temporary, path).unwrap();
-}
-
-/// Waits until `metrics()` shows `line`.
-async fn wait_metric<F, Fut>(metrics: F, line: &str) -> String
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = String>,
-{
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let text = metrics().await;
-        if text.lines().any(|l| l == line) {
-            return text;
-        }
-        assert!(Instant::now() < deadline, "no {line:?} in:\n{text}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn reloads(result: &str, count: u32) -> String {

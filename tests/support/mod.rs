@@ -102,15 +102,7 @@ impl Peer {
 
     /// GET `/control/<path>` of the peer, as JSON.
     async fn read(&self, path: &str) -> Value {
-        let url = format!("{}/control/{path}", self.issuer);
-        self.http
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        world::get_json(self.http.get(format!("{}/control/{path}", self.issuer))).await
     }
 
     pub async fn requests(&self) -> Vec<Value> {
@@ -355,15 +347,7 @@ impl TestGateway {
     /// `/metrics` once it has `line`: calls are counted when their answer
     /// has been sent, a moment after the agent has it.
     pub async fn wait_metric(&self, line: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let text = self.metrics().await;
-            if text.lines().any(|l| l == line) {
-                return text;
-            }
-            assert!(Instant::now() < deadline, "no {line:?} in:\n{text}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        world::wait_metric(|| self.metrics(), line).await
     }
 
     pub async fn metrics(&self) -> String {
@@ -603,14 +587,8 @@ impl DevWorld {
 
     /// The approver page's listing of `user`'s requests.
     pub async fn listing(&self, user: &str) -> Value {
-        self.agent
-            .get(format!("{}/api/requests?user={user}", self.authz.issuer()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        let url = format!("{}/api/requests?user={user}", self.authz.issuer());
+        world::get_json(self.agent.get(url)).await
     }
 
     /// Waits until `count` requests of `user` are pending.

@@ -238,3 +238,27 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Sends `request` and reads its answer as JSON.
+pub async fn get_json(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
+/// Waits until `metrics()` (a `/metrics` text) has the line `line`, for
+/// 15 s at most: calls are counted when their answer has been sent, a
+/// moment after the agent has it. Returns that text.
+pub async fn wait_metric<F, Fut>(metrics: F, line: &str) -> String
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = String>,
+{
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = metrics().await;
+        if text.lines().any(|l| l == line) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "no {line:?} in:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
