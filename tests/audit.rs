@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::process::Command;
 
 use serde_json::Value;
 use support::*;
@@ -23,12 +22,10 @@ async fn admin_get(world: &World, path: &str) -> (u16, Value) {
 /// Makes one held call for `user` and decides it; returns its approval id.
 async fn decided_call(world: &World, user: &str, approve: bool) -> String {
     let call = tokio::spawn(world.buy(user, phones()).send());
-    let pending = world.peer.wait_pending(Some(user), 1).await;
-    let auth_req_id = pending[0]["auth_req_id"].as_str().unwrap().to_owned();
     if approve {
-        world.peer.approve(&auth_req_id).await;
+        world.peer.approve_next(user).await;
     } else {
-        world.peer.deny(&auth_req_id).await;
+        world.peer.deny_next(user).await;
     }
     let response = call.await.unwrap().unwrap();
     assert_eq!(response.status().is_success(), approve, "{response:?}");
@@ -85,36 +82,15 @@ async fn operators_see_what_was_asked_and_decided() {
 
     // The command reads the same store (SQLite's WAL lets it read while
     // the gateway runs).
-    let config = world.gateway.dir().join("countersign.yaml");
-    let output = Command::new(env!("CARGO_BIN_EXE_countersign"))
-        .args(["approvals", "list", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = world.approvals_stdout(&["list"]);
     assert!(
         stdout.contains(&approved) && stdout.contains(&denied),
         "{stdout}"
     );
 
-    let output = Command::new(env!("CARGO_BIN_EXE_countersign"))
-        .args(["approvals", "show", &denied, "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(output.status.success());
-    let shown: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let shown: Value = serde_json::from_str(&world.approvals_stdout(&["show", &denied])).unwrap();
     assert_eq!(&shown, entry);
 
-    let output = Command::new(env!("CARGO_BIN_EXE_countersign"))
-        .args(["approvals", "show", "no-such-approval", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let output = world.approvals_command(&["show", "no-such-approval"]);
     assert_eq!(output.status.code(), Some(1));
 }

@@ -15,23 +15,10 @@ use support::*;
 /// A gateway serving `shop.test` over TLS (h2 by ALPN), its certificate, the world.
 async fn world() -> (Tls, World) {
     let tls = Tls::new();
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
-    let gateway = TestGateway::start(
-        &peer,
-        &shop,
-        GatewayOptions {
-            listen_tls: Some(tls.listen.clone()),
-            ..GatewayOptions::default()
-        },
-    )
-    .await;
-    let world = World {
-        peer,
-        shop,
-        gateway,
-        agent: reqwest::Client::new(),
-    };
+    let world = World::builder()
+        .listen_tls(Some(tls.listen.clone()))
+        .start()
+        .await;
     (tls, world)
 }
 

@@ -40,16 +40,20 @@ async fn serve_agent_jwks() -> String {
     format!("http://{addr}/jwks.json")
 }
 
+/// A world whose gateway verifies agents' JWTs against the keys at `jwks`.
+async fn jwt_world(jwks: &str) -> World {
+    World::builder()
+        .identity(format!(
+            "jwt: {{ issuer: \"{AGENT_ISSUER}\", audience: countersign, jwks_uri: \"{jwks}\" }}"
+        ))
+        .start()
+        .await
+}
+
 #[tokio::test]
 async fn the_approver_comes_from_a_verified_agent_token_which_never_reaches_the_upstream() {
     let jwks = serve_agent_jwks().await;
-    let world = World::start(GatewayOptions {
-        identity: format!(
-            "jwt: {{ issuer: \"{AGENT_ISSUER}\", audience: countersign, jwks_uri: \"{jwks}\" }}"
-        ),
-        ..Default::default()
-    })
-    .await;
+    let world = jwt_world(&jwks).await;
     let token = agent_token("alice", 300);
     let shop_url = world.gateway.url("/shop");
 
@@ -154,13 +158,7 @@ async fn a_redirected_jwks_is_not_followed() {
         )
         .route("/moved.json", get(move || async move { axum::Json(jwks) }));
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let world = World::start(GatewayOptions {
-        identity: format!(
-            "jwt: {{ issuer: \"{AGENT_ISSUER}\", audience: countersign, jwks_uri: \"http://{addr}/jwks.json\" }}"
-        ),
-        ..Default::default()
-    })
-    .await;
+    let world = jwt_world(&format!("http://{addr}/jwks.json")).await;
     // Followed, the keys would verify the token and the call would be held.
     let response = tokio::time::timeout(
         std::time::Duration::from_secs(10),
@@ -183,13 +181,7 @@ async fn a_redirected_jwks_is_not_followed() {
 #[tokio::test]
 async fn a_repeated_credential_header_is_refused() {
     let jwks = serve_agent_jwks().await;
-    let world = World::start(GatewayOptions {
-        identity: format!(
-            "jwt: {{ issuer: \"{AGENT_ISSUER}\", audience: countersign, jwks_uri: \"{jwks}\" }}"
-        ),
-        ..Default::default()
-    })
-    .await;
+    let world = jwt_world(&jwks).await;
     let token = agent_token("alice", 300);
     let response = world
         .agent

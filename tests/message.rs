@@ -56,29 +56,21 @@ impl ProtoWorld {
 
 async fn world(proto: Proto) -> ProtoWorld {
     let tls = (proto == Proto::Http2).then(front::Tls::new);
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
-    let gateway = TestGateway::start(
-        &peer,
-        &shop,
-        GatewayOptions {
-            extra_policies: REFUND,
-            listen_tls: tls.as_ref().map(|t| t.listen.clone()),
-            ..GatewayOptions::default()
-        },
-    )
-    .await;
-    let (agent, base) = match &tls {
-        Some(tls) => (tls.reqwest_h2(gateway.proxy), tls.base(gateway.proxy)),
-        None => (reqwest::Client::new(), format!("http://{}", gateway.proxy)),
+    let mut world = World::builder()
+        .policies(REFUND)
+        .listen_tls(tls.as_ref().map(|t| t.listen.clone()))
+        .start()
+        .await;
+    let proxy = world.gateway.proxy;
+    let base = match &tls {
+        Some(tls) => {
+            world.agent = tls.reqwest_h2(proxy);
+            tls.base(proxy)
+        }
+        None => format!("http://{proxy}"),
     };
     ProtoWorld {
-        world: World {
-            peer,
-            shop,
-            gateway,
-            agent,
-        },
+        world,
         proto,
         base,
         tls,

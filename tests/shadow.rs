@@ -7,7 +7,7 @@
 mod support;
 
 use serde_json::{json, Value};
-use support::{GatewayOptions, World, USER_HEADER};
+use support::{World, USER_HEADER};
 
 const SHADOW: &str = r#"
   - name: shadow-browse
@@ -30,12 +30,8 @@ const SHADOW: &str = r#"
 "#;
 
 async fn admin(world: &World, path: &str) -> Value {
-    reqwest::get(format!("http://{}{path}", world.gateway.admin))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    let url = format!("http://{}{path}", world.gateway.admin);
+    support::world::get_json(world.agent.get(url)).await
 }
 
 /// Shadow decisions are recorded off the call's path: wait for `count`.
@@ -53,11 +49,7 @@ async fn decisions(world: &World, count: usize) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_policy_under_load_asks_nobody_and_counts_what_it_would_have_asked() {
-    let world = World::start(GatewayOptions {
-        extra_policies: SHADOW,
-        ..Default::default()
-    })
-    .await;
+    let world = World::with_policies(SHADOW).await;
     let proxy = world.gateway.proxy;
     let mut calls = Vec::new();
     for i in 0..60 {
@@ -111,11 +103,7 @@ async fn a_shadow_policy_under_load_asks_nobody_and_counts_what_it_would_have_as
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_call_is_decided_by_the_shadow_set_too_without_a_second_prompt() {
-    let world = World::start(GatewayOptions {
-        extra_policies: SHADOW,
-        ..Default::default()
-    })
-    .await;
+    let world = World::with_policies(SHADOW).await;
     // Enforced: buy-product holds it. Shadow: qty 2 is not big, it passes.
     let call = tokio::spawn(world.buy("alice", support::phones()).send());
     let pending = world.peer.wait_pending(Some("alice"), 1).await;
@@ -137,11 +125,7 @@ async fn a_held_call_is_decided_by_the_shadow_set_too_without_a_second_prompt() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_refusal_never_changes_the_call() {
-    let world = World::start(GatewayOptions {
-        extra_policies: SHADOW,
-        ..Default::default()
-    })
-    .await;
+    let world = World::with_policies(SHADOW).await;
     let proxy = world.gateway.proxy;
     let post = |body: String, content_type: &'static str| {
         world
@@ -177,11 +161,10 @@ async fn a_whole_policy_file_runs_in_shadow_next_to_the_live_one() {
         "policies:\n  - name: candidate-browse\n    match: { methods: [GET], path: /products }\n    require: { scopes: [product:read], audience: https://shop.example/api }\n    binding_message: \"Browse\"\n",
     )
     .unwrap();
-    let world = World::start(GatewayOptions {
-        extra_config: format!("shadow_policies: [\"{}\"]", candidate.display()),
-        ..Default::default()
-    })
-    .await;
+    let world = World::builder()
+        .config(format!("shadow_policies: [\"{}\"]", candidate.display()))
+        .start()
+        .await;
     let response = world
         .agent
         .get(world.gateway.url("/products"))
@@ -195,17 +178,7 @@ async fn a_whole_policy_file_runs_in_shadow_next_to_the_live_one() {
     assert_eq!(listing["decisions"][0]["subject"], "carol");
     assert!(world.peer.requests().await.is_empty());
     // The command line answers the same question from the same store.
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_countersign"))
-        .args(["approvals", "list", "--shadow", "--config"])
-        .arg(world.gateway.dir().join("countersign.yaml"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = world.approvals_stdout(&["list", "--shadow"]);
     let counts = stdout
         .lines()
         .find(|l| l.starts_with("candidate-browse"))

@@ -75,6 +75,28 @@ impl World {
         self.agent.get(self.gateway.url(path)).send().await.unwrap()
     }
 
+    /// `countersign approvals <args> --config <this gateway's file>`.
+    pub fn approvals_command(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_countersign"))
+            .arg("approvals")
+            .args(args)
+            .arg("--config")
+            .arg(self.gateway.dir().join("countersign.yaml"))
+            .output()
+            .unwrap()
+    }
+
+    /// What `countersign approvals <args>` prints, once it has succeeded.
+    pub fn approvals_stdout(&self, args: &[&str]) -> String {
+        let output = self.approvals_command(args);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
     /// Nobody was asked and nothing reached the shop.
     pub async fn untouched(&self) {
         assert!(self.shop.received().is_empty(), "nothing is forwarded");
@@ -104,6 +126,12 @@ impl WorldBuilder {
     /// The gateway's `identity` (the inside of its flow mapping).
     pub fn identity(mut self, identity: String) -> Self {
         self.options.identity = identity;
+        self
+    }
+
+    /// `listen.tls` of the gateway (a YAML flow mapping), if any.
+    pub fn listen_tls(mut self, tls: Option<String>) -> Self {
+        self.options.listen_tls = tls;
         self
     }
 
