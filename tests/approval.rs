@@ -13,9 +13,7 @@ async fn approved_call_reaches_the_shop_once_with_a_fresh_token() {
     let world = World::start(GatewayOptions::default()).await;
     let body = serde_json::to_vec(&phones()).unwrap();
     let call = world
-        .agent
-        .post(world.gateway.url("/shop"))
-        .header(USER_HEADER, "alice")
+        .post_as("alice", "/shop")
         .header("authorization", "Bearer agent-own-credential")
         .header("content-type", "application/json")
         .body(body.clone())
@@ -126,9 +124,7 @@ async fn an_unanswered_request_expires_and_is_not_a_denial() {
     let world = World::with_policies(FLASH_SALE).await;
     let started = Instant::now();
     let response = world
-        .agent
-        .post(world.gateway.url("/flash"))
-        .header(USER_HEADER, "carol")
+        .post_as("carol", "/flash")
         .json(&phones())
         .send()
         .await
@@ -152,8 +148,7 @@ async fn an_unanswered_request_expires_and_is_not_a_denial() {
 async fn slow_down_adds_five_seconds_to_every_later_poll() {
     let world = World::start(GatewayOptions::default()).await;
     let call = tokio::spawn(world.buy("alice", phones()).send());
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    let id = pending[0]["auth_req_id"].as_str().unwrap().to_owned();
+    let id = world.peer.next_id("alice").await;
     assert!(world
         .peer
         .control(&format!("requests/{id}/slow-down"), Value::Null)
@@ -187,8 +182,7 @@ async fn retry_after_from_an_unavailable_token_endpoint_is_honoured() {
         .token_unavailable(json!({"count": 1, "status": 503, "retry_after": 3}))
         .await;
     let call = tokio::spawn(world.buy("alice", phones()).send());
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    let id = pending[0]["auth_req_id"].as_str().unwrap().to_owned();
+    let id = world.peer.next_id("alice").await;
     world.peer.approve(&id).await;
     let response = call.await.unwrap().unwrap();
     assert_eq!(response.status(), 200);
@@ -231,9 +225,7 @@ async fn bad_calls_are_refused_before_anyone_is_asked() {
     .await;
 
     let not_json = world
-        .agent
-        .post(world.gateway.url("/shop"))
-        .header(USER_HEADER, "alice")
+        .post_as("alice", "/shop")
         .body("product=phone&qty=2")
         .send()
         .await
@@ -374,8 +366,7 @@ async fn an_agent_that_hangs_up_does_not_lose_the_approval() {
     );
     let mut stream = std::net::TcpStream::connect(world.gateway.proxy).unwrap();
     std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    let id = pending[0]["auth_req_id"].as_str().unwrap().to_owned();
+    let id = world.peer.next_id("alice").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     drop(stream);
     tokio::time::sleep(Duration::from_millis(1500)).await;

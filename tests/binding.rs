@@ -20,11 +20,7 @@ async fn approved_purchase(world: &World, tamper: Option<&str>) -> reqwest::Resp
             .await;
         assert!(status.is_success(), "access-token-details: {status}");
     }
-    let held = world
-        .agent
-        .post(world.gateway.url("/shop?ref=agent"))
-        .header(USER_HEADER, "alice")
-        .json(&phones());
+    let held = world.post_as("alice", "/shop?ref=agent").json(&phones());
     world.approved("alice", held).await
 }
 

@@ -156,9 +156,7 @@ async fn a_condition_that_cannot_be_evaluated_refuses_the_call() {
     }
     // Not a number at all: the query condition's int() fails.
     let response = world
-        .agent
-        .get(world.gateway.url("/exports?rows=many"))
-        .header(USER_HEADER, "alice")
+        .get_as("alice", "/exports?rows=many")
         .send()
         .await
         .unwrap();
@@ -223,9 +221,7 @@ async fn a_value_the_condition_tests_given_again_in_another_part_is_refused() {
     }
     // A query name the condition tests may not come in a form body.
     let response = world
-        .agent
-        .get(world.gateway.url("/exports?rows=10"))
-        .header(USER_HEADER, "alice")
+        .get_as("alice", "/exports?rows=10")
         .header("content-type", "application/x-www-form-urlencoded")
         .body("rows=5000")
         .send()
@@ -238,12 +234,7 @@ async fn a_value_the_condition_tests_given_again_in_another_part_is_refused() {
 #[tokio::test]
 async fn a_query_the_condition_and_the_api_would_read_differently_is_refused() {
     let world = world().await;
-    let get = |query: &str| {
-        world
-            .agent
-            .get(world.gateway.url(&format!("/exports?{query}")))
-            .header(USER_HEADER, "alice")
-    };
+    let get = |query: &str| world.get_as("alice", &format!("/exports?{query}"));
     for query in [
         "rows=10&rows=5000",
         "rows=10&ROWS=5000",

@@ -207,9 +207,7 @@ async fn a_repeated_credential_header_is_refused() {
     // Header identity: two users named on one call.
     let header_world = World::start(GatewayOptions::default()).await;
     let response = header_world
-        .agent
-        .post(header_world.gateway.url("/shop"))
-        .header(USER_HEADER, "alice")
+        .post_as("alice", "/shop")
         .header(USER_HEADER, "bob")
         .json(&phones())
         .send();

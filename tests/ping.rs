@@ -73,14 +73,14 @@ async fn notify(url: &str, bearer: Option<&str>, body: &str) -> u16 {
 async fn the_answer_resumes_the_call_well_before_the_polling_interval() {
     let PingWorld { world, .. } = ping_world(5, "60s", true).await;
     let call = tokio::spawn(world.buy("alice", phones()).send());
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    let id = pending[0]["auth_req_id"].as_str().unwrap().to_owned();
-    let token = pending[0]["client_notification_token"]
+    let pending = world.peer.next("alice").await;
+    let id = pending["auth_req_id"].as_str().unwrap().to_owned();
+    let token = pending["client_notification_token"]
         .as_str()
         .expect("a client_notification_token was sent")
         .to_owned();
     assert!(token.len() >= 43, "256 random bits");
-    assert_eq!(pending[0]["polls"], 0, "nothing polls before the answer");
+    assert_eq!(pending["polls"], 0, "nothing polls before the answer");
 
     let answered = Instant::now();
     world.peer.approve(&id).await;
@@ -135,8 +135,7 @@ async fn a_ping_the_token_endpoint_does_not_agree_with_yet_is_polled_again_at_th
 {
     let PingWorld { world, .. } = ping_world(2, "60s", true).await;
     let call = tokio::spawn(world.buy("alice", phones()).send());
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    let id = pending[0]["auth_req_id"].as_str().unwrap().to_owned();
+    let id = world.peer.next_id("alice").await;
     // The token request that answers the ping gets slow_down (interval 2 -> 7 s).
     let status = world
         .peer
@@ -166,9 +165,9 @@ async fn a_ping_the_token_endpoint_does_not_agree_with_yet_is_polled_again_at_th
 async fn forged_and_replayed_notifications_are_refused() {
     let PingWorld { world, notify_url } = ping_world(5, "60s", true).await;
     let call = tokio::spawn(world.buy("alice", phones()).send());
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    let id = pending[0]["auth_req_id"].as_str().unwrap().to_owned();
-    let token = pending[0]["client_notification_token"]
+    let pending = world.peer.next("alice").await;
+    let id = pending["auth_req_id"].as_str().unwrap().to_owned();
+    let token = pending["client_notification_token"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -218,13 +217,7 @@ async fn forged_and_replayed_notifications_are_refused() {
 #[tokio::test]
 async fn an_async_agent_is_told_to_come_back_soon_not_at_the_safety_poll() {
     let PingWorld { world, .. } = ping_world(1, "60s", true).await;
-    let response = world
-        .agent
-        .post(world.gateway.url("/async-gifts"))
-        .header(USER_HEADER, "alice")
-        .send()
-        .await
-        .unwrap();
+    let response = world.post_as("alice", "/async-gifts").send().await.unwrap();
     assert_eq!(response.status(), 202);
     let retry_after: u64 = response.headers()["retry-after"]
         .to_str()
@@ -238,8 +231,7 @@ async fn an_async_agent_is_told_to_come_back_soon_not_at_the_safety_poll() {
 async fn a_lost_ping_is_caught_by_the_safety_poll() {
     let PingWorld { world, .. } = ping_world(2, "2s", false).await;
     let call = tokio::spawn(world.buy("alice", phones()).send());
-    let pending = world.peer.wait_pending(Some("alice"), 1).await;
-    let id = pending[0]["auth_req_id"].as_str().unwrap().to_owned();
+    let id = world.peer.next_id("alice").await;
     // The peer's ping goes nowhere (its control call reports that failure).
     let _ = world
         .peer

@@ -165,13 +165,7 @@ async fn a_whole_policy_file_runs_in_shadow_next_to_the_live_one() {
         .config(format!("shadow_policies: [\"{}\"]", candidate.display()))
         .start()
         .await;
-    let response = world
-        .agent
-        .get(world.gateway.url("/products"))
-        .header(USER_HEADER, "carol")
-        .send()
-        .await
-        .unwrap();
+    let response = world.get_as("carol", "/products").send().await.unwrap();
     assert_eq!(response.status(), 200);
     let listing = decisions(&world, 1).await;
     assert_eq!(listing["decisions"][0]["policy"], "candidate-browse");

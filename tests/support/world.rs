@@ -60,12 +60,24 @@ impl World {
         self.peer.asked_and_denied(user, request).await
     }
 
-    /// POST `path` through the gateway as an agent acting for `user`, with
-    /// these JSON body bytes (sent as they are).
-    pub fn post_json(&self, user: &str, path: &str, body: &str) -> reqwest::RequestBuilder {
+    /// GET `path` through the gateway as an agent acting for `user`.
+    pub fn get_as(&self, user: &str, path: &str) -> reqwest::RequestBuilder {
+        self.agent
+            .get(self.gateway.url(path))
+            .header(USER_HEADER, user)
+    }
+
+    /// POST `path` through the gateway as an agent acting for `user`.
+    pub fn post_as(&self, user: &str, path: &str) -> reqwest::RequestBuilder {
         self.agent
             .post(self.gateway.url(path))
             .header(USER_HEADER, user)
+    }
+
+    /// POST `path` through the gateway as an agent acting for `user`, with
+    /// these JSON body bytes (sent as they are).
+    pub fn post_json(&self, user: &str, path: &str, body: &str) -> reqwest::RequestBuilder {
+        self.post_as(user, path)
             .header("content-type", "application/json")
             .body(body.to_owned())
     }
@@ -205,6 +217,13 @@ impl Peer {
         let asked = self.deny_next(user).await;
         problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
         asked
+    }
+
+    /// The `auth_req_id` of the first pending request of `user`, once there
+    /// is one.
+    pub async fn next_id(&self, user: &str) -> String {
+        let request = self.next(user).await;
+        request["auth_req_id"].as_str().unwrap().to_owned()
     }
 
     /// The first pending request of `user`, once there is one.
