@@ -178,10 +178,7 @@ async fn json_sent_as_a_form_is_refused(proto: Proto) {
                  Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
-            let proxy = world.gateway.proxy;
-            tokio::task::spawn_blocking(move || raw_request(proxy, &request))
-                .await
-                .unwrap()
+            send_raw(world.gateway.proxy, request).await
         }
         // Two `content-type` fields on one HTTP/2 request.
         Some(tls) => {
@@ -555,9 +552,7 @@ async fn an_amount_after_a_fragment_is_neither_shown_nor_sent() {
         let request = format!(
             "POST {target} HTTP/1.1\r\nHost: shop.example\r\n{USER_HEADER}: alice\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
         );
-        let (status, response) = tokio::task::spawn_blocking(move || raw_request(proxy, &request))
-            .await
-            .unwrap();
+        let (status, response) = send_raw(proxy, request).await;
         assert_eq!(status, 400, "{target}: {response}");
         assert!(
             response.contains("\"code\":\"invalid_query\"") && response.contains("'amount'"),

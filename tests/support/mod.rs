@@ -19,7 +19,7 @@ use countersign::demo::shop::{self, ShopHandle};
 use countersign::gateway::{Gateway, Shutdown};
 use serde_json::Value;
 #[allow(unused_imports)]
-pub use world::{approval_id, poll_times, problem};
+pub use world::{approval_id, poll_times, problem, send_raw};
 
 pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
 pub const USER_HEADER: &str = "x-countersign-user";

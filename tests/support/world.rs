@@ -309,3 +309,11 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Sends the raw HTTP/1.1 `request` to `addr` (off the runtime, the
+/// client blocks) and returns the answer's status and text.
+pub async fn send_raw(addr: std::net::SocketAddr, request: String) -> (u16, String) {
+    tokio::task::spawn_blocking(move || super::raw_request(addr, &request))
+        .await
+        .unwrap()
+}
