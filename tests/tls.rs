@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::certs::Ca;
+use support::world::WorldBuilder;
 use support::*;
 
 /// A client builder that trusts only `ca` and reaches every name at `addr`.
@@ -58,31 +59,32 @@ async fn shop_world() -> (tempfile::TempDir, Ca, World) {
 /// A world whose gateway listens with TLS as `tls` says (file names are
 /// relative to `dir`, where the certificates are).
 async fn tls_world(dir: &Path, tls: &str) -> World {
-    tls_world_with(dir, tls, GatewayOptions::default()).await
+    tls_world_with(dir, tls, World::builder()).await
 }
 
-/// As [`tls_world`], with these gateway `options` besides.
-async fn tls_world_with(dir: &Path, tls: &str, options: GatewayOptions) -> World {
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
+/// As [`tls_world`], the rest of the world as `world` says.
+async fn tls_world_with(dir: &Path, tls: &str, world: WorldBuilder) -> World {
     // Relative certificate paths are the configuration directory's: give
     // absolute ones here, the test gateway writes its file elsewhere.
     let tls = tls.replace("DIR", &dir.display().to_string());
-    let gateway = TestGateway::start(
-        &peer,
-        &shop,
-        GatewayOptions {
-            listen_tls: Some(tls),
-            ..options
-        },
+    world.listen_tls(Some(tls)).start().await
+}
+
+/// A world serving `shop.test` that asks agents for a certificate of a CA
+/// of their own, its gateway loading `policies`: the directory of the
+/// certificates, the server's CA and the agents' CA.
+async fn client_ca_world(policies: &'static str) -> (tempfile::TempDir, Ca, Ca, World) {
+    let dir = tempfile::tempdir().unwrap();
+    let (server_ca, agents_ca) = (Ca::new(), Ca::new());
+    server_ca.write_leaf(dir.path(), "shop", &["shop.test"]);
+    std::fs::write(dir.path().join("agents-ca.pem"), agents_ca.pem()).unwrap();
+    let world = tls_world_with(
+        dir.path(),
+        "{ certificates: [{ cert: DIR/shop.pem, key: DIR/shop.key }], client_ca: DIR/agents-ca.pem }",
+        World::builder().policies(policies),
     )
     .await;
-    World {
-        peer,
-        shop,
-        gateway,
-        agent: reqwest::Client::new(),
-    }
+    (dir, server_ca, agents_ca, world)
 }
 
 fn url(world: &World, host: &str, path: &str) -> String {
@@ -229,15 +231,7 @@ async fn the_certificate_is_chosen_by_sni_and_reloaded_without_dropping_connecti
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_a_client_ca_only_agents_with_its_certificates_get_in() {
-    let dir = tempfile::tempdir().unwrap();
-    let (server_ca, agents_ca) = (Ca::new(), Ca::new());
-    server_ca.write_leaf(dir.path(), "shop", &["shop.test"]);
-    std::fs::write(dir.path().join("agents-ca.pem"), agents_ca.pem()).unwrap();
-    let world = tls_world(
-        dir.path(),
-        "{ certificates: [{ cert: DIR/shop.pem, key: DIR/shop.key }], client_ca: DIR/agents-ca.pem }",
-    )
-    .await;
+    let (_dir, server_ca, agents_ca, world) = client_ca_world("").await;
     let products = url(&world, "shop.test", "/products");
     let without = client(&server_ca, world.gateway.proxy, &["shop.test"]);
     assert!(
@@ -278,19 +272,7 @@ const AGENT_POLICY: &str = r#"
 
 #[tokio::test(flavor = "multi_thread")]
 async fn conditions_and_messages_read_the_agents_client_certificate() {
-    let dir = tempfile::tempdir().unwrap();
-    let (server_ca, agents_ca) = (Ca::new(), Ca::new());
-    server_ca.write_leaf(dir.path(), "shop", &["shop.test"]);
-    std::fs::write(dir.path().join("agents-ca.pem"), agents_ca.pem()).unwrap();
-    let world = tls_world_with(
-        dir.path(),
-        "{ certificates: [{ cert: DIR/shop.pem, key: DIR/shop.key }], client_ca: DIR/agents-ca.pem }",
-        GatewayOptions {
-            extra_policies: AGENT_POLICY,
-            ..GatewayOptions::default()
-        },
-    )
-    .await;
+    let (_dir, server_ca, agents_ca, world) = client_ca_world(AGENT_POLICY).await;
     let addr = world.gateway.proxy;
     let gifts = url(&world, "shop.test", "/agent-gifts");
     let agent_7 = client_with(
