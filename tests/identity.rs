@@ -85,9 +85,7 @@ async fn the_approver_comes_from_a_verified_agent_token_which_never_reaches_the_
         .send()
         .await
         .unwrap();
-    assert_eq!(forged.status(), 401);
-    let body: Value = forged.json().await.unwrap();
-    assert_eq!(body["code"], "identity_required");
+    problem(forged, 401, "identity_required").await;
     assert!(world.peer.requests().await.is_empty());
 
     let call = world
@@ -172,9 +170,7 @@ async fn a_redirected_jwks_is_not_followed() {
     .await
     .expect("answered, not held")
     .unwrap();
-    assert_eq!(response.status(), 503);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["code"], "authorization_server_unavailable");
+    problem(response, 503, "authorization_server_unavailable").await;
     assert!(world.peer.requests().await.is_empty(), "nobody was asked");
 }
 

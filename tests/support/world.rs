@@ -141,6 +141,12 @@ impl WorldBuilder {
         self
     }
 
+    /// The upstream's address instead of the shop's.
+    pub fn upstream(mut self, address: &str) -> Self {
+        self.options.upstream = Some(address.to_owned());
+        self
+    }
+
     /// `listen.tls` of the gateway (a YAML flow mapping), if any.
     pub fn listen_tls(mut self, tls: Option<String>) -> Self {
         self.options.listen_tls = tls;
