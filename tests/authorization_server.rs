@@ -25,34 +25,22 @@ async fn alices_poll_times(world: &World) -> Vec<i64> {
 }
 
 #[tokio::test]
-async fn an_unreadable_token_response_after_approval_is_a_failure_not_an_expiry() {
+async fn an_unreadable_or_unusable_token_response_after_approval_is_a_failure_not_an_expiry() {
     let world = World::start(GatewayOptions::default()).await;
-    // A 200 whose body stops half-way (the connection dies), then one that is not JSON.
-    for mode in ["truncate", "garbage"] {
+    for (mode, what) in [
+        (
+            "truncate",
+            "a 200 whose body stops half-way (the connection dies)",
+        ),
+        ("garbage", "a 200 that is not JSON"),
+        ("token_type", "a token type other than Bearer: a DPoP token"),
+        ("oversize", "a token response past the size limit"),
+    ] {
         world.peer.misbehave(mode, 1).await;
         let response = approved_call(&world).await;
         problem(response, 502, "approval_failed").await;
+        assert!(world.shop.received().is_empty(), "{what} is not forwarded");
     }
-    assert!(world.shop.received().is_empty());
-}
-
-#[tokio::test]
-async fn a_token_type_other_than_bearer_is_refused() {
-    let world = World::start(GatewayOptions::default()).await;
-    world.peer.misbehave("token_type", 1).await;
-    problem(approved_call(&world).await, 502, "approval_failed").await;
-    assert!(
-        world.shop.received().is_empty(),
-        "a DPoP token is not forwarded"
-    );
-}
-
-#[tokio::test]
-async fn a_token_response_past_the_size_limit_is_refused() {
-    let world = World::start(GatewayOptions::default()).await;
-    world.peer.misbehave("oversize", 1).await;
-    problem(approved_call(&world).await, 502, "approval_failed").await;
-    assert!(world.shop.received().is_empty());
 }
 
 #[tokio::test]

@@ -40,6 +40,16 @@ async fn serve_agent_jwks() -> String {
     format!("http://{addr}/jwks.json")
 }
 
+/// The answer to a call that must be refused at once, not held.
+async fn refused_not_held(
+    call: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+) -> reqwest::Response {
+    tokio::time::timeout(std::time::Duration::from_secs(10), call)
+        .await
+        .expect("refused, not held")
+        .unwrap()
+}
+
 /// A world whose gateway verifies agents' JWTs against the keys at `jwks`.
 async fn jwt_world(jwks: &str) -> World {
     World::builder()
@@ -190,15 +200,8 @@ async fn a_repeated_credential_header_is_refused() {
         .json(&phones())
         .send();
     // Taking either header, the call would be held for approval.
-    let response = tokio::time::timeout(std::time::Duration::from_secs(10), response)
-        .await
-        .expect("refused, not held")
-        .unwrap();
-    assert_eq!(response.status(), 401);
-    assert_eq!(
-        response.json::<Value>().await.unwrap()["code"],
-        "identity_required"
-    );
+    let response = refused_not_held(response).await;
+    problem(response, 401, "identity_required").await;
 
     // Header identity: two users named on one call.
     let header_world = World::start(GatewayOptions::default()).await;
@@ -207,10 +210,7 @@ async fn a_repeated_credential_header_is_refused() {
         .header(USER_HEADER, "bob")
         .json(&phones())
         .send();
-    let response = tokio::time::timeout(std::time::Duration::from_secs(10), response)
-        .await
-        .expect("refused, not held")
-        .unwrap();
+    let response = refused_not_held(response).await;
     assert_eq!(response.status(), 401);
     assert!(world.peer.requests().await.is_empty(), "nobody was asked");
     assert!(header_world.peer.requests().await.is_empty());
