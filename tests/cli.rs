@@ -4,6 +4,7 @@
 mod support;
 
 use std::io::Read;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -117,6 +118,18 @@ fn a_missing_file_is_one_line_naming_it_once() {
     );
 }
 
+/// `countersign run --config <config>`, logging at `level` into `log`.
+fn run_logged(config: &Path, level: &str, log: &Path) -> std::process::Child {
+    Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", level)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn logs_carry_the_approval_id_but_never_tokens_secrets_or_bodies() {
     let peer = Peer::start();
@@ -125,14 +138,7 @@ async fn logs_carry_the_approval_id_but_never_tokens_secrets_or_bodies() {
     let (config, proxy, admin) =
         write_config(dir.path(), &peer.issuer, &shop, &GatewayOptions::default());
     let log_path = dir.path().join("gateway.log");
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = run_logged(&config, "debug", &log_path);
     wait_listening(proxy).await;
     wait_listening(admin).await;
 
@@ -144,15 +150,10 @@ async fn logs_carry_the_approval_id_but_never_tokens_secrets_or_bodies() {
             .json(&marker)
             .send(),
     );
-    let pending = peer.wait_pending(Some("alice"), 1).await;
-    peer.approve(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
+    let asked = peer.approve_next("alice").await;
     let response = call.await.unwrap().unwrap();
     assert_eq!(response.status(), 200);
-    let approval_id = response.headers()["x-countersign-approval-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let approval_id = approval_id(&response);
     tokio::time::sleep(Duration::from_millis(300)).await;
     child.kill().unwrap();
     child.wait().unwrap();
@@ -178,7 +179,7 @@ async fn logs_carry_the_approval_id_but_never_tokens_secrets_or_bodies() {
             panic!("{secret:?} leaked into the logs: {line}");
         }
     }
-    let auth_req_id = pending[0]["auth_req_id"].as_str().unwrap();
+    let auth_req_id = asked["auth_req_id"].as_str().unwrap();
     assert!(
         !logs.contains(auth_req_id),
         "auth_req_id leaked into the logs"
@@ -303,14 +304,7 @@ async fn a_gateway_waits_for_an_authorization_server_that_is_still_starting() {
     let dir = tempfile::tempdir().unwrap();
     let (config, proxy, admin) = write_config(dir.path(), &issuer, &shop, &GatewayOptions::dev());
     let log = dir.path().join("gateway.log");
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = run_logged(&config, "info", &log);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(child.try_wait().unwrap().is_none(), "the gateway waits");
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
