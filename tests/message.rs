@@ -77,19 +77,20 @@ async fn world(proto: Proto) -> ProtoWorld {
     }
 }
 
-/// Each case once per protocol: `<case>::http1` and `<case>::http2`.
+/// Each case once per protocol, in a world of its own: `<case>::http1`
+/// and `<case>::http2`.
 macro_rules! over_both {
     ($($case:ident),* $(,)?) => {
         $(
             mod $case {
                 #[tokio::test]
                 async fn http1() {
-                    super::$case(super::Proto::Http1).await;
+                    super::$case(super::world(super::Proto::Http1).await).await;
                 }
 
                 #[tokio::test]
                 async fn http2() {
-                    super::$case(super::Proto::Http2).await;
+                    super::$case(super::world(super::Proto::Http2).await).await;
                 }
             }
         )*
@@ -144,8 +145,7 @@ async fn refused(world: &ProtoWorld, response: reqwest::Response, code: &str, wo
     assert!(world.shop.received().is_empty(), "the shop received a call");
 }
 
-async fn json_sent_as_a_form_is_refused(proto: Proto) {
-    let world = world(proto).await;
+async fn json_sent_as_a_form_is_refused(world: ProtoWorld) {
     // A form-reading API sees qty=100 in this body; the message would say 2.
     let body = r#"{"product":"XYZ phone","qty":2,"priceLimit":"=1&qty=100"}"#;
     for content_type in [
@@ -212,8 +212,7 @@ async fn json_sent_as_a_form_is_refused(proto: Proto) {
     assert!(world.shop.received().is_empty());
 }
 
-async fn keys_that_differ_only_in_case_are_refused(proto: Proto) {
-    let world = world(proto).await;
+async fn keys_that_differ_only_in_case_are_refused(world: ProtoWorld) {
     let body = r#"{"product":"XYZ phone","qty":1,"QTY":100,"priceLimit":900}"#;
     let response = buy_raw(&world, "application/json", body).await;
     refused(&world, response, "invalid_body", &["'qty' and 'QTY'"]).await;
@@ -229,8 +228,7 @@ async fn keys_that_differ_only_in_case_are_refused(proto: Proto) {
     .await;
 }
 
-async fn repeated_keys_and_inexact_numbers_are_refused(proto: Proto) {
-    let world = world(proto).await;
+async fn repeated_keys_and_inexact_numbers_are_refused(world: ProtoWorld) {
     let body = r#"{"product":"XYZ phone","qty":1,"qty":100,"priceLimit":900}"#;
     let response = buy_raw(&world, "application/json", body).await;
     refused(
@@ -245,8 +243,7 @@ async fn repeated_keys_and_inexact_numbers_are_refused(proto: Proto) {
     refused(&world, response, "invalid_body", &["2^53", "'qty'"]).await;
 }
 
-async fn a_repeated_query_parameter_is_refused(proto: Proto) {
-    let world = world(proto).await;
+async fn a_repeated_query_parameter_is_refused(world: ProtoWorld) {
     // Go, Flask and Spring read the first value; others the last.
     for (query, word) in [
         ("amount=100&amount=1", "'amount' is given more than once"),
@@ -271,8 +268,7 @@ async fn a_repeated_query_parameter_is_refused(proto: Proto) {
     assert_eq!(asked["binding_message"], "Refund 5 EUR");
 }
 
-async fn values_the_message_cannot_show_are_refused_not_blanked(proto: Proto) {
-    let world = world(proto).await;
+async fn values_the_message_cannot_show_are_refused_not_blanked(world: ProtoWorld) {
     let buy = |qty: Value, product: &str| {
         world
             .buy(
@@ -319,8 +315,7 @@ async fn values_the_message_cannot_show_are_refused_not_blanked(proto: Proto) {
     }
 }
 
-async fn body_fields_the_person_is_not_shown_are_refused(proto: Proto) {
-    let world = world(proto).await;
+async fn body_fields_the_person_is_not_shown_are_refused(world: ProtoWorld) {
     let response = world
         .buy(
             "alice",
@@ -339,8 +334,7 @@ async fn body_fields_the_person_is_not_shown_are_refused(proto: Proto) {
     refused(&world, response, "invalid_body", &["JSON object"]).await;
 }
 
-async fn a_clean_call_is_held_with_the_message_it_will_do(proto: Proto) {
-    let world = world(proto).await;
+async fn a_clean_call_is_held_with_the_message_it_will_do(world: ProtoWorld) {
     let call = world.buy(
         "alice",
         json!({"product": "Caf\u{00E9} phone", "qty": 2, "priceLimit": 900}),
@@ -404,8 +398,7 @@ async fn post_json(
     request.send().await.unwrap()
 }
 
-async fn a_shown_value_given_again_in_another_part_is_refused(proto: Proto) {
-    let world = world(proto).await;
+async fn a_shown_value_given_again_in_another_part_is_refused(world: ProtoWorld) {
     let order = json!({"product": "XYZ phone", "qty": 2, "priceLimit": 900});
     // Rails' params lets the query win over the body, PHP's $_REQUEST a
     // cookie, and PHP and qs read `qty[]` and ` qty` as `qty`: the person
@@ -477,8 +470,7 @@ async fn a_shown_value_given_again_in_another_part_is_refused(proto: Proto) {
     assert_eq!(asked["binding_message"], "Do you want to buy 2 XYZ phone");
 }
 
-async fn a_shown_query_value_given_again_in_a_body_of_any_type_is_refused(proto: Proto) {
-    let world = world(proto).await;
+async fn a_shown_query_value_given_again_in_a_body_of_any_type_is_refused(world: ProtoWorld) {
     // Laravel reads JSON when the Content-Type merely contains `/json`,
     // Express's json({ type: '*/*' }) and FastAPI (no Content-Type) read any
     // JSON body, and Rack reads a POST body without a Content-Type as a
@@ -566,8 +558,7 @@ async fn an_amount_after_a_fragment_is_neither_shown_nor_sent() {
     assert!(world.shop.received().is_empty(), "the shop received a call");
 }
 
-async fn a_decimal_shown_rounded_is_refused(proto: Proto) {
-    let world = world(proto).await;
+async fn a_decimal_shown_rounded_is_refused(world: ProtoWorld) {
     // serde_json reads the nearest double (3.0); a BigDecimal or Python
     // Decimal API reads 2.9999999999999999 and may truncate it to 2.
     let body = r#"{"product":"XYZ phone","qty":2.9999999999999999,"priceLimit":900}"#;
@@ -581,8 +572,7 @@ async fn a_decimal_shown_rounded_is_refused(proto: Proto) {
     .await;
 }
 
-async fn an_encoded_body_beside_a_shown_value_is_refused(proto: Proto) {
-    let world = world(proto).await;
+async fn an_encoded_body_beside_a_shown_value_is_refused(world: ProtoWorld) {
     // {"year":1999}, gzipped: Express's body parsers inflate it, so an API
     // there reads year 1999 where the gateway sees no names at all.
     const GZIPPED: [u8; 33] = [
@@ -604,8 +594,7 @@ async fn an_encoded_body_beside_a_shown_value_is_refused(proto: Proto) {
     .await;
 }
 
-async fn a_body_on_a_delete_whose_approval_shows_none_is_refused(proto: Proto) {
-    let world = world(proto).await;
+async fn a_body_on_a_delete_whose_approval_shows_none_is_refused(world: ProtoWorld) {
     // "Cancel order 7" is what the person sees; Laravel and Rails read the
     // body of a DELETE too, and this one asks for more than a cancel.
     let response = post_json(
@@ -638,8 +627,9 @@ async fn a_body_on_a_delete_whose_approval_shows_none_is_refused(proto: Proto) {
     .await;
 }
 
-async fn a_shown_path_parameter_with_a_format_suffix_or_matrix_parameters_is_refused(proto: Proto) {
-    let world = world(proto).await;
+async fn a_shown_path_parameter_with_a_format_suffix_or_matrix_parameters_is_refused(
+    world: ProtoWorld,
+) {
     for (paths, word) in [
         // Rails' `:id` takes no '.' and `(.:format)` the rest, Spring's
         // suffix pattern matching and Django REST framework's format
@@ -661,8 +651,7 @@ async fn a_shown_path_parameter_with_a_format_suffix_or_matrix_parameters_is_ref
     }
 }
 
-async fn a_number_in_the_query_or_path_that_a_double_rounds_is_refused(proto: Proto) {
-    let world = world(proto).await;
+async fn a_number_in_the_query_or_path_that_a_double_rounds_is_refused(world: ProtoWorld) {
     // Text to the gateway, but a JavaScript API's Number() reads
     // 9007199254740992 (and 3 for 2.9999999999999999): the person would
     // approve one amount, or order, and the API act on its neighbour.
