@@ -175,25 +175,6 @@ async fn slow_down_adds_five_seconds_to_every_later_poll() {
 }
 
 #[tokio::test]
-async fn retry_after_from_an_unavailable_token_endpoint_is_honoured() {
-    let world = World::start(GatewayOptions::default()).await;
-    world
-        .peer
-        .token_unavailable(json!({"count": 1, "status": 503, "retry_after": 3}))
-        .await;
-    let call = tokio::spawn(world.buy("alice", phones()).send());
-    let id = world.peer.next_id("alice").await;
-    world.peer.approve(&id).await;
-    let response = call.await.unwrap().unwrap();
-    assert_eq!(response.status(), 200);
-    let done = world.peer.request(&id).await;
-    let times = poll_times(&done);
-    assert_eq!(times.len(), 2, "{done}");
-    assert!(times[1] - times[0] >= 2_900, "waited Retry-After: {done}");
-    assert_eq!(done["slow_downs"], 0);
-}
-
-#[tokio::test]
 async fn an_unknown_user_gets_a_clear_answer() {
     let world = World::start(GatewayOptions::default()).await;
     let response = world.buy("mallory", phones()).send().await.unwrap();

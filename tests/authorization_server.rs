@@ -115,21 +115,32 @@ async fn transient_failures_followed_by_an_answer_still_go_through() {
 }
 
 #[tokio::test]
-async fn retry_after_as_an_http_date_is_honoured() {
-    let world = World::start(GatewayOptions::default()).await;
-    world
-        .peer
-        .token_unavailable(json!({"count": 1, "status": 503, "retry_after_date_in": 4}))
-        .await;
-    let response = approved_call(&world).await;
-    assert_eq!(response.status(), 200);
-    let times = alices_poll_times(&world).await;
-    assert_eq!(times.len(), 2, "{times:?}");
-    // The date has whole seconds: 3 to 4 s away when sent (the interval is 1 s).
-    assert!(
-        times[1] - times[0] >= 2_500,
-        "waited for the date: {times:?}"
-    );
+async fn retry_after_from_an_unavailable_token_endpoint_is_honoured_in_seconds_or_as_an_http_date()
+{
+    for (retry_after, at_least) in [
+        (json!({"retry_after": 3}), 2_900),
+        // The date has whole seconds: 3 to 4 s away when sent (the
+        // interval is 1 s).
+        (json!({"retry_after_date_in": 4}), 2_500),
+    ] {
+        let world = World::start(GatewayOptions::default()).await;
+        let mut unavailable = json!({"count": 1, "status": 503});
+        unavailable
+            .as_object_mut()
+            .unwrap()
+            .extend(retry_after.as_object().unwrap().clone());
+        world.peer.token_unavailable(unavailable).await;
+        let response = approved_call(&world).await;
+        assert_eq!(response.status(), 200);
+        let requests = world.peer.requests().await;
+        let times = alices_poll_times(&world).await;
+        assert_eq!(times.len(), 2, "{times:?}");
+        assert!(
+            times[1] - times[0] >= at_least,
+            "waited {retry_after}: {times:?}"
+        );
+        assert_eq!(requests[0]["slow_downs"], 0, "{requests:?}");
+    }
 }
 
 #[tokio::test]
