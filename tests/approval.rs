@@ -32,7 +32,7 @@ async fn approved_call_reaches_the_shop_once_with_a_fresh_token() {
         world.shop.received().is_empty(),
         "nothing is forwarded before approval"
     );
-    world.peer.approve_request(&request).await;
+    world.peer.approve_request(request).await;
 
     let response = call.await.unwrap().unwrap();
     assert_eq!(response.status(), 200);

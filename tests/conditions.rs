@@ -107,7 +107,7 @@ async fn the_first_tier_whose_condition_holds_asks_with_its_own_message() {
     assert_eq!(small.status(), 401);
     assert_eq!(world.shop.received().len(), 1);
     for request in &pending {
-        world.peer.deny_request(&request).await;
+        world.peer.deny_request(request).await;
     }
     for call in [large, normal] {
         problem(call.await.unwrap().unwrap(), 403, "access_denied").await;

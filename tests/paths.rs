@@ -69,7 +69,7 @@ async fn no_spelling_of_a_policy_route_gets_past_its_policy() {
     expected.sort();
     assert_eq!(messages, expected);
     for request in &pending {
-        world.peer.deny_request(&request).await;
+        world.peer.deny_request(request).await;
     }
     for (path, call) in spellings.iter().zip(calls) {
         let (status, response) = call.await.unwrap();
