@@ -44,7 +44,10 @@ fn prose(markdown: &str) -> Vec<String> {
     let mut lines = Vec::new();
     for line in markdown.lines() {
         let trimmed = line.trim_start();
-        let marker: String = trimmed.chars().take_while(|&c| c == '`' || c == '~').collect();
+        let marker: String = trimmed
+            .chars()
+            .take_while(|&c| c == '`' || c == '~')
+            .collect();
         if marker.len() >= 3 && marker.chars().all(|c| c == marker.chars().next().unwrap()) {
             match &fence {
                 None => fence = Some(marker),
@@ -192,8 +195,9 @@ fn slug(heading: &str) -> String {
 /// A `..` above `base`'s root is kept, so a link out of the repository
 /// stays one.
 fn join(base: &Path, relative: &str) -> PathBuf {
+    let joined = base.join(relative);
     let mut parts: Vec<Component> = Vec::new();
-    for part in base.join(relative).components() {
+    for part in joined.components() {
         match part {
             Component::ParentDir if matches!(parts.last(), Some(Component::Normal(_))) => {
                 parts.pop();
@@ -358,8 +362,8 @@ fn the_readmes_minimal_configuration_and_policy_pass_check() {
     for block in section.split("```yaml\n").skip(1) {
         let block = block.split("```").next().unwrap();
         // The blocks sit in a list item: their lines are indented alike.
-        let indent = block.lines().next().unwrap().len()
-            - block.lines().next().unwrap().trim_start().len();
+        let indent =
+            block.lines().next().unwrap().len() - block.lines().next().unwrap().trim_start().len();
         let yaml: String = block
             .lines()
             .map(|l| format!("{}\n", l.get(indent..).unwrap_or("")))
@@ -383,9 +387,12 @@ fn the_readmes_minimal_configuration_and_policy_pass_check() {
         .env("CIBA_CLIENT_SECRET", "s3cr3t")
         .output()
         .unwrap();
-    let printed = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let printed =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{printed}");
     assert!(printed.contains("is valid"), "{printed}");
-    assert!(printed.contains("buy-product"), "the route table: {printed}");
+    assert!(
+        printed.contains("buy-product"),
+        "the route table: {printed}"
+    );
 }
