@@ -398,14 +398,7 @@ async fn a_held_agent_that_hangs_up_still_gets_its_order_on_retry() {
     // retry gets the order instead of a second request to her phone.
     // (Plain `/shop`: a policy without `wait:` holds.)
     let world = World::start(GatewayOptions::default()).await;
-    let body = serde_json::to_string(&phones()).unwrap();
-    let request = format!(
-        "POST /shop HTTP/1.1\r\nHost: {}\r\n{USER_HEADER}: alice\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        world.gateway.proxy,
-        body.len()
-    );
-    let mut stream = std::net::TcpStream::connect(world.gateway.proxy).unwrap();
-    std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
+    let stream = flows::held_call(world.gateway.proxy, "alice", &phones());
     let auth_req_id = pending_request(&world.peer, "alice").await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     drop(stream);
@@ -538,19 +531,12 @@ async fn a_pending_approval_survives_kill_9_and_a_restart() {
     // The gateway crashes (or is redeployed) while alice is deciding. When
     // it is back, her approval still buys the phones, once, and the
     // agent's retry gets the order.
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
-    let store = tempfile::tempdir().unwrap();
-    let db = store.path().join("approvals.db");
-    let mut gateway = GatewayProcess::start(
-        &peer,
-        &shop,
-        options(format!(
-            "store: {{ sqlite: \"{}\", lease: 2s }}",
-            db.display()
-        )),
-    )
-    .await;
+    let flows::SqliteWorld {
+        peer,
+        shop,
+        dir: _dir,
+        mut gateway,
+    } = flows::SqliteWorld::start(Some("2s"), options).await;
     let agent = reqwest::Client::new();
     let send = alice_buys_phones(&agent, gateway.proxy, ASYNC);
     let first = accepted(send().send().await.unwrap()).await;
@@ -603,22 +589,16 @@ async fn a_crash_while_forwarding_is_reported_as_unknown_and_never_resent() {
     // shop answered. The shop may have acted: the agent is told the outcome
     // is unknown, and the purchase is never sent a second time.
     use std::sync::atomic::Ordering;
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
     let (upstream, arrivals) = silent_upstream().await;
-    let store = tempfile::tempdir().unwrap();
-    let db = store.path().join("approvals.db");
-    let mut gateway = GatewayProcess::start(
-        &peer,
-        &shop,
-        GatewayOptions {
-            upstream: Some(upstream.to_string()),
-            ..options(format!(
-                "store: {{ sqlite: \"{}\", lease: 2s }}",
-                db.display()
-            ))
-        },
-    )
+    let flows::SqliteWorld {
+        peer,
+        shop: _shop,
+        dir: _dir,
+        mut gateway,
+    } = flows::SqliteWorld::start(Some("2s"), |store| GatewayOptions {
+        upstream: Some(upstream.to_string()),
+        ..options(store)
+    })
     .await;
     let agent = reqwest::Client::new();
     let send = alice_buys_phones(&agent, gateway.proxy, ASYNC);
@@ -657,12 +637,7 @@ async fn two_gateways_on_one_postgres_lose_nothing_when_one_dies() {
     let database = TestDatabase::create();
     let peer = Peer::start();
     let shop = start_shop(&peer).await;
-    let store = || {
-        options(format!(
-            "store: {{ postgres: \"{}\", lease: 2s }}",
-            database.url
-        ))
-    };
+    let store = || options(flows::postgres_store(&database.url, Some("2s")));
     let mut a = GatewayProcess::start(&peer, &shop, store()).await;
     let b = GatewayProcess::start(&peer, &shop, store()).await;
     let agent = reqwest::Client::new();

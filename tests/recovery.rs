@@ -27,13 +27,6 @@ fn options(store: String) -> GatewayOptions {
     }
 }
 
-fn sqlite(dir: &tempfile::TempDir, lease: &str) -> String {
-    format!(
-        "store: {{ sqlite: \"{}\", lease: {lease} }}",
-        dir.path().join("approvals.db").display()
-    )
-}
-
 /// `POST /shop` on the async policy for `user`, buying `qty` of `product`.
 fn call(
     agent: &reqwest::Client,
@@ -149,10 +142,12 @@ async fn a_gateway_paused_past_its_lease_comes_back_and_serves_new_approvals() {
     // A VM pause (or a stall of the store) longer than the lease: the
     // heartbeat lapses. Before, the engine never polled again: alice
     // approved and the agent got 202 until it gave up.
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
-    let dir = tempfile::tempdir().unwrap();
-    let gateway = GatewayProcess::start(&peer, &shop, options(sqlite(&dir, "2s"))).await;
+    let flows::SqliteWorld {
+        peer,
+        shop,
+        dir: _dir,
+        gateway,
+    } = flows::SqliteWorld::start(Some("2s"), options).await;
     gateway.pause();
     tokio::time::sleep(Duration::from_secs(5)).await;
     gateway.unpause();
@@ -199,10 +194,12 @@ async fn stall_sqlite_writers(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_says_not_ready_while_the_heartbeat_is_lapsed_and_ready_once_it_is_back() {
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
-    let dir = tempfile::tempdir().unwrap();
-    let gateway = GatewayProcess::start(&peer, &shop, options(sqlite(&dir, "2s"))).await;
+    let flows::SqliteWorld {
+        peer: _peer,
+        shop: _shop,
+        dir,
+        gateway,
+    } = flows::SqliteWorld::start(Some("2s"), options).await;
     let ready = || gateway.readyz();
     eventually(Duration::from_secs(10), "never ready", ready, |r| {
         r.0 == 200
@@ -232,7 +229,7 @@ async fn a_burst_for_one_person_pushes_no_more_than_the_limit() {
     let database = TestDatabase::create();
     let peer = Peer::start();
     let shop = start_shop(&peer).await;
-    let store = format!("store: {{ postgres: \"{}\" }}", database.url);
+    let store = flows::postgres_store(&database.url, None);
     let limited = || GatewayOptions {
         limits: "{ max_body_bytes: 1024, max_hold: 60s, max_pending_per_user: 5 }",
         ..options(store.clone())
@@ -270,10 +267,12 @@ async fn an_approval_whose_token_arrives_while_the_store_stalls_is_still_forward
     // a backup holding the lock). Before, the claim failed once and the
     // token was dropped: nothing was bought and the agent got 202 until the
     // approval read as expired.
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
-    let dir = tempfile::tempdir().unwrap();
-    let gateway = GatewayProcess::start(&peer, &shop, options(sqlite(&dir, "15s"))).await;
+    let flows::SqliteWorld {
+        peer,
+        shop,
+        dir,
+        gateway,
+    } = flows::SqliteWorld::start(Some("15s"), options).await;
     let agent = reqwest::Client::new();
     let send = || call(&agent, gateway.proxy, "alice", "XYZ phone", 2);
     let id = accepted(send()).await;
@@ -291,10 +290,12 @@ async fn a_gateway_killed_between_asking_and_recording_does_not_ask_again() {
     // learnt its auth_req_id. Before, the restarted gateway asked her a
     // second time. Now the approval ends, approval_interrupted, and the
     // agent decides whether to send the call again.
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut gateway = GatewayProcess::start(&peer, &shop, options(sqlite(&dir, "2s"))).await;
+    let flows::SqliteWorld {
+        peer,
+        shop,
+        dir: _dir,
+        mut gateway,
+    } = flows::SqliteWorld::start(Some("2s"), options).await;
     let status = peer
         .control("bc-authorize-delay", json!({ "count": 1, "ms": 4000 }))
         .await;
@@ -325,10 +326,12 @@ async fn an_approval_never_asked_is_not_pushed_after_its_expiry() {
     // A gateway stored an approval and died before asking; it is found
     // again only after it expired. Before, it was pushed anyway (with a
     // requested_expiry of 1 s). Planted with the columns of every version.
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut gateway = GatewayProcess::start(&peer, &shop, options(sqlite(&dir, "2s"))).await;
+    let flows::SqliteWorld {
+        peer,
+        shop: _shop,
+        dir,
+        mut gateway,
+    } = flows::SqliteWorld::start(Some("2s"), options).await;
     gateway.kill9();
     let db = dir.path().join("approvals.db");
     {
@@ -368,12 +371,7 @@ async fn a_replica_whose_clock_runs_ahead_takes_over_nothing_live() {
     let database = TestDatabase::create();
     let peer = Peer::start();
     let shop = start_shop(&peer).await;
-    let store = || {
-        options(format!(
-            "store: {{ postgres: \"{}\", lease: 2s }}",
-            database.url
-        ))
-    };
+    let store = || options(flows::postgres_store(&database.url, Some("2s")));
     let a = GatewayProcess::start(&peer, &shop, store()).await;
     // libfaketime preloaded into the gateway itself (Debian's `faketime`
     // command forks: a kill would stop the wrapper and orphan the gateway).
@@ -467,10 +465,7 @@ async fn sigterm_lets_a_forward_in_flight_finish_and_hands_the_leases_back() {
     let front = slow_front(shop.addr, Duration::from_secs(3)).await;
     let store = || GatewayOptions {
         upstream: Some(front.to_string()),
-        ..options(format!(
-            "store: {{ postgres: \"{}\", lease: 15s }}",
-            database.url
-        ))
+        ..options(flows::postgres_store(&database.url, Some("15s")))
     };
     let mut a = GatewayProcess::start(&peer, &shop, store()).await;
     let agent = reqwest::Client::new();
@@ -523,14 +518,12 @@ async fn a_single_sqlite_gateway_restarted_after_a_crash_resumes_at_once() {
     // One gateway, SQLite, the default 15 s lease: kill -9 while alice
     // decides. Before, the restarted gateway waited out its dead
     // predecessor's lease before polling again.
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = format!(
-        "store: {{ sqlite: \"{}\" }}",
-        dir.path().join("approvals.db").display()
-    );
-    let mut gateway = GatewayProcess::start(&peer, &shop, options(store)).await;
+    let flows::SqliteWorld {
+        peer,
+        shop: _shop,
+        dir: _dir,
+        mut gateway,
+    } = flows::SqliteWorld::start(None, options).await;
     let agent = reqwest::Client::new();
     let id = accepted(call(&agent, gateway.proxy, "alice", "XYZ phone", 2)).await;
     let auth_req_id = asked(&peer, "alice").await;
@@ -554,10 +547,12 @@ async fn a_retry_after_from_the_authorization_server_survives_a_restart() {
     // The server answers a poll 503 with Retry-After: 20, then the gateway
     // crashes. Before, the restarted gateway polled one interval (5 s)
     // after it came back, too early for the server (slow_down).
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut gateway = GatewayProcess::start(&peer, &shop, options(sqlite(&dir, "2s"))).await;
+    let flows::SqliteWorld {
+        peer,
+        shop: _shop,
+        dir: _dir,
+        mut gateway,
+    } = flows::SqliteWorld::start(Some("2s"), options).await;
     let status = peer
         .control(
             "token-unavailable",

@@ -1,0 +1,75 @@
+//! Set-ups and steps several test files share: a peer, a shop and a
+//! gateway process on SQLite in a folder of its own; the `store:` lines; an
+//! agent that sends a held call and hangs up.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+
+use countersign::demo::shop::ShopHandle;
+use serde_json::Value;
+
+use super::process::GatewayProcess;
+use super::{start_shop, GatewayOptions, Peer, USER_HEADER};
+
+/// `store:` on the SQLite file `approvals.db` in `dir`, with the default
+/// lease (`None`) or `lease`.
+pub fn sqlite_store(dir: &Path, lease: Option<&str>) -> String {
+    let db = dir.join("approvals.db");
+    match lease {
+        Some(lease) => format!("store: {{ sqlite: \"{}\", lease: {lease} }}", db.display()),
+        None => format!("store: {{ sqlite: \"{}\" }}", db.display()),
+    }
+}
+
+/// `store:` on the PostgreSQL database at `url`, with the default lease
+/// (`None`) or `lease`.
+pub fn postgres_store(url: &str, lease: Option<&str>) -> String {
+    match lease {
+        Some(lease) => format!("store: {{ postgres: \"{url}\", lease: {lease} }}"),
+        None => format!("store: {{ postgres: \"{url}\" }}"),
+    }
+}
+
+/// The CIBA peer, the shop, and one `countersign` process whose approvals
+/// are in SQLite in `dir` (which outlives restarts of the gateway).
+pub struct SqliteWorld {
+    pub peer: Peer,
+    pub shop: ShopHandle,
+    pub dir: tempfile::TempDir,
+    pub gateway: GatewayProcess,
+}
+
+impl SqliteWorld {
+    /// `options` turns the `store:` line (see [`sqlite_store`]) into the
+    /// gateway's options.
+    pub async fn start(
+        lease: Option<&str>,
+        options: impl FnOnce(String) -> GatewayOptions,
+    ) -> Self {
+        let peer = Peer::start();
+        let shop = start_shop(&peer).await;
+        let dir = tempfile::tempdir().unwrap();
+        let gateway =
+            GatewayProcess::start(&peer, &shop, options(sqlite_store(dir.path(), lease))).await;
+        Self {
+            peer,
+            shop,
+            dir,
+            gateway,
+        }
+    }
+}
+
+/// `POST /shop` for `user` with `body`, written on a plain TCP connection to
+/// the gateway at `proxy`: the agent's client, which hangs up when the
+/// stream is dropped.
+pub fn held_call(proxy: SocketAddr, user: &str, body: &Value) -> TcpStream {
+    let body = serde_json::to_string(body).unwrap();
+    let request = format!(
+        "POST /shop HTTP/1.1\r\nHost: {proxy}\r\n{USER_HEADER}: {user}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = TcpStream::connect(proxy).unwrap();
+    std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
+    stream
+}
