@@ -18,16 +18,6 @@ use countersign::metrics::Metrics;
 use serde_json::{json, Value};
 use support::*;
 
-const PROBLEM_JSON: &str = "application/problem+json";
-
-async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
-    assert_eq!(response.status().as_u16(), status);
-    assert_eq!(response.headers()["content-type"], PROBLEM_JSON);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["code"], code, "{body}");
-    body
-}
-
 fn fast() -> AuthzOptions {
     AuthzOptions {
         interval: Duration::from_secs(1),
@@ -107,7 +97,7 @@ async fn denied_call_never_reaches_the_shop() {
     let call = tokio::spawn(world.buy("bob", phones()).send());
     let pending = world.wait_pending("bob", 1).await;
     world.deny(&pending[0].id).await;
-    let body = problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
+    let body = flows::problem_json(call.await.unwrap().unwrap(), 403, "access_denied").await;
     assert_eq!(body["detail"], "The user has denied the request.");
     assert!(world.shop.received().is_empty());
 }
@@ -138,7 +128,7 @@ async fn an_unanswered_request_expires_and_is_not_a_denial() {
         .send()
         .await
         .unwrap();
-    problem(response, 408, "approval_expired").await;
+    flows::problem_json(response, 408, "approval_expired").await;
     assert!(started.elapsed() >= Duration::from_secs(2));
     // The gateway gives up once its next poll would be too late; the server
     // expires the request at exactly 3 s.
@@ -179,7 +169,7 @@ async fn slow_down_adds_five_seconds_to_every_later_poll() {
 async fn an_unknown_user_gets_a_clear_answer() {
     let world = DevWorld::start(GatewayOptions::dev()).await;
     let response = world.buy("mallory", phones()).send().await.unwrap();
-    problem(response, 400, "unknown_user").await;
+    flows::problem_json(response, 400, "unknown_user").await;
     assert!(world.authz.requests().is_empty());
     assert!(world.shop.received().is_empty());
 }
@@ -207,7 +197,7 @@ async fn invalid_binding_messages_are_refused() {
     let world = DevWorld::start(GatewayOptions::dev()).await;
     let long =
         json!({"product": "a very long product name that will not fit in a message", "qty": 2});
-    problem(
+    flows::problem_json(
         world.buy("alice", long).send().await.unwrap(),
         400,
         "invalid_binding_message",
@@ -708,7 +698,7 @@ async fn dev_mode_four_eyes_bobs_no_refuses_and_small_transfers_ask_the_person_o
     let alice = world.wait_pending("alice", 1).await.remove(0);
     world.approve(&alice.id).await;
     world.deny(&bob.id).await;
-    let body = problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
+    let body = flows::problem_json(call.await.unwrap().unwrap(), 403, "access_denied").await;
     let detail = body["detail"].as_str().unwrap();
     assert!(detail.contains("bob"), "{detail}");
     assert!(world.shop.received().is_empty());

@@ -20,7 +20,6 @@ use serde_json::{json, Value};
 use support::process::{unreachable_postgres_url, GatewayProcess, TestDatabase};
 use support::*;
 
-const PROBLEM_JSON: &str = "application/problem+json";
 const APPROVAL_ID: &str = "x-countersign-approval-id";
 const MESSAGE: &str = "Do you want to buy 2 XYZ phone";
 
@@ -170,17 +169,6 @@ async fn answered(send: impl Fn() -> reqwest::RequestBuilder) -> reqwest::Respon
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-}
-
-async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
-    let got = response.status().as_u16();
-    let content_type = response.headers().get("content-type").cloned();
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(got, status, "{body}");
-    assert_eq!(content_type.unwrap(), PROBLEM_JSON);
-    assert_eq!(body["code"], code, "{body}");
-    assert_eq!(body["status"], status);
-    body
 }
 
 /// The order the agent is given, checked against what the shop confirmed.
@@ -337,7 +325,7 @@ async fn a_denied_async_call_is_refused_to_the_retry() {
         .deny(&pending_request(&world.peer, "alice").await)
         .await;
 
-    let body = problem(answered(send).await, 403, "access_denied").await;
+    let body = flows::problem_json(answered(send).await, 403, "access_denied").await;
     assert_eq!(body["approval_id"], first.id.as_str(), "{body}");
     assert!(world.shop.received().is_empty());
     assert_eq!(world.peer.requests().await.len(), 1);
@@ -352,7 +340,7 @@ async fn an_unanswered_async_call_expires() {
     accepted(send().send().await.unwrap()).await;
     pending_request(&world.peer, "alice").await;
 
-    problem(answered(send).await, 408, "approval_expired").await;
+    flows::problem_json(answered(send).await, 408, "approval_expired").await;
     assert!(world.shop.received().is_empty());
     assert_eq!(world.peer.requests().await.len(), 1);
 }
@@ -377,7 +365,7 @@ async fn an_idempotency_key_names_one_call_only() {
     pending_request(&world.peer, "alice").await;
 
     let three = json!({ "product": "XYZ phone", "qty": 3, "priceLimit": 900 });
-    problem(
+    flows::problem_json(
         keyed(&three).send().await.unwrap(),
         422,
         "idempotency_key_reused",
@@ -503,7 +491,7 @@ async fn with_the_store_down_policy_calls_fail_closed_and_pass_through_works() {
             .send()
             .await
             .unwrap();
-        problem(response, 503, "approval_store_unavailable").await;
+        flows::problem_json(response, 503, "approval_store_unavailable").await;
     }
     let catalogue = world
         .agent
@@ -614,7 +602,7 @@ async fn a_crash_while_forwarding_is_reported_as_unknown_and_never_resent() {
     gateway.restart().await;
     let proxy = gateway.proxy;
     let send = alice_buys_phones(&agent, proxy, ASYNC);
-    let body = problem(answered(send).await, 502, "outcome_unknown").await;
+    let body = flows::problem_json(answered(send).await, 502, "outcome_unknown").await;
     assert_eq!(body["approval_id"], first.id.as_str(), "{body}");
     let status = wait_state(&agent, proxy, &first.location, "outcome_unknown").await;
     assert_eq!(status["approval_id"], first.id.as_str());
@@ -635,8 +623,7 @@ async fn two_gateways_on_one_postgres_lose_nothing_when_one_dies() {
     // took the call dies while alice decides; the other takes the approval
     // over, buys the phones once, and answers the agent's retry.
     let database = TestDatabase::create();
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
+    let (peer, shop) = flows::peer_and_shop().await;
     let store = || options(flows::postgres_store(&database.url, Some("2s")));
     let mut a = GatewayProcess::start(&peer, &shop, store()).await;
     let b = GatewayProcess::start(&peer, &shop, store()).await;

@@ -137,8 +137,7 @@ async fn a_denied_purchase_is_relayed_by_the_agent_and_never_reaches_the_shop() 
 
 #[tokio::test]
 async fn under_an_async_policy_the_tool_calls_again_after_retry_after_and_gets_the_order() {
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
+    let (peer, shop) = flows::peer_and_shop().await;
     // The test gateway's file with only the async policy (policies/ holds
     // the call instead, and its first matching policy wins).
     let dir = tempfile::tempdir().unwrap();

@@ -167,8 +167,7 @@ impl McpWorld {
     }
 
     async fn start_over(options: GatewayOptions, tls: Option<Tls>) -> Self {
-        let peer = Peer::start();
-        let shop = start_shop(&peer).await;
+        let (peer, shop) = flows::peer_and_shop().await;
         let server = McpServer::start(&peer);
         let gateway = TestGateway::start(
             &peer,

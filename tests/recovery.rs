@@ -106,14 +106,6 @@ async fn order(response: reqwest::Response, approval_id: &str) -> Value {
     body
 }
 
-async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
-    let got = response.status().as_u16();
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(got, status, "{body}");
-    assert_eq!(body["code"], code, "{body}");
-    body
-}
-
 /// The one pending CIBA request of `user` at the peer, once it is there.
 async fn asked(peer: &Peer, user: &str) -> String {
     let pending = peer.wait_pending(Some(user), 1).await;
@@ -227,8 +219,7 @@ async fn a_burst_for_one_person_pushes_no_more_than_the_limit() {
     // A runaway agent sends 20 different purchases at once for alice,
     // whose limit is 5 pending requests. Before, 16 to 20 reached her phone.
     let database = TestDatabase::create();
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
+    let (peer, shop) = flows::peer_and_shop().await;
     let store = flows::postgres_store(&database.url, None);
     let limited = || GatewayOptions {
         limits: "{ max_body_bytes: 1024, max_hold: 60s, max_pending_per_user: 5 }",
@@ -250,7 +241,7 @@ async fn a_burst_for_one_person_pushes_no_more_than_the_limit() {
         match response.status().as_u16() {
             202 => accepted += 1,
             429 => {
-                problem(response, 429, "too_many_pending_approvals").await;
+                flows::problem(response, 429, "too_many_pending_approvals").await;
                 limited += 1;
             }
             other => panic!("{other}: {}", response.text().await.unwrap()),
@@ -309,7 +300,7 @@ async fn a_gateway_killed_between_asking_and_recording_does_not_ask_again() {
     let _ = first.await;
     gateway.restart().await;
 
-    let body = problem(
+    let body = flows::problem(
         answered(Duration::from_secs(20), send).await,
         502,
         "approval_interrupted",
@@ -369,8 +360,7 @@ async fn a_replica_whose_clock_runs_ahead_takes_over_nothing_live() {
     // polled; one could settle what the other was forwarding). Leases are
     // judged on the database's clock now.
     let database = TestDatabase::create();
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
+    let (peer, shop) = flows::peer_and_shop().await;
     let store = || options(flows::postgres_store(&database.url, Some("2s")));
     let a = GatewayProcess::start(&peer, &shop, store()).await;
     // libfaketime preloaded into the gateway itself (Debian's `faketime`
@@ -460,8 +450,7 @@ async fn sigterm_lets_a_forward_in_flight_finish_and_hands_the_leases_back() {
     // Before, the forward was cut (outcome_unknown) and bob's approval
     // waited a whole lease for a new holder.
     let database = TestDatabase::create();
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
+    let (peer, shop) = flows::peer_and_shop().await;
     let front = slow_front(shop.addr, Duration::from_secs(3)).await;
     let store = || GatewayOptions {
         upstream: Some(front.to_string()),

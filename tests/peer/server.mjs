@@ -464,6 +464,17 @@ async function readJson(ctx) {
   return JSON.parse(raw);
 }
 
+// A control call's JSON body; undefined once a body that is not JSON has
+// been answered with 400 invalid_request.
+async function controlJson(ctx) {
+  try {
+    return await readJson(ctx);
+  } catch {
+    jsonError(ctx, 400, 'invalid_request', 'body must be JSON');
+    return undefined;
+  }
+}
+
 function jsonError(ctx, status, error, description, extraHeaders = {}) {
   ctx.status = status;
   ctx.set('Cache-Control', 'no-store');
@@ -702,12 +713,8 @@ async function controlMiddleware(provider, ctx) {
       if (current !== 'pending') {
         return jsonError(ctx, 409, 'conflict', `request is ${current}`);
       }
-      let body;
-      try {
-        body = await readJson(ctx);
-      } catch {
-        return jsonError(ctx, 400, 'invalid_request', 'body must be JSON');
-      }
+      const body = await controlJson(ctx);
+      if (body === undefined) return undefined;
       const request = await findBackchannelRequest(provider, id);
       if (!request) return jsonError(ctx, 404, 'not_found', 'request no longer stored');
 
@@ -759,12 +766,8 @@ async function controlMiddleware(provider, ctx) {
   }
 
   if (ctx.method === 'POST' && parts.length === 2 && parts[1] === 'access-token-details') {
-    let body;
-    try {
-      body = await readJson(ctx);
-    } catch {
-      return jsonError(ctx, 400, 'invalid_request', 'body must be JSON');
-    }
+    const body = await controlJson(ctx);
+    if (body === undefined) return undefined;
     if (body.mode !== 'drop' && body.mode !== 'alter') {
       return jsonError(ctx, 400, 'invalid_request', 'mode must be drop or alter');
     }
@@ -775,12 +778,8 @@ async function controlMiddleware(provider, ctx) {
   }
 
   if (ctx.method === 'POST' && parts.length === 2 && parts[1] === 'bc-authorize-delay') {
-    let body;
-    try {
-      body = await readJson(ctx);
-    } catch {
-      return jsonError(ctx, 400, 'invalid_request', 'body must be JSON');
-    }
+    const body = await controlJson(ctx);
+    if (body === undefined) return undefined;
     authorizeDelay.count = Number.isInteger(body.count) ? body.count : 1;
     authorizeDelay.ms = Number.isInteger(body.ms) ? body.ms : 3000;
     log(`control: next ${authorizeDelay.count} bc-authorize answers held ${authorizeDelay.ms} ms`);
@@ -789,12 +788,8 @@ async function controlMiddleware(provider, ctx) {
   }
 
   if (ctx.method === 'POST' && parts.length === 2 && parts[1] === 'token-unavailable') {
-    let body;
-    try {
-      body = await readJson(ctx);
-    } catch {
-      return jsonError(ctx, 400, 'invalid_request', 'body must be JSON');
-    }
+    const body = await controlJson(ctx);
+    if (body === undefined) return undefined;
     unavailable.count = Number.isInteger(body.count) ? body.count : 1;
     unavailable.status = Number.isInteger(body.status) ? body.status : 503;
     // retry_after: seconds (number), a raw header value (string), or null for no header;
@@ -832,12 +827,8 @@ async function controlMiddleware(provider, ctx) {
   }
 
   if (ctx.method === 'POST' && parts.length === 2 && parts[1] === 'token-misbehave') {
-    let body;
-    try {
-      body = await readJson(ctx);
-    } catch {
-      return jsonError(ctx, 400, 'invalid_request', 'body must be JSON');
-    }
+    const body = await controlJson(ctx);
+    if (body === undefined) return undefined;
     if (!MISBEHAVIOURS.includes(body.mode)) {
       return jsonError(ctx, 400, 'invalid_request', `mode must be one of ${MISBEHAVIOURS.join(', ')}`);
     }

@@ -30,6 +30,13 @@ pub fn postgres_store(url: &str, lease: Option<&str>) -> String {
     }
 }
 
+/// The CIBA peer and the shop that trusts its tokens.
+pub async fn peer_and_shop() -> (Peer, ShopHandle) {
+    let peer = Peer::start();
+    let shop = start_shop(&peer).await;
+    (peer, shop)
+}
+
 /// The CIBA peer, the shop, and one `countersign` process whose approvals
 /// are in SQLite in `dir` (which outlives restarts of the gateway).
 pub struct SqliteWorld {
@@ -46,8 +53,7 @@ impl SqliteWorld {
         lease: Option<&str>,
         options: impl FnOnce(String) -> GatewayOptions,
     ) -> Self {
-        let peer = Peer::start();
-        let shop = start_shop(&peer).await;
+        let (peer, shop) = peer_and_shop().await;
         let dir = tempfile::tempdir().unwrap();
         let gateway =
             GatewayProcess::start(&peer, &shop, options(sqlite_store(dir.path(), lease))).await;
@@ -72,4 +78,26 @@ pub fn held_call(proxy: SocketAddr, user: &str, body: &Value) -> TcpStream {
     let mut stream = TcpStream::connect(proxy).unwrap();
     std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
     stream
+}
+
+/// The gateway's refusal: `status`, with a JSON body of that `code`.
+pub async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
+    let got = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(got, status, "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    body
+}
+
+/// As [`problem`], and the body is `application/problem+json` (RFC 9457)
+/// whose `status` repeats the HTTP status.
+pub async fn problem_json(response: reqwest::Response, status: u16, code: &str) -> Value {
+    let content_type = response.headers().get("content-type").cloned();
+    let body = problem(response, status, code).await;
+    assert_eq!(
+        content_type.expect("a content-type"),
+        "application/problem+json"
+    );
+    assert_eq!(body["status"], status, "{body}");
+    body
 }
