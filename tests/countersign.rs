@@ -112,25 +112,26 @@ async fn approved_by_the_person_and_the_countersigner_it_is_forwarded_once_with_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_no_from_either_refuses_the_call_and_nothing_is_forwarded() {
     let world = World::start(GatewayOptions::default()).await;
-    // The person approves, the countersigner denies.
-    let call = tokio::spawn(transfer(&world.agent, world.gateway.proxy, "alice", 20_000).send());
-    let lead = asked(&world.peer, LEAD).await;
-    let alice = asked(&world.peer, "alice").await;
-    world.peer.approve(id(&alice)).await;
-    world.peer.deny(id(&lead)).await;
-    let body = flows::problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
-    let detail = body["detail"].as_str().unwrap();
-    assert!(detail.contains("denied by finance-lead"), "{detail}");
-
-    // The person denies, the countersigner approves.
-    let call = tokio::spawn(transfer(&world.agent, world.gateway.proxy, "alice", 30_000).send());
-    let lead = asked(&world.peer, LEAD).await;
-    let alice = asked(&world.peer, "alice").await;
-    world.peer.approve(id(&lead)).await;
-    world.peer.deny(id(&alice)).await;
-    let body = flows::problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
-    let detail = body["detail"].as_str().unwrap();
-    assert!(detail.contains("alice denied"), "{detail}");
+    for (amount, alice_says_yes, detail_names) in [
+        // The person approves, the countersigner denies.
+        (20_000, true, "denied by finance-lead"),
+        // The person denies, the countersigner approves.
+        (30_000, false, "alice denied"),
+    ] {
+        let call =
+            tokio::spawn(transfer(&world.agent, world.gateway.proxy, "alice", amount).send());
+        let lead = asked(&world.peer, LEAD).await;
+        let alice = asked(&world.peer, "alice").await;
+        let (yes, no) = match alice_says_yes {
+            true => (&alice, &lead),
+            false => (&lead, &alice),
+        };
+        world.peer.approve(id(yes)).await;
+        world.peer.deny(id(no)).await;
+        let body = flows::problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
+        let detail = body["detail"].as_str().unwrap();
+        assert!(detail.contains(detail_names), "{detail}");
+    }
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
@@ -259,16 +260,12 @@ async fn an_agent_cannot_forge_countersignatures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_killed_between_the_two_answers_still_forwards_once() {
-    let flows::SqliteWorld {
-        peer,
-        shop,
-        dir: _dir,
-        mut gateway,
-    } = flows::SqliteWorld::start(Some("2s"), |store| GatewayOptions {
-        extra_config: store,
-        ..Default::default()
-    })
-    .await;
+    let (peer, shop, _dir, mut gateway) =
+        flows::sqlite_gateway(Some("2s"), |store| GatewayOptions {
+            extra_config: store,
+            ..Default::default()
+        })
+        .await;
     let agent = reqwest::Client::new();
     let proxy = gateway.proxy;
     let first = tokio::spawn(transfer(&agent, proxy, "alice", 40_000).send());
@@ -336,16 +333,8 @@ async fn while_it_waits_the_status_says_who_has_not_answered_yet() {
     let status_url = world.gateway.url(&format!("/approvals/{approval_id}"));
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let status = loop {
-        let status: Value = world
-            .agent
-            .get(&status_url)
-            .header(USER_HEADER, "alice")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let status: Value =
+            flows::json_of(world.agent.get(&status_url).header(USER_HEADER, "alice")).await;
         if status["approvers"][0]["state"] == "approved" {
             break status;
         }

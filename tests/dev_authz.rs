@@ -272,14 +272,8 @@ async fn the_dev_server_answers_bad_requests_with_oauth_errors() {
     let issuer = world.authz.issuer().to_owned();
     let http = reqwest::Client::new();
 
-    let discovery: Value = http
-        .get(format!("{issuer}/.well-known/openid-configuration"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let discovery: Value =
+        flows::json_of(http.get(format!("{issuer}/.well-known/openid-configuration"))).await;
     assert_eq!(discovery["issuer"], issuer.as_str());
     assert_eq!(
         discovery["grant_types_supported"],
@@ -289,14 +283,7 @@ async fn the_dev_server_answers_bad_requests_with_oauth_errors() {
         discovery["backchannel_token_delivery_modes_supported"],
         json!(["poll"])
     );
-    let jwks: Value = http
-        .get(discovery["jwks_uri"].as_str().unwrap())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks: Value = flows::json_of(http.get(discovery["jwks_uri"].as_str().unwrap())).await;
     assert_eq!(jwks["keys"][0]["kty"], "RSA");
     assert!(jwks["keys"][0]["n"].is_string() && jwks["keys"][0]["e"] == "AQAB");
     assert!(jwks["keys"][0].get("d").is_none(), "no private parts");
@@ -834,14 +821,8 @@ impl DevProcess {
         let issuer = self.issuer();
         let deadline = Instant::now() + Duration::from_secs(20);
         let id = loop {
-            let listing: Value = client
-                .get(format!("{issuer}/api/requests?user={user}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let listing: Value =
+                flows::json_of(client.get(format!("{issuer}/api/requests?user={user}"))).await;
             let pending = listing["requests"]
                 .as_array()
                 .unwrap()

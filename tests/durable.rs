@@ -519,12 +519,7 @@ async fn a_pending_approval_survives_kill_9_and_a_restart() {
     // The gateway crashes (or is redeployed) while alice is deciding. When
     // it is back, her approval still buys the phones, once, and the
     // agent's retry gets the order.
-    let flows::SqliteWorld {
-        peer,
-        shop,
-        dir: _dir,
-        mut gateway,
-    } = flows::SqliteWorld::start(Some("2s"), options).await;
+    let (peer, shop, _dir, mut gateway) = flows::sqlite_gateway(Some("2s"), options).await;
     let agent = reqwest::Client::new();
     let send = alice_buys_phones(&agent, gateway.proxy, ASYNC);
     let first = accepted(send().send().await.unwrap()).await;
@@ -578,16 +573,12 @@ async fn a_crash_while_forwarding_is_reported_as_unknown_and_never_resent() {
     // is unknown, and the purchase is never sent a second time.
     use std::sync::atomic::Ordering;
     let (upstream, arrivals) = silent_upstream().await;
-    let flows::SqliteWorld {
-        peer,
-        shop: _shop,
-        dir: _dir,
-        mut gateway,
-    } = flows::SqliteWorld::start(Some("2s"), |store| GatewayOptions {
-        upstream: Some(upstream.to_string()),
-        ..options(store)
-    })
-    .await;
+    let (peer, _shop, _dir, mut gateway) =
+        flows::sqlite_gateway(Some("2s"), |store| GatewayOptions {
+            upstream: Some(upstream.to_string()),
+            ..options(store)
+        })
+        .await;
     let agent = reqwest::Client::new();
     let send = alice_buys_phones(&agent, gateway.proxy, ASYNC);
     let first = accepted(send().send().await.unwrap()).await;

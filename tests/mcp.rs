@@ -70,32 +70,17 @@ impl McpServer {
 
     /// Every tool call the server ran.
     async fn calls(&self) -> Vec<Value> {
-        reqwest::get(format!("http://{}/control/calls", self.addr))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        flows::get_json(format!("http://{}/control/calls", self.addr)).await
     }
 
     /// Every call-binding check the server's verifier made.
     async fn bindings(&self) -> Vec<Value> {
-        reqwest::get(format!("http://{}/control/bindings", self.addr))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        flows::get_json(format!("http://{}/control/bindings", self.addr)).await
     }
 
     /// HTTP requests the server got on /mcp, by method.
     async fn methods(&self) -> Value {
-        reqwest::get(format!("http://{}/control/methods", self.addr))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        flows::get_json(format!("http://{}/control/methods", self.addr)).await
     }
 
     async fn bought(&self) -> Vec<Value> {
@@ -226,12 +211,7 @@ impl McpWorld {
     }
 
     async fn approvals(&self, query: &str) -> Vec<Value> {
-        reqwest::get(format!("http://{}/approvals{query}", self.gateway.admin))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        flows::get_json(format!("http://{}/approvals{query}", self.gateway.admin)).await
     }
 
     /// The tool call `body` (JSON-RPC `id`) sent by `method` with `headers`

@@ -134,12 +134,7 @@ async fn a_gateway_paused_past_its_lease_comes_back_and_serves_new_approvals() {
     // A VM pause (or a stall of the store) longer than the lease: the
     // heartbeat lapses. Before, the engine never polled again: alice
     // approved and the agent got 202 until it gave up.
-    let flows::SqliteWorld {
-        peer,
-        shop,
-        dir: _dir,
-        gateway,
-    } = flows::SqliteWorld::start(Some("2s"), options).await;
+    let (peer, shop, _dir, gateway) = flows::sqlite_gateway(Some("2s"), options).await;
     gateway.pause();
     tokio::time::sleep(Duration::from_secs(5)).await;
     gateway.unpause();
@@ -186,12 +181,7 @@ async fn stall_sqlite_writers(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_says_not_ready_while_the_heartbeat_is_lapsed_and_ready_once_it_is_back() {
-    let flows::SqliteWorld {
-        peer: _peer,
-        shop: _shop,
-        dir,
-        gateway,
-    } = flows::SqliteWorld::start(Some("2s"), options).await;
+    let (_peer, _shop, dir, gateway) = flows::sqlite_gateway(Some("2s"), options).await;
     let ready = || gateway.readyz();
     eventually(Duration::from_secs(10), "never ready", ready, |r| {
         r.0 == 200
@@ -258,12 +248,7 @@ async fn an_approval_whose_token_arrives_while_the_store_stalls_is_still_forward
     // a backup holding the lock). Before, the claim failed once and the
     // token was dropped: nothing was bought and the agent got 202 until the
     // approval read as expired.
-    let flows::SqliteWorld {
-        peer,
-        shop,
-        dir,
-        gateway,
-    } = flows::SqliteWorld::start(Some("15s"), options).await;
+    let (peer, shop, dir, gateway) = flows::sqlite_gateway(Some("15s"), options).await;
     let agent = reqwest::Client::new();
     let send = || call(&agent, gateway.proxy, "alice", "XYZ phone", 2);
     let id = accepted(send()).await;
@@ -281,12 +266,7 @@ async fn a_gateway_killed_between_asking_and_recording_does_not_ask_again() {
     // learnt its auth_req_id. Before, the restarted gateway asked her a
     // second time. Now the approval ends, approval_interrupted, and the
     // agent decides whether to send the call again.
-    let flows::SqliteWorld {
-        peer,
-        shop,
-        dir: _dir,
-        mut gateway,
-    } = flows::SqliteWorld::start(Some("2s"), options).await;
+    let (peer, shop, _dir, mut gateway) = flows::sqlite_gateway(Some("2s"), options).await;
     let status = peer
         .control("bc-authorize-delay", json!({ "count": 1, "ms": 4000 }))
         .await;
@@ -317,12 +297,7 @@ async fn an_approval_never_asked_is_not_pushed_after_its_expiry() {
     // A gateway stored an approval and died before asking; it is found
     // again only after it expired. Before, it was pushed anyway (with a
     // requested_expiry of 1 s). Planted with the columns of every version.
-    let flows::SqliteWorld {
-        peer,
-        shop: _shop,
-        dir,
-        mut gateway,
-    } = flows::SqliteWorld::start(Some("2s"), options).await;
+    let (peer, _shop, dir, mut gateway) = flows::sqlite_gateway(Some("2s"), options).await;
     gateway.kill9();
     let db = dir.path().join("approvals.db");
     {
@@ -507,12 +482,7 @@ async fn a_single_sqlite_gateway_restarted_after_a_crash_resumes_at_once() {
     // One gateway, SQLite, the default 15 s lease: kill -9 while alice
     // decides. Before, the restarted gateway waited out its dead
     // predecessor's lease before polling again.
-    let flows::SqliteWorld {
-        peer,
-        shop: _shop,
-        dir: _dir,
-        mut gateway,
-    } = flows::SqliteWorld::start(None, options).await;
+    let (peer, _shop, _dir, mut gateway) = flows::sqlite_gateway(None, options).await;
     let agent = reqwest::Client::new();
     let id = accepted(call(&agent, gateway.proxy, "alice", "XYZ phone", 2)).await;
     let auth_req_id = asked(&peer, "alice").await;
@@ -536,12 +506,7 @@ async fn a_retry_after_from_the_authorization_server_survives_a_restart() {
     // The server answers a poll 503 with Retry-After: 20, then the gateway
     // crashes. Before, the restarted gateway polled one interval (5 s)
     // after it came back, too early for the server (slow_down).
-    let flows::SqliteWorld {
-        peer,
-        shop: _shop,
-        dir: _dir,
-        mut gateway,
-    } = flows::SqliteWorld::start(Some("2s"), options).await;
+    let (peer, _shop, _dir, mut gateway) = flows::sqlite_gateway(Some("2s"), options).await;
     let status = peer
         .control(
             "token-unavailable",

@@ -125,12 +125,8 @@ async fn an_agent_that_hung_up_gets_the_order_once_then_the_call_is_new() {
         assert!(Instant::now() < deadline, "the approved call was not made");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let approvals: Value = reqwest::get(format!("http://{}/approvals", world.gateway.admin))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let approvals: Value =
+        flows::get_json(format!("http://{}/approvals", world.gateway.admin)).await;
     let first_id = approvals[0]["id"].as_str().unwrap().to_owned();
     // Recorded once the shop has answered (it checks the token first).
     let mut undelivered = status(&world, &first_id).await;

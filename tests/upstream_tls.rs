@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use support::certs::Ca;
 use support::process::GatewayProcess;
-use support::{free_port, Peer, REPO, USER_HEADER};
+use support::{flows, free_port, Peer, REPO, USER_HEADER};
 
 /// What the TLS upstream saw of one request.
 #[derive(Debug, Clone)]
@@ -152,12 +152,7 @@ fn write_config(
 listen: {{ proxy: "{proxy}", admin: "{admin}", threads: 2 }}
 upstreams:
   shop: {{ url: "https://localhost:{port}", connect_timeout: 2s, timeout: 10s{tls} }}
-authorization_server:
-  issuer: {issuer}
-  client_id: countersign-post
-  client_auth: {{ method: client_secret_post, client_secret: countersign-secret }}
-  login_hint: iss_sub
-  audience_parameter: resource
+{authorization_server}
 identity: {{ header: {{ name: {USER_HEADER} }} }}
 policies: ["{policies}"]
 default_action: pass
@@ -165,7 +160,7 @@ limits: {{ max_body_bytes: 1024, max_hold: 60s }}
 store: memory
 "#,
         port = upstream.port(),
-        issuer = peer.issuer,
+        authorization_server = flows::peer_authorization_server(&peer.issuer),
         policies = Path::new(REPO).join("policies").display(),
     );
     let file = dir.join("countersign.yaml");

@@ -38,32 +38,18 @@ pub async fn peer_and_shop() -> (Peer, ShopHandle) {
 }
 
 /// The CIBA peer, the shop, and one `countersign` process whose approvals
-/// are in SQLite in `dir` (which outlives restarts of the gateway).
-pub struct SqliteWorld {
-    pub peer: Peer,
-    pub shop: ShopHandle,
-    pub dir: tempfile::TempDir,
-    pub gateway: GatewayProcess,
-}
-
-impl SqliteWorld {
-    /// `options` turns the `store:` line (see [`sqlite_store`]) into the
-    /// gateway's options.
-    pub async fn start(
-        lease: Option<&str>,
-        options: impl FnOnce(String) -> GatewayOptions,
-    ) -> Self {
-        let (peer, shop) = peer_and_shop().await;
-        let dir = tempfile::tempdir().unwrap();
-        let gateway =
-            GatewayProcess::start(&peer, &shop, options(sqlite_store(dir.path(), lease))).await;
-        Self {
-            peer,
-            shop,
-            dir,
-            gateway,
-        }
-    }
+/// are in SQLite in the returned folder (which outlives restarts of the
+/// gateway): `(peer, shop, folder, gateway)`. `options` turns the `store:`
+/// line (see [`sqlite_store`]) into the gateway's options.
+pub async fn sqlite_gateway(
+    lease: Option<&str>,
+    options: impl FnOnce(String) -> GatewayOptions,
+) -> (Peer, ShopHandle, tempfile::TempDir, GatewayProcess) {
+    let (peer, shop) = peer_and_shop().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gateway =
+        GatewayProcess::start(&peer, &shop, options(sqlite_store(dir.path(), lease))).await;
+    (peer, shop, dir, gateway)
 }
 
 /// `POST /shop` for `user` with `body`, written on a plain TCP connection to
@@ -100,4 +86,37 @@ pub async fn problem_json(response: reqwest::Response, status: u16, code: &str) 
     );
     assert_eq!(body["status"], status, "{body}");
     body
+}
+
+/// Sends `request`; the JSON of its answer.
+pub async fn json_of<T: serde::de::DeserializeOwned>(request: reqwest::RequestBuilder) -> T {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
+/// `GET url`; the JSON of its answer.
+pub async fn get_json<T: serde::de::DeserializeOwned>(url: String) -> T {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
+/// `GET url`; the text of its answer.
+pub async fn get_text(url: String) -> String {
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
+/// Sends `request`; the text of its answer.
+pub async fn text_of(request: reqwest::RequestBuilder) -> String {
+    request.send().await.unwrap().text().await.unwrap()
+}
+
+/// The `authorization_server:` section for the CIBA peer at `issuer`, as
+/// its client `countersign-post`, for a configuration written by hand.
+pub fn peer_authorization_server(issuer: &str) -> String {
+    format!(
+        r#"authorization_server:
+  issuer: {issuer}
+  client_id: countersign-post
+  client_auth: {{ method: client_secret_post, client_secret: countersign-secret }}
+  login_hint: iss_sub
+  audience_parameter: resource"#
+    )
 }

@@ -187,12 +187,7 @@ impl GatewayProcess {
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("http://{}/metrics", self.admin))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        super::flows::get_text(format!("http://{}/metrics", self.admin)).await
     }
 
     pub fn is_running(&mut self) -> bool {
