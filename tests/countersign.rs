@@ -32,7 +32,7 @@ async fn asked(peer: &Peer, user: &str) -> Value {
 }
 
 fn id(request: &Value) -> &str {
-    request["auth_req_id"].as_str().unwrap()
+    flows::auth_req_id(request)
 }
 
 /// The transfers that reached the shop, with what it answered them.

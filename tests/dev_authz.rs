@@ -207,15 +207,7 @@ async fn invalid_binding_messages_are_refused() {
 
     let client = ciba_client(world.authz.issuer()).await;
     let scopes = vec!["product:buy".to_owned()];
-    let mut request = AuthorizeRequest {
-        client_notification_token: None,
-        subject: "alice",
-        binding_message: "Approve <all>!",
-        scopes: &scopes,
-        audience: Some(SHOP_AUDIENCE),
-        authorization_details: None,
-        requested_expiry: Some(Duration::from_secs(30)),
-    };
+    let mut request = shop_request("alice", "Approve <all>!", &scopes);
     let refused = client.authorize(&request).await.unwrap_err();
     assert!(
         matches!(refused, CibaError::InvalidBindingMessage(_)),
@@ -233,15 +225,7 @@ async fn a_client_polling_too_fast_is_slowed_down_and_ids_are_single_use() {
     let world = DevWorld::start(GatewayOptions::dev()).await;
     let client = ciba_client(world.authz.issuer()).await;
     let scopes = vec!["product:buy".to_owned()];
-    let request = AuthorizeRequest {
-        client_notification_token: None,
-        subject: "alice",
-        binding_message: "Buy 2 phones",
-        scopes: &scopes,
-        audience: Some(SHOP_AUDIENCE),
-        authorization_details: None,
-        requested_expiry: Some(Duration::from_secs(30)),
-    };
+    let request = shop_request("alice", "Buy 2 phones", &scopes);
     let authorization = client.authorize(&request).await.unwrap();
     assert_eq!(authorization.interval, Some(Duration::from_secs(2)));
     assert_eq!(authorization.expires_in, Duration::from_secs(30));
@@ -498,6 +482,23 @@ async fn the_approver_page_is_served_safely() {
     assert_eq!(status, 421);
 }
 
+/// A CIBA request for the shop's audience that expires in 30 s.
+fn shop_request<'a>(
+    subject: &'a str,
+    binding_message: &'a str,
+    scopes: &'a [String],
+) -> AuthorizeRequest<'a> {
+    AuthorizeRequest {
+        client_notification_token: None,
+        subject,
+        binding_message,
+        scopes,
+        audience: Some(SHOP_AUDIENCE),
+        authorization_details: None,
+        requested_expiry: Some(Duration::from_secs(30)),
+    }
+}
+
 async fn ciba_client(issuer: &str) -> CibaClient {
     let text = format!(
         r#"
@@ -589,6 +590,24 @@ fn payload(jwt: &str) -> Value {
     serde_json::from_slice(&bytes).unwrap()
 }
 
+/// `countersign dev`'s world, where alice's transfer of `amount` to carol
+/// (held in the returned task) is waiting for bob and for her: the call,
+/// bob's request and alice's.
+async fn four_eyes_transfer(
+    amount: u64,
+) -> (
+    DevWorld,
+    tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+    countersign::dev::authz::RequestInfo,
+    countersign::dev::authz::RequestInfo,
+) {
+    let world = DevWorld::start_as_dev_mode(fast()).await;
+    let call = tokio::spawn(world.transfer("alice", amount, "carol").send());
+    let bob = world.wait_pending("bob", 1).await.remove(0);
+    let alice = world.wait_pending("alice", 1).await.remove(0);
+    (world, call, bob, alice)
+}
+
 /// Four eyes as `countersign dev` runs it (its own configuration and
 /// embedded policies): a large transfer asks alice and bob, each with their
 /// own message; the approver page's listing shows each who else was asked
@@ -596,10 +615,7 @@ fn payload(jwt: &str) -> Value {
 /// token in `Countersign-Tokens`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_mode_four_eyes_a_large_transfer_needs_alice_and_bob() {
-    let world = DevWorld::start_as_dev_mode(fast()).await;
-    let call = tokio::spawn(world.transfer("alice", 20_000, "carol").send());
-    let bob = world.wait_pending("bob", 1).await.remove(0);
-    let alice = world.wait_pending("alice", 1).await.remove(0);
+    let (world, call, bob, alice) = four_eyes_transfer(20_000).await;
     assert_eq!(
         bob.binding_message,
         "Countersign: alice sends 20000 to carol"
@@ -679,10 +695,7 @@ async fn dev_mode_four_eyes_a_large_transfer_needs_alice_and_bob() {
 /// transfer needs the person alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_mode_four_eyes_bobs_no_refuses_and_small_transfers_ask_the_person_only() {
-    let world = DevWorld::start_as_dev_mode(fast()).await;
-    let call = tokio::spawn(world.transfer("alice", 15_000, "carol").send());
-    let bob = world.wait_pending("bob", 1).await.remove(0);
-    let alice = world.wait_pending("alice", 1).await.remove(0);
+    let (world, call, bob, alice) = four_eyes_transfer(15_000).await;
     world.approve(&alice.id).await;
     world.deny(&bob.id).await;
     let body = flows::problem_json(call.await.unwrap().unwrap(), 403, "access_denied").await;
@@ -849,6 +862,21 @@ impl DevProcess {
     }
 }
 
+/// Alice approves while `curl` (running the pasted `command`) is held;
+/// curl then has the shop's 200, over HTTP/2, for the phone.
+async fn approved_curl_buys(
+    dev: &DevProcess,
+    curl: tokio::task::JoinHandle<std::io::Result<std::process::Output>>,
+    command: &str,
+) {
+    dev.approve_pending("alice").await;
+    let output = curl.await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{command}: {output:?}");
+    assert!(stdout.starts_with("HTTP/2 200"), "{stdout}");
+    assert!(stdout.contains("\"product\":\"XYZ phone\""), "{stdout}");
+}
+
 /// A client that trusts the CA at `ca` and nothing else.
 fn trusting_only(ca: &Path, http1: bool) -> reqwest::Client {
     let pem = std::fs::read(ca).unwrap();
@@ -946,12 +974,7 @@ async fn dev_mode_over_tls_prints_a_curl_command_that_works_pasted() {
         .arg(&command)
         .output();
     let curl = tokio::spawn(curl);
-    dev.approve_pending("alice").await;
-    let output = curl.await.unwrap().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{command}: {output:?}");
-    assert!(stdout.starts_with("HTTP/2 200"), "{stdout}");
-    assert!(stdout.contains("\"product\":\"XYZ phone\""), "{stdout}");
+    approved_curl_buys(&dev, curl, &command).await;
     // The printed CA is the one it trusts: without --cacert curl refuses.
     let bare = command.replacen(
         &format!(
@@ -1004,10 +1027,5 @@ async fn the_readmes_quickstart_curl_over_tls_works_pasted() {
             .env_remove("XDG_STATE_HOME")
             .output(),
     );
-    dev.approve_pending("alice").await;
-    let output = curl.await.unwrap().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{command}: {output:?}");
-    assert!(stdout.starts_with("HTTP/2 200"), "{stdout}");
-    assert!(stdout.contains("\"product\":\"XYZ phone\""), "{stdout}");
+    approved_curl_buys(&dev, curl, &command).await;
 }

@@ -207,7 +207,7 @@ async fn exactly_one_order(shop: &ShopHandle) {
 async fn pending_request(peer: &Peer, user: &str) -> String {
     let pending = peer.wait_pending(Some(user), 1).await;
     assert_eq!(pending[0]["binding_message"], MESSAGE);
-    pending[0]["auth_req_id"].as_str().unwrap().to_owned()
+    flows::auth_req_id(&pending[0]).to_owned()
 }
 
 async fn status_of(
@@ -664,10 +664,7 @@ async fn the_example_gift_card_policy_is_asynchronous() {
         pending[0]["binding_message"],
         "Send a 25 EUR gift card to bob"
     );
-    world
-        .peer
-        .approve(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
+    world.peer.approve(flows::auth_req_id(&pending[0])).await;
     let answer = answered(send).await;
     assert_eq!(answer.status(), 201);
     let card: Value = answer.json().await.unwrap();

@@ -198,16 +198,12 @@ impl McpWorld {
 
     /// The person says yes to `request` (one of [`Self::pending`]).
     async fn approve(&self, request: &Value) {
-        self.peer
-            .approve(request["auth_req_id"].as_str().unwrap())
-            .await;
+        self.peer.approve(flows::auth_req_id(request)).await;
     }
 
     /// The person says no to `request`.
     async fn deny(&self, request: &Value) {
-        self.peer
-            .deny(request["auth_req_id"].as_str().unwrap())
-            .await;
+        self.peer.deny(flows::auth_req_id(request)).await;
     }
 
     async fn approvals(&self, query: &str) -> Vec<Value> {
@@ -569,7 +565,7 @@ async fn a_cancelled_held_call_is_never_forwarded() {
     assert_eq!(cancelled.len(), 1, "{cancelled:?}");
     assert_eq!(cancelled[0]["problem_code"], "approval_cancelled");
     // The person approves anyway: the gateway no longer polls, nothing is sent.
-    let auth_req_id = request["auth_req_id"].as_str().unwrap();
+    let auth_req_id = flows::auth_req_id(&request);
     world.peer.approve(auth_req_id).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(world.peer.request(auth_req_id).await["status"], "approved");
@@ -919,10 +915,7 @@ async fn the_example_shop_serves_buy_product_over_mcp() {
     );
     let pending = world.peer.wait_pending(Some("alice"), 1).await;
     assert_eq!(pending[0]["binding_message"], MESSAGE);
-    world
-        .peer
-        .approve(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
+    world.peer.approve(flows::auth_req_id(&pending[0])).await;
     let out = client.await.unwrap();
     assert_eq!(out[0]["tools"], json!(["buy_product", "list_products"]));
     assert!(text(&out[1]["results"][0]).contains("XYZ phone"), "{out:?}");

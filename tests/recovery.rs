@@ -109,7 +109,7 @@ async fn order(response: reqwest::Response, approval_id: &str) -> Value {
 /// The one pending CIBA request of `user` at the peer, once it is there.
 async fn asked(peer: &Peer, user: &str) -> String {
     let pending = peer.wait_pending(Some(user), 1).await;
-    pending[0]["auth_req_id"].as_str().unwrap().to_owned()
+    flows::auth_req_id(&pending[0]).to_owned()
 }
 
 /// The state of approval `id`, as `countersign approvals show` prints it.

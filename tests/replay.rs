@@ -35,7 +35,7 @@ async fn pending_request(world: &World, count: usize) -> String {
         if requests.len() >= count {
             assert_eq!(requests.len(), count, "asked more than expected");
             let pending = world.peer.wait_pending(Some("alice"), 1).await;
-            return pending[0]["auth_req_id"].as_str().unwrap().to_owned();
+            return flows::auth_req_id(&pending[0]).to_owned();
         }
         assert!(
             Instant::now() < deadline,

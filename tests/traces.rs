@@ -194,7 +194,7 @@ async fn an_approved_call_is_one_trace_under_the_agents_span() {
             .send(),
     );
     let pending = peer.wait_pending(Some("alice"), 1).await;
-    let auth_req_id = pending[0]["auth_req_id"].as_str().unwrap().to_owned();
+    let auth_req_id = flows::auth_req_id(&pending[0]).to_owned();
     peer.approve(&auth_req_id).await;
     let response = held.await.unwrap().unwrap();
     assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
@@ -388,8 +388,7 @@ async fn an_approval_forwarded_by_another_replica_joins_the_agents_trace() {
         .await;
     let pending = peer.wait_pending(Some("alice"), 1).await;
     a.kill9();
-    peer.approve(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
+    peer.approve(flows::auth_req_id(&pending[0])).await;
 
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

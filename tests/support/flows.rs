@@ -1,6 +1,7 @@
 //! Set-ups and steps several test files share: a peer, a shop and a
-//! gateway process on SQLite in a folder of its own; the `store:` lines; an
-//! agent that sends a held call and hangs up.
+//! gateway process on SQLite in a folder of its own; the `store:` lines and
+//! the peer's `authorization_server:` section; an agent that sends a held
+//! call and hangs up; the checks of a refusal; JSON and text fetches.
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -119,4 +120,9 @@ pub fn peer_authorization_server(issuer: &str) -> String {
   login_hint: iss_sub
   audience_parameter: resource"#
     )
+}
+
+/// The `auth_req_id` of one of the peer's requests (see `Peer::requests`).
+pub fn auth_req_id(request: &Value) -> &str {
+    request["auth_req_id"].as_str().expect("an auth_req_id")
 }
