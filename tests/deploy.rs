@@ -623,14 +623,8 @@ async fn the_binary_started_with_the_containers_args_serves_the_probes_and_stops
             .unwrap();
         assert_eq!(response.status(), 200, "{probe} {path}");
     }
-    let readyz: serde_json::Value = http
-        .get(format!("http://{admin}/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let readyz: serde_json::Value =
+        flows::json_of(http.get(format!("http://{admin}/readyz"))).await;
     assert_eq!(readyz["checks"]["approval_store"], "ok", "{readyz}");
 
     // An edit of the policies, published as the kubelet publishes a
@@ -650,14 +644,7 @@ async fn the_binary_started_with_the_containers_args_serves_the_probes_and_stops
     let reloaded = r#"countersign_config_reload_total{result="ok"} 1"#;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let metrics = http
-            .get(format!("http://{admin}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = flows::text_of(http.get(format!("http://{admin}/metrics"))).await;
         if metrics.contains(reloaded) {
             break;
         }
