@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Try Countersign on your machine against the OpenID Certified oidc-provider
-# (README.md, "Try it against oidc-provider"). Starts, in order and each only
+# (docs/try-oidc-provider.md). Starts, in order and each only
 # once the previous one answers, the CIBA authorization server (:4000), the
 # example shop API (:3000) and the gateway (:8080, admin :9090); their logs go
 # to target/try/*.log, not to your terminal.

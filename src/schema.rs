@@ -198,7 +198,7 @@ string_schema!(Condition, "Condition", {
     "type": "string",
     "minLength": 1,
     "maxLength": 2048,
-    "description": "A CEL expression over body, params, query, user and request: the call needs this policy's approval only when it is true (README, \"Conditions\")."
+    "description": "A CEL expression over body, params, query, user and request: the call needs this policy's approval only when it is true (docs/policies.md, \"Conditions\")."
 });
 
 string_schema!(ApprovalsPath, "ApprovalsPath", {

@@ -10,8 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::process::GatewayProcess;
-use support::{start_shop, GatewayOptions, Peer, World, USER_HEADER};
+use support::{flows, start_shop, GatewayOptions, Peer, World, USER_HEADER};
 
 const LEAD: &str = "finance-lead";
 
@@ -33,7 +32,7 @@ async fn asked(peer: &Peer, user: &str) -> Value {
 }
 
 fn id(request: &Value) -> &str {
-    request["auth_req_id"].as_str().unwrap()
+    flows::auth_req_id(request)
 }
 
 /// The transfers that reached the shop, with what it answered them.
@@ -45,14 +44,6 @@ fn transfers(
         .into_iter()
         .filter(|r| r.path_and_query == "/transfers")
         .collect()
-}
-
-async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
-    let got = response.status().as_u16();
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(got, status, "{body}");
-    assert_eq!(body["code"], code, "{body}");
-    body
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,25 +112,26 @@ async fn approved_by_the_person_and_the_countersigner_it_is_forwarded_once_with_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_no_from_either_refuses_the_call_and_nothing_is_forwarded() {
     let world = World::start(GatewayOptions::default()).await;
-    // The person approves, the countersigner denies.
-    let call = tokio::spawn(transfer(&world.agent, world.gateway.proxy, "alice", 20_000).send());
-    let lead = asked(&world.peer, LEAD).await;
-    let alice = asked(&world.peer, "alice").await;
-    world.peer.approve(id(&alice)).await;
-    world.peer.deny(id(&lead)).await;
-    let body = problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
-    let detail = body["detail"].as_str().unwrap();
-    assert!(detail.contains("denied by finance-lead"), "{detail}");
-
-    // The person denies, the countersigner approves.
-    let call = tokio::spawn(transfer(&world.agent, world.gateway.proxy, "alice", 30_000).send());
-    let lead = asked(&world.peer, LEAD).await;
-    let alice = asked(&world.peer, "alice").await;
-    world.peer.approve(id(&lead)).await;
-    world.peer.deny(id(&alice)).await;
-    let body = problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
-    let detail = body["detail"].as_str().unwrap();
-    assert!(detail.contains("alice denied"), "{detail}");
+    for (amount, alice_says_yes, detail_names) in [
+        // The person approves, the countersigner denies.
+        (20_000, true, "denied by finance-lead"),
+        // The person denies, the countersigner approves.
+        (30_000, false, "alice denied"),
+    ] {
+        let call =
+            tokio::spawn(transfer(&world.agent, world.gateway.proxy, "alice", amount).send());
+        let lead = asked(&world.peer, LEAD).await;
+        let alice = asked(&world.peer, "alice").await;
+        let (yes, no) = match alice_says_yes {
+            true => (&alice, &lead),
+            false => (&lead, &alice),
+        };
+        world.peer.approve(id(yes)).await;
+        world.peer.deny(id(no)).await;
+        let body = flows::problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
+        let detail = body["detail"].as_str().unwrap();
+        assert!(detail.contains(detail_names), "{detail}");
+    }
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
@@ -159,7 +151,7 @@ async fn a_countersigner_who_never_answers_ends_in_expiry_naming_them() {
     asked(&world.peer, LEAD).await;
     let alice = asked(&world.peer, "alice").await;
     world.peer.approve(id(&alice)).await;
-    let body = problem(call.await.unwrap().unwrap(), 408, "approval_expired").await;
+    let body = flows::problem(call.await.unwrap().unwrap(), 408, "approval_expired").await;
     let detail = body["detail"].as_str().unwrap();
     assert!(
         detail.contains("finance-lead, a countersigner, did not answer in time"),
@@ -220,7 +212,7 @@ async fn the_person_listed_as_countersigner_is_not_asked_twice_and_does_not_coun
 
     // Nobody but the person can countersign a large transfer of the
     // finance lead's: refused before anyone is asked.
-    let body = problem(
+    let body = flows::problem(
         transfer(&world.agent, proxy, LEAD, 50_000)
             .send()
             .await
@@ -268,22 +260,12 @@ async fn an_agent_cannot_forge_countersignatures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_killed_between_the_two_answers_still_forwards_once() {
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = format!(
-        "store: {{ sqlite: \"{}\", lease: 2s }}",
-        dir.path().join("approvals.db").display()
-    );
-    let mut gateway = GatewayProcess::start(
-        &peer,
-        &shop,
-        GatewayOptions {
+    let (peer, shop, _dir, mut gateway) =
+        flows::sqlite_gateway(Some("2s"), |store| GatewayOptions {
             extra_config: store,
             ..Default::default()
-        },
-    )
-    .await;
+        })
+        .await;
     let agent = reqwest::Client::new();
     let proxy = gateway.proxy;
     let first = tokio::spawn(transfer(&agent, proxy, "alice", 40_000).send());
@@ -351,16 +333,8 @@ async fn while_it_waits_the_status_says_who_has_not_answered_yet() {
     let status_url = world.gateway.url(&format!("/approvals/{approval_id}"));
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let status = loop {
-        let status: Value = world
-            .agent
-            .get(&status_url)
-            .header(USER_HEADER, "alice")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let status: Value =
+            flows::json_of(world.agent.get(&status_url).header(USER_HEADER, "alice")).await;
         if status["approvers"][0]["state"] == "approved" {
             break status;
         }
@@ -385,7 +359,7 @@ async fn while_it_waits_the_status_says_who_has_not_answered_yet() {
         .unwrap();
     assert_eq!(other.status(), 404);
     world.peer.deny(id(&lead)).await;
-    problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
+    flows::problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

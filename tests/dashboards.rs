@@ -479,7 +479,7 @@ async fn every_metric_the_dashboard_and_alerts_name_is_exported_by_a_real_gatewa
         "metrics named but not in /metrics:\n{}\n\n/metrics:\n{metrics}",
         missing.join("\n")
     );
-    // Not only the dashboard's: each gateway metric the README documents
+    // Not only the dashboard's: each gateway metric docs/observability.md documents
     // is watched somewhere, except the ping-mode and retry counters.
     for documented in [
         "countersign_calls_total",

@@ -467,7 +467,7 @@ fn replicas_security_grace_period_service_and_budget_fit_the_gateway() {
     assert_eq!(security["allowPrivilegeEscalation"].as_bool(), Some(false));
     assert_eq!(security["capabilities"]["drop"][0].as_str(), Some("ALL"));
 
-    // The grace period outlasts what SIGTERM may take (README, "Shutdown"):
+    // The grace period outlasts what SIGTERM may take (docs/durable-approvals.md, "Shutdown"):
     // the preStop wait, store.drain_timeout for forwards in flight, then up
     // to 6 s for passing calls (drain.rs: 0.2 s, pingora: 1 s + 5 s).
     let grace = int(
@@ -556,8 +556,8 @@ async fn the_binary_started_with_the_containers_args_serves_the_probes_and_stops
         probes.push((probe, str_of(&get["path"], probe).to_owned()));
     }
     let path = |name: &str| probes.iter().find(|(p, _)| *p == name).unwrap().1.clone();
-    // Liveness never fails for a dependency (README, "Liveness and
-    // readiness"); readiness does.
+    // Liveness never fails for a dependency (docs/operations.md,
+    // "Liveness and readiness"); readiness does.
     assert_eq!(path("livenessProbe"), "/healthz");
     assert_eq!(path("startupProbe"), "/healthz");
     assert_eq!(path("readinessProbe"), "/readyz");
@@ -623,14 +623,8 @@ async fn the_binary_started_with_the_containers_args_serves_the_probes_and_stops
             .unwrap();
         assert_eq!(response.status(), 200, "{probe} {path}");
     }
-    let readyz: serde_json::Value = http
-        .get(format!("http://{admin}/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let readyz: serde_json::Value =
+        flows::json_of(http.get(format!("http://{admin}/readyz"))).await;
     assert_eq!(readyz["checks"]["approval_store"], "ok", "{readyz}");
 
     // An edit of the policies, published as the kubelet publishes a
@@ -650,14 +644,7 @@ async fn the_binary_started_with_the_containers_args_serves_the_probes_and_stops
     let reloaded = r#"countersign_config_reload_total{result="ok"} 1"#;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let metrics = http
-            .get(format!("http://{admin}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = flows::text_of(http.get(format!("http://{admin}/metrics"))).await;
         if metrics.contains(reloaded) {
             break;
         }

@@ -18,16 +18,6 @@ use countersign::metrics::Metrics;
 use serde_json::{json, Value};
 use support::*;
 
-const PROBLEM_JSON: &str = "application/problem+json";
-
-async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
-    assert_eq!(response.status().as_u16(), status);
-    assert_eq!(response.headers()["content-type"], PROBLEM_JSON);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["code"], code, "{body}");
-    body
-}
-
 fn fast() -> AuthzOptions {
     AuthzOptions {
         interval: Duration::from_secs(1),
@@ -107,7 +97,7 @@ async fn denied_call_never_reaches_the_shop() {
     let call = tokio::spawn(world.buy("bob", phones()).send());
     let pending = world.wait_pending("bob", 1).await;
     world.deny(&pending[0].id).await;
-    let body = problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
+    let body = flows::problem_json(call.await.unwrap().unwrap(), 403, "access_denied").await;
     assert_eq!(body["detail"], "The user has denied the request.");
     assert!(world.shop.received().is_empty());
 }
@@ -138,7 +128,7 @@ async fn an_unanswered_request_expires_and_is_not_a_denial() {
         .send()
         .await
         .unwrap();
-    problem(response, 408, "approval_expired").await;
+    flows::problem_json(response, 408, "approval_expired").await;
     assert!(started.elapsed() >= Duration::from_secs(2));
     // The gateway gives up once its next poll would be too late; the server
     // expires the request at exactly 3 s.
@@ -179,7 +169,7 @@ async fn slow_down_adds_five_seconds_to_every_later_poll() {
 async fn an_unknown_user_gets_a_clear_answer() {
     let world = DevWorld::start(GatewayOptions::dev()).await;
     let response = world.buy("mallory", phones()).send().await.unwrap();
-    problem(response, 400, "unknown_user").await;
+    flows::problem_json(response, 400, "unknown_user").await;
     assert!(world.authz.requests().is_empty());
     assert!(world.shop.received().is_empty());
 }
@@ -207,7 +197,7 @@ async fn invalid_binding_messages_are_refused() {
     let world = DevWorld::start(GatewayOptions::dev()).await;
     let long =
         json!({"product": "a very long product name that will not fit in a message", "qty": 2});
-    problem(
+    flows::problem_json(
         world.buy("alice", long).send().await.unwrap(),
         400,
         "invalid_binding_message",
@@ -217,15 +207,7 @@ async fn invalid_binding_messages_are_refused() {
 
     let client = ciba_client(world.authz.issuer()).await;
     let scopes = vec!["product:buy".to_owned()];
-    let mut request = AuthorizeRequest {
-        client_notification_token: None,
-        subject: "alice",
-        binding_message: "Approve <all>!",
-        scopes: &scopes,
-        audience: Some(SHOP_AUDIENCE),
-        authorization_details: None,
-        requested_expiry: Some(Duration::from_secs(30)),
-    };
+    let mut request = shop_request("alice", "Approve <all>!", &scopes);
     let refused = client.authorize(&request).await.unwrap_err();
     assert!(
         matches!(refused, CibaError::InvalidBindingMessage(_)),
@@ -243,15 +225,7 @@ async fn a_client_polling_too_fast_is_slowed_down_and_ids_are_single_use() {
     let world = DevWorld::start(GatewayOptions::dev()).await;
     let client = ciba_client(world.authz.issuer()).await;
     let scopes = vec!["product:buy".to_owned()];
-    let request = AuthorizeRequest {
-        client_notification_token: None,
-        subject: "alice",
-        binding_message: "Buy 2 phones",
-        scopes: &scopes,
-        audience: Some(SHOP_AUDIENCE),
-        authorization_details: None,
-        requested_expiry: Some(Duration::from_secs(30)),
-    };
+    let request = shop_request("alice", "Buy 2 phones", &scopes);
     let authorization = client.authorize(&request).await.unwrap();
     assert_eq!(authorization.interval, Some(Duration::from_secs(2)));
     assert_eq!(authorization.expires_in, Duration::from_secs(30));
@@ -282,14 +256,8 @@ async fn the_dev_server_answers_bad_requests_with_oauth_errors() {
     let issuer = world.authz.issuer().to_owned();
     let http = reqwest::Client::new();
 
-    let discovery: Value = http
-        .get(format!("{issuer}/.well-known/openid-configuration"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let discovery: Value =
+        flows::json_of(http.get(format!("{issuer}/.well-known/openid-configuration"))).await;
     assert_eq!(discovery["issuer"], issuer.as_str());
     assert_eq!(
         discovery["grant_types_supported"],
@@ -299,14 +267,7 @@ async fn the_dev_server_answers_bad_requests_with_oauth_errors() {
         discovery["backchannel_token_delivery_modes_supported"],
         json!(["poll"])
     );
-    let jwks: Value = http
-        .get(discovery["jwks_uri"].as_str().unwrap())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks: Value = flows::json_of(http.get(discovery["jwks_uri"].as_str().unwrap())).await;
     assert_eq!(jwks["keys"][0]["kty"], "RSA");
     assert!(jwks["keys"][0]["n"].is_string() && jwks["keys"][0]["e"] == "AQAB");
     assert!(jwks["keys"][0].get("d").is_none(), "no private parts");
@@ -521,6 +482,23 @@ async fn the_approver_page_is_served_safely() {
     assert_eq!(status, 421);
 }
 
+/// A CIBA request for the shop's audience that expires in 30 s.
+fn shop_request<'a>(
+    subject: &'a str,
+    binding_message: &'a str,
+    scopes: &'a [String],
+) -> AuthorizeRequest<'a> {
+    AuthorizeRequest {
+        client_notification_token: None,
+        subject,
+        binding_message,
+        scopes,
+        audience: Some(SHOP_AUDIENCE),
+        authorization_details: None,
+        requested_expiry: Some(Duration::from_secs(30)),
+    }
+}
+
 async fn ciba_client(issuer: &str) -> CibaClient {
     let text = format!(
         r#"
@@ -612,6 +590,24 @@ fn payload(jwt: &str) -> Value {
     serde_json::from_slice(&bytes).unwrap()
 }
 
+/// `countersign dev`'s world, where alice's transfer of `amount` to carol
+/// (held in the returned task) is waiting for bob and for her: the call,
+/// bob's request and alice's.
+async fn four_eyes_transfer(
+    amount: u64,
+) -> (
+    DevWorld,
+    tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+    countersign::dev::authz::RequestInfo,
+    countersign::dev::authz::RequestInfo,
+) {
+    let world = DevWorld::start_as_dev_mode(fast()).await;
+    let call = tokio::spawn(world.transfer("alice", amount, "carol").send());
+    let bob = world.wait_pending("bob", 1).await.remove(0);
+    let alice = world.wait_pending("alice", 1).await.remove(0);
+    (world, call, bob, alice)
+}
+
 /// Four eyes as `countersign dev` runs it (its own configuration and
 /// embedded policies): a large transfer asks alice and bob, each with their
 /// own message; the approver page's listing shows each who else was asked
@@ -619,10 +615,7 @@ fn payload(jwt: &str) -> Value {
 /// token in `Countersign-Tokens`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_mode_four_eyes_a_large_transfer_needs_alice_and_bob() {
-    let world = DevWorld::start_as_dev_mode(fast()).await;
-    let call = tokio::spawn(world.transfer("alice", 20_000, "carol").send());
-    let bob = world.wait_pending("bob", 1).await.remove(0);
-    let alice = world.wait_pending("alice", 1).await.remove(0);
+    let (world, call, bob, alice) = four_eyes_transfer(20_000).await;
     assert_eq!(
         bob.binding_message,
         "Countersign: alice sends 20000 to carol"
@@ -702,13 +695,10 @@ async fn dev_mode_four_eyes_a_large_transfer_needs_alice_and_bob() {
 /// transfer needs the person alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_mode_four_eyes_bobs_no_refuses_and_small_transfers_ask_the_person_only() {
-    let world = DevWorld::start_as_dev_mode(fast()).await;
-    let call = tokio::spawn(world.transfer("alice", 15_000, "carol").send());
-    let bob = world.wait_pending("bob", 1).await.remove(0);
-    let alice = world.wait_pending("alice", 1).await.remove(0);
+    let (world, call, bob, alice) = four_eyes_transfer(15_000).await;
     world.approve(&alice.id).await;
     world.deny(&bob.id).await;
-    let body = problem(call.await.unwrap().unwrap(), 403, "access_denied").await;
+    let body = flows::problem_json(call.await.unwrap().unwrap(), 403, "access_denied").await;
     let detail = body["detail"].as_str().unwrap();
     assert!(detail.contains("bob"), "{detail}");
     assert!(world.shop.received().is_empty());
@@ -844,14 +834,8 @@ impl DevProcess {
         let issuer = self.issuer();
         let deadline = Instant::now() + Duration::from_secs(20);
         let id = loop {
-            let listing: Value = client
-                .get(format!("{issuer}/api/requests?user={user}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let listing: Value =
+                flows::json_of(client.get(format!("{issuer}/api/requests?user={user}"))).await;
             let pending = listing["requests"]
                 .as_array()
                 .unwrap()
@@ -876,6 +860,21 @@ impl DevProcess {
             .unwrap();
         assert_eq!(response.status(), 200, "approve");
     }
+}
+
+/// Alice approves while `curl` (running the pasted `command`) is held;
+/// curl then has the shop's 200, over HTTP/2, for the phone.
+async fn approved_curl_buys(
+    dev: &DevProcess,
+    curl: tokio::task::JoinHandle<std::io::Result<std::process::Output>>,
+    command: &str,
+) {
+    dev.approve_pending("alice").await;
+    let output = curl.await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{command}: {output:?}");
+    assert!(stdout.starts_with("HTTP/2 200"), "{stdout}");
+    assert!(stdout.contains("\"product\":\"XYZ phone\""), "{stdout}");
 }
 
 /// A client that trusts the CA at `ca` and nothing else.
@@ -975,12 +974,7 @@ async fn dev_mode_over_tls_prints_a_curl_command_that_works_pasted() {
         .arg(&command)
         .output();
     let curl = tokio::spawn(curl);
-    dev.approve_pending("alice").await;
-    let output = curl.await.unwrap().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{command}: {output:?}");
-    assert!(stdout.starts_with("HTTP/2 200"), "{stdout}");
-    assert!(stdout.contains("\"product\":\"XYZ phone\""), "{stdout}");
+    approved_curl_buys(&dev, curl, &command).await;
     // The printed CA is the one it trusts: without --cacert curl refuses.
     let bare = command.replacen(
         &format!(
@@ -1033,10 +1027,5 @@ async fn the_readmes_quickstart_curl_over_tls_works_pasted() {
             .env_remove("XDG_STATE_HOME")
             .output(),
     );
-    dev.approve_pending("alice").await;
-    let output = curl.await.unwrap().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{command}: {output:?}");
-    assert!(stdout.starts_with("HTTP/2 200"), "{stdout}");
-    assert!(stdout.contains("\"product\":\"XYZ phone\""), "{stdout}");
+    approved_curl_buys(&dev, curl, &command).await;
 }

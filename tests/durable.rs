@@ -20,7 +20,6 @@ use serde_json::{json, Value};
 use support::process::{unreachable_postgres_url, GatewayProcess, TestDatabase};
 use support::*;
 
-const PROBLEM_JSON: &str = "application/problem+json";
 const APPROVAL_ID: &str = "x-countersign-approval-id";
 const MESSAGE: &str = "Do you want to buy 2 XYZ phone";
 
@@ -28,32 +27,39 @@ const ASYNC: &str = "async.shop.test";
 const PATIENT: &str = "patient.shop.test";
 const BRIEF: &str = "brief.shop.test";
 
-const WAIT_POLICIES: &str = r#"  - name: buy-async
-    match: { methods: [POST], path: /shop, host: async.shop.test }
-    require: { scopes: [product:buy], audience: "https://shop.example/api" }
+/// A `bind: call` purchase policy on its own host, like support's
+/// `ASYNC_POLICY` (which is `async.shop.test`) but for its expiry and `wait:`.
+fn buy_policy(name: &str, host: &str, expiry: &str, wait: &str) -> String {
+    format!(
+        r#"  - name: {name}
+    match: {{ methods: [POST], path: /shop, host: {host} }}
+    require: {{ scopes: [product:buy], audience: "https://shop.example/api" }}
     bind: call
-    binding_message: "Do you want to buy {{qty}} {{product}}"
-    requested_expiry: 2m
-    wait: async
-  - name: buy-hold-2s
-    match: { methods: [POST], path: /shop, host: patient.shop.test }
-    require: { scopes: [product:buy], audience: "https://shop.example/api" }
-    bind: call
-    binding_message: "Do you want to buy {{qty}} {{product}}"
-    requested_expiry: 2m
-    wait: { hold: 2s }
-  - name: buy-async-brief
-    match: { methods: [POST], path: /shop, host: brief.shop.test }
-    require: { scopes: [product:buy], audience: "https://shop.example/api" }
-    bind: call
-    binding_message: "Do you want to buy {{qty}} {{product}}"
-    requested_expiry: 3s
-    wait: async
-"#;
+    binding_message: "Do you want to buy {{{{qty}}}} {{{{product}}}}"
+    requested_expiry: {expiry}
+    wait: {wait}
+"#
+    )
+}
+
+/// The three policies of the module doc.
+static WAIT_POLICIES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    [
+        ASYNC_POLICY.to_owned(),
+        buy_policy("buy-hold-2s", PATIENT, "2m", "{ hold: 2s }"),
+        buy_policy("buy-async-brief", BRIEF, "3s", "async"),
+    ]
+    .concat()
+});
+
+/// Peer, shop and a gateway with the wait policies and nothing else.
+async fn wait_world() -> World {
+    World::start(options(String::new())).await
+}
 
 fn options(extra_config: String) -> GatewayOptions {
     GatewayOptions {
-        extra_policies: WAIT_POLICIES,
+        extra_policies: WAIT_POLICIES.as_str(),
         extra_config,
         ..Default::default()
     }
@@ -78,6 +84,16 @@ fn call(
         Some(host) => request.header("host", host),
         None => request,
     }
+}
+
+/// Alice's purchase of `phones()` at `host` through the gateway at `proxy`,
+/// as a function: calling it again is the agent's retry.
+fn alice_buys_phones<'a>(
+    agent: &'a reqwest::Client,
+    proxy: SocketAddr,
+    host: &'a str,
+) -> impl Fn() -> reqwest::RequestBuilder + Copy + 'a {
+    move || call(agent, proxy, Some(host), "alice", &phones())
 }
 
 /// A `202 Accepted` as the contract describes it.
@@ -122,6 +138,21 @@ async fn accepted(response: reqwest::Response) -> Accepted {
     }
 }
 
+/// The call's `202`, checked to come after a time within `within`.
+async fn accepted_within(
+    send: &impl Fn() -> reqwest::RequestBuilder,
+    within: std::ops::Range<Duration>,
+) -> Accepted {
+    let started = Instant::now();
+    let first = accepted(send().send().await.unwrap()).await;
+    let took = started.elapsed();
+    assert!(
+        within.contains(&took),
+        "202 after {took:?}, not within {within:?}"
+    );
+    first
+}
+
 /// Sends the call until it is answered with anything but 202, as an agent
 /// following `Retry-After` would (faster, to keep the tests short).
 async fn answered(send: impl Fn() -> reqwest::RequestBuilder) -> reqwest::Response {
@@ -138,17 +169,6 @@ async fn answered(send: impl Fn() -> reqwest::RequestBuilder) -> reqwest::Respon
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-}
-
-async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
-    let got = response.status().as_u16();
-    let content_type = response.headers().get("content-type").cloned();
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(got, status, "{body}");
-    assert_eq!(content_type.unwrap(), PROBLEM_JSON);
-    assert_eq!(body["code"], code, "{body}");
-    assert_eq!(body["status"], status);
-    body
 }
 
 /// The order the agent is given, checked against what the shop confirmed.
@@ -187,7 +207,7 @@ async fn exactly_one_order(shop: &ShopHandle) {
 async fn pending_request(peer: &Peer, user: &str) -> String {
     let pending = peer.wait_pending(Some(user), 1).await;
     assert_eq!(pending[0]["binding_message"], MESSAGE);
-    pending[0]["auth_req_id"].as_str().unwrap().to_owned()
+    flows::auth_req_id(&pending[0]).to_owned()
 }
 
 async fn status_of(
@@ -231,23 +251,11 @@ async fn an_async_call_is_accepted_at_once_and_the_retry_gets_the_order() {
     // approves, the purchase happens without the agent, once, and the
     // retry gets that order; once it has it, the same call is a new
     // purchase (issue 25), which alice is asked about again.
-    let world = World::start(options(String::new())).await;
-    let send = || {
-        call(
-            &world.agent,
-            world.gateway.proxy,
-            Some(ASYNC),
-            "alice",
-            &phones(),
-        )
-    };
+    let world = wait_world().await;
+    let send = alice_buys_phones(&world.agent, world.gateway.proxy, ASYNC);
 
-    let started = Instant::now();
-    let first = accepted(send().send().await.unwrap()).await;
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "answered at once"
-    );
+    // Answered at once.
+    let first = accepted_within(&send, Duration::ZERO..Duration::from_secs(2)).await;
     assert_eq!(
         first.location,
         format!("/.countersign/approvals/{}", first.id),
@@ -292,16 +300,8 @@ async fn an_async_call_is_accepted_at_once_and_the_retry_gets_the_order() {
 async fn a_retry_before_approval_attaches_and_does_not_ask_again() {
     // An impatient agent calling again does not buzz alice's phone a
     // second time: it is told the same approval is still pending.
-    let world = World::start(options(String::new())).await;
-    let send = || {
-        call(
-            &world.agent,
-            world.gateway.proxy,
-            Some(ASYNC),
-            "alice",
-            &phones(),
-        )
-    };
+    let world = wait_world().await;
+    let send = alice_buys_phones(&world.agent, world.gateway.proxy, ASYNC);
     let first = accepted(send().send().await.unwrap()).await;
     pending_request(&world.peer, "alice").await;
 
@@ -317,23 +317,15 @@ async fn a_retry_before_approval_attaches_and_does_not_ask_again() {
 #[tokio::test]
 async fn a_denied_async_call_is_refused_to_the_retry() {
     // Alice says no: the agent's retry hears so, and nothing was bought.
-    let world = World::start(options(String::new())).await;
-    let send = || {
-        call(
-            &world.agent,
-            world.gateway.proxy,
-            Some(ASYNC),
-            "alice",
-            &phones(),
-        )
-    };
+    let world = wait_world().await;
+    let send = alice_buys_phones(&world.agent, world.gateway.proxy, ASYNC);
     let first = accepted(send().send().await.unwrap()).await;
     world
         .peer
         .deny(&pending_request(&world.peer, "alice").await)
         .await;
 
-    let body = problem(answered(send).await, 403, "access_denied").await;
+    let body = flows::problem_json(answered(send).await, 403, "access_denied").await;
     assert_eq!(body["approval_id"], first.id.as_str(), "{body}");
     assert!(world.shop.received().is_empty());
     assert_eq!(world.peer.requests().await.len(), 1);
@@ -343,20 +335,12 @@ async fn a_denied_async_call_is_refused_to_the_retry() {
 async fn an_unanswered_async_call_expires() {
     // Alice never answers: after the expiry the retry is told the approval
     // expired (not that it was denied), and nothing was bought.
-    let world = World::start(options(String::new())).await;
-    let send = || {
-        call(
-            &world.agent,
-            world.gateway.proxy,
-            Some(BRIEF),
-            "alice",
-            &phones(),
-        )
-    };
+    let world = wait_world().await;
+    let send = alice_buys_phones(&world.agent, world.gateway.proxy, BRIEF);
     accepted(send().send().await.unwrap()).await;
     pending_request(&world.peer, "alice").await;
 
-    problem(answered(send).await, 408, "approval_expired").await;
+    flows::problem_json(answered(send).await, 408, "approval_expired").await;
     assert!(world.shop.received().is_empty());
     assert_eq!(world.peer.requests().await.len(), 1);
 }
@@ -366,7 +350,7 @@ async fn an_idempotency_key_names_one_call_only() {
     // An agent that reuses its Idempotency-Key for a different purchase is
     // told so (422) instead of being handed the first purchase's approval;
     // the same key with the same call is the same approval.
-    let world = World::start(options(String::new())).await;
+    let world = wait_world().await;
     let keyed = |body: &Value| {
         call(
             &world.agent,
@@ -381,7 +365,7 @@ async fn an_idempotency_key_names_one_call_only() {
     pending_request(&world.peer, "alice").await;
 
     let three = json!({ "product": "XYZ phone", "qty": 3, "priceLimit": 900 });
-    problem(
+    flows::problem_json(
         keyed(&three).send().await.unwrap(),
         422,
         "idempotency_key_reused",
@@ -402,14 +386,7 @@ async fn a_held_agent_that_hangs_up_still_gets_its_order_on_retry() {
     // retry gets the order instead of a second request to her phone.
     // (Plain `/shop`: a policy without `wait:` holds.)
     let world = World::start(GatewayOptions::default()).await;
-    let body = serde_json::to_string(&phones()).unwrap();
-    let request = format!(
-        "POST /shop HTTP/1.1\r\nHost: {}\r\n{USER_HEADER}: alice\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        world.gateway.proxy,
-        body.len()
-    );
-    let mut stream = std::net::TcpStream::connect(world.gateway.proxy).unwrap();
-    std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
+    let stream = flows::held_call(world.gateway.proxy, "alice", &phones());
     let auth_req_id = pending_request(&world.peer, "alice").await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     drop(stream);
@@ -432,23 +409,10 @@ async fn a_held_agent_that_hangs_up_still_gets_its_order_on_retry() {
 async fn a_hold_with_a_limit_answers_202_when_the_limit_is_reached() {
     // A policy may hold the agent for a while (most approvals are quick)
     // and then let it go with a 202 rather than keep it hanging.
-    let world = World::start(options(String::new())).await;
-    let send = || {
-        call(
-            &world.agent,
-            world.gateway.proxy,
-            Some(PATIENT),
-            "alice",
-            &phones(),
-        )
-    };
-    let started = Instant::now();
-    let first = accepted(send().send().await.unwrap()).await;
-    let held = started.elapsed();
-    assert!(
-        (Duration::from_millis(1800)..Duration::from_secs(8)).contains(&held),
-        "held {held:?} instead of ~2 s"
-    );
+    let world = wait_world().await;
+    let send = alice_buys_phones(&world.agent, world.gateway.proxy, PATIENT);
+    // Held ~2 s, then let go.
+    let first = accepted_within(&send, Duration::from_millis(1800)..Duration::from_secs(8)).await;
     let auth_req_id = pending_request(&world.peer, "alice").await;
     world.peer.approve(&auth_req_id).await;
 
@@ -466,13 +430,8 @@ async fn the_status_resource_is_readable_only_by_its_own_identity() {
     ))
     .await;
     let proxy = world.gateway.proxy;
-    let first = accepted(
-        call(&world.agent, proxy, Some(ASYNC), "alice", &phones())
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let send = alice_buys_phones(&world.agent, proxy, ASYNC);
+    let first = accepted(send().send().await.unwrap()).await;
     assert_eq!(
         first.location,
         format!("/_countersign/approvals/{}", first.id),
@@ -532,7 +491,7 @@ async fn with_the_store_down_policy_calls_fail_closed_and_pass_through_works() {
             .send()
             .await
             .unwrap();
-        problem(response, 503, "approval_store_unavailable").await;
+        flows::problem_json(response, 503, "approval_store_unavailable").await;
     }
     let catalogue = world
         .agent
@@ -560,21 +519,9 @@ async fn a_pending_approval_survives_kill_9_and_a_restart() {
     // The gateway crashes (or is redeployed) while alice is deciding. When
     // it is back, her approval still buys the phones, once, and the
     // agent's retry gets the order.
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
-    let store = tempfile::tempdir().unwrap();
-    let db = store.path().join("approvals.db");
-    let mut gateway = GatewayProcess::start(
-        &peer,
-        &shop,
-        options(format!(
-            "store: {{ sqlite: \"{}\", lease: 2s }}",
-            db.display()
-        )),
-    )
-    .await;
+    let (peer, shop, _dir, mut gateway) = flows::sqlite_gateway(Some("2s"), options).await;
     let agent = reqwest::Client::new();
-    let send = || call(&agent, gateway.proxy, Some(ASYNC), "alice", &phones());
+    let send = alice_buys_phones(&agent, gateway.proxy, ASYNC);
     let first = accepted(send().send().await.unwrap()).await;
     let auth_req_id = pending_request(&peer, "alice").await;
 
@@ -583,7 +530,7 @@ async fn a_pending_approval_survives_kill_9_and_a_restart() {
     peer.approve(&auth_req_id).await;
 
     let proxy = gateway.proxy;
-    let send = || call(&agent, proxy, Some(ASYNC), "alice", &phones());
+    let send = alice_buys_phones(&agent, proxy, ASYNC);
     order(answered(send).await, &first.id).await;
     exactly_one_order(&shop).await;
     assert_eq!(peer.requests().await.len(), 1, "asked once");
@@ -625,31 +572,16 @@ async fn a_crash_while_forwarding_is_reported_as_unknown_and_never_resent() {
     // shop answered. The shop may have acted: the agent is told the outcome
     // is unknown, and the purchase is never sent a second time.
     use std::sync::atomic::Ordering;
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
     let (upstream, arrivals) = silent_upstream().await;
-    let store = tempfile::tempdir().unwrap();
-    let db = store.path().join("approvals.db");
-    let mut gateway = GatewayProcess::start(
-        &peer,
-        &shop,
-        GatewayOptions {
+    let (peer, _shop, _dir, mut gateway) =
+        flows::sqlite_gateway(Some("2s"), |store| GatewayOptions {
             upstream: Some(upstream.to_string()),
-            ..options(format!(
-                "store: {{ sqlite: \"{}\", lease: 2s }}",
-                db.display()
-            ))
-        },
-    )
-    .await;
+            ..options(store)
+        })
+        .await;
     let agent = reqwest::Client::new();
-    let first = accepted(
-        call(&agent, gateway.proxy, Some(ASYNC), "alice", &phones())
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let send = alice_buys_phones(&agent, gateway.proxy, ASYNC);
+    let first = accepted(send().send().await.unwrap()).await;
     peer.approve(&pending_request(&peer, "alice").await).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while arrivals.load(Ordering::SeqCst) == 0 {
@@ -660,8 +592,8 @@ async fn a_crash_while_forwarding_is_reported_as_unknown_and_never_resent() {
     gateway.kill9();
     gateway.restart().await;
     let proxy = gateway.proxy;
-    let send = || call(&agent, proxy, Some(ASYNC), "alice", &phones());
-    let body = problem(answered(send).await, 502, "outcome_unknown").await;
+    let send = alice_buys_phones(&agent, proxy, ASYNC);
+    let body = flows::problem_json(answered(send).await, 502, "outcome_unknown").await;
     assert_eq!(body["approval_id"], first.id.as_str(), "{body}");
     let status = wait_state(&agent, proxy, &first.location, "outcome_unknown").await;
     assert_eq!(status["approval_id"], first.id.as_str());
@@ -682,30 +614,19 @@ async fn two_gateways_on_one_postgres_lose_nothing_when_one_dies() {
     // took the call dies while alice decides; the other takes the approval
     // over, buys the phones once, and answers the agent's retry.
     let database = TestDatabase::create();
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
-    let store = || {
-        options(format!(
-            "store: {{ postgres: \"{}\", lease: 2s }}",
-            database.url
-        ))
-    };
+    let (peer, shop) = flows::peer_and_shop().await;
+    let store = || options(flows::postgres_store(&database.url, Some("2s")));
     let mut a = GatewayProcess::start(&peer, &shop, store()).await;
     let b = GatewayProcess::start(&peer, &shop, store()).await;
     let agent = reqwest::Client::new();
 
-    let first = accepted(
-        call(&agent, a.proxy, Some(ASYNC), "alice", &phones())
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let send = alice_buys_phones(&agent, a.proxy, ASYNC);
+    let first = accepted(send().send().await.unwrap()).await;
     let auth_req_id = pending_request(&peer, "alice").await;
     a.kill9();
     peer.approve(&auth_req_id).await;
 
-    let send = || call(&agent, b.proxy, Some(ASYNC), "alice", &phones());
+    let send = alice_buys_phones(&agent, b.proxy, ASYNC);
     order(answered(send).await, &first.id).await;
     exactly_one_order(&shop).await;
     assert_eq!(peer.requests().await.len(), 1, "asked once");
@@ -743,10 +664,7 @@ async fn the_example_gift_card_policy_is_asynchronous() {
         pending[0]["binding_message"],
         "Send a 25 EUR gift card to bob"
     );
-    world
-        .peer
-        .approve(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
+    world.peer.approve(flows::auth_req_id(&pending[0])).await;
     let answer = answered(send).await;
     assert_eq!(answer.status(), 201);
     let card: Value = answer.json().await.unwrap();

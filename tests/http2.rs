@@ -2,8 +2,8 @@
 //! crate over rustls), sending what ordinary clients never do: a `host`
 //! that disagrees with `:authority`, a cookie split over several fields,
 //! a `content-length` the DATA frames do not match, `CONNECT`. None of it
-//! may reach the API unapproved (RFC 9113 §8.2-8.3, README's security
-//! section).
+//! may reach the API unapproved (RFC 9113 §8.2-8.3, the book's security
+//! chapter, docs/security.md).
 
 mod support;
 

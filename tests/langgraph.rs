@@ -91,10 +91,7 @@ async fn the_agents_purchase_is_held_until_approved_and_its_answer_has_the_order
         "nothing reaches the shop before alice approves"
     );
     assert!(!agent.is_finished(), "the tool's call is held");
-    world
-        .peer
-        .approve(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
+    world.peer.approve(flows::auth_req_id(&pending[0])).await;
 
     let run = agent.await.unwrap();
     assert_one_buy(&run);
@@ -118,10 +115,7 @@ async fn a_denied_purchase_is_relayed_by_the_agent_and_never_reaches_the_shop() 
     let agent = run_agent(world.gateway.url(""), "bob");
 
     let pending = world.peer.wait_pending(Some("bob"), 1).await;
-    world
-        .peer
-        .deny(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
+    world.peer.deny(flows::auth_req_id(&pending[0])).await;
 
     let run = agent.await.unwrap();
     assert_one_buy(&run);
@@ -137,8 +131,7 @@ async fn a_denied_purchase_is_relayed_by_the_agent_and_never_reaches_the_shop() 
 
 #[tokio::test]
 async fn under_an_async_policy_the_tool_calls_again_after_retry_after_and_gets_the_order() {
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
+    let (peer, shop) = flows::peer_and_shop().await;
     // The test gateway's file with only the async policy (policies/ holds
     // the call instead, and its first matching policy wins).
     let dir = tempfile::tempdir().unwrap();
@@ -166,8 +159,7 @@ async fn under_an_async_policy_the_tool_calls_again_after_retry_after_and_gets_t
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    peer.approve(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
+    peer.approve(flows::auth_req_id(&pending[0])).await;
 
     let run = agent.await.unwrap();
     assert_one_buy(&run);

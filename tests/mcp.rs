@@ -70,32 +70,17 @@ impl McpServer {
 
     /// Every tool call the server ran.
     async fn calls(&self) -> Vec<Value> {
-        reqwest::get(format!("http://{}/control/calls", self.addr))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        flows::get_json(format!("http://{}/control/calls", self.addr)).await
     }
 
     /// Every call-binding check the server's verifier made.
     async fn bindings(&self) -> Vec<Value> {
-        reqwest::get(format!("http://{}/control/bindings", self.addr))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        flows::get_json(format!("http://{}/control/bindings", self.addr)).await
     }
 
     /// HTTP requests the server got on /mcp, by method.
     async fn methods(&self) -> Value {
-        reqwest::get(format!("http://{}/control/methods", self.addr))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        flows::get_json(format!("http://{}/control/methods", self.addr)).await
     }
 
     async fn bought(&self) -> Vec<Value> {
@@ -167,8 +152,7 @@ impl McpWorld {
     }
 
     async fn start_over(options: GatewayOptions, tls: Option<Tls>) -> Self {
-        let peer = Peer::start();
-        let shop = start_shop(&peer).await;
+        let (peer, shop) = flows::peer_and_shop().await;
         let server = McpServer::start(&peer);
         let gateway = TestGateway::start(
             &peer,
@@ -212,13 +196,47 @@ impl McpWorld {
         pending[0].clone()
     }
 
+    /// The person says yes to `request` (one of [`Self::pending`]).
+    async fn approve(&self, request: &Value) {
+        self.peer.approve(flows::auth_req_id(request)).await;
+    }
+
+    /// The person says no to `request`.
+    async fn deny(&self, request: &Value) {
+        self.peer.deny(flows::auth_req_id(request)).await;
+    }
+
     async fn approvals(&self, query: &str) -> Vec<Value> {
-        reqwest::get(format!("http://{}/approvals{query}", self.gateway.admin))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        flows::get_json(format!("http://{}/approvals{query}", self.gateway.admin)).await
+    }
+
+    /// The tool call `body` (JSON-RPC `id`) sent by `method` with `headers`
+    /// as a client that is not the SDK: it is held, alice is asked, says no,
+    /// and the client gets a tool error for its `id`; nothing is bought.
+    async fn held_and_denied(
+        &self,
+        method: reqwest::Method,
+        headers: &[(&str, &str)],
+        body: &'static str,
+        id: u64,
+    ) {
+        let mut request = reqwest::Client::new()
+            .request(method, self.gateway.url("/mcp"))
+            .header(USER_HEADER, "alice")
+            .header("content-type", "application/json")
+            .header("accept", "application/json")
+            .body(body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let call = tokio::spawn(request.send());
+        let request = self.pending("alice").await;
+        assert_eq!(request["binding_message"], MESSAGE);
+        self.deny(&request).await;
+        let answer: Value = call.await.unwrap().unwrap().json().await.unwrap();
+        assert_eq!(answer["id"], id, "{answer}");
+        assert_eq!(answer["result"]["isError"], true, "{answer}");
+        assert!(self.server.bought().await.is_empty());
     }
 
     /// A JSON-RPC message POSTed as it is, as a client that is not the SDK.
@@ -316,10 +334,7 @@ async fn approved_tool_call(world: McpWorld) {
     let request = world.pending("alice").await;
     assert_eq!(request["binding_message"], MESSAGE);
     assert_eq!(request["scope"], "openid product:buy", "{request}");
-    world
-        .peer
-        .approve(request["auth_req_id"].as_str().unwrap())
-        .await;
+    world.approve(&request).await;
     let out = client.await.unwrap();
 
     // tools/list and the tool no policy holds passed untouched.
@@ -387,10 +402,7 @@ async fn a_dpop_bound_tool_call_reaches_the_server_with_a_proof_it_accepts() {
     .await;
     let client = world.client(Some("alice"), json!([buy("XYZ phone", 2)]));
     let request = world.pending("alice").await;
-    world
-        .peer
-        .approve(request["auth_req_id"].as_str().unwrap())
-        .await;
+    world.approve(&request).await;
     let out = client.await.unwrap();
     let bought = &out[0]["results"][0];
     assert_eq!(bought["isError"], Value::Null, "{bought}");
@@ -418,10 +430,7 @@ async fn a_denied_tool_call_is_a_tool_error_the_model_can_read_over_tls() {
 async fn denied_tool_call(world: McpWorld) {
     let client = world.client(Some("bob"), json!([buy("XYZ phone", 2)]));
     let request = world.pending("bob").await;
-    world
-        .peer
-        .deny(request["auth_req_id"].as_str().unwrap())
-        .await;
+    world.deny(&request).await;
     let out = client.await.unwrap();
     let result = &out[0]["results"][0];
     assert_eq!(result["isError"], true, "{result}");
@@ -439,11 +448,8 @@ async fn a_countersigned_tool_call_needs_both_and_a_no_is_a_tool_error_naming_wh
     let alice = world.pending("alice").await;
     assert_eq!(bob["binding_message"], "Countersign NDA for alice");
     assert_eq!(alice["binding_message"], "Sign NDA");
-    world
-        .peer
-        .approve(alice["auth_req_id"].as_str().unwrap())
-        .await;
-    world.peer.deny(bob["auth_req_id"].as_str().unwrap()).await;
+    world.approve(&alice).await;
+    world.deny(&bob).await;
     let out = client.await.unwrap();
     let result = &out[0]["results"][0];
     assert_eq!(result["isError"], true, "{result}");
@@ -518,10 +524,7 @@ async fn a_call_held_longer_than_the_client_timeout_completes_thanks_to_progress
     let request = world.pending("alice").await;
     // The person takes longer than the client's 3 s timeout.
     tokio::time::sleep(Duration::from_secs(7)).await;
-    world
-        .peer
-        .approve(request["auth_req_id"].as_str().unwrap())
-        .await;
+    world.approve(&request).await;
     let out = client.await.unwrap();
     assert!(started.elapsed() > Duration::from_secs(7));
     let result = &out[0]["results"][0];
@@ -562,7 +565,7 @@ async fn a_cancelled_held_call_is_never_forwarded() {
     assert_eq!(cancelled.len(), 1, "{cancelled:?}");
     assert_eq!(cancelled[0]["problem_code"], "approval_cancelled");
     // The person approves anyway: the gateway no longer polls, nothing is sent.
-    let auth_req_id = request["auth_req_id"].as_str().unwrap();
+    let auth_req_id = flows::auth_req_id(&request);
     world.peer.approve(auth_req_id).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(world.peer.request(auth_req_id).await["status"], "approved");
@@ -575,10 +578,7 @@ async fn a_cancelled_held_call_is_never_forwarded() {
     );
     let again = world.pending("carol").await;
     assert_ne!(again["auth_req_id"], request["auth_req_id"]);
-    world
-        .peer
-        .approve(again["auth_req_id"].as_str().unwrap())
-        .await;
+    world.approve(&again).await;
     let out = client.await.unwrap();
     assert_eq!(
         out[0]["results"][0]["structuredContent"]["qty"], 3,
@@ -640,10 +640,7 @@ async fn a_retried_call_attaches_to_the_approval_and_each_request_gets_its_answe
     let request = world.pending("alice").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(world.peer.requests().await.len(), 1, "asked twice");
-    world
-        .peer
-        .approve(request["auth_req_id"].as_str().unwrap())
-        .await;
+    world.approve(&request).await;
     let out = client.await.unwrap();
     let results = out[0]["results"].as_array().unwrap();
     assert_eq!(results.len(), 2);
@@ -668,17 +665,11 @@ async fn a_repeated_tool_call_after_its_result_was_delivered_asks_again() {
         json!([buy("XYZ phone", 2), buy("XYZ phone", 2)]),
     );
     let first = world.pending("alice").await;
-    world
-        .peer
-        .approve(first["auth_req_id"].as_str().unwrap())
-        .await;
+    world.approve(&first).await;
     let second = world.pending("alice").await;
     assert_ne!(second["auth_req_id"], first["auth_req_id"], "asked again");
     assert_eq!(second["binding_message"], MESSAGE);
-    world
-        .peer
-        .approve(second["auth_req_id"].as_str().unwrap())
-        .await;
+    world.approve(&second).await;
     let out = client.await.unwrap();
     let orders: Vec<&Value> = out[..2]
         .iter()
@@ -852,10 +843,7 @@ async fn mcp_param_headers_that_disagree_with_the_arguments_are_refused() {
     }));
     let request = world.pending("alice").await;
     assert_eq!(request["binding_message"], MESSAGE);
-    world
-        .peer
-        .approve(request["auth_req_id"].as_str().unwrap())
-        .await;
+    world.approve(&request).await;
     let out = client.await.unwrap();
     let bought = &out[0]["results"][0];
     assert_eq!(bought["structuredContent"]["qty"], 2, "{bought}");
@@ -892,27 +880,17 @@ async fn an_encoded_mcp_name_is_decoded_before_it_is_compared() {
     );
 
     // "buy_product" in Base64: the held call it names.
-    let call = tokio::spawn(
-        reqwest::Client::new()
-            .post(world.gateway.url("/mcp"))
-            .header(USER_HEADER, "alice")
-            .header("content-type", "application/json")
-            .header("accept", "application/json")
-            .header("mcp-method", "tools/call")
-            .header("mcp-name", "=?base64?YnV5X3Byb2R1Y3Q=?=")
-            .body(buy)
-            .send(),
-    );
-    let request = world.pending("alice").await;
-    assert_eq!(request["binding_message"], MESSAGE);
     world
-        .peer
-        .deny(request["auth_req_id"].as_str().unwrap())
+        .held_and_denied(
+            reqwest::Method::POST,
+            &[
+                ("mcp-method", "tools/call"),
+                ("mcp-name", "=?base64?YnV5X3Byb2R1Y3Q=?="),
+            ],
+            buy,
+            4,
+        )
         .await;
-    let answer: Value = call.await.unwrap().unwrap().json().await.unwrap();
-    assert_eq!(answer["id"], 4, "{answer}");
-    assert_eq!(answer["result"]["isError"], true, "{answer}");
-    assert!(world.server.bought().await.is_empty());
 }
 
 /// A server with one handler for every method (Express's `app.all`, a Go
@@ -922,25 +900,9 @@ async fn an_encoded_mcp_name_is_decoded_before_it_is_compared() {
 async fn a_tool_call_in_the_body_of_a_get_is_held_too() {
     let world = McpWorld::start().await;
     let buy = r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"buy_product","arguments":{"product":"XYZ phone","qty":2}}}"#;
-    let call = tokio::spawn(
-        reqwest::Client::new()
-            .get(world.gateway.url("/mcp"))
-            .header(USER_HEADER, "alice")
-            .header("content-type", "application/json")
-            .header("accept", "application/json")
-            .body(buy)
-            .send(),
-    );
-    let request = world.pending("alice").await;
-    assert_eq!(request["binding_message"], MESSAGE);
     world
-        .peer
-        .deny(request["auth_req_id"].as_str().unwrap())
+        .held_and_denied(reqwest::Method::GET, &[], buy, 3)
         .await;
-    let answer: Value = call.await.unwrap().unwrap().json().await.unwrap();
-    assert_eq!(answer["id"], 3, "{answer}");
-    assert_eq!(answer["result"]["isError"], true, "{answer}");
-    assert!(world.server.bought().await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -953,10 +915,7 @@ async fn the_example_shop_serves_buy_product_over_mcp() {
     );
     let pending = world.peer.wait_pending(Some("alice"), 1).await;
     assert_eq!(pending[0]["binding_message"], MESSAGE);
-    world
-        .peer
-        .approve(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
+    world.peer.approve(flows::auth_req_id(&pending[0])).await;
     let out = client.await.unwrap();
     assert_eq!(out[0]["tools"], json!(["buy_product", "list_products"]));
     assert!(text(&out[1]["results"][0]).contains("XYZ phone"), "{out:?}");

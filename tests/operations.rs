@@ -16,12 +16,37 @@ use tokio::net::{TcpListener, TcpStream};
 
 const BIN: &str = env!("CARGO_BIN_EXE_countersign");
 
-/// The development authorization server, in-process: no Node needed.
-async fn dev_authz() -> countersign::dev::DevAuthz {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    countersign::dev::authz::serve(listener, countersign::dev::AuthzOptions::default())
-        .await
-        .unwrap()
+/// The development authorization server (in-process: no Node needed), the
+/// shop that trusts it, and a gateway configuration for both written into
+/// a temporary folder, not yet started.
+struct DevConfig {
+    _authz: countersign::dev::DevAuthz,
+    _shop: countersign::demo::shop::ShopHandle,
+    dir: tempfile::TempDir,
+    file: std::path::PathBuf,
+    proxy: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+}
+
+impl DevConfig {
+    async fn write(options: &GatewayOptions) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authz =
+            countersign::dev::authz::serve(listener, countersign::dev::AuthzOptions::default())
+                .await
+                .unwrap();
+        let shop = start_shop_for(authz.issuer(), authz.jwks_uri()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (file, proxy, admin) = write_config(dir.path(), authz.issuer(), &shop, options);
+        Self {
+            _authz: authz,
+            _shop: shop,
+            dir,
+            file,
+            proxy,
+            admin,
+        }
+    }
 }
 
 async fn get(url: String) -> (u16, String) {
@@ -33,11 +58,8 @@ async fn get(url: String) -> (u16, String) {
 /// which one failed; `/healthz` keeps answering.
 #[tokio::test(flavor = "multi_thread")]
 async fn readyz_answers_503_with_the_reason_while_a_check_fails() {
-    let authz = dev_authz().await;
-    let shop = start_shop_for(authz.issuer(), authz.jwks_uri()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (file, proxy, admin) =
-        write_config(dir.path(), authz.issuer(), &shop, &GatewayOptions::dev());
+    let dev = DevConfig::write(&GatewayOptions::dev()).await;
+    let (file, proxy, admin) = (dev.file, dev.proxy, dev.admin);
     let store_up = Arc::new(AtomicBool::new(true));
     let shutdown = Shutdown::new();
     let (signal, up) = (shutdown.clone(), store_up.clone());
@@ -84,11 +106,8 @@ async fn readyz_answers_503_with_the_reason_while_a_check_fails() {
 /// `countersign run` as a process: ready once it serves, live throughout.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_binary_is_ready_once_it_serves() {
-    let authz = dev_authz().await;
-    let shop = start_shop_for(authz.issuer(), authz.jwks_uri()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (config, proxy, admin) =
-        write_config(dir.path(), authz.issuer(), &shop, &GatewayOptions::dev());
+    let dev = DevConfig::write(&GatewayOptions::dev()).await;
+    let (config, proxy, admin) = (dev.file, dev.proxy, dev.admin);
     let child = KillOnDrop(
         Command::new(BIN)
             .args(["run", "--config"])
@@ -173,17 +192,15 @@ fn calls_with_outcome(metrics: &str, outcome: &str) -> u64 {
 /// `client_disconnected`.
 #[tokio::test(flavor = "multi_thread")]
 async fn agents_hanging_up_are_counted_not_logged_as_errors() {
-    let authz = dev_authz().await;
-    let shop = start_shop_for(authz.issuer(), authz.jwks_uri()).await;
     let slow = slow_upstream(Duration::from_millis(1500)).await;
-    let dir = tempfile::tempdir().unwrap();
     let options = GatewayOptions {
         upstream: Some(slow.to_string()),
         limits: "{ max_body_bytes: 1024, max_hold: 60s, max_pending_per_user: 100 }",
         ..GatewayOptions::dev()
     };
-    let (config, proxy, admin) = write_config(dir.path(), authz.issuer(), &shop, &options);
-    let log_path = dir.path().join("gateway.log");
+    let dev = DevConfig::write(&options).await;
+    let (config, proxy, admin) = (dev.file, dev.proxy, dev.admin);
+    let log_path = dev.dir.path().join("gateway.log");
     let child = KillOnDrop(
         Command::new(BIN)
             .args(["run", "--config"])
@@ -317,8 +334,7 @@ async fn dev_mode_prints_a_metrics_url_that_serves_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_answers_held_calls_lets_passing_calls_finish_and_exits_0() {
     use support::process::GatewayProcess;
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
+    let (peer, shop) = flows::peer_and_shop().await;
     let upstream = slow_upstream(Duration::from_millis(1500)).await;
     let store = tempfile::tempdir().unwrap();
     let mut gateway = GatewayProcess::start(

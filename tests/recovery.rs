@@ -27,13 +27,6 @@ fn options(store: String) -> GatewayOptions {
     }
 }
 
-fn sqlite(dir: &tempfile::TempDir, lease: &str) -> String {
-    format!(
-        "store: {{ sqlite: \"{}\", lease: {lease} }}",
-        dir.path().join("approvals.db").display()
-    )
-}
-
 /// `POST /shop` on the async policy for `user`, buying `qty` of `product`.
 fn call(
     agent: &reqwest::Client,
@@ -113,18 +106,10 @@ async fn order(response: reqwest::Response, approval_id: &str) -> Value {
     body
 }
 
-async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
-    let got = response.status().as_u16();
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(got, status, "{body}");
-    assert_eq!(body["code"], code, "{body}");
-    body
-}
-
 /// The one pending CIBA request of `user` at the peer, once it is there.
 async fn asked(peer: &Peer, user: &str) -> String {
     let pending = peer.wait_pending(Some(user), 1).await;
-    pending[0]["auth_req_id"].as_str().unwrap().to_owned()
+    flows::auth_req_id(&pending[0]).to_owned()
 }
 
 /// The state of approval `id`, as `countersign approvals show` prints it.
@@ -149,10 +134,7 @@ async fn a_gateway_paused_past_its_lease_comes_back_and_serves_new_approvals() {
     // A VM pause (or a stall of the store) longer than the lease: the
     // heartbeat lapses. Before, the engine never polled again: alice
     // approved and the agent got 202 until it gave up.
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
-    let dir = tempfile::tempdir().unwrap();
-    let gateway = GatewayProcess::start(&peer, &shop, options(sqlite(&dir, "2s"))).await;
+    let (peer, shop, _dir, gateway) = flows::sqlite_gateway(Some("2s"), options).await;
     gateway.pause();
     tokio::time::sleep(Duration::from_secs(5)).await;
     gateway.unpause();
@@ -199,10 +181,7 @@ async fn stall_sqlite_writers(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_says_not_ready_while_the_heartbeat_is_lapsed_and_ready_once_it_is_back() {
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
-    let dir = tempfile::tempdir().unwrap();
-    let gateway = GatewayProcess::start(&peer, &shop, options(sqlite(&dir, "2s"))).await;
+    let (_peer, _shop, dir, gateway) = flows::sqlite_gateway(Some("2s"), options).await;
     let ready = || gateway.readyz();
     eventually(Duration::from_secs(10), "never ready", ready, |r| {
         r.0 == 200
@@ -230,9 +209,8 @@ async fn a_burst_for_one_person_pushes_no_more_than_the_limit() {
     // A runaway agent sends 20 different purchases at once for alice,
     // whose limit is 5 pending requests. Before, 16 to 20 reached her phone.
     let database = TestDatabase::create();
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
-    let store = format!("store: {{ postgres: \"{}\" }}", database.url);
+    let (peer, shop) = flows::peer_and_shop().await;
+    let store = flows::postgres_store(&database.url, None);
     let limited = || GatewayOptions {
         limits: "{ max_body_bytes: 1024, max_hold: 60s, max_pending_per_user: 5 }",
         ..options(store.clone())
@@ -253,7 +231,7 @@ async fn a_burst_for_one_person_pushes_no_more_than_the_limit() {
         match response.status().as_u16() {
             202 => accepted += 1,
             429 => {
-                problem(response, 429, "too_many_pending_approvals").await;
+                flows::problem(response, 429, "too_many_pending_approvals").await;
                 limited += 1;
             }
             other => panic!("{other}: {}", response.text().await.unwrap()),
@@ -270,10 +248,7 @@ async fn an_approval_whose_token_arrives_while_the_store_stalls_is_still_forward
     // a backup holding the lock). Before, the claim failed once and the
     // token was dropped: nothing was bought and the agent got 202 until the
     // approval read as expired.
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
-    let dir = tempfile::tempdir().unwrap();
-    let gateway = GatewayProcess::start(&peer, &shop, options(sqlite(&dir, "15s"))).await;
+    let (peer, shop, dir, gateway) = flows::sqlite_gateway(Some("15s"), options).await;
     let agent = reqwest::Client::new();
     let send = || call(&agent, gateway.proxy, "alice", "XYZ phone", 2);
     let id = accepted(send()).await;
@@ -291,10 +266,7 @@ async fn a_gateway_killed_between_asking_and_recording_does_not_ask_again() {
     // learnt its auth_req_id. Before, the restarted gateway asked her a
     // second time. Now the approval ends, approval_interrupted, and the
     // agent decides whether to send the call again.
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut gateway = GatewayProcess::start(&peer, &shop, options(sqlite(&dir, "2s"))).await;
+    let (peer, shop, _dir, mut gateway) = flows::sqlite_gateway(Some("2s"), options).await;
     let status = peer
         .control("bc-authorize-delay", json!({ "count": 1, "ms": 4000 }))
         .await;
@@ -308,7 +280,7 @@ async fn a_gateway_killed_between_asking_and_recording_does_not_ask_again() {
     let _ = first.await;
     gateway.restart().await;
 
-    let body = problem(
+    let body = flows::problem(
         answered(Duration::from_secs(20), send).await,
         502,
         "approval_interrupted",
@@ -325,10 +297,7 @@ async fn an_approval_never_asked_is_not_pushed_after_its_expiry() {
     // A gateway stored an approval and died before asking; it is found
     // again only after it expired. Before, it was pushed anyway (with a
     // requested_expiry of 1 s). Planted with the columns of every version.
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut gateway = GatewayProcess::start(&peer, &shop, options(sqlite(&dir, "2s"))).await;
+    let (peer, _shop, dir, mut gateway) = flows::sqlite_gateway(Some("2s"), options).await;
     gateway.kill9();
     let db = dir.path().join("approvals.db");
     {
@@ -366,14 +335,8 @@ async fn a_replica_whose_clock_runs_ahead_takes_over_nothing_live() {
     // polled; one could settle what the other was forwarding). Leases are
     // judged on the database's clock now.
     let database = TestDatabase::create();
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
-    let store = || {
-        options(format!(
-            "store: {{ postgres: \"{}\", lease: 2s }}",
-            database.url
-        ))
-    };
+    let (peer, shop) = flows::peer_and_shop().await;
+    let store = || options(flows::postgres_store(&database.url, Some("2s")));
     let a = GatewayProcess::start(&peer, &shop, store()).await;
     // libfaketime preloaded into the gateway itself (Debian's `faketime`
     // command forks: a kill would stop the wrapper and orphan the gateway).
@@ -462,15 +425,11 @@ async fn sigterm_lets_a_forward_in_flight_finish_and_hands_the_leases_back() {
     // Before, the forward was cut (outcome_unknown) and bob's approval
     // waited a whole lease for a new holder.
     let database = TestDatabase::create();
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
+    let (peer, shop) = flows::peer_and_shop().await;
     let front = slow_front(shop.addr, Duration::from_secs(3)).await;
     let store = || GatewayOptions {
         upstream: Some(front.to_string()),
-        ..options(format!(
-            "store: {{ postgres: \"{}\", lease: 15s }}",
-            database.url
-        ))
+        ..options(flows::postgres_store(&database.url, Some("15s")))
     };
     let mut a = GatewayProcess::start(&peer, &shop, store()).await;
     let agent = reqwest::Client::new();
@@ -523,14 +482,7 @@ async fn a_single_sqlite_gateway_restarted_after_a_crash_resumes_at_once() {
     // One gateway, SQLite, the default 15 s lease: kill -9 while alice
     // decides. Before, the restarted gateway waited out its dead
     // predecessor's lease before polling again.
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = format!(
-        "store: {{ sqlite: \"{}\" }}",
-        dir.path().join("approvals.db").display()
-    );
-    let mut gateway = GatewayProcess::start(&peer, &shop, options(store)).await;
+    let (peer, _shop, _dir, mut gateway) = flows::sqlite_gateway(None, options).await;
     let agent = reqwest::Client::new();
     let id = accepted(call(&agent, gateway.proxy, "alice", "XYZ phone", 2)).await;
     let auth_req_id = asked(&peer, "alice").await;
@@ -554,10 +506,7 @@ async fn a_retry_after_from_the_authorization_server_survives_a_restart() {
     // The server answers a poll 503 with Retry-After: 20, then the gateway
     // crashes. Before, the restarted gateway polled one interval (5 s)
     // after it came back, too early for the server (slow_down).
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut gateway = GatewayProcess::start(&peer, &shop, options(sqlite(&dir, "2s"))).await;
+    let (peer, _shop, _dir, mut gateway) = flows::sqlite_gateway(Some("2s"), options).await;
     let status = peer
         .control(
             "token-unavailable",

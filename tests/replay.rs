@@ -9,8 +9,6 @@
 
 mod support;
 
-use std::io::Write;
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -37,7 +35,7 @@ async fn pending_request(world: &World, count: usize) -> String {
         if requests.len() >= count {
             assert_eq!(requests.len(), count, "asked more than expected");
             let pending = world.peer.wait_pending(Some("alice"), 1).await;
-            return pending[0]["auth_req_id"].as_str().unwrap().to_owned();
+            return flows::auth_req_id(&pending[0]).to_owned();
         }
         assert!(
             Instant::now() < deadline,
@@ -103,7 +101,7 @@ async fn a_second_identical_purchase_asks_again_on_sqlite() {
 async fn a_second_identical_purchase_asks_again_on_postgres() {
     let database = TestDatabase::create();
     let world = World::start(GatewayOptions {
-        extra_config: format!("store: {{ postgres: \"{}\" }}", database.url),
+        extra_config: flows::postgres_store(&database.url, None),
         ..GatewayOptions::default()
     })
     .await;
@@ -116,14 +114,7 @@ async fn an_agent_that_hung_up_gets_the_order_once_then_the_call_is_new() {
     // order it never saw (nobody is asked again); the call after that is
     // a new purchase.
     let world = World::start(GatewayOptions::default()).await;
-    let body = serde_json::to_string(&phones()).unwrap();
-    let request = format!(
-        "POST /shop HTTP/1.1\r\nHost: {}\r\n{USER_HEADER}: alice\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        world.gateway.proxy,
-        body.len()
-    );
-    let mut stream = TcpStream::connect(world.gateway.proxy).unwrap();
-    stream.write_all(request.as_bytes()).unwrap();
+    let stream = flows::held_call(world.gateway.proxy, "alice", &phones());
     let auth_req_id = pending_request(&world, 1).await;
     drop(stream);
     // The hold notices the hang-up (its log says so) before the approval.
@@ -134,12 +125,8 @@ async fn an_agent_that_hung_up_gets_the_order_once_then_the_call_is_new() {
         assert!(Instant::now() < deadline, "the approved call was not made");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let approvals: Value = reqwest::get(format!("http://{}/approvals", world.gateway.admin))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let approvals: Value =
+        flows::get_json(format!("http://{}/approvals", world.gateway.admin)).await;
     let first_id = approvals[0]["id"].as_str().unwrap().to_owned();
     // Recorded once the shop has answered (it checks the token first).
     let mut undelivered = status(&world, &first_id).await;

@@ -132,7 +132,7 @@ async fn over_http2_the_gate_refuses_what_it_refuses_over_http1() {
     let (_dir, ca, world) = shop_world().await;
     let agent = client(&ca, world.gateway.proxy, &["shop.test"]);
     // Spellings of /shop that lenient frameworks read as /shop: refused,
-    // never forwarded unapproved (README's security table).
+    // never forwarded unapproved (the book's security table, docs/security.md).
     for path in [
         "/%EF%BD%93hop",
         "/shop%20",
@@ -363,16 +363,16 @@ fn bad_certificate_files_are_refused_at_load_with_the_key() {
     assert!(err.contains("ciphers"), "an unknown key: {err}");
 }
 
-/// README's production TLS configuration, as printed there, passes
+/// The book's production TLS configuration (docs/tls.md), as printed there, passes
 /// `countersign check` with certificates at the paths it names; and the
 /// check it promises holds: a pair that does not match is named.
 #[test]
-fn the_readmes_production_tls_configuration_is_valid() {
-    const README: &str = include_str!("../README.md");
-    let section = README
-        .split("\n### TLS and HTTP/2 on the proxy listener\n")
+fn the_books_production_tls_configuration_is_valid() {
+    const CHAPTER: &str = include_str!("../docs/tls.md");
+    let section = CHAPTER
+        .split("\n## TLS and HTTP/2 on the proxy listener\n")
         .nth(1)
-        .expect("the README has the section");
+        .expect("the chapter has the section");
     let yaml = section
         .split("```yaml\n")
         .nth(1)

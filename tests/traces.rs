@@ -182,8 +182,7 @@ fn received_context(shop: &countersign::demo::shop::ShopHandle) -> (String, Stri
 #[tokio::test(flavor = "multi_thread")]
 async fn an_approved_call_is_one_trace_under_the_agents_span() {
     let (receiver, collector) = Receiver::start().await;
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
+    let (peer, shop) = flows::peer_and_shop().await;
     let (options, env) = traced(collector, "");
     let gateway = GatewayProcess::start_with_env(&peer, &shop, options, env).await;
     let agent = reqwest::Client::new();
@@ -195,7 +194,7 @@ async fn an_approved_call_is_one_trace_under_the_agents_span() {
             .send(),
     );
     let pending = peer.wait_pending(Some("alice"), 1).await;
-    let auth_req_id = pending[0]["auth_req_id"].as_str().unwrap().to_owned();
+    let auth_req_id = flows::auth_req_id(&pending[0]).to_owned();
     peer.approve(&auth_req_id).await;
     let response = held.await.unwrap().unwrap();
     assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
@@ -299,8 +298,7 @@ fn upstream_context(seen: &Mutex<Vec<Vec<String>>>, n: usize) -> (String, String
 async fn a_passed_call_joins_a_valid_trace_and_starts_one_for_a_malformed() {
     let (receiver, collector) = Receiver::start().await;
     let (upstream, seen) = recording_upstream().await;
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
+    let (peer, shop) = flows::peer_and_shop().await;
     let (mut options, env) = traced(collector, "");
     options.upstream = Some(upstream.to_string());
     let gateway = GatewayProcess::start_with_env(&peer, &shop, options, env).await;
@@ -359,8 +357,7 @@ async fn an_approval_forwarded_by_another_replica_joins_the_agents_trace() {
     // over, polls and forwards it: its spans hang under a's call span.
     let (receiver, collector) = Receiver::start().await;
     let database = TestDatabase::create();
-    let peer = Peer::start();
-    let shop = start_shop(&peer).await;
+    let (peer, shop) = flows::peer_and_shop().await;
     let store = format!("store: {{ postgres: \"{}\", lease: 2s }}", database.url);
     let replica = || {
         let (mut options, env) = traced(collector, &store);
@@ -391,8 +388,7 @@ async fn an_approval_forwarded_by_another_replica_joins_the_agents_trace() {
         .await;
     let pending = peer.wait_pending(Some("alice"), 1).await;
     a.kill9();
-    peer.approve(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
+    peer.approve(flows::auth_req_id(&pending[0])).await;
 
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use support::certs::Ca;
 use support::process::GatewayProcess;
-use support::{free_port, Peer, REPO, USER_HEADER};
+use support::{flows, free_port, Peer, REPO, USER_HEADER};
 
 /// What the TLS upstream saw of one request.
 #[derive(Debug, Clone)]
@@ -152,12 +152,7 @@ fn write_config(
 listen: {{ proxy: "{proxy}", admin: "{admin}", threads: 2 }}
 upstreams:
   shop: {{ url: "https://localhost:{port}", connect_timeout: 2s, timeout: 10s{tls} }}
-authorization_server:
-  issuer: {issuer}
-  client_id: countersign-post
-  client_auth: {{ method: client_secret_post, client_secret: countersign-secret }}
-  login_hint: iss_sub
-  audience_parameter: resource
+{authorization_server}
 identity: {{ header: {{ name: {USER_HEADER} }} }}
 policies: ["{policies}"]
 default_action: pass
@@ -165,12 +160,18 @@ limits: {{ max_body_bytes: 1024, max_hold: 60s }}
 store: memory
 "#,
         port = upstream.port(),
-        issuer = peer.issuer,
+        authorization_server = flows::peer_authorization_server(&peer.issuer),
         policies = Path::new(REPO).join("policies").display(),
     );
     let file = dir.join("countersign.yaml");
     std::fs::write(&file, config).unwrap();
     (file, proxy, admin)
+}
+
+/// The binary on a configuration from [`write_config`].
+async fn gateway_to(dir: &Path, peer: &Peer, upstream: SocketAddr, tls: &str) -> GatewayProcess {
+    let (config, proxy, admin) = write_config(dir, peer, upstream, tls);
+    GatewayProcess::on(config, proxy, admin).await
 }
 
 async fn get_products(proxy: SocketAddr) -> u16 {
@@ -191,16 +192,14 @@ async fn a_private_ca_is_trusted_for_its_upstream_and_without_it_nothing_is_sent
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
 
-    let (config, proxy, admin) = write_config(dir.path(), &peer, upstream.addr, "{ ca: ca.pem }");
-    let gateway = GatewayProcess::on(config, proxy, admin).await;
+    let gateway = gateway_to(dir.path(), &peer, upstream.addr, "{ ca: ca.pem }").await;
     assert_eq!(get_products(gateway.proxy).await, 200);
     assert_eq!(upstream.seen().len(), 1);
     drop(gateway);
 
     // The public roots do not know the private CA: verification is on.
     let other = tempfile::tempdir().unwrap();
-    let (config, proxy, admin) = write_config(other.path(), &peer, upstream.addr, "");
-    let gateway = GatewayProcess::on(config, proxy, admin).await;
+    let gateway = gateway_to(other.path(), &peer, upstream.addr, "").await;
     assert_eq!(get_products(gateway.proxy).await, 502);
     assert_eq!(
         upstream.seen().len(),
@@ -218,13 +217,13 @@ async fn a_client_certificate_is_presented_on_passed_and_approved_calls() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
     clients.write_leaf(dir.path(), "gateway", &["countersign.internal"]);
-    let (config, proxy, admin) = write_config(
+    let gateway = gateway_to(
         dir.path(),
         &peer,
         upstream.addr,
         "{ ca: ca.pem, client_cert: gateway.pem, client_key: gateway.key }",
-    );
-    let gateway = GatewayProcess::on(config, proxy, admin).await;
+    )
+    .await;
     // Pass-through, by pingora.
     assert_eq!(get_products(gateway.proxy).await, 200);
     // Approved, by the approval engine.
@@ -236,8 +235,7 @@ async fn a_client_certificate_is_presented_on_passed_and_approved_calls() {
             .send(),
     );
     let pending = peer.wait_pending(Some("alice"), 1).await;
-    peer.approve(pending[0]["auth_req_id"].as_str().unwrap())
-        .await;
+    peer.approve(flows::auth_req_id(&pending[0])).await;
     assert_eq!(call.await.unwrap().unwrap().status(), 200);
     let seen = upstream.seen();
     assert_eq!(seen.len(), 2, "{seen:?}");
@@ -255,8 +253,7 @@ async fn a_client_certificate_is_presented_on_passed_and_approved_calls() {
     // Without the certificate the upstream refuses the handshake.
     let other = tempfile::tempdir().unwrap();
     std::fs::write(other.path().join("ca.pem"), ca.pem()).unwrap();
-    let (config, proxy, admin) = write_config(other.path(), &peer, upstream.addr, "{ ca: ca.pem }");
-    let gateway = GatewayProcess::on(config, proxy, admin).await;
+    let gateway = gateway_to(other.path(), &peer, upstream.addr, "{ ca: ca.pem }").await;
     assert_eq!(get_products(gateway.proxy).await, 502);
     assert_eq!(upstream.seen().len(), 2);
 }

@@ -1,19 +1,20 @@
-//! README's "Try it against oidc-provider", run as a reader pastes it: the
-//! shell blocks of that section, in order, on the ports it names.
+//! The book's "Try it against oidc-provider" (docs/try-oidc-provider.md), run
+//! as a reader pastes it: the shell blocks of that chapter, in order, on the
+//! ports it names.
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-const README: &str = include_str!("../README.md");
+const WALKTHROUGH: &str = include_str!("../docs/try-oidc-provider.md");
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
-/// The ```sh blocks of the README section that starts with `heading`.
-fn shell_blocks(heading: &str) -> Vec<String> {
-    let section = README
-        .split("\n## ")
-        .find(|s| s.starts_with(heading))
-        .expect("the README has the section");
-    section
+/// The ```sh blocks of the chapter, in order.
+fn shell_blocks() -> Vec<String> {
+    assert!(
+        WALKTHROUGH.starts_with("# Try it against oidc-provider"),
+        "the chapter's title"
+    );
+    WALKTHROUGH
         .split("```sh\n")
         .skip(1)
         .map(|block| block.split("```").next().unwrap().to_owned())
@@ -70,7 +71,7 @@ impl Drop for StopOnDrop {
 
 #[test]
 fn the_oidc_provider_walkthrough_works_as_pasted() {
-    let blocks = shell_blocks("Try it against oidc-provider");
+    let blocks = shell_blocks();
     let [start, call, phone, stop, by_hand] = blocks.as_slice() else {
         panic!("expected 5 shell blocks, found {blocks:?}");
     };
@@ -82,7 +83,7 @@ fn the_oidc_provider_walkthrough_works_as_pasted() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("\"status\":\"confirmed\""), "{answer}");
 
-    // The README's deny: the same call for three phones, answered `deny`.
+    // The chapter's deny: the same call for three phones, answered `deny`.
     let three = call.replace("\"qty\":2", "\"qty\":3");
     assert_ne!(&three, call, "the call block buys 2 phones");
     let denied = held_call_answered_by(&three, "examples/try-oidc-provider.sh deny");

@@ -40,6 +40,8 @@ pub trait CallSource {
     /// The canonical target, when the received one differs: the upstream
     /// receives exactly the target matched.
     fn set_uri(&mut self, uri: http::Uri);
+    /// The Host header of a request that has none: its target's authority.
+    fn set_host(&mut self, authority: &str);
     /// The whole body, at most the configured limit (`body_too_large`).
     /// Called at most once per call.
     fn read_body(&mut self) -> impl Future<Output = Result<Option<Bytes>, Problem>> + Send;
@@ -189,6 +191,16 @@ pub async fn decide<'g, S: CallSource + Send>(
     facts: &mut Facts<'g>,
 ) -> Result<Decision, Refusal> {
     let mut request = CanonicalRequest::from_header(call.header()).map_err(request_problem)?;
+    // Over HTTP/2 (and HTTP/1.1's absolute-form without a Host) the host is
+    // the target's authority (`CanonicalRequest` checked any Host agrees). It
+    // becomes the Host header once, here, so every later step sees the host
+    // the decision was made for: the origin-form rewrite, the stored approval
+    // and its call binding, `preserve_host`'s forward (RFC 9113 §8.3.1).
+    if !call.header().headers.contains_key(http::header::HOST) {
+        if let Some(authority) = call.header().uri.authority().map(|a| a.as_str().to_owned()) {
+            call.set_host(&authority);
+        }
+    }
     let method = call.header().method.clone();
     call.note(|| Step::canonical(method.as_str(), &request));
     if let Some(id) = request.path.forward.strip_prefix(gate.approvals_path) {

@@ -73,6 +73,13 @@ impl CallSource for OfflineCall<'_> {
         self.header.set_uri(uri);
     }
 
+    fn set_host(&mut self, authority: &str) {
+        // A parsed authority is always a Host value.
+        let _ = self
+            .header
+            .insert_header(http::header::HOST, authority.to_owned());
+    }
+
     async fn read_body(&mut self) -> Result<Option<Bytes>, Problem> {
         let len = self.body.as_ref().map_or(0, Bytes::len);
         if len > self.max_body_bytes {

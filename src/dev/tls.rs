@@ -10,7 +10,6 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
 use rcgen::{
@@ -124,19 +123,10 @@ fn leaf_params() -> anyhow::Result<CertificateParams> {
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     // Made on every run, so short-lived: from a year ago to a year ahead
     // (clients refuse leaves valid for much longer).
-    let year = current_year();
-    params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
-    params.not_after = rcgen::date_time_ymd(year + 1, 1, 1);
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(365);
+    params.not_after = now + time::Duration::days(365);
     Ok(params)
-}
-
-/// This year, give or take a day (enough for the validity above).
-fn current_year() -> i32 {
-    let days = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() / 86_400)
-        .unwrap_or(0);
-    1970 + i32::try_from(days * 400 / 146_097).unwrap_or(0)
 }
 
 /// The stored CA: its key, and its certificate if it is that key's.

@@ -1,5 +1,5 @@
 //! Four eyes: who else must approve a call a policy holds, besides the
-//! person it is made for (README, "Four eyes"). Resolved per call from the
+//! person it is made for (docs/four-eyes.md). Resolved per call from the
 //! policy's fixed subjects and the person's claims; never the person.
 
 use schemars::JsonSchema;

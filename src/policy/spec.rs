@@ -59,12 +59,12 @@ pub struct PolicySpec {
     #[serde(default)]
     pub bind: Bind,
     /// Four eyes: countersigners who must approve the call too, besides
-    /// the person (README, "Four eyes").
+    /// the person (docs/four-eyes.md).
     #[serde(default)]
     pub countersign: Option<super::countersign::CountersignSpec>,
     /// `enforce` (default), or `shadow`: its calls are decided fully but go
     /// on as the enforced policies say, and what it would have done is
-    /// counted and kept (README, "Changing policies safely"). Never a push.
+    /// counted and kept (docs/changing-policies.md). Never a push.
     #[serde(default)]
     pub mode: Mode,
 }

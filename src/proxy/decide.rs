@@ -32,22 +32,19 @@ impl CallSource for LiveCall<'_> {
     }
 
     fn set_uri(&mut self, uri: http::Uri) {
+        self.session.req_header_mut().set_uri(uri);
+    }
+
+    fn set_host(&mut self, authority: &str) {
         let header = self.session.req_header_mut();
-        // Over HTTP/2 (and HTTP/1.1's absolute-form without a Host) the
-        // host is the target's authority, which the origin-form target
-        // replacing it no longer carries: it becomes the Host header, so the
-        // upstream gets the host the decision was made for, never none
-        // (RFC 9113 §8.3.1). `CanonicalRequest` checked the two agree.
-        if header.headers.get(http::header::HOST).is_none() {
-            if let Some(authority) = header.uri.authority().map(|a| a.as_str().to_owned()) {
-                if header.insert_header(http::header::HOST, authority).is_err() {
-                    // Unreachable for a parsed authority; the rewrite still
-                    // happens and the forward carries no Host at all.
-                    tracing::warn!("the request's authority is no Host value");
-                }
-            }
+        if header
+            .insert_header(http::header::HOST, authority.to_owned())
+            .is_err()
+        {
+            // Unreachable for a parsed authority; the upstream's own Host
+            // (or none, with `preserve_host`) is forwarded.
+            tracing::warn!("the request's authority is no Host value");
         }
-        header.set_uri(uri);
     }
 
     async fn read_body(&mut self) -> Result<Option<Bytes>, Problem> {

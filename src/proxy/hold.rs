@@ -244,7 +244,6 @@ impl Countersign {
             .headers
             .get(http::header::HOST)
             .and_then(|h| h.to_str().ok())
-            .or_else(|| header.uri.authority().map(|a| a.as_str()))
             .filter(|_| preserves_host)
             .and_then(|h| crate::policy::host_key(h).ok())
             .unwrap_or_default();
@@ -259,20 +258,12 @@ impl Countersign {
             call.fingerprint_body.as_deref().unwrap_or(&body),
             &subject,
         );
-        let mut headers: Vec<(String, Vec<u8>)> = header
+        let headers: Vec<(String, Vec<u8>)> = header
             .headers
             .iter()
             .filter(|(name, _)| keeps_request_header(name.as_str(), identity_header))
             .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
             .collect();
-        // Over HTTP/2 the host is `:authority`, not a header: stored as the
-        // Host, so `preserve_host` forwards the host the call was decided
-        // and approved for (and the call binding names it), as over HTTP/1.1.
-        if !headers.iter().any(|(name, _)| name == "host") {
-            if let Some(authority) = header.uri.authority() {
-                headers.push(("host".to_owned(), authority.as_str().as_bytes().to_vec()));
-            }
-        }
         let now = SystemTime::now();
         let hold = call
             .policy

@@ -124,7 +124,7 @@ impl Countersign {
 }
 
 /// How a call ended: the `outcome` label of `countersign_calls_total` and of
-/// the call's log line. A closed list (README, "Observability").
+/// the call's log line. A closed list (docs/observability.md).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum CallOutcome {
     /// Forwarded as it is (no policy, `default_action: pass`).
@@ -345,8 +345,8 @@ impl Countersign {
     }
 
     /// The approved call's answer reached an agent in full: without an
-    /// Idempotency-Key, a repeat of the call is a new call (README, the
-    /// retry contract). Awaited before the connection reads its next
+    /// Idempotency-Key, a repeat of the call is a new call (docs/agent.md,
+    /// the retry contract). Awaited before the connection reads its next
     /// request, so a repeat sent on it is judged after the mark.
     async fn note_delivered(&self, ctx: &CallCtx) {
         let Some(id) = ctx.approval_id.as_deref() else {

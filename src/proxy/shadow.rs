@@ -34,6 +34,9 @@ impl CallSource for ShadowCall<'_> {
     /// The enforced decision already set the canonical target.
     fn set_uri(&mut self, _uri: http::Uri) {}
 
+    /// The enforced decision already set the Host.
+    fn set_host(&mut self, _authority: &str) {}
+
     async fn read_body(&mut self) -> Result<Option<Bytes>, Problem> {
         if let Some(body) = &self.body {
             return Ok(body.clone());

@@ -1,5 +1,5 @@
 //! Agents: tasks that make policy calls through the gateways and follow the
-//! retry contract (README, "The retry contract"), recording every attempt
+//! retry contract (docs/agent.md, "The retry contract"), recording every attempt
 //! and the final answer of each operation.
 //!
 //! Each operation is a distinct call (its own `qty`, so its own binding

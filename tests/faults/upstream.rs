@@ -137,18 +137,22 @@ impl Drop for RecordingUpstream {
     }
 }
 
+/// Reads what has arrived into `chunk`: `None` once the peer has closed,
+/// on an error, or after 30 s with nothing.
+async fn read_chunk(stream: &mut TcpStream, chunk: &mut [u8]) -> Option<usize> {
+    let n = tokio::time::timeout(Duration::from_secs(30), stream.read(chunk))
+        .await
+        .ok()?
+        .ok()?;
+    (n > 0).then_some(n)
+}
+
 /// Reads one request (head and a `Content-Length` body).
 async fn read_request(stream: &mut TcpStream) -> Option<(String, Vec<(String, String)>, Vec<u8>)> {
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     let head_end = loop {
-        let n = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut chunk))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
+        let n = read_chunk(stream, &mut chunk).await?;
         buf.extend_from_slice(&chunk[..n]);
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i;
@@ -171,13 +175,7 @@ async fn read_request(stream: &mut TcpStream) -> Option<(String, Vec<(String, St
         .unwrap_or(0);
     let mut body = buf[head_end + 4..].to_vec();
     while body.len() < length {
-        let n = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut chunk))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
+        let n = read_chunk(stream, &mut chunk).await?;
         body.extend_from_slice(&chunk[..n]);
     }
     Some((request_line, headers, body))

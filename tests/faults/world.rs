@@ -93,18 +93,14 @@ fn gateway_config(
         r#"listen: {{ proxy: "{proxy}", admin: "{admin}", threads: 2 }}
 upstreams:
   shop: {{ url: "http://{upstream}", connect_timeout: 2s, timeout: 3s }}
-authorization_server:
-  issuer: {issuer}
-  client_id: countersign-post
-  client_auth: {{ method: client_secret_post, client_secret: countersign-secret }}
-  login_hint: iss_sub
-  audience_parameter: resource
+{authorization_server}
 identity: {{ header: {{ name: {user_header} }} }}
 policies: [{policies}]
 default_action: deny
 limits: {{ max_body_bytes: 1024, max_hold: 60s, max_pending_per_user: {LIMIT} }}
 store: {{ {store}, lease: {lease}s }}
 "#,
+        authorization_server = crate::support::flows::peer_authorization_server(issuer),
         user_header = super::USER_HEADER,
         policies = policies_file.display(),
         lease = LEASE.as_secs(),

@@ -200,17 +200,24 @@ const parseError = (res) => {
   res.end(JSON.stringify({ jsonrpc: '2.0', id: null, error: { code: -32700, message: 'Parse error' } }));
 };
 
+// The request's bytes and the JSON-RPC message they hold; undefined once a
+// body that is not JSON has been answered with a parse error.
+async function readMessage(req, res) {
+  const raw = await readRaw(req);
+  try {
+    return { raw, body: parseJson(raw) };
+  } catch {
+    parseError(res);
+    return undefined;
+  }
+}
+
 async function handleMcp(req, res) {
   const sessionId = req.headers['mcp-session-id'];
   if (req.method === 'POST') {
-    const raw = await readRaw(req);
-    let body;
-    try {
-      body = parseJson(raw);
-    } catch {
-      parseError(res);
-      return;
-    }
+    const message = await readMessage(req, res);
+    if (!message) return;
+    const { raw, body } = message;
     if (!(await bindingAllows(req, res, raw, body))) return;
     let transport = sessionId ? transports.get(sessionId) : undefined;
     if (!transport && !sessionId && isInitializeRequest(body)) {
@@ -254,14 +261,9 @@ function handleLegacySse(req, res, url) {
   }
   if (!binding) return transport.handlePostMessage(req, res);
   return (async () => {
-    const raw = await readRaw(req);
-    let body;
-    try {
-      body = parseJson(raw);
-    } catch {
-      parseError(res);
-      return;
-    }
+    const message = await readMessage(req, res);
+    if (!message) return;
+    const { raw, body } = message;
     if (await bindingAllows(req, res, raw, body)) await transport.handlePostMessage(req, res, body);
   })();
 }

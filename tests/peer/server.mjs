@@ -464,6 +464,22 @@ async function readJson(ctx) {
   return JSON.parse(raw);
 }
 
+// `value` if it is a whole number, else `fallback`.
+function intOr(value, fallback) {
+  return Number.isInteger(value) ? value : fallback;
+}
+
+// A control call's JSON body; undefined once a body that is not JSON has
+// been answered with 400 invalid_request.
+async function controlJson(ctx) {
+  try {
+    return await readJson(ctx);
+  } catch {
+    jsonError(ctx, 400, 'invalid_request', 'body must be JSON');
+    return undefined;
+  }
+}
+
 function jsonError(ctx, status, error, description, extraHeaders = {}) {
   ctx.status = status;
   ctx.set('Cache-Control', 'no-store');
@@ -660,6 +676,8 @@ async function controlMiddleware(provider, ctx) {
   }
   ctx.set('Cache-Control', 'no-store');
   const parts = ctx.path.split('/').filter(Boolean); // ['control', ...]
+  // The control call POSTed to /control/<name>, if that is what this is.
+  const posted = ctx.method === 'POST' && parts.length === 2 ? parts[1] : undefined;
 
   if (ctx.method === 'GET' && parts.length === 2 && parts[1] === 'health') {
     ctx.body = { ok: true };
@@ -702,12 +720,8 @@ async function controlMiddleware(provider, ctx) {
       if (current !== 'pending') {
         return jsonError(ctx, 409, 'conflict', `request is ${current}`);
       }
-      let body;
-      try {
-        body = await readJson(ctx);
-      } catch {
-        return jsonError(ctx, 400, 'invalid_request', 'body must be JSON');
-      }
+      const body = await controlJson(ctx);
+      if (body === undefined) return undefined;
       const request = await findBackchannelRequest(provider, id);
       if (!request) return jsonError(ctx, 404, 'not_found', 'request no longer stored');
 
@@ -758,45 +772,33 @@ async function controlMiddleware(provider, ctx) {
     return jsonError(ctx, 404, 'not_found', 'no such control endpoint');
   }
 
-  if (ctx.method === 'POST' && parts.length === 2 && parts[1] === 'access-token-details') {
-    let body;
-    try {
-      body = await readJson(ctx);
-    } catch {
-      return jsonError(ctx, 400, 'invalid_request', 'body must be JSON');
-    }
+  if (posted === 'access-token-details') {
+    const body = await controlJson(ctx);
+    if (body === undefined) return undefined;
     if (body.mode !== 'drop' && body.mode !== 'alter') {
       return jsonError(ctx, 400, 'invalid_request', 'mode must be drop or alter');
     }
     detailsTamper.mode = body.mode;
-    detailsTamper.count = Number.isInteger(body.count) ? body.count : 1;
+    detailsTamper.count = intOr(body.count, 1);
     ctx.body = { mode: detailsTamper.mode, count: detailsTamper.count };
     return undefined;
   }
 
-  if (ctx.method === 'POST' && parts.length === 2 && parts[1] === 'bc-authorize-delay') {
-    let body;
-    try {
-      body = await readJson(ctx);
-    } catch {
-      return jsonError(ctx, 400, 'invalid_request', 'body must be JSON');
-    }
-    authorizeDelay.count = Number.isInteger(body.count) ? body.count : 1;
-    authorizeDelay.ms = Number.isInteger(body.ms) ? body.ms : 3000;
+  if (posted === 'bc-authorize-delay') {
+    const body = await controlJson(ctx);
+    if (body === undefined) return undefined;
+    authorizeDelay.count = intOr(body.count, 1);
+    authorizeDelay.ms = intOr(body.ms, 3000);
     log(`control: next ${authorizeDelay.count} bc-authorize answers held ${authorizeDelay.ms} ms`);
     ctx.body = { count: authorizeDelay.count, ms: authorizeDelay.ms };
     return undefined;
   }
 
-  if (ctx.method === 'POST' && parts.length === 2 && parts[1] === 'token-unavailable') {
-    let body;
-    try {
-      body = await readJson(ctx);
-    } catch {
-      return jsonError(ctx, 400, 'invalid_request', 'body must be JSON');
-    }
-    unavailable.count = Number.isInteger(body.count) ? body.count : 1;
-    unavailable.status = Number.isInteger(body.status) ? body.status : 503;
+  if (posted === 'token-unavailable') {
+    const body = await controlJson(ctx);
+    if (body === undefined) return undefined;
+    unavailable.count = intOr(body.count, 1);
+    unavailable.status = intOr(body.status, 503);
     // retry_after: seconds (number), a raw header value (string), or null for no header;
     // retry_after_date_in: an HTTP date that many seconds from now.
     if (Number.isInteger(body.retry_after_date_in)) {
@@ -811,7 +813,7 @@ async function controlMiddleware(provider, ctx) {
       unavailable.retryAfter = body.retry_after;
       unavailable.retryAfterSeconds = Number(body.retry_after) || 0;
     } else {
-      const seconds = Number.isInteger(body.retry_after) ? body.retry_after : 1;
+      const seconds = intOr(body.retry_after, 1);
       unavailable.retryAfter = String(seconds);
       unavailable.retryAfterSeconds = seconds;
     }
@@ -831,18 +833,14 @@ async function controlMiddleware(provider, ctx) {
     return undefined;
   }
 
-  if (ctx.method === 'POST' && parts.length === 2 && parts[1] === 'token-misbehave') {
-    let body;
-    try {
-      body = await readJson(ctx);
-    } catch {
-      return jsonError(ctx, 400, 'invalid_request', 'body must be JSON');
-    }
+  if (posted === 'token-misbehave') {
+    const body = await controlJson(ctx);
+    if (body === undefined) return undefined;
     if (!MISBEHAVIOURS.includes(body.mode)) {
       return jsonError(ctx, 400, 'invalid_request', `mode must be one of ${MISBEHAVIOURS.join(', ')}`);
     }
     misbehaviour.mode = body.mode;
-    misbehaviour.count = Number.isInteger(body.count) ? body.count : 1;
+    misbehaviour.count = intOr(body.count, 1);
     misbehaviour.tokenType = typeof body.token_type === 'string' ? body.token_type : 'DPoP';
     log(`control: next ${misbehaviour.count} token answers misbehave: ${misbehaviour.mode}`);
     ctx.body = { mode: misbehaviour.mode, count: misbehaviour.count };

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod flows;
 pub mod front;
 pub mod permissive;
 pub mod process;

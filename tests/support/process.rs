@@ -49,6 +49,24 @@ impl GatewayProcess {
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (config, proxy, admin) = write_config(dir.path(), &peer.issuer, shop, &options);
+        Self::launch(config, proxy, admin, env, Some(dir)).await
+    }
+
+    /// Starts the binary on an existing configuration file that listens on
+    /// `proxy` and `admin`.
+    pub async fn on(config: PathBuf, proxy: SocketAddr, admin: SocketAddr) -> Self {
+        Self::launch(config, proxy, admin, Vec::new(), None).await
+    }
+
+    /// Starts the binary on `config`, logging beside it; `dir` (if any) is
+    /// removed when the gateway is dropped.
+    async fn launch(
+        config: PathBuf,
+        proxy: SocketAddr,
+        admin: SocketAddr,
+        env: Vec<(String, String)>,
+        dir: Option<tempfile::TempDir>,
+    ) -> Self {
         let log = config.with_extension("log");
         let mut gateway = Self {
             proxy,
@@ -57,24 +75,7 @@ impl GatewayProcess {
             log,
             child: None,
             env,
-            _dir: Some(dir),
-        };
-        gateway.spawn().await;
-        gateway
-    }
-
-    /// Starts the binary on an existing configuration file that listens on
-    /// `proxy` and `admin`.
-    pub async fn on(config: PathBuf, proxy: SocketAddr, admin: SocketAddr) -> Self {
-        let log = config.with_extension("log");
-        let mut gateway = Self {
-            proxy,
-            admin,
-            config,
-            log,
-            child: None,
-            env: Vec::new(),
-            _dir: None,
+            _dir: dir,
         };
         gateway.spawn().await;
         gateway
@@ -186,12 +187,7 @@ impl GatewayProcess {
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("http://{}/metrics", self.admin))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        super::flows::get_text(format!("http://{}/metrics", self.admin)).await
     }
 
     pub fn is_running(&mut self) -> bool {

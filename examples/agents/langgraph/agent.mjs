@@ -46,7 +46,7 @@ export function buyTool({ gateway, user, timeoutSeconds = 330, progress = () => 
       const deadline = Date.now() + timeoutSeconds * 1000;
       const body = JSON.stringify({ product, qty, priceLimit });
       progress(`asking ${user} to approve buying ${qty} ${product}`);
-      // The retry contract (README, "What the agent gets"): a 202 means the
+      // The retry contract (docs/agent.md): a 202 means the
       // person has not answered yet; the same call again after Retry-After
       // attaches to that approval (nobody is asked twice) and gets its answer.
       for (;;) {
