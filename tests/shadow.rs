@@ -31,7 +31,7 @@ const SHADOW: &str = r#"
 
 async fn admin(world: &World, path: &str) -> Value {
     let url = format!("http://{}{path}", world.gateway.admin);
-    support::world::get_json(world.agent.get(url)).await
+    support::flows::json_of(world.agent.get(url)).await
 }
 
 /// Shadow decisions are recorded off the call's path: wait for `count`.

@@ -103,7 +103,7 @@ impl Peer {
 
     /// GET `/control/<path>` of the peer, as JSON.
     async fn read(&self, path: &str) -> Value {
-        world::get_json(self.http.get(format!("{}/control/{path}", self.issuer))).await
+        flows::json_of(self.http.get(format!("{}/control/{path}", self.issuer))).await
     }
 
     pub async fn requests(&self) -> Vec<Value> {
@@ -589,7 +589,7 @@ impl DevWorld {
     /// The approver page's listing of `user`'s requests.
     pub async fn listing(&self, user: &str) -> Value {
         let url = format!("{}/api/requests?user={user}", self.authz.issuer());
-        world::get_json(self.agent.get(url)).await
+        flows::json_of(self.agent.get(url)).await
     }
 
     /// Waits until `count` requests of `user` are pending.

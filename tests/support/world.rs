@@ -10,6 +10,10 @@ use serde_json::Value;
 
 use super::{start_shop, GatewayOptions, Peer, TestGateway, World, USER_HEADER};
 
+/// The gateway's problem+json answer of `status` with `code` (asserted),
+/// as `problem` for the tests that use this world.
+pub use super::flows::problem_json as problem;
+
 /// Builds a [`World`]: `World::builder().policies(P).limits(L).start()`.
 #[derive(Default)]
 pub struct WorldBuilder {
@@ -239,19 +243,6 @@ impl Peer {
     }
 }
 
-/// Asserts a problem+json answer of `status` with `code`, and returns it.
-pub async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
-    assert_eq!(response.status().as_u16(), status);
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/problem+json"
-    );
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["code"], code, "{body}");
-    assert_eq!(body["status"], status);
-    body
-}
-
 /// When the gateway polled for `request` (as the peer lists it), in ms.
 pub fn poll_times(request: &Value) -> Vec<i64> {
     request["poll_times_ms"]
@@ -290,11 +281,6 @@ where
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Sends `request` and reads its answer as JSON.
-pub async fn get_json(request: reqwest::RequestBuilder) -> Value {
-    request.send().await.unwrap().json().await.unwrap()
 }
 
 /// Waits until `metrics()` (a `/metrics` text) has the line `line`, for
