@@ -22,6 +22,10 @@ use tokio::process::{Child, Command};
 
 pub const AUDIENCE: &str = "https://shop.example/api";
 
+/// The call the tests bind their tokens to: `POST TARGET` with `BODY`.
+pub const BODY: &[u8] = br#"{"item":"phone","qty":2}"#;
+pub const TARGET: &str = "/shop?x=1";
+
 /// Throwaway P-256 keys made for these tests only.
 pub const KEY_PEMS: [&str; 3] = [
     "-----BEGIN PRIVATE KEY-----
@@ -168,6 +172,11 @@ pub struct Ask<'a> {
 }
 
 impl Peer {
+    /// Where the peer serves its signing keys.
+    pub fn jwks_uri(&self) -> String {
+        format!("{}/.well-known/jwks.json", self.issuer)
+    }
+
     /// A real access token of alice: bc-authorize, she approves, one poll
     /// after the interval.
     pub async fn token(&self, ask: Ask<'_>) -> String {
@@ -242,7 +251,7 @@ impl Peer {
     pub async fn jwks_with(&self, extra: Vec<Value>) -> Value {
         let mut jwks: Value = self
             .http
-            .get(format!("{}/.well-known/jwks.json", self.issuer))
+            .get(self.jwks_uri())
             .send()
             .await
             .unwrap()
@@ -252,6 +261,15 @@ impl Peer {
         jwks["keys"].as_array_mut().unwrap().extend(extra);
         jwks
     }
+}
+
+/// The peer's JWKS with `own`'s key added as kid `test-key`, served: for
+/// the tokens no real authorization server would issue on demand, which
+/// the tests sign themselves (expired, other issuer, ...).
+pub async fn jwks_with_own_key(peer: &Peer, own: &TestKey) -> String {
+    let mut own_jwk = own.jwk.clone();
+    own_jwk["kid"] = "test-key".into();
+    serve_jwks(peer.jwks_with(vec![own_jwk]).await).await
 }
 
 /// A `countersign_call` entry (as the gateway would add it).
@@ -362,6 +380,18 @@ pub struct Case {
 pub enum Expect {
     Served,
     Refused(u16, &'static str, Option<&'static str>),
+}
+
+/// The bound call (`POST TARGET` with `BODY`) sent with `headers`.
+pub fn post_case(name: &'static str, headers: Vec<(&'static str, String)>, expect: Expect) -> Case {
+    Case {
+        name,
+        method: "POST",
+        target: TARGET.into(),
+        headers,
+        body: BODY.to_vec(),
+        expect,
+    }
 }
 
 pub fn refused(status: u16, code: &'static str, field: Option<&'static str>) -> Expect {
