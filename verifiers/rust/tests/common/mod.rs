@@ -197,16 +197,8 @@ impl Peer {
             form.push(("authorization_details", details.to_string()));
         }
         let asked = tokio::time::Instant::now();
-        let answer: Value = self
-            .http
-            .post(format!("{}/bc-authorize", self.issuer))
-            .form(&form)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let bc_authorize = format!("{}/bc-authorize", self.issuer);
+        let answer = json_of(self.http.post(bc_authorize).form(&form)).await;
         let auth_req_id = answer["auth_req_id"]
             .as_str()
             .unwrap_or_else(|| panic!("bc-authorize answered {answer}"))
@@ -236,7 +228,7 @@ impl Peer {
         if let Some(key) = ask.dpop {
             request = request.header("DPoP", key.proof("POST", &token_url, None));
         }
-        let answer: Value = request.send().await.unwrap().json().await.unwrap();
+        let answer = json_of(request).await;
         let expected_type = if ask.dpop.is_some() { "DPoP" } else { "Bearer" };
         assert_eq!(
             answer["token_type"], expected_type,
@@ -249,15 +241,7 @@ impl Peer {
     /// The peer's JWKS with `extra` keys added: served by [`serve_jwks`] so
     /// that tests can sign their own tokens (expired, other issuer, ...).
     pub async fn jwks_with(&self, extra: Vec<Value>) -> Value {
-        let mut jwks: Value = self
-            .http
-            .get(self.jwks_uri())
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let mut jwks = json_of(self.http.get(self.jwks_uri())).await;
         jwks["keys"].as_array_mut().unwrap().extend(extra);
         jwks
     }
@@ -270,6 +254,11 @@ pub async fn jwks_with_own_key(peer: &Peer, own: &TestKey) -> String {
     let mut own_jwk = own.jwk.clone();
     own_jwk["kid"] = "test-key".into();
     serve_jwks(peer.jwks_with(vec![own_jwk]).await).await
+}
+
+/// Sends `request` and reads its answer as JSON.
+async fn json_of(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
 }
 
 /// A `countersign_call` entry (as the gateway would add it).
