@@ -79,7 +79,10 @@ fn main() {
         no_modules: std::env::var("BARE_NO_MODULES").is_ok_and(|v| v == "1"),
     };
     let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, bare);
-    let tls = match (std::env::var("BARE_TLS_CERT"), std::env::var("BARE_TLS_KEY")) {
+    let tls = match (
+        std::env::var("BARE_TLS_CERT"),
+        std::env::var("BARE_TLS_KEY"),
+    ) {
         (Ok(cert), Ok(key)) => {
             let mut settings = TlsSettings::intermediate(&cert, &key).expect("TLS settings");
             settings.enable_h2();
