@@ -4,7 +4,7 @@
 #
 #   benches/run.sh                 # full run, about 15 minutes after the build
 #   BENCH_QUICK=1 benches/run.sh   # quick run, about 2 minutes
-#   BENCH_ONLY=tls benches/run.sh  # the TLS and HTTP/2 rows only, about 3 minutes
+#   BENCH_ONLY=tls benches/run.sh  # the TLS and HTTP/2 rows only, about 5 minutes
 #
 # Knobs (environment):
 #   BENCH_QUICK=1          shorter wrk runs, 1 round, quick criterion, 1,000 held calls only
