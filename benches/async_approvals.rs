@@ -19,11 +19,12 @@ mod bench_support;
 mod fake_ciba;
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bench_support::{free_port, percentile, rss_kib, GatewayProcess};
+use bench_support::{
+    free_port, gateway_yaml, percentile, rss_kib, start_gateway, GatewayConfig, BUY_POLICY,
+};
 
 use axum::extract::State;
 use axum::routing::post;
@@ -148,81 +149,32 @@ async fn main() {
     let dir = std::env::temp_dir().join(format!("countersign-async-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (proxy_port, admin_port) = (free_port(), free_port());
-    std::fs::write(
-        dir.join("policies.yaml"),
-        r#"policies:
-  - name: buy-product
-    match: { methods: [POST], path: /shop }
-    require: { scopes: [product:buy], audience: https://shop.example/api }
-    binding_message: "Do you want to buy {{qty}} {{product}}"
-    authorization_details:
-      - type: product_purchase
-        product: "{{product}}"
-        quantity: "{{qty}}"
-        price_limit: "{{priceLimit}}"
-    requested_expiry: 50m
-    wait: async
-"#,
-    )
-    .unwrap();
-    let config = dir.join("gateway.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"listen:
-  proxy: 127.0.0.1:{proxy_port}
-  admin: 127.0.0.1:{admin_port}
-  threads: 2
-upstreams:
-  shop:
-    url: http://127.0.0.1:{upstream_port}
-authorization_server:
-  issuer: {issuer}
-  client_id: bench
-  client_auth:
-    method: client_secret_post
-    client_secret: bench-secret
-  login_hint: subject
-identity:
-  static: {{ subject: bench-user }}
-policies: [policies.yaml]
-default_action: pass
-limits:
-  max_hold: 1h
-  max_pending: 100000
-  max_pending_per_user: 100000
-{store}
-"#,
-            store = store_yaml(&args.store, &dir),
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.join("gateway.log")).unwrap();
-    let child = Command::new(&args.gateway)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}: {e}", args.gateway.display()));
-    let gateway = GatewayProcess(child);
-    let pid = gateway.0.id();
-
+    let policies = format!("{BUY_POLICY}    requested_expiry: 50m\n    wait: async\n");
+    let config = gateway_yaml(&GatewayConfig {
+        proxy_port,
+        admin_port,
+        threads: 2,
+        upstream_port,
+        issuer: &issuer,
+        delivery: "",
+        max_hold: "1h",
+        store: &store_yaml(&args.store, &dir),
+    });
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(CONCURRENCY)
         .build()
         .unwrap();
-    let ready_deadline = Instant::now() + Duration::from_secs(30);
-    while !http
-        .get(format!("http://127.0.0.1:{admin_port}/readyz"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status().is_success())
-    {
-        assert!(Instant::now() < ready_deadline, "gateway did not start");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let gateway = start_gateway(
+        &args.gateway,
+        &dir,
+        &policies,
+        &config,
+        &http,
+        admin_port,
+        "/readyz",
+    )
+    .await;
+    let pid = gateway.0.id();
     // Warm the connection pool and the store.
     let _ = run_calls(&http, proxy_port, vec![n + 1]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -7,8 +7,14 @@
 //! downstream L4 buffers included: 64 KiB read, 1460 B write, and the
 //! disabled compression module pingora adds; `BARE_NO_MODULES=1` leaves it
 //! out, as Countersign does).
+//!
+//! `BARE_TLS_CERT` and `BARE_TLS_KEY` (PEM files), both set: the listener
+//! speaks TLS instead, through pingora's rustls backend (the one Countersign's
+//! `listen.tls` uses), with ALPN `h2` and `http/1.1` (`benches/run.sh`'s TLS
+//! rows).
 
 use async_trait::async_trait;
+use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::modules::http::compression::ResponseCompressionBuilder;
 use pingora::modules::http::HttpModules;
@@ -73,12 +79,30 @@ fn main() {
         no_modules: std::env::var("BARE_NO_MODULES").is_ok_and(|v| v == "1"),
     };
     let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, bare);
-    match (args.get(6), args.get(7)) {
-        (None, None) => proxy.add_tcp(&listen),
-        _ => proxy.add_listener(ListenerConfig::tcp(listen).l4_buffer(L4BufferSettings {
-            read: args.get(6).map(|_| arg(6, 0)),
-            write: args.get(7).map(|_| arg(7, 0)),
-        })),
+    let tls = match (
+        std::env::var("BARE_TLS_CERT"),
+        std::env::var("BARE_TLS_KEY"),
+    ) {
+        (Ok(cert), Ok(key)) => {
+            let mut settings = TlsSettings::intermediate(&cert, &key).expect("TLS settings");
+            settings.enable_h2();
+            Some(settings)
+        }
+        _ => None,
+    };
+    match (args.get(6), args.get(7), tls) {
+        (None, None, None) => proxy.add_tcp(&listen),
+        (None, None, Some(tls)) => proxy.add_listener(ListenerConfig::tcp(listen).tls(tls)),
+        (_, _, tls) => {
+            let listener = ListenerConfig::tcp(listen).l4_buffer(L4BufferSettings {
+                read: args.get(6).map(|_| arg(6, 0)),
+                write: args.get(7).map(|_| arg(7, 0)),
+            });
+            proxy.add_listener(match tls {
+                Some(tls) => listener.tls(tls),
+                None => listener,
+            })
+        }
     }
     server.add_service(proxy);
     server.run_forever();

@@ -17,11 +17,13 @@ mod bench_support;
 mod fake_ciba;
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bench_support::{free_port, percentile, rss_kib, GatewayProcess};
+use bench_support::{
+    free_port, gateway_yaml, percentile, rss_kib, start_gateway, GatewayConfig, BUY_POLICY,
+};
 
 use axum::extract::State;
 use axum::routing::post;
@@ -168,78 +170,28 @@ async fn main() {
     } else {
         String::new()
     };
-    std::fs::write(
-        dir.join("policies.yaml"),
-        r#"policies:
-  - name: buy-product
-    match: { methods: [POST], path: /shop }
-    require: { scopes: [product:buy], audience: https://shop.example/api }
-    binding_message: "Do you want to buy {{qty}} {{product}}"
-    authorization_details:
-      - type: product_purchase
-        product: "{{product}}"
-        quantity: "{{qty}}"
-        price_limit: "{{priceLimit}}"
-"#,
-    )
-    .unwrap();
-    let config = dir.join("gateway.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"listen:
-  proxy: 127.0.0.1:{proxy_port}
-  admin: 127.0.0.1:{admin_port}
-  threads: {threads}
-upstreams:
-  shop:
-    url: http://127.0.0.1:{upstream_port}
-authorization_server:
-  issuer: {issuer}
-  client_id: bench
-  client_auth:
-    method: client_secret_post
-    client_secret: bench-secret
-  login_hint: subject
-{delivery}identity:
-  static: {{ subject: bench-user }}
-policies: [policies.yaml]
-default_action: pass
-limits:
-  max_hold: 10m
-  max_pending: 100000
-  max_pending_per_user: 100000
-"#,
-            threads = args.threads,
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.join("gateway.log")).unwrap();
-    let child = Command::new(&args.gateway)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}: {e}", args.gateway.display()));
-    let gateway = GatewayProcess(child);
-    let pid = gateway.0.id();
-
+    let config = gateway_yaml(&GatewayConfig {
+        proxy_port,
+        admin_port,
+        threads: args.threads,
+        upstream_port,
+        issuer: &issuer,
+        delivery: &delivery,
+        max_hold: "10m",
+        store: "",
+    });
     let http = reqwest::Client::new();
-    let ready_deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ok = http
-            .get(format!("http://127.0.0.1:{admin_port}/healthz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success());
-        if ok {
-            break;
-        }
-        assert!(Instant::now() < ready_deadline, "gateway did not start");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let gateway = start_gateway(
+        &args.gateway,
+        &dir,
+        BUY_POLICY,
+        &config,
+        &http,
+        admin_port,
+        "/healthz",
+    )
+    .await;
+    let pid = gateway.0.id();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = rss_kib(pid);
 

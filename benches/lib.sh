@@ -84,19 +84,43 @@ cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 # wrk_requests <wrk output>: how many requests completed.
 wrk_requests() { awk '/ requests in / { print $1 }' "$1"; }
 
+# --- h2load (nghttp2-client), for HTTP/2 --------------------------------------
+h2load_requests() { # h2load_requests <h2load output>: requests that succeeded (2xx)
+  awk '/^requests:/ { print $8 }' "$1"
+}
+h2load_summary() { # h2load_summary <h2load output>: "rps mean_ms errors"
+  local rps mean errors
+  rps=$(awk '/^finished in/ { print $4 }' "$1")
+  mean=$(to_ms "$(awk '/^time for request:/ { print $6 }' "$1")")
+  errors=$(awk '/^requests:/ { e = $10 + $12; print (e == 0 ? "0" : e " failed/errored") }' "$1")
+  echo "$rps $mean $errors"
+}
+
+# self_signed <dir>: an ECDSA P-256 certificate for localhost and 127.0.0.1,
+# made once per run: <dir>/cert.pem, <dir>/key.pem.
+self_signed() {
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj /CN=localhost -addext 'subjectAltName=DNS:localhost,IP:127.0.0.1' \
+    -keyout "$1/key.pem" -out "$1/cert.pem" 2>/dev/null
+}
+
 # The mimalloc shared library (Debian libmimalloc2.0), LD_PRELOADed into bare
 # pingora to compare it with Countersign on the same allocator.
 MIMALLOC_SO=/usr/lib/x86_64-linux-gnu/libmimalloc.so.2
 
 # --- Countersign on a pass route ---------------------------------------------
-# pass_route_conf <file> <proxy port> <threads> <upstream port> <policies yaml list>:
+# pass_route_conf <file> <proxy port> <threads> <upstream port> <policies yaml list> [<cert> <key>]:
 # a gateway whose calls match no policy and pass (default_action: pass), with
-# an authorization server that is never contacted and the memory store.
+# an authorization server that is never contacted and the memory store. With a
+# certificate and key, the listener is TLS (`listen.tls`, HTTP/2 by ALPN).
 pass_route_conf() {
+  local tls=""
+  [[ -z ${6:-} ]] || tls="  tls: { certificates: [{ cert: $6, key: $7 }], http2: true }"
   cat >"$1" <<EOF2
 listen:
   proxy: 127.0.0.1:$2
   threads: $3
+$tls
 upstreams:
   api:
     url: http://127.0.0.1:$4

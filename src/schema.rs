@@ -28,7 +28,7 @@ use crate::policy::spec::{
 use crate::policy::template::{DetailsTemplate, MessageTemplate};
 use crate::policy::PolicyFile;
 use crate::policy::WaitMode;
-use crate::schema_shapes::string_schema;
+use crate::schema_shapes::inline_schema;
 pub use crate::schema_shapes::{HumanDuration, ListenAddr};
 
 /// Where the committed schemas live, relative to the repository.
@@ -63,102 +63,78 @@ pub fn policies_schema() -> String {
     )
 }
 
-string_schema!(Text, "Text", {
+inline_schema!(Text, "Text", {
     "type": "string",
     "description": "Text; ${VAR} is read from the environment (unset or empty is an error), $$ is a literal $."
 });
 
-string_schema!(SecretText, "SecretText", {
+inline_schema!(SecretText, "SecretText", {
     "type": "string",
     "description": "A secret, best given as ${VAR} from the environment (unset or empty is an error)."
 });
 
-string_schema!(UpstreamUrl, "UpstreamUrl", {
+inline_schema!(UpstreamUrl, "UpstreamUrl", {
     "type": "string",
     "pattern": "^[hH][tT][tT][pP][sS]?://[^/?#]+/?$",
     "description": "An http or https URL with a host and no path, query or fragment."
 });
 
-string_schema!(UpstreamRef, "UpstreamRef", {
+inline_schema!(UpstreamRef, "UpstreamRef", {
     "type": "string",
     "description": "The name of an upstream declared under `upstreams`."
 });
 
-string_schema!(PolicyName, "PolicyName", {
+inline_schema!(PolicyName, "PolicyName", {
     "type": "string",
     "pattern": "^[A-Za-z0-9._-]{1,64}$",
     "description": "Also the `policy` label of metrics: 1-64 letters, digits, '-', '_' or '.'."
 });
 
-string_schema!(MethodName, "MethodName", {
+inline_schema!(MethodName, "MethodName", {
     "type": "string",
     "pattern": "^(\\*|[!#$%&'*+.^_`|~0-9A-Za-z-]+)$",
     "description": "An HTTP method (any letter case), or \"*\" for every method."
 });
 
-string_schema!(HostName, "HostName", {
+inline_schema!(HostName, "HostName", {
     "type": "string",
     "pattern": "^[^:/\\s]+$",
     "description": "A bare host name, without scheme, port or path."
 });
 
-string_schema!(PathTemplate, "PathTemplate", {
+inline_schema!(PathTemplate, "PathTemplate", {
     "type": "string",
     "pattern": "^/",
     "description": "A path template in canonical form: /shop, /orders/{id}, /files/{*rest}."
 });
 
-string_schema!(ToolPattern, "ToolPattern", {
+inline_schema!(ToolPattern, "ToolPattern", {
     "type": "string",
     "pattern": "^[A-Za-z0-9_./*-]{1,128}$",
     "description": "An MCP tool name (compared exactly; a name differing only in letter case is refused), or a glob with * for any run of characters."
 });
 
-string_schema!(MessageTemplate, "MessageTemplate", {
+inline_schema!(MessageTemplate, "MessageTemplate", {
     "type": "string",
     "description": "The binding message: literal text and plain {{values}}, at most 64 characters of letters, digits, space and + - _ . , : # (Auth0's rule)."
 });
 
-impl JsonSchema for Methods {
-    fn inline_schema() -> bool {
-        true
-    }
-
-    fn schema_name() -> Cow<'static, str> {
-        "Methods".into()
-    }
-
-    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "type": "array",
-            "items": generator.subschema_for::<MethodName>(),
-            "minItems": 1,
-            "description": "The methods this policy covers, e.g. [POST], or [\"*\"]."
-        })
-    }
-}
+inline_schema!(Methods, "Methods", |generator| {
+    "type": "array",
+    "items": generator.subschema_for::<MethodName>(),
+    "minItems": 1,
+    "description": "The methods this policy covers, e.g. [POST], or [\"*\"]."
+});
 
 /// A non-empty list of strings matching `pattern`.
 macro_rules! string_array_schema {
     ($type:ty, $name:literal, $pattern:literal, $min:literal, $description:literal) => {
-        impl JsonSchema for $type {
-            fn inline_schema() -> bool {
-                true
-            }
-
-            fn schema_name() -> Cow<'static, str> {
-                $name.into()
-            }
-
-            fn json_schema(_: &mut SchemaGenerator) -> Schema {
-                json_schema!({
-                    "type": "array",
-                    "items": { "type": "string", "pattern": $pattern },
-                    "minItems": $min,
-                    "description": $description
-                })
-            }
-        }
+        inline_schema!($type, $name, {
+            "type": "array",
+            "items": { "type": "string", "pattern": $pattern },
+            "minItems": $min,
+            "description": $description
+        });
     };
 }
 
@@ -177,31 +153,19 @@ string_array_schema!(
     "Top-level body field names (letter case ignored, none twice)."
 );
 
-impl JsonSchema for DetailsTemplate {
-    fn inline_schema() -> bool {
-        true
-    }
+inline_schema!(DetailsTemplate, "DetailsTemplate", {
+    "type": ["array", "object"],
+    "description": "Rich Authorization Request details: any JSON, whose strings are templates; a string that is exactly one {{value}} keeps the value's JSON type."
+});
 
-    fn schema_name() -> Cow<'static, str> {
-        "DetailsTemplate".into()
-    }
-
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "type": ["array", "object"],
-            "description": "Rich Authorization Request details: any JSON, whose strings are templates; a string that is exactly one {{value}} keeps the value's JSON type."
-        })
-    }
-}
-
-string_schema!(Condition, "Condition", {
+inline_schema!(Condition, "Condition", {
     "type": "string",
     "minLength": 1,
     "maxLength": 2048,
     "description": "A CEL expression over body, params, query, user and request: the call needs this policy's approval only when it is true (docs/policies.md, \"Conditions\")."
 });
 
-string_schema!(ApprovalsPath, "ApprovalsPath", {
+inline_schema!(ApprovalsPath, "ApprovalsPath", {
     "type": "string",
     "pattern": "^/[^%;]+$",
     "description": "Prefix of each approval's status resource on the proxy listener (<prefix>/<id>); reserved. Default /.countersign/approvals."

@@ -7,9 +7,10 @@ use std::borrow::Cow;
 
 use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 
-/// A string schema, inlined where it is used.
-macro_rules! string_schema {
-    ($type:ty, $name:literal, $schema:tt) => {
+/// A schema inlined where it is used (most are strings), named `$name`;
+/// `|generator| { ... }` where it refers to other types' schemas.
+macro_rules! inline_schema {
+    ($type:ty, $name:literal, |$generator:ident| $schema:tt) => {
         impl JsonSchema for $type {
             fn inline_schema() -> bool {
                 true
@@ -19,19 +20,22 @@ macro_rules! string_schema {
                 $name.into()
             }
 
-            fn json_schema(_: &mut SchemaGenerator) -> Schema {
+            fn json_schema($generator: &mut SchemaGenerator) -> Schema {
                 json_schema!($schema)
             }
         }
     };
+    ($type:ty, $name:literal, $schema:tt) => {
+        inline_schema!($type, $name, |_generator| $schema);
+    };
 }
-pub(crate) use string_schema;
+pub(crate) use inline_schema;
 
 /// A duration as `humantime` reads it: `5s`, `2m`, `1h 30m`, `500ms`.
 #[derive(Debug)]
 pub struct HumanDuration;
 
-string_schema!(HumanDuration, "Duration", {
+inline_schema!(HumanDuration, "Duration", {
     "type": "string",
     "pattern": "^\\s*([0-9]+\\s*[a-zA-Zµ]+\\s*)+$",
     "description": "A duration: a number and a unit, e.g. 5s, 2m, 1h 30m, 500ms."
@@ -41,7 +45,7 @@ string_schema!(HumanDuration, "Duration", {
 #[derive(Debug)]
 pub struct ListenAddr;
 
-string_schema!(ListenAddr, "ListenAddr", {
+inline_schema!(ListenAddr, "ListenAddr", {
     "type": "string",
     "pattern": "^([0-9]{1,3}(\\.[0-9]{1,3}){3}|\\[[0-9A-Fa-f:.]+(%[^\\]]+)?\\]):[0-9]{1,5}$",
     "description": "An IP address and port, e.g. 127.0.0.1:8080 or [::1]:8080 (no host names)."

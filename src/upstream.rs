@@ -17,9 +17,9 @@ use crate::headers::{
 use crate::secret::Secret;
 use crate::store::{StoredRequest, StoredResponse};
 
-/// Request headers that are the connection's, not the call's, or that the
-/// gateway sets itself.
-const DROPPED_REQUEST_HEADERS: [&str; 11] = [
+/// Headers that are the connection's, not the call's (hop-by-hop): dropped
+/// from both the stored request and the recorded answer.
+const HOP_BY_HOP_HEADERS: [&str; 7] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -27,20 +27,14 @@ const DROPPED_REQUEST_HEADERS: [&str; 11] = [
     "trailer",
     "transfer-encoding",
     "upgrade",
+];
+
+/// Request headers the gateway sets itself when it forwards.
+const SET_BY_GATEWAY_HEADERS: [&str; 4] = [
     "expect",
     "content-length",
     "authorization",
     "proxy-authorization",
-];
-
-const DROPPED_RESPONSE_HEADERS: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
 ];
 
 /// Whether a header of the agent's call is kept in the stored request.
@@ -48,7 +42,8 @@ pub fn keeps_request_header(name: &str, identity_header: Option<&str>) -> bool {
     // `_` spellings too: CGI-style servers read `x_countersign_user` as
     // `x-countersign-user`.
     let dashed = crate::request::dashed(name);
-    !DROPPED_REQUEST_HEADERS.contains(&name)
+    !HOP_BY_HOP_HEADERS.contains(&name)
+        && !SET_BY_GATEWAY_HEADERS.contains(&name)
         && !dashed.starts_with(GATEWAY_HEADER_PREFIX)
         && !dashed.eq_ignore_ascii_case(COUNTERSIGN_TOKENS_HEADER)
         && identity_header.is_none_or(|h| !crate::request::dashed(h).eq_ignore_ascii_case(&dashed))
@@ -212,7 +207,7 @@ impl UpstreamClient {
         let headers = response
             .headers()
             .iter()
-            .filter(|(name, _)| !DROPPED_RESPONSE_HEADERS.contains(&name.as_str()))
+            .filter(|(name, _)| !HOP_BY_HOP_HEADERS.contains(&name.as_str()))
             .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
             .collect();
         let mut body = Vec::new();

@@ -518,6 +518,16 @@ default_action: pass
             .to_string()
     }
 
+    /// Loading `text` fails with an error that starts with `at` (where and
+    /// what) and says each of `says`.
+    fn assert_refused(text: &str, at: &str, says: &[&str]) {
+        let error = error_of(text);
+        assert!(error.starts_with(at), "{error}");
+        for part in says {
+            assert!(error.contains(part), "{error}");
+        }
+    }
+
     #[test]
     fn policy_test_files_beside_the_policies_are_not_loaded_as_policies() {
         let dir = tempfile::tempdir().unwrap();
@@ -576,19 +586,21 @@ default_action: pass
             "client_id: countersign",
             "client_id: countersign\n  clientsecret: x",
         );
-        let error = error_of(&text);
-        assert!(error.starts_with("gateway.yaml:8:"), "{error}");
-        assert!(error.contains("authorization_server"), "{error}");
-        assert!(error.contains("unknown field `clientsecret`"), "{error}");
+        assert_refused(
+            &text,
+            "gateway.yaml:8:",
+            &["authorization_server", "unknown field `clientsecret`"],
+        );
     }
 
     #[test]
     fn unknown_upstreams_are_refused_with_their_line() {
         let text = format!("{BASE}routes:\n  - {{ path_prefix: /, upstream: shoop }}\n");
-        let error = error_of(&text);
-        assert!(error.contains("routes[0].upstream"), "{error}");
-        assert!(error.contains("unknown upstream \"shoop\""), "{error}");
-        assert!(error.starts_with("gateway.yaml:13:"), "{error}");
+        assert_refused(
+            &text,
+            "gateway.yaml:13:",
+            &["routes[0].upstream", "unknown upstream \"shoop\""],
+        );
     }
 
     #[test]
@@ -597,16 +609,10 @@ default_action: pass
             "client_secret: plain",
             "client_secret: '${COUNTERSIGN_TEST_UNSET_VAR}'",
         );
-        let error = error_of(&text);
-        assert!(
-            error.starts_with(
-                "gateway.yaml:8:46: authorization_server.client_auth.client_secret: environment"
-            ),
-            "{error}"
-        );
-        assert!(
-            error.contains("COUNTERSIGN_TEST_UNSET_VAR is not set"),
-            "{error}"
+        assert_refused(
+            &text,
+            "gateway.yaml:8:46: authorization_server.client_auth.client_secret: environment",
+            &["COUNTERSIGN_TEST_UNSET_VAR is not set"],
         );
     }
 
@@ -616,22 +622,17 @@ default_action: pass
         assert!(error_of(&text).contains("limits.max_body_bytes"));
     }
 
-    const TWO_UPSTREAMS: &str = r#"
-listen: { proxy: "127.0.0.1:8080" }
-upstreams:
-  shop: { url: "http://127.0.0.1:3000" }
-  mail: { url: "http://127.0.0.1:3001" }
-routes:
-  - { host: mail.example, upstream: mail }
-  - { path_prefix: /, upstream: shop }
-authorization_server:
-  issuer: https://tenant.example/
-  client_id: countersign
-  client_auth: { method: client_secret_post, client_secret: plain }
-identity: { static: { subject: alice } }
-policies: []
-default_action: pass
-"#;
+    /// [`BASE`] with a second upstream, `mail`, which host mail.example is
+    /// routed to.
+    fn two_upstreams() -> String {
+        let shop = "  shop: { url: \"http://127.0.0.1:3000\" }\n";
+        let mail = "  mail: { url: \"http://127.0.0.1:3001\" }\n\
+                    routes:\n  \
+                    - { host: mail.example, upstream: mail }\n  \
+                    - { path_prefix: /, upstream: shop }\n";
+        assert!(BASE.contains(shop));
+        BASE.replace(shop, &format!("{shop}{mail}"))
+    }
 
     /// Loads one policy on POST /shop; `host` extends its `match`, `upstreams` adds lines.
     fn load_policy(host: &str, upstreams: &str) -> Result<Config, String> {
@@ -640,7 +641,7 @@ default_action: pass
         );
         load_embedded(
             Path::new("gateway.yaml"),
-            TWO_UPSTREAMS,
+            &two_upstreams(),
             &[(Path::new("buy.yaml"), &file)],
         )
         .map_err(|e| e.to_string())

@@ -6,7 +6,9 @@
 use std::sync::Mutex;
 
 use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, Method, Uri};
+use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use crate::identity::JwtVerifier;
@@ -34,6 +36,34 @@ impl Received {
     }
 }
 
+/// A request as the shop's handlers take it, to record and verify.
+#[derive(Debug)]
+pub(super) struct Call {
+    pub(super) method: Method,
+    pub(super) uri: Uri,
+    pub(super) headers: HeaderMap,
+    pub(super) body: Bytes,
+}
+
+impl<S: Send + Sync> FromRequest<S> for Call {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let method = request.method().clone();
+        let uri = request.uri().clone();
+        let headers = request.headers().clone();
+        let body = Bytes::from_request(request, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(Self {
+            method,
+            uri,
+            headers,
+            body,
+        })
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct Shop {
     pub(super) verifier: JwtVerifier,
@@ -46,14 +76,9 @@ pub(super) struct Shop {
 }
 
 impl Shop {
-    pub(super) async fn record(
-        &self,
-        method: &Method,
-        uri: &Uri,
-        headers: &HeaderMap,
-        body: &Bytes,
-    ) -> Option<Value> {
-        let token = headers
+    pub(super) async fn record(&self, call: &Call) -> Option<Value> {
+        let token = call
+            .headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| {
@@ -71,13 +96,14 @@ impl Shop {
         };
         if let Ok(mut received) = self.received.lock() {
             received.push(Received {
-                method: method.to_string(),
-                path_and_query: uri
+                method: call.method.to_string(),
+                path_and_query: call
+                    .uri
                     .path_and_query()
                     .map(|p| p.to_string())
                     .unwrap_or_default(),
-                headers: headers.clone(),
-                body: body.clone(),
+                headers: call.headers.clone(),
+                body: call.body.clone(),
                 claims: claims.clone(),
                 refused: None,
             });
@@ -87,14 +113,8 @@ impl Shop {
 
     /// Records an order and checks that its token was approved for exactly
     /// this call: its claims, or the refusal to answer.
-    pub(super) async fn verified(
-        &self,
-        method: &Method,
-        uri: &Uri,
-        headers: &HeaderMap,
-        body: &Bytes,
-    ) -> Result<Value, countersign_verify::Refusal> {
-        self.verified_by(&self.orders, method, uri, headers, body)
+    pub(super) async fn verified(&self, call: &Call) -> Result<Value, countersign_verify::Refusal> {
+        self.verified_by(&self.orders, call)
             .await
             .map(|approval| approval.claims)
     }
@@ -103,22 +123,24 @@ impl Shop {
     pub(super) async fn verified_by(
         &self,
         verifier: &countersign_verify::Verifier,
-        method: &Method,
-        uri: &Uri,
-        headers: &HeaderMap,
-        body: &Bytes,
+        call: &Call,
     ) -> Result<countersign_verify::Approval, countersign_verify::Refusal> {
-        self.record(method, uri, headers, body).await;
+        self.record(call).await;
         let (mut parts, ()) = axum::http::Request::new(()).into_parts();
-        parts.method = method.clone();
-        parts.uri = uri.clone();
-        parts.headers = headers.clone();
-        let verdict = verifier.verify(&parts, body).await;
+        parts.method = call.method.clone();
+        parts.uri = call.uri.clone();
+        parts.headers = call.headers.clone();
+        let verdict = verifier.verify(&parts, &call.body).await;
         if let (Err(refusal), Ok(mut received)) = (&verdict, self.received.lock()) {
             if let Some(last) = received.last_mut() {
                 last.refused = Some(refusal.code().to_owned());
             }
         }
         verdict
+    }
+
+    /// How many requests the shop received so far (numbers its answers).
+    pub(super) fn count(&self) -> usize {
+        self.received.lock().map(|r| r.len()).unwrap_or_default()
     }
 }

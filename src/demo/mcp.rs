@@ -7,30 +7,23 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::ledger::Shop;
+use super::ledger::{Call, Shop};
 
 const PROTOCOL_VERSIONS: [&str; 4] = ["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
 
 /// `/mcp`: POST carries one JSON-RPC message; GET (no server stream) and
 /// DELETE (no sessions) are 405, which clients take as "not offered".
-pub(super) async fn endpoint(
-    State(shop): State<Arc<Shop>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if method != Method::POST {
+pub(super) async fn endpoint(State(shop): State<Arc<Shop>>, call: Call) -> Response {
+    if call.method != Method::POST {
         return StatusCode::METHOD_NOT_ALLOWED.into_response();
     }
-    let Ok(message) = serde_json::from_slice::<Value>(&body) else {
+    let Ok(message) = serde_json::from_slice::<Value>(&call.body) else {
         return (
             StatusCode::BAD_REQUEST,
             Json(error(&Value::Null, -32700, "Parse error")),
@@ -64,7 +57,7 @@ pub(super) async fn endpoint(
             let arguments = &params["arguments"];
             match params["name"].as_str() {
                 Some("buy_product") => {
-                    let claims = shop.verified(&method, &uri, &headers, &body).await;
+                    let claims = shop.verified(&call).await;
                     result(id, buy(claims, arguments))
                 }
                 Some("list_products") => result(

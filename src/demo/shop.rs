@@ -10,9 +10,8 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -28,7 +27,7 @@ pub const TRANSFER_SCOPE: &str = "payments:transfer";
 pub const LARGE_TRANSFER: f64 = 10_000.0;
 
 pub use super::ledger::Received;
-use super::ledger::Shop;
+use super::ledger::{Call, Shop};
 
 /// A running shop.
 #[derive(Debug, Clone)]
@@ -103,18 +102,12 @@ impl Shop {
     /// Records the call, then checks what a purchase needs: a token approved
     /// for exactly this call, with scope `product:buy`, and a JSON body. Gives the token's claims
     /// and the body, or the refusal to answer.
-    async fn purchase(
-        &self,
-        method: &Method,
-        uri: &Uri,
-        headers: &HeaderMap,
-        body: &Bytes,
-    ) -> Result<(Value, Value), Response> {
+    async fn purchase(&self, call: &Call) -> Result<(Value, Value), Response> {
         let claims = self
-            .verified(method, uri, headers, body)
+            .verified(call)
             .await
             .map_err(|refusal| refusal.into_response::<axum::body::Body>())?;
-        let Ok(parsed) = serde_json::from_slice::<Value>(body) else {
+        let Ok(parsed) = serde_json::from_slice::<Value>(&call.body) else {
             return Err(error(StatusCode::BAD_REQUEST, "the body must be JSON"));
         };
         Ok((claims, parsed))
@@ -125,63 +118,34 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
-async fn buy(
-    State(shop): State<Arc<Shop>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let (claims, order) = match shop.purchase(&method, &uri, &headers, &body).await {
-        Ok(found) => found,
-        Err(refused) => return refused,
-    };
-    let count = shop.received.lock().map(|r| r.len()).unwrap_or_default();
-    Json(json!({
-        "order_id": format!("ord-{count}"),
+async fn buy(State(shop): State<Arc<Shop>>, call: Call) -> Result<Response, Response> {
+    let (claims, order) = shop.purchase(&call).await?;
+    Ok(Json(json!({
+        "order_id": format!("ord-{}", shop.count()),
         "status": "confirmed",
         "product": order["product"],
         "qty": order["qty"],
         "buyer": claims["sub"],
     }))
-    .into_response()
+    .into_response())
 }
 
-async fn send_gift_card(
-    State(shop): State<Arc<Shop>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let (claims, card) = match shop.purchase(&method, &uri, &headers, &body).await {
-        Ok(found) => found,
-        Err(refused) => return refused,
-    };
-    let count = shop.received.lock().map(|r| r.len()).unwrap_or_default();
-    (
-        StatusCode::CREATED,
-        Json(json!({
-            "gift_card_id": format!("gc-{count}"),
-            "status": "sent",
-            "amount": card["amount"],
-            "to": card["to"],
-            "from": claims["sub"],
-        })),
-    )
-        .into_response()
+async fn send_gift_card(State(shop): State<Arc<Shop>>, call: Call) -> Result<Response, Response> {
+    let (claims, card) = shop.purchase(&call).await?;
+    let created = Json(json!({
+        "gift_card_id": format!("gc-{}", shop.count()),
+        "status": "sent",
+        "amount": card["amount"],
+        "to": card["to"],
+        "from": claims["sub"],
+    }));
+    Ok((StatusCode::CREATED, created).into_response())
 }
 
 /// A transfer: approved by the person for exactly this call and, from
 /// [`LARGE_TRANSFER`] on, countersigned by someone else as well.
-async fn transfer(
-    State(shop): State<Arc<Shop>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let parsed = serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null);
+async fn transfer(State(shop): State<Arc<Shop>>, call: Call) -> Response {
+    let parsed = serde_json::from_slice::<Value>(&call.body).unwrap_or(Value::Null);
     let large = parsed["amount"]
         .as_f64()
         .is_none_or(|amount| amount >= LARGE_TRANSFER);
@@ -190,48 +154,27 @@ async fn transfer(
     } else {
         &shop.transfers
     };
-    let approval = match shop
-        .verified_by(verifier, &method, &uri, &headers, &body)
-        .await
-    {
+    let approval = match shop.verified_by(verifier, &call).await {
         Ok(approval) => approval,
         Err(refusal) => return refusal.into_response::<axum::body::Body>(),
     };
-    let count = shop.received.lock().map(|r| r.len()).unwrap_or_default();
-    (
-        StatusCode::CREATED,
-        Json(json!({
-            "transfer_id": format!("tr-{count}"),
-            "amount": parsed["amount"],
-            "to": parsed["to"],
-            "from": approval.subject,
-            "countersigned_by": approval.countersigners,
-        })),
-    )
-        .into_response()
+    let created = Json(json!({
+        "transfer_id": format!("tr-{}", shop.count()),
+        "amount": parsed["amount"],
+        "to": parsed["to"],
+        "from": approval.subject,
+        "countersigned_by": approval.countersigners,
+    }));
+    (StatusCode::CREATED, created).into_response()
 }
 
-async fn products(
-    State(shop): State<Arc<Shop>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Response {
-    shop.record(&method, &uri, &headers, &Bytes::new()).await;
+async fn products(State(shop): State<Arc<Shop>>, call: Call) -> Response {
+    shop.record(&call).await;
     Json(json!([{ "product": "XYZ phone", "price": 450 }, { "product": "ABC tablet", "price": 700 }])).into_response()
 }
 
-async fn other(
-    State(shop): State<Arc<Shop>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    shop.record(&method, &uri, &headers, &body).await;
-    (
-        StatusCode::NOT_FOUND,
-        Json(json!({ "error": "no such resource", "path": uri.path() })),
-    )
-        .into_response()
+async fn other(State(shop): State<Arc<Shop>>, call: Call) -> Response {
+    shop.record(&call).await;
+    let missing = json!({ "error": "no such resource", "path": call.uri.path() });
+    (StatusCode::NOT_FOUND, Json(missing)).into_response()
 }

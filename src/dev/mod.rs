@@ -330,6 +330,15 @@ fn instructions(
         None => (format!("http://{proxy}"), "curl -i".to_owned()),
     };
     let page = authz.approver_url(user);
+    // The curl line of an agent's call as `user`, posting `body` to `path`.
+    let post = |path: &str, body: &str| {
+        format!(
+            "     {curl} -X POST {gateway}{path} \\\n       \
+             -H '{USER_HEADER}: {user}' \\\n       \
+             -H 'content-type: application/json' \\\n       \
+             -d '{body}'\n"
+        )
+    };
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -376,10 +385,11 @@ fn instructions(
     );
     let _ = writeln!(
         out,
-        "     {curl} -X POST {gateway}/shop \\\n       \
-         -H '{USER_HEADER}: {user}' \\\n       \
-         -H 'content-type: application/json' \\\n       \
-         -d '{{\"product\":\"XYZ phone\",\"qty\":2,\"priceLimit\":900}}'\n"
+        "{}",
+        post(
+            "/shop",
+            r#"{"product":"XYZ phone","qty":2,"priceLimit":900}"#
+        )
     );
     let _ = writeln!(
         out,
@@ -391,10 +401,8 @@ fn instructions(
     );
     let _ = writeln!(
         out,
-        "     {curl} -X POST {gateway}/gift-cards \\\n       \
-         -H '{USER_HEADER}: {user}' \\\n       \
-         -H 'content-type: application/json' \\\n       \
-         -d '{{\"amount\":25,\"to\":\"bob\"}}'\n"
+        "{}",
+        post("/gift-cards", r#"{"amount":25,"to":"bob"}"#)
     );
     let _ = writeln!(
         out,
@@ -416,10 +424,8 @@ fn instructions(
             );
             let _ = writeln!(
                 out,
-                "     {curl} -X POST {gateway}/transfers \\\n       \
-                 -H '{USER_HEADER}: {user}' \\\n       \
-                 -H 'content-type: application/json' \\\n       \
-                 -d '{{\"amount\":20000,\"to\":\"carol\"}}'\n"
+                "{}",
+                post("/transfers", r#"{"amount":20000,"to":"carol"}"#)
             );
             let _ = writeln!(
                 out,

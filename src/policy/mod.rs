@@ -274,6 +274,12 @@ impl PolicySet {
                     reason,
                 });
             }
+            let fail = |reason: String| PolicyError {
+                file: file.clone(),
+                index,
+                name: name.clone(),
+                reason,
+            };
             let countersign_message = spec.countersign.as_ref().map(|c| &c.binding_message);
             let shape = CallShape::new(
                 &spec.binding_message,
@@ -283,18 +289,7 @@ impl PolicySet {
                 &path_parameters(&spec.matcher.path.source),
                 spec.matcher.mcp.as_ref(),
             )
-            .map_err(|reason| PolicyError {
-                file: file.clone(),
-                index,
-                name: name.clone(),
-                reason,
-            })?;
-            let fail = |reason: String| PolicyError {
-                file: file.clone(),
-                index,
-                name: name.clone(),
-                reason,
-            };
+            .map_err(fail)?;
             if spec.bind == Bind::Call && spec.require.audience.is_none() {
                 return Err(fail(
                     "`bind: call` needs require.audience: the bound token is a JWT for that API, which checks it".into(),
@@ -382,12 +377,7 @@ impl PolicySet {
                 .countersign
                 .map(countersign::Countersign::compile)
                 .transpose()
-                .map_err(|reason| PolicyError {
-                    file: file.clone(),
-                    index,
-                    name: name.clone(),
-                    reason,
-                })?;
+                .map_err(fail)?;
             set.policies.push(Arc::new(Policy {
                 name,
                 scopes: spec.require.scopes.0.clone(),
@@ -1499,22 +1489,20 @@ policies:
     fn the_first_policy_whose_condition_holds_wins() {
         let set = policies(TIERS);
         let buy = |body: &str| choose(&set, "POST", "/shop", Some(body), None);
-        assert_eq!(
-            buy(r#"{"qty": 2, "price": 10, "product": "x"}"#).unwrap(),
-            "pass buy"
-        );
-        assert_eq!(
-            buy(r#"{"qty": 6, "price": 10, "product": "x"}"#).unwrap(),
-            "hold buy"
-        );
-        assert_eq!(
-            buy(r#"{"qty": 2, "price": 500, "product": "x"}"#).unwrap(),
-            "hold buy-large"
-        );
-        assert_eq!(
-            buy(r#"{"qty": 6, "price": 500, "product": "x"}"#).unwrap(),
-            "hold buy-large"
-        );
+        for (body, chosen) in [
+            (r#"{"qty": 2, "price": 10, "product": "x"}"#, "pass buy"),
+            (r#"{"qty": 6, "price": 10, "product": "x"}"#, "hold buy"),
+            (
+                r#"{"qty": 2, "price": 500, "product": "x"}"#,
+                "hold buy-large",
+            ),
+            (
+                r#"{"qty": 6, "price": 500, "product": "x"}"#,
+                "hold buy-large",
+            ),
+        ] {
+            assert_eq!(buy(body).unwrap(), chosen, "{body}");
+        }
         let search = |query: &str| choose(&set, "GET", "/search", None, Some(query));
         assert_eq!(search("page=2").unwrap(), "hold search");
         assert_eq!(search("page=1").unwrap(), "deny search");

@@ -25,32 +25,14 @@ impl Countersign {
             None => problem,
         };
         let body = Bytes::from(problem.to_json());
-        let mut header = ResponseHeader::build(problem.status, Some(6))?;
-        header.insert_header(http::header::CONTENT_TYPE, CONTENT_TYPE)?;
-        header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-        header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+        let mut header = own_header(ctx, problem.status, CONTENT_TYPE, &body)?;
         if let Some(seconds) = problem.retry_after {
             header.insert_header(http::header::RETRY_AFTER, seconds.to_string())?;
         }
         if problem.status == 401 {
             header.insert_header(http::header::WWW_AUTHENTICATE, "Bearer")?;
         }
-        if let Some(id) = &ctx.approval_id {
-            header.insert_header(APPROVAL_ID_HEADER, id.as_str())?;
-        }
-        // A body we did not read would be parsed as the next request.
-        if !session.is_body_done() {
-            session.set_keepalive(None);
-        }
-        // Only the agent's connection can fail these writes.
-        session
-            .write_response_header(Box::new(header), false)
-            .await
-            .map_err(|e| e.into_down())?;
-        session
-            .write_response_body(Some(body), true)
-            .await
-            .map_err(|e| e.into_down())
+        write_to_agent(session, header, body).await
     }
 
     /// JSON the gateway answers itself (`202 Accepted`, a status resource).
@@ -61,18 +43,12 @@ impl Countersign {
         reply: JsonReply,
     ) -> Result<()> {
         let body = Bytes::from(serde_json::to_vec(&reply.body).unwrap_or_default());
-        let mut header = ResponseHeader::build(reply.status, Some(6))?;
-        header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-        header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-        header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+        let mut header = own_header(ctx, reply.status, "application/json", &body)?;
         if let Some(seconds) = reply.retry_after {
             header.insert_header(http::header::RETRY_AFTER, seconds.to_string())?;
         }
         if let Some(location) = reply.location {
             header.insert_header(http::header::LOCATION, location)?;
-        }
-        if let Some(id) = &ctx.approval_id {
-            header.insert_header(APPROVAL_ID_HEADER, id.as_str())?;
         }
         self.write(session, header, body).await
     }
@@ -245,6 +221,39 @@ fn upstream_header(
         header.insert_header(APPROVAL_ID_HEADER, id.as_str())?;
     }
     Ok(header)
+}
+
+/// The header of an answer of the gateway's own: `status`, `content_type`
+/// and the length of `body`, never cached, with the call's approval id
+/// when it has one.
+pub(super) fn own_header(
+    ctx: &CallCtx,
+    status: u16,
+    content_type: &str,
+    body: &Bytes,
+) -> Result<ResponseHeader> {
+    let mut header = ResponseHeader::build(status, Some(6))?;
+    header.insert_header(http::header::CONTENT_TYPE, content_type)?;
+    header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+    if let Some(id) = &ctx.approval_id {
+        header.insert_header(APPROVAL_ID_HEADER, id.as_str())?;
+    }
+    Ok(header)
+}
+
+/// Writes a whole answer of the gateway's own; a failure is the agent's
+/// connection's, the only one these writes can meet.
+pub(super) async fn write_to_agent(
+    session: &mut Session,
+    header: ResponseHeader,
+    body: Bytes,
+) -> Result<()> {
+    begin(session, header).await.map_err(|e| e.into_down())?;
+    session
+        .write_response_body(Some(body), true)
+        .await
+        .map_err(|e| e.into_down())
 }
 
 /// Writes the header of an answer of the gateway's own.

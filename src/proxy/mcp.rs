@@ -14,6 +14,7 @@ use pingora::proxy::Session;
 use serde_json::Value;
 use tokio::time::Instant;
 
+use super::answer::{own_header, write_to_agent};
 use super::hold::Waited;
 use super::{hold, CallCtx, CallOutcome, Countersign, Reply, APPROVAL_ID_HEADER};
 use crate::mcp::{self, jsonrpc, McpRefusal};
@@ -365,24 +366,8 @@ impl Countersign {
         content_type: &str,
         body: Bytes,
     ) -> Result<()> {
-        let mut header = ResponseHeader::build(status, Some(4))?;
-        header.insert_header(http::header::CONTENT_TYPE, content_type)?;
-        header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-        header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
-        if let Some(id) = &ctx.approval_id {
-            header.insert_header(APPROVAL_ID_HEADER, id.as_str())?;
-        }
-        if !session.is_body_done() {
-            session.set_keepalive(None);
-        }
-        session
-            .write_response_header(Box::new(header), false)
-            .await
-            .map_err(|e| e.into_down())?;
-        session
-            .write_response_body(Some(body), true)
-            .await
-            .map_err(|e| e.into_down())
+        let header = own_header(ctx, status, content_type, &body)?;
+        write_to_agent(session, header, body).await
     }
 }
 

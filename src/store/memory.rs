@@ -51,6 +51,12 @@ impl Inner {
             && heartbeats.get(holder).is_none_or(|&alive| alive <= now)
     }
 
+    fn approval_mut(&mut self, id: &str) -> Option<&mut Approval> {
+        self.approvals
+            .get_mut(id)
+            .map(|record| &mut record.approval)
+    }
+
     fn remove(&mut self, id: &str) {
         self.detach(id);
         self.approvals.remove(id);
@@ -137,10 +143,9 @@ impl ApprovalStore for MemoryStore {
 
     async fn mark_asked(&self, id: &str, owner: &str) -> Result<bool, StoreError> {
         let mut inner = self.lock();
-        let Some(record) = inner.approvals.get_mut(id) else {
+        let Some(a) = inner.approval_mut(id) else {
             return Ok(false);
         };
-        let a = &mut record.approval;
         if a.state != ApprovalState::Pending
             || a.asked_at.is_some()
             || a.lease_owner.as_deref() != Some(owner)
@@ -155,10 +160,9 @@ impl ApprovalStore for MemoryStore {
 
     async fn mark_delivered(&self, id: &str) -> Result<bool, StoreError> {
         let mut inner = self.lock();
-        let Some(record) = inner.approvals.get_mut(id) else {
+        let Some(a) = inner.approval_mut(id) else {
             return Ok(false);
         };
-        let a = &mut record.approval;
         if a.state != ApprovalState::Done || a.delivered_at.is_some() {
             return Ok(false);
         }
@@ -171,10 +175,9 @@ impl ApprovalStore for MemoryStore {
 
     async fn claim(&self, id: &str, owner: &str, until: SystemTime) -> Result<bool, StoreError> {
         let mut inner = self.lock();
-        let Some(record) = inner.approvals.get_mut(id) else {
+        let Some(a) = inner.approval_mut(id) else {
             return Ok(false);
         };
-        let a = &mut record.approval;
         if !matches!(a.state, ApprovalState::Pending | ApprovalState::Approved) {
             return Ok(false);
         }
@@ -209,10 +212,9 @@ impl ApprovalStore for MemoryStore {
 
     async fn keep_grant(&self, id: &str, grant: &KeptGrant) -> Result<bool, StoreError> {
         let mut inner = self.lock();
-        let Some(record) = inner.approvals.get_mut(id) else {
+        let Some(a) = inner.approval_mut(id) else {
             return Ok(false);
         };
-        let a = &mut record.approval;
         if a.state != ApprovalState::Pending {
             return Ok(false);
         }
@@ -245,10 +247,9 @@ impl ApprovalStore for MemoryStore {
         detail: &str,
     ) -> Result<bool, StoreError> {
         let mut inner = self.lock();
-        let Some(record) = inner.approvals.get_mut(id) else {
+        let Some(a) = inner.approval_mut(id) else {
             return Ok(false);
         };
-        let a = &mut record.approval;
         if !to.is_final() || !matches!(a.state, ApprovalState::Pending | ApprovalState::Approved) {
             return Ok(false);
         }
@@ -318,8 +319,7 @@ impl ApprovalStore for MemoryStore {
     }
 
     async fn set_ciba(&self, id: &str, ciba: &CibaProgress) -> Result<(), StoreError> {
-        if let Some(record) = self.lock().approvals.get_mut(id) {
-            let a = &mut record.approval;
+        if let Some(a) = self.lock().approval_mut(id) {
             a.ciba = Some(CibaProgress {
                 auth_req_id: ciba.auth_req_id.clone(),
                 interval: Duration::from_millis(duration_ms(ciba.interval).unsigned_abs()),
@@ -339,10 +339,9 @@ impl ApprovalStore for MemoryStore {
         problem_code: Option<&str>,
     ) -> Result<bool, StoreError> {
         let mut inner = self.lock();
-        let Some(record) = inner.approvals.get_mut(id) else {
+        let Some(a) = inner.approval_mut(id) else {
             return Ok(false);
         };
-        let a = &mut record.approval;
         if a.state != from || from.is_final() {
             return Ok(false);
         }
@@ -371,10 +370,9 @@ impl ApprovalStore for MemoryStore {
 
     async fn finish(&self, id: &str, response: &StoredResponse) -> Result<bool, StoreError> {
         let mut inner = self.lock();
-        let Some(record) = inner.approvals.get_mut(id) else {
+        let Some(a) = inner.approval_mut(id) else {
             return Ok(false);
         };
-        let a = &mut record.approval;
         if a.state != ApprovalState::Forwarding {
             return Ok(false);
         }

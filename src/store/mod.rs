@@ -564,23 +564,31 @@ impl fmt::Debug for StoredResponse {
     }
 }
 
-impl fmt::Debug for NewApproval {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NewApproval")
-            .field("id", &self.id)
-            .field("policy", &self.policy)
-            .field("subject", &self.subject)
-            .field("upstream", &self.upstream)
-            .field("fingerprint", &self.fingerprint)
-            .field("idempotency_key", &self.idempotency_key)
-            .field("binding_message", &Len(self.binding_message.len()))
+/// The fields a new approval and a stored one share, shown alike: the
+/// binding message by its length, the authorization details not at all.
+macro_rules! call_fields {
+    ($f:expr, $name:literal, $call:expr) => {
+        $f.debug_struct($name)
+            .field("id", &$call.id)
+            .field("policy", &$call.policy)
+            .field("subject", &$call.subject)
+            .field("upstream", &$call.upstream)
+            .field("fingerprint", &$call.fingerprint)
+            .field("idempotency_key", &$call.idempotency_key)
+            .field("binding_message", &Len($call.binding_message.len()))
             .field(
                 "authorization_details",
-                &self.authorization_details.as_ref().map(|_| Redacted),
+                &$call.authorization_details.as_ref().map(|_| Redacted),
             )
-            .field("request", &self.request)
-            .field("created_at", &self.created_at)
-            .field("expires_at", &self.expires_at)
+            .field("request", &$call.request)
+            .field("created_at", &$call.created_at)
+            .field("expires_at", &$call.expires_at)
+    };
+}
+
+impl fmt::Debug for NewApproval {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        call_fields!(f, "NewApproval", self)
             .field("parent_id", &self.parent_id)
             .field("countersign_min", &self.countersign_min)
             .field("trace_parent", &self.trace_parent)
@@ -590,21 +598,7 @@ impl fmt::Debug for NewApproval {
 
 impl fmt::Debug for Approval {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Approval")
-            .field("id", &self.id)
-            .field("policy", &self.policy)
-            .field("subject", &self.subject)
-            .field("upstream", &self.upstream)
-            .field("fingerprint", &self.fingerprint)
-            .field("idempotency_key", &self.idempotency_key)
-            .field("binding_message", &Len(self.binding_message.len()))
-            .field(
-                "authorization_details",
-                &self.authorization_details.as_ref().map(|_| Redacted),
-            )
-            .field("request", &self.request)
-            .field("created_at", &self.created_at)
-            .field("expires_at", &self.expires_at)
+        call_fields!(f, "Approval", self)
             .field("state", &self.state)
             .field("ciba", &self.ciba)
             .field("response", &self.response)

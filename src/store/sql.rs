@@ -457,6 +457,76 @@ trait Backend: Send + Sync + 'static {
     async fn clock_ms(&self) -> Result<Option<i64>, StoreError>;
 }
 
+/// A [`Backend`] on sqlx pools: the statements and queries both databases run
+/// alike, `exec` on the `writer` pool, `exec_apart` on the `apart` one, the
+/// reads on the `reader` one; each database writes the rest (`exec_for_subject`,
+/// `clock_ms`) in the braces.
+macro_rules! backend {
+    ($backend:ty, writer: $writer:ident, reader: $reader:ident, apart: $apart:ident, { $($own:tt)* }) => {
+        #[async_trait::async_trait]
+        impl Backend for $backend {
+            async fn exec(
+                &self,
+                op: &'static str,
+                sql: &str,
+                params: &[Param],
+            ) -> Result<u64, StoreError> {
+                execute!(&self.$writer, op, sql, params)
+            }
+
+            async fn exec_apart(
+                &self,
+                op: &'static str,
+                sql: &str,
+                params: &[Param],
+            ) -> Result<u64, StoreError> {
+                execute!(&self.$apart, op, sql, params)
+            }
+
+            async fn fetch(
+                &self,
+                op: &'static str,
+                sql: &str,
+                params: &[Param],
+            ) -> Result<Vec<Approval>, StoreError> {
+                let rows = bind_all!(sqlx::query(sql), params)
+                    .fetch_all(&self.$reader)
+                    .await
+                    .map_err(|e| db_error(op, &e))?;
+                rows.iter().map(decode).collect()
+            }
+
+            async fn fetch_shadow(
+                &self,
+                op: &'static str,
+                sql: &str,
+                params: &[Param],
+            ) -> Result<Vec<ShadowDecision>, StoreError> {
+                let rows = bind_all!(sqlx::query(sql), params)
+                    .fetch_all(&self.$reader)
+                    .await
+                    .map_err(|e| db_error(op, &e))?;
+                rows.iter().map(decode_shadow).collect()
+            }
+
+            async fn scalar(
+                &self,
+                op: &'static str,
+                sql: &str,
+                params: &[Param],
+            ) -> Result<i64, StoreError> {
+                let row = bind_all!(sqlx::query(sql), params)
+                    .fetch_one(&self.$reader)
+                    .await
+                    .map_err(|e| db_error(op, &e))?;
+                row.try_get::<i64, _>(0).map_err(|e| db_error(op, &e))
+            }
+
+            $($own)*
+        }
+    };
+}
+
 /// One writer connection (SQLite has one writer at a time anyway; waiting in
 /// the pool is cheaper than on the file lock), readers beside it (WAL).
 struct Sqlite {
@@ -469,60 +539,7 @@ struct Sqlite {
     _alone: Option<std::fs::File>,
 }
 
-#[async_trait::async_trait]
-impl Backend for Sqlite {
-    async fn exec(&self, op: &'static str, sql: &str, params: &[Param]) -> Result<u64, StoreError> {
-        execute!(&self.writer, op, sql, params)
-    }
-
-    async fn exec_apart(
-        &self,
-        op: &'static str,
-        sql: &str,
-        params: &[Param],
-    ) -> Result<u64, StoreError> {
-        execute!(&self.apart, op, sql, params)
-    }
-
-    async fn fetch(
-        &self,
-        op: &'static str,
-        sql: &str,
-        params: &[Param],
-    ) -> Result<Vec<Approval>, StoreError> {
-        let rows = bind_all!(sqlx::query(sql), params)
-            .fetch_all(&self.reader)
-            .await
-            .map_err(|e| db_error(op, &e))?;
-        rows.iter().map(decode).collect()
-    }
-
-    async fn fetch_shadow(
-        &self,
-        op: &'static str,
-        sql: &str,
-        params: &[Param],
-    ) -> Result<Vec<ShadowDecision>, StoreError> {
-        let rows = bind_all!(sqlx::query(sql), params)
-            .fetch_all(&self.reader)
-            .await
-            .map_err(|e| db_error(op, &e))?;
-        rows.iter().map(decode_shadow).collect()
-    }
-
-    async fn scalar(
-        &self,
-        op: &'static str,
-        sql: &str,
-        params: &[Param],
-    ) -> Result<i64, StoreError> {
-        let row = bind_all!(sqlx::query(sql), params)
-            .fetch_one(&self.reader)
-            .await
-            .map_err(|e| db_error(op, &e))?;
-        row.try_get::<i64, _>(0).map_err(|e| db_error(op, &e))
-    }
-
+backend!(Sqlite, writer: writer, reader: reader, apart: apart, {
     async fn exec_for_subject(
         &self,
         op: &'static str,
@@ -536,7 +553,7 @@ impl Backend for Sqlite {
     async fn clock_ms(&self) -> Result<Option<i64>, StoreError> {
         Ok(None)
     }
-}
+});
 
 struct Postgres {
     pool: PgPool,
@@ -544,60 +561,8 @@ struct Postgres {
     apart: PgPool,
 }
 
-#[async_trait::async_trait]
-impl Backend for Postgres {
-    async fn exec(&self, op: &'static str, sql: &str, params: &[Param]) -> Result<u64, StoreError> {
-        execute!(&self.pool, op, sql, params)
-    }
-
-    async fn exec_apart(
-        &self,
-        op: &'static str,
-        sql: &str,
-        params: &[Param],
-    ) -> Result<u64, StoreError> {
-        execute!(&self.apart, op, sql, params)
-    }
-
-    async fn fetch(
-        &self,
-        op: &'static str,
-        sql: &str,
-        params: &[Param],
-    ) -> Result<Vec<Approval>, StoreError> {
-        let rows = bind_all!(sqlx::query(sql), params)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| db_error(op, &e))?;
-        rows.iter().map(decode).collect()
-    }
-
-    async fn fetch_shadow(
-        &self,
-        op: &'static str,
-        sql: &str,
-        params: &[Param],
-    ) -> Result<Vec<ShadowDecision>, StoreError> {
-        let rows = bind_all!(sqlx::query(sql), params)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| db_error(op, &e))?;
-        rows.iter().map(decode_shadow).collect()
-    }
-
-    async fn scalar(
-        &self,
-        op: &'static str,
-        sql: &str,
-        params: &[Param],
-    ) -> Result<i64, StoreError> {
-        let row = bind_all!(sqlx::query(sql), params)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| db_error(op, &e))?;
-        row.try_get::<i64, _>(0).map_err(|e| db_error(op, &e))
-    }
-
+// PostgreSQL reads on the one pool it writes on.
+backend!(Postgres, writer: pool, reader: pool, apart: apart, {
     async fn exec_for_subject(
         &self,
         op: &'static str,
@@ -632,7 +597,7 @@ impl Backend for Postgres {
                 .map_err(|e| db_error("clock", &e))?,
         ))
     }
-}
+});
 
 /// The store's own tokio runtime: connections are created, driven and
 /// dropped there, whichever runtime (pingora's, a test's, a short-lived one

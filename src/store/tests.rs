@@ -43,11 +43,15 @@ fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
 }
 
-async fn admin() -> sqlx::PgConnection {
+/// Runs one statement on the admin connection (creating or dropping a
+/// test's database).
+async fn admin(sql: &str) {
     let url = admin_url();
-    sqlx::PgConnection::connect(&url).await.unwrap_or_else(|e| {
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap_or_else(|e| {
         panic!("PostgreSQL for the store tests at {url} (COUNTERSIGN_TEST_POSTGRES): {e}")
-    })
+    });
+    sqlx::query(sql).execute(&mut conn).await.unwrap();
+    conn.close().await.unwrap();
 }
 
 fn database_url(name: &str) -> String {
@@ -87,12 +91,7 @@ async fn setup(kind: Kind) -> (Fixture, Guard) {
         }
         Kind::Postgres => {
             let name = format!("cs_test_{}", uuid::Uuid::new_v4().simple());
-            let mut conn = admin().await;
-            sqlx::query(&format!("CREATE DATABASE {name}"))
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            conn.close().await.unwrap();
+            admin(&format!("CREATE DATABASE {name}")).await;
             let guard = Guard {
                 _dir: None,
                 database: Some(name.clone()),
@@ -107,12 +106,7 @@ async fn setup(kind: Kind) -> (Fixture, Guard) {
 
 async fn teardown(guard: Guard) {
     if let Some(name) = guard.database {
-        let mut conn = admin().await;
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        conn.close().await.unwrap();
+        admin(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
     }
 }
 
@@ -275,6 +269,46 @@ async fn claim(store: &Arc<dyn ApprovalStore>, id: &str) {
         .unwrap());
 }
 
+/// Moves `id` from `from` to `to` (with that problem code), asserting that
+/// it happened.
+async fn moved(
+    store: &Arc<dyn ApprovalStore>,
+    id: &str,
+    from: ApprovalState,
+    to: ApprovalState,
+    problem_code: Option<&str>,
+) {
+    let happened = store.transition(id, from, to, problem_code).await.unwrap();
+    assert!(happened, "{id}: {from:?} -> {to:?}");
+}
+
+/// What `owner` would adopt now, as the engine asks.
+async fn adoptable(store: &Arc<dyn ApprovalStore>, owner: &str) -> Vec<Approval> {
+    store.orphans(store.now(), 10, owner).await.unwrap()
+}
+
+/// Runs `task` `n` times at once, alternately on the store and on the
+/// other handle (another process), and returns what each run returned, in
+/// order.
+async fn race<T, F, Fut>(f: &Fixture, n: usize, task: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(usize, Arc<dyn ApprovalStore>) -> Fut,
+    Fut: Future<Output = T> + Send + 'static,
+{
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let store = if i % 2 == 0 { &f.store } else { &f.other };
+            tokio::spawn(task(i, store.clone()))
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    answers
+}
+
 async fn attach_by_fingerprint(f: Fixture) {
     let first = call("a1", "alice", "fp1", None);
     create(&f.store, &first).await;
@@ -319,16 +353,14 @@ async fn attach_by_fingerprint(f: Fixture) {
 
     // A failed approval (the authorization server or upstream was not
     // reachable) is not replayed: the retry asks again.
-    assert!(f
-        .store
-        .transition(
-            "a4",
-            ApprovalState::Pending,
-            ApprovalState::Failed,
-            Some("approval_failed")
-        )
-        .await
-        .unwrap());
+    moved(
+        &f.store,
+        "a4",
+        ApprovalState::Pending,
+        ApprovalState::Failed,
+        Some("approval_failed"),
+    )
+    .await;
     create(&f.other, &call("a5", "alice", "fp2", None)).await;
 }
 
@@ -355,11 +387,7 @@ async fn replay_window_and_sweep(f: Fixture) {
     use ApprovalState::*;
     let t0 = now();
     create(&f.store, &call("r1", "alice", "fp1", None)).await;
-    assert!(f
-        .store
-        .transition("r1", Pending, Denied, Some("access_denied"))
-        .await
-        .unwrap());
+    moved(&f.store, "r1", Pending, Denied, Some("access_denied")).await;
 
     // Within the window a final approval still answers retries.
     let retry = attach(
@@ -383,11 +411,7 @@ async fn replay_window_and_sweep(f: Fixture) {
 
     // A key can be used for another call once its approval left the window.
     create(&f.store, &call("k1", "alice", "fp1", Some("K"))).await;
-    assert!(f
-        .store
-        .transition("k1", Pending, Denied, Some("access_denied"))
-        .await
-        .unwrap());
+    moved(&f.store, "k1", Pending, Denied, Some("access_denied")).await;
     let other_call = at(call("k2", "alice", "fp2", Some("K")), t0 + 10 * MINUTE);
     assert!(matches!(
         f.store.insert_or_attach(&other_call, terms()).await,
@@ -405,24 +429,17 @@ async fn replay_window_and_sweep(f: Fixture) {
 }
 
 async fn concurrent_inserts_create_one(f: Fixture) {
-    let mut tasks = Vec::new();
-    for i in 0..20 {
-        let store = if i % 2 == 0 {
-            f.store.clone()
-        } else {
-            f.other.clone()
-        };
-        tasks.push(tokio::spawn(async move {
-            store
-                .insert_or_attach(&call(&format!("c{i}"), "alice", "fp1", None), terms())
-                .await
-                .unwrap()
-        }));
-    }
+    let answers = race(&f, 20, |i, store| async move {
+        store
+            .insert_or_attach(&call(&format!("c{i}"), "alice", "fp1", None), terms())
+            .await
+            .unwrap()
+    })
+    .await;
     let mut created = 0;
     let mut attached = Vec::new();
-    for task in tasks {
-        match task.await.unwrap() {
+    for answer in answers {
+        match answer {
             Inserted::Created => created += 1,
             Inserted::Existing(e) => attached.push(e.id),
             Inserted::LimitReached => panic!("no limit was set"),
@@ -438,29 +455,15 @@ async fn concurrent_inserts_create_one(f: Fixture) {
 async fn concurrent_claims_succeed_once(f: Fixture) {
     use ApprovalState::*;
     create(&f.store, &call("x1", "alice", "fp1", None)).await;
-    assert!(f
-        .store
-        .transition("x1", Pending, Approved, None)
-        .await
-        .unwrap());
-    let mut tasks = Vec::new();
-    for i in 0..20 {
-        let store = if i % 2 == 0 {
-            f.store.clone()
-        } else {
-            f.other.clone()
-        };
-        tasks.push(tokio::spawn(async move {
-            store
-                .transition("x1", Approved, Forwarding, None)
-                .await
-                .unwrap()
-        }));
-    }
-    let mut claimed = 0;
-    for task in tasks {
-        claimed += usize::from(task.await.unwrap());
-    }
+    moved(&f.store, "x1", Pending, Approved, None).await;
+    let claims = race(&f, 20, |_, store| async move {
+        store
+            .transition("x1", Approved, Forwarding, None)
+            .await
+            .unwrap()
+    })
+    .await;
+    let claimed = claims.into_iter().filter(|claimed| *claimed).count();
     assert_eq!(claimed, 1);
     assert_eq!(state(&f.store, "x1").await, Forwarding);
 }
@@ -474,22 +477,14 @@ async fn transitions(f: Fixture) {
         .transition("t1", Approved, Forwarding, None)
         .await
         .unwrap());
-    assert!(f
-        .store
-        .transition("t1", Pending, Approved, None)
-        .await
-        .unwrap());
+    moved(&f.store, "t1", Pending, Approved, None).await;
     let approved = get(&f.store, "t1").await;
     assert_eq!(approved.state, Approved);
     let decided = approved.decided_at.expect("decided");
     assert!(decided >= t0 && approved.updated_at >= t0);
     assert!(!approved.request.body.is_empty(), "kept until forwarded");
 
-    assert!(f
-        .other
-        .transition("t1", Approved, Forwarding, None)
-        .await
-        .unwrap());
+    moved(&f.other, "t1", Approved, Forwarding, None).await;
     assert!(!f
         .store
         .transition("t1", Approved, Forwarding, None)
@@ -506,11 +501,7 @@ async fn transitions(f: Fixture) {
     // dropped.
     create(&f.store, &call("t2", "alice", "fp2", None)).await;
     assert!(f.store.lease("t2", "me", t0 + MINUTE).await.unwrap());
-    assert!(f
-        .store
-        .transition("t2", Pending, Expired, Some("expired_token"))
-        .await
-        .unwrap());
+    moved(&f.store, "t2", Pending, Expired, Some("expired_token")).await;
     let expired = get(&f.store, "t2").await;
     assert_eq!(expired.state, Expired);
     assert_eq!(expired.problem_code.as_deref(), Some("expired_token"));
@@ -609,11 +600,7 @@ async fn leases(f: Fixture) {
 
     // No lease on a final approval, nor on a missing one.
     create(&f.store, &call("l2", "alice", "fp2", None)).await;
-    assert!(f
-        .store
-        .transition("l2", Pending, Denied, None)
-        .await
-        .unwrap());
+    moved(&f.store, "l2", Pending, Denied, None).await;
     assert!(!f.store.lease("l2", "A", t0 + MINUTE).await.unwrap());
     assert!(!f.store.lease("missing", "A", t0 + MINUTE).await.unwrap());
 }
@@ -667,17 +654,9 @@ async fn orphans(f: Fixture) {
     // o5: forwarding. o6: denied.
     assert!(f.store.lease("o2", "A", t0 + MINUTE).await.unwrap());
     assert!(f.store.lease("o3", "A", t0 - MINUTE).await.unwrap());
-    assert!(f
-        .store
-        .transition("o4", Pending, Approved, None)
-        .await
-        .unwrap());
+    moved(&f.store, "o4", Pending, Approved, None).await;
     claim(&f.store, "o5").await;
-    assert!(f
-        .store
-        .transition("o6", Pending, Denied, None)
-        .await
-        .unwrap());
+    moved(&f.store, "o6", Pending, Denied, None).await;
 
     let found = f.other.orphans(t0, 10, "nobody").await.unwrap();
     assert_eq!(ids(&found), ["o1", "o3", "o4"]);
@@ -706,11 +685,7 @@ async fn unknown_outcomes(f: Fixture) {
     assert!(f.store.lease("u2", "A", t0 + MINUTE).await.unwrap());
     claim(&f.store, "u2").await;
     assert!(f.store.lease("u3", "A", t0 - MINUTE).await.unwrap());
-    assert!(f
-        .store
-        .transition("u3", Pending, Approved, None)
-        .await
-        .unwrap());
+    moved(&f.store, "u3", Pending, Approved, None).await;
     claim(&f.store, "u4").await;
 
     assert_eq!(f.other.mark_unknown_outcomes(t0).await.unwrap(), 2);
@@ -762,11 +737,7 @@ async fn count_pending(f: Fixture) {
     ] {
         create(&f.store, &call(id, subject, id, None)).await;
     }
-    assert!(f
-        .store
-        .transition("c2", Pending, Denied, None)
-        .await
-        .unwrap());
+    moved(&f.store, "c2", Pending, Denied, None).await;
     assert_eq!(pending_of(&f.other, "alice").await, 2);
     assert_eq!(pending_of(&f.other, "bob").await, 1);
     assert_eq!(pending_of(&f.other, "carol").await, 0);
@@ -789,16 +760,8 @@ async fn list_filters(f: Fixture) {
         approval.policy = policy.into();
         create(&f.store, &approval).await;
     }
-    assert!(f
-        .store
-        .transition("l2", Pending, Approved, None)
-        .await
-        .unwrap());
-    assert!(f
-        .store
-        .transition("l3", Pending, Denied, None)
-        .await
-        .unwrap());
+    moved(&f.store, "l2", Pending, Approved, None).await;
+    moved(&f.store, "l3", Pending, Denied, None).await;
 
     let list = |filter: ListFilter| {
         let store = f.other.clone();
@@ -852,11 +815,7 @@ async fn sweep_retention(f: Fixture) {
     use ApprovalState::*;
     let t0 = now();
     create(&f.store, &call("s1", "alice", "fp1", None)).await;
-    assert!(f
-        .store
-        .transition("s1", Pending, Denied, None)
-        .await
-        .unwrap());
+    moved(&f.store, "s1", Pending, Denied, None).await;
     create(&f.store, &call("s2", "alice", "fp2", None)).await;
     claim(&f.store, "s2").await;
     let response = StoredResponse {
@@ -1054,12 +1013,7 @@ async fn inserts_are_leased_to_their_process(f: Fixture) {
     assert_eq!(stored.lease_owner.as_deref(), Some("A"));
     // Nobody adopts it before A asks, even with no heartbeat of A yet.
     assert!(!f.other.lease("n1", "B", now() + MINUTE).await.unwrap());
-    assert!(f
-        .other
-        .orphans(f.other.now(), 10, "B")
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(adoptable(&f.other, "B").await.is_empty());
 }
 
 async fn the_per_person_limit_holds_under_a_burst(f: Fixture) {
@@ -1067,22 +1021,15 @@ async fn the_per_person_limit_holds_under_a_burst(f: Fixture) {
         max_pending: 5,
         ..terms()
     };
-    let mut tasks = Vec::new();
-    for i in 0..20 {
-        let store = if i % 2 == 0 {
-            f.store.clone()
-        } else {
-            f.other.clone()
-        };
-        tasks.push(tokio::spawn(async move {
-            let approval = call(&format!("b{i}"), "alice", &format!("fp{i}"), None);
-            store.insert_or_attach(&approval, limited).await.unwrap()
-        }));
-    }
+    let answers = race(&f, 20, |i, store| async move {
+        let approval = call(&format!("b{i}"), "alice", &format!("fp{i}"), None);
+        store.insert_or_attach(&approval, limited).await.unwrap()
+    })
+    .await;
     let mut created = 0;
     let mut refused = 0;
-    for task in tasks {
-        match task.await.unwrap() {
+    for answer in answers {
+        match answer {
             Inserted::Created => created += 1,
             Inserted::LimitReached => refused += 1,
             Inserted::Existing(e) => panic!("attached to {}", e.id),
@@ -1131,11 +1078,7 @@ async fn asked_at_most_once(f: Fixture) {
         .insert_or_attach(&call("a2", "alice", "fp2", None), terms)
         .await
         .unwrap();
-    assert!(f
-        .store
-        .transition("a2", Pending, Denied, None)
-        .await
-        .unwrap());
+    moved(&f.store, "a2", Pending, Denied, None).await;
     assert!(!f.store.mark_asked("a2", "A").await.unwrap(), "final");
 }
 
@@ -1151,11 +1094,7 @@ async fn the_token_holder_claims_whoever_leases(f: Fixture) {
     assert_eq!(claimed.lease_owner.as_deref(), Some("A"));
     // Settled first elsewhere: nothing to claim.
     create(&f.store, &call("t2", "alice", "fp2", None)).await;
-    assert!(f
-        .other
-        .transition("t2", Pending, Expired, None)
-        .await
-        .unwrap());
+    moved(&f.other, "t2", Pending, Expired, None).await;
     assert!(!f.store.claim("t2", "A", until).await.unwrap());
 }
 
@@ -1167,19 +1106,11 @@ async fn released_leases_are_adopted_at_once(f: Fixture) {
     }
     f.store.heartbeat("A", now() + MINUTE).await.unwrap();
     claim(&f.store, "v2").await;
-    assert!(f
-        .other
-        .orphans(f.other.now(), 10, "B")
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(adoptable(&f.other, "B").await.is_empty());
     f.store.release("A").await.unwrap();
     // The pending one is free at once; the forward in flight keeps its
     // lease (it becomes outcome_unknown only once that runs out).
-    assert_eq!(
-        ids(&f.other.orphans(f.other.now(), 10, "B").await.unwrap()),
-        ["v1"]
-    );
+    assert_eq!(ids(&adoptable(&f.other, "B").await), ["v1"]);
     assert_eq!(state(&f.other, "v2").await, Forwarding);
     assert!(f.other.lease("v1", "B", now() + MINUTE).await.unwrap());
 }
@@ -1287,11 +1218,7 @@ async fn only_a_done_approval_is_delivered(f: Fixture) {
     );
     // A denial told to the agent is still told to its retries (within the
     // window): the person is not asked again about what they refused.
-    assert!(f
-        .store
-        .transition("p1", Pending, Denied, Some("access_denied"))
-        .await
-        .unwrap());
+    moved(&f.store, "p1", Pending, Denied, Some("access_denied")).await;
     assert!(!f.store.mark_delivered("p1").await.unwrap(), "denied");
     let retry = attach(&f.other, &call("p3", "alice", "fp1", None)).await;
     assert_eq!((retry.id.as_str(), retry.state), ("p1", Denied));
@@ -1329,33 +1256,21 @@ async fn a_delivered_answer_with_a_key_is_replayed_within_the_window(f: Fixture)
 async fn calls_racing_a_delivery_make_at_most_one_new_approval(f: Fixture) {
     create(&f.store, &call("d1", "alice", "fp1", None)).await;
     done(&f.store, "d1").await;
-    let mut tasks = Vec::new();
-    for i in 0..16 {
-        let store = if i % 2 == 0 {
-            f.store.clone()
-        } else {
-            f.other.clone()
-        };
+    // The sixth task delivers d1's answer; the others repeat its call.
+    let answers = race(&f, 16, |i, store| async move {
         if i == 5 {
-            tasks.push(tokio::spawn(async move {
-                assert!(store.mark_delivered("d1").await.unwrap());
-                None
-            }));
-            continue;
+            assert!(store.mark_delivered("d1").await.unwrap());
+            return None;
         }
-        tasks.push(tokio::spawn(async move {
-            let repeat = call(&format!("r{i}"), "alice", "fp1", None);
-            match store.insert_or_attach(&repeat, terms()).await.unwrap() {
-                Inserted::Created => Some(repeat.id),
-                Inserted::Existing(e) => Some(e.id),
-                Inserted::LimitReached => panic!("no limit was set"),
-            }
-        }));
-    }
-    let mut answered_by = Vec::new();
-    for task in tasks {
-        answered_by.extend(task.await.unwrap());
-    }
+        let repeat = call(&format!("r{i}"), "alice", "fp1", None);
+        match store.insert_or_attach(&repeat, terms()).await.unwrap() {
+            Inserted::Created => Some(repeat.id),
+            Inserted::Existing(e) => Some(e.id),
+            Inserted::LimitReached => panic!("no limit was set"),
+        }
+    })
+    .await;
+    let mut answered_by: Vec<String> = answers.into_iter().flatten().collect();
     // Each call got d1's answer (before the delivery) or the one new
     // approval made after it, never a second new one.
     answered_by.sort();

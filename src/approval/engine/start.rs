@@ -381,24 +381,25 @@ struct Question<'a> {
     trace: Option<&'a str>,
 }
 
+/// The question of a new or a stored approval: the fields both have.
+macro_rules! question_of {
+    ($approval:expr) => {
+        Question {
+            subject: &$approval.subject,
+            binding_message: &$approval.binding_message,
+            details: $approval.authorization_details.as_ref(),
+            expires_at: $approval.expires_at,
+            trace: $approval.trace_parent.as_deref(),
+        }
+    };
+}
+
 impl<'a> Question<'a> {
     fn of_new(approval: &'a NewApproval) -> Self {
-        Self {
-            subject: &approval.subject,
-            binding_message: &approval.binding_message,
-            details: approval.authorization_details.as_ref(),
-            expires_at: approval.expires_at,
-            trace: approval.trace_parent.as_deref(),
-        }
+        question_of!(approval)
     }
 
     fn of_stored(approval: &'a Approval) -> Self {
-        Self {
-            subject: &approval.subject,
-            binding_message: &approval.binding_message,
-            details: approval.authorization_details.as_ref(),
-            expires_at: approval.expires_at,
-            trace: approval.trace_parent.as_deref(),
-        }
+        question_of!(approval)
     }
 }

@@ -8,22 +8,12 @@ use common::*;
 use countersign_verify::Config;
 use serde_json::{json, Value};
 
-const BODY: &[u8] = br#"{"item":"phone","qty":2}"#;
-const TARGET: &str = "/shop?x=1";
-
 fn bearer(token: &str) -> Vec<(&'static str, String)> {
     vec![("authorization", format!("Bearer {token}"))]
 }
 
 fn case(name: &'static str, token: &str, expect: Expect) -> Case {
-    Case {
-        name,
-        method: "POST",
-        target: TARGET.into(),
-        headers: bearer(token),
-        body: BODY.to_vec(),
-        expect,
-    }
+    post_case(name, bearer(token), expect)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,9 +22,7 @@ async fn bearer_tokens() {
     // Our own key, added to the JWKS the API trusts, signs the tokens no
     // real authorization server would issue on demand (expired, ...).
     let own = TestKey::new(2);
-    let mut own_jwk = own.jwk.clone();
-    own_jwk["kid"] = "test-key".into();
-    let jwks_uri = serve_jwks(peer.jwks_with(vec![own_jwk]).await).await;
+    let jwks_uri = jwks_with_own_key(&peer, &own).await;
     let issuer = peer.issuer.clone();
     let api = start_api(|_| Config {
         required_scopes: vec!["product:buy".into()],

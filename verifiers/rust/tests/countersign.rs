@@ -9,21 +9,7 @@ use common::*;
 use countersign_verify::Config;
 use serde_json::{json, Value};
 
-const BODY: &[u8] = br#"{"item":"phone","qty":2}"#;
-const TARGET: &str = "/shop?x=1";
 const BUY: &str = "openid product:buy";
-
-/// A POST of the bound call with `headers`.
-fn case(name: &'static str, headers: Vec<(&'static str, String)>, expect: Expect) -> Case {
-    Case {
-        name,
-        method: "POST",
-        target: TARGET.into(),
-        headers,
-        body: BODY.to_vec(),
-        expect,
-    }
-}
 
 /// Alice's token as Bearer, and `countersign` as one `Countersign-Tokens` field.
 fn bearer(person: &str, countersign: &[&str]) -> Vec<(&'static str, String)> {
@@ -51,9 +37,7 @@ async fn countersigned_calls() {
     // Our own key, trusted next to the peer's, signs the countersign tokens
     // no authorization server would issue on demand (expired, other entry, ...).
     let own = TestKey::new(2);
-    let mut own_jwk = own.jwk.clone();
-    own_jwk["kid"] = "test-key".into();
-    let jwks_uri = serve_jwks(peer.jwks_with(vec![own_jwk]).await).await;
+    let jwks_uri = jwks_with_own_key(&peer, &own).await;
     let issuer = peer.issuer.clone();
     let config = || Config {
         required_scopes: vec!["product:buy".into()],
@@ -123,13 +107,13 @@ async fn countersigned_calls() {
     let missing = refused(403, "countersign_missing", None);
     let insufficient = refused(403, "countersign_insufficient", None);
     let cases = vec![
-        case(
+        post_case(
             "no Countersign-Tokens",
             vec![("authorization", format!("Bearer {alice}"))],
             missing,
         ),
-        case("an empty list", bearer(&alice, &[" ", " "]), missing),
-        case(
+        post_case("an empty list", bearer(&alice, &[" ", " "]), missing),
+        post_case(
             "two Countersign-Tokens fields",
             vec![
                 ("authorization", format!("Bearer {alice}")),
@@ -138,87 +122,87 @@ async fn countersigned_calls() {
             ],
             missing,
         ),
-        case(
+        post_case(
             "not a JWT",
             bearer(&alice, &[&bob, "garbage"]),
             invalid("token"),
         ),
-        case(
+        post_case(
             "expired",
             bearer(&alice, &[&bob, &expired]),
             invalid("token"),
         ),
-        case(
+        post_case(
             "signed by a key the JWKS does not list",
             bearer(&alice, &[&unknown_key, &bob]),
             invalid("token"),
         ),
-        case(
+        post_case(
             "signed by another key than its kid's",
             bearer(&alice, &[&forged, &bob]),
             invalid("token"),
         ),
-        case(
+        post_case(
             "lacks a required scope",
             bearer(&alice, &[&bob, &read_only]),
             invalid("token"),
         ),
-        case(
+        post_case(
             "an entry for another body",
             bearer(&alice, &[&bob, &other_body]),
             invalid("binding"),
         ),
-        case(
+        post_case(
             "an entry for another approval",
             bearer(&alice, &[&other_approval, &carol]),
             invalid("binding"),
         ),
-        case(
+        post_case(
             "an entry with a field added",
             bearer(&alice, &[&bob, &entry_and_more]),
             invalid("binding"),
         ),
-        case(
+        post_case(
             "C2 on every token before C3 on any",
             bearer(&alice, &[&other_body, &expired]),
             invalid("token"),
         ),
-        case(
+        post_case(
             "bound to a key, the approver's token to none",
             bearer(&alice, &[&bob, &bound_to_a_key]),
             invalid("key"),
         ),
-        case(
+        post_case(
             "the approver's own token does not count",
             bearer(&alice, &[&alice, &bob]),
             insufficient,
         ),
-        case(
+        post_case(
             "the same countersigner twice counts once",
             bearer(&alice, &[&bob, &bob]),
             insufficient,
         ),
-        case(
+        post_case(
             "DPoP: bound to another key",
             dpop(&[&bob_dpop, &bob_other_key]),
             invalid("key"),
         ),
-        case(
+        post_case(
             "DPoP: unbound, the approver's token bound",
             dpop(&[&bob_dpop, &unbound_for_dpop_call]),
             invalid("key"),
         ),
-        case(
+        post_case(
             "two others countersigned",
             bearer(&alice, &[&bob, &carol]),
             Expect::Served,
         ),
-        case(
+        post_case(
             "the same call again",
             bearer(&alice, &[&bob, &carol]),
             refused(403, "approval_replayed", None),
         ),
-        case(
+        post_case(
             "DPoP: two others, the approver and a repeat besides",
             dpop(&[&carol_dpop, &alice_dpop, &bob_dpop, &carol_dpop]),
             Expect::Served,
@@ -228,7 +212,7 @@ async fn countersigned_calls() {
     failures.extend(
         run_cases(
             &lenient,
-            vec![case(
+            vec![post_case(
                 "required 0: any Countersign-Tokens is ignored",
                 vec![
                     ("authorization", format!("Bearer {alice_lenient}")),
@@ -261,9 +245,7 @@ async fn countersigned_calls() {
 async fn refusals_name_the_token_and_the_count() {
     let peer = start_peer().await;
     let own = TestKey::new(2);
-    let mut own_jwk = own.jwk.clone();
-    own_jwk["kid"] = "test-key".into();
-    let jwks_uri = serve_jwks(peer.jwks_with(vec![own_jwk]).await).await;
+    let jwks_uri = jwks_with_own_key(&peer, &own).await;
     let issuer = peer.issuer.clone();
     let api = start_api(|_| Config {
         required_countersigners: 2,

@@ -8,14 +8,11 @@ use common::*;
 use countersign_verify::Config;
 use serde_json::json;
 
-const BODY: &[u8] = br#"{"item":"phone","qty":2}"#;
-const TARGET: &str = "/shop?x=1";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dpop_bound_tokens() {
     let peer = start_peer().await;
     let issuer = peer.issuer.clone();
-    let jwks_uri = format!("{issuer}/.well-known/jwks.json");
+    let jwks_uri = peer.jwks_uri();
     let api = start_api(|_| Config {
         required_scopes: vec!["product:buy".into()],
         ..Config::new(&issuer, AUDIENCE, &jwks_uri)
@@ -41,14 +38,7 @@ async fn dpop_bound_tokens() {
         headers.extend(proofs.iter().map(|p| ("dpop", p.clone())));
         headers
     };
-    let case = |name: &'static str, proofs: &[String], expect: Expect| Case {
-        name,
-        method: "POST",
-        target: TARGET.into(),
-        headers: with(proofs),
-        body: BODY.to_vec(),
-        expect,
-    };
+    let case = |name, proofs: &[String], expect| post_case(name, with(proofs), expect);
     let invalid = |field| refused(401, "dpop_proof_invalid", Some(field));
 
     let good = proof(&|_, _| {});
@@ -168,7 +158,7 @@ async fn dpop_bound_tokens() {
 async fn unbound_token_presented_as_dpop() {
     let peer = start_peer().await;
     let issuer = peer.issuer.clone();
-    let jwks_uri = format!("{issuer}/.well-known/jwks.json");
+    let jwks_uri = peer.jwks_uri();
     let api = start_api(|_| Config::new(&issuer, AUDIENCE, &jwks_uri)).await;
     let key = TestKey::new(0);
     let entry = call_entry(&uuid(), "POST", TARGET, &api.host(), BODY);
@@ -180,36 +170,28 @@ async fn unbound_token_presented_as_dpop() {
         })
         .await;
     let htu = api.url("/shop");
-    let case = |name, headers: Vec<(&'static str, String)>, expect| Case {
-        name,
-        method: "POST",
-        target: TARGET.into(),
-        headers,
-        body: BODY.to_vec(),
-        expect,
-    };
     let as_dpop = |proof: Option<String>| {
         let mut headers = vec![("authorization", format!("DPoP {token}"))];
         headers.extend(proof.map(|p| ("dpop", p)));
         headers
     };
     let cases = vec![
-        case(
+        post_case(
             "unbound token as DPoP, no proof",
             as_dpop(None),
             refused(401, "dpop_proof_missing", None),
         ),
-        case(
+        post_case(
             "unbound token as DPoP, proof for another method",
             as_dpop(Some(key.proof("GET", &htu, Some(&token)))),
             refused(401, "dpop_proof_invalid", Some("htm")),
         ),
-        case(
+        post_case(
             "unbound token as DPoP, proof otherwise right",
             as_dpop(Some(key.proof("POST", &htu, Some(&token)))),
             refused(401, "dpop_proof_invalid", Some("key")),
         ),
-        case(
+        post_case(
             "the same token as Bearer",
             vec![("authorization", format!("Bearer {token}"))],
             Expect::Served,

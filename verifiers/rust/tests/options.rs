@@ -7,14 +7,11 @@ use common::*;
 use countersign_verify::Config;
 use serde_json::json;
 
-const BODY: &[u8] = br#"{"item":"phone","qty":2}"#;
-const TARGET: &str = "/shop?x=1";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn options() {
     let peer = start_peer().await;
     let issuer = peer.issuer.clone();
-    let jwks_uri = format!("{issuer}/.well-known/jwks.json");
+    let jwks_uri = peer.jwks_uri();
     let strict = start_api(|_| Config {
         require_dpop: true,
         ..Config::new(&issuer, AUDIENCE, &jwks_uri)
@@ -40,27 +37,19 @@ async fn options() {
         peer.token(ask(&proxied.host(), None)),
     );
 
-    let case = |name, headers: Vec<(&'static str, String)>, expect| Case {
-        name,
-        method: "POST",
-        target: TARGET.into(),
-        headers,
-        body: BODY.to_vec(),
-        expect,
-    };
     let missing = refused(401, "dpop_proof_missing", None);
     let strict_cases = vec![
-        case(
+        post_case(
             "require_dpop: no token",
             vec![],
             refused(401, "token_missing", None),
         ),
-        case(
+        post_case(
             "require_dpop: unbound token as Bearer",
             vec![("authorization", format!("Bearer {unbound}"))],
             missing,
         ),
-        case(
+        post_case(
             "require_dpop: unbound token as DPoP with a proof",
             vec![
                 ("authorization", format!("DPoP {unbound}")),
@@ -82,23 +71,23 @@ async fn options() {
     let proxied_cases = vec![
         Case {
             body: vec![b'x'; 2000],
-            ..case(
+            ..post_case(
                 "body over max_body_bytes",
                 dpop("https://shop.example/shop"),
                 refused(413, "body_too_large", None),
             )
         },
-        case(
+        post_case(
             "Host as received, not the expected host",
             vec![("authorization", format!("Bearer {local_host}"))],
             refused(403, "binding_mismatch", Some("host")),
         ),
-        case(
+        post_case(
             "proof for the URL this server sees, not the external URL",
             dpop(&proxied.url("/shop")),
             refused(401, "dpop_proof_invalid", Some("htu")),
         ),
-        case(
+        post_case(
             "proof for the external URL (case and default port normalised)",
             dpop("HTTPS://shop.EXAMPLE:443/shop?ignored=1#too"),
             Expect::Served,

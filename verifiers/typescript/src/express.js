@@ -7,7 +7,9 @@
 // Mount it before any body parser (they would consume the body it must hash).
 
 import { createVerifier } from './index.js';
-import { BodyTooLarge, describe, isJson, readRawBody, tooLarge, writeProblem } from './node.js';
+import {
+  BodyTooLarge, describe, isJson, readRawBody, requestInfo, tooLarge, writeProblem,
+} from './node.js';
 
 /** `countersign(options)` or `countersign(verifier)`: an Express middleware. */
 export function countersign(optionsOrVerifier) {
@@ -47,13 +49,7 @@ export function countersign(optionsOrVerifier) {
       return false;
     }
     req.rawBody = body;
-    req.countersign = {
-      subject: result.subject,
-      approval: result.approval,
-      claims: result.claims,
-      binding: result.binding,
-      countersigners: result.countersigners,
-    };
+    req.countersign = requestInfo(result);
     // body-parser skips requests marked as parsed; the stream is spent anyway.
     req._body = true;
     const encoding = String(req.headers['content-encoding'] ?? 'identity').toLowerCase();

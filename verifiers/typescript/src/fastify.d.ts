@@ -1,12 +1,6 @@
-import type { Accepted, Verifier, VerifierOptions } from './index.js';
+import type { CountersignRequestInfo, Verifier, VerifierOptions } from './index.js';
 
-export interface CountersignRequestInfo {
-  subject: Accepted['subject'];
-  approval: Accepted['approval'];
-  claims: Accepted['claims'];
-  binding: Accepted['binding'];
-  countersigners: Accepted['countersigners'];
-}
+export type { CountersignRequestInfo };
 
 declare module 'fastify' {
   interface FastifyRequest {

@@ -14,7 +14,7 @@
 import { Readable } from 'node:stream';
 
 import { createVerifier } from './index.js';
-import { BodyTooLarge, describe, readRawBody, tooLarge } from './node.js';
+import { BodyTooLarge, describe, readRawBody, requestInfo, tooLarge } from './node.js';
 
 /** A Fastify preParsing hook verifying the call (`options` or a verifier from createVerifier). */
 export function countersignHook(optionsOrVerifier) {
@@ -47,13 +47,7 @@ export function countersignHook(optionsOrVerifier) {
     const result = await verifier.verify(describe(request.raw, body, request.raw.url));
     if (!result.ok) return refuse(reply, result.status, result.problem, result.headers);
     request.rawBody = body;
-    request.countersign = {
-      subject: result.subject,
-      approval: result.approval,
-      claims: result.claims,
-      binding: result.binding,
-      countersigners: result.countersigners,
-    };
+    request.countersign = requestInfo(result);
     const stream = Readable.from(body.length > 0 ? [body] : []);
     stream.receivedEncodedLength = body.length;
     return stream;

@@ -75,6 +75,10 @@ export interface Accepted {
   countersigners: string[];
 }
 
+/** What the Express and Fastify adapters set on an accepted request (`countersign`). */
+export interface CountersignRequestInfo
+  extends Pick<Accepted, 'subject' | 'approval' | 'claims' | 'binding' | 'countersigners'> {}
+
 export type ProblemCode =
   | 'token_missing'
   | 'token_invalid'

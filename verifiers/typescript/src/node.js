@@ -80,6 +80,12 @@ export function tooLarge(limit) {
   return { ...refused, headers: { ...refused.headers, connection: 'close' } };
 }
 
+/** What the adapters set on an accepted request (`countersign`). */
+export function requestInfo(result) {
+  const { subject, approval, claims, binding, countersigners } = result;
+  return { subject, approval, claims, binding, countersigners };
+}
+
 export function writeProblem(res, status, problem, headers = {}) {
   const text = JSON.stringify(problem);
   res.statusCode = status;

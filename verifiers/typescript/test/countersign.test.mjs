@@ -14,11 +14,11 @@ import {
   dpopKeyPair,
   dpopProof,
   frameworks,
-  issueTokens,
   send,
   sha256,
   startLocalIssuer,
   startPeer,
+  tokenPlan,
 } from './helpers.mjs';
 
 const BODY = JSON.stringify({ product: 'XYZ phone', qty: 2 });
@@ -37,8 +37,8 @@ before(async () => {
   const key = await dpopKeyPair();
   const otherKey = await dpopKeyPair();
 
-  const specs = [];
-  const want = (spec) => specs.push(spec) - 1;
+  const tokens = tokenPlan();
+  const { want } = tokens;
   for (const [name, start] of Object.entries(frameworks)) {
     const s = {
       key,
@@ -60,10 +60,7 @@ before(async () => {
     };
     setups[name] = s;
   }
-  const tokens = await issueTokens(peer, specs);
-  for (const s of Object.values(setups)) {
-    for (const [k, index] of Object.entries(s.t)) s.t[k] = tokens[index];
-  }
+  await tokens.issue(peer, setups);
 });
 
 after(async () => {

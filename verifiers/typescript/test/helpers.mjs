@@ -125,6 +125,23 @@ export async function issueTokens(peer, specs) {
   );
 }
 
+/**
+ * The tokens of several setups, issued at once: `want(spec)` records a spec (see issueTokens) and
+ * stands for its token in a setup's `t`; `issue(peer, setups)` then puts the tokens themselves there.
+ */
+export function tokenPlan() {
+  const specs = [];
+  return {
+    want: (spec) => specs.push(spec) - 1,
+    async issue(peer, setups) {
+      const tokens = await issueTokens(peer, specs);
+      for (const s of Object.values(setups)) {
+        for (const [k, index] of Object.entries(s.t)) s.t[k] = tokens[index];
+      }
+    },
+  };
+}
+
 /** A P-256 key for DPoP: {privateKey, publicJwk, jkt}. */
 export async function dpopKeyPair() {
   const { privateKey, publicKey } = await generateKeyPair('ES256', { extractable: true });

@@ -22,6 +22,10 @@ use tokio::process::{Child, Command};
 
 pub const AUDIENCE: &str = "https://shop.example/api";
 
+/// The call the tests bind their tokens to: `POST TARGET` with `BODY`.
+pub const BODY: &[u8] = br#"{"item":"phone","qty":2}"#;
+pub const TARGET: &str = "/shop?x=1";
+
 /// Throwaway P-256 keys made for these tests only.
 pub const KEY_PEMS: [&str; 3] = [
     "-----BEGIN PRIVATE KEY-----
@@ -168,6 +172,11 @@ pub struct Ask<'a> {
 }
 
 impl Peer {
+    /// Where the peer serves its signing keys.
+    pub fn jwks_uri(&self) -> String {
+        format!("{}/.well-known/jwks.json", self.issuer)
+    }
+
     /// A real access token of alice: bc-authorize, she approves, one poll
     /// after the interval.
     pub async fn token(&self, ask: Ask<'_>) -> String {
@@ -188,16 +197,8 @@ impl Peer {
             form.push(("authorization_details", details.to_string()));
         }
         let asked = tokio::time::Instant::now();
-        let answer: Value = self
-            .http
-            .post(format!("{}/bc-authorize", self.issuer))
-            .form(&form)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let bc_authorize = format!("{}/bc-authorize", self.issuer);
+        let answer = json_of(self.http.post(bc_authorize).form(&form)).await;
         let auth_req_id = answer["auth_req_id"]
             .as_str()
             .unwrap_or_else(|| panic!("bc-authorize answered {answer}"))
@@ -227,7 +228,7 @@ impl Peer {
         if let Some(key) = ask.dpop {
             request = request.header("DPoP", key.proof("POST", &token_url, None));
         }
-        let answer: Value = request.send().await.unwrap().json().await.unwrap();
+        let answer = json_of(request).await;
         let expected_type = if ask.dpop.is_some() { "DPoP" } else { "Bearer" };
         assert_eq!(
             answer["token_type"], expected_type,
@@ -240,18 +241,24 @@ impl Peer {
     /// The peer's JWKS with `extra` keys added: served by [`serve_jwks`] so
     /// that tests can sign their own tokens (expired, other issuer, ...).
     pub async fn jwks_with(&self, extra: Vec<Value>) -> Value {
-        let mut jwks: Value = self
-            .http
-            .get(format!("{}/.well-known/jwks.json", self.issuer))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let mut jwks = json_of(self.http.get(self.jwks_uri())).await;
         jwks["keys"].as_array_mut().unwrap().extend(extra);
         jwks
     }
+}
+
+/// The peer's JWKS with `own`'s key added as kid `test-key`, served: for
+/// the tokens no real authorization server would issue on demand, which
+/// the tests sign themselves (expired, other issuer, ...).
+pub async fn jwks_with_own_key(peer: &Peer, own: &TestKey) -> String {
+    let mut own_jwk = own.jwk.clone();
+    own_jwk["kid"] = "test-key".into();
+    serve_jwks(peer.jwks_with(vec![own_jwk]).await).await
+}
+
+/// Sends `request` and reads its answer as JSON.
+async fn json_of(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
 }
 
 /// A `countersign_call` entry (as the gateway would add it).
@@ -362,6 +369,18 @@ pub struct Case {
 pub enum Expect {
     Served,
     Refused(u16, &'static str, Option<&'static str>),
+}
+
+/// The bound call (`POST TARGET` with `BODY`) sent with `headers`.
+pub fn post_case(name: &'static str, headers: Vec<(&'static str, String)>, expect: Expect) -> Case {
+    Case {
+        name,
+        method: "POST",
+        target: TARGET.into(),
+        headers,
+        body: BODY.to_vec(),
+        expect,
+    }
 }
 
 pub fn refused(status: u16, code: &'static str, field: Option<&'static str>) -> Expect {
