@@ -6,18 +6,31 @@
 # gcr.io/distroless/cc-debian12:nonroot, made with mmdebstrap and imported
 # into podman. No shell, no package manager.
 #
-#   deploy/image/local-base.sh            # prints the image's name
+#   deploy/image/local-base.sh    # prints the image's name, e.g.
+#                                 # localhost/countersign-runtime-base:bookworm
 #   podman build --build-arg RUNTIME_IMAGE=localhost/countersign-runtime-base:bookworm ...
 #
 # Cached: nothing is done when the image exists and was made by this version
 # of this script (a label holds the script's hash). Needs root, mmdebstrap
-# and podman (Debian: apt-get install mmdebstrap podman). The mirror is
-# $DEBIAN_MIRROR, else http://deb.debian.org/debian.
+# and podman (Debian: apt-get install mmdebstrap podman). The release is the
+# host's ($DEBIAN_SUITE overrides; bookworm elsewhere), the mirror the one the
+# host's apt uses ($DEBIAN_MIRROR overrides; else deb.debian.org).
 set -euo pipefail
 
-image=${COUNTERSIGN_BASE_IMAGE:-localhost/countersign-runtime-base:bookworm}
-mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-suite=bookworm
+# The host's Debian release (a binary built here links against its glibc),
+# and the mirror its apt uses.
+suite=${DEBIAN_SUITE:-$(. /etc/os-release 2>/dev/null && [[ ${ID:-} == debian ]] && echo "${VERSION_CODENAME:-}" || true)}
+suite=${suite:-bookworm}
+host_mirror() {
+  if [[ -r /etc/apt/sources.list.d/debian.sources ]]; then
+    awk '$1 == "URIs:" { print $2; exit }' /etc/apt/sources.list.d/debian.sources
+  elif [[ -r /etc/apt/sources.list ]]; then
+    awk '$1 == "deb" && $3 == "'"$suite"'" { print $2; exit }' /etc/apt/sources.list
+  fi
+}
+mirror=${DEBIAN_MIRROR:-$(host_mirror)}
+mirror=${mirror:-http://deb.debian.org/debian}
+image=${COUNTERSIGN_BASE_IMAGE:-localhost/countersign-runtime-base:$suite}
 for tool in mmdebstrap podman; do
   command -v "$tool" >/dev/null || {
     echo "$0: $tool is not installed (Debian: apt-get install mmdebstrap podman runc; .ci/run installs them)" >&2
@@ -64,10 +77,13 @@ install -d -m 0700 "$rootfs/root"
 install -d -m 0700 -o 65532 -g 65532 "$rootfs/home/nonroot"
 chmod 1777 "$rootfs/tmp"
 
+stale=$(podman image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)
 tar --numeric-owner -C "$rootfs" -c . |
   podman import --quiet \
     --change "LABEL dev.countersign.base-script=$script_hash" \
     --change "LABEL org.opencontainers.image.description=libc6 and libgcc-s1 of Debian $suite, CA certificates, user nonroot (65532)" \
     --change "ENV PATH=/usr/local/bin:/usr/bin:/bin" \
     - "$image" >/dev/null
+# The image made by an earlier version of this script, now untagged.
+if [[ -n $stale ]]; then podman rmi "$stale" >/dev/null 2>&1 || true; fi
 echo "$image"
