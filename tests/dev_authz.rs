@@ -830,35 +830,7 @@ impl DevProcess {
 
     /// Approves `user`'s one pending request on the approver page's API.
     async fn approve_pending(&self, user: &str) {
-        let client = reqwest::Client::new();
-        let issuer = self.issuer();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let id = loop {
-            let listing: Value =
-                flows::json_of(client.get(format!("{issuer}/api/requests?user={user}"))).await;
-            let pending = listing["requests"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|r| r["state"] == "pending")
-                .map(|r| r["id"].as_str().unwrap().to_owned());
-            if let Some(id) = pending {
-                break id;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nothing pending for {user}: {listing}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        let response = client
-            .post(format!("{issuer}/api/requests/{id}/approve"))
-            .header("content-type", "application/json")
-            .body("{}")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200, "approve");
+        support::process::approve_dev_pending(&self.issuer(), user).await;
     }
 }
 

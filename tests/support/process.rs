@@ -355,3 +355,43 @@ pub fn dev_mode_text(stdout: std::process::ChildStdout, within: Duration) -> Str
     });
     rx.recv_timeout(within).expect("dev mode starts")
 }
+
+/// Approves `user`'s one pending request at the development authorization
+/// server `issuer` (what `countersign dev` runs) through its approver page's
+/// API, as the page's Approve button does; waits up to 20 s for one.
+pub async fn approve_dev_pending(issuer: &str, user: &str) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        let listing: serde_json::Value = client
+            .get(format!("{issuer}/api/requests?user={user}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let pending = listing["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["state"] == "pending")
+            .map(|r| r["id"].as_str().unwrap().to_owned());
+        if let Some(id) = pending {
+            break id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing pending for {user}: {listing}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let response = client
+        .post(format!("{issuer}/api/requests/{id}/approve"))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "approve");
+}
