@@ -348,7 +348,8 @@ fn a_broken_link_or_anchor_is_reported() {
 }
 
 /// The README's minimal configuration and policy ("Run it in front of your
-/// API"), written to the files they name, pass `countersign check`.
+/// API"), written to the files they name, pass `countersign check`, and so
+/// does the configuration with the README's TLS `listen` block in its place.
 #[test]
 fn the_readmes_minimal_configuration_and_policy_pass_check() {
     const README: &str = include_str!("../README.md");
@@ -378,21 +379,52 @@ fn the_readmes_minimal_configuration_and_policy_pass_check() {
         std::fs::write(dir.path().join(&name), yaml).unwrap();
         written.push(name);
     }
-    assert_eq!(written, ["countersign.yaml", "policies.yaml"]);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_countersign"))
-        .args(["check", "--config", "countersign.yaml"])
-        .current_dir(dir.path())
-        .env_clear()
-        .env("CIBA_CLIENT_ID", "countersign")
-        .env("CIBA_CLIENT_SECRET", "s3cr3t")
-        .output()
-        .unwrap();
-    let printed =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{printed}");
-    assert!(printed.contains("is valid"), "{printed}");
-    assert!(
-        printed.contains("buy-product"),
-        "the route table: {printed}"
+    assert_eq!(
+        written,
+        [
+            "countersign.yaml",
+            "policies.yaml",
+            "countersign.yaml, over TLS"
+        ]
     );
+    let check = |config: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_countersign"))
+            .args(["check", "--config", config])
+            .current_dir(dir.path())
+            .env_clear()
+            .env("CIBA_CLIENT_ID", "countersign")
+            .env("CIBA_CLIENT_SECRET", "s3cr3t")
+            .output()
+            .unwrap();
+        let printed = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{config}: {printed}");
+        assert!(printed.contains("is valid"), "{printed}");
+        assert!(
+            printed.contains("buy-product"),
+            "the route table: {printed}"
+        );
+    };
+    check("countersign.yaml");
+
+    // Over TLS: the shown `listen` block replaces the minimal one, with a
+    // certificate and key where it names them.
+    let plain = std::fs::read_to_string(dir.path().join("countersign.yaml")).unwrap();
+    let listen = std::fs::read_to_string(dir.path().join("countersign.yaml, over TLS")).unwrap();
+    let (_, rest) = plain.split_once("listen:").unwrap();
+    let (_, after_listen) = rest.split_once("\nupstreams:").unwrap();
+    std::fs::write(
+        dir.path().join("tls.yaml"),
+        format!("{listen}upstreams:{after_listen}"),
+    )
+    .unwrap();
+    let leaf = rcgen::generate_simple_self_signed(vec!["api.example".to_owned()]).unwrap();
+    std::fs::create_dir(dir.path().join("certs")).unwrap();
+    std::fs::write(dir.path().join("certs/api.example.pem"), leaf.cert.pem()).unwrap();
+    std::fs::write(
+        dir.path().join("certs/api.example.key"),
+        leaf.key_pair.serialize_pem(),
+    )
+    .unwrap();
+    check("tls.yaml");
 }
