@@ -428,21 +428,19 @@ impl Gateway {
     /// Serves until SIGTERM (graceful) or SIGINT (quick); either way, held
     /// calls are answered first.
     pub fn run_forever(self) {
-        self.server.run(RunArgs {
-            shutdown_signal: Box::new(DrainFirst {
-                signal: UnixShutdownSignalWatch,
-                switch: self.drain,
-                engine: Some((self.engine, self.drain_timeout)),
-            }),
-        });
-        self.traces.flush();
+        self.run_on(UnixShutdownSignalWatch);
     }
 
     /// Serves until `shutdown` is triggered; blocks the calling thread.
     pub fn run_until(self, shutdown: Shutdown) {
+        self.run_on(shutdown);
+    }
+
+    /// Serves until `signal`, answering held calls before pingora stops.
+    fn run_on<S: ShutdownSignalWatch + Send + Sync + 'static>(self, signal: S) {
         self.server.run(RunArgs {
             shutdown_signal: Box::new(DrainFirst {
-                signal: shutdown,
+                signal,
                 switch: self.drain,
                 engine: Some((self.engine, self.drain_timeout)),
             }),

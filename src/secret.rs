@@ -18,15 +18,25 @@ impl Secret {
     }
 }
 
-impl fmt::Debug for Secret {
+/// What stands in a log for a value that must not: a `Secret`, or any other
+/// field a `Debug` impl hides (a stored token, authorization details).
+pub(crate) struct Redacted;
+
+impl fmt::Debug for Redacted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[redacted]")
     }
 }
 
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&Redacted, f)
+    }
+}
+
 impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
+        fmt::Debug::fmt(&Redacted, f)
     }
 }
 

@@ -112,13 +112,6 @@ async fn denied_call_never_reaches_the_shop() {
     );
 }
 
-const FLASH_SALE: &str = r#"  - name: flash-sale
-    match: { methods: [POST], path: /flash }
-    require: { scopes: [product:buy], audience: "https://shop.example/api" }
-    binding_message: "Flash sale: buy {{qty}} {{product}}"
-    requested_expiry: 3s
-"#;
-
 #[tokio::test]
 async fn an_unanswered_request_expires_and_is_not_a_denial() {
     let world = World::with_policies(FLASH_SALE).await;

@@ -202,18 +202,9 @@ async fn a_redirected_discovery_document_is_not_followed() {
 
     let resolve = |issuer: String| {
         tokio::task::spawn_blocking(move || {
-            let text = format!(
-                r#"
-listen: {{ proxy: "127.0.0.1:1" }}
-upstreams: {{ shop: {{ url: "http://127.0.0.1:1" }} }}
-authorization_server:
-  issuer: "{issuer}"
-  client_id: countersign
-  client_auth: {{ method: client_secret_post, client_secret: s3cret }}
-identity: {{ static: {{ subject: alice }} }}
-policies: []
-default_action: pass
-"#
+            let text = client_only_config(
+                &issuer,
+                "client_id: countersign\n  client_auth: { method: client_secret_post, client_secret: s3cret }",
             );
             let config =
                 countersign::config::load_str(std::path::Path::new("t.yaml"), &text).unwrap();

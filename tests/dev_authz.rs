@@ -102,13 +102,6 @@ async fn denied_call_never_reaches_the_shop() {
     assert!(world.shop.received().is_empty());
 }
 
-const FLASH_SALE: &str = r#"  - name: flash-sale
-    match: { methods: [POST], path: /flash }
-    require: { scopes: [product:buy], audience: "https://shop.example/api" }
-    binding_message: "Flash sale: buy {{qty}} {{product}}"
-    requested_expiry: 3s
-"#;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unanswered_request_expires_and_is_not_a_denial() {
     let world = DevWorld::start_with(
@@ -500,19 +493,7 @@ fn shop_request<'a>(
 }
 
 async fn ciba_client(issuer: &str) -> CibaClient {
-    let text = format!(
-        r#"
-listen: {{ proxy: "127.0.0.1:1" }}
-upstreams: {{ shop: {{ url: "http://127.0.0.1:1" }} }}
-authorization_server:
-  issuer: "{issuer}"
-  {DEV_CLIENT_POST}
-  login_hint: subject
-identity: {{ static: {{ subject: alice }} }}
-policies: []
-default_action: pass
-"#
-    );
+    let text = client_only_config(issuer, &format!("{DEV_CLIENT_POST}\n  login_hint: subject"));
     let config = countersign::config::load_str(Path::new("client.yaml"), &text).unwrap();
     let server = &config.gateway.authorization_server;
     let http = reqwest::Client::new();

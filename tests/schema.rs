@@ -130,18 +130,18 @@ fn check(doc: &Doc) -> Result<(), String> {
         Kind::Config => countersign::config::load_str(&doc.file, &text),
         Kind::Policies => countersign::config::load_embedded(
             Path::new("gateway.yaml"),
-            ONE_UPSTREAM,
+            CONFIG,
             &[(Path::new(&doc.name), &text)],
         ),
     };
     loaded.map(drop).map_err(|e| e.to_string())
 }
 
-/// The gateway a policy file is checked in: one upstream, named as the
-/// example policies' upstream.
-const ONE_UPSTREAM: &str = r#"
-listen: { proxy: "127.0.0.1:8080" }
-upstreams: { shop: { url: "http://127.0.0.1:3000" } }
+/// The gateway a policy file is checked in (one upstream, named as the
+/// example policies' upstream), and the configuration the written cases vary.
+const CONFIG: &str = r#"
+listen: { proxy: "127.0.0.1:8080", admin: "[::1]:9090" }
+upstreams: { shop: { url: "http://127.0.0.1:3000", connect_timeout: 2s, timeout: 1m 30s } }
 authorization_server:
   issuer: https://tenant.example/
   client_id: countersign
@@ -365,17 +365,6 @@ fn the_schema_and_check_agree_on_every_mutation_of_the_examples() {
 /// differ, only loading can tell (the schema cannot compile a template).
 #[test]
 fn written_cases_get_the_expected_verdicts() {
-    const CONFIG: &str = r#"
-listen: { proxy: "127.0.0.1:8080", admin: "[::1]:9090" }
-upstreams: { shop: { url: "http://127.0.0.1:3000", connect_timeout: 2s, timeout: 1m 30s } }
-authorization_server:
-  issuer: https://tenant.example/
-  client_id: countersign
-  client_auth: { method: client_secret_post, client_secret: s3cr3t }
-identity: { header: { name: x-countersign-user } }
-policies: []
-default_action: pass
-"#;
     const POLICY: &str = r#"
 policies:
   - name: buy

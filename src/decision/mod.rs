@@ -251,10 +251,7 @@ pub async fn decide<'g, S: CallSource + Send>(
     };
     facts.policy = Some(found.policy.name.clone());
     call.note(|| Step::matched(&found));
-    let identity = Box::pin(call.identify(&found.policy.name)).await?;
-    call.note(|| Step::Identity {
-        subject: identity.subject.clone(),
-    });
+    let identity = Box::pin(identify(call, &found.policy.name)).await?;
     let body = match body {
         Some(body) => body,
         None => Box::pin(call.read_body()).await?,
@@ -444,6 +441,15 @@ fn choose<S: CallSource>(
 
 /// A call on an MCP endpoint: a held `tools/call` needs an approval;
 /// everything else passes untouched.
+/// Who sends the call, as `policy` identifies people; noted as a step.
+async fn identify<S: CallSource + Send>(call: &mut S, policy: &str) -> Result<Identity, Problem> {
+    let identity = call.identify(policy).await?;
+    call.note(|| Step::Identity {
+        subject: identity.subject.clone(),
+    });
+    Ok(identity)
+}
+
 async fn decide_mcp<'g, S: CallSource + Send>(
     policies: &PolicySet,
     call: &mut S,
@@ -494,10 +500,7 @@ async fn decide_mcp<'g, S: CallSource + Send>(
         policy: policy.name.clone(),
     });
     check_upstream(&policy, upstream)?;
-    let identity = call.identify(&policy.name).await?;
-    call.note(|| Step::Identity {
-        subject: identity.subject.clone(),
-    });
+    let identity = identify(call, &policy.name).await?;
     let agent = call.agent();
     let header = call.header();
     let input = policy::CallInput {

@@ -377,6 +377,16 @@ fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<HashMap<String, String
     Ok(form)
 }
 
+/// What both endpoints start with: the form, and the client it authenticates.
+fn client_form(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(HashMap<String, String>, String), OAuthError> {
+    let form = parse_form(headers, body)?;
+    let client_id = authenticate(headers, &form)?;
+    Ok((form, client_id))
+}
+
 /// Checks client_secret_basic or client_secret_post (never both) and
 /// returns the client id.
 fn authenticate(headers: &HeaderMap, form: &HashMap<String, String>) -> Result<String, OAuthError> {
@@ -597,8 +607,7 @@ async fn bc_authorize(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, OAuthError> {
-    let form = parse_form(&headers, &body)?;
-    let client_id = authenticate(&headers, &form)?;
+    let (form, client_id) = client_form(&headers, &body)?;
     let request = validate_authorize(&authz, client_id, &form)?;
     let (user, message) = (request.subject.clone(), request.binding_message.clone());
     let ticket = authz.state().authorize(request, Instant::now());
@@ -758,8 +767,7 @@ async fn token(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, OAuthError> {
-    let form = parse_form(&headers, &body)?;
-    let client_id = authenticate(&headers, &form)?;
+    let (form, client_id) = client_form(&headers, &body)?;
     match form.get("grant_type").map(String::as_str) {
         Some(CIBA_GRANT_TYPE) => {}
         Some(_) => {

@@ -35,36 +35,18 @@ use super::body::fold_case;
 const SECTIONS: [&str; 6] = ["body", "params", "query", "user", "request", "agent"];
 
 /// Functions the CEL standard library of this build provides (no regex,
-/// time or string extensions); a call to any other refuses the condition at
-/// load instead of failing every call at run time.
-const FUNCTIONS: [&str; 12] = [
-    "size",
-    "int",
-    "uint",
-    "double",
-    "string",
-    "bytes",
-    "bool",
-    "type",
-    "dyn",
-    "contains",
-    "startsWith",
-    "endsWith",
-];
+/// time or string extensions), besides the conversions below; a call to any
+/// other refuses the condition at load instead of failing every call at run
+/// time.
+const FUNCTIONS: [&str; 5] = ["size", "dyn", "contains", "startsWith", "endsWith"];
 
-/// Type names, which CEL reads as values (`type(body.qty) == int`).
-const TYPE_NAMES: [&str; 10] = [
-    "int",
-    "uint",
-    "double",
-    "string",
-    "bytes",
-    "bool",
-    "list",
-    "map",
-    "null_type",
-    "type",
-];
+/// The conversions, which CEL names both as functions (`int(body.qty)`) and
+/// as type values (`type(body.qty) == int`): available as either.
+const CONVERSIONS: [&str; 7] = ["int", "uint", "double", "string", "bytes", "bool", "type"];
+
+/// Type names besides the conversions, which CEL reads as values
+/// (`type(body.tags) == list`).
+const TYPE_NAMES: [&str; 3] = ["list", "map", "null_type"];
 
 /// The longest condition accepted, in bytes.
 pub const MAX_SOURCE: usize = 2048;
@@ -154,7 +136,7 @@ impl Condition {
         if let Some(function) = walk.functions.first() {
             return Err(format!(
                 "condition {source:?} calls '{function}', which is not available; functions: {}, and the macros has, all, exists, exists_one, map, filter",
-                FUNCTIONS.join(", ")
+                [FUNCTIONS.as_slice(), &CONVERSIONS].concat().join(", ")
             ));
         }
         let mut names: HashMap<String, HashSet<String>> = HashMap::new();
@@ -303,7 +285,8 @@ impl Walk {
                     "user" => self.reads.user = true,
                     "request" => self.reads.request = true,
                     "agent" => self.reads.agent = true,
-                    _ if TYPE_NAMES.contains(&name.as_str()) => {}
+                    _ if TYPE_NAMES.contains(&name.as_str())
+                        || CONVERSIONS.contains(&name.as_str()) => {}
                     _ => self.unknown.push(name.clone()),
                 }
             }
@@ -314,7 +297,9 @@ impl Walk {
             Expr::Call(call) => {
                 // Operators are spelled `_+_`, `!_`, `@in`, ...
                 let operator = call.func_name.starts_with(['_', '!', '-', '@']);
-                if !operator && !FUNCTIONS.contains(&call.func_name.as_str()) {
+                let known = FUNCTIONS.contains(&call.func_name.as_str())
+                    || CONVERSIONS.contains(&call.func_name.as_str());
+                if !operator && !known {
                     self.functions.push(call.func_name.clone());
                 }
                 if let Some(target) = &call.target {

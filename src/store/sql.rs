@@ -410,6 +410,19 @@ macro_rules! execute {
     };
 }
 
+/// Runs a query on `$pool`; its rows, each read by `$decode`.
+macro_rules! fetch_decoded {
+    ($pool:expr, $op:expr, $sql:expr, $params:expr, $decode:expr) => {
+        bind_all!(sqlx::query($sql), $params)
+            .fetch_all($pool)
+            .await
+            .map_err(|e| db_error($op, &e))?
+            .iter()
+            .map($decode)
+            .collect()
+    };
+}
+
 /// One database: runs a statement, or a query returning approvals.
 #[async_trait::async_trait]
 trait Backend: Send + Sync + 'static {
@@ -489,11 +502,7 @@ macro_rules! backend {
                 sql: &str,
                 params: &[Param],
             ) -> Result<Vec<Approval>, StoreError> {
-                let rows = bind_all!(sqlx::query(sql), params)
-                    .fetch_all(&self.$reader)
-                    .await
-                    .map_err(|e| db_error(op, &e))?;
-                rows.iter().map(decode).collect()
+                fetch_decoded!(&self.$reader, op, sql, params, decode)
             }
 
             async fn fetch_shadow(
@@ -502,11 +511,7 @@ macro_rules! backend {
                 sql: &str,
                 params: &[Param],
             ) -> Result<Vec<ShadowDecision>, StoreError> {
-                let rows = bind_all!(sqlx::query(sql), params)
-                    .fetch_all(&self.$reader)
-                    .await
-                    .map_err(|e| db_error(op, &e))?;
-                rows.iter().map(decode_shadow).collect()
+                fetch_decoded!(&self.$reader, op, sql, params, decode_shadow)
             }
 
             async fn scalar(
@@ -687,6 +692,19 @@ impl<B: Backend> SqlStore<B> {
                 op,
                 async move { Ok(backend.exec(op, sql, &params).await? == 1) },
             )
+            .await
+    }
+
+    /// The approvals query `sql` finds, run on the store's own runtime.
+    async fn fetch(
+        &self,
+        op: &'static str,
+        sql: &'static str,
+        params: Vec<Param>,
+    ) -> Result<Vec<Approval>, StoreError> {
+        let backend = self.backend.clone();
+        self.driver
+            .run(op, async move { backend.fetch(op, sql, &params).await })
             .await
     }
 
@@ -946,13 +964,7 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
     }
 
     async fn family(&self, parent_id: &str) -> Result<Vec<Approval>, StoreError> {
-        let backend = self.backend.clone();
-        let params = [text(parent_id)];
-        self.driver
-            .run("family", async move {
-                backend.fetch("family", FAMILY, &params).await
-            })
-            .await
+        self.fetch("family", FAMILY, vec![text(parent_id)]).await
     }
 
     async fn end_parent(
@@ -1013,13 +1025,11 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
     }
 
     async fn get(&self, id: &str) -> Result<Option<Approval>, StoreError> {
-        let backend = self.backend.clone();
-        let params = [text(id)];
-        self.driver
-            .run("get", async move {
-                Ok(backend.fetch("get", GET, &params).await?.into_iter().next())
-            })
-            .await
+        Ok(self
+            .fetch("get", GET, vec![text(id)])
+            .await?
+            .into_iter()
+            .next())
     }
 
     async fn set_ciba(&self, id: &str, ciba: &CibaProgress) -> Result<(), StoreError> {
@@ -1101,13 +1111,8 @@ impl<B: Backend> ApprovalStore for SqlStore<B> {
         limit: usize,
         mine: &str,
     ) -> Result<Vec<Approval>, StoreError> {
-        let backend = self.backend.clone();
-        let params = [int(to_ms(now)), int(limit_param(limit)), text(mine)];
-        self.driver
-            .run("orphans", async move {
-                backend.fetch("orphans", ORPHANS, &params).await
-            })
-            .await
+        let params = vec![int(to_ms(now)), int(limit_param(limit)), text(mine)];
+        self.fetch("orphans", ORPHANS, params).await
     }
 
     async fn mark_unknown_outcomes(&self, now: SystemTime) -> Result<u64, StoreError> {

@@ -36,6 +36,33 @@ pub const ASYNC_POLICY: &str = r#"  - name: buy-async
     wait: async
 "#;
 
+/// A policy (for `extra_policies`) whose request the person has 3 s to
+/// answer: `POST /flash`, held.
+pub const FLASH_SALE: &str = r#"  - name: flash-sale
+    match: { methods: [POST], path: /flash }
+    require: { scopes: [product:buy], audience: "https://shop.example/api" }
+    binding_message: "Flash sale: buy {{qty}} {{product}}"
+    requested_expiry: 3s
+"#;
+
+/// The text of a gateway configuration that serves no calls, for tests that
+/// need only its `authorization_server` at `issuer`, with the `client` lines
+/// (`client_id:`, `client_auth:`, ...; each after the first indented two spaces).
+pub fn client_only_config(issuer: &str, client: &str) -> String {
+    format!(
+        r#"
+listen: {{ proxy: "127.0.0.1:1" }}
+upstreams: {{ shop: {{ url: "http://127.0.0.1:1" }} }}
+authorization_server:
+  issuer: "{issuer}"
+  {client}
+identity: {{ static: {{ subject: alice }} }}
+policies: []
+default_action: pass
+"#
+    )
+}
+
 /// The oidc-provider CIBA peer in a child process; killed on drop.
 pub struct Peer {
     child: Child,

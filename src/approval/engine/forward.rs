@@ -203,27 +203,23 @@ impl Engine {
             Err(ForwardError::NotSent(reason) | ForwardError::UnknownUpstream(reason)) => {
                 tracing::warn!(approval_id = id, %reason, "approved call could not be sent");
                 let _ = self
-                    .persist("record the failed forward", ANSWER_RETRY_FOR, || {
-                        self.store.transition(
-                            id,
-                            ApprovalState::Forwarding,
-                            ApprovalState::Failed,
-                            Some(ProblemCode::UpstreamUnavailable.as_str()),
-                        )
-                    })
+                    .end_forwarding(
+                        id,
+                        "record the failed forward",
+                        ApprovalState::Failed,
+                        ProblemCode::UpstreamUnavailable,
+                    )
                     .await;
             }
             Err(ForwardError::AnswerLost(reason)) => {
                 tracing::warn!(approval_id = id, %reason, "the upstream's answer to the approved call was lost");
                 let marked = self
-                    .persist("record the lost answer", ANSWER_RETRY_FOR, || {
-                        self.store.transition(
-                            id,
-                            ApprovalState::Forwarding,
-                            ApprovalState::OutcomeUnknown,
-                            Some(ProblemCode::OutcomeUnknown.as_str()),
-                        )
-                    })
+                    .end_forwarding(
+                        id,
+                        "record the lost answer",
+                        ApprovalState::OutcomeUnknown,
+                        ProblemCode::OutcomeUnknown,
+                    )
                     .await;
                 // Not recorded: housekeeping marks it later, and counts it.
                 if marked == Some(true) {
@@ -231,6 +227,23 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Ends the `forwarding` approval `id` in `to` with `code`, retried for
+    /// a while (`what` names the step in the log); whether it happened,
+    /// `None` when the store stayed unavailable.
+    async fn end_forwarding(
+        &self,
+        id: &str,
+        what: &'static str,
+        to: ApprovalState,
+        code: ProblemCode,
+    ) -> Option<bool> {
+        self.persist(what, ANSWER_RETRY_FOR, || {
+            self.store
+                .transition(id, ApprovalState::Forwarding, to, Some(code.as_str()))
+        })
+        .await
     }
 
     /// Whether `token` names exactly the call the person was asked about

@@ -6,40 +6,30 @@
 // by a local key trusted next to the peer's.
 
 import assert from 'node:assert/strict';
-import { after, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 
 import {
   AUDIENCE,
   callEntry,
-  dpopKeyPair,
   dpopProof,
+  frameworkWorld,
   frameworks,
   send,
   sha256,
-  startLocalIssuer,
-  startPeer,
-  tokenPlan,
 } from './helpers.mjs';
 
 const BODY = JSON.stringify({ product: 'XYZ phone', qty: 2 });
 const TARGET = '/shop?ref=agent';
 const JSON_TYPE = { 'content-type': 'application/json' };
 
-let peer;
-let local;
-const setups = {};
-
-before(async () => {
-  peer = await startPeer();
-  const { keys: peerKeys } = await (await fetch(peer.jwksUri)).json();
-  local = await startLocalIssuer({ issuer: peer.issuer, alsoTrust: peerKeys });
-  const options = { issuer: peer.issuer, audience: AUDIENCE, jwksUri: local.jwksUri, requiredScopes: ['product:buy'] };
-  const key = await dpopKeyPair();
-  const otherKey = await dpopKeyPair();
-
-  const tokens = tokenPlan();
-  const { want } = tokens;
-  for (const [name, start] of Object.entries(frameworks)) {
+const world = frameworkWorld({
+  // Signs in the peer's name, and its JWKS lists the peer's keys too.
+  localIssuer: async (peer) => {
+    const { keys: peerKeys } = await (await fetch(peer.jwksUri)).json();
+    return { issuer: peer.issuer, alsoTrust: peerKeys };
+  },
+  build: async (start, { peer, local, key, otherKey, want }) => {
+    const options = { issuer: peer.issuer, audience: AUDIENCE, jwksUri: local.jwksUri, requiredScopes: ['product:buy'] };
     const s = {
       key,
       api: await start({ ...options, requiredCountersigners: 2 }),
@@ -58,19 +48,10 @@ before(async () => {
       bobOtherKey: want({ details: [dpop], dpopKey: otherKey, user: 'bob' }),
       aliceLenient: want({ details: [lenient] }),
     };
-    setups[name] = s;
-  }
-  await tokens.issue(peer, setups);
+    return s;
+  },
 });
-
-after(async () => {
-  for (const s of Object.values(setups)) {
-    await s.api?.close();
-    await s.lenient?.close();
-  }
-  await local?.close();
-  await peer?.stop();
-});
+const { setups } = world;
 
 /** Sends the call and asserts a refusal that never reached the handler. */
 async function refused(server, headers, code, field) {
@@ -108,7 +89,7 @@ for (const name of Object.keys(frameworks)) {
     });
     // Dave's token for the main call, signed by the local key, changed by `edit`.
     const dave = (edit = (c) => c) =>
-      local.sign(edit({ sub: 'dave', authorization_details: [{ ...s().entries.main }] }));
+      world.local.sign(edit({ sub: 'dave', authorization_details: [{ ...s().entries.main }] }));
 
     it('refuses a call without countersign tokens: countersign_missing', async (t) => {
       const { api } = s();
@@ -126,8 +107,8 @@ for (const name of Object.keys(frameworks)) {
       const problem = await refused(api, bearer(bob, expired), 'countersign_invalid', 'token');
       assert.equal(problem.title, 'Countersignature invalid');
       assert.equal(problem.detail, 'The 2nd countersign token: the access token has expired.');
-      const unknownKey = await local.forge({
-        iss: peer.issuer, aud: AUDIENCE, sub: 'dave', scope: 'product:buy',
+      const unknownKey = await world.local.forge({
+        iss: world.peer.issuer, aud: AUDIENCE, sub: 'dave', scope: 'product:buy',
         exp: Math.floor(Date.now() / 1000) + 300, authorization_details: [s().entries.main],
       });
       await t.test('signed by a key the JWKS does not hold', () => refused(api, bearer(unknownKey, bob), 'countersign_invalid', 'token'));

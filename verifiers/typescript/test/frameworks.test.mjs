@@ -4,19 +4,16 @@
 // WWW-Authenticate, and whether the handler ran.
 
 import assert from 'node:assert/strict';
-import { after, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 
 import {
   AUDIENCE,
   callEntry,
   claimsOf,
-  dpopKeyPair,
   dpopProof,
+  frameworkWorld,
   frameworks,
   send,
-  startLocalIssuer,
-  startPeer,
-  tokenPlan,
 } from './helpers.mjs';
 
 const BODY = JSON.stringify({ product: 'XYZ phone', qty: 2 });
@@ -24,20 +21,9 @@ const JSON_TYPE = { 'content-type': 'application/json' };
 const BEARER_401 = 'Bearer error="invalid_token"';
 const DPOP_401 = 'DPoP error="invalid_dpop_proof"';
 
-let peer;
-let local;
-const setups = {};
-
-before(async () => {
-  peer = await startPeer();
-  local = await startLocalIssuer();
-  const options = { issuer: peer.issuer, audience: AUDIENCE, jwksUri: peer.jwksUri, requiredScopes: ['product:buy'] };
-  const key = await dpopKeyPair();
-  const otherKey = await dpopKeyPair();
-
-  const tokens = tokenPlan();
-  const { want } = tokens;
-  for (const [name, start] of Object.entries(frameworks)) {
+const world = frameworkWorld({
+  build: async (start, { peer, local, key, otherKey, want }) => {
+    const options = { issuer: peer.issuer, audience: AUDIENCE, jwksUri: peer.jwksUri, requiredScopes: ['product:buy'] };
     const s = {
       key,
       otherKey,
@@ -74,18 +60,10 @@ before(async () => {
       dpop: want({ details: [e.dpop], dpopKey: key }),
       dpopRequired: want({ details: [e.dpopRequired], dpopKey: key }),
     };
-    setups[name] = s;
-  }
-  await tokens.issue(peer, setups);
+    return s;
+  },
 });
-
-after(async () => {
-  for (const s of Object.values(setups)) {
-    for (const server of [s.main, s.wrongIssuer, s.wrongAudience, s.requireDpop, s.local, s.small]) await server?.close();
-  }
-  await local?.close();
-  await peer?.stop();
-});
+const { setups } = world;
 
 /** Sends the request and asserts a refusal that never reached the handler. */
 async function refused(server, request, { status, code, field, www }) {
@@ -214,7 +192,7 @@ for (const name of Object.keys(frameworks)) {
       const [h, p, sig] = token.split('.');
       const claims = claimsOf(token);
       const tampered = `${h}.${Buffer.from(JSON.stringify({ ...claims, scope: 'product:buy product:admin' })).toString('base64url')}.${sig}`;
-      const forged = await local.forge(claims);
+      const forged = await world.local.forge(claims);
       const unsigned = `${Buffer.from('{"alg":"none","typ":"at+jwt"}').toString('base64url')}.${p}.`;
       const request = (tok) => ({ path: '/shop?ref=agent', headers: bearer(tok), body: BODY });
       const cases = [
@@ -237,7 +215,7 @@ for (const name of Object.keys(frameworks)) {
       const call = (token) => ({ path: '/shop', headers: bearer(token), body: BODY });
       const signed = (claims) => {
         const entry = callEntry({ target: '/shop', host, body: BODY });
-        return { entry, token: local.sign({ authorization_details: [entry], ...claims }) };
+        return { entry, token: world.local.sign({ authorization_details: [entry], ...claims }) };
       };
       for (const [label, claims] of [
         ['expired 2 minutes ago', { exp: now - 120 }],
@@ -274,7 +252,7 @@ for (const name of Object.keys(frameworks)) {
       ];
       for (const [label, claims, expected] of cases) {
         await t.test(label, async () => {
-          const res = await refused(server, call(await local.sign({ authorization_details: [entry()], ...claims })), expected);
+          const res = await refused(server, call(await world.local.sign({ authorization_details: [entry()], ...claims })), expected);
           assert.equal(res.json.title, expected.status === 401 ? 'Access token invalid' : expected.code === 'binding_missing' ? 'Call binding missing' : 'Call binding mismatch');
         });
       }

@@ -8,6 +8,7 @@ import http from 'node:http';
 import { once } from 'node:events';
 import { fileURLToPath } from 'node:url';
 import { createInterface } from 'node:readline';
+import { after, before } from 'node:test';
 
 import { SignJWT, calculateJwkThumbprint, exportJWK, generateKeyPair } from 'jose';
 import express from 'express';
@@ -140,6 +141,36 @@ export function tokenPlan() {
       }
     },
   };
+}
+
+/**
+ * The world the end-to-end files share, started before their tests: the peer, a local issuer
+ * (`localIssuer(peer)` gives its options), two DPoP keys, and a setup per framework, which
+ * `build(start, { peer, local, key, otherKey, want })` returns (its servers, `entries`, and in `t`
+ * the tokens it `want`s, issued by the peer once all setups are built). After the tests every
+ * server of a setup, the local issuer and the peer stop. The returned object holds `peer`,
+ * `local` and `setups` (by framework name) once the tests run.
+ */
+export function frameworkWorld({ localIssuer = async () => ({}), build }) {
+  const world = { setups: {} };
+  before(async () => {
+    world.peer = await startPeer();
+    world.local = await startLocalIssuer(await localIssuer(world.peer));
+    const key = await dpopKeyPair();
+    const otherKey = await dpopKeyPair();
+    const tokens = tokenPlan();
+    const context = { peer: world.peer, local: world.local, key, otherKey, want: tokens.want };
+    for (const [name, start] of Object.entries(frameworks)) world.setups[name] = await build(start, context);
+    await tokens.issue(world.peer, world.setups);
+  });
+  after(async () => {
+    for (const s of Object.values(world.setups)) {
+      for (const server of Object.values(s)) if (server?.port && server.close) await server.close();
+    }
+    await world.local?.close();
+    await world.peer?.stop();
+  });
+  return world;
 }
 
 /** A P-256 key for DPoP: {privateKey, publicJwk, jkt}. */
